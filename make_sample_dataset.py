@@ -49,12 +49,13 @@ SCHEMA = {
     "skin_tones": ListOf(ListOf(Int(0, 255), min_length=3), min_length=1),
     "hair_colours": ListOf(ListOf(Int(0, 255), min_length=3), min_length=1),
     "camera_noise_sigma": Number(0),
+    "pose": {"max_tilt_degrees": Number(0, 45), "max_scale_change": Number(0, 0.5), "max_shift_fraction": Number(0, 0.3)},
     "defects": {
         "fraction": Number(0, 1),
         "blur_sigma": RANGE,
         "noise_sigma": RANGE,
         "dark_gain": RANGE,
-        "bright_gain": RANGE,
+        "bright_headroom": RANGE,
         "low_resolution_size": RANGE,
         "low_contrast_scale": RANGE,
     },
@@ -89,7 +90,7 @@ def _mix(a, b, t):
     return np.asarray(a, float) * (1 - t) + np.asarray(b, float) * t
 
 
-def draw_face(rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_rgb, size: int) -> np.ndarray:
+def draw_face(rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_rgb, size: int, pose: dict) -> np.ndarray:
     """Draw one face as a BGR uint8 image of `size` x `size` pixels.
 
     Proportions follow the facial-growth cues used by age-estimation research: in children the
@@ -149,6 +150,11 @@ def draw_face(rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_r
     eye_ry = eye_rx * (0.5 - 0.08 * old)
     iris = rng.choice([(40, 60, 90), (30, 40, 50), (120, 100, 60), (60, 110, 70)])
     brow = _mix(hair * 0.6, (170, 170, 175), grey * 0.8)
+    sockets = np.zeros((s, s), np.float32)  # eye sockets are shaded in real faces: brow ridge above
+    for side in (-1, 1):
+        _ellipse(sockets, (cx + side * eye_dx, eye_y - eye_ry * 0.3), (eye_rx * 1.6, eye_ry * 2.6), (1.0,))
+    sockets = cv2.GaussianBlur(sockets, (0, 0), eye_rx * 0.4)[..., None]
+    canvas = (canvas * (1 - 0.22 * sockets)).astype(np.uint8)
     for side in (-1, 1):
         ex = cx + side * eye_dx
         _ellipse(canvas, (ex, eye_y + eye_ry * 0.8), (eye_rx * 1.1, eye_ry * 0.9), skin * (0.9 - 0.08 * old))
@@ -207,7 +213,13 @@ def draw_face(rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_r
     light_x = rng.uniform(-1, 1)
     xs = np.linspace(-1, 1, s, dtype=np.float32)[None, :]
     face *= (1 + 0.12 * light_x * xs)[..., None]
-    face = cv2.resize(np.clip(face, 0, 255), (size, size), interpolation=cv2.INTER_AREA)
+    # real crops are aligned only roughly: tilt, scale and shift each face a little
+    warp = cv2.getRotationMatrix2D(
+        (s / 2, s / 2), rng.uniform(-1, 1) * pose["max_tilt_degrees"], 1 + rng.uniform(-1, 1) * pose["max_scale_change"]
+    )
+    warp[:, 2] += rng.uniform(-1, 1, 2) * pose["max_shift_fraction"] * s
+    face = cv2.warpAffine(np.clip(face, 0, 255), warp, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    face = cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA)
     return np.clip(face, 0, 255).astype(np.uint8)
 
 
@@ -228,7 +240,7 @@ def plant_defect(image: np.ndarray, defect: str, rng: np.random.Generator, setti
     elif defect == "dark":
         out = img * draw("dark_gain")
     elif defect == "bright":
-        out = img * draw("bright_gain") + 40
+        out = 255 - (255 - img) * draw("bright_headroom")
     elif defect == "low_resolution":
         side = int(draw("low_resolution_size"))
         out = cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA)
@@ -277,7 +289,7 @@ def generate(config: dict) -> pd.DataFrame:
         gender = int(rng.integers(0, 2))
         race = int(rng.integers(0, len(config["skin_tones"])))
         hair = config["hair_colours"][int(rng.integers(0, len(config["hair_colours"])))]
-        image = draw_face(rng, int(ages[i]), bool(gender), config["skin_tones"][race], hair, size)
+        image = draw_face(rng, int(ages[i]), bool(gender), config["skin_tones"][race], hair, size, config["pose"])
         image = np.clip(image + rng.normal(0, config["camera_noise_sigma"], image.shape), 0, 255).astype(np.uint8)
         if defect_of[i] != "none":
             image = plant_defect(image, defect_of[i], rng, config["defects"])

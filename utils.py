@@ -135,6 +135,19 @@ class ListOf(Field):
         return items
 
 
+class Mapping(Field):
+    """A mapping whose keys are checked elsewhere (e.g. each metric's own parameters); null is {}."""
+
+    expected = "a mapping"
+
+    def validate(self, value, key):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(value, key)
+        return value
+
+
 class MapOf(Field):
     """A mapping from free-form names to values of one schema (e.g. named quality checks)."""
 
@@ -437,39 +450,45 @@ def progress_bar(total: int, description: str, unit: str = "img"):
 # Resumable work
 # --------------------------------------------------------------------------------------------------
 class Journal:
-    """An append-only JSON-lines record of finished items, so an interrupted stage can continue.
+    """An append-only JSON-lines file of finished items, so an interrupted stage can continue.
 
-    The first line holds a fingerprint of everything that affects the results (config, inputs); a
-    journal with another fingerprint is discarded, so a changed config redoes the work. Each later
-    line is one finished item, flushed as soon as it is written: after a crash at most the item being
-    written is lost, and a torn last line is ignored on reading.
+    The first line holds a fingerprint of the settings that affect the results; a journal with another
+    fingerprint is discarded, so a changed config redoes the work. Each later line is one finished
+    item (a flat row plus its key), flushed as soon as it is written: after a crash at most the line
+    being written is lost, and a torn last line is cut off when the journal is next opened. Only the
+    keys are held in memory; rows are read back, column-wise, by `rows`.
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: str):
         self.path = Path(path)
         self.fingerprint = fingerprint
-        self.done: dict[str, Any] = {}
+        self.done: set[str] = set()
         self._file = None
         if self.path.exists():
             self._load()
 
     def _load(self) -> None:
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        try:
-            header = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError:
-            header = {}
-        if header.get("fingerprint") != self.fingerprint:
-            log.info("discarding %s: it was made with other settings or inputs", self.path)
-            self.path.unlink()
-            return
-        for line in lines[1:]:
+        good_end = 0
+        with open(self.path, "rb") as f:
+            header = f.readline()
             try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the torn last line of an interrupted write
-            self.done[entry["key"]] = entry["value"]
+                valid = json.loads(header).get("fingerprint") == self.fingerprint
+            except (json.JSONDecodeError, AttributeError):
+                valid = False
+            if not valid:
+                log.info("discarding %s: it was made with other settings", self.path)
+                f.close()
+                self.path.unlink()
+                return
+            good_end = f.tell()
+            for line in f:
+                try:
+                    self.done.add(json.loads(line)["_key"])
+                except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                    break  # the torn last line of an interrupted write
+                good_end = f.tell()
+        if good_end < self.path.stat().st_size:
+            os.truncate(self.path, good_end)
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -477,22 +496,48 @@ class Journal:
         self._file = open(self.path, "a", encoding="utf-8")
         if fresh:
             self._file.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-        elif self.done or self.path.stat().st_size:
-            # a torn last line must not glue itself to the next entry
-            self._file.write("\n")
-        self._file.flush()
+            self._file.flush()
         return self
 
-    def record(self, key: str, value: Any) -> None:
-        self._file.write(json.dumps({"key": key, "value": value}, default=_json_default) + "\n")
+    def record(self, key: str, row: dict) -> None:
+        self._file.write(_json_line(key, row))
         self._file.flush()
+        self.done.add(key)
 
     def __exit__(self, exc_type, exc, tb):
         self._file.close()
 
+    def rows(self, keys: list[str]):
+        """The recorded rows for `keys`, in that order, as a DataFrame (the last record of a key wins)."""
+        import pandas as pd
+
+        with open(self.path, encoding="utf-8") as f:
+            f.readline()
+            frame = pd.read_json(f, lines=True, dtype=False, convert_dates=False, precise_float=True)
+        frame = frame.drop_duplicates("_key", keep="last").set_index("_key")
+        missing = set(keys) - set(frame.index)
+        if missing:
+            raise RuntimeError(f"{self.path} lacks {len(missing)} results; delete it and re-run")
+        if len(frame) > len(keys):
+            self.compact(frame.loc[keys])
+        return frame.loc[keys].reset_index(drop=True)
+
+    def compact(self, frame) -> None:
+        """Rewrite the journal with only these rows (drops results of files no longer present)."""
+        with atomic_write(self.path, encoding="utf-8") as f:
+            f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+            for key, row in zip(frame.index, frame.to_dict("records")):
+                f.write(_json_line(key, row))
+
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _json_line(key: str, row: dict) -> str:
+    """One journal line; NaN becomes null, since JSON has no NaN."""
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+    return json.dumps({"_key": key, **clean}, default=_json_default) + "\n"
 
 
 def _json_default(value):

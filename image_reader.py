@@ -1,0 +1,581 @@
+"""Find, label, measure and check the images of a face dataset.
+
+Three steps, each usable on its own:
+
+- `load_dataset` finds every image file under a folder and reads its age label (from UTKFace file names
+  `age_gender_race_date.jpg[.chip.jpg]`, or from a labels CSV), one row per file, unlabelled ones too.
+- `compute_images_quality_metrics` decodes each image once, in parallel, and measures it. Every metric is
+  one small function registered with `@metric`, with its parameters' schema beside it; the YAML file
+  lists the metrics to compute and their parameters. Files that cannot be read get a row with the error.
+- `check_images_quality` applies named threshold rules (`checks` in the YAML) and the duplicate search,
+  adding a boolean `flag_<check>` column per check, the list of failed checks and a status per file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from utils import AgeGroups, ConfigError, Field, Int, Journal, Number, Str, UserError, parallel_map, progress_bar
+
+log = logging.getLogger("agepipe.reader")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# UTKFace: age_gender_race_date.jpg[.chip.jpg]; gender and race may be missing in the wild.
+UTKFACE_NAME = re.compile(r"^(?P<age>\d+)_(?:(?P<gender>\d)_)?(?:(?P<race>\d)_)?")
+FLOAT_DECIMALS = 4  # metric values are rounded so the CSV is readable and diffs are meaningful
+STATUSES = ("ok", "low_quality", "unlabelled", "unreadable")
+
+# Pillow is only asked for image headers; its own bomb guard is replaced by images.max_pixels.
+Image.MAX_IMAGE_PIXELS = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding and labelling files
+# --------------------------------------------------------------------------------------------------
+def find_image_files(dataset_dir: Path) -> list[tuple[str, str]]:
+    """(relative posix path, real path) of every image file below `dataset_dir`, sorted.
+
+    Extensions are matched case-insensitively, and `x.jpg.chip.jpg` counts by its last suffix.
+    """
+    found = []
+    for root, dirs, files in os.walk(dataset_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+                real = os.path.join(root, name)
+                found.append((display_name(os.path.relpath(real, dataset_dir)), real))
+    return sorted(found)
+
+
+def display_name(path: str) -> str:
+    """A file name that can go into a UTF-8 CSV: undecodable bytes become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace").replace(os.sep, "/")
+
+
+def parse_utkface_name(name: str) -> dict:
+    """Age, gender and race from a UTKFace-style file name; age is None when the name has none."""
+    match = UTKFACE_NAME.match(Path(name).name)
+    if not match:
+        return {"age": None, "gender": None, "race": None}
+    to_int = lambda v: None if v is None else int(v)  # noqa: E731
+    return {"age": int(match["age"]), "gender": to_int(match["gender"]), "race": to_int(match["race"])}
+
+
+def read_labels_csv(path: Path, file_column: str, age_column: str) -> dict[str, object]:
+    """Map relative file path -> age (or an error string) from a labels CSV."""
+    try:
+        labels = pd.read_csv(path, dtype={file_column: str}, keep_default_na=False)
+    except FileNotFoundError:
+        raise UserError(f"labels CSV {path} not found") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"labels CSV {path} cannot be read: {exc}") from None
+    for column in (file_column, age_column):
+        if column not in labels.columns:
+            raise UserError(f"labels CSV {path} has no column {column!r} (columns: {', '.join(labels.columns)})")
+    mapping: dict[str, object] = {}
+    for file, age in zip(labels[file_column].str.replace("\\", "/"), labels[age_column]):
+        value = pd.to_numeric(age, errors="coerce")
+        if file in mapping and mapping[file] != value:
+            mapping[file] = f"listed more than once in {path.name} with different ages"
+        else:
+            mapping[file] = value
+    return mapping
+
+
+def load_dataset(dataset_dir, labels: dict, age_range: dict, age_groups: AgeGroups) -> pd.DataFrame:
+    """One row per image file under `dataset_dir`: file, path, age, age_group, gender, race, label_error.
+
+    `labels` is the `labels` section of the explore config: `source` is "filename" (UTKFace names) or
+    "csv" (`csv_path`, `file_column`, `age_column`; files are relative to the dataset folder).
+    A file without a usable age keeps its row, with `label_error` saying why.
+    """
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise UserError(f"dataset folder {dataset_dir} does not exist")
+    files = find_image_files(dataset_dir)
+    if not files:
+        raise UserError(f"dataset folder {dataset_dir} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    from_csv = labels["source"] == "csv"
+    if from_csv:
+        csv_path = Path(labels["csv_path"] or "")
+        csv_path = csv_path if csv_path.is_absolute() else dataset_dir / csv_path
+        csv_ages = read_labels_csv(csv_path, labels["file_column"], labels["age_column"])
+        unmatched = len(set(csv_ages) - {f for f, _ in files})
+        if unmatched:
+            log.warning("%d rows of %s name files that are not in %s", unmatched, csv_path, dataset_dir)
+
+    rows = []
+    for file, real in files:
+        parsed = parse_utkface_name(file)
+        age, error = parsed["age"], None
+        if from_csv:
+            age = csv_ages.get(file, "not listed in the labels CSV")
+            if isinstance(age, str):
+                age, error = None, age
+            elif pd.isna(age):
+                age, error = None, "age in the labels CSV is not a number"
+        elif age is None:
+            error = "no age in the file name (expected age_gender_race_date.jpg)"
+        if age is not None and not (age_range["min"] <= age <= age_range["max"]):
+            error = f"age {age:g} outside {age_range['min']}-{age_range['max']}"
+            age = None
+        rows.append(
+            {
+                "file": file,
+                "path": display_name(os.path.abspath(real)),
+                "age": age,
+                "age_group": None if age is None else age_groups.label_of(age),
+                "gender": parsed["gender"],
+                "race": parsed["race"],
+                "label_error": error,
+                "_real_path": real,
+            }
+        )
+    frame = pd.DataFrame(rows)
+    for column in ("age", "gender", "race"):
+        frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics: each one a small function of an ImageView, registered with its parameters' schema
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Metric:
+    function: Callable
+    params: dict  # schema of the function's keyword parameters
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def metric(**params: Field):
+    """Register `function(view, **params) -> value` as a metric; its name is the CSV column."""
+
+    def register(function):
+        METRICS[function.__name__] = Metric(function, params)
+        return function
+
+    return register
+
+
+class ImageView:
+    """A decoded image and the derived arrays several metrics share, computed at most once.
+
+    Pixel metrics look at `gray`, the image scaled so its shorter side is `analysis_side` pixels:
+    sharpness and noise then mean the same thing for a 200 px crop and a 4000 px photo.
+    """
+
+    def __init__(self, bgr: np.ndarray, analysis_side: int):
+        self.bgr = bgr
+        self.analysis_side = analysis_side
+
+    @cached_property
+    def analysis_bgr(self) -> np.ndarray:
+        h, w = self.bgr.shape[:2]
+        scale = self.analysis_side / min(h, w)
+        if scale == 1:
+            return self.bgr
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        return cv2.resize(self.bgr, size, interpolation=interpolation)
+
+    @cached_property
+    def gray(self) -> np.ndarray:
+        return cv2.cvtColor(self.analysis_bgr, cv2.COLOR_BGR2GRAY)
+
+    @cached_property
+    def histogram(self) -> np.ndarray:
+        return np.bincount(self.gray.ravel(), minlength=256).astype(np.float64) / self.gray.size
+
+
+@metric()
+def blurriness(view: ImageView) -> float:
+    """Variance of the Laplacian: low values mean few sharp edges, i.e. a blurry image."""
+    return float(cv2.Laplacian(view.gray, cv2.CV_64F).var())
+
+
+# Immerkær's mask: the difference of two Laplacians, which cancels image structure up to second
+# order and leaves mostly noise (J. Immerkær, "Fast Noise Variance Estimation", CVIU 1996).
+_NOISE_MASK = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+
+
+@metric(flat_fraction=Number(0.01, 1.0))
+def noise(view: ImageView, flat_fraction: float) -> float:
+    """Estimated standard deviation of sensor noise, in grey levels.
+
+    Immerkær's estimator, taken over the `flat_fraction` of pixels with the weakest gradient so that
+    edges and texture are not mistaken for noise (after Tai & Yang, 2008).
+    """
+    gray = view.gray.astype(np.float32)
+    if min(gray.shape) < 3:
+        return float("nan")
+    response = np.abs(cv2.filter2D(gray, -1, _NOISE_MASK, borderType=cv2.BORDER_REFLECT))[1:-1, 1:-1]
+    gradient = (np.abs(cv2.Sobel(gray, cv2.CV_32F, 1, 0)) + np.abs(cv2.Sobel(gray, cv2.CV_32F, 0, 1)))[1:-1, 1:-1]
+    cutoff = np.quantile(gradient, flat_fraction)
+    flat = response[gradient <= cutoff]
+    return float(math.sqrt(math.pi / 2) / 6 * flat.mean())
+
+
+@metric()
+def brightness(view: ImageView) -> float:
+    """Mean grey level, 0 (black) to 255 (white)."""
+    return float(view.gray.mean())
+
+
+@metric(dark_level=Int(0, 255))
+def underexposed_fraction(view: ImageView, dark_level: int) -> float:
+    """Share of pixels at or below `dark_level`: shadows crushed to black."""
+    return float(view.histogram[: dark_level + 1].sum())
+
+
+@metric(bright_level=Int(0, 255))
+def overexposed_fraction(view: ImageView, bright_level: int) -> float:
+    """Share of pixels at or above `bright_level`: highlights blown to white."""
+    return float(view.histogram[bright_level:].sum())
+
+
+@metric()
+def contrast(view: ImageView) -> float:
+    """RMS contrast: the standard deviation of the grey levels."""
+    return float(view.gray.std())
+
+
+@metric()
+def entropy(view: ImageView) -> float:
+    """Shannon entropy of the grey-level histogram, in bits (0 for a flat image, at most 8)."""
+    p = view.histogram[view.histogram > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+@metric()
+def colourfulness(view: ImageView) -> float:
+    """Hasler and Süsstrunk's colourfulness (2003): 0 for a grey image, ~100 for a vivid one."""
+    b, g, r = (c.astype(np.float32) for c in cv2.split(view.analysis_bgr))
+    rg, yb = r - g, 0.5 * (r + g) - b
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+@metric(
+    cascade=Str(),
+    detect_side=Int(24),
+    border_fraction=Number(0, 1),
+    scale_factor=Number(1.01, 2),
+    min_neighbors=Int(0),
+    min_face_fraction=Number(0.05, 1),
+)
+def faces(view, cascade, detect_side, border_fraction, scale_factor, min_neighbors, min_face_fraction) -> int:
+    """Number of frontal faces found by OpenCV's Viola-Jones cascade (shipped with OpenCV, offline).
+
+    Face crops are tight, so the image is padded first: otherwise the face fills the frame and no
+    detection window contains all of it.
+    """
+    detector = _cascade(cascade)
+    h, w = view.gray.shape
+    scale = detect_side / min(h, w)
+    gray = cv2.resize(view.gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    pad = int(border_fraction * detect_side)
+    gray = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    smallest = int(min_face_fraction * detect_side)
+    found = detector.detectMultiScale(
+        gray, scaleFactor=scale_factor, minNeighbors=min_neighbors, minSize=(smallest, smallest)
+    )
+    return int(len(found))
+
+
+_CASCADES: dict[str, cv2.CascadeClassifier] = {}
+
+
+def _cascade(name: str) -> cv2.CascadeClassifier:
+    """Load a cascade once per process; a bare name means one of the files OpenCV ships."""
+    if name not in _CASCADES:
+        path = name if os.path.sep in name else os.path.join(cv2.data.haarcascades, name)
+        detector = cv2.CascadeClassifier(path)
+        if detector.empty():
+            raise ConfigError(f"metrics.faces.cascade: cannot load cascade {path!r}")
+        _CASCADES[name] = detector
+    return _CASCADES[name]
+
+
+@metric(hash_side=Int(4, 16), dct_side=Int(8, 128))
+def phash(view: ImageView, hash_side: int, dct_side: int) -> str:
+    """Perceptual hash (hex): signs of the low-frequency DCT of a small grey thumbnail.
+
+    Re-encoding, resizing and small brightness or colour changes leave it (nearly) unchanged, so a
+    small Hamming distance between two hashes means the same picture.
+    """
+    thumb = cv2.resize(view.gray, (dct_side, dct_side), interpolation=cv2.INTER_AREA).astype(np.float32)
+    low = cv2.dct(thumb)[:hash_side, :hash_side].ravel()
+    bits = low > np.median(low[1:])  # the DC term is the mean brightness, not structure
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):0{hash_side * hash_side // 4}x}"
+
+
+def metrics_schema() -> dict:
+    """Schema of the `metrics` config section: each registered metric, with its parameters."""
+    return {name: m.params for name, m in METRICS.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading one file
+# --------------------------------------------------------------------------------------------------
+BASIC_COLUMNS = ["file_size", "format", "color_mode", "width", "height", "min_side", "channels", "bit_depth", "content_hash"]
+
+
+class UnreadableImage(Exception):
+    """The file cannot be used as an image. The message is the reason written to the CSV; `info`
+    holds what was learnt before the problem (size, hash, header fields)."""
+
+    def __init__(self, reason: str, info: dict | None = None):
+        super().__init__(reason)
+        self.info = info or {}
+
+
+def read_image(path: str, max_pixels: int, max_file_bytes: int) -> tuple[np.ndarray, dict]:
+    """Decode an image file to 8-bit BGR and describe it, or raise UnreadableImage with the reason.
+
+    The header is read first (Pillow, no decoding) so that a decompression bomb is refused before any
+    pixel memory is allocated; decoding itself uses OpenCV (libjpeg-turbo), the fastest decoder here.
+    Grayscale, alpha, palette, 16-bit and CMYK images are all converted to 8-bit BGR; the original
+    mode, channel count and bit depth are reported.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size > max_file_bytes:
+            raise UnreadableImage(f"file is {size / 1e6:.0f} MB, over images.max_file_mb", {"file_size": size})
+        with open(path, "rb") as f:
+            data = f.read()
+    except UnicodeEncodeError:
+        raise UnreadableImage("file name cannot be encoded; rename the file") from None
+    except OSError as exc:
+        raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from None
+    info = {"file_size": len(data), "content_hash": hashlib.blake2b(data, digest_size=16).hexdigest()}
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)", info)
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            mode = header.mode
+            info.update(format=header.format, color_mode=mode, width=header.size[0], height=header.size[1])
+            info["channels"] = len(header.getbands())
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image: content is not a known image format", info) from None
+    except Exception as exc:  # Pillow raises many types on corrupt headers
+        raise UnreadableImage(f"corrupt image header: {exc}", info) from None
+    info["bit_depth"] = 16 if mode.startswith("I;16") or mode == "I" else (1 if mode == "1" else 8)
+    width, height = info["width"], info["height"]
+    info["min_side"] = min(width, height)
+    if width == 0 or height == 0:
+        raise UnreadableImage(f"zero-pixel image ({width}x{height})", info)
+    if width * height > max_pixels:
+        raise UnreadableImage(f"refused: {width}x{height} pixels is over images.max_pixels (decompression bomb guard)", info)
+    if info["format"] == "JPEG" and b"\xff\xd9" not in data[-1024:]:
+        # libjpeg fills a truncated image with grey and only warns; the missing end marker tells
+        raise UnreadableImage("truncated JPEG: no end-of-image marker", info)
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        raise UnreadableImage(f"{info['format']} data could not be decoded (corrupt file)", info)
+    return bgr, info
+
+
+@dataclass
+class ReaderSettings:
+    metrics: dict  # name -> parameters, the validated `metrics` config section
+    max_pixels: int
+    max_file_bytes: int
+    analysis_side: int
+
+
+def measure_file(path: str, settings: ReaderSettings) -> dict:
+    """Basic properties and every configured metric of one file; `error` says why it is unreadable."""
+    row: dict = {column: None for column in BASIC_COLUMNS}
+    row.update({name: None for name in settings.metrics})
+    row["error"] = None
+    try:
+        bgr, info = read_image(path, settings.max_pixels, settings.max_file_bytes)
+    except UnreadableImage as exc:
+        row.update(exc.info, error=str(exc))
+        return row
+    row.update(info)
+    return {**row, **measure_array(bgr, settings)}
+
+
+def measure_array(bgr: np.ndarray, settings: ReaderSettings) -> dict:
+    """Every configured metric of a decoded BGR image (also used to re-measure processed images)."""
+    view = ImageView(bgr, settings.analysis_side)
+    values = {}
+    for name, params in settings.metrics.items():
+        value = METRICS[name].function(view, **params)
+        values[name] = round(value, FLOAT_DECIMALS) if isinstance(value, float) else value
+    return values
+
+
+# Process-pool plumbing: settings are sent once per worker, not once per image.
+_worker_settings: ReaderSettings | None = None
+
+
+def _init_worker(settings: ReaderSettings) -> None:
+    global _worker_settings
+    _worker_settings = settings
+    cv2.setNumThreads(1)  # parallelism comes from the pool; OpenCV's own threads would oversubscribe
+
+
+def _measure_task(task: tuple[str, str]) -> tuple[str, dict]:
+    key, path = task
+    return key, measure_file(path, _worker_settings)
+
+
+def file_key(file: str, real_path: str) -> str:
+    """Identity of a file's content for the metrics cache: name, size and modification time."""
+    try:
+        st = os.stat(real_path)
+        return f"{file}|{st.st_size}|{st.st_mtime_ns}"
+    except (OSError, UnicodeEncodeError):
+        return f"{file}|missing"
+
+
+def compute_images_quality_metrics(
+    dataset: pd.DataFrame, settings: ReaderSettings, num_workers: int, cache: Journal
+) -> pd.DataFrame:
+    """Add basic properties and metric columns to `dataset` (from `load_dataset`).
+
+    Images are streamed through a process pool; each result is appended to `cache` as soon as it
+    arrives, so an interrupted run continues where it stopped and a re-run with new thresholds
+    re-uses the measurements instead of decoding every image again.
+    """
+    keys = [file_key(f, p) for f, p in zip(dataset["file"], dataset["_real_path"])]
+    todo = [(k, p) for k, p in zip(keys, dataset["_real_path"]) if k not in cache.done]
+    if len(todo) < len(keys):
+        log.info("re-using measurements of %d unchanged files", len(keys) - len(todo))
+    with cache:
+        for key, row in parallel_map(
+            _measure_task,
+            todo,
+            num_workers,
+            initializer=_init_worker,
+            initargs=(settings,),
+            progress=progress_bar(len(todo), "measuring"),
+        ):
+            cache.record(key, row)
+    measured = cache.rows(keys)
+    measured.index = dataset.index
+    return pd.concat([dataset, measured], axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------
+def validate_checks(checks: dict, available: list[str]) -> dict:
+    """Each check names an available column and has `below` and/or `above` (null to skip one side)."""
+    for name, rule in checks.items():
+        if rule["metric"] not in available:
+            raise ConfigError(f"checks.{name}.metric: expected one of {', '.join(available)}, got {rule['metric']!r}")
+        if rule["below"] is None and rule["above"] is None:
+            raise ConfigError(f"checks.{name}: expected a 'below' or an 'above' threshold, got neither")
+    return checks
+
+
+def flag_check(values: pd.Series, below: float | None, above: float | None) -> pd.Series:
+    """True where a value is below `below` or above `above`; unmeasured values are never flagged."""
+    values = pd.to_numeric(values, errors="coerce")
+    flagged = pd.Series(False, index=values.index)
+    if below is not None:
+        flagged |= values < below
+    if above is not None:
+        flagged |= values > above
+    return flagged & values.notna()
+
+
+def find_duplicates(frame: pd.DataFrame, max_distance: int, max_age_difference: int) -> pd.DataFrame:
+    """Group exact duplicates (same bytes) and near duplicates (perceptual hashes within `max_distance`).
+
+    Returns columns duplicate_group (1, 2, ... or <NA>), duplicate_of (the group's first file, for every
+    other member), and age_conflict (the group's ages differ by more than `max_age_difference`).
+    """
+    n = len(frame)
+    parent = np.arange(n)
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i, j):
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+
+    for _, members in frame.groupby("content_hash", sort=False).groups.items():
+        positions = frame.index.get_indexer(members)
+        for p in positions[1:]:
+            union(positions[0], p)
+    if "phash" in frame.columns:
+        where = np.flatnonzero(frame["phash"].notna().to_numpy())
+        words = hash_words(frame["phash"].to_numpy()[where])
+        block = max(1, 2**22 // max(1, words.size))  # rows compared at a time: bounds memory
+        for start in range(0, len(words), block):
+            distance = np.bitwise_count(words[start:start + block, None, :] ^ words[None, :, :]).sum(axis=2)
+            for a, b in zip(*np.nonzero(distance <= max_distance)):
+                if start + a < b:
+                    union(where[start + a], where[b])
+
+    roots = np.array([root(i) for i in range(n)])
+    sizes = np.bincount(roots, minlength=n)
+    in_group = sizes[roots] > 1
+    group_ids = {r: k + 1 for k, r in enumerate(sorted(set(roots[in_group])))}
+    files = frame["file"].to_numpy()
+    ages = pd.to_numeric(frame["age"], errors="coerce").to_numpy(dtype=float)
+    spread = pd.Series(ages).groupby(roots).agg(lambda a: a.max() - a.min() if a.notna().any() else 0.0)
+    result = pd.DataFrame(index=frame.index)
+    result["duplicate_group"] = pd.array([group_ids.get(r) if g else None for r, g in zip(roots, in_group)], dtype="Int64")
+    result["duplicate_of"] = [files[r] if g and r != i else None for i, (r, g) in enumerate(zip(roots, in_group))]
+    result["age_conflict"] = in_group & (spread.reindex(roots).to_numpy() > max_age_difference)
+    return result
+
+
+def hash_words(hex_hashes) -> np.ndarray:
+    """Hex hashes of equal length as rows of uint64 words, for fast Hamming distances."""
+    data = b"".join(bytes.fromhex(h.rjust(-(-len(h) // 16) * 16, "0")) for h in hex_hashes)
+    return np.frombuffer(data, dtype=">u8").astype(np.uint64).reshape(len(hex_hashes), -1)
+
+
+def check_images_quality(frame: pd.DataFrame, checks: dict, duplicates: dict) -> pd.DataFrame:
+    """Apply the threshold checks and the duplicate search; add flags, failed checks and status.
+
+    Every check adds a boolean column `flag_<check>`. `failed_checks` lists the failed ones (";"),
+    `status` is one of ok, low_quality, unlabelled, unreadable (the first problem wins, in reverse
+    order), and `reason` says why in words.
+    """
+    frame = frame.copy()
+    for name, rule in checks.items():
+        frame[f"flag_{name}"] = flag_check(frame[rule["metric"]], rule["below"], rule["above"])
+    names = list(checks)
+    if duplicates["enabled"]:
+        frame = pd.concat([frame, find_duplicates(frame, duplicates["max_hash_distance"], duplicates["max_age_difference"])], axis=1)
+        frame["flag_duplicate"] = frame["duplicate_of"].notna()
+        frame["flag_age_conflict"] = frame["age_conflict"]
+        names += ["duplicate", "age_conflict"]
+    flags = frame[[f"flag_{n}" for n in names]].to_numpy()
+    frame["failed_checks"] = [";".join(n for n, f in zip(names, row) if f) for row in flags]
+
+    unreadable, unlabelled = frame["error"].notna(), frame["label_error"].notna()
+    low_quality = frame["failed_checks"] != ""
+    frame["status"] = np.select([unreadable, unlabelled, low_quality], ["unreadable", "unlabelled", "low_quality"], "ok")
+    frame["reason"] = np.select(
+        [unreadable, unlabelled, low_quality],
+        [frame["error"], frame["label_error"], "failed: " + frame["failed_checks"].str.replace(";", ", ")],
+        "",
+    )
+    return frame
