@@ -313,7 +313,8 @@ def generate(config: dict) -> pd.DataFrame:
     truncated = encoded[clean[2]["file"]]
     add(utk_name(clean[2]["age"], 0, 0, n + 4), truncated[: len(truncated) // 2], clean[2]["age"], "truncated")
     add(utk_name(40, 1, 0, n + 5), b"this is a text file, not a JPEG image\n", 40, "not_an_image")
-    add("portrait_without_age.jpg", encoded[clean[3]["file"]][:], None, "no_age_in_name")
+    unnamed = draw_face(rng, 35, False, config["skin_tones"][0], config["hair_colours"][0], size, config["pose"])
+    add("portrait_without_age.jpg", encode_jpeg(unnamed, quality), None, "no_age_in_name")
 
     if out.exists():
         shutil.rmtree(out)

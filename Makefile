@@ -1,0 +1,36 @@
+# Two commands do everything: `make pipeline` runs every stage on the built-in sample dataset,
+# `make test` runs the test suite. Both create .venv and install requirements.txt when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+REAL_DATA := ../shared/data/utkface_sample
+
+.PHONY: pipeline test smoke-real bench clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+pipeline: $(STAMP)
+	$(PY) make_sample_dataset.py
+	$(PY) explore_images.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# Optional: the exploration stage on real UTKFace faces, when ../shared/data is present.
+smoke-real: $(STAMP)
+	@if [ -d $(REAL_DATA) ]; then \
+		$(PY) explore_images.py --set dataset_dir=$(REAL_DATA) \
+			--set output_csv=csv/real/image_metadata.csv --set summary_csv=csv/real/image_metadata_summary.csv; \
+	else echo "skipping real-data smoke run: $(REAL_DATA) not found"; fi
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_explore.py $(REAL_DATA)
+
+clean:
+	rm -rf sample_dataset reports models
+	find csv processed_dataset resampled_dataset -mindepth 1 ! -name .gitkeep -delete

@@ -1,0 +1,120 @@
+"""Benchmark the exploration stage against plain JPEG decoding of the same files.
+
+    python benchmarks/bench_explore.py DIR [--repeat 10] [--workers 0]
+
+In one run, over the same files (read once beforehand so every pass finds them in the page cache):
+1. reference: plain cv2.imread of every file on one core;
+2. measuring every metric except face detection, over all cores;
+3. the same with face detection;
+then the whole explore_images.py script in a subprocess, on DIR and on DIR repeated --repeat times
+(symbolic links), reporting wall time and peak memory (the script's own and its largest worker's).
+Peak memory that stays flat between the two sizes shows that images are streamed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+from image_reader import ReaderSettings, compute_images_quality_metrics, load_dataset  # noqa: E402
+from utils import AgeGroups, Journal, resolve_workers  # noqa: E402
+from explore_images import load_explore_config  # noqa: E402
+
+CHILD = """
+import resource, runpy, sys, json
+sys.argv = ["explore_images.py"] + sys.argv[1:]
+sys.path.insert(0, ".")
+runpy.run_path("explore_images.py", run_name="__main__")
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print("PEAK", json.dumps({"main_mb": me.ru_maxrss / 1024, "worker_mb": kids.ru_maxrss / 1024}))
+"""
+
+
+def decode_rate(paths: list[str]) -> float:
+    cv2.setNumThreads(1)
+    start = time.perf_counter()
+    for path in paths:
+        cv2.imread(path, cv2.IMREAD_COLOR)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def measure_rate(dataset, config: dict, with_faces: bool, workers: int) -> float:
+    metrics = {k: v for k, v in config["metrics"].items() if with_faces or k != "faces"}
+    images = config["images"]
+    settings = ReaderSettings(metrics, images["max_pixels"], int(images["max_file_mb"] * 1e6), images["analysis_side"])
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Journal(Path(tmp) / "cache.jsonl", "bench")
+        start = time.perf_counter()
+        compute_images_quality_metrics(dataset, settings, workers, cache)
+        return len(dataset) / (time.perf_counter() - start)
+
+
+def run_script(dataset_dir: Path, out: Path, workers: int) -> dict:
+    command = [sys.executable, "-c", CHILD, "--set", f"dataset_dir={dataset_dir}", "--set", f"output_csv={out}/m.csv",
+               "--set", f"summary_csv={out}/s.csv", "--set", f"num_workers={workers}", "--set", "log_level=WARNING"]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, check=True)
+    elapsed = time.perf_counter() - start
+    peak = json.loads(result.stdout.split("PEAK", 1)[1])
+    files = sum(1 for _ in open(out / "m.csv")) - 1
+    return {"files": files, "seconds": elapsed, "images_per_s": files / elapsed, **peak}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dataset_dir", type=Path)
+    parser.add_argument("--repeat", type=int, default=10, help="the larger set is the dataset this many times")
+    parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved reference/stage rounds")
+    args = parser.parse_args()
+    config = load_explore_config(PROJECT / "configs/explore_images.yaml")
+    dataset = load_dataset(args.dataset_dir, config["labels"], config["age_range"], AgeGroups(tuple(config["age_groups"]["edges"])))
+    paths = list(dataset["_real_path"])
+    workers = resolve_workers(args.workers)
+    for path in paths:  # warm the page cache so no pass pays for the disk
+        Path(path).read_bytes()
+
+    print(f"{len(paths)} files in {args.dataset_dir}, {workers} workers, {os.cpu_count()} cores")
+    # Rounds interleave the reference and the stage, and medians are reported: on a shared machine the
+    # speed of both drifts by tens of percent from one minute to the next.
+    references, rates = [], []
+    for _ in range(args.rounds):
+        references.append(decode_rate(paths))
+        rates.append(measure_rate(dataset, config, False, workers))
+    reference, rate = statistics.median(references), statistics.median(rates)
+    print(f"plain cv2.imread, 1 core:                 {reference:8.0f} images/s   (reference, median of {args.rounds})")
+    print(f"all metrics but face detection, {workers} workers: {rate:8.0f} images/s   ratio {rate / reference:.2f}"
+          f"   (per round: {', '.join(f'{r / f:.2f}' for r, f in zip(rates, references))})")
+    rate = measure_rate(dataset, config, True, workers)
+    print(f"all metrics with face detection, {workers} workers:{rate:8.0f} images/s   ratio {rate / reference:.2f}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        big = tmp / "repeated"
+        for copy in range(args.repeat):
+            for file, real in zip(dataset["file"], paths):
+                target = big / f"copy{copy:02d}" / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(os.path.abspath(real))
+        for name, folder in (("dataset", args.dataset_dir), (f"dataset x{args.repeat}", big)):
+            stats = run_script(folder, tmp / name.replace(" ", "_"), args.workers)
+            print(
+                f"explore_images.py on {name:14s} {stats['files']:6d} files {stats['seconds']:7.1f} s "
+                f"{stats['images_per_s']:6.0f} images/s   peak memory: main {stats['main_mb']:.0f} MB, "
+                f"largest worker {stats['worker_mb']:.0f} MB"
+            )
+
+
+if __name__ == "__main__":
+    main()

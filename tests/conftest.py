@@ -1,0 +1,61 @@
+"""Shared fixtures: the generated sample dataset and one exploration run over it.
+
+Scripts are run as users run them (python SCRIPT.py --set ...) in a subprocess, with every output
+redirected into a temporary folder, so tests never touch the project's own csv/ or datasets.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+
+def run(script: str, *overrides: str, config: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a top-level script with --set overrides; fail the test with its output if it fails."""
+    command = [sys.executable, str(PROJECT / script)]
+    if config:
+        command += ["--config", config]
+    for override in overrides:
+        command += ["--set", override]
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        pytest.fail(f"{script} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def read_csv(path) -> pd.DataFrame:
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory) -> Path:
+    """The built-in sample dataset, generated once per test session with the default config."""
+    folder = tmp_path_factory.mktemp("sample") / "sample_dataset"
+    run("make_sample_dataset.py", f"output_dir={folder}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def manifest(sample) -> pd.DataFrame:
+    return read_csv(sample / "manifest.csv")
+
+
+@pytest.fixture(scope="session")
+def explored(sample, tmp_path_factory) -> Path:
+    """csv folder of one exploration run over the sample, with the default thresholds."""
+    out = tmp_path_factory.mktemp("explored")
+    run("explore_images.py", f"dataset_dir={sample}", f"output_csv={out}/image_metadata.csv", f"summary_csv={out}/summary.csv")
+    return out
+
+
+@pytest.fixture(scope="session")
+def metadata(explored, manifest) -> pd.DataFrame:
+    """The exploration CSV joined with what the generator planted in each file."""
+    frame = read_csv(explored / "image_metadata.csv")
+    return frame.merge(manifest[["file", "defect", "broken", "source"]], on="file", how="left")

@@ -1,0 +1,178 @@
+"""The exploration stage on the generated sample: the manifest of planted defects is the oracle."""
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import PROJECT, read_csv, run
+from image_reader import IMAGE_EXTENSIONS
+
+# The check each planted defect must trip.
+EXPECTED_CHECK = {
+    "blur": "blurry",
+    "noise": "noisy",
+    "dark": "dark",
+    "bright": "bright",
+    "low_resolution": "low_resolution",
+    "low_contrast": "low_contrast",
+}
+# Viola-Jones misses some synthetic faces (dark, wrinkled skin most of all, as on real faces):
+# the share of clean images it may flag as no_face.
+NO_FACE_TOLERANCE = 0.06
+
+
+def clean_faces(metadata):
+    return metadata[(metadata["defect"] == "none") & metadata["broken"].isna()]
+
+
+def test_every_input_file_has_exactly_one_row(sample, metadata):
+    on_disk = sorted(p.name for p in sample.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    assert sorted(metadata["file"]) == on_disk
+    assert metadata["file"].is_unique and metadata["status"].notna().all()
+
+
+def test_planted_defects_are_found_and_clean_images_are_not_flagged(metadata):
+    clean = clean_faces(metadata)
+    lines = [f"{'check':15s} {'recall':>8s} {'precision':>10s}  (false positives counted on clean faces)"]
+    for defect, check in EXPECTED_CHECK.items():
+        planted = metadata["defect"] == defect
+        flagged = metadata[f"flag_{check}"]
+        true_pos, false_pos = int((planted & flagged).sum()), int(clean[f"flag_{check}"].sum())
+        recall, precision = true_pos / planted.sum(), true_pos / max(1, true_pos + false_pos)
+        lines.append(f"{check:15s} {recall:8.3f} {precision:10.3f}  ({true_pos}/{planted.sum()} found, {false_pos} false)")
+        assert recall == 1.0, f"{check}: found {true_pos} of {planted.sum()} planted {defect} images"
+        assert false_pos == 0, f"{check}: flagged {false_pos} clean images"
+    for check in ("underexposed", "overexposed", "grayscale"):
+        assert clean[f"flag_{check}"].sum() == 0, check
+    no_face = clean["flag_no_face"].mean()
+    lines.append(f"no_face flags {no_face:.1%} of clean synthetic faces (tolerance {NO_FACE_TOLERANCE:.0%})")
+    print("\n" + "\n".join(lines))
+    assert no_face <= NO_FACE_TOLERANCE
+
+
+def test_broken_files_are_reported_with_reasons(metadata):
+    broken = metadata.set_index("broken")
+    expected = {
+        "empty": ("unreadable", "empty file"),
+        "truncated": ("unreadable", "truncated JPEG"),
+        "not_an_image": ("unreadable", "not an image"),
+        "no_age_in_name": ("unlabelled", "no age in the file name"),
+    }
+    for kind, (status, reason) in expected.items():
+        assert broken.loc[kind, "status"] == status and reason in broken.loc[kind, "reason"], kind
+
+
+def test_duplicates_and_conflicting_ages_are_found(metadata):
+    by_file = metadata.set_index("file")
+    exact = metadata[metadata["broken"] == "exact_duplicate"].iloc[0]
+    pair = by_file.loc[[exact["file"], exact["source"]]]
+    assert pair["duplicate_group"].nunique() == 1 and pair["duplicate_group"].notna().all()
+    assert pair["flag_duplicate"].sum() == 1 and not pair["flag_age_conflict"].any()  # same age: keep one
+
+    near = metadata[metadata["broken"] == "near_duplicate_other_age"].iloc[0]
+    pair = by_file.loc[[near["file"], near["source"]]]
+    assert pair["duplicate_group"].nunique() == 1 and pair["flag_age_conflict"].all()
+    # nothing else is grouped: distinct synthetic faces are not mistaken for copies
+    assert metadata["duplicate_group"].notna().sum() == 4
+
+
+def test_summary_counts_match_the_csv(explored, metadata):
+    summary = read_csv(explored / "summary.csv")
+    counts = {(s, n): c for s, n, c in summary.itertuples(index=False)}
+    for status, count in metadata["status"].value_counts().items():
+        assert counts[("status", status)] == count
+    assert counts[("check", "blurry")] == metadata["flag_blurry"].sum()
+    labelled = metadata["age_group"].value_counts()
+    assert all(counts[("age_group_labelled", g)] == n for g, n in labelled.items())
+    assert counts[("total", "files")] == len(metadata)
+
+
+@pytest.fixture(scope="module")
+def small_sample(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small") / "data"
+    run("make_sample_dataset.py", f"output_dir={folder}", "num_images=80", "seed=3")
+    return folder
+
+
+def explore(dataset, out, *extra):
+    return run("explore_images.py", f"dataset_dir={dataset}", f"output_csv={out}/m.csv", f"summary_csv={out}/s.csv", *extra)
+
+
+def test_one_and_two_workers_and_reruns_give_identical_csvs(small_sample, tmp_path):
+    explore(small_sample, tmp_path / "one", "num_workers=1")
+    explore(small_sample, tmp_path / "two", "num_workers=2")
+    first = (tmp_path / "one/m.csv").read_bytes()
+    assert first == (tmp_path / "two/m.csv").read_bytes()
+    explore(small_sample, tmp_path / "one", "num_workers=2")  # re-run over the cached measurements
+    assert first == (tmp_path / "one/m.csv").read_bytes()
+
+
+def test_changed_threshold_reuses_measurements_and_changes_flags(small_sample, tmp_path):
+    explore(small_sample, tmp_path)
+    strict = explore(small_sample, tmp_path, "checks.blurry.below=1000000")
+    assert "re-using measurements of 86 unchanged files" in strict.stderr
+    frame = read_csv(tmp_path / "m.csv")
+    assert frame.loc[frame["error"].isna(), "flag_blurry"].all()
+
+
+def test_interrupted_run_continues_and_matches_an_uninterrupted_one(sample, tmp_path):
+    """Kill a run part-way (SIGKILL: no clean-up at all), re-run, compare with a run never stopped."""
+    explore(sample, tmp_path / "whole", "num_workers=1")
+    out = tmp_path / "killed"
+    command = [sys.executable, "explore_images.py", "--set", f"dataset_dir={sample}", "--set", f"output_csv={out}/m.csv",
+               "--set", f"summary_csv={out}/s.csv", "--set", "num_workers=1"]
+    process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = out / "m.cache.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not cache.exists() or cache.read_text().count("\n") < 150):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = cache.read_text().count("\n") - 1
+    assert 0 < done < 606 and not (out / "m.csv").exists(), f"killed after {done} images"
+    resumed = explore(sample, out, "num_workers=2")
+    assert f"re-using measurements of {done}" in resumed.stderr or f"re-using measurements of {done - 1}" in resumed.stderr
+    assert (out / "m.csv").read_bytes() == (tmp_path / "whole/m.csv").read_bytes()
+
+
+def test_labels_from_a_csv(small_sample, tmp_path):
+    files = sorted(p.name for p in small_sample.iterdir() if p.name.endswith(".jpg"))
+    labels = pd.DataFrame({"image": files[:-1], "years": [5] * (len(files) - 1)})
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    explore(small_sample, tmp_path, "labels.source=csv", f"labels.csv_path={tmp_path}/labels.csv",
+            "labels.file_column=image", "labels.age_column=years")
+    frame = read_csv(tmp_path / "m.csv").set_index("file")
+    assert (frame.loc[files[:-1], "age"] == 5).all()
+    assert frame.loc[files[-1], "label_error"] == "not listed in the labels CSV"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["checks.blurry.below=soft"], "checks.blurry.below: expected null or a number, got 'soft'"),
+        (["checks.blurry.metric=blurines"], "checks.blurry.metric: expected one of"),
+        (["metrics.sharpness={}"], "metrics.sharpness: unknown metric"),
+        (["metrics.noise.flat_fraction=2"], "metrics.noise.flat_fraction: expected a number >= 0.01 and <= 1.0, got 2"),
+        (["num_workers=-1"], "num_workers: expected an integer >= 0, got -1"),
+        (["age_groups.edges=[0, 20, 10]"], "age_groups.edges: expected a list"),
+        (["labels.source=database"], "labels.source: expected one of 'filename', 'csv'"),
+        (["dataset_dir=/no/such/folder"], "dataset folder /no/such/folder does not exist"),
+        (["output_csv=/etc/hostname/m.csv"], "output folder /etc/hostname is not writable"),
+        (["treshold=3"], "treshold: unknown key"),
+    ],
+)
+def test_bad_config_or_paths_stop_at_start_with_one_line(overrides, message, tmp_path):
+    result = run("explore_images.py", f"summary_csv={tmp_path}/s.csv", *overrides, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_empty_dataset_folder_stops_with_a_message(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run("explore_images.py", f"dataset_dir={tmp_path}/empty", check=False)
+    assert result.returncode == 2 and "holds no image files" in result.stderr
