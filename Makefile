@@ -17,6 +17,7 @@ $(STAMP): requirements.txt
 pipeline: $(STAMP)
 	$(PY) make_sample_dataset.py
 	$(PY) explore_images.py
+	$(PY) process_images.py
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -30,6 +31,7 @@ smoke-real: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_explore.py $(REAL_DATA)
+	$(PY) benchmarks/bench_process.py $(REAL_DATA)
 
 clean:
 	rm -rf sample_dataset reports models

@@ -445,7 +445,8 @@ def measure_file(path: str, settings: ReaderSettings) -> dict:
 def measure_array(bgr: np.ndarray, settings: ReaderSettings) -> dict:
     """Every configured metric of a decoded BGR image (also used to re-measure processed images)."""
     view = ImageView(bgr, settings.analysis_side)
-    values = {}
+    height, width = bgr.shape[:2]
+    values = {"width": width, "height": height, "min_side": min(width, height)}
     for name, params in settings.metrics.items():
         value = METRICS[name].function(view, **params)
         values[name] = round(value, FLOAT_DECIMALS) if isinstance(value, float) else value
@@ -582,6 +583,21 @@ def hash_words(hex_hashes) -> np.ndarray:
     return np.frombuffer(data, dtype=">u8").astype(np.uint64).reshape(len(hex_hashes), -1)
 
 
+def apply_checks(frame: pd.DataFrame, checks: dict) -> pd.DataFrame:
+    """One boolean column `flag_<check>` per threshold rule: the exploration and processing stages'
+    single definition of what fails."""
+    return pd.DataFrame(
+        {f"flag_{name}": flag_check(frame[rule["metric"]], rule["below"], rule["above"]) for name, rule in checks.items()},
+        index=frame.index,
+    )
+
+
+def failing_checks(values: dict, checks: dict) -> list[str]:
+    """Names of the checks one measured image fails."""
+    flags = apply_checks(pd.DataFrame([values]), checks).iloc[0]
+    return [name for name in checks if flags[f"flag_{name}"]]
+
+
 def check_images_quality(frame: pd.DataFrame, checks: dict, duplicates: dict) -> pd.DataFrame:
     """Apply the threshold checks and the duplicate search; add flags, failed checks and status.
 
@@ -589,9 +605,7 @@ def check_images_quality(frame: pd.DataFrame, checks: dict, duplicates: dict) ->
     `status` is one of ok, low_quality, unlabelled, unreadable (the first problem wins, in reverse
     order), and `reason` says why in words.
     """
-    frame = frame.copy()
-    for name, rule in checks.items():
-        frame[f"flag_{name}"] = flag_check(frame[rule["metric"]], rule["below"], rule["above"])
+    frame = pd.concat([frame, apply_checks(frame, checks)], axis=1)
     names = list(checks)
     if duplicates["enabled"]:
         frame = pd.concat([frame, find_duplicates(frame, duplicates["max_hash_distance"], duplicates["max_age_difference"])], axis=1)

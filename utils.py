@@ -19,6 +19,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -332,6 +333,11 @@ def write_csv_atomic(frame, path: str | os.PathLike) -> None:
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
     with atomic_write(path, "wb") as f:
         f.write(data)
+
+
+def copy_file_atomic(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    with open(source, "rb") as src, atomic_write(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:

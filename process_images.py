@@ -1,0 +1,335 @@
+"""Processing stage: repair what the exploration metrics flag, prove the result is better, keep the rest.
+
+Reads csv/image_metadata.csv (from explore_images.py) and configs/process_images.yaml, and writes a clean
+copy of the dataset to processed_dataset/ (the input's relative paths, mirrored) plus
+csv/processed_metadata.csv with one row per input row:
+
+- kept        passed exploration: copied byte for byte (or only resized, if `resize` is set);
+- repaired    failed checks that `repairs` maps to operations; after repairing, the image is measured
+              with the exploration stage's own metrics and thresholds and passes every check;
+- rejected    could not be repaired within `retry.attempts`, a repair broke another check, the image is
+              a duplicate or has conflicting age labels, or the file changed since exploration;
+- unreadable, unlabelled   as reported by exploration (or the file has vanished since).
+
+Originals are never modified, and the stage refuses to write into its input folder. Writes are atomic,
+and finished images are journalled: a killed run, re-run, continues where it stopped.
+
+    python process_images.py [--config configs/process_images.yaml] [--set retry.attempts=5]
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from explore_images import load_explore_config
+from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, resize_square
+from image_reader import ReaderSettings, UnreadableImage, failing_checks, measure_array, read_image
+from utils import (
+    ConfigError,
+    Int,
+    Journal,
+    MapOf,
+    Mapping,
+    Number,
+    Optional,
+    Str,
+    UserError,
+    config_fingerprint,
+    copy_file_atomic,
+    ensure_writable_dir,
+    is_inside,
+    load_config,
+    parallel_map,
+    progress_bar,
+    resolve_workers,
+    run_script,
+    setup_logging,
+    validate,
+    write_bytes_atomic,
+    write_csv_atomic,
+)
+
+log = logging.getLogger("agepipe.process")
+
+SCHEMA = {
+    "input_csv": Str(),
+    "explore_config": Str(),
+    "output_dir": Str(),
+    "output_csv": Str(),
+    "resize": Optional(Int(16, 4096)),
+    "jpeg_quality": Int(1, 100),
+    "repairs": MapOf(MapOf(Mapping())),
+    "retry": {"attempts": Int(1, 20), "strength_factor": Number(1.0, 10.0)},
+}
+# Parameters of each repair operation the config may set (noise_sigma comes from the image's metrics).
+REPAIR_PARAMETERS = {
+    "denoise": {"strength": Number(0.01, 20), "template_window": Int(3, 21), "search_window": Int(3, 51)},
+    "adjust_exposure": {"target_brightness": Number(1, 254)},
+    "stretch_contrast": {"target_contrast": Number(1, 128)},
+    "enhance_texture": {"clip_limit": Number(0.1, 40), "tile_grid": Int(1, 64)},
+    "sharpen": {"amount": Number(0.01, 20), "radius": Number(0.1, 20)},
+}
+REQUIRED_COLUMNS = ["file", "path", "age", "age_group", "status", "failed_checks", "content_hash"]
+STATUSES = ("kept", "repaired", "rejected", "unreadable", "unlabelled")
+
+
+def load_process_config(path, overrides=()) -> tuple[dict, dict]:
+    """The processing config, and the exploration config whose metrics and checks it re-applies."""
+    config = load_config(SCHEMA, path, overrides)
+    explore = load_explore_config(config["explore_config"])
+    for check, operations in config["repairs"].items():
+        if check not in explore["checks"]:
+            raise ConfigError(f"{path}: repairs.{check}: not a check of {config['explore_config']} (checks: {', '.join(explore['checks'])})")
+        for operation, params in operations.items():
+            if operation not in REPAIR_PARAMETERS:
+                raise ConfigError(f"{path}: repairs.{check}.{operation}: unknown operation (known: {', '.join(REPAIR_PARAMETERS)})")
+            operations[operation] = validate(params, REPAIR_PARAMETERS[operation], f"repairs.{check}.{operation}")
+    return config, explore
+
+
+def repair_plan(failed: list[str], repairs: dict) -> list[tuple[str, dict]]:
+    """The operations (with parameters) that repair these failed checks, each once, in REPAIR_ORDER."""
+    chosen: dict[str, dict] = {}
+    for check in failed:
+        for operation, params in repairs.get(check, {}).items():
+            chosen.setdefault(operation, params)
+    return [(op, chosen[op]) for op in REPAIR_ORDER if op in chosen]
+
+
+def escalate(plan: list[tuple[str, dict]], attempt: int, factor: float) -> list[tuple[str, dict]]:
+    """The plan for retry number `attempt` (0 = first try): each operation's strength x factor**attempt."""
+    stronger = []
+    for operation, params in plan:
+        params = dict(params)
+        key = ESCALATED_PARAMETER.get(operation)
+        if key:
+            params[key] = params[key] * factor**attempt
+        stronger.append((operation, params))
+    return stronger
+
+
+def apply_plan(bgr: np.ndarray, plan: list[tuple[str, dict]], noise_sigma: float) -> np.ndarray:
+    for operation, params in plan:
+        extra = {"noise_sigma": noise_sigma} if operation == "denoise" else {}
+        bgr = REPAIRS[operation](bgr, **params, **extra)
+    return bgr
+
+
+def describe_plan(plan: list[tuple[str, dict]]) -> str:
+    return "; ".join(f"{op}({', '.join(f'{k}={v:g}' for k, v in params.items())})" for op, params in plan)
+
+
+def encode(bgr: np.ndarray, suffix: str, jpeg_quality: int) -> bytes:
+    """Encode in the original file's format where OpenCV can write it, else PNG (lossless)."""
+    suffix = suffix.lower() if suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp") else ".png"
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if suffix in (".jpg", ".jpeg") else []
+    ok, buffer = cv2.imencode(suffix, bgr, params)
+    if not ok:
+        raise RuntimeError(f"cannot encode image as {suffix}")
+    return buffer.tobytes()
+
+
+# --------------------------------------------------------------------------------------------------
+# One image
+# --------------------------------------------------------------------------------------------------
+class Processor:
+    """Everything a worker needs to process one exploration row; sent to each worker once."""
+
+    def __init__(self, config: dict, explore: dict):
+        images = explore["images"]
+        self.settings = ReaderSettings(explore["metrics"], images["max_pixels"], int(images["max_file_mb"] * 1e6), images["analysis_side"])
+        self.checks = explore["checks"]
+        self.repairs = config["repairs"]
+        self.attempts = config["retry"]["attempts"]
+        self.factor = config["retry"]["strength_factor"]
+        self.resize = config["resize"]
+        self.jpeg_quality = config["jpeg_quality"]
+        self.output_dir = Path(config["output_dir"])
+
+    def __call__(self, row: dict) -> dict:
+        result = {"status": row["status"], "reason": row.get("reason"), "operations": None, "attempts": 0,
+                  "output_path": None, "failed_checks_after": None, "after": None}
+        if row["status"] in ("unreadable", "unlabelled"):
+            return result
+        if not os.path.exists(row["path"]):
+            return {**result, "status": "unreadable", "reason": "file vanished since exploration"}
+        try:
+            bgr, info = read_image(row["path"], self.settings.max_pixels, self.settings.max_file_bytes)
+        except UnreadableImage as exc:
+            return {**result, "status": "unreadable", "reason": f"since exploration: {exc}"}
+        if info["content_hash"] != row["content_hash"]:
+            return {**result, "status": "rejected", "reason": "file changed since exploration; re-run explore_images.py"}
+        target = self.output_dir / row["file"]
+        if row["status"] == "ok":
+            return {**result, **self.keep(row, bgr, target)}
+        return {**result, **self.repair(row, bgr, target)}
+
+    def keep(self, row: dict, bgr: np.ndarray, target: Path) -> dict:
+        if self.resize is None:
+            copy_file_atomic(row["path"], target)
+            return {"status": "kept", "reason": None, "output_path": str(target), "failed_checks_after": ""}
+        data, after = self.encode_and_measure(resize_square(bgr, self.resize), target.suffix)
+        write_bytes_atomic(data, target)
+        failed = failing_checks(after, self.checks)
+        return {"status": "kept", "reason": None, "operations": f"resize_square(size={self.resize})",
+                "output_path": str(target), "failed_checks_after": ";".join(failed), "after": after}
+
+    def encode_and_measure(self, bgr: np.ndarray, suffix: str) -> tuple[bytes, dict]:
+        """Encode as it will be written, and measure the decoded result: what is judged is the file."""
+        data = encode(bgr, suffix, self.jpeg_quality)
+        return data, measure_array(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), self.settings)
+
+    def repair(self, row: dict, bgr: np.ndarray, target: Path) -> dict:
+        failed_before = [c for c in str(row["failed_checks"]).split(";") if c]
+        dataset_level = [c for c in failed_before if c in ("duplicate", "age_conflict")]
+        if dataset_level:
+            return {"status": "rejected", "reason": f"{' and '.join(dataset_level).replace('_', ' ')}: not repairable"}
+        plan = repair_plan(failed_before, self.repairs)
+        if not plan:
+            return {"status": "rejected", "reason": f"no repair configured for {', '.join(failed_before)}"}
+        if self.resize is not None:
+            bgr = resize_square(bgr, self.resize)
+        noise_sigma = float(row.get("noise") or 0.0)
+        for attempt in range(self.attempts):
+            attempt_plan = escalate(plan, attempt, self.factor)
+            data, after = self.encode_and_measure(apply_plan(bgr, attempt_plan, noise_sigma), target.suffix)
+            failed = failing_checks(after, self.checks)
+            if not failed:
+                write_bytes_atomic(data, target)
+                return {"status": "repaired", "reason": None, "operations": describe_plan(attempt_plan), "attempts": attempt + 1,
+                        "output_path": str(target), "failed_checks_after": "", "after": after}
+        broken = [c for c in failed if c not in failed_before]
+        reason = f"still fails {', '.join(failed)} after {self.attempts} attempts"
+        if broken:
+            reason += f" (the repair broke {', '.join(broken)})"
+        return {"status": "rejected", "reason": reason, "operations": describe_plan(attempt_plan), "attempts": self.attempts,
+                "failed_checks_after": ";".join(failed), "after": after}
+
+
+_processor: Processor | None = None
+
+
+def _init_worker(processor: Processor) -> None:
+    global _processor
+    _processor = processor
+    cv2.setNumThreads(1)
+
+
+def _process_task(task: tuple[str, dict]) -> tuple[str, dict]:
+    key, row = task
+    return key, _processor(row)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+def read_exploration_csv(path: str) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"file": str, "content_hash": str, "failed_checks": str})
+    except FileNotFoundError:
+        raise UserError(f"input CSV {path} not found: run explore_images.py first") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"input CSV {path} cannot be read: {exc}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"input CSV {path} lacks column {missing[0]!r}: is it explore_images.py output?")
+    frame["failed_checks"] = frame["failed_checks"].fillna("")
+    return frame
+
+
+def remove_stale_outputs(output_dir: Path, keep: set[str]) -> int:
+    """Delete files under output_dir that this run did not produce: outputs of runs with other settings
+    and temporary files of killed runs. Hidden files such as .gitkeep stay."""
+    removed = 0
+    for root, _, files in os.walk(output_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            ours = not name.startswith(".") or name.endswith(".tmp")
+            if ours and path not in keep:
+                os.unlink(path)
+                removed += 1
+    return removed
+
+
+def dataset_roots(frame: pd.DataFrame) -> set[str]:
+    """The dataset folders the CSV's images live in (each `path` ends with its relative `file`)."""
+    return {path[: len(path) - len(file)] for path, file in zip(frame["path"], frame["file"])}
+
+
+def main(args) -> None:
+    config, explore = load_process_config(args.config, args.overrides)
+    setup_logging(config["log_level"])
+    frame = read_exploration_csv(config["input_csv"])
+    output_dir = Path(config["output_dir"])
+    for root in dataset_roots(frame):
+        if is_inside(output_dir, root) or is_inside(root, output_dir):
+            raise UserError(f"output_dir {output_dir} overlaps the input dataset {root}: refusing to write there")
+    ensure_writable_dir(output_dir, "output_dir")
+    ensure_writable_dir(Path(config["output_csv"]).parent, "output folder")
+    start = time.perf_counter()
+
+    processor = Processor(config, explore)
+    fingerprint = config_fingerprint(
+        {k: config[k] for k in ("repairs", "retry", "resize", "jpeg_quality")}, explore["metrics"], explore["checks"], str(output_dir.resolve())
+    )
+    journal = Journal(Path(config["output_csv"]).with_suffix(".journal.jsonl"), fingerprint)
+    rows = frame.to_dict("records")
+    keys = [f"{r['file']}|{r['content_hash']}|{r['status']}" for r in rows]
+    todo = [(k, r) for k, r in zip(keys, rows) if k not in journal.done]
+    if len(todo) < len(rows):
+        log.info("continuing: %d of %d images were finished by an earlier run", len(rows) - len(todo), len(rows))
+    with journal:
+        for key, result in parallel_map(_process_task, todo, config["num_workers"], initializer=_init_worker,
+                                        initargs=(processor,), chunksize=4, progress=progress_bar(len(todo), "processing")):
+            after = result.pop("after") or {}
+            journal.record(key, {**result, **{f"after_{k}": v for k, v in after.items()}})
+    results = journal.rows(keys)
+
+    metric_columns = ["width", "height", "min_side"] + [m for m in explore["metrics"] if m != "phash"]
+    before = frame[metric_columns].add_prefix("before_")
+    for column in [f"after_{m}" for m in metric_columns]:
+        if column not in results.columns:
+            results[column] = np.nan
+    kept_copy = (results["status"] == "kept") & results["operations"].isna()
+    for metric in metric_columns:  # a byte-for-byte copy measures what the original measured
+        results.loc[kept_copy, f"after_{metric}"] = frame.loc[kept_copy, metric]
+    written = results["output_path"].notna()
+    output = pd.DataFrame(
+        {
+            "file": frame["file"],
+            "path": results["output_path"].map(lambda p: os.path.abspath(p) if isinstance(p, str) else None),
+            "source_path": frame["path"],
+            "age": frame["age"],
+            "age_group": frame["age_group"],
+            "status": results["status"],
+            "reason": results["reason"],
+            "failed_checks_before": frame["failed_checks"],
+            "failed_checks_after": results["failed_checks_after"],
+            "operations": results["operations"],
+            "attempts": results["attempts"].astype("Int64"),
+        }
+    )
+    output = pd.concat([output, before, results[[f"after_{m}" for m in metric_columns]]], axis=1)
+    write_csv_atomic(output, config["output_csv"])
+    removed = remove_stale_outputs(output_dir, {os.path.join(str(output_dir), f) for f in frame.loc[written, "file"]})
+    if removed:
+        log.info("removed %d files left in %s by earlier runs with other settings", removed, output_dir)
+    journal.remove()
+
+    counts = output["status"].value_counts()
+    elapsed = time.perf_counter() - start
+    print(
+        f"processed {len(output)} rows in {elapsed:.1f}s with {resolve_workers(config['num_workers'])} workers: "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
+    )
+    print(f"wrote {int(written.sum())} images to {output_dir}/ and {config['output_csv']}")
+
+
+if __name__ == "__main__":
+    run_script(main, "Repair flagged images and write a clean copy of the dataset.", "process_images.yaml")

@@ -1,0 +1,138 @@
+"""The processing stage on the generated sample: what it repairs, rejects and leaves alone."""
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import pandas as pd
+import pytest
+
+from conftest import PROJECT, read_csv, run
+
+
+def process(input_csv, out, *extra, check=True):
+    return run("process_images.py", f"input_csv={input_csv}", f"output_dir={out}/images",
+               f"output_csv={out}/processed.csv", *extra, check=check)
+
+
+@pytest.fixture(scope="session")
+def processed(explored, tmp_path_factory):
+    out = tmp_path_factory.mktemp("processed")
+    process(explored / "image_metadata.csv", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def processed_rows(processed, manifest):
+    frame = read_csv(processed / "processed.csv")
+    return frame.merge(manifest[["file", "defect", "broken"]], on="file", how="left")
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_one_row_per_input_row_with_a_known_status(processed_rows, metadata):
+    assert list(processed_rows["file"]) == list(metadata["file"])
+    assert set(processed_rows["status"]) <= {"kept", "repaired", "rejected", "unreadable", "unlabelled"}
+    assert processed_rows["reason"][processed_rows["status"] == "rejected"].notna().all()
+
+
+def test_planted_defects_are_mostly_repaired_and_the_rest_rejected_with_reasons(processed_rows):
+    faces = processed_rows[processed_rows["broken"].isna()]
+    table = pd.crosstab(faces["defect"], faces["status"])
+    print("\n" + table.to_string())
+    for defect in ("blur", "noise", "dark", "bright", "low_contrast"):
+        repaired = table.loc[defect].get("repaired", 0) / table.loc[defect].sum()
+        assert repaired >= 0.85, f"only {repaired:.0%} of {defect} images repaired"
+    # low resolution cannot be repaired by any configured operation: none may slip through
+    assert table.loc["low_resolution"].get("repaired", 0) == 0 and table.loc["low_resolution"].get("kept", 0) == 0
+
+
+def test_repaired_images_pass_every_check_when_measured_again(processed_rows):
+    from image_reader import failing_checks, measure_array
+    from process_images import Processor, load_process_config
+
+    config, explore = load_process_config(PROJECT / "configs/process_images.yaml")
+    processor = Processor(config, explore)
+    repaired = processed_rows[processed_rows["status"] == "repaired"]
+    assert len(repaired) > 100
+    for path in repaired["path"]:
+        assert failing_checks(measure_array(cv2.imread(path), processor.settings), processor.checks) == [], path
+
+
+def test_images_that_passed_are_copied_unchanged_and_originals_untouched(processed_rows, sample, manifest):
+    kept = processed_rows[processed_rows["status"] == "kept"]
+    assert len(kept) > 350
+    for source, output in zip(kept["source_path"], kept["path"]):
+        assert digest(source) == digest(output)
+    # the sample folder holds exactly what the generator wrote: nothing added, nothing changed
+    assert sorted(p.name for p in sample.iterdir()) == sorted(list(manifest["file"]) + ["manifest.csv"])
+
+
+def test_output_folder_mirrors_the_csv_exactly(processed, processed_rows):
+    written = processed_rows[processed_rows["path"].notna()]
+    on_disk = sorted(str(p) for p in (processed / "images").rglob("*") if p.is_file())
+    assert on_disk == sorted(written["path"]) and set(written["status"]) == {"kept", "repaired"}
+    assert (written["age"].notna()).all() and written["file"].str.match(r"^\d+_").all()  # labels survive
+
+
+def test_vanished_and_changed_files_are_reported_not_fatal(sample, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    faces = sorted(p for p in sample.iterdir() if p.name.endswith(".chip.jpg"))[:12]
+    for face in faces:
+        shutil.copy(face, data / face.name)
+    run("explore_images.py", f"dataset_dir={data}", f"output_csv={tmp_path}/m.csv", f"summary_csv={tmp_path}/s.csv")
+    (data / faces[0].name).unlink()
+    shutil.copy(faces[5], data / faces[1].name)  # same name, other picture
+    process(tmp_path / "m.csv", tmp_path / "out")
+    rows = read_csv(tmp_path / "out/processed.csv").set_index("file")
+    assert rows.loc[faces[0].name, "status"] == "unreadable" and "vanished" in rows.loc[faces[0].name, "reason"]
+    assert rows.loc[faces[1].name, "status"] == "rejected" and "changed since exploration" in rows.loc[faces[1].name, "reason"]
+    assert rows["status"].isin(["kept", "repaired", "rejected"]).sum() == 11
+
+
+def test_refuses_to_write_into_the_input_dataset(explored, sample):
+    result = run("process_images.py", f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={sample}/cleaned", check=False)
+    assert result.returncode == 2 and "overlaps the input dataset" in result.stderr
+
+
+def test_missing_or_foreign_csv_gives_a_clear_message(tmp_path):
+    result = process(tmp_path / "nope.csv", tmp_path, check=False)
+    assert result.returncode == 2 and "run explore_images.py first" in result.stderr
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    result = process(tmp_path / "other.csv", tmp_path, check=False)
+    assert result.returncode == 2 and "lacks column 'file'" in result.stderr
+
+
+def test_unknown_repair_operation_names_the_key(explored, tmp_path):
+    result = process(explored / "image_metadata.csv", tmp_path, "repairs.blurry={deblur: {}}", check=False)
+    assert result.returncode == 2 and "repairs.blurry.deblur: unknown operation" in result.stderr
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(explored, processed, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "process_images.py", "--set", f"input_csv={explored / 'image_metadata.csv'}",
+               "--set", f"output_dir={out}/images", "--set", f"output_csv={out}/processed.csv", "--set", "num_workers=1"]
+    child = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / "processed.journal.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < 120):
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (out / "processed.csv").exists()
+    resumed = process(explored / "image_metadata.csv", out)
+    assert "were finished by an earlier run" in resumed.stderr
+    whole = read_csv(processed / "processed.csv")
+    again = read_csv(out / "processed.csv")
+    for frame, root in ((whole, str(processed / "images")), (again, str(out / "images"))):
+        frame["path"] = frame["path"].str.replace(root, "OUT", regex=False)
+    pd.testing.assert_frame_equal(whole, again)
+    for a, b in zip(whole["path"].dropna(), again["path"].dropna()):
+        assert digest(a.replace("OUT", str(processed / "images"))) == digest(b.replace("OUT", str(out / "images")))
+    assert not list((out / "images").rglob("*.tmp"))
