@@ -18,6 +18,7 @@ pipeline: $(STAMP)
 	$(PY) make_sample_dataset.py
 	$(PY) explore_images.py
 	$(PY) process_images.py
+	$(PY) visualize_image_information.py
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -59,3 +59,17 @@ def metadata(explored, manifest) -> pd.DataFrame:
     """The exploration CSV joined with what the generator planted in each file."""
     frame = read_csv(explored / "image_metadata.csv")
     return frame.merge(manifest[["file", "defect", "broken", "source"]], on="file", how="left")
+
+
+def process(input_csv, out, *extra, check=True):
+    """Run the processing stage on an exploration CSV, writing into the folder `out`."""
+    return run("process_images.py", f"input_csv={input_csv}", f"output_dir={out}/images",
+               f"output_csv={out}/processed.csv", *extra, check=check)
+
+
+@pytest.fixture(scope="session")
+def processed(explored, tmp_path_factory) -> Path:
+    """Folder of one processing run over the explored sample (images/ and processed.csv)."""
+    out = tmp_path_factory.mktemp("processed")
+    process(explored / "image_metadata.csv", out)
+    return out

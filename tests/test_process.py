@@ -10,19 +10,7 @@ import cv2
 import pandas as pd
 import pytest
 
-from conftest import PROJECT, read_csv, run
-
-
-def process(input_csv, out, *extra, check=True):
-    return run("process_images.py", f"input_csv={input_csv}", f"output_dir={out}/images",
-               f"output_csv={out}/processed.csv", *extra, check=check)
-
-
-@pytest.fixture(scope="session")
-def processed(explored, tmp_path_factory):
-    out = tmp_path_factory.mktemp("processed")
-    process(explored / "image_metadata.csv", out)
-    return out
+from conftest import PROJECT, process, read_csv, run
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,233 @@
+"""Plots of the quality metadata: each function takes a data frame and returns a matplotlib figure.
+
+Rendering uses the non-interactive Agg backend, so everything runs on servers without a display.
+`save_figure` writes a figure to PNG (and optionally SVG) atomically.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import cv2  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from utils import AgeGroups, atomic_write  # noqa: E402
+
+STYLE = {
+    "figure.facecolor": "white",
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 13,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 11,
+    "font.size": 10,
+}
+BAR_COLOUR, FLAG_COLOUR, OK_COLOUR = "#4C72B0", "#C44E52", "#55A868"
+THRESHOLD_COLOURS = ["#C44E52", "#DD8452", "#8172B3", "#937860"]
+plt.rcParams.update(STYLE)
+
+
+class MissingColumn(ValueError):
+    """The data frame lacks a column a plot needs; the message names it."""
+
+
+def require(frame: pd.DataFrame, *columns: str) -> None:
+    for column in columns:
+        if column not in frame.columns:
+            raise MissingColumn(f"column {column!r} is not in the CSV (columns: {', '.join(map(str, frame.columns[:12]))}...)")
+
+
+def new_figure(size: tuple[float, float], dpi: int):
+    return plt.figure(figsize=size, dpi=dpi, layout="constrained")
+
+
+def needs_log_scale(values: pd.Series, span: float) -> bool:
+    """True when positive values spread over more than `span` times from the 1st to the 99th percentile."""
+    positive = values[values > 0]
+    if len(positive) < len(values) * 0.95 or len(positive) < 10:
+        return False
+    low, high = np.percentile(positive, [1, 99])
+    return high / low > span
+
+
+def visualize_distribution(frame: pd.DataFrame, metric: str, thresholds: list[dict], size, dpi: int, bins: int, log_span: float):
+    """Histogram of one metric with each threshold drawn, and the number and share of images beyond it.
+
+    `thresholds`: dicts with `check` (name), `value`, and `side` ("below" or "above"). A metric whose
+    values span more than `log_span` times is drawn on a logarithmic axis.
+    """
+    require(frame, metric)
+    values = pd.to_numeric(frame[metric], errors="coerce").dropna()
+    figure = new_figure(size, dpi)
+    axes = figure.add_subplot()
+    if values.empty:
+        axes.text(0.5, 0.5, f"no measured values of {metric}", ha="center", transform=axes.transAxes)
+        return figure
+    log = needs_log_scale(values, log_span)
+    if log:
+        edges = np.geomspace(values[values > 0].min(), values.max() * 1.0001, bins + 1)
+        axes.set_xscale("log")
+    else:
+        edges = np.linspace(values.min(), values.max() + 1e-9, bins + 1)
+    axes.hist(values, bins=edges, color=BAR_COLOUR, alpha=0.85)
+    axes.set(xlabel=metric.replace("_", " ") + (" (log scale)" if log else ""), ylabel="images",
+             title=f"{metric.replace('_', ' ').capitalize()} of {len(values):,} images")
+    for threshold, colour in zip(thresholds, THRESHOLD_COLOURS):
+        count = int(_beyond_one(values, threshold).sum())
+        arrow = "<" if threshold["side"] == "below" else ">"
+        axes.axvline(threshold["value"], color=colour, linestyle="--", linewidth=2,
+                     label=f"{threshold['check']} {arrow} {threshold['value']:g}: {count:,} images ({count / len(values):.1%})")
+    if thresholds:
+        axes.legend(loc="best", framealpha=0.95, title="flagged by threshold")
+    return figure
+
+
+def _beyond_one(values, threshold: dict):
+    return values < threshold["value"] if threshold["side"] == "below" else values > threshold["value"]
+
+
+def plot_age_distribution(frame: pd.DataFrame, groups: AgeGroups, size, dpi: int):
+    """Labelled images per age group (bars, with counts) and per single year of age."""
+    require(frame, "age")
+    ages = pd.to_numeric(frame["age"], errors="coerce").dropna()
+    labels = groups.labels
+    counts = pd.Series([groups.label_of(a) for a in ages]).value_counts().reindex(labels, fill_value=0)
+    figure = new_figure(size, dpi)
+    by_group, by_year = figure.subplots(1, 2, width_ratios=[1, 1.4])
+    bars = by_group.bar(labels, counts.values, color=BAR_COLOUR)
+    by_group.bar_label(bars, labels=[f"{c:,}" for c in counts.values], padding=2)
+    by_group.set(xlabel="age group", ylabel="images", title=f"{len(ages):,} labelled images by age group")
+    by_group.tick_params(axis="x", rotation=45)
+    if len(ages):
+        by_year.hist(ages, bins=np.arange(ages.min(), ages.max() + 2) - 0.5, color=BAR_COLOUR)
+    for edge in groups.edges[1:]:
+        by_year.axvline(edge - 0.5, color="grey", linewidth=0.8, linestyle=":")
+    by_year.set(xlabel="age (years); dotted lines: group edges", ylabel="images", title="By single year of age")
+    return figure
+
+
+def plot_metric_by_age_group(frame: pd.DataFrame, metric: str, groups: AgeGroups, thresholds: list[dict], size, dpi: int, log_span: float):
+    """One metric per age group, with the share of each group flagged by the metric's thresholds in the
+    tick labels: a quality problem concentrated in one group biases a classifier. Box plots for
+    continuous metrics; for counts with few values (such as faces found), the mean per group as bars."""
+    require(frame, metric, "age_group")
+    values = pd.to_numeric(frame[metric], errors="coerce")
+    present = [g for g in groups.labels if ((frame["age_group"] == g) & values.notna()).any()]
+    data = [values[(frame["age_group"] == g) & values.notna()] for g in present]
+    ticks = [g + (f"\n{_flagged_share(d, thresholds):.1%} flagged" if thresholds else "") + f"\nn={len(d):,}" for g, d in zip(present, data)]
+    figure = new_figure(size, dpi)
+    axes = figure.add_subplot()
+    if values.nunique() <= 5:
+        bars = axes.bar(ticks, [d.mean() for d in data], color=BAR_COLOUR)
+        axes.bar_label(bars, fmt="%.2f", padding=2)
+        axes.set_ylabel(f"mean {metric.replace('_', ' ')}")
+    else:
+        axes.boxplot(data, tick_labels=ticks, flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": FLAG_COLOUR})
+        axes.set_ylabel(metric.replace("_", " "))
+        if needs_log_scale(values.dropna(), log_span):
+            axes.set_yscale("log")
+    for threshold, colour in zip(thresholds, THRESHOLD_COLOURS):
+        arrow = "<" if threshold["side"] == "below" else ">"
+        axes.axhline(threshold["value"], color=colour, linestyle="--", linewidth=1.5, label=f"{threshold['check']} {arrow} {threshold['value']:g}")
+    if thresholds:
+        axes.legend(loc="best", framealpha=0.95)
+    axes.set(xlabel="age group", title=f"{metric.replace('_', ' ').capitalize()} by age group")
+    return figure
+
+
+def _flagged_share(values: pd.Series, thresholds: list[dict]) -> float:
+    flagged = pd.Series(False, index=values.index)
+    for threshold in thresholds:
+        flagged |= _beyond_one(values, threshold)
+    return float(flagged.mean()) if len(values) else 0.0
+
+
+def _thumbnail(path: str, side: int) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path and Path(path).is_file() else None
+    if image is None:
+        return np.full((side, side, 3), 0.85)
+    image = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) / 255.0
+
+
+def image_grid(frame: pd.DataFrame, check: str, metric: str, worst_first_ascending: bool, columns: int, rows: int, thumb: int, dpi: int):
+    """The images a check flags, worst first, with their file names and scores: what the threshold catches."""
+    require(frame, f"flag_{check}", metric, "path", "file")
+    flagged = frame[frame[f"flag_{check}"].astype(bool)]
+    flagged = flagged.sort_values(metric, ascending=worst_first_ascending).head(columns * rows)
+    return _grid([(p, [f, f"{metric} {v:.3g}"]) for p, f, v in zip(flagged["path"], flagged["file"], flagged[metric])],
+                 f"{check}: {int(frame[f'flag_{check}'].sum()):,} images flagged, worst first", columns, thumb, dpi)
+
+
+def before_after_grid(frame: pd.DataFrame, operation: str, pairs: int, columns: int, thumb: int, dpi: int):
+    """Original and repaired image side by side, for the repaired images whose plan used `operation`."""
+    require(frame, "status", "operations", "source_path", "path")
+    repaired = frame[(frame["status"] == "repaired") & frame["operations"].fillna("").str.contains(operation + "(", regex=False)]
+    repaired = repaired.head(pairs)
+    cells = []
+    for _, row in repaired.iterrows():
+        cells.append((row["source_path"], [_short(row["file"]), "before: " + row["failed_checks_before"].replace(";", ", ")]))
+        cells.append((row["path"], ["after", _short(row["operations"].split("(")[0])]))
+    return _grid(cells, f"Repairs using {operation}: before | after ({len(repaired)} of "
+                 f"{int(((frame['status'] == 'repaired') & frame['operations'].fillna('').str.contains(operation + '(', regex=False)).sum())})",
+                 columns, thumb, dpi)
+
+
+def _short(text: str, length: int = 20) -> str:
+    text = str(text)
+    return text if len(text) <= length else text[: length - 1] + "…"
+
+
+def _grid(cells: list[tuple[str, list[str]]], title: str, columns: int, thumb: int, dpi: int):
+    rows = max(1, math.ceil(len(cells) / columns))
+    inch = thumb / dpi
+    figure = plt.figure(figsize=(columns * inch * 1.05, rows * inch * 1.35 + 0.5), dpi=dpi, layout="constrained")
+    figure.suptitle(title, fontweight="bold")
+    if not cells:
+        figure.text(0.5, 0.5, "no images", ha="center")
+        return figure
+    for index, (path, caption) in enumerate(cells):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        axes.imshow(_thumbnail(path, thumb))
+        axes.set_axis_off()
+        axes.set_title("\n".join(_short(c) for c in caption), fontsize=6.5, fontweight="normal")
+    return figure
+
+
+def plot_summary(exploration: pd.DataFrame, processed: pd.DataFrame | None, size, dpi: int):
+    """Counts of every status and every failed check, as horizontal bars with their numbers."""
+    require(exploration, "status")
+    flags = [c for c in exploration.columns if c.startswith("flag_")]
+    panels = [("Exploration", exploration["status"].value_counts()),
+              ("Failed checks", exploration[flags].astype(bool).sum().rename(lambda c: c[5:]).sort_values())]
+    if processed is not None:
+        require(processed, "status")
+        panels.append(("Processing", processed["status"].value_counts()))
+    figure = new_figure(size, dpi)
+    for axes, (title, counts) in zip(figure.subplots(1, len(panels)), panels):
+        colours = [OK_COLOUR if name in ("ok", "kept", "repaired") else FLAG_COLOUR for name in counts.index]
+        bars = axes.barh([str(i) for i in counts.index], counts.values, color=colours)
+        axes.bar_label(bars, labels=[f"{v:,}" for v in counts.values], padding=2)
+        axes.set(title=title, xlabel="images")
+        axes.margins(x=0.2)
+    figure.suptitle(f"Status of {len(exploration):,} files (an image may fail several checks)", fontweight="bold")
+    return figure
+
+
+def save_figure(figure, path: Path, formats: list[str]) -> list[Path]:
+    """Write the figure as each format (png, svg) beside `path` (without suffix), atomically; close it."""
+    written = []
+    for extension in formats:
+        target = Path(path).with_suffix("." + extension)
+        with atomic_write(target, "wb") as f:
+            figure.savefig(f, format=extension)
+        written.append(target)
+    plt.close(figure)
+    return written

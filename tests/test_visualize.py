@@ -1,0 +1,97 @@
+"""The numbers drawn are the numbers in the data, and the PNG files are real, non-blank images."""
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import read_csv, run
+from image_visualizer import plot_age_distribution, plot_metric_by_age_group, visualize_distribution
+from utils import AgeGroups
+
+GROUPS = AgeGroups((0, 10, 20, 30, 40, 50, 60, 70))
+
+
+def test_threshold_counts_written_on_the_histogram_match_the_rows(metadata):
+    thresholds = [{"check": "dark", "value": 50, "side": "below"}, {"check": "bright", "value": 205, "side": "above"}]
+    figure = visualize_distribution(metadata, "brightness", thresholds, (8, 4), 80, 40, 30)
+    legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    values = metadata["brightness"].dropna()
+    dark, bright = int((values < 50).sum()), int((values > 205).sum())
+    assert dark == 30 and bright == 30  # what the generator planted, as the exploration test also checks
+    assert legend == [f"dark < 50: {dark:,} images ({dark / len(values):.1%})", f"bright > 205: {bright:,} images ({bright / len(values):.1%})"]
+
+
+def test_skewed_metrics_get_a_log_axis(metadata):
+    figure = visualize_distribution(metadata, "blurriness", [], (8, 4), 80, 40, 30)
+    assert figure.axes[0].get_xscale() == "log"
+    figure = visualize_distribution(metadata, "brightness", [], (8, 4), 80, 40, 30)
+    assert figure.axes[0].get_xscale() == "linear"
+
+
+def test_age_bars_sum_to_the_labelled_images(metadata):
+    figure = plot_age_distribution(metadata, GROUPS, (8, 4), 80)
+    heights = [patch.get_height() for patch in figure.axes[0].patches]
+    assert len(heights) == 8 and sum(heights) == metadata["age"].notna().sum()
+    expected = metadata["age_group"].value_counts().reindex(GROUPS.labels, fill_value=0).tolist()
+    assert heights == expected
+
+
+def test_flagged_share_per_age_group_in_tick_labels():
+    frame = pd.DataFrame({"age_group": ["0-9"] * 4 + ["70+"] * 2, "faces": [1, 0, 1, 1, 0, 0]})
+    figure = plot_metric_by_age_group(frame, "faces", GROUPS, [{"check": "no_face", "value": 1, "side": "below"}], (6, 4), 80, 30)
+    ticks = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    assert ticks == ["0-9\n25.0% flagged\nn=4", "70+\n100.0% flagged\nn=2"]
+
+
+@pytest.fixture(scope="module")
+def report(explored, processed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    run("visualize_image_information.py", f"exploration_csv={explored}/image_metadata.csv",
+        f"processed_csv={processed}/processed.csv", f"output_dir={out}", "formats=[png, svg]")
+    return out
+
+
+def test_every_plot_is_a_valid_non_blank_png_of_the_configured_size(report):
+    pngs = sorted(report.glob("*.png"))
+    names = {p.stem for p in pngs}
+    assert {"summary", "age_distribution", "distribution_blurriness", "by_age_group_noise", "grid_blurry",
+            "before_after_denoise", "before_after_adjust_exposure"} <= names
+    for png in pngs:
+        with Image.open(png) as image:
+            image.verify()
+        pixels = np.asarray(Image.open(png).convert("L"), dtype=float)
+        assert pixels.std() > 10, f"{png.name} looks blank"
+        if not png.stem.startswith(("grid_", "before_after_")):
+            assert pixels.shape == (round(5.5 * 110), 10 * 110), png.name  # figure size x dpi from the config
+    assert len(list(report.glob("*.svg"))) == len(pngs)
+    index = (report / "index.html").read_text()
+    assert all(f'src="{p.name}"' in index for p in pngs)
+
+
+def test_exploration_csv_alone_is_enough(explored, tmp_path):
+    run("visualize_image_information.py", f"exploration_csv={explored}/image_metadata.csv",
+        f"processed_csv={tmp_path}/not_yet.csv", f"output_dir={tmp_path}/out")
+    assert (tmp_path / "out/summary.png").exists() and not list((tmp_path / "out").glob("before_after_*"))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "is empty"),
+        ("file,status\n", "has no rows"),
+        ("name,score\na.jpg,3\n", "column 'status' is not in the CSV"),
+    ],
+)
+def test_bad_csvs_give_a_clear_message(tmp_path, content, message):
+    (tmp_path / "bad.csv").write_text(content)
+    result = run("visualize_image_information.py", f"exploration_csv={tmp_path}/bad.csv", "processed_csv=null",
+                 f"output_dir={tmp_path}/out", check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_metric_column_is_named(explored, tmp_path):
+    frame = read_csv(explored / "image_metadata.csv").drop(columns=["noise"])
+    frame.to_csv(tmp_path / "m.csv", index=False)
+    result = run("visualize_image_information.py", f"exploration_csv={tmp_path}/m.csv", "processed_csv=null",
+                 f"output_dir={tmp_path}/out", check=False)
+    assert result.returncode == 2 and "column 'noise' is not in the CSV" in result.stderr

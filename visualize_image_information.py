@@ -1,0 +1,164 @@
+"""Visualization stage: plots of the exploration (and processing) metadata, and an index page.
+
+Reads csv/image_metadata.csv, and csv/processed_metadata.csv when it exists, plus the thresholds of the
+explore config, and saves into reports/quality/: a histogram per metric with its thresholds and the
+number of images beyond them, the age distribution, metrics by age group, grids of the images each check
+flags (worst first), before/after pairs per repair, and a summary of every check and status.
+`index.html` shows them all with a one-line caption each.
+
+    python visualize_image_information.py [--set output_dir=reports/other --set formats=[png,svg]]
+"""
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from explore_images import load_explore_config
+from image_processor import REPAIR_ORDER
+from image_visualizer import (
+    MissingColumn,
+    before_after_grid,
+    image_grid,
+    plot_age_distribution,
+    plot_metric_by_age_group,
+    plot_summary,
+    save_figure,
+    visualize_distribution,
+)
+from utils import (
+    Int,
+    ListOf,
+    Number,
+    Optional,
+    Str,
+    UserError,
+    age_groups_from,
+    atomic_write,
+    ensure_writable_dir,
+    load_config,
+    run_script,
+    setup_logging,
+)
+
+log = logging.getLogger("agepipe.visualize")
+
+SCHEMA = {
+    "exploration_csv": Str(),
+    "processed_csv": Optional(Str()),
+    "explore_config": Str(),
+    "output_dir": Str(),
+    "formats": ListOf(Str(["png", "svg"]), min_length=1),
+    "figure": {"width_inches": Number(2, 40), "height_inches": Number(2, 40), "dpi": Int(30, 600),
+               "bins": Int(5, 500), "log_scale_span": Number(1)},
+    "distributions": ListOf(Str()),
+    "by_age_group": ListOf(Str()),
+    "grids": {"columns": Int(1, 20), "rows": Int(1, 20), "thumbnail_pixels": Int(16, 512), "checks": ListOf(Str())},
+    "before_after": {"pairs": Int(1, 50), "columns": Int(2, 20)},
+}
+
+
+def read_metadata(path: str, what: str) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found") from None
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{what} {path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} cannot be read: {exc}") from None
+    if frame.empty:
+        raise UserError(f"{what} {path} has no rows")
+    return frame
+
+
+def thresholds_by_metric(checks: dict) -> dict[str, list[dict]]:
+    """For each metric, the thresholds the checks put on it: [{check, value, side}]."""
+    found: dict[str, list[dict]] = {}
+    for name, rule in checks.items():
+        for side in ("below", "above"):
+            if rule[side] is not None:
+                found.setdefault(rule["metric"], []).append({"check": name, "value": rule[side], "side": side})
+    return found
+
+
+def make_figures(config: dict, explore: dict, exploration: pd.DataFrame, processed: pd.DataFrame | None):
+    """Yield (name, caption, figure) for every plot the config asks for."""
+    fig = config["figure"]
+    size, dpi = (fig["width_inches"], fig["height_inches"]), fig["dpi"]
+    groups = age_groups_from(config)
+    thresholds = thresholds_by_metric(explore["checks"])
+    # lower scores are worse for "below" checks, higher for "above" checks
+    worst_first = {name: rule["below"] is not None for name, rule in explore["checks"].items()}
+
+    yield "summary", "Every status and failed check, counted.", plot_summary(exploration, processed, size, dpi)
+    yield "age_distribution", "Labelled images per age group and per year of age.", plot_age_distribution(exploration, groups, size, dpi)
+    for metric in config["distributions"]:
+        marks = thresholds.get(metric, [])
+        caption = f"Distribution of {metric}" + (f"; dashed: thresholds of {', '.join(t['check'] for t in marks)}." if marks else ".")
+        yield f"distribution_{metric}", caption, visualize_distribution(exploration, metric, marks, size, dpi, fig["bins"], fig["log_scale_span"])
+    for metric in config["by_age_group"]:
+        yield (f"by_age_group_{metric}", f"{metric} per age group; the percentages are the share flagged.",
+               plot_metric_by_age_group(exploration, metric, groups, thresholds.get(metric, []), size, dpi, fig["log_scale_span"]))
+    grids = config["grids"]
+    for check in grids["checks"]:
+        if f"flag_{check}" not in exploration.columns:
+            raise MissingColumn(f"column 'flag_{check}' is not in the CSV: grids.checks names a check the exploration did not run")
+        rule = explore["checks"].get(check)
+        metric, ascending = (rule["metric"], worst_first[check]) if rule else ("age", True)
+        yield (f"grid_{check}", f"Images flagged {check}, worst {metric} first, with file names and scores.",
+               image_grid(exploration, check, metric, ascending, grids["columns"], grids["rows"], grids["thumbnail_pixels"], fig["dpi"]))
+    if processed is not None:
+        pairs = config["before_after"]
+        for operation in REPAIR_ORDER:
+            if processed["operations"].fillna("").str.contains(operation + "(", regex=False).any():
+                yield (f"before_after_{operation}", f"Images repaired with {operation}: original left, result right.",
+                       before_after_grid(processed, operation, pairs["pairs"], pairs["columns"], grids["thumbnail_pixels"], fig["dpi"]))
+
+
+def write_index(output_dir: Path, entries: list[tuple[str, str]], sources: list[str]) -> Path:
+    items = "\n".join(
+        f'<figure><img src="{html.escape(name)}.png" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        for name, caption in entries
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>agepipe quality report</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
+figure{{margin:0 0 2.5em}}img{{max-width:100%;border:1px solid #ddd}}figcaption{{color:#555}}</style></head>
+<body><h1>Image quality report</h1><p>From {html.escape(', '.join(sources))}.</p>
+{items}
+</body></html>
+"""
+    target = output_dir / "index.html"
+    with atomic_write(target, encoding="utf-8") as f:
+        f.write(page)
+    return target
+
+
+def main(args) -> None:
+    config = load_config(SCHEMA, args.config, args.overrides)
+    setup_logging(config["log_level"])
+    explore = load_explore_config(config["explore_config"])
+    exploration = read_metadata(config["exploration_csv"], "exploration CSV")
+    sources = [config["exploration_csv"]]
+    processed = None
+    if config["processed_csv"] and Path(config["processed_csv"]).exists():
+        processed = read_metadata(config["processed_csv"], "processed CSV")
+        sources.append(config["processed_csv"])
+    output_dir = ensure_writable_dir(config["output_dir"], "output_dir")
+
+    entries = []
+    try:
+        for name, caption, figure in make_figures(config, explore, exploration, processed):
+            save_figure(figure, output_dir / name, config["formats"])
+            entries.append((name, caption))
+    except MissingColumn as exc:
+        raise UserError(f"{exc} (is it an agepipe CSV?)") from None
+    index = write_index(output_dir, entries, sources)
+    print(f"wrote {len(entries)} plots ({', '.join(config['formats'])}) to {output_dir}/; open {index}")
+
+
+if __name__ == "__main__":
+    run_script(main, "Plot the quality metadata of a dataset.", "visualize_image_information.yaml")
