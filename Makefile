@@ -19,6 +19,8 @@ pipeline: $(STAMP)
 	$(PY) explore_images.py
 	$(PY) process_images.py
 	$(PY) visualize_image_information.py
+	$(PY) run_notebook.py australian_population.ipynb
+	$(PY) run_notebook.py resampling.ipynb
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -190,3 +190,69 @@ ESCALATED_PARAMETER = {
     "enhance_texture": "clip_limit",
     "sharpen": "amount",
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# Face-safe augmentations (for up-sampling): mirror images, small rotations and crops, tone jitter,
+# mild blur or noise. Never vertical flips or large rotations: faces are upright.
+# --------------------------------------------------------------------------------------------------
+def flip_horizontal(image: np.ndarray) -> np.ndarray:
+    validate_image(image)
+    return np.ascontiguousarray(image[:, ::-1])
+
+
+def rotate_scale_shift(image: np.ndarray, degrees: float, scale: float, shift_x: float, shift_y: float) -> np.ndarray:
+    """Rotate about the centre by `degrees`, zoom by `scale` (>1 crops in), and shift by fractions of
+    the width and height; borders are filled by reflection, so no black corners appear."""
+    validate_image(image)
+    h, w = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), float(degrees), float(scale))
+    matrix[:, 2] += (float(shift_x) * w, float(shift_y) * h)
+    return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
+def jitter_tone(image: np.ndarray, brightness: float, contrast: float, gamma: float) -> np.ndarray:
+    """out = ((in ** gamma - mean) * contrast + mean + brightness), in unit range; brightness in [-1, 1]."""
+    unit, restore = to_unit_float(image)
+    toned = np.power(unit, float(gamma))
+    mean = float(toned.mean())
+    return restore((toned - mean) * float(contrast) + mean + float(brightness))
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    validate_image(image)
+    return cv2.GaussianBlur(image, (0, 0), float(sigma)) if sigma > 0 else image.copy()
+
+
+def add_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive Gaussian noise of `sigma` 8-bit grey levels."""
+    unit, restore = to_unit_float(image)
+    return restore(unit + rng.normal(0.0, float(sigma) / 255.0, unit.shape).astype(np.float32))
+
+
+def random_augmentation(image: np.ndarray, rng: np.random.Generator, ranges: dict) -> tuple[np.ndarray, str]:
+    """One random face-safe variant of `image` drawn from `rng` within `ranges` (the `augmentation`
+    section of configs/resampling.yaml), and a description of what was applied."""
+    steps = []
+    if rng.random() < ranges["flip_probability"]:
+        image = flip_horizontal(image)
+        steps.append("flip")
+    degrees = rng.uniform(-1, 1) * ranges["max_rotation_degrees"]
+    scale = 1 + rng.uniform(-1, 1) * ranges["max_scale_change"]
+    shift_x, shift_y = rng.uniform(-1, 1, 2) * ranges["max_shift_fraction"]
+    image = rotate_scale_shift(image, degrees, scale, shift_x, shift_y)
+    steps.append(f"rotate({degrees:+.1f}deg, scale {scale:.2f}, shift {shift_x:+.2f},{shift_y:+.2f})")
+    brightness = rng.uniform(-1, 1) * ranges["max_brightness_shift"]
+    contrast = 1 + rng.uniform(-1, 1) * ranges["max_contrast_change"]
+    gamma = 1 + rng.uniform(-1, 1) * ranges["max_gamma_change"]
+    image = jitter_tone(image, brightness, contrast, gamma)
+    steps.append(f"tone(brightness {brightness:+.2f}, contrast {contrast:.2f}, gamma {gamma:.2f})")
+    if rng.random() < ranges["blur_probability"]:
+        sigma = rng.uniform(0, ranges["max_blur_sigma"])
+        image = gaussian_blur(image, sigma)
+        steps.append(f"blur({sigma:.2f})")
+    elif rng.random() < ranges["noise_probability"]:
+        sigma = rng.uniform(0, ranges["max_noise_sigma"])
+        image = add_noise(image, sigma, rng)
+        steps.append(f"noise({sigma:.1f})")
+    return image, "; ".join(steps)

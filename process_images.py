@@ -43,6 +43,7 @@ from utils import (
     config_fingerprint,
     copy_file_atomic,
     ensure_writable_dir,
+    remove_stale_outputs,
     is_inside,
     load_config,
     parallel_map,
@@ -241,20 +242,6 @@ def read_exploration_csv(path: str) -> pd.DataFrame:
         raise UserError(f"input CSV {path} lacks column {missing[0]!r}: is it explore_images.py output?")
     frame["failed_checks"] = frame["failed_checks"].fillna("")
     return frame
-
-
-def remove_stale_outputs(output_dir: Path, keep: set[str]) -> int:
-    """Delete files under output_dir that this run did not produce: outputs of runs with other settings
-    and temporary files of killed runs. Hidden files such as .gitkeep stay."""
-    removed = 0
-    for root, _, files in os.walk(output_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            ours = not name.startswith(".") or name.endswith(".tmp")
-            if ours and path not in keep:
-                os.unlink(path)
-                removed += 1
-    return removed
 
 
 def dataset_roots(frame: pd.DataFrame) -> set[str]:

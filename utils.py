@@ -275,6 +275,16 @@ def parse_args(description: str, default_config: str, argv=None) -> argparse.Nam
     return parser.parse_args(argv)
 
 
+def notebook_config(schema: dict, default_config: str) -> dict:
+    """Config for a notebook: AGEPIPE_CONFIG names the file (default configs/<default_config>) and
+    AGEPIPE_SET holds newline-separated key=value overrides, as run_notebook.py --set passes them."""
+    path = os.environ.get("AGEPIPE_CONFIG") or str(CONFIG_DIR / default_config)
+    overrides = [line for line in os.environ.get("AGEPIPE_SET", "").splitlines() if line.strip()]
+    config = load_config(schema, path, overrides)
+    setup_logging(config["log_level"])
+    return config
+
+
 class UserError(RuntimeError):
     """A problem with the user's input (missing folder, unwritable output...): one line, exit 2."""
 
@@ -304,6 +314,10 @@ def setup_logging(level: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     """Open a temporary file beside `path`; on success rename it over `path`, else remove it.
@@ -313,6 +327,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs get the usual permissions
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
@@ -350,6 +365,20 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
     except OSError as exc:
         raise UserError(f"{what} {path} is not writable ({exc.strerror or exc})") from None
     return path
+
+
+def remove_stale_outputs(output_dir: str | os.PathLike, keep: set[str]) -> int:
+    """Delete files under output_dir that this run did not produce: outputs of runs with other settings
+    and temporary files of killed runs. Hidden files such as .gitkeep stay."""
+    removed = 0
+    for root, _, files in os.walk(output_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            ours = not name.startswith(".") or name.endswith(".tmp")
+            if ours and path not in keep:
+                os.unlink(path)
+                removed += 1
+    return removed
 
 
 def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:

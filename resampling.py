@@ -1,0 +1,279 @@
+"""Demographic targets and resampling: the logic behind australian_population.ipynb and resampling.ipynb.
+
+- `population_by_band` / `target_distribution`: ABS population counts by age band, shared out over the
+  configured age groups (a band cut by a group edge is shared evenly across its single years).
+- `plan_resampling`: per group, how many images to keep, how many augmented copies to add (capped per
+  source image), and the shortfall where the cap or an empty group stops a group reaching its target.
+- `select_images` / `execute_plan`: pick the images (best quality first when down-sampling, seeded) and
+  write the resampled dataset with one CSV row per output image, tracing every copy to its source.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from image_processor import random_augmentation
+from utils import (
+    AgeGroups,
+    Bool,
+    Int,
+    Journal,
+    Number,
+    Optional,
+    Str,
+    config_fingerprint,
+    copy_file_atomic,
+    parallel_map,
+    progress_bar,
+    remove_stale_outputs,
+    write_bytes_atomic,
+)
+
+log = logging.getLogger("agepipe.resampling")
+
+SCHEMA = {
+    "population_csv": Str(),
+    "population_detail_csv": Str(),
+    "reference_year": Int(1900, 2100),
+    "max_age": Int(1, 130),
+    "target_csv": Str(),
+    "input": Str(["processed", "exploration"]),
+    "processed_csv": Str(),
+    "exploration_csv": Str(),
+    "output_dir": Str(),
+    "output_csv": Str(),
+    "target_size": Optional(Int(1)),
+    "seed": Int(0),
+    "quality_score": {"metric": Str(), "higher_is_better": Bool()},
+    "max_copies_per_image": Int(0, 100),
+    "tolerance": Number(0, 1),
+    "jpeg_quality": Int(1, 100),
+    "augmentation": {
+        "flip_probability": Number(0, 1),
+        "max_rotation_degrees": Number(0, 30),
+        "max_scale_change": Number(0, 0.5),
+        "max_shift_fraction": Number(0, 0.3),
+        "max_brightness_shift": Number(0, 0.5),
+        "max_contrast_change": Number(0, 0.9),
+        "max_gamma_change": Number(0, 0.9),
+        "blur_probability": Number(0, 1),
+        "max_blur_sigma": Number(0, 5),
+        "noise_probability": Number(0, 1),
+        "max_noise_sigma": Number(0, 30),
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Target distribution
+# --------------------------------------------------------------------------------------------------
+def read_population(path: str | os.PathLike, year: int) -> pd.DataFrame:
+    """Bands (age_lower, age_upper or NaN for the open band) and their population in `year`."""
+    table = pd.read_csv(path, comment="#")
+    if str(year) not in table.columns:
+        years = [c for c in table.columns if c.isdigit()]
+        raise ValueError(f"{path} has no figures for {year} (years: {', '.join(years)})")
+    return pd.DataFrame({"age_lower": table["age_lower"], "age_upper": table["age_upper"], "population": table[str(year)].astype(float)})
+
+
+def split_open_band(bands: pd.DataFrame, detail: pd.DataFrame) -> pd.DataFrame:
+    """Replace the main table's open top band (e.g. 80+) by the finer bands of `detail` (e.g. 80-84 ...
+    100+), scaled so they sum to the main table's count: the detail table gives only the proportions."""
+    top = bands[bands["age_upper"].isna()].iloc[0]
+    finer = detail[detail["age_lower"] >= top["age_lower"]].copy()
+    finer["population"] = finer["population"] / finer["population"].sum() * top["population"]
+    return pd.concat([bands[bands["age_upper"].notna()], finer], ignore_index=True)
+
+
+def single_years(bands: pd.DataFrame, max_age: int) -> pd.Series:
+    """Population per single year of age, each band shared evenly across its years; the open top band
+    is spread over its lower age to `max_age`."""
+    years = {}
+    for lower, upper, population in bands[["age_lower", "age_upper", "population"]].itertuples(index=False):
+        upper = max_age if pd.isna(upper) else int(upper)
+        span = range(int(lower), upper + 1)
+        for age in span:
+            years[age] = years.get(age, 0.0) + population / len(span)
+    return pd.Series(years).sort_index()
+
+
+def target_distribution(bands: pd.DataFrame, detail: pd.DataFrame | None, groups: AgeGroups, max_age: int) -> pd.DataFrame:
+    """Population and share of each configured age group: group, lower_age, upper_age, population, share.
+
+    Bands that a group edge cuts are shared evenly across their single years. When an edge falls inside
+    the main table's open top band, that band is first split using `detail`'s proportions.
+    """
+    open_lower = bands.loc[bands["age_upper"].isna(), "age_lower"]
+    if len(open_lower) and any(edge > open_lower.iloc[0] for edge in groups.edges):
+        if detail is None:
+            raise ValueError(f"age groups split the open band {int(open_lower.iloc[0])}+ but no detailed table was given")
+        bands = split_open_band(bands, detail)
+    per_year = single_years(bands, max_age)
+    rows = []
+    for label, (lower, upper) in zip(groups.labels, groups.bounds(max_age)):
+        rows.append({"group": label, "lower_age": lower, "upper_age": upper, "population": per_year.loc[lower:upper].sum()})
+    table = pd.DataFrame(rows)
+    table["share"] = table["population"] / table["population"].sum()
+    return table
+
+
+def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
+    """Whole counts proportional to `shares` that sum exactly to `total` (Hamilton's method)."""
+    shares = np.asarray(shares, float) / np.sum(shares)
+    exact = shares * total
+    counts = np.floor(exact).astype(int)
+    remainder_order = np.argsort(-(exact - counts), kind="stable")
+    counts[remainder_order[: total - counts.sum()]] += 1
+    return counts
+
+
+def total_variation_distance(p, q) -> float:
+    """Half the L1 distance between two distributions (0 = identical, 1 = disjoint)."""
+    p, q = np.asarray(p, float), np.asarray(q, float)
+    return 0.5 * float(np.abs(p / p.sum() - q / q.sum()).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------------------
+def plan_resampling(available: pd.Series, target: pd.DataFrame, size: int, max_copies: int) -> pd.DataFrame:
+    """Per age group: available images, target count, originals kept, augmented copies, achieved count,
+    shortfall and the resampling factor (achieved / available).
+
+    A group above its target keeps `target` originals (down-sampling); a group below keeps all and adds
+    augmented copies, at most `max_copies` per original. What the cap or an empty group leaves missing is
+    the shortfall: it is reported, never filled from other groups.
+    """
+    plan = target[["group", "share"]].copy()
+    plan["available"] = available.reindex(plan["group"]).fillna(0).astype(int).to_numpy()
+    plan["target"] = largest_remainder(plan["share"], size)
+    plan["kept"] = np.minimum(plan["available"], plan["target"])
+    plan["augmented"] = np.minimum(plan["target"] - plan["kept"], plan["available"] * max_copies)
+    plan["achieved"] = plan["kept"] + plan["augmented"]
+    plan["shortfall"] = plan["target"] - plan["achieved"]
+    plan["factor"] = np.where(plan["available"] > 0, plan["achieved"] / plan["available"].clip(lower=1), np.nan)
+    return plan
+
+
+def stable_seed(seed: int, *parts) -> np.random.SeedSequence:
+    """A seed derived from `seed` and names: the same image gets the same draw in any order or process."""
+    return np.random.SeedSequence([seed] + [zlib.crc32(str(p).encode()) for p in parts])
+
+
+def select_images(frame: pd.DataFrame, plan: pd.DataFrame, score: str, higher_is_better: bool, seed: int) -> pd.DataFrame:
+    """The output rows: for each group, the originals kept (best `score` first, seeded ties) and the
+    augmented copies spread evenly over that group's originals, each with a copy number."""
+    outputs = []
+    for row in plan.itertuples(index=False):
+        members = frame[frame["age_group"] == row.group]
+        if members.empty:
+            continue
+        jitter = np.random.default_rng(stable_seed(seed, "ties", row.group)).random(len(members))
+        scores = pd.to_numeric(members[score], errors="coerce").fillna(-np.inf if higher_is_better else np.inf).to_numpy()
+        order = np.lexsort((jitter, -scores if higher_is_better else scores))
+        kept = members.iloc[order[: row.kept]]
+        outputs.append(kept.assign(copy=0))
+        if row.augmented:
+            sources = kept.iloc[np.arange(row.augmented) % len(kept)]  # round-robin: copies differ by at most 1
+            copy_numbers = np.arange(row.augmented) // len(kept) + 1
+            outputs.append(sources.assign(copy=copy_numbers))
+    return pd.concat(outputs, ignore_index=True) if outputs else frame.head(0).assign(copy=0)
+
+
+def output_name(file: str, copy: int) -> str:
+    """Originals keep their name; copies insert .augNN before the suffix, keeping the UTKFace age prefix."""
+    if copy == 0:
+        return file
+    stem, suffix = os.path.splitext(file)
+    return f"{stem}.aug{copy:02d}{suffix}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Execute
+# --------------------------------------------------------------------------------------------------
+class Augmenter:
+    def __init__(self, output_dir: str, seed: int, ranges: dict, jpeg_quality: int):
+        self.output_dir, self.seed, self.ranges, self.jpeg_quality = Path(output_dir), seed, ranges, jpeg_quality
+
+    def __call__(self, task: tuple[str, dict]) -> tuple[str, dict]:
+        key, row = task
+        target = self.output_dir / row["output_file"]
+        if row["copy"] == 0:
+            copy_file_atomic(row["path"], target)
+            return key, {"augmentation": None}
+        image = cv2.imread(row["path"], cv2.IMREAD_COLOR)
+        if image is None:
+            raise RuntimeError(f"{row['path']}: cannot be decoded any more")
+        rng = np.random.default_rng(stable_seed(self.seed, row["file"], row["copy"]))
+        augmented, description = random_augmentation(image, rng, self.ranges)
+        suffix = target.suffix.lower() if target.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp") else ".png"
+        params = [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality] if suffix in (".jpg", ".jpeg") else []
+        ok, data = cv2.imencode(suffix, augmented, params)
+        write_bytes_atomic(data.tobytes(), target)
+        return key, {"augmentation": description}
+
+
+_augmenter: Augmenter | None = None
+
+
+def _init(augmenter: Augmenter) -> None:
+    global _augmenter
+    _augmenter = augmenter
+    cv2.setNumThreads(1)
+
+
+def _run(task):
+    return _augmenter(task)
+
+
+def execute_plan(selected: pd.DataFrame, config: dict) -> pd.DataFrame:
+    """Write the selected originals and augmented copies into output_dir (resumable, atomic) and return
+    one row per output image: file, path, age, age_group, source, source_path, copy, augmentation."""
+    output_dir = Path(config["output_dir"])
+    selected = selected.assign(output_file=[output_name(f, c) for f, c in zip(selected["file"], selected["copy"])])
+    fingerprint = config_fingerprint({k: config[k] for k in ("seed", "augmentation", "jpeg_quality")}, str(output_dir.resolve()))
+    journal = Journal(Path(config["output_csv"]).with_suffix(".journal.jsonl"), fingerprint)
+    rows = selected[["file", "path", "copy", "output_file"]].to_dict("records")
+    keys = [f"{r['output_file']}|{r['path']}" for r in rows]
+    todo = [(k, r) for k, r in zip(keys, rows) if k not in journal.done or not (output_dir / r["output_file"]).exists()]
+    augmenter = Augmenter(config["output_dir"], config["seed"], config["augmentation"], config["jpeg_quality"])
+    with journal:
+        for key, result in parallel_map(_run, todo, config["num_workers"], initializer=_init, initargs=(augmenter,),
+                                        chunksize=8, progress=progress_bar(len(todo), "resampling")):
+            journal.record(key, result)
+    done = journal.rows(keys) if keys else pd.DataFrame({"augmentation": []})
+    remove_stale_outputs(output_dir, {str(output_dir / f) for f in selected["output_file"]})
+    journal.remove()
+    return pd.DataFrame(
+        {
+            "file": selected["output_file"].to_numpy(),
+            "path": [os.path.abspath(output_dir / f) for f in selected["output_file"]],
+            "age": selected["age"].to_numpy(),
+            "age_group": selected["age_group"].to_numpy(),
+            "source": selected["file"].to_numpy(),
+            "source_path": selected["path"].to_numpy(),
+            "copy": selected["copy"].to_numpy(),
+            "augmentation": done["augmentation"].to_numpy(),
+        }
+    ).sort_values(["age_group", "file"], kind="stable").reset_index(drop=True)
+
+
+def load_input(config: dict) -> pd.DataFrame:
+    """The usable images of the chosen stage's CSV, with metric columns under their plain names."""
+    if config["input"] == "processed":
+        frame = pd.read_csv(config["processed_csv"], keep_default_na=False, na_values=[""])
+        frame = frame[frame["status"].isin(["kept", "repaired"])]
+        frame = frame.rename(columns=lambda c: c[len("after_"):] if c.startswith("after_") else c)
+    else:
+        frame = pd.read_csv(config["exploration_csv"], keep_default_na=False, na_values=[""])
+        frame = frame[frame["status"] == "ok"]
+    missing = [c for c in ("file", "path", "age", "age_group", config["quality_score"]["metric"]) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"the {config['input']} CSV lacks column {missing[0]!r}")
+    return frame.reset_index(drop=True)
