@@ -486,6 +486,7 @@ def progress_bar(total: int, description: str, unit: str = "img"):
 # Resumable work
 # --------------------------------------------------------------------------------------------------
 FLUSH_SECONDS = 1.0
+JOURNAL_CHUNK_ROWS = 2000
 
 
 class Journal:
@@ -556,7 +557,9 @@ class Journal:
 
         with open(self.path, encoding="utf-8") as f:
             f.readline()
-            frame = pd.read_json(f, lines=True, dtype=False, precise_float=True)
+            # in chunks: parsing the whole file at once holds its text and every parsed object together
+            chunks = pd.read_json(f, lines=True, dtype=False, precise_float=True, chunksize=JOURNAL_CHUNK_ROWS)
+            frame = pd.concat(list(chunks), ignore_index=True)
         frame = frame.drop_duplicates("_key", keep="last").set_index("_key")
         missing = set(keys) - set(frame.index)
         if missing:

@@ -5,9 +5,13 @@ redirected into a temporary folder, so tests never touch the project's own csv/ 
 """
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import nbformat
 
 import pandas as pd
 import pytest
@@ -73,3 +77,39 @@ def processed(explored, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("processed")
     process(explored / "image_metadata.csv", out)
     return out
+
+
+def run_notebook(name, tmp, *overrides):
+    command = [sys.executable, "run_notebook.py", name, "--output-dir", str(tmp)]
+    for override in overrides:
+        command += ["--set", override]
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return nbformat.read(tmp / name, as_version=4)
+
+
+def notebook_text(notebook) -> str:
+    return "\n".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+@pytest.fixture(scope="session")
+def resampled(processed, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resampled")
+    common = [f"target_csv={tmp}/target.csv", f"processed_csv={processed}/processed.csv",
+              f"output_dir={tmp}/images", f"output_csv={tmp}/resampled.csv"]
+    population = run_notebook("australian_population.ipynb", tmp, *common)
+    notebook = run_notebook("resampling.ipynb", tmp, *common)
+    return tmp, population, notebook
+
+
+def kill_part_way(script: str, overrides: list[str], journal: Path, lines: int, timeout: float = 120) -> int:
+    """Start a script, SIGKILL it (no clean-up at all) once its journal holds `lines` lines, and
+    return how many items the journal records as finished."""
+    command = [sys.executable, script] + [a for o in overrides for a in ("--set", o)]
+    child = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < lines):
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    return journal.read_text().count("\n") - 1

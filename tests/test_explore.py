@@ -1,13 +1,8 @@
 """The exploration stage on the generated sample: the manifest of planted defects is the oracle."""
-import signal
-import subprocess
-import sys
-import time
-
 import pandas as pd
 import pytest
 
-from conftest import PROJECT, read_csv, run
+from conftest import kill_part_way, read_csv, run
 from image_reader import IMAGE_EXTENSIONS
 
 # The check each planted defect must trip.
@@ -122,16 +117,8 @@ def test_interrupted_run_continues_and_matches_an_uninterrupted_one(sample, tmp_
     """Kill a run part-way (SIGKILL: no clean-up at all), re-run, compare with a run never stopped."""
     explore(sample, tmp_path / "whole", "num_workers=1")
     out = tmp_path / "killed"
-    command = [sys.executable, "explore_images.py", "--set", f"dataset_dir={sample}", "--set", f"output_csv={out}/m.csv",
-               "--set", f"summary_csv={out}/s.csv", "--set", "num_workers=1"]
-    process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cache = out / "m.cache.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and (not cache.exists() or cache.read_text().count("\n") < 150):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = cache.read_text().count("\n") - 1
+    done = kill_part_way("explore_images.py", [f"dataset_dir={sample}", f"output_csv={out}/m.csv", f"summary_csv={out}/s.csv",
+                                               "num_workers=1"], out / "m.cache.jsonl", lines=150)
     assert 0 < done < 606 and not (out / "m.csv").exists(), f"killed after {done} images"
     resumed = explore(sample, out, "num_workers=2")
     assert f"re-using measurements of {done}" in resumed.stderr or f"re-using measurements of {done - 1}" in resumed.stderr

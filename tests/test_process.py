@@ -1,16 +1,12 @@
 """The processing stage on the generated sample: what it repairs, rejects and leaves alone."""
 import hashlib
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import cv2
 import pandas as pd
 import pytest
 
-from conftest import PROJECT, process, read_csv, run
+from conftest import PROJECT, kill_part_way, process, read_csv, run
 
 
 @pytest.fixture(scope="session")
@@ -104,15 +100,8 @@ def test_unknown_repair_operation_names_the_key(explored, tmp_path):
 
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(explored, processed, tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, "process_images.py", "--set", f"input_csv={explored / 'image_metadata.csv'}",
-               "--set", f"output_dir={out}/images", "--set", f"output_csv={out}/processed.csv", "--set", "num_workers=1"]
-    child = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = out / "processed.journal.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < 120):
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_part_way("process_images.py", [f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={out}/images",
+                                         f"output_csv={out}/processed.csv", "num_workers=1"], out / "processed.journal.jsonl", lines=120)
     assert not (out / "processed.csv").exists()
     resumed = process(explored / "image_metadata.csv", out)
     assert "were finished by an earlier run" in resumed.stderr

@@ -1,15 +1,12 @@
 """Target distribution and resampling: hand-worked arithmetic, augmentations, and both notebooks run
 headlessly on the generated sample with their outputs checked."""
-import subprocess
-import sys
 
 import cv2
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import PROJECT, read_csv
+from conftest import PROJECT, notebook_text, read_csv, run_notebook
 from image_processor import random_augmentation
 from resampling import (
     largest_remainder,
@@ -109,29 +106,6 @@ def test_augmentation_is_deterministic_and_keeps_size_dtype_and_uprightness(dtyp
 # --------------------------------------------------------------------------------------------------
 # The notebooks, executed headlessly on the generated sample
 # --------------------------------------------------------------------------------------------------
-def run_notebook(name, tmp, *overrides):
-    command = [sys.executable, "run_notebook.py", name, "--output-dir", str(tmp)]
-    for override in overrides:
-        command += ["--set", override]
-    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return nbformat.read(tmp / name, as_version=4)
-
-
-def notebook_text(notebook) -> str:
-    return "\n".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
-
-
-@pytest.fixture(scope="module")
-def resampled(processed, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resampled")
-    common = [f"target_csv={tmp}/target.csv", f"processed_csv={processed}/processed.csv",
-              f"output_dir={tmp}/images", f"output_csv={tmp}/resampled.csv"]
-    population = run_notebook("australian_population.ipynb", tmp, *common)
-    notebook = run_notebook("resampling.ipynb", tmp, *common)
-    return tmp, population, notebook
-
-
 def test_population_notebook_writes_the_target(resampled):
     tmp, population, _ = resampled
     target = read_csv(tmp / "target.csv")
