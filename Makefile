@@ -21,6 +21,8 @@ pipeline: $(STAMP)
 	$(PY) visualize_image_information.py
 	$(PY) run_notebook.py australian_population.ipynb
 	$(PY) run_notebook.py resampling.ipynb
+	$(PY) train_model.py
+	$(PY) predict_age.py
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -35,6 +37,7 @@ smoke-real: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_explore.py $(REAL_DATA)
 	$(PY) benchmarks/bench_process.py $(REAL_DATA)
+	$(PY) benchmarks/bench_train.py csv/resampled_metadata.csv
 
 clean:
 	rm -rf sample_dataset reports models

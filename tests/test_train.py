@@ -95,8 +95,9 @@ def test_a_group_without_images_is_reported_not_fatal(resampled, tmp_path):
     assert "age group 95+ has no training images" in result.stderr
 
 
-def test_bad_inputs_give_clear_messages(tmp_path):
+def test_bad_inputs_give_clear_messages(tmp_path, sample):
     (tmp_path / "bad.csv").write_text("name,years\na.jpg,3\n")
+    (tmp_path / "30_0_0_face.jpg").write_bytes(next(sample.glob("*.chip.jpg")).read_bytes())
     result = train(tmp_path / "bad.csv", tmp_path, check=False)
     assert result.returncode == 2 and "lacks column 'file'" in result.stderr
     with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
