@@ -77,7 +77,7 @@ def main():
         step = rate(iter(lambda: model.train_on_batch(images, labels), None), batch, args.steps)
         print(f"training steps on in-memory batches:         {step:8.0f} images/s")
         start = time.perf_counter()
-        model.fit(cached, epochs=1, verbose=0)
+        model.fit(cached, epochs=1, verbose=0, shuffle=False)
         print(f"fit, end to end on the cached pipeline:      {len(paths) / (time.perf_counter() - start):8.0f} images/s")
     bottleneck = "the model" if step < from_cache else "the input pipeline"
     print(f"bottleneck from the second epoch on: {bottleneck} ({min(step, from_cache) / max(step, from_cache):.0%} of the other's rate)")
