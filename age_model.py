@@ -135,11 +135,11 @@ def build_model(config: dict, size: int, classes: int) -> keras.Model:
 
 
 def _application_module(name: str) -> str:
-    """keras.applications.MobileNetV3Small lives in keras.applications.mobilenet_v3, and so on."""
-    for module in dir(keras.applications):
-        if module.islower() and hasattr(getattr(keras.applications, module), name):
-            return module
-    raise UserError(f"model.backbone: cannot find the preprocessing of {name}")
+    """keras.applications.MobileNetV3Small's preprocess_input lives in keras.applications.mobilenet_v3."""
+    module = getattr(keras.applications, name).__module__.rsplit(".", 1)[-1]
+    if not hasattr(getattr(keras.applications, module, None), "preprocess_input"):
+        raise UserError(f"model.backbone: cannot find the preprocessing of {name}")
+    return module
 
 
 def save_with_metadata(model: keras.Model, path: Path, groups: AgeGroups, size: int, max_age: int) -> None:

@@ -87,6 +87,23 @@ def test_mirrored_strategy_on_two_logical_cpus(resampled, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["replicas"] == 2
 
 
+def test_multi_worker_strategy_runs_as_one_local_worker_without_tf_config(resampled, tmp_path, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    folder, _, _ = resampled
+    train(folder / "resampled.csv", tmp_path, "distribution.strategy=multi_worker", "training.epochs=1")
+    assert json.loads((tmp_path / "metrics.json").read_text())["replicas"] == 1
+
+
+def test_a_keras_applications_backbone_trains_and_reloads_offline(resampled, tmp_path):
+    from age_model import load_with_metadata
+
+    folder, _, _ = resampled
+    train(folder / "resampled.csv", tmp_path, "model.backbone=MobileNetV3Small", "model.weights=null", "training.epochs=1",
+          "input.image_size=64")
+    model, metadata = load_with_metadata(tmp_path / "model.keras")
+    assert metadata["input_size"] == 64 and model.output_shape == (None, 8)
+
+
 def test_a_group_without_images_is_reported_not_fatal(resampled, tmp_path):
     folder, _, _ = resampled
     result = train(folder / "resampled.csv", tmp_path, "age_groups.edges=[0, 10, 20, 30, 40, 50, 60, 70, 95]", "training.epochs=1")
