@@ -173,6 +173,16 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return np.clip(result, 0, 1) if image.dtype == np.float32 else result
 
 
+def encode_image(bgr: np.ndarray, suffix: str, jpeg_quality: int) -> bytes:
+    """Encode in the format of a file suffix where OpenCV can write it, else as PNG (lossless)."""
+    suffix = suffix.lower() if suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp") else ".png"
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if suffix in (".jpg", ".jpeg") else []
+    ok, buffer = cv2.imencode(suffix, bgr, params)
+    if not ok:
+        raise RuntimeError(f"cannot encode image as {suffix}")
+    return buffer.tobytes()
+
+
 # The repair operations the processing config may name, and the parameter a retry strengthens.
 REPAIRS: dict[str, Callable] = {
     "denoise": denoise,

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from explore_images import load_explore_config
-from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, resize_square
+from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, encode_image, resize_square
 from image_reader import ReaderSettings, UnreadableImage, failing_checks, measure_array, read_image
 from utils import (
     ConfigError,
@@ -126,16 +126,6 @@ def describe_plan(plan: list[tuple[str, dict]]) -> str:
     return "; ".join(f"{op}({', '.join(f'{k}={v:g}' for k, v in params.items())})" for op, params in plan)
 
 
-def encode(bgr: np.ndarray, suffix: str, jpeg_quality: int) -> bytes:
-    """Encode in the original file's format where OpenCV can write it, else PNG (lossless)."""
-    suffix = suffix.lower() if suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp") else ".png"
-    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if suffix in (".jpg", ".jpeg") else []
-    ok, buffer = cv2.imencode(suffix, bgr, params)
-    if not ok:
-        raise RuntimeError(f"cannot encode image as {suffix}")
-    return buffer.tobytes()
-
-
 # --------------------------------------------------------------------------------------------------
 # One image
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +173,7 @@ class Processor:
 
     def encode_and_measure(self, bgr: np.ndarray, suffix: str) -> tuple[bytes, dict]:
         """Encode as it will be written, and measure the decoded result: what is judged is the file."""
-        data = encode(bgr, suffix, self.jpeg_quality)
+        data = encode_image(bgr, suffix, self.jpeg_quality)
         return data, measure_array(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), self.settings)
 
     def repair(self, row: dict, bgr: np.ndarray, target: Path) -> dict:

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from image_processor import random_augmentation
+from image_processor import encode_image, random_augmentation
 from utils import (
     AgeGroups,
     Bool,
@@ -212,10 +212,7 @@ class Augmenter:
             raise RuntimeError(f"{row['path']}: cannot be decoded any more")
         rng = np.random.default_rng(stable_seed(self.seed, row["file"], row["copy"]))
         augmented, description = random_augmentation(image, rng, self.ranges)
-        suffix = target.suffix.lower() if target.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp") else ".png"
-        params = [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality] if suffix in (".jpg", ".jpeg") else []
-        ok, data = cv2.imencode(suffix, augmented, params)
-        write_bytes_atomic(data.tobytes(), target)
+        write_bytes_atomic(encode_image(augmented, target.suffix, self.jpeg_quality), target)
         return key, {"augmentation": description}
 
 
