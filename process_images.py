@@ -48,6 +48,7 @@ from utils import (
     load_config,
     parallel_map,
     progress_bar,
+    read_metadata_csv,
     resolve_workers,
     run_script,
     setup_logging,
@@ -221,15 +222,8 @@ def _process_task(task: tuple[str, dict]) -> tuple[str, dict]:
 # The stage
 # --------------------------------------------------------------------------------------------------
 def read_exploration_csv(path: str) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"file": str, "content_hash": str, "failed_checks": str})
-    except FileNotFoundError:
-        raise UserError(f"input CSV {path} not found: run explore_images.py first") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"input CSV {path} cannot be read: {exc}") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise UserError(f"input CSV {path} lacks column {missing[0]!r}: is it explore_images.py output?")
+    frame = read_metadata_csv(path, "input CSV", "run explore_images.py first", REQUIRED_COLUMNS,
+                              dtype={"file": str, "content_hash": str, "failed_checks": str})
     frame["failed_checks"] = frame["failed_checks"].fillna("")
     return frame
 

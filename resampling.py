@@ -27,10 +27,12 @@ from utils import (
     Number,
     Optional,
     Str,
+    UserError,
     config_fingerprint,
     copy_file_atomic,
     parallel_map,
     progress_bar,
+    read_metadata_csv,
     remove_stale_outputs,
     write_bytes_atomic,
 )
@@ -263,14 +265,14 @@ def execute_plan(selected: pd.DataFrame, config: dict) -> pd.DataFrame:
 
 def load_input(config: dict) -> pd.DataFrame:
     """The usable images of the chosen stage's CSV, with metric columns under their plain names."""
+    required = ("file", "path", "age", "age_group", "status")
     if config["input"] == "processed":
-        frame = pd.read_csv(config["processed_csv"], keep_default_na=False, na_values=[""])
+        frame = read_metadata_csv(config["processed_csv"], "processed CSV", "run process_images.py first", required)
         frame = frame[frame["status"].isin(["kept", "repaired"])]
         frame = frame.rename(columns=lambda c: c[len("after_"):] if c.startswith("after_") else c)
     else:
-        frame = pd.read_csv(config["exploration_csv"], keep_default_na=False, na_values=[""])
+        frame = read_metadata_csv(config["exploration_csv"], "exploration CSV", "run explore_images.py first", required)
         frame = frame[frame["status"] == "ok"]
-    missing = [c for c in ("file", "path", "age", "age_group", config["quality_score"]["metric"]) if c not in frame.columns]
-    if missing:
-        raise ValueError(f"the {config['input']} CSV lacks column {missing[0]!r}")
+    if config["quality_score"]["metric"] not in frame.columns:
+        raise UserError(f"quality_score.metric: the {config['input']} CSV has no metric {config['quality_score']['metric']!r}")
     return frame.reset_index(drop=True)

@@ -39,6 +39,7 @@ from utils import (
     atomic_write,
     ensure_writable_dir,
     load_config,
+    read_metadata_csv,
     run_script,
     setup_logging,
     write_csv_atomic,
@@ -73,15 +74,7 @@ SCHEMA = {
 # --------------------------------------------------------------------------------------------------
 def read_training_csv(path: str, groups) -> pd.DataFrame:
     """Usable, labelled rows of any stage's CSV, with `source` (the original image) and `copy`."""
-    try:
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    except FileNotFoundError:
-        raise UserError(f"input CSV {path} not found: run the earlier stages first") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"input CSV {path} cannot be read: {exc}") from None
-    for column in ("file", "path", "age"):
-        if column not in frame.columns:
-            raise UserError(f"input CSV {path} lacks column {column!r} (it has: {', '.join(frame.columns[:10])})")
+    frame = read_metadata_csv(path, "input CSV", "run the earlier stages first", ("file", "path", "age"))
     if "status" in frame.columns:  # exploration or processing CSV: only the usable images
         frame = frame[frame["status"].isin(["ok", "kept", "repaired"])]
     frame = frame[frame["age"].notna() & frame["path"].notna()].copy()

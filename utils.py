@@ -355,6 +355,25 @@ def copy_file_atomic(source: str | os.PathLike, target: str | os.PathLike) -> No
         shutil.copyfileobj(src, dst)
 
 
+def read_metadata_csv(path, what: str, hint: str = "", required=(), **read_options):
+    """Read one of the pipeline's CSVs; a missing, empty or unreadable file, or a missing required
+    column, raises UserError naming the file (and `hint` on what to run when it is missing)."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], **read_options)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found" + (f": {hint}" if hint else "")) from None
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{what} {path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} cannot be read: {exc}") from None
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise UserError(f"{what} {path} lacks column {missing[0]!r} (it has: {', '.join(map(str, frame.columns[:12]))})")
+    return frame
+
+
 def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
     """Create `path` if needed and prove it is writable, before any long work starts."""
     path = Path(path)

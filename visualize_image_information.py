@@ -39,6 +39,7 @@ from utils import (
     atomic_write,
     ensure_writable_dir,
     load_config,
+    read_metadata_csv,
     run_script,
     setup_logging,
 )
@@ -61,14 +62,7 @@ SCHEMA = {
 
 
 def read_metadata(path: str, what: str) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False)
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} not found") from None
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{what} {path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"{what} {path} cannot be read: {exc}") from None
+    frame = read_metadata_csv(path, what, low_memory=False)
     if frame.empty:
         raise UserError(f"{what} {path} has no rows")
     return frame
