@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def main() -> None:
     try:
         client.execute()
     except CellExecutionError as exc:
-        error = str(exc).strip().splitlines()
+        error = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()  # drop the traceback's colours
         print(f"error: {args.notebook} failed: {error[-1] if error else exc}", file=sys.stderr)
         sys.exit(1)
     finally:
