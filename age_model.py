@@ -1,5 +1,14 @@
-"""The age-group classifier's pieces shared by train_model.py and predict_age.py: input pipeline, model,
-label targets, evaluation metrics, and saving/loading a model together with its age groups."""
+"""The age classifier's pieces shared by train_model.py, predict_age.py and the benchmarks: targets,
+inputs, the model, evaluation, the prior correction, and saving/loading a model with its metadata.
+
+Every model predicts a distribution over single years of age 0..max_age (label-distribution learning:
+the target is a Gaussian around the true age, Gao et al. 2017). The expected age is read from it, and
+the age-group probabilities are its sums over each group's years, so groups and years never disagree.
+
+Backbones: `dlib_face_descriptor` (the default: the frozen 128-D face descriptor of face_analysis.py,
+computed once per image, and a small Keras head on it), `cnn` (pixels, a compact VGG-style network
+trained from scratch) or any keras.applications model (pixels).
+"""
 from __future__ import annotations
 
 import json
@@ -8,53 +17,123 @@ import os
 import zipfile
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter hides our own log
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter hides our own log
 
+import cv2  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from face_analysis import DESCRIPTOR_SIZE  # noqa: E402
+from image_reader import read_image  # noqa: E402
 from utils import AgeGroups, UserError  # noqa: E402
 
 METADATA_ENTRY = "agepipe.json"  # stored inside the .keras zip, beside Keras' own files
+DESCRIPTOR_BACKBONE = "dlib_face_descriptor"
+# Decoding guards for training and prediction: anything exploration accepts.
+MAX_PIXELS, MAX_FILE_BYTES = 100_000_000, 200_000_000
 
 
 # --------------------------------------------------------------------------------------------------
-# Targets
+# Targets and what follows from a distribution over years
 # --------------------------------------------------------------------------------------------------
-def label_distribution_matrix(groups: AgeGroups, max_age: int, sigma_years: float) -> np.ndarray:
-    """Row a: the target over groups for a person aged a.
+def year_targets(ages, max_age: int, sigma_years: float) -> np.ndarray:
+    """Row i: the target distribution over years 0..max_age for a person aged ages[i].
 
-    With sigma_years = 0 this is one-hot. Otherwise it is a Gaussian over age (in years, centred on
-    the label) integrated over each group's years: a 19-year-old's target leans toward 20-29, so the
-    loss knows that neighbouring groups are nearer misses than distant ones (label distribution
-    learning, Gao et al. 2017).
+    A Gaussian of `sigma_years` around the age (one-hot for 0), so a 39-year-old's target also
+    credits 38 and 40: neighbouring years are near misses, not errors.
+
+    Examples
+    --------
+    >>> year_targets([2], max_age=4, sigma_years=0).tolist()
+    [[0.0, 0.0, 1.0, 0.0, 0.0]]
     """
-    bounds = groups.bounds(max_age)
-    matrix = np.zeros((max_age + 1, len(bounds)), np.float32)
-    for age in range(max_age + 1):
-        if sigma_years == 0:
-            matrix[age, groups.index_of(age)] = 1.0
-            continue
-        cdf = lambda x: 0.5 * (1 + math.erf((x - age) / (sigma_years * math.sqrt(2))))  # noqa: E731
-        # a group covers [lower - 0.5, upper + 0.5); the first and last groups take the tails
-        edges = [-math.inf] + [lower - 0.5 for lower, _ in bounds[1:]] + [math.inf]
-        matrix[age] = [cdf(hi) - cdf(lo) for lo, hi in zip(edges[:-1], edges[1:])]
-    return matrix / matrix.sum(axis=1, keepdims=True)
+    ages = np.clip(np.asarray(ages, np.float64), 0, max_age)[:, None]
+    years = np.arange(max_age + 1)[None, :]
+    if sigma_years == 0:
+        return (years == np.round(ages)).astype(np.float32)
+    density = np.exp(-0.5 * ((years - ages) / sigma_years) ** 2)
+    return (density / density.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def group_matrix(groups: AgeGroups, max_age: int) -> np.ndarray:
+    """(max_age + 1, groups) 0/1 matrix: year probabilities @ this = group probabilities."""
+    matrix = np.zeros((max_age + 1, len(groups.labels)), np.float32)
+    for index, (lower, upper) in enumerate(groups.bounds(max_age)):
+        matrix[lower:upper + 1, index] = 1.0
+    return matrix
+
+
+def expected_age(year_probabilities: np.ndarray) -> np.ndarray:
+    return year_probabilities @ np.arange(year_probabilities.shape[1])
+
+
+def correct_prior(year_probabilities: np.ndarray, groups: AgeGroups, max_age: int, training_shares, target_shares) -> np.ndarray:
+    """Re-weight predictions learnt under the training set's age mix to another population's mix:
+    p'(year) is proportional to p(year) x target share / training share of the year's group (Bayes' rule
+    with a changed prior; Saerens et al. 2002)."""
+    ratio = np.asarray(target_shares, float) / np.maximum(np.asarray(training_shares, float), 1e-9)
+    adjusted = year_probabilities * (group_matrix(groups, max_age) @ ratio)[None, :]
+    return adjusted / np.maximum(adjusted.sum(axis=1, keepdims=True), 1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
-# Input pipeline
+# Pixel input: one decoding function for training and prediction
 # --------------------------------------------------------------------------------------------------
-def decode_and_resize(path: tf.Tensor, size: int) -> tf.Tensor:
-    """File -> size x size x 3 uint8 tensor (any format TensorFlow decodes; grayscale becomes RGB)."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image = tf.image.resize(image, (size, size), method="area", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+def load_pixels(path: str, size: int) -> np.ndarray:
+    """An image file as a size x size x 3 RGB uint8 array (area-resampled), the way training and
+    prediction both see it. Raises image_reader.UnreadableImage with the reason."""
+    bgr, _ = read_image(path, MAX_PIXELS, MAX_FILE_BYTES)
+    return np.ascontiguousarray(cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)[..., ::-1])
+
+
+def pixel_dataset(paths, size: int, batch_size: int, *, targets=None, weights=None, shuffle_buffer: int = 0, seed: int = 0,
+                  cache: str | None = None, augment: keras.Sequential | None = None) -> tf.data.Dataset:
+    """Images of `paths` decoded by `load_pixels` in parallel, batched as float32 0-255, with their
+    `targets` (and sample `weights`) when given; shuffled with `shuffle_buffer`, augmented with `augment`.
+
+    `cache`: a file path caches the small decoded images on disk, so memory stays flat however large the
+    dataset; "" caches in memory; None not at all."""
+    def decode(path):
+        return load_pixels(path.decode(), size)
+
+    columns = [np.asarray(paths, str)] + [np.asarray(c, np.float32) for c in (targets, weights) if c is not None]
+    dataset = tf.data.Dataset.from_tensor_slices(tuple(columns))
+
+    def read(path, *labels):
+        image = tf.ensure_shape(tf.numpy_function(decode, [path], tf.uint8), (size, size, 3))
+        return (image, *labels)
+
+    dataset = dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if cache is not None:
+        dataset = dataset.cache(cache)
+    if shuffle_buffer:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+
+    def to_float(images, *labels):
+        images = tf.cast(images, tf.float32)
+        if augment is not None:
+            images = augment(images, training=True)
+        return (images, *labels) if labels else images
+
+    dataset = dataset.batch(batch_size).map(to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def group_accuracy_metric(groups: AgeGroups, max_age: int):
+    """A Keras metric: share of samples whose most probable group (from the year distribution) is the
+    target's. For the learning curves only; reported figures come from `evaluate`."""
+    matrix = tf.constant(group_matrix(groups, max_age))
+
+    def group_accuracy(y_true, y_pred):
+        return tf.cast(tf.equal(tf.argmax(y_true @ matrix, axis=1), tf.argmax(y_pred @ matrix, axis=1)), tf.float32)
+
+    return group_accuracy
 
 
 def augmentation_layers(config: dict, seed: int) -> keras.Sequential:
-    """Face-safe training-time augmentation: mirror, small rotation, zoom, shift, brightness, contrast."""
+    """Face-safe training-time augmentation for pixel backbones: mirror, small rotation, zoom, shift,
+    brightness, contrast."""
     return keras.Sequential(
         [
             keras.layers.RandomFlip("horizontal", seed=seed),
@@ -68,46 +147,32 @@ def augmentation_layers(config: dict, seed: int) -> keras.Sequential:
     )
 
 
-def make_dataset(paths, ages, targets: np.ndarray, weights: np.ndarray | None, size: int, batch_size: int, shuffle_buffer: int,
-                 training: bool, seed: int, augment: keras.Sequential | None = None, cache: str | None = None) -> tf.data.Dataset:
-    """A streaming tf.data pipeline: read and decode in parallel, cache the small decoded images
-    (`cache`: a file path caches on disk, so memory does not grow with the dataset; "" caches in
-    memory; None not at all), shuffle and augment when training, batch, prefetch.
-    Yields (images as float32 0-255, target distributions[, sample weights])."""
-    ages = np.clip(np.asarray(ages, np.int64), 0, len(targets) - 1)
-    dataset = tf.data.Dataset.from_tensor_slices((np.asarray(paths, str), ages))
-    dataset = dataset.map(lambda p, a: (decode_and_resize(p, size), a), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if cache is not None:
-        dataset = dataset.cache(cache)
-    if training:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size)
-    table = tf.constant(targets)
-    group_weights = None if weights is None else tf.constant(weights, tf.float32)
-
-    def to_model_inputs(images, batch_ages):
-        images = tf.cast(images, tf.float32)
-        if augment is not None:
-            images = augment(images, training=True)
-        soft = tf.gather(table, batch_ages)
-        if group_weights is None:
-            return images, soft
-        return images, soft, tf.gather(group_weights, tf.argmax(soft, axis=1))
-
-    dataset = dataset.map(to_model_inputs, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
 # --------------------------------------------------------------------------------------------------
-# Model
+# Models
 # --------------------------------------------------------------------------------------------------
-def build_model(config: dict, size: int, classes: int) -> keras.Model:
-    """The classifier: raw 0-255 RGB pixels in, probabilities over age groups out.
+def build_descriptor_model(config: dict, max_age: int, mean: np.ndarray, variance: np.ndarray) -> keras.Model:
+    """A Keras head on face descriptors: standardise, `head_units` dense layers with dropout, softmax
+    over years. `ensemble` > 1 builds that many independently initialised heads and averages their
+    outputs (one model, one file)."""
+    inputs = keras.Input((DESCRIPTOR_SIZE,), name="descriptor")
+    standardised = keras.layers.Normalization(mean=mean, variance=variance, name="standardise")(inputs)
+    heads = []
+    for member in range(config["ensemble"]):
+        x = standardised
+        for layer, units in enumerate(config["head_units"]):
+            x = keras.layers.Dense(units, activation="gelu", name=f"head{member}_dense{layer}")(x)
+            x = keras.layers.Dropout(config["dropout"], name=f"head{member}_dropout{layer}")(x)
+        heads.append(keras.layers.Dense(max_age + 1, activation="softmax", name=f"head{member}_years")(x))
+    outputs = heads[0] if len(heads) == 1 else keras.layers.Average(name="years")(heads)
+    return keras.Model(inputs, outputs, name="age_from_face_descriptor")
 
-    `backbone: cnn` is a compact VGG-style network defined here: per stage two 3x3 convolutions with
-    batch normalisation, then pooling; global average pooling, dropout and a softmax. Any other value
-    names a keras.applications model (e.g. MobileNetV3Small) whose `weights` is a local weights file,
-    the Keras name of pretrained weights ("imagenet", downloaded when online) or null.
+
+def build_pixel_model(config: dict, size: int, max_age: int) -> keras.Model:
+    """Raw 0-255 RGB pixels in, a distribution over years out.
+
+    `backbone: cnn` is a compact VGG-style network defined here: per stage `convs_per_stage` 3x3
+    convolutions with batch normalisation, then pooling; global average pooling, dropout and a softmax.
+    Any other value names a keras.applications model whose `weights` is a local weights file or null.
     """
     inputs = keras.Input((size, size, 3), name="image")
     if config["backbone"] == "cnn":
@@ -125,13 +190,13 @@ def build_model(config: dict, size: int, classes: int) -> keras.Model:
     else:
         application = getattr(keras.applications, config["backbone"], None)
         if application is None:
-            raise UserError(f"model.backbone: {config['backbone']!r} is neither 'cnn' nor a keras.applications model")
+            raise UserError(f"model.backbone: {config['backbone']!r} is neither {DESCRIPTOR_BACKBONE!r}, 'cnn' nor a keras.applications model")
         backbone = application(include_top=False, weights=config["weights"], input_shape=(size, size, 3), pooling="avg")
         preprocess = getattr(keras.applications, _application_module(config["backbone"])).preprocess_input
         x = backbone(preprocess(inputs))
     x = keras.layers.Dropout(config["dropout"])(x)
-    outputs = keras.layers.Dense(classes, activation="softmax", name="age_group")(x)
-    return keras.Model(inputs, outputs, name="age_group_classifier")
+    outputs = keras.layers.Dense(max_age + 1, activation="softmax", name="years")(x)
+    return keras.Model(inputs, outputs, name="age_from_pixels")
 
 
 def _application_module(name: str) -> str:
@@ -142,15 +207,14 @@ def _application_module(name: str) -> str:
     return module
 
 
-def save_with_metadata(model: keras.Model, path: Path, groups: AgeGroups, size: int, max_age: int) -> None:
-    """Save in the native .keras format, with the age groups and input size inside the same file.
-
-    Written to a temporary file first and renamed, so an interrupted save leaves the old model."""
+def save_with_metadata(model: keras.Model, path: Path, metadata: dict) -> None:
+    """Save in the native .keras format with `metadata` (age groups, backbone and its settings, input
+    size, training age mix, the resolved config) inside the same file. Written to a temporary file
+    first and renamed, so an interrupted save leaves the old model."""
     temporary = path.with_name(f".{path.stem}.tmp.keras")
     model.save(temporary)
-    metadata = {"age_group_edges": list(groups.edges), "labels": groups.labels, "input_size": size, "max_age": max_age}
     with zipfile.ZipFile(temporary, "a") as archive:
-        archive.writestr(METADATA_ENTRY, json.dumps(metadata, indent=2))
+        archive.writestr(METADATA_ENTRY, json.dumps(metadata, indent=2, default=str))
     os.replace(temporary, path)
 
 
@@ -161,34 +225,44 @@ def load_with_metadata(path: str | os.PathLike) -> tuple[keras.Model, dict]:
     try:
         with zipfile.ZipFile(path) as archive:
             metadata = json.loads(archive.read(METADATA_ENTRY))
-    except (zipfile.BadZipFile, KeyError):
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError):
         raise UserError(f"model file {path} was not saved by train_model.py (no {METADATA_ENTRY} inside)") from None
-    return keras.saving.load_model(path, compile=False), metadata
+    try:
+        return keras.saving.load_model(path, compile=False), metadata
+    except Exception as exc:  # Keras raises many types for a damaged archive
+        raise UserError(f"model file {path} cannot be loaded: {str(exc).splitlines()[0][:200]}") from None
 
 
-def predict_probabilities(model: keras.Model, dataset: tf.data.Dataset, flip: bool) -> np.ndarray:
-    """Class probabilities; with `flip`, averaged with those of the mirrored images (test-time
-    augmentation: faces are nearly symmetric, so the two views' errors partly cancel)."""
-    outputs = []
-    for batch in dataset:
-        images = batch[0] if isinstance(batch, tuple) else batch
-        probabilities = model(images, training=False).numpy()
-        if flip:
-            probabilities = (probabilities + model(tf.reverse(images, axis=[2]), training=False).numpy()) / 2
-        outputs.append(probabilities)
-    return np.concatenate(outputs) if outputs else np.zeros((0, model.output_shape[-1]), np.float32)
+def predict_years(model: keras.Model, inputs, mirrored_inputs=None, batch_size: int = 256) -> np.ndarray:
+    """Year probabilities; averaged with those of the mirror images when given (test-time augmentation:
+    faces are nearly symmetric, so the two views' errors partly cancel). `inputs` is an array of
+    descriptors or a tf.data.Dataset of pixel batches (then the mirror view is made here)."""
+    if isinstance(inputs, tf.data.Dataset):
+        outputs = []
+        for images in inputs:
+            probabilities = model(images, training=False).numpy()
+            if mirrored_inputs:
+                probabilities = (probabilities + model(tf.reverse(images, axis=[2]), training=False).numpy()) / 2
+            outputs.append(probabilities)
+        return np.concatenate(outputs) if outputs else np.zeros((0, model.output_shape[-1]), np.float32)
+    probabilities = model.predict(inputs, batch_size=batch_size, verbose=0)
+    if mirrored_inputs is not None:
+        probabilities = (probabilities + model.predict(mirrored_inputs, batch_size=batch_size, verbose=0)) / 2
+    return probabilities
 
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------
-def evaluate(probabilities: np.ndarray, true_groups: np.ndarray, true_ages: np.ndarray, groups: AgeGroups, max_age: int) -> dict:
-    """Accuracy, one-off accuracy (within one adjacent group), macro-F1 over the groups present,
-    per-group recall (None for a group with no test images), confusion matrix (rows: true), and the
-    mean absolute error in years of the expected age (probabilities x group mid-points)."""
+def evaluate(year_probabilities: np.ndarray, true_ages, groups: AgeGroups, max_age: int, population_shares=None) -> dict:
+    """Accuracy, one-off accuracy (within one adjacent group), macro-F1 and balanced accuracy over the
+    groups present, accuracy weighted by a population's group shares (when given: what accuracy would
+    be on people drawn from that population), per-group recall (None for a group with no test images),
+    the confusion matrix (rows: true), and the MAE in years of the expected age."""
+    true_ages = np.asarray(true_ages, float)
     classes = len(groups.labels)
-    predicted = probabilities.argmax(axis=1)
-    true_groups = np.asarray(true_groups)
+    true_groups = np.array([groups.index_of(a) for a in true_ages])
+    predicted = (year_probabilities @ group_matrix(groups, max_age)).argmax(axis=1)
     confusion = np.zeros((classes, classes), int)
     np.add.at(confusion, (true_groups, predicted), 1)
     recall, f1 = {}, []
@@ -198,14 +272,33 @@ def evaluate(probabilities: np.ndarray, true_groups: np.ndarray, true_ages: np.n
         if support:
             precision = hits / predicted_count if predicted_count else 0.0
             f1.append(0.0 if hits == 0 else float(2 * precision * recall[label] / (precision + recall[label])))
-    expected_age = probabilities @ np.asarray(groups.midpoints(max_age))
+    present = [r for r in recall.values() if r is not None]
+    weighted = None
+    if population_shares is not None:
+        shares = np.array([s if recall[label] is not None else 0.0 for label, s in zip(groups.labels, population_shares)])
+        weighted = float(sum(s * (recall[label] or 0.0) for label, s in zip(groups.labels, shares)) / shares.sum())
     return {
         "images": int(len(true_groups)),
         "accuracy": float((predicted == true_groups).mean()),
         "one_off_accuracy": float((np.abs(predicted - true_groups) <= 1).mean()),
         "macro_f1": float(np.mean(f1)) if f1 else None,
-        "mae_years": float(np.abs(expected_age - np.asarray(true_ages, float)).mean()),
+        "balanced_accuracy": float(np.mean(present)) if present else None,
+        "population_weighted_accuracy": weighted,
+        "mae_years": float(np.abs(expected_age(year_probabilities) - true_ages).mean()),
         "per_group_recall": recall,
         "groups_without_test_images": [label for label, value in recall.items() if value is None],
         "confusion_matrix": confusion.tolist(),
     }
+
+
+def population_shares(target_csv: str | None, groups: AgeGroups) -> list[float] | None:
+    """Group shares of the demographics stage's target CSV (group, share), if it exists and matches the
+    groups; None otherwise."""
+    import pandas as pd
+
+    if not target_csv or not Path(target_csv).is_file():
+        return None
+    table = pd.read_csv(target_csv)
+    if list(table.get("group", [])) != groups.labels:
+        raise UserError(f"{target_csv} holds groups {list(table.get('group', []))}, not the configured {groups.labels}")
+    return table["share"].astype(float).tolist()

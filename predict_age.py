@@ -1,11 +1,15 @@
-"""Apply a saved age-group classifier to images: one CSV row per image file.
+"""Apply a saved age classifier to images: one CSV row per image file.
 
-Each row holds the predicted group, the probability of every group and the expected age (probabilities
-x group mid-points); an unreadable image gets a row with the error instead. If the file names carry
-ages (UTKFace form), the same metrics as train_model.py are printed, so any labelled folder can serve
-as an independent test set.
+Each row holds the predicted group, the probability of every group and the expected age (the mean of
+the predicted distribution over years); an image that cannot be read or described gets a row with the
+reason instead. If the file names carry ages (UTKFace form), the same metrics as train_model.py are
+printed, so any labelled folder can serve as an independent test set.
 
     python predict_age.py --set inputs=[path/to/folder] --set model_path=models/age_group_classifier/model.keras
+    python predict_age.py --set prior_csv=csv/target_age_distribution.csv   # for Australia's age mix
+
+Images are streamed in batches (pixel models) or described once and cached beside the output CSV
+(face-descriptor models, in `descriptor_cache`, shared with training), so memory does not grow with the number of images.
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from image_reader import IMAGE_EXTENSIONS, UnreadableImage, display_name, find_image_files, parse_utkface_name, read_image
-from utils import AgeGroups, Bool, Int, ListOf, Str, UserError, ensure_writable_dir, load_config, run_script, setup_logging, write_csv_atomic
+from face_analysis import DescriptorSettings, describe_files
+from image_reader import IMAGE_EXTENSIONS, UnreadableImage, display_name, find_image_files, parse_utkface_name
+from utils import AgeGroups, Bool, Int, ListOf, Optional, Str, UserError, ensure_writable_dir, load_config, run_script, setup_logging, write_csv_atomic
 
 log = logging.getLogger("agepipe.predict")
 
@@ -27,9 +32,9 @@ SCHEMA = {
     "output_csv": Str(),
     "batch_size": Int(1, 4096),
     "flip_test_time_augmentation": Bool(),
+    "prior_csv": Optional(Str()),
+    "descriptor_cache": Str(),
 }
-# Decoding for prediction accepts anything exploration accepts, with generous guards.
-MAX_PIXELS, MAX_FILE_BYTES = 100_000_000, 200_000_000
 
 
 def list_images(inputs: list[str]) -> list[tuple[str, str]]:
@@ -53,48 +58,67 @@ def main(args) -> None:
     setup_logging(config["log_level"])
     files = list_images(config["inputs"])
     ensure_writable_dir(Path(config["output_csv"]).parent, "output folder")
+    paths = [real for _, real in files]
+    flip = config["flip_test_time_augmentation"]
 
-    from age_model import evaluate, load_with_metadata, predict_probabilities
-    import tensorflow as tf
+    from age_model import DESCRIPTOR_BACKBONE, load_with_metadata  # metadata first: it says what to compute
 
     model, metadata = load_with_metadata(config["model_path"])
-    groups, size, max_age = AgeGroups(tuple(metadata["age_group_edges"])), metadata["input_size"], metadata["max_age"]
+    groups, max_age = AgeGroups(tuple(metadata["age_group_edges"])), metadata["max_age"]
+    errors: list[str | None] = [None] * len(files)
+    probabilities = np.full((len(files), max_age + 1), np.nan, np.float32)
+    if metadata["backbone"] == DESCRIPTOR_BACKBONE:
+        from age_model import MAX_FILE_BYTES, MAX_PIXELS, predict_years
 
-    rows, images = [], []
-    for name, real in files:
-        row = {"file": name, "error": None}
-        try:
-            bgr, _ = read_image(real, MAX_PIXELS, MAX_FILE_BYTES)
-            rgb = tf.image.resize(bgr[..., ::-1].copy(), (size, size), method="area", antialias=True)
-            images.append(tf.cast(tf.clip_by_value(tf.round(rgb), 0, 255), tf.float32))
-        except UnreadableImage as exc:
-            row["error"] = str(exc)
-        rows.append(row)
-    readable = [r for r in rows if r["error"] is None]
-    if images:
-        dataset = tf.data.Dataset.from_tensor_slices(tf.stack(images)).batch(config["batch_size"])
-        probabilities = predict_probabilities(model, dataset, config["flip_test_time_augmentation"])
+        settings = DescriptorSettings(**metadata["descriptor"])
+        descriptors, problems = describe_files(paths, settings, config["descriptor_cache"], config["num_workers"], MAX_PIXELS, MAX_FILE_BYTES)
+        described = [i for i, d in enumerate(descriptors) if d is not None]
+        for i, (d, problem) in enumerate(zip(descriptors, problems)):
+            errors[i] = problem if d is None else None
+        if described:
+            stacked = np.stack([descriptors[i] for i in described])
+            second = stacked[:, 1] if flip and stacked.shape[1] > 1 else None
+            probabilities[described] = predict_years(model, stacked[:, 0], second, config["batch_size"])
     else:
-        probabilities = np.zeros((0, len(groups.labels)))
-    midpoints = np.asarray(groups.midpoints(max_age))
-    for row, p in zip(readable, probabilities):
-        row["predicted_group"] = groups.labels[int(p.argmax())]
-        row["expected_age"] = round(float(p @ midpoints), 1)
-        row.update({f"p_{label}": round(float(v), 4) for label, v in zip(groups.labels, p)})
-    frame = pd.DataFrame(rows)
-    columns = ["file", "predicted_group", "expected_age"] + [f"p_{label}" for label in groups.labels] + ["error"]
-    frame = frame.reindex(columns=columns)
-    write_csv_atomic(frame, config["output_csv"])
-    print(f"predicted {len(readable)} of {len(rows)} images ({len(rows) - len(readable)} unreadable); wrote {config['output_csv']}")
+        from age_model import load_pixels, predict_years
+        import tensorflow as tf
 
-    ages = [parse_utkface_name(os.path.basename(r["file"]))["age"] for r in readable]
-    labelled = [i for i, a in enumerate(ages) if a is not None and groups.index_of(a) >= 0]
+        size = metadata["input_size"]
+        for start in range(0, len(files), config["batch_size"]):  # streamed: one batch of pixels in memory
+            batch, where = [], []
+            for i in range(start, min(start + config["batch_size"], len(files))):
+                try:
+                    batch.append(load_pixels(paths[i], size))
+                    where.append(i)
+                except UnreadableImage as exc:
+                    errors[i] = str(exc)
+            if batch:
+                images = tf.data.Dataset.from_tensors(np.stack(batch).astype(np.float32))
+                probabilities[where] = predict_years(model, images, mirrored_inputs=flip)
+
+    from age_model import correct_prior, evaluate, group_matrix, population_shares
+
+    prior = population_shares(config["prior_csv"], groups)
+    readable = np.array([e is None for e in errors])
+    if prior is not None and readable.any():
+        probabilities[readable] = correct_prior(probabilities[readable], groups, max_age, metadata["training_group_shares"], prior)
+    group_probabilities = probabilities @ group_matrix(groups, max_age)
+    frame = pd.DataFrame({"file": [name for name, _ in files]})
+    frame["predicted_group"] = [groups.labels[int(p.argmax())] if ok else None for p, ok in zip(group_probabilities, readable)]
+    frame["expected_age"] = np.round(probabilities @ np.arange(max_age + 1), 1)
+    for index, label in enumerate(groups.labels):
+        frame[f"p_{label}"] = np.round(group_probabilities[:, index], 4)
+    frame["error"] = errors
+    write_csv_atomic(frame, config["output_csv"])
+    print(f"predicted {int(readable.sum())} of {len(files)} images ({int((~readable).sum())} without a prediction); wrote {config['output_csv']}")
+
+    ages = np.array([parse_utkface_name(os.path.basename(name))["age"] for name, _ in files], dtype=object)
+    labelled = [i for i in np.flatnonzero(readable) if ages[i] is not None and 0 <= ages[i] <= max_age and groups.index_of(ages[i]) >= 0]
     if labelled:
-        true_ages = np.array([ages[i] for i in labelled])
-        metrics = evaluate(probabilities[labelled], np.array([groups.index_of(a) for a in true_ages]), true_ages, groups, max_age)
+        metrics = evaluate(probabilities[labelled], ages[labelled].astype(float), groups, max_age)
         print(f"names carry ages: on {metrics['images']} images, accuracy {metrics['accuracy']:.1%}, one-off "
               f"{metrics['one_off_accuracy']:.1%}, macro-F1 {metrics['macro_f1']:.3f}, MAE {metrics['mae_years']:.1f} years")
 
 
 if __name__ == "__main__":
-    run_script(main, "Predict age groups of images with a saved model.", "predict_age.yaml")
+    run_script(main, "Predict the age group and age of faces with a saved model.", "predict_age.yaml")

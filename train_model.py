@@ -1,18 +1,20 @@
-"""Training stage: an age-group classifier that is honest about how good it is.
+"""Training stage: an age classifier that is honest about how good it is.
 
 Reads a metadata CSV (default: the resampling stage's) and configs/train_model.yaml, and writes into
-output_dir: model.keras (with the age groups and input size inside), metrics.json, history.csv,
-training_curves.png, confusion_matrix.png, split.csv (each image's split) and test_predictions.csv.
+output_dir: model.keras (with the age groups, the backbone and the resolved config inside),
+metrics.json, history.csv, training_curves.png, confusion_matrix.png, split.csv (each image's split),
+face_problems.csv (images whose face could not be described as configured) and test_predictions.csv.
 
     python train_model.py
-    python train_model.py --set input_csv=csv/processed_metadata.csv --set training.epochs=5
+    python train_model.py --set input_csv=csv/processed_metadata.csv --set training.epochs=30
 
 The story, top to bottom:
 1. split by source image, stratified by age group: an image and its augmented copies always share a
    split, and the test split holds original images only, or the reported accuracy would be a lie;
-2. stream the images through tf.data (decode, resize, cache, augment in training only, prefetch);
-3. define the network and train it with early stopping, checkpoints, a warm-up + cosine learning rate
-   and a CSV log of each epoch;
+2. describe every face once with the pretrained dlib descriptor (cached by content, in parallel), or,
+   for pixel backbones, stream the images through tf.data;
+3. train the network for a fixed number of epochs (warm-up + cosine decay: no early stopping on a
+   noisy validation split) to predict a distribution over years of age;
 4. evaluate on the test split beside a majority-class baseline on the very same images, and save.
 """
 from __future__ import annotations
@@ -27,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from face_analysis import DescriptorSettings, describe_files
 from utils import (
     Bool,
+    ConfigError,
     Int,
     ListOf,
     Number,
@@ -47,24 +51,31 @@ from utils import (
 
 log = logging.getLogger("agepipe.train")
 
+DESCRIPTOR_BACKBONE = "dlib_face_descriptor"
 SCHEMA = {
     "input_csv": Str(),
     "test_dataset_dir": Optional(Str()),
+    "target_csv": Optional(Str()),
+    "descriptor_cache": Str(),
     "output_dir": Str(),
     "max_age": Int(1, 130),
     "seed": Int(0),
     "deterministic": Bool(),
-    "split": {"validation": Number(0.01, 0.5), "test": Number(0.0, 0.5)},
+    "split": {"validation": Number(0.0, 0.5), "test": Number(0.0, 0.5)},
     "input": {"image_size": Int(16, 512), "batch_size": Int(1, 4096), "shuffle_buffer": Int(1), "cache": Str(["disk", "memory", "none"])},
     "augmentation": {"enabled": Bool(), "max_rotation_degrees": Number(0, 30), "max_zoom": Number(0, 0.5),
                      "max_shift": Number(0, 0.3), "max_brightness": Number(0, 1), "max_contrast": Number(0, 1)},
-    "model": {"backbone": Str(), "weights": Optional(Str()), "filters": ListOf(Int(1, 2048), min_length=1),
+    "model": {"backbone": Str(),
+              "descriptor": {"face_box": Str(["whole_image", "detector"]), "on_no_landmarks": Str(["whole_image", "skip"]),
+                             "min_eye_distance": Number(0, 1), "max_roll_degrees": Number(0, 90), "padding": Number(0, 1),
+                             "mirrored": Bool()},
+              "head_units": ListOf(Int(1, 8192)), "ensemble": Int(1, 20),
+              "weights": Optional(Str()), "filters": ListOf(Int(1, 2048), min_length=1),
               "convs_per_stage": Int(1, 4), "batch_norm_momentum": Number(0, 0.999), "spatial_dropout": Number(0, 0.9),
               "dropout": Number(0, 0.9), "weight_decay": Number(0, 1)},
     "training": {"epochs": Int(1, 10000), "learning_rate": Number(1e-7, 10), "warmup_epochs": Int(0, 100),
-                 "early_stopping_patience": Int(1, 1000), "class_weighting": Bool(), "label_smoothing": Number(0, 0.5),
-                 "label_sigma_years": Number(0, 50)},
-    "evaluation": {"flip_test_time_augmentation": Bool()},
+                 "class_weighting": Bool(), "label_sigma_years": Number(0, 50)},
+    "evaluation": {"flip_test_time_augmentation": Bool(), "prior_csv": Optional(Str())},
     "distribution": {"strategy": Str(["default", "mirrored", "multi_worker"]), "logical_cpus": Int(1, 64)},
 }
 
@@ -72,15 +83,23 @@ SCHEMA = {
 # --------------------------------------------------------------------------------------------------
 # 1. Data and split
 # --------------------------------------------------------------------------------------------------
-def read_training_csv(path: str, groups) -> pd.DataFrame:
-    """Usable, labelled rows of any stage's CSV, with `source` (the original image) and `copy`."""
+def read_training_csv(path: str, groups, max_age: int) -> pd.DataFrame:
+    """Usable, labelled rows of any stage's CSV, with `source` (the original image) and `copy`.
+    Ages must be whole, non-negative years: anything else is a labelling error, refused in one line.
+    (Ages above max_age are fine: the model's last year stands for max_age and over.)"""
     frame = read_metadata_csv(path, "input CSV", "run the earlier stages first", ("file", "path", "age"))
     if "status" in frame.columns:  # exploration or processing CSV: only the usable images
         frame = frame[frame["status"].isin(["ok", "kept", "repaired"])]
     frame = frame[frame["age"].notna() & frame["path"].notna()].copy()
+    ages = pd.to_numeric(frame["age"], errors="coerce")
+    bad = ages.isna() | (ages % 1 != 0) | (ages < 0)
+    if bad.any():
+        first = frame[bad].iloc[0]
+        raise UserError(f"input CSV {path}: {int(bad.sum())} rows have an age that is not a whole number of years "
+                        f"(first: {first['file']!r} with age {first['age']!r})")
     if "source" not in frame.columns:
         frame["source"], frame["copy"] = frame["file"], 0
-    frame["age"] = frame["age"].astype(int)
+    frame["age"] = ages.astype(int)
     frame["group_index"] = [groups.index_of(a) for a in frame["age"]]
     frame = frame[frame["group_index"] >= 0]
     if frame.empty:
@@ -100,7 +119,7 @@ def split_by_source(frame: pd.DataFrame, validation: float, test: float, seed: i
         rng.shuffle(names)
         n_test, n_validation = round(len(names) * test), round(len(names) * validation)
         if len(names) >= 3:  # every split gets at least one source of a group that has a few
-            n_test, n_validation = max(n_test, 1 if test > 0 else 0), max(n_validation, 1)
+            n_test, n_validation = max(n_test, 1 if test > 0 else 0), max(n_validation, 1 if validation > 0 else 0)
         for index, name in enumerate(names):
             assignment[name] = "test" if index < n_test else "validation" if index < n_test + n_validation else "train"
     split = frame["source"].map(assignment)
@@ -153,6 +172,14 @@ def learning_rate_schedule(training: dict, steps_per_epoch: int):
     )
 
 
+def describe(frame: pd.DataFrame, settings: DescriptorSettings, cache: Path, workers: int) -> pd.DataFrame:
+    """`frame` with each image's face descriptor (None where it could not be described) and problem."""
+    from age_model import MAX_FILE_BYTES, MAX_PIXELS
+
+    descriptors, problems = describe_files(list(frame["path"]), settings, cache, workers, MAX_PIXELS, MAX_FILE_BYTES)
+    return frame.assign(descriptor=descriptors, face_problem=problems)
+
+
 def plot_history(history: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -160,9 +187,10 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for axes, metric, title in ((loss, "loss", "Loss"), (accuracy, "accuracy", "Accuracy")):
+    for axes, metric, title in ((loss, "loss", "Loss (KL divergence to the age distribution)"), (accuracy, "group_accuracy", "Age-group accuracy")):
         axes.plot(history["epoch"] + 1, history[metric], label="training")
-        axes.plot(history["epoch"] + 1, history[f"val_{metric}"], label="validation")
+        if f"val_{metric}" in history.columns:
+            axes.plot(history["epoch"] + 1, history[f"val_{metric}"], label="validation")
         axes.set(title=title, xlabel="epoch")
         axes.grid(alpha=0.3)
         axes.legend()
@@ -196,123 +224,178 @@ def main(args) -> None:
     config = load_config(SCHEMA, args.config, args.overrides)
     setup_logging(config["log_level"])
     groups = age_groups_from(config)
+    max_age, seed, model_config = config["max_age"], config["seed"], config["model"]
+    uses_descriptors = model_config["backbone"] == DESCRIPTOR_BACKBONE
     output_dir = ensure_writable_dir(config["output_dir"], "output_dir")
-    frame = read_training_csv(config["input_csv"], groups)
+    frame = read_training_csv(config["input_csv"], groups, max_age)
     split = config["split"]
 
     # 1. Split by source image, then check that the splits can support training and evaluation.
-    frame["split"] = split_by_source(frame, split["validation"], 0.0 if config["test_dataset_dir"] else split["test"], config["seed"])
+    frame["split"] = split_by_source(frame, split["validation"], 0.0 if config["test_dataset_dir"] else split["test"], seed)
     test = read_test_folder(config["test_dataset_dir"], groups) if config["test_dataset_dir"] else frame[frame["split"] == "test"]
     train, validation = frame[frame["split"] == "train"], frame[frame["split"] == "validation"]
-    if train.empty or validation.empty or test.empty:
-        raise UserError(f"too few images to split: {len(train)} train, {len(validation)} validation, {len(test)} test")
+    overlap = set(train["source"]) & (set(validation["source"]) | set(test["source"]))
+    assert not overlap, f"leak: {len(overlap)} sources in two splits"
+
+    # 2. Describe every face once (before TensorFlow starts: the worker pool forks).
+    if uses_descriptors:
+        settings = DescriptorSettings(**model_config["descriptor"])
+        sets = pd.concat([train.assign(set="train"), validation.assign(set="validation"), test.assign(set="test")], ignore_index=True)
+        described = describe(sets, settings, Path(config["descriptor_cache"]), config["num_workers"])
+        write_csv_atomic(described.loc[described["face_problem"].notna(), ["set", "file", "path", "face_problem"]],
+                         output_dir / "face_problems.csv")
+        missing = described["descriptor"].isna()
+        if missing.any():
+            log.warning("%d images have no face descriptor and are left out (listed in %s/face_problems.csv)", int(missing.sum()), output_dir)
+        fallbacks = int(described["face_problem"].notna().sum() - missing.sum())
+        if fallbacks:
+            log.info("%d faces had no plausible landmarks and were described whole (on_no_landmarks: whole_image)", fallbacks)
+        train, validation, test = (described[(described["set"] == name) & ~missing] for name in ("train", "validation", "test"))
+    if train.empty or test.empty:
+        raise UserError(f"too few images to train and test: {len(train)} train, {len(validation)} validation, {len(test)} test")
     train_counts = np.bincount(train["group_index"], minlength=len(groups.labels))
     for label, count in zip(groups.labels, train_counts):
         if count == 0:
             log.warning("age group %s has no training images: the model cannot learn it", label)
-    overlap = set(train["source"]) & (set(validation["source"]) | set(test["source"]))
-    assert not overlap, f"leak: {len(overlap)} sources in two splits"
     log.info("split: %d train, %d validation, %d test images (%d augmented copies unused in test)",
              len(train), len(validation), len(test), int((frame["split"] == "unused").sum()))
 
-    # 2. TensorFlow, devices and the input pipeline.
+    # 3. TensorFlow, devices, the model and a fixed-length training run.
     from age_model import (  # first: it quiets TensorFlow's start-up log before TensorFlow loads
         augmentation_layers,
-        build_model,
+        build_descriptor_model,
+        build_pixel_model,
+        correct_prior,
         evaluate,
-        label_distribution_matrix,
-        make_dataset,
-        predict_probabilities,
+        group_accuracy_metric,
+        group_matrix,
+        pixel_dataset,
+        population_shares,
+        predict_years,
         save_with_metadata,
+        year_targets,
     )
 
     strategy = distribution_strategy(config["distribution"])
     import keras
     import tensorflow as tf
 
-    keras.utils.set_random_seed(config["seed"])
+    keras.utils.set_random_seed(seed)
     if config["deterministic"]:
         tf.config.experimental.enable_op_determinism()
     training, inputs = config["training"], config["input"]
-    size, batch = inputs["image_size"], inputs["batch_size"] * strategy.num_replicas_in_sync
-    targets = label_distribution_matrix(groups, config["max_age"], training["label_sigma_years"])
-    weights = None
-    if training["class_weighting"]:
-        weights = np.where(train_counts > 0, len(train) / (len(groups.labels) * np.maximum(train_counts, 1)), 0.0).astype(np.float32)
-    augment = augmentation_layers(config["augmentation"], config["seed"]) if config["augmentation"]["enabled"] else None
-    with tempfile.TemporaryDirectory(prefix="agepipe-cache-") as cache:
-        def dataset(rows, is_training, name):
-            # only the training set is read many times; evaluation sets stream without a cache
-            cache_to = {"disk": os.path.join(cache, name), "memory": "", "none": None}[inputs["cache"]] if is_training else None
-            return make_dataset(rows["path"], rows["age"], targets, weights if is_training else None, size, batch,
-                                inputs["shuffle_buffer"], is_training, config["seed"], augment if is_training else None, cache_to)
+    batch = inputs["batch_size"] * strategy.num_replicas_in_sync
+    sigma = training["label_sigma_years"]
+    group_weights = len(train) / (len(groups.labels) * np.maximum(train_counts, 1))
+    weights = group_weights[train["group_index"].to_numpy()].astype(np.float32) if training["class_weighting"] else None
+    # the age mix the model learns as its prior: uniform when class weighting evens the groups out
+    training_shares = np.full(len(groups.labels), 1 / len(groups.labels)) if weights is not None else train_counts / train_counts.sum()
+    flip = config["evaluation"]["flip_test_time_augmentation"]
 
-        train_data, validation_data = dataset(train, True, "train"), dataset(validation, False, "validation")
+    with tempfile.TemporaryDirectory(prefix="agepipe-cache-") as cache_dir:
+        if uses_descriptors:
+            def views(rows):  # (images x views x 128) -> one array per view
+                stacked = np.stack(rows["descriptor"].to_list())
+                return [stacked[:, v] for v in range(stacked.shape[1])]
 
-        # 3. The model, trained with early stopping on validation loss, checkpoints and a CSV log.
-        steps = int(np.ceil(len(train) / batch))
+            train_views = views(train)
+            x_train = np.concatenate(train_views)  # the mirror view is a second training sample
+            y_train = year_targets(np.tile(train["age"].to_numpy(), len(train_views)), max_age, sigma)
+            w_train = None if weights is None else np.tile(weights, len(train_views))
+            fit_data = dict(x=x_train, y=y_train, sample_weight=w_train, batch_size=batch, shuffle=True)
+            if len(validation):
+                fit_data["validation_data"] = (views(validation)[0], year_targets(validation["age"], max_age, sigma))
+            steps = int(np.ceil(len(x_train) / batch))
+
+            def predict(rows):
+                test_views = views(rows)
+                return predict_years(model, test_views[0], test_views[1] if flip and len(test_views) > 1 else None)
+        else:
+            size = inputs["image_size"]
+            augment = augmentation_layers(config["augmentation"], seed) if config["augmentation"]["enabled"] else None
+            cache_to = {"disk": os.path.join(cache_dir, "train"), "memory": "", "none": None}[inputs["cache"]]
+            fit_data = dict(x=pixel_dataset(train["path"], size, batch, targets=year_targets(train["age"], max_age, sigma), weights=weights,
+                                            shuffle_buffer=inputs["shuffle_buffer"], seed=seed, cache=cache_to, augment=augment),
+                            shuffle=False)  # the dataset shuffles itself, seeded
+            if len(validation):
+                fit_data["validation_data"] = pixel_dataset(validation["path"], size, batch, targets=year_targets(validation["age"], max_age, sigma))
+            steps = int(np.ceil(len(train) / batch))
+
+            def predict(rows):
+                return predict_years(model, pixel_dataset(rows["path"], size, batch), mirrored_inputs=flip)
+
         with strategy.scope():
-            model = build_model(config["model"], size, len(groups.labels))
+            if uses_descriptors:
+                model = build_descriptor_model(model_config, max_age, x_train.mean(axis=0), x_train.var(axis=0) + 1e-6)
+            else:
+                model = build_pixel_model(model_config, inputs["image_size"], max_age)
             model.compile(
-                optimizer=keras.optimizers.AdamW(learning_rate_schedule(training, steps), weight_decay=config["model"]["weight_decay"]),
-                loss=keras.losses.CategoricalCrossentropy(label_smoothing=training["label_smoothing"]),
-                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                optimizer=keras.optimizers.AdamW(learning_rate_schedule(training, steps), weight_decay=model_config["weight_decay"]),
+                loss=keras.losses.KLDivergence(),
+                metrics=[group_accuracy_metric(groups, max_age)],
             )
-        log.info("model: %s, %s parameters, input %dx%d, %d replicas", config["model"]["backbone"],
-                 f"{model.count_params():,}", size, size, strategy.num_replicas_in_sync)
-        callbacks = [
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=training["early_stopping_patience"], restore_best_weights=True),
-            keras.callbacks.ModelCheckpoint(str(output_dir / "checkpoint.keras"), monitor="val_loss", save_best_only=True),
-            keras.callbacks.CSVLogger(str(output_dir / "history.csv")),
-        ]
+        log.info("model: %s, %s parameters, %d replicas", model_config["backbone"], f"{model.count_params():,}", strategy.num_replicas_in_sync)
         start = time.perf_counter()
-        model.fit(train_data, validation_data=validation_data, epochs=training["epochs"], callbacks=callbacks,
-                  shuffle=False, verbose=1 if os.isatty(2) else 2)  # the dataset shuffles itself, seeded
+        model.fit(**fit_data, epochs=training["epochs"], callbacks=[keras.callbacks.CSVLogger(str(output_dir / "history.csv"))],
+                  verbose=1 if os.isatty(2) else 0)
         train_seconds = time.perf_counter() - start
         history = pd.read_csv(output_dir / "history.csv")
 
         # 4. Evaluate on the test split, beside the majority class of the training split.
-        flip = config["evaluation"]["flip_test_time_augmentation"]
-        test_data = dataset(test, False, "test")
-        probabilities = predict_probabilities(model, test_data, flip)
-    metrics = evaluate(probabilities, test["group_index"].to_numpy(), test["age"].to_numpy(), groups, config["max_age"])
+        start = time.perf_counter()
+        probabilities = predict(test)
+        predict_seconds = time.perf_counter() - start
+
+    prior = population_shares(config["evaluation"]["prior_csv"], groups)
+    if prior is not None:
+        probabilities = correct_prior(probabilities, groups, max_age, training_shares, prior)
+    shares = population_shares(config["target_csv"], groups)
+    metrics = evaluate(probabilities, test["age"].to_numpy(), groups, max_age, shares)
     majority = int(np.argmax(train_counts))
-    baseline = evaluate(np.eye(len(groups.labels))[np.full(len(test), majority)], test["group_index"].to_numpy(),
-                        test["age"].to_numpy(), groups, config["max_age"])
+    majority_age = groups.bounds(max_age)[majority]
+    baseline = evaluate(year_targets(np.full(len(test), sum(majority_age) / 2), max_age, 0), test["age"].to_numpy(), groups, max_age, shares)
     for label in metrics["groups_without_test_images"]:
         log.warning("age group %s has no test images: its recall is not measured", label)
 
-    save_with_metadata(model, output_dir / "model.keras", groups, size, config["max_age"])
-    (output_dir / "checkpoint.keras").unlink(missing_ok=True)
+    metadata = {"age_group_edges": list(groups.edges), "labels": groups.labels, "max_age": max_age,
+                "backbone": model_config["backbone"], "descriptor": model_config["descriptor"] if uses_descriptors else None,
+                "input_size": None if uses_descriptors else inputs["image_size"], "training_group_shares": list(map(float, training_shares)),
+                "config": config}
+    save_with_metadata(model, output_dir / "model.keras", metadata)
+    headline = ("accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "population_weighted_accuracy", "mae_years")
     report = {
         "test": metrics,
-        "majority_baseline": {"group": groups.labels[majority], **{k: baseline[k] for k in ("accuracy", "one_off_accuracy", "macro_f1", "mae_years")}},
+        "majority_baseline": {"group": groups.labels[majority], **{k: baseline[k] for k in headline}},
         "test_source": config["test_dataset_dir"] or "test split of " + config["input_csv"],
         "flip_test_time_augmentation": flip,
+        "prior_correction": config["evaluation"]["prior_csv"],
         "split_images": {"train": len(train), "validation": len(validation), "test": len(test)},
-        "epochs_run": int(len(history)),
-        "best_epoch": int(history["val_loss"].idxmin()) + 1,
+        "epochs": int(len(history)),
         "training_seconds": round(train_seconds, 1),
         "training_images_per_second": round(len(history) * len(train) / train_seconds, 1),
+        "prediction_images_per_second": round(len(test) / max(predict_seconds, 1e-9), 1),
         "replicas": strategy.num_replicas_in_sync,
         "age_groups": groups.labels,
+        "config": config,
     }
     with atomic_write(output_dir / "metrics.json", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     write_csv_atomic(frame[["file", "source", "copy", "age", "split"]], output_dir / "split.csv")
-    predictions = test[["file", "path", "age"]].assign(predicted_group=[groups.labels[i] for i in probabilities.argmax(1)])
-    predictions = pd.concat([predictions.reset_index(drop=True),
-                             pd.DataFrame(probabilities, columns=[f"p_{label}" for label in groups.labels])], axis=1)
+    group_probabilities = probabilities @ group_matrix(groups, max_age)
+    predictions = test[["file", "path", "age"]].reset_index(drop=True).assign(
+        predicted_group=[groups.labels[i] for i in group_probabilities.argmax(1)],
+        expected_age=np.round(probabilities @ np.arange(max_age + 1), 2))
+    predictions = pd.concat([predictions, pd.DataFrame(group_probabilities, columns=[f"p_{label}" for label in groups.labels])], axis=1)
     write_csv_atomic(predictions, output_dir / "test_predictions.csv")
     plot_history(history, output_dir / "training_curves.png")
     plot_confusion(metrics["confusion_matrix"], groups.labels, output_dir / "confusion_matrix.png",
                    f"Test confusion matrix (accuracy {metrics['accuracy']:.1%})")
 
-    print(f"trained on {len(train)} images for {len(history)} epochs in {train_seconds:.0f}s; test on {len(test)} images:")
+    print(f"trained {model_config['backbone']} on {len(train)} images for {len(history)} epochs in {train_seconds:.0f}s; test on {len(test)} images:")
     print(f"  accuracy {metrics['accuracy']:.1%} (majority baseline {baseline['accuracy']:.1%}), one-off {metrics['one_off_accuracy']:.1%}, "
           f"macro-F1 {metrics['macro_f1']:.3f}, MAE {metrics['mae_years']:.1f} years (baseline {baseline['mae_years']:.1f})")
     print(f"wrote {output_dir}/model.keras, metrics.json, history.csv, training_curves.png, confusion_matrix.png")
 
 
 if __name__ == "__main__":
-    run_script(main, "Train the age-group classifier.", "train_model.yaml")
+    run_script(main, "Train the age classifier.", "train_model.yaml")

@@ -570,8 +570,9 @@ class Journal:
     def __exit__(self, exc_type, exc, tb):
         self._file.close()
 
-    def rows(self, keys: list[str]):
-        """The recorded rows for `keys`, in that order, as a DataFrame (the last record of a key wins)."""
+    def rows(self, keys: list[str], compact: bool = True):
+        """The recorded rows for `keys`, in that order, as a DataFrame (the last record of a key wins).
+        With `compact`, the journal is rewritten without the rows of other keys."""
         import pandas as pd
 
         with open(self.path, encoding="utf-8") as f:
@@ -583,7 +584,7 @@ class Journal:
         missing = set(keys) - set(frame.index)
         if missing:
             raise RuntimeError(f"{self.path} lacks {len(missing)} results; delete it and re-run")
-        if len(frame) > len(keys):
+        if compact and len(frame) > len(keys):
             self.compact(frame.loc[keys])
         return frame.loc[keys].reset_index(drop=True)
 

@@ -1,0 +1,107 @@
+"""The face descriptor: cached by content, fallbacks reported, one-line errors, and it carries age on real faces."""
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import PROJECT
+from face_analysis import DescriptorSettings, FaceDescriber, describe_files, landmark_problem, require_dlib
+from utils import UserError
+
+REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
+SETTINGS = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, False)
+LIMITS = (100_000_000, 200_000_000)
+
+
+def journal_lines(path):
+    return path.read_text().count("\n")
+
+
+def test_descriptors_are_cached_by_content_and_redone_when_content_changes(sample, tmp_path):
+    faces = [tmp_path / p.name for p in sorted(sample.glob("*.chip.jpg"))[:4]]
+    for face, source in zip(faces, sorted(sample.glob("*.chip.jpg"))[:4]):
+        shutil.copy(source, face)
+    copy = tmp_path / "copy_of_first.jpg"
+    shutil.copy(faces[0], copy)
+    cache = tmp_path / "cache.jsonl"
+    paths = [str(p) for p in faces + [copy]]
+    first, problems = describe_files(paths, SETTINGS, cache, 1, *LIMITS)
+    assert all(d is not None and d.shape == (1, 128) for d in first) and problems == [None] * 5
+    assert journal_lines(cache) == 1 + 4  # header + four contents: the byte-identical copy is described once
+    np.testing.assert_array_equal(first[0], first[4])
+
+    again, _ = describe_files(paths, SETTINGS, cache, 1, *LIMITS)
+    assert journal_lines(cache) == 5 and all(np.array_equal(a, b) for a, b in zip(first, again))
+
+    shutil.copy(faces[2], faces[1])  # new content under an old name
+    changed, _ = describe_files(paths, SETTINGS, cache, 1, *LIMITS)
+    np.testing.assert_array_equal(changed[1], first[2])
+    mirrored = DescriptorSettings(**{**SETTINGS.__dict__, "mirrored": True})
+    both, _ = describe_files(paths[:1], mirrored, cache, 1, *LIMITS)  # other settings: the cache starts again
+    assert both[0].shape == (2, 128) and journal_lines(cache) == 2
+    assert json.loads(cache.read_text().splitlines()[0])["fingerprint"]
+
+
+def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(tmp_path):
+    import cv2
+
+    blank = np.full((160, 140, 3), 127, np.uint8)
+    detector = DescriptorSettings("detector", "whole_image", 0.2, 40, 0.25, False)
+    vector, problem = FaceDescriber(detector).describe(blank)
+    assert vector.shape == (1, 128) and "no face found" in problem and "described the whole image" in problem
+    vector, problem = FaceDescriber(DescriptorSettings("detector", "skip", 0.2, 40, 0.25, False)).describe(blank)
+    assert vector is None and problem == "no face found by the detector"
+
+    cv2.imwrite(str(tmp_path / "blank.png"), blank)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    descriptors, problems = describe_files([str(tmp_path / "blank.png"), str(tmp_path / "broken.jpg")],
+                                           DescriptorSettings("detector", "skip", 0.2, 40, 0.25, False), tmp_path / "c.jsonl", 1, *LIMITS)
+    assert descriptors == [None, None] and problems[0].startswith("no face") and problems[1].startswith("unreadable")
+
+
+def test_implausible_landmarks_are_named():
+    eyes_together = np.array([[50, 50], [52, 50], [54, 50], [56, 50], [53, 80]], float)
+    assert "eyes 0.04 of the face width apart" in landmark_problem(eyes_together, 100, SETTINGS)
+    upright = np.array([[20, 40], [40, 40], [60, 40], [80, 40], [50, 70]], float)
+    assert landmark_problem(upright, 100, SETTINGS) is None
+    tilted = np.array([[20, 20], [30, 30], [60, 60], [70, 70], [30, 60]], float)
+    assert "tilted 45 degrees" in landmark_problem(tilted, 100, SETTINGS)
+
+
+def test_a_missing_package_is_one_line_naming_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dlib", None)
+    with pytest.raises(UserError, match="pip install dlib-bin"):
+        require_dlib()
+    monkeypatch.delitem(sys.modules, "dlib")
+    monkeypatch.setitem(sys.modules, "face_recognition_models", None)
+    with pytest.raises(UserError, match="pip install face-recognition-models"):
+        require_dlib()
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real faces (../shared/data/utkface_sample) not present")
+def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
+    """400 real UTKFace crops: train a head on 300, test on 100 it never saw."""
+    from age_model import build_descriptor_model, evaluate, year_targets
+    from utils import AgeGroups
+
+    import keras
+
+    files = sorted(REAL_DATA.glob("*.jpg"))[::7][:400]
+    ages = np.array([int(f.name.split("_")[0]) for f in files])
+    descriptors, problems = describe_files([str(f) for f in files], SETTINGS, tmp_path / "c.jsonl", 0, *LIMITS)
+    x = np.stack(descriptors)[:, 0]
+    order = np.random.default_rng(0).permutation(len(files))
+    train, test = order[:300], order[300:]
+    keras.utils.set_random_seed(0)
+    config = {"ensemble": 1, "head_units": [128], "dropout": 0.3}
+    model = build_descriptor_model(config, 100, x[train].mean(0), x[train].var(0) + 1e-6)
+    model.compile(keras.optimizers.AdamW(1e-3, weight_decay=1e-3), loss=keras.losses.KLDivergence())
+    model.fit(x[train], year_targets(np.minimum(ages[train], 100), 100, 4.0), epochs=80, batch_size=32, verbose=0)
+    groups = AgeGroups((0, 10, 20, 30, 40, 50, 60, 70))
+    result = evaluate(model.predict(x[test], verbose=0), np.minimum(ages[test], 100), groups, 100)
+    majority = np.bincount([groups.index_of(a) for a in ages[train]]).argmax()
+    baseline = np.mean([groups.index_of(a) == majority for a in ages[test]])
+    print(f"\nreal faces: accuracy {result['accuracy']:.1%} (majority {baseline:.1%}), MAE {result['mae_years']:.1f} years")
+    assert result["accuracy"] >= baseline + 0.15 and result["mae_years"] < 8
