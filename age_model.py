@@ -11,27 +11,41 @@ trained from scratch) or any keras.applications model (pixels).
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
+import sys
 import zipfile
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter hides our own log
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Hide what C++ code writes to file descriptor 2: TensorFlow's start-up lines (oneDNN, CUDA drivers)
+    are written by absl before any log level applies, and would bury the stage's own output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+with native_stderr_silenced():
+    import keras
+    import tensorflow as tf
 
 import cv2  # noqa: E402
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-from face_analysis import DESCRIPTOR_SIZE  # noqa: E402
+from face_analysis import DESCRIPTOR_BACKBONE, DESCRIPTOR_SIZE, MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
 from image_reader import read_image  # noqa: E402
-from utils import AgeGroups, UserError  # noqa: E402
+from utils import METADATA_ENTRY, AgeGroups, UserError, read_model_metadata  # noqa: E402
 
-METADATA_ENTRY = "agepipe.json"  # stored inside the .keras zip, beside Keras' own files
-DESCRIPTOR_BACKBONE = "dlib_face_descriptor"
-# Decoding guards for training and prediction: anything exploration accepts.
-MAX_PIXELS, MAX_FILE_BYTES = 100_000_000, 200_000_000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,14 +233,7 @@ def save_with_metadata(model: keras.Model, path: Path, metadata: dict) -> None:
 
 
 def load_with_metadata(path: str | os.PathLike) -> tuple[keras.Model, dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model file {path} not found")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            metadata = json.loads(archive.read(METADATA_ENTRY))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError):
-        raise UserError(f"model file {path} was not saved by train_model.py (no {METADATA_ENTRY} inside)") from None
+    metadata = read_model_metadata(path)
     try:
         return keras.saving.load_model(path, compile=False), metadata
     except Exception as exc:  # Keras raises many types for a damaged archive

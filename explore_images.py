@@ -39,10 +39,12 @@ from utils import (
     Optional,
     Str,
     age_groups_from,
+    check_output_csv,
     config_fingerprint,
     ensure_writable_dir,
     load_config,
     resolve_workers,
+    run_lock,
     run_script,
     setup_logging,
     validate,
@@ -61,7 +63,7 @@ SCHEMA = {
         "file_column": Str(),
         "age_column": Str(),
     },
-    "images": {"max_pixels": Int(1), "max_file_mb": Number(0.001), "analysis_side": Int(16, 4096)},
+    "images": {"max_pixels": Int(1), "max_file_mb": Number(0.001), "max_aspect_ratio": Number(1), "analysis_side": Int(16, 4096)},
     "metrics": MapOf(Mapping()),  # each metric's parameters are checked against its own schema
     "checks": MapOf({"metric": Str(), "below": Optional(Number()), "above": Optional(Number())}),
     "duplicates": {"enabled": Bool(), "max_hash_distance": Int(0, 64), "max_age_difference": Int(0)},
@@ -103,25 +105,12 @@ def summarise(frame: pd.DataFrame, checks: list[str], groups: AgeGroups) -> pd.D
     return pd.DataFrame(rows, columns=["section", "name", "images"])
 
 
-def main(args) -> None:
-    config = load_explore_config(args.config, args.overrides)
-    setup_logging(config["log_level"])
-    groups = age_groups_from(config)
-    output = Path(config["output_csv"])
-    ensure_writable_dir(output.parent, "output folder")
-    ensure_writable_dir(Path(config["summary_csv"]).parent, "summary folder")
-    start = time.perf_counter()
-
+def explore(config: dict, groups: AgeGroups, output: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Find, measure and check every image; write the CSV and its summary; return them and the checks."""
     dataset = load_dataset(config["dataset_dir"], config["labels"], config["age_range"], groups)
     log.info("found %d image files in %s", len(dataset), config["dataset_dir"])
-    images = config["images"]
-    settings = ReaderSettings(
-        metrics=config["metrics"],
-        max_pixels=images["max_pixels"],
-        max_file_bytes=int(images["max_file_mb"] * 1e6),
-        analysis_side=images["analysis_side"],
-    )
-    cache = Journal(output.with_suffix(".cache.jsonl"), config_fingerprint(config["metrics"], images))
+    settings = ReaderSettings.from_config(config)
+    cache = Journal(output.with_suffix(".cache.jsonl"), config_fingerprint(config["metrics"], config["images"]))
     measured = compute_images_quality_metrics(dataset, settings, config["num_workers"], cache)
     checked = check_images_quality(measured, config["checks"], config["duplicates"])
 
@@ -133,6 +122,20 @@ def main(args) -> None:
     write_csv_atomic(result, output)
     summary = summarise(result, checks, groups)
     write_csv_atomic(summary, config["summary_csv"])
+    return result, summary, checks
+
+
+def main(args) -> None:
+    config = load_explore_config(args.config, args.overrides)
+    setup_logging(config["log_level"])
+    groups = age_groups_from(config)
+    output = check_output_csv(config["output_csv"], "output_csv", inputs=[config["dataset_dir"]])
+    check_output_csv(config["summary_csv"], "summary_csv", inputs=[config["dataset_dir"], output])
+    ensure_writable_dir(output.parent, "output folder")
+    ensure_writable_dir(Path(config["summary_csv"]).parent, "summary folder")
+    start = time.perf_counter()
+    with run_lock(output):
+        result, summary, checks = explore(config, groups, output)
 
     elapsed = time.perf_counter() - start
     counts = dict(zip(summary["name"][summary["section"] == "status"], summary["images"][summary["section"] == "status"]))

@@ -25,10 +25,13 @@ from utils import Journal, UserError, config_fingerprint, parallel_map, progress
 
 log = logging.getLogger("agepipe.faces")
 
+DESCRIPTOR_BACKBONE = "dlib_face_descriptor"  # the name of this backbone in the training config
 DESCRIPTOR_SIZE = 128
 CHIP_SIZE = 150  # dlib's face-recognition network reads 150x150 aligned face chips
 LANDMARK_MODEL = "shape_predictor_5_face_landmarks.dat"  # public domain (CC0 training data)
 DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"  # public domain
+# Decoding guards of the model stages: anything exploration accepts.
+MAX_PIXELS, MAX_FILE_BYTES = 100_000_000, 200_000_000
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ def _describe_task(task: tuple[str, str]) -> tuple[str, dict]:
 
 
 def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: str | os.PathLike, num_workers: int,
-                   max_pixels: int, max_file_bytes: int) -> tuple[list[np.ndarray | None], list[str | None]]:
+                   max_pixels: int, max_file_bytes: int, timeout_seconds: float | None = None) -> tuple[list[np.ndarray | None], list[str | None]]:
     """Descriptors (None where the face could not be described) and problems of `paths`, in order.
 
     Each file is identified by its content hash: a result in the cache at `cache_path` is reused, so
@@ -197,7 +200,8 @@ def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: s
     with cache:
         for key, row in parallel_map(_describe_task, list(todo.items()), num_workers, initializer=_init_worker,
                                      initargs=(settings, max_pixels, max_file_bytes), chunksize=8,
-                                     progress=progress_bar(len(todo), "describing faces")):
+                                     progress=progress_bar(len(todo), "describing faces"), timeout=timeout_seconds,
+                                     on_failure=lambda task, reason: (task[0], {"descriptor": None, "face_problem": f"failed: {reason}"})):
             cache.record(key, row)
     unique = sorted({h for h in hashes if h})
     rows = cache.rows(unique, compact=False).to_dict("records")  # a cache shared by many datasets if unique else []

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +38,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 UTKFACE_NAME = re.compile(r"^(?P<age>\d+)_(?:(?P<gender>\d)_)?(?:(?P<race>\d)_)?")
 FLOAT_DECIMALS = 4  # metric values are rounded so the CSV is readable and diffs are meaningful
 STATUSES = ("ok", "low_quality", "unlabelled", "unreadable")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 # Pillow is only asked for image headers; its own bomb guard is replaced by images.max_pixels.
 Image.MAX_IMAGE_PIXELS = None
@@ -48,21 +50,38 @@ Image.MAX_IMAGE_PIXELS = None
 def find_image_files(dataset_dir: Path) -> list[tuple[str, str]]:
     """(relative posix path, real path) of every image file below `dataset_dir`, sorted.
 
-    Extensions are matched case-insensitively, and `x.jpg.chip.jpg` counts by its last suffix.
+    Extensions are matched case-insensitively, and `x.jpg.chip.jpg` counts by its last suffix. Hidden
+    files and folders count like any other. A folder that cannot be listed is returned too (its
+    relative path ends with "/"), so that it gets a row saying why its files are missing.
     """
     found = []
-    for root, dirs, files in os.walk(dataset_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    unlisted = []
+
+    def record_unlisted(error: OSError) -> None:
+        if error.filename and os.path.abspath(error.filename) != os.path.abspath(dataset_dir):
+            unlisted.append(error.filename)
+
+    for root, dirs, files in os.walk(dataset_dir, onerror=record_unlisted):
+        dirs.sort()
         for name in files:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 real = os.path.join(root, name)
                 found.append((display_name(os.path.relpath(real, dataset_dir)), real))
+    found += [(display_name(os.path.relpath(folder, dataset_dir)) + "/", folder) for folder in unlisted]
     return sorted(found)
 
 
 def display_name(path: str) -> str:
-    """A file name that can go into a UTF-8 CSV: undecodable bytes become \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace").replace(os.sep, "/")
+    r"""A file name that can go into a UTF-8 CSV: undecodable bytes become \xNN escapes, and control
+    characters (newlines, tabs...) their backslash escapes, so that one file is always one CSV line.
+
+    Examples
+    --------
+    >>> display_name("a\nb.jpg")
+    'a\\nb.jpg'
+    """
+    name = os.fsencode(path).decode("utf-8", "backslashreplace").replace(os.sep, "/")
+    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), name)
 
 
 def parse_utkface_name(name: str) -> dict:
@@ -84,7 +103,7 @@ def read_labels_csv(path: Path, file_column: str, age_column: str) -> dict[str, 
         raise UserError(f"labels CSV {path} cannot be read: {exc}") from None
     for column in (file_column, age_column):
         if column not in labels.columns:
-            raise UserError(f"labels CSV {path} has no column {column!r} (columns: {', '.join(labels.columns)})")
+            raise UserError(f"labels CSV {path} has no column {column!r} (it has {len(labels.columns)} columns)")
     mapping: dict[str, object] = {}
     for file, age in zip(labels[file_column].str.replace("\\", "/"), labels[age_column]):
         value = pd.to_numeric(age, errors="coerce")
@@ -371,25 +390,35 @@ def bit_depth(image_format: str, mode: str, data: bytes) -> int:
     return 16 if mode.startswith("I;16") else 32 if mode in ("I", "F") else 1 if mode == "1" else 8
 
 
-def read_image(path: str, max_pixels: int, max_file_bytes: int) -> tuple[np.ndarray, dict]:
+def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio: float = math.inf) -> tuple[np.ndarray, dict]:
     """Decode an image file to 8-bit BGR and describe it, or raise UnreadableImage with the reason.
 
-    The header is read first (Pillow, no decoding) so that a decompression bomb is refused before any
-    pixel memory is allocated; decoding itself uses OpenCV (libjpeg-turbo), the fastest decoder here.
-    Grayscale, alpha, palette, 16-bit and CMYK images are all converted to 8-bit BGR; the original
-    mode, channel count and bit depth are reported.
+    Guards come before any decoding: only regular files are opened (a FIFO or a link to a device would
+    be read forever), the file size is capped, and the header is read first (Pillow, no decoding) so
+    that a decompression bomb or an extreme aspect ratio (30000x1 pixels would be scaled to 6 million
+    pixels a side for analysis) is refused before any pixel memory is allocated. Decoding itself uses
+    OpenCV (libjpeg-turbo), the fastest decoder here. Grayscale, alpha, palette, 16-bit and CMYK images
+    are all converted to 8-bit BGR; the original mode, channel count and bit depth are reported.
     """
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
         # readable here, but its name cannot be written to a UTF-8 CSV for later stages to open
         raise UnreadableImage("file name is not valid UTF-8; rename the file") from None
+    if CONTROL_CHARACTERS.search(path):
+        raise UnreadableImage("file name holds control characters (newline, tab...); rename the file")
     try:
-        size = os.path.getsize(path)
-        if size > max_file_bytes:
-            raise UnreadableImage(f"file is {size / 1e6:.0f} MB, over images.max_file_mb", {"file_size": size})
+        status = os.stat(path)
+        if stat.S_ISDIR(status.st_mode):
+            raise UnreadableImage("a folder that cannot be listed: the files in it cannot be seen")
+        if not stat.S_ISREG(status.st_mode):
+            raise UnreadableImage("not a regular file (a FIFO, device or socket, or a link to one)")
+        if status.st_size > max_file_bytes:
+            raise UnreadableImage(f"file is {status.st_size / 1e6:.0f} MB, over images.max_file_mb", {"file_size": status.st_size})
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(max_file_bytes + 1)  # the file may have grown since
+        if len(data) > max_file_bytes:
+            raise UnreadableImage("file grew over images.max_file_mb while being read", {"file_size": len(data)})
     except OSError as exc:
         raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from None
     info = {"file_size": len(data), "content_hash": hashlib.blake2b(data, digest_size=16).hexdigest()}
@@ -411,6 +440,8 @@ def read_image(path: str, max_pixels: int, max_file_bytes: int) -> tuple[np.ndar
         raise UnreadableImage(f"zero-pixel image ({width}x{height})", info)
     if width * height > max_pixels:
         raise UnreadableImage(f"refused: {width}x{height} pixels is over images.max_pixels (decompression bomb guard)", info)
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise UnreadableImage(f"refused: {width}x{height} pixels is more elongated than images.max_aspect_ratio", info)
     if info["format"] == "JPEG" and b"\xff\xd9" not in data[-1024:]:
         # libjpeg fills a truncated image with grey and only warns; the missing end marker tells
         raise UnreadableImage("truncated JPEG: no end-of-image marker", info)
@@ -425,16 +456,28 @@ class ReaderSettings:
     metrics: dict  # name -> parameters, the validated `metrics` config section
     max_pixels: int
     max_file_bytes: int
+    max_aspect_ratio: float
     analysis_side: int
+    timeout_seconds: float
+
+    @classmethod
+    def from_config(cls, explore: dict, metrics: dict | None = None) -> "ReaderSettings":
+        """The reader settings of a validated explore config (`metrics` replaces its metric list)."""
+        images = explore["images"]
+        return cls(explore["metrics"] if metrics is None else metrics, images["max_pixels"], int(images["max_file_mb"] * 1e6),
+                   images["max_aspect_ratio"], images["analysis_side"], explore["task_timeout_seconds"])
+
+
+def unreadable_row(reason: str | None, settings: ReaderSettings) -> dict:
+    """A row of measure_file with every value empty and `error` set."""
+    return {**{column: None for column in BASIC_COLUMNS}, **{name: None for name in settings.metrics}, "error": reason}
 
 
 def measure_file(path: str, settings: ReaderSettings) -> dict:
     """Basic properties and every configured metric of one file; `error` says why it is unreadable."""
-    row: dict = {column: None for column in BASIC_COLUMNS}
-    row.update({name: None for name in settings.metrics})
-    row["error"] = None
+    row = unreadable_row(None, settings)
     try:
-        bgr, info = read_image(path, settings.max_pixels, settings.max_file_bytes)
+        bgr, info = read_image(path, settings.max_pixels, settings.max_file_bytes, settings.max_aspect_ratio)
     except UnreadableImage as exc:
         row.update(exc.info, error=str(exc))
         return row
@@ -498,6 +541,8 @@ def compute_images_quality_metrics(
             initializer=_init_worker,
             initargs=(settings,),
             progress=progress_bar(len(todo), "measuring"),
+            on_failure=lambda task, reason: (task[0], unreadable_row(reason, settings)),
+            timeout=settings.timeout_seconds,
         ):
             cache.record(key, row)
     measured = cache.rows(keys)
@@ -553,8 +598,8 @@ def find_duplicates(frame: pd.DataFrame, max_distance: int, max_age_difference: 
         positions = frame.index.get_indexer(members)
         for p in positions[1:]:
             union(positions[0], p)
-    if "phash" in frame.columns:
-        where = np.flatnonzero(frame["phash"].notna().to_numpy())
+    where = np.flatnonzero(frame["phash"].notna().to_numpy()) if "phash" in frame.columns else []
+    if len(where):  # an all-unreadable folder has no hash to compare
         words = hash_words(frame["phash"].to_numpy()[where])
         block = max(1, 2**22 // max(1, words.size))  # rows compared at a time: bounds memory
         for start in range(0, len(words), block):

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from face_analysis import DescriptorSettings, describe_files
+from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
 from image_reader import IMAGE_EXTENSIONS, UnreadableImage, display_name, find_image_files, parse_utkface_name
-from utils import AgeGroups, Bool, Int, ListOf, Optional, Str, UserError, ensure_writable_dir, load_config, run_script, setup_logging, write_csv_atomic
+from utils import (AgeGroups, Bool, Int, ListOf, Optional, Str, UserError, ensure_writable_dir, load_config, read_model_metadata, run_script,
+                   setup_logging, write_csv_atomic)
 
 log = logging.getLogger("agepipe.predict")
 
@@ -61,17 +62,17 @@ def main(args) -> None:
     paths = [real for _, real in files]
     flip = config["flip_test_time_augmentation"]
 
-    from age_model import DESCRIPTOR_BACKBONE, load_with_metadata  # metadata first: it says what to compute
-
-    model, metadata = load_with_metadata(config["model_path"])
+    metadata = read_model_metadata(config["model_path"])  # before TensorFlow: the descriptor pool forks
     groups, max_age = AgeGroups(tuple(metadata["age_group_edges"])), metadata["max_age"]
     errors: list[str | None] = [None] * len(files)
     probabilities = np.full((len(files), max_age + 1), np.nan, np.float32)
     if metadata["backbone"] == DESCRIPTOR_BACKBONE:
-        from age_model import MAX_FILE_BYTES, MAX_PIXELS, predict_years
-
         settings = DescriptorSettings(**metadata["descriptor"])
-        descriptors, problems = describe_files(paths, settings, config["descriptor_cache"], config["num_workers"], MAX_PIXELS, MAX_FILE_BYTES)
+        descriptors, problems = describe_files(paths, settings, config["descriptor_cache"], config["num_workers"], MAX_PIXELS,
+                                               MAX_FILE_BYTES, config["task_timeout_seconds"])
+        from age_model import load_with_metadata, predict_years
+
+        model, _ = load_with_metadata(config["model_path"])
         described = [i for i, d in enumerate(descriptors) if d is not None]
         for i, (d, problem) in enumerate(zip(descriptors, problems)):
             errors[i] = problem if d is None else None
@@ -80,9 +81,10 @@ def main(args) -> None:
             second = stacked[:, 1] if flip and stacked.shape[1] > 1 else None
             probabilities[described] = predict_years(model, stacked[:, 0], second, config["batch_size"])
     else:
-        from age_model import load_pixels, predict_years
+        from age_model import load_pixels, load_with_metadata, predict_years
         import tensorflow as tf
 
+        model, _ = load_with_metadata(config["model_path"])
         size = metadata["input_size"]
         for start in range(0, len(files), config["batch_size"]):  # streamed: one batch of pixels in memory
             batch, where = [], []

@@ -31,6 +31,7 @@ from explore_images import load_explore_config
 from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, encode_image, resize_square
 from image_reader import ReaderSettings, UnreadableImage, failing_checks, measure_array, read_image
 from utils import (
+    Bool,
     ConfigError,
     Int,
     Journal,
@@ -43,8 +44,10 @@ from utils import (
     config_fingerprint,
     copy_file_atomic,
     ensure_writable_dir,
-    remove_stale_outputs,
-    is_inside,
+    OutputFolder,
+    check_output_csv,
+    confined,
+    run_lock,
     load_config,
     parallel_map,
     progress_bar,
@@ -68,6 +71,7 @@ SCHEMA = {
     "jpeg_quality": Int(1, 100),
     "repairs": MapOf(MapOf(Mapping())),
     "retry": {"attempts": Int(1, 20), "strength_factor": Number(1.0, 10.0)},
+    "overwrite_output": Bool(),
 }
 # Parameters of each repair operation the config may set (noise_sigma comes from the image's metrics).
 REPAIR_PARAMETERS = {
@@ -134,8 +138,7 @@ class Processor:
     """Everything a worker needs to process one exploration row; sent to each worker once."""
 
     def __init__(self, config: dict, explore: dict):
-        images = explore["images"]
-        self.settings = ReaderSettings(explore["metrics"], images["max_pixels"], int(images["max_file_mb"] * 1e6), images["analysis_side"])
+        self.settings = ReaderSettings.from_config(explore)
         self.checks = explore["checks"]
         self.repairs = config["repairs"]
         self.attempts = config["retry"]["attempts"]
@@ -152,7 +155,7 @@ class Processor:
         if not os.path.exists(row["path"]):
             return {**result, "status": "unreadable", "reason": "file vanished since exploration"}
         try:
-            bgr, info = read_image(row["path"], self.settings.max_pixels, self.settings.max_file_bytes)
+            bgr, info = read_image(row["path"], self.settings.max_pixels, self.settings.max_file_bytes, self.settings.max_aspect_ratio)
         except UnreadableImage as exc:
             return {**result, "status": "unreadable", "reason": f"since exploration: {exc}"}
         if info["content_hash"] != row["content_hash"]:
@@ -218,6 +221,12 @@ def _process_task(task: tuple[str, dict]) -> tuple[str, dict]:
     return key, _processor(row)
 
 
+def failed_row(task: tuple[str, dict], reason: str) -> tuple[str, dict]:
+    """The result of an image whose worker timed out or died: rejected, with the reason."""
+    return task[0], {"status": "rejected", "reason": f"processing failed: {reason}", "operations": None, "attempts": 0,
+                     "output_path": None, "failed_checks_after": None, "after": None}
+
+
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
@@ -233,18 +242,9 @@ def dataset_roots(frame: pd.DataFrame) -> set[str]:
     return {path[: len(path) - len(file)] for path, file in zip(frame["path"], frame["file"])}
 
 
-def main(args) -> None:
-    config, explore = load_process_config(args.config, args.overrides)
-    setup_logging(config["log_level"])
-    frame = read_exploration_csv(config["input_csv"])
-    output_dir = Path(config["output_dir"])
-    for root in dataset_roots(frame):
-        if is_inside(output_dir, root) or is_inside(root, output_dir):
-            raise UserError(f"output_dir {output_dir} overlaps the input dataset {root}: refusing to write there")
-    ensure_writable_dir(output_dir, "output_dir")
-    ensure_writable_dir(Path(config["output_csv"]).parent, "output folder")
-    start = time.perf_counter()
-
+def process_rows(frame: pd.DataFrame, config: dict, explore: dict, output_dir: Path) -> pd.DataFrame:
+    """Process every row (continuing an interrupted run from its journal) and return the results.
+    A resumed run checks that the images its journal lists are still there, and redoes those that are not."""
     processor = Processor(config, explore)
     fingerprint = config_fingerprint(
         {k: config[k] for k in ("repairs", "retry", "resize", "jpeg_quality")}, explore["metrics"], explore["checks"], str(output_dir.resolve())
@@ -255,43 +255,69 @@ def main(args) -> None:
     todo = [(k, r) for k, r in zip(keys, rows) if k not in journal.done]
     if len(todo) < len(rows):
         log.info("continuing: %d of %d images were finished by an earlier run", len(rows) - len(todo), len(rows))
-    with journal:
-        for key, result in parallel_map(_process_task, todo, config["num_workers"], initializer=_init_worker,
-                                        initargs=(processor,), chunksize=4, progress=progress_bar(len(todo), "processing")):
-            after = result.pop("after") or {}
-            journal.record(key, {**result, **{f"after_{k}": v for k, v in after.items()}})
-    results = journal.rows(keys)
+    for _ in range(2):  # the second pass redoes journalled images whose output has gone
+        with journal:
+            for key, result in parallel_map(_process_task, todo, config["num_workers"], initializer=_init_worker,
+                                            initargs=(processor,), chunksize=4, progress=progress_bar(len(todo), "processing"),
+                                            on_failure=failed_row, timeout=explore["task_timeout_seconds"]):
+                after = result.pop("after") or {}
+                journal.record(key, {**result, **{f"after_{k}": v for k, v in after.items()}})
+        results = journal.rows(keys)
+        gone = [i for i, p in enumerate(results["output_path"]) if isinstance(p, str) and not os.path.isfile(p)]
+        if not gone:
+            return results
+        log.info("%d images listed by the journal are missing from %s: redoing them", len(gone), output_dir)
+        todo = [(keys[i], rows[i]) for i in gone]
+    raise UserError(f"images keep vanishing from {output_dir} while this run writes them")
 
-    metric_columns = ["width", "height", "min_side"] + [m for m in explore["metrics"] if m != "phash"]
-    before = frame[metric_columns].add_prefix("before_")
-    for column in [f"after_{m}" for m in metric_columns]:
-        if column not in results.columns:
-            results[column] = np.nan
-    kept_copy = (results["status"] == "kept") & results["operations"].isna()
-    for metric in metric_columns:  # a byte-for-byte copy measures what the original measured
-        results.loc[kept_copy, f"after_{metric}"] = frame.loc[kept_copy, metric]
-    written = results["output_path"].notna()
-    output = pd.DataFrame(
-        {
-            "file": frame["file"],
-            "path": results["output_path"].map(lambda p: os.path.abspath(p) if isinstance(p, str) else None),
-            "source_path": frame["path"],
-            "age": frame["age"],
-            "age_group": frame["age_group"],
-            "status": results["status"],
-            "reason": results["reason"],
-            "failed_checks_before": frame["failed_checks"],
-            "failed_checks_after": results["failed_checks_after"],
-            "operations": results["operations"],
-            "attempts": results["attempts"].astype("Int64"),
-        }
-    )
-    output = pd.concat([output, before, results[[f"after_{m}" for m in metric_columns]]], axis=1)
-    write_csv_atomic(output, config["output_csv"])
-    removed = remove_stale_outputs(output_dir, {os.path.join(str(output_dir), f) for f in frame.loc[written, "file"]})
-    if removed:
-        log.info("removed %d files left in %s by earlier runs with other settings", removed, output_dir)
-    journal.remove()
+
+def main(args) -> None:
+    config, explore = load_process_config(args.config, args.overrides)
+    setup_logging(config["log_level"])
+    frame = read_exploration_csv(config["input_csv"])
+    roots = sorted(dataset_roots(frame))
+    outputs = OutputFolder(config["output_dir"], inputs=roots, overwrite=config["overwrite_output"])
+    output_dir = outputs.path
+    check_output_csv(config["output_csv"], "output_csv", inputs=[config["input_csv"], *roots], image_folders=[output_dir])
+    candidates = frame["status"].isin(["ok", "low_quality"])
+    for file in frame.loc[candidates, "file"]:
+        confined(output_dir, file)
+    ensure_writable_dir(Path(config["output_csv"]).parent, "output folder")
+    start = time.perf_counter()
+
+    with run_lock(config["output_csv"]):
+        outputs.begin(frame.loc[candidates, "file"])
+        results = process_rows(frame, config, explore, output_dir)
+        metric_columns = ["width", "height", "min_side"] + [m for m in explore["metrics"] if m != "phash"]
+        before = frame[metric_columns].add_prefix("before_")
+        for column in [f"after_{m}" for m in metric_columns]:
+            if column not in results.columns:
+                results[column] = np.nan
+        kept_copy = (results["status"] == "kept") & results["operations"].isna()
+        for metric in metric_columns:  # a byte-for-byte copy measures what the original measured
+            results.loc[kept_copy, f"after_{metric}"] = frame.loc[kept_copy, metric]
+        written = results["output_path"].notna()
+        output = pd.DataFrame(
+            {
+                "file": frame["file"],
+                "path": results["output_path"].map(lambda p: os.path.abspath(p) if isinstance(p, str) else None),
+                "source_path": frame["path"],
+                "age": frame["age"],
+                "age_group": frame["age_group"],
+                "status": results["status"],
+                "reason": results["reason"],
+                "failed_checks_before": frame["failed_checks"],
+                "failed_checks_after": results["failed_checks_after"],
+                "operations": results["operations"],
+                "attempts": results["attempts"].astype("Int64"),
+            }
+        )
+        output = pd.concat([output, before, results[[f"after_{m}" for m in metric_columns]]], axis=1)
+        write_csv_atomic(output, config["output_csv"])
+        removed = outputs.finish(frame.loc[written, "file"])
+        if removed:
+            log.info("removed %d files agepipe wrote in %s in earlier runs with other settings", removed, output_dir)
+        Path(config["output_csv"]).with_suffix(".journal.jsonl").unlink(missing_ok=True)
 
     counts = output["status"].value_counts()
     elapsed = time.perf_counter() - start

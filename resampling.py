@@ -26,14 +26,17 @@ from utils import (
     Journal,
     Number,
     Optional,
+    OutputFolder,
     Str,
     UserError,
+    check_output_csv,
     config_fingerprint,
+    confined,
     copy_file_atomic,
     parallel_map,
     progress_bar,
     read_metadata_csv,
-    remove_stale_outputs,
+    run_lock,
     write_bytes_atomic,
 )
 
@@ -50,6 +53,7 @@ SCHEMA = {
     "exploration_csv": Str(),
     "output_dir": Str(),
     "output_csv": Str(),
+    "overwrite_output": Bool(),
     "target_size": Optional(Int(1)),
     "seed": Int(0),
     "quality_score": {"metric": Str(), "higher_is_better": Bool()},
@@ -233,22 +237,32 @@ def _run(task):
 
 def execute_plan(selected: pd.DataFrame, config: dict) -> pd.DataFrame:
     """Write the selected originals and augmented copies into output_dir (resumable, atomic) and return
-    one row per output image: file, path, age, age_group, source, source_path, copy, augmentation."""
-    output_dir = Path(config["output_dir"])
+    one row per output image: file, path, age, age_group, source, source_path, copy, augmentation.
+
+    The output folder may not overlap the folders the images come from; names from the CSV must stay
+    inside it; only files agepipe wrote there before are ever replaced or deleted (OutputFolder)."""
+    sources = sorted({os.path.dirname(p) for p in selected["path"]})
+    outputs = OutputFolder(config["output_dir"], inputs=sources, overwrite=config["overwrite_output"])
+    output_dir = outputs.path
+    check_output_csv(config["output_csv"], "output_csv", inputs=sources, image_folders=[output_dir])
     selected = selected.assign(output_file=[output_name(f, c) for f, c in zip(selected["file"], selected["copy"])])
+    for file in selected["output_file"]:
+        confined(output_dir, file)
     fingerprint = config_fingerprint({k: config[k] for k in ("seed", "augmentation", "jpeg_quality")}, str(output_dir.resolve()))
-    journal = Journal(Path(config["output_csv"]).with_suffix(".journal.jsonl"), fingerprint)
-    rows = selected[["file", "path", "copy", "output_file"]].to_dict("records")
-    keys = [f"{r['output_file']}|{r['path']}" for r in rows]
-    todo = [(k, r) for k, r in zip(keys, rows) if k not in journal.done or not (output_dir / r["output_file"]).exists()]
-    augmenter = Augmenter(config["output_dir"], config["seed"], config["augmentation"], config["jpeg_quality"])
-    with journal:
-        for key, result in parallel_map(_run, todo, config["num_workers"], initializer=_init, initargs=(augmenter,),
-                                        chunksize=8, progress=progress_bar(len(todo), "resampling")):
-            journal.record(key, result)
-    done = journal.rows(keys) if keys else pd.DataFrame({"augmentation": []})
-    remove_stale_outputs(output_dir, {str(output_dir / f) for f in selected["output_file"]})
-    journal.remove()
+    with run_lock(config["output_csv"]):
+        outputs.begin(selected["output_file"])
+        journal = Journal(Path(config["output_csv"]).with_suffix(".journal.jsonl"), fingerprint)
+        rows = selected[["file", "path", "copy", "output_file"]].to_dict("records")
+        keys = [f"{r['output_file']}|{r['path']}" for r in rows]
+        todo = [(k, r) for k, r in zip(keys, rows) if k not in journal.done or not (output_dir / r["output_file"]).exists()]
+        augmenter = Augmenter(config["output_dir"], config["seed"], config["augmentation"], config["jpeg_quality"])
+        with journal:
+            for key, result in parallel_map(_run, todo, config["num_workers"], initializer=_init, initargs=(augmenter,),
+                                            chunksize=8, progress=progress_bar(len(todo), "resampling"), timeout=config["task_timeout_seconds"]):
+                journal.record(key, result)
+        done = journal.rows(keys) if keys else pd.DataFrame({"augmentation": []})
+        outputs.finish(selected["output_file"])
+        journal.remove()
     return pd.DataFrame(
         {
             "file": selected["output_file"].to_numpy(),

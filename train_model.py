@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from face_analysis import DescriptorSettings, describe_files
+from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
 from utils import (
     Bool,
     ConfigError,
@@ -51,7 +51,6 @@ from utils import (
 
 log = logging.getLogger("agepipe.train")
 
-DESCRIPTOR_BACKBONE = "dlib_face_descriptor"
 SCHEMA = {
     "input_csv": Str(),
     "test_dataset_dir": Optional(Str()),
@@ -138,6 +137,7 @@ def read_test_folder(folder: str, groups) -> pd.DataFrame:
         raise UserError(f"test_dataset_dir {folder} holds no images with an age in their name")
     frame["age"] = frame["age"].astype(int)
     frame["group_index"] = [groups.index_of(a) for a in frame["age"]]
+    frame["source"], frame["copy"] = frame["file"], 0
     return frame[frame["group_index"] >= 0].reset_index(drop=True)
 
 
@@ -172,11 +172,9 @@ def learning_rate_schedule(training: dict, steps_per_epoch: int):
     )
 
 
-def describe(frame: pd.DataFrame, settings: DescriptorSettings, cache: Path, workers: int) -> pd.DataFrame:
+def describe(frame: pd.DataFrame, settings: DescriptorSettings, cache: Path, workers: int, timeout: float) -> pd.DataFrame:
     """`frame` with each image's face descriptor (None where it could not be described) and problem."""
-    from age_model import MAX_FILE_BYTES, MAX_PIXELS
-
-    descriptors, problems = describe_files(list(frame["path"]), settings, cache, workers, MAX_PIXELS, MAX_FILE_BYTES)
+    descriptors, problems = describe_files(list(frame["path"]), settings, cache, workers, MAX_PIXELS, MAX_FILE_BYTES, timeout)
     return frame.assign(descriptor=descriptors, face_problem=problems)
 
 
@@ -241,7 +239,7 @@ def main(args) -> None:
     if uses_descriptors:
         settings = DescriptorSettings(**model_config["descriptor"])
         sets = pd.concat([train.assign(set="train"), validation.assign(set="validation"), test.assign(set="test")], ignore_index=True)
-        described = describe(sets, settings, Path(config["descriptor_cache"]), config["num_workers"])
+        described = describe(sets, settings, Path(config["descriptor_cache"]), config["num_workers"], config["task_timeout_seconds"])
         write_csv_atomic(described.loc[described["face_problem"].notna(), ["set", "file", "path", "face_problem"]],
                          output_dir / "face_problems.csv")
         missing = described["descriptor"].isna()

@@ -194,16 +194,33 @@ COMMON_SCHEMA = {
     "age_groups": {"edges": ListOf(Int(0, 150), min_length=2, increasing=True)},
     "age_range": {"min": Int(0, 150), "max": Int(0, 150)},
     "num_workers": Int(0),
+    "task_timeout_seconds": Number(0.1),
     "log_level": Str(["DEBUG", "INFO", "WARNING", "ERROR"]),
 }
 
 
+MAX_CONFIG_BYTES, MAX_YAML_ALIASES = 1_000_000, 100
+
+
 def _read_yaml(path: Path) -> dict:
+    """A YAML mapping from `path`; a missing, unreadable, huge or alias-bombed file is a ConfigError."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: a config file of over {MAX_CONFIG_BYTES:,} characters is not a config file")
+        # aliases can expand a few lines into billions of nodes ("billion laughs"); configs need few
+        if sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)) > MAX_YAML_ALIASES:
+            raise ConfigError(f"{path}: uses more than {MAX_YAML_ALIASES} YAML aliases")
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: is not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -326,7 +343,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the temporary name stays short: a 250-character name plus a suffix would exceed the file system's limit
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:32]}.", suffix=".tmp")
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs get the usual permissions
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
@@ -370,7 +388,7 @@ def read_metadata_csv(path, what: str, hint: str = "", required=(), **read_optio
         raise UserError(f"{what} {path} cannot be read: {exc}") from None
     missing = [column for column in required if column not in frame.columns]
     if missing:
-        raise UserError(f"{what} {path} lacks column {missing[0]!r} (it has: {', '.join(map(str, frame.columns[:12]))})")
+        raise UserError(f"{what} {path} lacks column {missing[0]!r} (it has {len(frame.columns)} other columns): is it the right file?")
     return frame
 
 
@@ -386,23 +404,141 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def remove_stale_outputs(output_dir: str | os.PathLike, keep: set[str]) -> int:
-    """Delete files under output_dir that this run did not produce: outputs of runs with other settings
-    and temporary files of killed runs. Hidden files such as .gitkeep stay."""
-    removed = 0
-    for root, _, files in os.walk(output_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            ours = not name.startswith(".") or name.endswith(".tmp")
-            if ours and path not in keep:
-                os.unlink(path)
-                removed += 1
-    return removed
-
-
 def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
+
+
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when one folder is, contains or lies inside the other."""
+    return is_inside(a, b) or is_inside(b, a)
+
+
+def check_output_csv(path: str | os.PathLike, what: str, inputs=(), image_folders=()) -> Path:
+    """Refuse, in one line, an output CSV that is an input file, a folder, an image file, or inside an
+    input or image folder: writing it would destroy data the run did not make."""
+    from image_reader import IMAGE_EXTENSIONS
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name")
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise UserError(f"{what} {path} has an image file's name; refusing to write a CSV there")
+    for other in map(Path, inputs):
+        if path.resolve() == other.resolve() or (other.is_dir() and is_inside(path, other)):
+            raise UserError(f"{what} {path} would overwrite or sit inside the input {other}")
+    for folder in image_folders:
+        if is_inside(path, folder):
+            raise UserError(f"{what} {path} lies inside the image folder {folder}; put it elsewhere")
+    return path
+
+
+def confined(folder: Path, relative: str) -> Path:
+    """folder / relative, refusing a path read from a CSV that would lead outside `folder`
+    (an absolute path, `..`, a link out)."""
+    target = folder / relative
+    if Path(relative).is_absolute() or not is_inside(target, folder):
+        raise UserError(f"refusing the path {relative!r} from the CSV: it leads outside {folder}")
+    return target
+
+
+@contextlib.contextmanager
+def run_lock(path: str | os.PathLike):
+    """Hold an exclusive lock on `path` + ".lock" for the block: a second run on the same outputs stops
+    at once with one line instead of both corrupting each other's journal and files."""
+    import fcntl
+
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            # a POSIX record lock, not flock: worker processes forked from this one do not inherit it,
+            # so a killed run's orphaned workers cannot keep the next run out
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another run is writing {path} right now; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+MANIFEST = ".agepipe-outputs.json"
+
+
+class OutputFolder:
+    """An image folder a stage writes, and the proof of which files in it the stage wrote.
+
+    The folder holds a manifest of the files agepipe wrote there. A run may replace or delete only
+    those: before writing, `begin` adds the files it plans to write to the manifest (so a killed run's
+    files stay provably ours), and `finish` deletes the listed files this run did not write (outputs of
+    earlier runs with other settings) and lists exactly what it wrote. A folder that is, contains or
+    lies inside an input folder, the project or its .git is refused; so is a non-empty folder without
+    a manifest, unless `overwrite` (the user's explicit word that it may be written into).
+    """
+
+    def __init__(self, path: str | os.PathLike, inputs=(), overwrite: bool = False):
+        self.path = Path(path)
+        for folder in inputs:
+            if overlaps(self.path, folder):
+                raise UserError(f"output folder {self.path} overlaps the input dataset {folder}: refusing to write there")
+        if overlaps(self.path, PROJECT_DIR / ".git"):
+            raise UserError(f"output folder {self.path} overlaps the project's .git: refusing to write there")
+        if is_inside(PROJECT_DIR, self.path):
+            raise UserError(f"output folder {self.path} contains the project itself: refusing to write there")
+        self.manifest = self.path / MANIFEST
+        if self.path.is_dir() and not self.manifest.exists() and not overwrite:
+            strangers = [p for p in self.path.iterdir() if p.name != ".gitkeep"]
+            if strangers:
+                raise UserError(f"output folder {self.path} holds files agepipe did not write ({strangers[0].name}, ...): "
+                                "choose an empty folder, or allow writing into it with --set overwrite_output=true")
+        ensure_writable_dir(self.path, "output folder")
+
+    def owned(self) -> set[str]:
+        """Relative paths of the files the manifest says agepipe wrote."""
+        try:
+            return set(json.loads(self.manifest.read_text(encoding="utf-8"))["files"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            return set()
+
+    def _write(self, files: set[str]) -> None:
+        with atomic_write(self.manifest, encoding="utf-8") as f:
+            json.dump({"written_by": "agepipe", "files": sorted(files)}, f, indent=0)
+
+    def begin(self, planned: Iterable[str]) -> None:
+        self._write(self.owned() | set(planned))
+
+    def finish(self, written: Iterable[str]) -> int:
+        """Delete the files agepipe wrote here earlier that this run did not; return how many."""
+        written = set(written)
+        removed = 0
+        for relative in sorted(self.owned() - written):
+            target = self.path / relative
+            if is_inside(target, self.path) and target.is_file() and not target.is_symlink():
+                target.unlink()
+                removed += 1
+        self._write(written)
+        return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# Model files
+# --------------------------------------------------------------------------------------------------
+METADATA_ENTRY = "agepipe.json"  # stored inside the .keras zip, beside Keras' own files
+
+
+def read_model_metadata(path: str | os.PathLike) -> dict:
+    """The metadata train_model.py stores inside a .keras file (read without TensorFlow), or UserError."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} not found")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read(METADATA_ENTRY))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError):
+        raise UserError(f"model file {path} was not saved by train_model.py (no {METADATA_ENTRY} inside)") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,6 +591,36 @@ def resolve_workers(num_workers: int) -> int:
         return os.cpu_count() or 1
 
 
+class TaskTimeout(Exception):
+    """An item took longer than its time limit."""
+
+
+def _on_alarm(signum, frame):
+    raise TaskTimeout
+
+
+def _run_chunk(func: Callable, chunk: list, timeout: float | None) -> list[tuple[bool, Any]]:
+    """Run func on each item of a chunk inside a worker: (True, result) or (False, reason) per item.
+    A time limit interrupts even a blocking read (the alarm's exception stops the system call)."""
+    import signal
+
+    results = []
+    for item in chunk:
+        if timeout:
+            signal.signal(signal.SIGALRM, _on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            results.append((True, func(item)))
+        except TaskTimeout:
+            results.append((False, f"timed out after {timeout:g} s"))
+        except MemoryError:
+            results.append((False, "out of memory"))
+        finally:
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    return results
+
+
 def parallel_map(
     func: Callable,
     items: Iterable,
@@ -464,23 +630,62 @@ def parallel_map(
     initargs: tuple = (),
     chunksize: int = 64,
     progress: Callable[[Iterator], Iterator] | None = None,
+    on_failure: Callable[[Any, str], Any] | None = None,
+    timeout: float | None = None,
 ) -> Iterator:
-    """Yield func(item) for each item in order, over a process pool (or in-process for 1 worker).
+    """Yield func(item) for every item, as results finish (not in order), over a pool of processes.
 
-    Results stream back as they finish, so the caller can write them out and memory stays flat.
+    Results stream back, so the caller can write them out and memory stays flat. An item that takes
+    longer than `timeout` seconds, or whose worker dies (killed by the out-of-memory killer, a crash in
+    a decoder), yields on_failure(item, reason) instead: it costs that item, never the run. After a
+    worker dies, the items it may have held are retried one at a time in a fresh worker, so only the
+    culprit fails. Without `on_failure`, such a failure raises RuntimeError.
     """
-    workers = resolve_workers(num_workers)
+    items = list(items)
     wrap = progress or (lambda it: it)
-    if workers == 1:
-        if initializer:
-            initializer(*initargs)
-        yield from wrap(map(func, items))
-        return
-    # fork is fastest on Linux, but TensorFlow (imported by the training stage) is not fork-safe,
-    # so the training and prediction scripts never use this helper with workers > 1.
+    yield from wrap(_pool_map(func, items, resolve_workers(num_workers), initializer, initargs, chunksize, on_failure, timeout))
+
+
+def _pool_map(func, items, workers, initializer, initargs, chunksize, on_failure, timeout) -> Iterator:
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    def fail(item, reason):
+        if on_failure is None:
+            raise RuntimeError(f"{reason} while processing {item!r:.200}")
+        return on_failure(item, reason)
+
+    # fork is fastest on Linux; TensorFlow is not fork-safe, so the scripts that use it start their
+    # pools before importing it
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(workers, initializer=initializer, initargs=initargs) as pool:
-        yield from wrap(pool.imap(func, items, chunksize=chunksize))
+    chunksize = max(1, min(chunksize, -(-len(items) // (workers * 4)) if items else 1))
+    queue = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
+    suspects: list = []
+    queue.reverse()
+    while queue:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
+            running = {}
+            try:
+                while queue or running:
+                    while queue and len(running) < workers * 2:  # a bounded number in flight: memory stays flat
+                        chunk = queue.pop()
+                        running[pool.submit(_run_chunk, func, chunk, timeout)] = chunk
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        results = future.result()
+                        for item, (ok, value) in zip(running.pop(future), results):
+                            yield value if ok else fail(item, value)
+            except BrokenProcessPool:
+                suspects += [item for chunk in running.values() for item in chunk]
+        # a worker died: retry what it may have held one item per pool, so only the culprit fails
+        while suspects:
+            item = suspects.pop()
+            try:
+                with ProcessPoolExecutor(1, mp_context=context, initializer=initializer, initargs=initargs) as single:
+                    ok, value = single.submit(_run_chunk, func, [item], timeout).result()[0]
+                yield value if ok else fail(item, value)
+            except BrokenProcessPool:
+                yield fail(item, "its worker process died (out of memory or a crash in a decoder)")
 
 
 def progress_bar(total: int, description: str, unit: str = "img"):

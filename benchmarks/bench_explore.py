@@ -51,8 +51,7 @@ def decode_rate(paths: list[str]) -> float:
 
 def measure_rate(dataset, config: dict, with_faces: bool, workers: int) -> float:
     metrics = {k: v for k, v in config["metrics"].items() if with_faces or k != "faces"}
-    images = config["images"]
-    settings = ReaderSettings(metrics, images["max_pixels"], int(images["max_file_mb"] * 1e6), images["analysis_side"])
+    settings = ReaderSettings.from_config(config, metrics)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Journal(Path(tmp) / "cache.jsonl", "bench")
         start = time.perf_counter()
