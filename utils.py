@@ -646,6 +646,19 @@ def parallel_map(
     yield from wrap(_pool_map(func, items, resolve_workers(num_workers), initializer, initargs, chunksize, on_failure, timeout))
 
 
+def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
+    """Worker start-up: die with the parent (a killed run must not leave workers writing files behind
+    it), then the caller's initializer."""
+    if sys.platform == "linux":
+        import ctypes
+
+        import signal
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if initializer:
+        initializer(*initargs)
+
+
 def _pool_map(func, items, workers, initializer, initargs, chunksize, on_failure, timeout) -> Iterator:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -663,7 +676,7 @@ def _pool_map(func, items, workers, initializer, initargs, chunksize, on_failure
     suspects: list = []
     queue.reverse()
     while queue:
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(initializer, initargs)) as pool:
             running = {}
             try:
                 while queue or running:
@@ -681,7 +694,7 @@ def _pool_map(func, items, workers, initializer, initargs, chunksize, on_failure
         while suspects:
             item = suspects.pop()
             try:
-                with ProcessPoolExecutor(1, mp_context=context, initializer=initializer, initargs=initargs) as single:
+                with ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker, initargs=(initializer, initargs)) as single:
                     ok, value = single.submit(_run_chunk, func, [item], timeout).result()[0]
                 yield value if ok else fail(item, value)
             except BrokenProcessPool:
