@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,13 +150,17 @@ class FaceDescriber:
 # --------------------------------------------------------------------------------------------------
 # Many files, cached by content
 # --------------------------------------------------------------------------------------------------
-def content_hash(path: str) -> str:
-    """BLAKE2 of a file's bytes (the exploration stage's content_hash); '' for a file that cannot be read."""
+def content_hash(path: str, max_bytes: int) -> str | None:
+    """BLAKE2 of a regular file's bytes (the exploration stage's content_hash), or None for anything
+    that is not a readable regular file of at most `max_bytes` (a FIFO or /dev/zero would never end)."""
     try:
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode) or status.st_size > max_bytes:
+            return None
         with open(path, "rb") as f:
-            return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
-    except OSError:
-        return ""
+            return hashlib.blake2b(f.read(max_bytes + 1), digest_size=16).hexdigest()
+    except (OSError, UnicodeEncodeError):
+        return None
 
 
 _describer: FaceDescriber | None = None
@@ -189,7 +194,7 @@ def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: s
     discarded when the settings change.
     """
     require_dlib()  # fail with one line before starting workers
-    hashes = [content_hash(p) for p in paths]
+    hashes = [content_hash(p, max_file_bytes) for p in paths]
     cache = Journal(cache_path, config_fingerprint(asdict(settings), LANDMARK_MODEL, DESCRIPTOR_MODEL))
     todo = {}
     for digest, path in zip(hashes, paths):
@@ -208,7 +213,7 @@ def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: s
     by_hash = dict(zip(unique, rows))
     descriptors, problems = [], []
     for digest in hashes:
-        row = by_hash.get(digest, {"descriptor": None, "face_problem": "unreadable: cannot read file"})
+        row = by_hash.get(digest, {"descriptor": None, "face_problem": "unreadable: not a readable regular file, or over the size limit"})
         vector, problem = row["descriptor"], row["face_problem"]
         descriptors.append(np.asarray(vector, np.float32) if isinstance(vector, list) else None)
         problems.append(problem if isinstance(problem, str) else None)

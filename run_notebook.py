@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -36,18 +38,22 @@ def main() -> None:
         os.environ["AGEPIPE_CONFIG"] = args.config
     os.environ["AGEPIPE_SET"] = "\n".join(args.overrides)
     notebook = nbformat.read(args.notebook, as_version=4)
-    kernel = KernelManager(kernel_name="python3", transport="ipc")  # a local socket file, not TCP
-    client = NotebookClient(notebook, km=kernel, timeout=args.timeout, resources={"metadata": {"path": str(PROJECT_DIR)}})
     target = args.output_dir / args.notebook.name
-    try:
-        client.execute()
-    except CellExecutionError as exc:
-        error = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()  # drop the traceback's colours
-        print(f"error: {args.notebook} failed: {error[-1] if error else exc}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        with atomic_write(target, encoding="utf-8") as f:
-            nbformat.write(notebook, f)
+    with tempfile.TemporaryDirectory(prefix="agepipe-kernel-") as sockets:
+        # local socket files, not TCP, in a temporary folder: never left in the repository
+        kernel = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel-ipc"))
+        client = NotebookClient(notebook, km=kernel, timeout=args.timeout, resources={"metadata": {"path": str(PROJECT_DIR)}})
+        try:
+            # the kernel's own stderr (e.g. "Parent appears to have exited" at shutdown) is not the user's
+            # business: cell errors and outputs are in the notebook
+            client.execute(stderr=subprocess.DEVNULL)
+        except CellExecutionError as exc:
+            error = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()  # drop the traceback's colours
+            print(f"error: {args.notebook} failed: {error[-1] if error else exc}", file=sys.stderr)
+            sys.exit(1)
+        finally:
+            with atomic_write(target, encoding="utf-8") as f:
+                nbformat.write(notebook, f)
     print(f"executed {args.notebook}; with outputs: {target}")
 
 

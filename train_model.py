@@ -178,6 +178,20 @@ def describe(frame: pd.DataFrame, settings: DescriptorSettings, cache: Path, wor
     return frame.assign(descriptor=descriptors, face_problem=problems)
 
 
+def decodable_paths(rows: pd.DataFrame) -> set[str]:
+    """The paths among `rows` that decode (read_image's guards and decoder), for pixel backbones."""
+    from image_reader import UnreadableImage, read_image
+
+    readable = set()
+    for path in rows["path"].unique():
+        try:
+            read_image(path, MAX_PIXELS, MAX_FILE_BYTES)
+            readable.add(path)
+        except UnreadableImage:
+            pass
+    return readable
+
+
 def plot_history(history: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -249,6 +263,12 @@ def main(args) -> None:
         if fallbacks:
             log.info("%d faces had no plausible landmarks and were described whole (on_no_landmarks: whole_image)", fallbacks)
         train, validation, test = (described[(described["set"] == name) & ~missing] for name in ("train", "validation", "test"))
+    else:  # pixels are decoded in TensorFlow's pipeline, where a bad file would stop training: check each once now
+        readable = decodable_paths(pd.concat([train, validation, test]))
+        dropped = sorted(set(frame["path"]) - readable)
+        if dropped:
+            log.warning("%d images cannot be decoded and are left out, e.g. %s", len(dropped), dropped[0])
+        train, validation, test = (rows[rows["path"].isin(readable)] for rows in (train, validation, test))
     if train.empty or test.empty:
         raise UserError(f"too few images to train and test: {len(train)} train, {len(validation)} validation, {len(test)} test")
     train_counts = np.bincount(train["group_index"], minlength=len(groups.labels))
