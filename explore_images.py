@@ -19,79 +19,29 @@ from pathlib import Path
 import pandas as pd
 
 from image_reader import (
+    LABEL_COLUMNS,
     STATUSES,
     ReaderSettings,
     check_images_quality,
     compute_images_quality_metrics,
     load_dataset,
-    metrics_schema,
-    validate_checks,
+    load_explore_config,
 )
 from utils import (
     AgeGroups,
-    Bool,
-    ConfigError,
-    Int,
     Journal,
-    MapOf,
-    Mapping,
-    Number,
-    Optional,
-    Str,
     age_groups_from,
     check_output_csv,
     config_fingerprint,
     ensure_writable_dir,
-    load_config,
     resolve_workers,
     run_lock,
     run_script,
     setup_logging,
-    validate,
     write_csv_atomic,
 )
 
 log = logging.getLogger("agepipe.explore")
-
-SCHEMA = {
-    "dataset_dir": Str(),
-    "output_csv": Str(),
-    "summary_csv": Str(),
-    "labels": {
-        "source": Str(["filename", "csv"]),
-        "csv_path": Optional(Str()),
-        "file_column": Str(),
-        "age_column": Str(),
-    },
-    "images": {"max_pixels": Int(1), "max_file_mb": Number(0.001), "max_aspect_ratio": Number(1), "analysis_side": Int(16, 4096)},
-    "metrics": MapOf(Mapping()),  # each metric's parameters are checked against its own schema
-    "checks": MapOf({"metric": Str(), "below": Optional(Number()), "above": Optional(Number())}),
-    "duplicates": {"enabled": Bool(), "max_hash_distance": Int(0, 64), "max_age_difference": Int(0)},
-}
-LABEL_COLUMNS = ["file", "age", "age_group", "gender", "race"]
-
-
-def load_explore_config(path, overrides=()) -> dict:
-    """Load and validate the explore config, including each metric's own parameters."""
-    config = load_config(SCHEMA, path, overrides)
-    known = metrics_schema()
-    for name, params in config["metrics"].items():
-        if name not in known:
-            raise ConfigError(f"{path}: metrics.{name}: unknown metric (known: {', '.join(known)})")
-        config["metrics"][name] = validate(params, known[name], f"metrics.{name}")
-    available = ["width", "height", "min_side", "file_size", "channels", "bit_depth"] + [
-        m for m in config["metrics"] if m != "phash"
-    ]
-    try:
-        validate_checks(config["checks"], available)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    if config["labels"]["source"] == "csv" and not config["labels"]["csv_path"]:
-        raise ConfigError(f"{path}: labels.csv_path: expected a path when labels.source is 'csv', got null")
-    if config["duplicates"]["enabled"] and "phash" not in config["metrics"]:
-        raise ConfigError(f"{path}: duplicates.enabled: needs the phash metric in metrics")
-    return config
-
 
 def summarise(frame: pd.DataFrame, checks: list[str], groups: AgeGroups) -> pd.DataFrame:
     """Counts per status, per failed check and per age group (all labelled, and ok only)."""

@@ -12,6 +12,7 @@ Three steps, each usable on its own:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -29,7 +30,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from utils import AgeGroups, ConfigError, Field, Int, Journal, Number, Str, UserError, parallel_map, progress_bar
+from utils import (AgeGroups, Bool, ConfigError, Field, Int, Journal, MapOf, Mapping, Number, Optional, Str, UserError, load_config,
+                   parallel_map, progress_bar, validate)
 
 log = logging.getLogger("agepipe.reader")
 
@@ -39,9 +41,6 @@ UTKFACE_NAME = re.compile(r"^(?P<age>\d+)_(?:(?P<gender>\d)_)?(?:(?P<race>\d)_)?
 FLOAT_DECIMALS = 4  # metric values are rounded so the CSV is readable and diffs are meaningful
 STATUSES = ("ok", "low_quality", "unlabelled", "unreadable")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-
-# Pillow is only asked for image headers; its own bomb guard is replaced by images.max_pixels.
-Image.MAX_IMAGE_PIXELS = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,6 +389,18 @@ def bit_depth(image_format: str, mode: str, data: bytes) -> int:
     return 16 if mode.startswith("I;16") else 32 if mode in ("I", "F") else 1 if mode == "1" else 8
 
 
+@contextlib.contextmanager
+def pillow_size_check_off():
+    """Let Pillow read a huge image's header (only the header: images.max_pixels, checked right after,
+    decides), and restore Pillow's own guard for every other caller afterwards."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio: float = math.inf) -> tuple[np.ndarray, dict]:
     """Decode an image file to 8-bit BGR and describe it, or raise UnreadableImage with the reason.
 
@@ -425,7 +436,7 @@ def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio
     if not data:
         raise UnreadableImage("empty file (0 bytes)", info)
     try:
-        with Image.open(io.BytesIO(data)) as header:
+        with pillow_size_check_off(), Image.open(io.BytesIO(data)) as header:
             mode = header.mode
             info.update(format=header.format, color_mode=mode, width=header.size[0], height=header.size[1])
             info["channels"] = len(header.getbands())
@@ -669,3 +680,46 @@ def check_images_quality(frame: pd.DataFrame, checks: dict, duplicates: dict) ->
         "",
     )
     return frame
+
+
+# --------------------------------------------------------------------------------------------------
+# The exploration config, shared by every stage that measures or checks images
+# --------------------------------------------------------------------------------------------------
+SCHEMA = {
+    "dataset_dir": Str(),
+    "output_csv": Str(),
+    "summary_csv": Str(),
+    "labels": {
+        "source": Str(["filename", "csv"]),
+        "csv_path": Optional(Str()),
+        "file_column": Str(),
+        "age_column": Str(),
+    },
+    "images": {"max_pixels": Int(1), "max_file_mb": Number(0.001), "max_aspect_ratio": Number(1), "analysis_side": Int(16, 4096)},
+    "metrics": MapOf(Mapping()),  # each metric's parameters are checked against its own schema
+    "checks": MapOf({"metric": Str(), "below": Optional(Number()), "above": Optional(Number())}),
+    "duplicates": {"enabled": Bool(), "max_hash_distance": Int(0, 64), "max_age_difference": Int(0)},
+}
+LABEL_COLUMNS = ["file", "age", "age_group", "gender", "race"]
+
+
+def load_explore_config(path, overrides=()) -> dict:
+    """Load and validate the explore config, including each metric's own parameters."""
+    config = load_config(SCHEMA, path, overrides)
+    known = metrics_schema()
+    for name, params in config["metrics"].items():
+        if name not in known:
+            raise ConfigError(f"{path}: metrics.{name}: unknown metric (known: {', '.join(known)})")
+        config["metrics"][name] = validate(params, known[name], f"metrics.{name}")
+    available = ["width", "height", "min_side", "file_size", "channels", "bit_depth"] + [
+        m for m in config["metrics"] if m != "phash"
+    ]
+    try:
+        validate_checks(config["checks"], available)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if config["labels"]["source"] == "csv" and not config["labels"]["csv_path"]:
+        raise ConfigError(f"{path}: labels.csv_path: expected a path when labels.source is 'csv', got null")
+    if config["duplicates"]["enabled"] and "phash" not in config["metrics"]:
+        raise ConfigError(f"{path}: duplicates.enabled: needs the phash metric in metrics")
+    return config

@@ -1,6 +1,6 @@
 """Plots of the quality metadata: each function takes a data frame and returns a matplotlib figure.
 
-Rendering uses the non-interactive Agg backend, so everything runs on servers without a display.
+The entry script chooses the non-interactive Agg backend, so everything runs on servers without a display.
 `save_figure` writes a figure to PNG (and optionally SVG) atomically.
 """
 from __future__ import annotations
@@ -8,15 +8,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import cv2
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import cv2  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from utils import AgeGroups, atomic_write  # noqa: E402
+from utils import AgeGroups, atomic_write
 
 STYLE = {
     "figure.facecolor": "white",

@@ -27,9 +27,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from explore_images import load_explore_config
 from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, encode_image, resize_square
-from image_reader import ReaderSettings, UnreadableImage, failing_checks, measure_array, read_image
+from image_reader import load_explore_config, ReaderSettings, UnreadableImage, failing_checks, measure_array, read_image
 from utils import (
     Bool,
     ConfigError,

@@ -32,7 +32,6 @@ import pandas as pd
 from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
 from utils import (
     Bool,
-    ConfigError,
     Int,
     ListOf,
     Number,

@@ -287,7 +287,7 @@ def parse_args(description: str, default_config: str, argv=None) -> argparse.Nam
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config value, e.g. --set checks.blurry.threshold=80 (repeatable)",
+        help="override one config value, e.g. --set num_workers=1 (repeatable; dotted keys reach nested values)",
     )
     return parser.parse_args(argv)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from explore_images import load_explore_config
+from image_reader import load_explore_config
 from image_processor import REPAIR_ORDER
 from image_visualizer import (
     MissingColumn,
@@ -132,6 +132,9 @@ figure{{margin:0 0 2.5em}}img{{max-width:100%;border:1px solid #ddd}}figcaption{
 
 
 def main(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
     config = load_config(SCHEMA, args.config, args.overrides)
     setup_logging(config["log_level"])
     explore = load_explore_config(config["explore_config"])

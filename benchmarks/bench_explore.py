@@ -27,9 +27,8 @@ import cv2
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from image_reader import ReaderSettings, compute_images_quality_metrics, load_dataset  # noqa: E402
+from image_reader import ReaderSettings, load_explore_config, compute_images_quality_metrics, load_dataset  # noqa: E402
 from utils import AgeGroups, Journal, resolve_workers  # noqa: E402
-from explore_images import load_explore_config  # noqa: E402
 
 CHILD = """
 import resource, runpy, sys, json
