@@ -27,17 +27,21 @@ pipeline: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# Optional: the exploration stage on real UTKFace faces, when ../shared/data is present.
+# Optional: explore, process and train on real UTKFace faces, when ../shared/data is present
+# (the model is tested on a held-out 15% of them).
 smoke-real: $(STAMP)
 	@if [ -d $(REAL_DATA) ]; then \
 		$(PY) explore_images.py --set dataset_dir=$(REAL_DATA) \
-			--set output_csv=csv/real/image_metadata.csv --set summary_csv=csv/real/image_metadata_summary.csv; \
+			--set output_csv=csv/real/image_metadata.csv --set summary_csv=csv/real/image_metadata_summary.csv && \
+		$(PY) process_images.py --set input_csv=csv/real/image_metadata.csv --set output_dir=processed_dataset/real \
+			--set output_csv=csv/real/processed_metadata.csv && \
+		$(PY) train_model.py --set input_csv=csv/real/processed_metadata.csv --set output_dir=models/real; \
 	else echo "skipping real-data smoke run: $(REAL_DATA) not found"; fi
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_explore.py $(REAL_DATA)
 	$(PY) benchmarks/bench_process.py $(REAL_DATA)
-	$(PY) benchmarks/bench_train.py csv/resampled_metadata.csv
+	$(PY) benchmarks/bench_model.py $(REAL_DATA)
 
 clean:
 	rm -rf sample_dataset reports models

@@ -39,6 +39,7 @@ from utils import (
     run_script,
     setup_logging,
     write_csv_atomic,
+    write_run_record,
 )
 
 log = logging.getLogger("agepipe.explore")
@@ -72,6 +73,7 @@ def explore(config: dict, groups: AgeGroups, output: Path) -> tuple[pd.DataFrame
     write_csv_atomic(result, output)
     summary = summarise(result, checks, groups)
     write_csv_atomic(summary, config["summary_csv"])
+    write_run_record(config, output)
     return result, summary, checks
 
 

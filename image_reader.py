@@ -338,7 +338,10 @@ def _cascade(name: str) -> cv2.CascadeClassifier:
     """Load a cascade once per process; a bare name means one of the files OpenCV ships."""
     if name not in _CASCADES:
         path = name if os.path.sep in name else os.path.join(cv2.data.haarcascades, name)
-        detector = cv2.CascadeClassifier(path)
+        try:
+            detector = cv2.CascadeClassifier(path)
+        except (cv2.error, SystemError):  # OpenCV's reaction to a file that is not a cascade
+            detector = cv2.CascadeClassifier()
         if detector.empty():
             raise ConfigError(f"metrics.faces.cascade: cannot load cascade {path!r}")
         _CASCADES[name] = detector
@@ -697,7 +700,7 @@ SCHEMA = {
     },
     "images": {"max_pixels": Int(1), "max_file_mb": Number(0.001), "max_aspect_ratio": Number(1), "analysis_side": Int(16, 4096)},
     "metrics": MapOf(Mapping()),  # each metric's parameters are checked against its own schema
-    "checks": MapOf({"metric": Str(), "below": Optional(Number()), "above": Optional(Number())}),
+    "checks": MapOf({"metric": Str(), "below": Optional(Number(0)), "above": Optional(Number(0))}),  # every metric is >= 0
     "duplicates": {"enabled": Bool(), "max_hash_distance": Int(0, 64), "max_age_difference": Int(0)},
 }
 LABEL_COLUMNS = ["file", "age", "age_group", "gender", "race"]

@@ -23,7 +23,7 @@ import pandas as pd
 from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
 from image_reader import IMAGE_EXTENSIONS, UnreadableImage, display_name, find_image_files, parse_utkface_name
 from utils import (AgeGroups, Bool, Int, ListOf, Optional, Str, UserError, ensure_writable_dir, load_config, read_model_metadata, run_script,
-                   setup_logging, write_csv_atomic)
+                   setup_logging, write_csv_atomic, write_run_record)
 
 log = logging.getLogger("agepipe.predict")
 
@@ -112,6 +112,7 @@ def main(args) -> None:
         frame[f"p_{label}"] = np.round(group_probabilities[:, index], 4)
     frame["error"] = errors
     write_csv_atomic(frame, config["output_csv"])
+    write_run_record({"predict": config, "model": metadata.get("config")}, config["output_csv"])
     print(f"predicted {int(readable.sum())} of {len(files)} images ({int((~readable).sum())} without a prediction); wrote {config['output_csv']}")
 
     ages = np.array([parse_utkface_name(os.path.basename(name))["age"] for name, _ in files], dtype=object)

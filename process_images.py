@@ -57,6 +57,7 @@ from utils import (
     validate,
     write_bytes_atomic,
     write_csv_atomic,
+    write_run_record,
 )
 
 log = logging.getLogger("agepipe.process")
@@ -313,6 +314,7 @@ def main(args) -> None:
         )
         output = pd.concat([output, before, results[[f"after_{m}" for m in metric_columns]]], axis=1)
         write_csv_atomic(output, config["output_csv"])
+        write_run_record({"process": config, "explore": explore}, config["output_csv"])
         removed = outputs.finish(frame.loc[written, "file"])
         if removed:
             log.info("removed %d files agepipe wrote in %s in earlier runs with other settings", removed, output_dir)

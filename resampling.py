@@ -38,6 +38,7 @@ from utils import (
     read_metadata_csv,
     run_lock,
     write_bytes_atomic,
+    write_run_record,
 )
 
 log = logging.getLogger("agepipe.resampling")
@@ -262,6 +263,7 @@ def execute_plan(selected: pd.DataFrame, config: dict) -> pd.DataFrame:
                 journal.record(key, result)
         done = journal.rows(keys) if keys else pd.DataFrame({"augmentation": []})
         outputs.finish(selected["output_file"])
+        write_run_record(config, config["output_csv"])
         journal.remove()
     return pd.DataFrame(
         {

@@ -43,6 +43,7 @@ from utils import (
     ensure_writable_dir,
     load_config,
     read_metadata_csv,
+    run_record,
     run_script,
     setup_logging,
     write_csv_atomic,
@@ -200,7 +201,7 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
     figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for axes, metric, title in ((loss, "loss", "Loss (KL divergence to the age distribution)"), (accuracy, "group_accuracy", "Age-group accuracy")):
         axes.plot(history["epoch"] + 1, history[metric], label="training")
-        if f"val_{metric}" in history.columns:
+        if f"val_{metric}" in history.columns and history[f"val_{metric}"].notna().any():
             axes.plot(history["epoch"] + 1, history[f"val_{metric}"], label="validation")
         axes.set(title=title, xlabel="epoch")
         axes.grid(alpha=0.3)
@@ -377,7 +378,7 @@ def main(args) -> None:
     metadata = {"age_group_edges": list(groups.edges), "labels": groups.labels, "max_age": max_age,
                 "backbone": model_config["backbone"], "descriptor": model_config["descriptor"] if uses_descriptors else None,
                 "input_size": None if uses_descriptors else inputs["image_size"], "training_group_shares": list(map(float, training_shares)),
-                "config": config}
+                **run_record(config)}
     save_with_metadata(model, output_dir / "model.keras", metadata)
     headline = ("accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "population_weighted_accuracy", "mae_years")
     report = {
@@ -393,7 +394,7 @@ def main(args) -> None:
         "prediction_images_per_second": round(len(test) / max(predict_seconds, 1e-9), 1),
         "replicas": strategy.num_replicas_in_sync,
         "age_groups": groups.labels,
-        "config": config,
+        **run_record(config),
     }
     with atomic_write(output_dir / "metrics.json", encoding="utf-8") as f:
         json.dump(report, f, indent=2)

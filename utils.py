@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -306,6 +307,9 @@ class UserError(RuntimeError):
     """A problem with the user's input (missing folder, unwritable output...): one line, exit 2."""
 
 
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def run_script(main: Callable[[argparse.Namespace], None], description: str, default_config: str):
     """Entry point shared by the scripts: parse arguments, run, turn user errors into one line."""
     args = parse_args(description, default_config)
@@ -317,6 +321,12 @@ def run_script(main: Callable[[argparse.Namespace], None], description: str, def
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to continue where it stopped", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in FILE_SYSTEM_ERRORS:
+            raise
+        # a full disk or a read-only folder: what was written stays whole (atomic writes), re-run after fixing
+        print(f"error: {exc.strerror}: {exc.filename or 'while writing'}; re-run the same command once fixed", file=sys.stderr)
+        sys.exit(2)
 
 
 def setup_logging(level: str) -> None:
@@ -371,6 +381,31 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
 def copy_file_atomic(source: str | os.PathLike, target: str | os.PathLike) -> None:
     with open(source, "rb") as src, atomic_write(target, "wb") as dst:
         shutil.copyfileobj(src, dst)
+
+
+RECORDED_PACKAGES = ("numpy", "opencv-python-headless", "pandas", "pillow", "scikit-image", "tensorflow", "keras", "dlib-bin",
+                     "face-recognition-models")
+
+
+def run_record(config: dict) -> dict:
+    """What reproduces a run: the resolved config (after --set) and the versions of the packages used."""
+    from importlib import metadata
+
+    versions = {}
+    for package in RECORDED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"config": config, "python": sys.version.split()[0], "packages": versions}
+
+
+def write_run_record(config: dict, output: str | os.PathLike) -> Path:
+    """Save run_record(config) as <output>.run.json beside a stage's output."""
+    target = Path(f"{output}.run.json")
+    with atomic_write(target, encoding="utf-8") as f:
+        json.dump(run_record(config), f, indent=2, default=str)
+    return target
 
 
 def read_metadata_csv(path, what: str, hint: str = "", required=(), **read_options):

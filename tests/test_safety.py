@@ -205,3 +205,27 @@ def test_errors_never_echo_a_files_contents(faces, tmp_path):
     assert result.returncode == 2 and "SECRET" not in result.stderr + result.stdout
     result = run("process_images.py", f"input_csv={secret}", f"output_dir={tmp_path}/o", f"output_csv={tmp_path}/p.csv", check=False)
     assert result.returncode == 2 and "SECRET" not in result.stderr + result.stdout
+
+
+def test_negative_thresholds_and_a_non_cascade_file_are_config_errors(faces, tmp_path):
+    common = [f"dataset_dir={faces}", f"output_csv={tmp_path}/m4.csv", f"summary_csv={tmp_path}/s4.csv"]
+    result = run("explore_images.py", *common, "checks.blurry.below=-5", check=False)
+    assert result.returncode == 2 and "checks.blurry.below: expected null or a number >= 0" in result.stderr
+    (tmp_path / "fake.xml").write_text("<opencv_storage>nothing</opencv_storage>")
+    result = run("explore_images.py", *common, f"metrics.faces.cascade={tmp_path}/fake.xml", check=False)
+    assert result.returncode == 2 and "cannot load cascade" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import errno
+
+    from utils import run_script
+
+    def main(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "csv/image_metadata.csv")
+
+    monkeypatch.setattr(sys, "argv", ["explore_images.py"])
+    with pytest.raises(SystemExit) as stop:
+        run_script(main, "test", "explore_images.yaml")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: No space left on device: csv/image_metadata.csv; re-run the same command once fixed"
