@@ -139,7 +139,7 @@ def test_labels_from_a_csv(small_sample, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["checks.blurry.below=soft"], "checks.blurry.below: expected null or a number, got 'soft'"),
+        (["checks.blurry.below=soft"], "checks.blurry.below: expected null or a number >= 0, got 'soft'"),
         (["checks.blurry.metric=blurines"], "checks.blurry.metric: expected one of"),
         (["metrics.sharpness={}"], "metrics.sharpness: unknown metric"),
         (["metrics.noise.flat_fraction=2"], "metrics.noise.flat_fraction: expected a number >= 0.01 and <= 1.0, got 2"),
