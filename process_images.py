@@ -218,7 +218,10 @@ def _init_worker(processor: Processor) -> None:
 
 def _process_task(task: tuple[str, dict]) -> tuple[str, dict]:
     key, row = task
-    return key, _processor(row)
+    result = _processor(row)
+    if result.get("output_path"):  # so that a resumed run can tell its output is still the one it wrote
+        result["output_bytes"] = os.path.getsize(result["output_path"])
+    return key, result
 
 
 def failed_row(task: tuple[str, dict], reason: str) -> tuple[str, dict]:
@@ -244,7 +247,8 @@ def dataset_roots(frame: pd.DataFrame) -> set[str]:
 
 def process_rows(frame: pd.DataFrame, config: dict, explore: dict, output_dir: Path) -> pd.DataFrame:
     """Process every row (continuing an interrupted run from its journal) and return the results.
-    A resumed run checks that the images its journal lists are still there, and redoes those that are not."""
+    A resumed run checks that the images its journal lists are still there with the size it wrote, and
+    redoes those that are not."""
     processor = Processor(config, explore)
     fingerprint = config_fingerprint(
         {k: config[k] for k in ("repairs", "retry", "resize", "jpeg_quality")}, explore["metrics"], explore["checks"], str(output_dir.resolve())
@@ -263,10 +267,11 @@ def process_rows(frame: pd.DataFrame, config: dict, explore: dict, output_dir: P
                 after = result.pop("after") or {}
                 journal.record(key, {**result, **{f"after_{k}": v for k, v in after.items()}})
         results = journal.rows(keys)
-        gone = [i for i, p in enumerate(results["output_path"]) if isinstance(p, str) and not os.path.isfile(p)]
+        gone = [i for i, (p, size) in enumerate(zip(results["output_path"], results.get("output_bytes", [None] * len(results))))
+                if isinstance(p, str) and not (os.path.isfile(p) and os.path.getsize(p) == size)]
         if not gone:
             return results
-        log.info("%d images listed by the journal are missing from %s: redoing them", len(gone), output_dir)
+        log.info("%d images listed by the journal are missing from %s or changed: redoing them", len(gone), output_dir)
         todo = [(keys[i], rows[i]) for i in gone]
     raise UserError(f"images keep vanishing from {output_dir} while this run writes them")
 

@@ -229,3 +229,14 @@ def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):
         run_script(main, "test", "explore_images.yaml")
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == "error: No space left on device: csv/image_metadata.csv; re-run the same command once fixed"
+
+
+def test_resume_redoes_an_output_changed_since_the_journal_recorded_it(explored, tmp_path):
+    out = tmp_path / "killed"
+    kill_part_way("process_images.py", [f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={out}/images",
+                                         f"output_csv={out}/processed.csv", "num_workers=1"], out / "processed.journal.jsonl", lines=60)
+    victim = sorted((out / "images").glob("*.jpg"))[0]
+    original_size = victim.stat().st_size
+    victim.write_bytes(b"truncated by a crash")
+    process(explored / "image_metadata.csv", out)
+    assert victim.stat().st_size == original_size and cv2.imread(str(victim)) is not None
