@@ -264,8 +264,9 @@ def main(args) -> None:
             log.info("%d faces had no plausible landmarks and were described whole (on_no_landmarks: whole_image)", fallbacks)
         train, validation, test = (described[(described["set"] == name) & ~missing] for name in ("train", "validation", "test"))
     else:  # pixels are decoded in TensorFlow's pipeline, where a bad file would stop training: check each once now
-        readable = decodable_paths(pd.concat([train, validation, test]))
-        dropped = sorted(set(frame["path"]) - readable)
+        used = pd.concat([train, validation, test])
+        readable = decodable_paths(used)
+        dropped = sorted(set(used["path"]) - readable)
         if dropped:
             log.warning("%d images cannot be decoded and are left out, e.g. %s", len(dropped), dropped[0])
         train, validation, test = (rows[rows["path"].isin(readable)] for rows in (train, validation, test))

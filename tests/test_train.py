@@ -187,3 +187,18 @@ def test_year_distribution_targets_and_prior_correction():
     np.testing.assert_allclose(corrected, [[1 / 3, 1 / 3, 1 / 3]], atol=1e-6)
     perfect = evaluate(year_targets([5, 40, 80], 100, 0), [5, 40, 80], groups, 100, [0.2, 0.5, 0.3])
     assert perfect["accuracy"] == perfect["population_weighted_accuracy"] == perfect["balanced_accuracy"] == 1 and perfect["mae_years"] == 0
+
+
+def test_images_that_no_longer_decode_are_left_out_before_training(resampled, descriptor_cache, tmp_path):
+    folder, _, _ = resampled
+    rows = read_csv(folder / "resampled.csv")
+    broken = tmp_path / "35_0_0_broken.jpg"
+    broken.write_bytes(open(rows["path"].iloc[0], "rb").read()[:300])  # truncated since the earlier stages accepted it
+    extra = rows.iloc[:1].assign(file=broken.name, path=str(broken), source=broken.name, copy=0, age=35)
+    pd.concat([rows, extra]).to_csv(tmp_path / "with_broken.csv", index=False)
+    pixels = train(tmp_path / "with_broken.csv", tmp_path / "pixels", descriptor_cache, *PIXELS)
+    assert "1 images cannot be decoded and are left out" in pixels.stderr and "Traceback" not in pixels.stderr
+    described = train(tmp_path / "with_broken.csv", tmp_path / "descriptors", descriptor_cache, "training.epochs=2")
+    assert "1 images have no face descriptor" in described.stderr and "Traceback" not in described.stderr
+    problems = read_csv(tmp_path / "descriptors" / "face_problems.csv").set_index("file")
+    assert problems.loc[broken.name, "face_problem"].startswith("unreadable: ")
