@@ -552,7 +552,26 @@ class OutputFolder:
             if is_inside(target, self.path) and target.is_file() and not target.is_symlink():
                 target.unlink()
                 removed += 1
+        removed += self._remove_temporary_files(self.owned() | written)
         self._write(written)
+        return removed
+
+    def _remove_temporary_files(self, names: set[str]) -> int:
+        """Delete the temporary files a killed run of atomic_write left for files agepipe owns here: their
+        names are "." + the owned name's first 32 characters + "." + 8 random characters + ".tmp"."""
+        prefixes: dict[Path, set[str]] = {}
+        for relative in names:
+            target = self.path / relative
+            prefixes.setdefault(target.parent, set()).add(f".{target.name[:32]}.")
+        removed = 0
+        for folder, starts in prefixes.items():
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                name = entry.name
+                if name.endswith(".tmp") and name[:-13] + "." in starts and entry.is_file() and not entry.is_symlink():
+                    entry.unlink()
+                    removed += 1
         return removed
 
 

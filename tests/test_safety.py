@@ -175,8 +175,10 @@ def test_output_folder_ownership_in_the_library(tmp_path):
     for name in ("a.jpg", "b.jpg"):
         (tmp_path / "out" / name).write_bytes(b"ours")
     (tmp_path / "out" / "theirs.jpg").write_bytes(b"theirs")
-    assert folder.finish(["a.jpg"]) == 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([MANIFEST, "a.jpg", "theirs.jpg"])
+    (tmp_path / "out" / ".b.jpg.k1ll3d_x.tmp").write_bytes(b"a killed run's temporary file of ours")
+    (tmp_path / "out" / ".theirs.jpg.abcdefgh.tmp").write_bytes(b"looks like one, but not of a file we own")
+    assert folder.finish(["a.jpg"]) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([MANIFEST, "a.jpg", "theirs.jpg", ".theirs.jpg.abcdefgh.tmp"])
     with pytest.raises(UserError, match="overlaps the input dataset"):
         OutputFolder(tmp_path / "data" / "out", inputs=[tmp_path / "data"])
 
