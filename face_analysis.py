@@ -209,7 +209,8 @@ def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: s
                                      on_failure=lambda task, reason: (task[0], {"descriptor": None, "face_problem": f"failed: {reason}"})):
             cache.record(key, row)
     unique = sorted({h for h in hashes if h})
-    rows = cache.rows(unique, compact=False).to_dict("records")  # a cache shared by many datasets if unique else []
+    # compact=False: the cache is shared by many datasets; no hash at all (every file unreadable) reads nothing
+    rows = cache.rows(unique, compact=False).to_dict("records") if unique else []
     by_hash = dict(zip(unique, rows))
     descriptors, problems = [], []
     for digest in hashes:

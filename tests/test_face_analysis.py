@@ -1,5 +1,6 @@
 """The face descriptor: cached by content, fallbacks reported, one-line errors, and it carries age on real faces."""
 import json
+import os
 import shutil
 import sys
 
@@ -59,6 +60,10 @@ def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(tmp_pat
     descriptors, problems = describe_files([str(tmp_path / "blank.png"), str(tmp_path / "broken.jpg")],
                                            DescriptorSettings("detector", "skip", 0.2, 40, 0.25, False), tmp_path / "c.jsonl", 1, *LIMITS)
     assert descriptors == [None, None] and problems[0].startswith("no face") and problems[1].startswith("unreadable")
+
+    os.mkfifo(tmp_path / "fifo.jpg")  # nothing hashable at all, into an empty cache
+    descriptors, problems = describe_files([str(tmp_path / "fifo.jpg")], SETTINGS, tmp_path / "empty.jsonl", 1, *LIMITS)
+    assert descriptors == [None] and problems[0].startswith("unreadable")
 
 
 def test_implausible_landmarks_are_named():
