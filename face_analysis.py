@@ -11,7 +11,6 @@ many stages, runs or copies of it there are.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from image_reader import UnreadableImage, content_digest, read_image
 from utils import Journal, UserError, config_fingerprint, parallel_map, progress_bar
 
 log = logging.getLogger("agepipe.faces")
@@ -158,7 +158,7 @@ def content_hash(path: str, max_bytes: int) -> str | None:
         if not stat.S_ISREG(status.st_mode) or status.st_size > max_bytes:
             return None
         with open(path, "rb") as f:
-            return hashlib.blake2b(f.read(max_bytes + 1), digest_size=16).hexdigest()
+            return content_digest(f.read(max_bytes + 1))
     except (OSError, UnicodeEncodeError):
         return None
 
@@ -174,8 +174,6 @@ def _init_worker(settings: DescriptorSettings, max_pixels: int, max_file_bytes: 
 
 
 def _describe_task(task: tuple[str, str]) -> tuple[str, dict]:
-    from image_reader import UnreadableImage, read_image
-
     key, path = task
     try:
         bgr, _ = read_image(path, *_read_limits)

@@ -392,6 +392,11 @@ def bit_depth(image_format: str, mode: str, data: bytes) -> int:
     return 16 if mode.startswith("I;16") else 32 if mode in ("I", "F") else 1 if mode == "1" else 8
 
 
+def content_digest(data: bytes) -> str:
+    """The `content_hash` of a file's bytes: exact duplicates share it, and caches are keyed by it."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 @contextlib.contextmanager
 def pillow_size_check_off():
     """Let Pillow read a huge image's header (only the header: images.max_pixels, checked right after,
@@ -435,7 +440,7 @@ def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio
             raise UnreadableImage("file grew over images.max_file_mb while being read", {"file_size": len(data)})
     except OSError as exc:
         raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from None
-    info = {"file_size": len(data), "content_hash": hashlib.blake2b(data, digest_size=16).hexdigest()}
+    info = {"file_size": len(data), "content_hash": content_digest(data)}
     if not data:
         raise UnreadableImage("empty file (0 bytes)", info)
     try:

@@ -705,7 +705,6 @@ def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
     it), then the caller's initializer."""
     if sys.platform == "linux":
         import ctypes
-
         import signal
 
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
