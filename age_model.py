@@ -11,28 +11,12 @@ trained from scratch) or any keras.applications model (pixels).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 import zipfile
 from pathlib import Path
 
-
-@contextlib.contextmanager
-def native_stderr_silenced():
-    """Hide what C++ code writes to file descriptor 2: TensorFlow's start-up lines (oneDNN, CUDA drivers)
-    are written by absl before any log level applies, and would bury the stage's own output."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "wb") as null:
-        os.dup2(null.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
+from utils import METADATA_ENTRY, AgeGroups, UserError, native_stderr_silenced, read_model_metadata
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 with native_stderr_silenced():
@@ -43,8 +27,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from face_analysis import DESCRIPTOR_BACKBONE, DESCRIPTOR_SIZE, MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
-from image_reader import read_image  # noqa: E402
-from utils import METADATA_ENTRY, AgeGroups, UserError, read_model_metadata  # noqa: E402
+from image_io import read_image  # noqa: E402
 
 
 
@@ -96,7 +79,7 @@ def correct_prior(year_probabilities: np.ndarray, groups: AgeGroups, max_age: in
 # --------------------------------------------------------------------------------------------------
 def load_pixels(path: str, size: int) -> np.ndarray:
     """An image file as a size x size x 3 RGB uint8 array (area-resampled), the way training and
-    prediction both see it. Raises image_reader.UnreadableImage with the reason."""
+    prediction both see it. Raises image_io.UnreadableImage with the reason."""
     bgr, _ = read_image(path, MAX_PIXELS, MAX_FILE_BYTES)
     return np.ascontiguousarray(cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)[..., ::-1])
 

@@ -12,14 +12,10 @@ Three steps, each usable on its own:
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import logging
 import math
 import os
 import re
-import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,8 +24,9 @@ from typing import Callable
 import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
+from face_analysis import FACE_COLUMNS, DetectorSettings, FaceDetector, face_geometry, detector_model_path
+from image_io import CONTROL_CHARACTERS, UnreadableImage, read_image
 from utils import (AgeGroups, Bool, ConfigError, Field, Int, Journal, MapOf, Mapping, Number, Optional, Str, UserError, load_config,
                    parallel_map, progress_bar, validate)
 
@@ -40,7 +37,6 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 UTKFACE_NAME = re.compile(r"^(?P<age>\d+)_(?:(?P<gender>\d)_)?(?:(?P<race>\d)_)?")
 FLOAT_DECIMALS = 4  # metric values are rounded so the CSV is readable and diffs are meaningful
 STATUSES = ("ok", "low_quality", "unlabelled", "unreadable")
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,16 +171,18 @@ def load_dataset(dataset_dir, labels: dict, age_range: dict, age_groups: AgeGrou
 class Metric:
     function: Callable
     params: dict  # schema of the function's keyword parameters
+    columns: tuple[str, ...]  # the CSV columns it fills
 
 
 METRICS: dict[str, Metric] = {}
 
 
-def metric(**params: Field):
-    """Register `function(view, **params) -> value` as a metric; its name is the CSV column."""
+def metric(columns: tuple[str, ...] = (), **params: Field):
+    """Register `function(view, **params)` as a metric. It returns one value, whose CSV column is the
+    function's name, or a dict of values for the named `columns`."""
 
     def register(function):
-        METRICS[function.__name__] = Metric(function, params)
+        METRICS[function.__name__] = Metric(function, params, columns or (function.__name__,))
         return function
 
     return register
@@ -202,9 +200,14 @@ class ImageView:
         self.analysis_side = analysis_side
 
     @cached_property
+    def analysis_scale(self) -> float:
+        """Size of the analysis copy relative to the image."""
+        return self.analysis_side / min(self.bgr.shape[:2])
+
+    @cached_property
     def analysis_bgr(self) -> np.ndarray:
         h, w = self.bgr.shape[:2]
-        scale = self.analysis_side / min(h, w)
+        scale = self.analysis_scale
         if scale == 1:
             return self.bgr
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -304,48 +307,19 @@ def colourfulness(view: ImageView) -> float:
     return float(math.hypot(rg_std[0], yb_std[0] / 2) + 0.3 * math.hypot(rg_mean[0], yb_mean[0] / 2))
 
 
-@metric(
-    cascade=Str(),
-    detect_side=Int(24),
-    border_fraction=Number(0, 1),
-    scale_factor=Number(1.01, 2),
-    min_neighbors=Int(0),
-    min_face_fraction=Number(0.05, 1),
-)
-def faces(view, cascade, detect_side, border_fraction, scale_factor, min_neighbors, min_face_fraction) -> int:
-    """Number of frontal faces found by OpenCV's Viola-Jones cascade (shipped with OpenCV, offline).
-
-    Face crops are tight, so the image is padded first: otherwise the face fills the frame and no
-    detection window contains all of it.
-    """
-    detector = _cascade(cascade)
-    h, w = view.gray.shape
-    scale = detect_side / min(h, w)
-    gray = cv2.resize(view.gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    pad = int(border_fraction * detect_side)
-    gray = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-    smallest = int(min_face_fraction * detect_side)
-    found = detector.detectMultiScale(
-        gray, scaleFactor=scale_factor, minNeighbors=min_neighbors, minSize=(smallest, smallest)
-    )
-    return int(len(found))
+@metric(columns=FACE_COLUMNS, min_score=Number(0, 1), iou_threshold=Number(0, 1), border_fraction=Number(0, 1))
+def faces(view: ImageView, min_score: float, iou_threshold: float, border_fraction: float) -> dict:
+    """Faces found by BlazeFace (face_analysis.FaceDetector) and the geometry of the best one: its
+    box, score, share of the image, offset from the centre, roll and keypoints, in image pixels."""
+    settings = DetectorSettings(min_score, iou_threshold, border_fraction)
+    if settings not in _DETECTORS:
+        _DETECTORS[settings] = FaceDetector(settings)
+    found = _DETECTORS[settings].detect(view.analysis_bgr)
+    height, width = view.bgr.shape[:2]
+    return face_geometry(found.scaled(1 / view.analysis_scale), width, height)
 
 
-_CASCADES: dict[str, cv2.CascadeClassifier] = {}
-
-
-def _cascade(name: str) -> cv2.CascadeClassifier:
-    """Load a cascade once per process; a bare name means one of the files OpenCV ships."""
-    if name not in _CASCADES:
-        path = name if os.path.sep in name else os.path.join(cv2.data.haarcascades, name)
-        try:
-            detector = cv2.CascadeClassifier(path)
-        except (cv2.error, SystemError):  # OpenCV's reaction to a file that is not a cascade
-            detector = cv2.CascadeClassifier()
-        if detector.empty():
-            raise ConfigError(f"metrics.faces.cascade: cannot load cascade {path!r}")
-        _CASCADES[name] = detector
-    return _CASCADES[name]
+_DETECTORS: dict[DetectorSettings, FaceDetector] = {}  # one per process and setting: loading costs ~10 ms
 
 
 @metric(hash_side=Int(4, 16), dct_side=Int(8, 128))
@@ -370,106 +344,18 @@ def metrics_schema() -> dict:
     return {name: m.params for name, m in METRICS.items()}
 
 
-# --------------------------------------------------------------------------------------------------
-# Reading one file
-# --------------------------------------------------------------------------------------------------
 BASIC_COLUMNS = ["file_size", "format", "color_mode", "width", "height", "min_side", "channels", "bit_depth", "content_hash"]
+SIZE_COLUMNS = ["width", "height", "min_side"]  # measured again on every processed image
 
 
-class UnreadableImage(Exception):
-    """The file cannot be used as an image. The message is the reason written to the CSV; `info`
-    holds what was learnt before the problem (size, hash, header fields)."""
-
-    def __init__(self, reason: str, info: dict | None = None):
-        super().__init__(reason)
-        self.info = info or {}
+def measured_columns(metrics: dict) -> list[str]:
+    """The numeric columns that the configured metrics fill, which checks can test (not the hash)."""
+    return [column for name in metrics if name != "phash" for column in METRICS[name].columns]
 
 
-def bit_depth(image_format: str, mode: str, data: bytes) -> int:
-    """Bits per channel. Pillow shows 16-bit colour PNGs as 8-bit "RGB", so PNGs are asked directly."""
-    if image_format == "PNG" and len(data) > 24:
-        return data[24]  # the bit-depth byte of the IHDR chunk, which must come first
-    return 16 if mode.startswith("I;16") else 32 if mode in ("I", "F") else 1 if mode == "1" else 8
-
-
-def content_digest(data: bytes) -> str:
-    """The `content_hash` of a file's bytes: exact duplicates share it, and caches are keyed by it."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-@contextlib.contextmanager
-def pillow_size_check_off():
-    """Let Pillow read a huge image's header (only the header: images.max_pixels, checked right after,
-    decides), and restore Pillow's own guard for every other caller afterwards."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-
-
-def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio: float = math.inf) -> tuple[np.ndarray, dict]:
-    """Decode an image file to 8-bit BGR and describe it, or raise UnreadableImage with the reason.
-
-    Guards come before any decoding: only regular files are opened (a FIFO or a link to a device would
-    be read forever), the file size is capped, and the header is read first (Pillow, no decoding) so
-    that a decompression bomb or an extreme aspect ratio (30000x1 pixels would be scaled to 6 million
-    pixels a side for analysis) is refused before any pixel memory is allocated. Decoding itself uses
-    OpenCV (libjpeg-turbo), the fastest decoder here. Grayscale, alpha, palette, 16-bit and CMYK images
-    are all converted to 8-bit BGR; the original mode, channel count and bit depth are reported.
-    """
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        # readable here, but its name cannot be written to a UTF-8 CSV for later stages to open
-        raise UnreadableImage("file name is not valid UTF-8; rename the file") from None
-    if CONTROL_CHARACTERS.search(path):
-        raise UnreadableImage("file name holds control characters (newline, tab...); rename the file")
-    try:
-        status = os.stat(path)
-        if stat.S_ISDIR(status.st_mode):
-            raise UnreadableImage("a folder that cannot be listed: the files in it cannot be seen")
-        if not stat.S_ISREG(status.st_mode):
-            raise UnreadableImage("not a regular file (a FIFO, device or socket, or a link to one)")
-        if status.st_size > max_file_bytes:
-            raise UnreadableImage(f"file is {status.st_size / 1e6:.0f} MB, over images.max_file_mb", {"file_size": status.st_size})
-        with open(path, "rb") as f:
-            data = f.read(max_file_bytes + 1)  # the file may have grown since
-        if len(data) > max_file_bytes:
-            raise UnreadableImage("file grew over images.max_file_mb while being read", {"file_size": len(data)})
-    except OSError as exc:
-        raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from None
-    info = {"file_size": len(data), "content_hash": content_digest(data)}
-    if not data:
-        raise UnreadableImage("empty file (0 bytes)", info)
-    try:
-        with pillow_size_check_off(), Image.open(io.BytesIO(data)) as header:
-            mode = header.mode
-            info.update(format=header.format, color_mode=mode, width=header.size[0], height=header.size[1])
-            info["channels"] = len(header.getbands())
-    except UnidentifiedImageError:
-        raise UnreadableImage("not an image: content is not a known image format", info) from None
-    except Exception as exc:  # Pillow raises many types on corrupt headers
-        raise UnreadableImage(f"corrupt image header: {exc}", info) from None
-    info["bit_depth"] = bit_depth(info["format"], mode, data)
-    width, height = info["width"], info["height"]
-    info["min_side"] = min(width, height)
-    if width == 0 or height == 0:
-        raise UnreadableImage(f"zero-pixel image ({width}x{height})", info)
-    if width * height > max_pixels:
-        raise UnreadableImage(f"refused: {width}x{height} pixels is over images.max_pixels (decompression bomb guard)", info)
-    if max(width, height) > max_aspect_ratio * min(width, height):
-        raise UnreadableImage(f"refused: {width}x{height} pixels is more elongated than images.max_aspect_ratio", info)
-    if info["format"] == "JPEG" and b"\xff\xd9" not in data[-1024:]:
-        # libjpeg fills a truncated image with grey and only warns; the missing end marker tells
-        raise UnreadableImage("truncated JPEG: no end-of-image marker", info)
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None or bgr.size == 0:
-        raise UnreadableImage(f"{info['format']} data could not be decoded (corrupt file)", info)
-    return bgr, info
-
-
+# --------------------------------------------------------------------------------------------------
+# Measuring files
+# --------------------------------------------------------------------------------------------------
 @dataclass
 class ReaderSettings:
     metrics: dict  # name -> parameters, the validated `metrics` config section
@@ -489,7 +375,8 @@ class ReaderSettings:
 
 def unreadable_row(reason: str | None, settings: ReaderSettings) -> dict:
     """A row of measure_file with every value empty and `error` set."""
-    return {**{column: None for column in BASIC_COLUMNS}, **{name: None for name in settings.metrics}, "error": reason}
+    columns = [column for name in settings.metrics for column in METRICS[name].columns]
+    return {**{column: None for column in BASIC_COLUMNS}, **{column: None for column in columns}, "error": reason}
 
 
 def measure_file(path: str, settings: ReaderSettings) -> dict:
@@ -511,8 +398,8 @@ def measure_array(bgr: np.ndarray, settings: ReaderSettings) -> dict:
     values = {"width": width, "height": height, "min_side": min(width, height)}
     for name, params in settings.metrics.items():
         value = METRICS[name].function(view, **params)
-        values[name] = round(value, FLOAT_DECIMALS) if isinstance(value, float) else value
-    return values
+        values.update(value if isinstance(value, dict) else {name: value})
+    return {name: round(value, FLOAT_DECIMALS) if isinstance(value, float) else value for name, value in values.items()}
 
 
 # Process-pool plumbing: settings are sent once per worker, not once per image.
@@ -719,15 +606,15 @@ def load_explore_config(path, overrides=()) -> dict:
         if name not in known:
             raise ConfigError(f"{path}: metrics.{name}: unknown metric (known: {', '.join(known)})")
         config["metrics"][name] = validate(params, known[name], f"metrics.{name}")
-    available = ["width", "height", "min_side", "file_size", "channels", "bit_depth"] + [
-        m for m in config["metrics"] if m != "phash"
-    ]
+    available = SIZE_COLUMNS + ["file_size", "channels", "bit_depth"] + measured_columns(config["metrics"])
     try:
         validate_checks(config["checks"], available)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if config["labels"]["source"] == "csv" and not config["labels"]["csv_path"]:
         raise ConfigError(f"{path}: labels.csv_path: expected a path when labels.source is 'csv', got null")
+    if "faces" in config["metrics"]:
+        detector_model_path()  # a missing package is one line now, not an error in every row
     if config["duplicates"]["enabled"] and "phash" not in config["metrics"]:
         raise ConfigError(f"{path}: duplicates.enabled: needs the phash metric in metrics")
     return config

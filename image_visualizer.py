@@ -146,20 +146,39 @@ def _flagged_share(values: pd.Series, thresholds: list[dict]) -> float:
     return float(flagged.mean()) if len(values) else 0.0
 
 
-def _thumbnail(path: str, side: int) -> np.ndarray:
+def _thumbnail(path: str, side: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """The image squeezed to side x side pixels (grey when unreadable), and its x and y scale."""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path and Path(path).is_file() else None
     if image is None:
-        return np.full((side, side, 3), 0.85)
+        return np.full((side, side, 3), 0.85), (1.0, 1.0)
+    scale = (side / image.shape[1], side / image.shape[0])
     image = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) / 255.0
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) / 255.0, scale
+
+
+def face_overlays(frame: pd.DataFrame) -> list[dict | None]:
+    """Per row, the best face's box (x, y, width, height) and keypoints from the exploration's face
+    columns, in image pixels; None where no face was found or the CSV has no face columns."""
+    box_columns = ["face_x", "face_y", "face_width", "face_height"]
+    if not set(box_columns) <= set(frame.columns):
+        return [None] * len(frame)
+    point_columns = [c[:-2] for c in frame.columns if c.startswith("face_") and c.endswith("_x") and c != "face_x" and c[:-2] + "_y" in frame.columns]
+    overlays = []
+    for _, row in frame.iterrows():
+        box = pd.to_numeric(row[box_columns], errors="coerce").to_numpy(float)
+        points = [(row[p + "_x"], row[p + "_y"]) for p in point_columns]
+        overlays.append({"box": box, "points": np.array(points, float).reshape(-1, 2)} if np.isfinite(box).all() else None)
+    return overlays
 
 
 def image_grid(frame: pd.DataFrame, check: str, metric: str, worst_first_ascending: bool, columns: int, rows: int, thumb: int, dpi: int):
-    """The images a check flags, worst first, with their file names and scores: what the threshold catches."""
+    """The images a check flags, worst first, with their file names and scores: what the threshold
+    catches. The best face found is drawn on each: its box, and its keypoints as dots."""
     require(frame, f"flag_{check}", metric, "path", "file")
     flagged = frame[frame[f"flag_{check}"].astype(bool)]
     flagged = flagged.sort_values(metric, ascending=worst_first_ascending).head(columns * rows)
-    return _grid([(p, [f, f"{metric} {v:.3g}"]) for p, f, v in zip(flagged["path"], flagged["file"], flagged[metric])],
+    captions = [[f, f"{metric} {v:.3g}"] for f, v in zip(flagged["file"], flagged[metric])]
+    return _grid(list(zip(flagged["path"], captions, face_overlays(flagged))),
                  f"{check}: {int(frame[f'flag_{check}'].sum()):,} images flagged, worst first", columns, thumb, dpi)
 
 
@@ -170,8 +189,8 @@ def before_after_grid(frame: pd.DataFrame, operation: str, pairs: int, columns: 
     repaired = repaired.head(pairs)
     cells = []
     for _, row in repaired.iterrows():
-        cells.append((row["source_path"], [_short(row["file"]), "before: " + row["failed_checks_before"].replace(";", ", ")]))
-        cells.append((row["path"], ["after", _short(row["operations"].split("(")[0])]))
+        cells.append((row["source_path"], [_short(row["file"]), "before: " + row["failed_checks_before"].replace(";", ", ")], None))
+        cells.append((row["path"], ["after", _short(row["operations"].split("(")[0])], None))
     return _grid(cells, f"Repairs using {operation}: before | after ({len(repaired)} of "
                  f"{int(((frame['status'] == 'repaired') & frame['operations'].fillna('').str.contains(operation + '(', regex=False)).sum())})",
                  columns, thumb, dpi)
@@ -182,7 +201,7 @@ def _short(text: str, length: int = 20) -> str:
     return text if len(text) <= length else text[: length - 1] + "…"
 
 
-def _grid(cells: list[tuple[str, list[str]]], title: str, columns: int, thumb: int, dpi: int):
+def _grid(cells: list[tuple[str, list[str], dict | None]], title: str, columns: int, thumb: int, dpi: int):
     rows = max(1, math.ceil(len(cells) / columns))
     inch = thumb / dpi
     figure = plt.figure(figsize=(columns * inch * 1.05, rows * inch * 1.35 + 0.5), dpi=dpi, layout="constrained")
@@ -190,9 +209,15 @@ def _grid(cells: list[tuple[str, list[str]]], title: str, columns: int, thumb: i
     if not cells:
         figure.text(0.5, 0.5, "no images", ha="center")
         return figure
-    for index, (path, caption) in enumerate(cells):
+    for index, (path, caption, face) in enumerate(cells):
         axes = figure.add_subplot(rows, columns, index + 1)
-        axes.imshow(_thumbnail(path, thumb))
+        image, (sx, sy) = _thumbnail(path, thumb)
+        axes.imshow(image)
+        if face is not None:
+            x, y, width, height = face["box"]
+            axes.add_patch(plt.Rectangle((x * sx, y * sy), width * sx, height * sy, fill=False, edgecolor=OK_COLOUR, linewidth=1.2))
+            axes.scatter(face["points"][:, 0] * sx, face["points"][:, 1] * sy, s=4, color=FLAG_COLOUR, zorder=3)
+            axes.set(xlim=(0, thumb), ylim=(thumb, 0))  # a box beyond a tight crop must not rescale the thumbnail
         axes.set_axis_off()
         axes.set_title("\n".join(_short(c) for c in caption), fontsize=6.5, fontweight="normal")
     return figure

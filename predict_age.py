@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
-from image_reader import IMAGE_EXTENSIONS, UnreadableImage, display_name, find_image_files, parse_utkface_name
+from image_io import UnreadableImage
+from image_reader import IMAGE_EXTENSIONS, display_name, find_image_files, parse_utkface_name
 from utils import (AgeGroups, Bool, Int, ListOf, Optional, Str, UserError, ensure_writable_dir, load_config, read_model_metadata, run_script,
                    setup_logging, write_csv_atomic, write_run_record)
 

@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, encode_image, resize_square
-from image_reader import load_explore_config, ReaderSettings, UnreadableImage, failing_checks, measure_array, read_image
+from image_io import UnreadableImage, read_image
+from image_reader import SIZE_COLUMNS, ReaderSettings, failing_checks, load_explore_config, measure_array, measured_columns
 from utils import (
     Bool,
     ConfigError,
@@ -293,7 +294,7 @@ def main(args) -> None:
     with run_lock(config["output_csv"]):
         outputs.begin(frame.loc[candidates, "file"])
         results = process_rows(frame, config, explore, output_dir)
-        metric_columns = ["width", "height", "min_side"] + [m for m in explore["metrics"] if m != "phash"]
+        metric_columns = SIZE_COLUMNS + measured_columns(explore["metrics"])
         before = frame[metric_columns].add_prefix("before_")
         for column in [f"after_{m}" for m in metric_columns]:
             if column not in results.columns:

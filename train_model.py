@@ -180,7 +180,7 @@ def describe(frame: pd.DataFrame, settings: DescriptorSettings, cache: Path, wor
 
 def decodable_paths(rows: pd.DataFrame) -> set[str]:
     """The paths among `rows` that decode (read_image's guards and decoder), for pixel backbones."""
-    from image_reader import UnreadableImage, read_image
+    from image_io import UnreadableImage, read_image
 
     readable = set()
     for path in rows["path"].unique():

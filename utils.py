@@ -329,6 +329,21 @@ def run_script(main: Callable[[argparse.Namespace], None], description: str, def
         sys.exit(2)
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Hide what C++ code writes to file descriptor 2: TensorFlow's and LiteRT's start-up lines (oneDNN, CUDA
+    drivers, XNNPACK) are written by absl before any log level applies, and would bury the stage's own output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"

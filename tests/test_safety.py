@@ -209,13 +209,14 @@ def test_errors_never_echo_a_files_contents(faces, tmp_path):
     assert result.returncode == 2 and "SECRET" not in result.stderr + result.stdout
 
 
-def test_negative_thresholds_and_a_non_cascade_file_are_config_errors(faces, tmp_path):
+def test_negative_thresholds_and_impossible_detector_settings_are_config_errors(faces, tmp_path):
     common = [f"dataset_dir={faces}", f"output_csv={tmp_path}/m4.csv", f"summary_csv={tmp_path}/s4.csv"]
     result = run("explore_images.py", *common, "checks.blurry.below=-5", check=False)
     assert result.returncode == 2 and "checks.blurry.below: expected null or a number >= 0" in result.stderr
-    (tmp_path / "fake.xml").write_text("<opencv_storage>nothing</opencv_storage>")
-    result = run("explore_images.py", *common, f"metrics.faces.cascade={tmp_path}/fake.xml", check=False)
-    assert result.returncode == 2 and "cannot load cascade" in result.stderr and "Traceback" not in result.stderr
+    result = run("explore_images.py", *common, "metrics.faces.min_score=1.5", check=False)
+    assert result.returncode == 2 and "metrics.faces.min_score" in result.stderr and "Traceback" not in result.stderr
+    result = run("explore_images.py", *common, "checks.no_face.metric=face_colour", check=False)
+    assert result.returncode == 2 and "face_roll" in result.stderr  # the error lists the face columns a check can use
 
 
 def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):

@@ -1,0 +1,115 @@
+"""Reading one image file safely: the guards every stage runs before decoding, and the decoding.
+
+`read_image` refuses what is not a regular file, what is too large, a decompression bomb or an
+absurd aspect ratio before any pixel memory is allocated, and names the reason in one line
+(`UnreadableImage`), which the stages write into their CSV rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import os
+import re
+import stat
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class UnreadableImage(Exception):
+    """The file cannot be used as an image. The message is the reason written to the CSV; `info`
+    holds what was learnt before the problem (size, hash, header fields)."""
+
+    def __init__(self, reason: str, info: dict | None = None):
+        super().__init__(reason)
+        self.info = info or {}
+
+
+def bit_depth(image_format: str, mode: str, data: bytes) -> int:
+    """Bits per channel. Pillow shows 16-bit colour PNGs as 8-bit "RGB", so PNGs are asked directly."""
+    if image_format == "PNG" and len(data) > 24:
+        return data[24]  # the bit-depth byte of the IHDR chunk, which must come first
+    return 16 if mode.startswith("I;16") else 32 if mode in ("I", "F") else 1 if mode == "1" else 8
+
+
+def content_digest(data: bytes) -> str:
+    """The `content_hash` of a file's bytes: exact duplicates share it, and caches are keyed by it."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@contextlib.contextmanager
+def pillow_size_check_off():
+    """Let Pillow read a huge image's header (only the header: images.max_pixels, checked right after,
+    decides), and restore Pillow's own guard for every other caller afterwards."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio: float = math.inf) -> tuple[np.ndarray, dict]:
+    """Decode an image file to 8-bit BGR and describe it, or raise UnreadableImage with the reason.
+
+    Guards come before any decoding: only regular files are opened (a FIFO or a link to a device would
+    be read forever), the file size is capped, and the header is read first (Pillow, no decoding) so
+    that a decompression bomb or an extreme aspect ratio (30000x1 pixels would be scaled to 6 million
+    pixels a side for analysis) is refused before any pixel memory is allocated. Decoding itself uses
+    OpenCV (libjpeg-turbo), the fastest decoder here. Grayscale, alpha, palette, 16-bit and CMYK images
+    are all converted to 8-bit BGR; the original mode, channel count and bit depth are reported.
+    """
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        # readable here, but its name cannot be written to a UTF-8 CSV for later stages to open
+        raise UnreadableImage("file name is not valid UTF-8; rename the file") from None
+    if CONTROL_CHARACTERS.search(path):
+        raise UnreadableImage("file name holds control characters (newline, tab...); rename the file")
+    try:
+        status = os.stat(path)
+        if stat.S_ISDIR(status.st_mode):
+            raise UnreadableImage("a folder that cannot be listed: the files in it cannot be seen")
+        if not stat.S_ISREG(status.st_mode):
+            raise UnreadableImage("not a regular file (a FIFO, device or socket, or a link to one)")
+        if status.st_size > max_file_bytes:
+            raise UnreadableImage(f"file is {status.st_size / 1e6:.0f} MB, over images.max_file_mb", {"file_size": status.st_size})
+        with open(path, "rb") as f:
+            data = f.read(max_file_bytes + 1)  # the file may have grown since
+        if len(data) > max_file_bytes:
+            raise UnreadableImage("file grew over images.max_file_mb while being read", {"file_size": len(data)})
+    except OSError as exc:
+        raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from None
+    info = {"file_size": len(data), "content_hash": content_digest(data)}
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)", info)
+    try:
+        with pillow_size_check_off(), Image.open(io.BytesIO(data)) as header:
+            mode = header.mode
+            info.update(format=header.format, color_mode=mode, width=header.size[0], height=header.size[1])
+            info["channels"] = len(header.getbands())
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image: content is not a known image format", info) from None
+    except Exception as exc:  # Pillow raises many types on corrupt headers
+        raise UnreadableImage(f"corrupt image header: {exc}", info) from None
+    info["bit_depth"] = bit_depth(info["format"], mode, data)
+    width, height = info["width"], info["height"]
+    info["min_side"] = min(width, height)
+    if width == 0 or height == 0:
+        raise UnreadableImage(f"zero-pixel image ({width}x{height})", info)
+    if width * height > max_pixels:
+        raise UnreadableImage(f"refused: {width}x{height} pixels is over images.max_pixels (decompression bomb guard)", info)
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise UnreadableImage(f"refused: {width}x{height} pixels is more elongated than images.max_aspect_ratio", info)
+    if info["format"] == "JPEG" and b"\xff\xd9" not in data[-1024:]:
+        # libjpeg fills a truncated image with grey and only warns; the missing end marker tells
+        raise UnreadableImage("truncated JPEG: no end-of-image marker", info)
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        raise UnreadableImage(f"{info['format']} data could not be decoded (corrupt file)", info)
+    return bgr, info
