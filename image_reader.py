@@ -24,6 +24,8 @@ from typing import Callable
 import cv2
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from face_analysis import FACE_COLUMNS, DetectorSettings, FaceDetector, face_geometry, detector_model_path
 from image_io import CONTROL_CHARACTERS, UnreadableImage, read_image
@@ -484,39 +486,23 @@ def find_duplicates(frame: pd.DataFrame, max_distance: int, max_age_difference: 
     """Group exact duplicates (same bytes) and near duplicates (perceptual hashes within `max_distance`).
 
     Returns columns duplicate_group (1, 2, ... or <NA>), duplicate_of (the group's first file, for every
-    other member), and age_conflict (the group's ages differ by more than `max_age_difference`).
+    other member), and age_conflict (the group's ages differ by more than `max_age_difference`). Groups
+    are the connected components of the graph of all such pairs.
     """
     n = len(frame)
-    parent = np.arange(n)
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i, j):
-        ri, rj = root(i), root(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-
-    for _, members in frame.groupby("content_hash", sort=False).groups.items():
-        positions = frame.index.get_indexer(members)
-        for p in positions[1:]:
-            union(positions[0], p)
-    where = np.flatnonzero(frame["phash"].notna().to_numpy()) if "phash" in frame.columns else []
-    if len(where):  # an all-unreadable folder has no hash to compare
-        words = hash_words(frame["phash"].to_numpy()[where])
-        block = max(1, 2**22 // max(1, words.size))  # rows compared at a time: bounds memory
-        for start in range(0, len(words), block):
-            distance = np.bitwise_count(words[start:start + block, None, :] ^ words[None, :, :]).sum(axis=2)
-            for a, b in zip(*np.nonzero(distance <= max_distance)):
-                if start + a < b:
-                    union(where[start + a], where[b])
-
-    roots = np.array([root(i) for i in range(n)])
-    sizes = np.bincount(roots, minlength=n)
-    in_group = sizes[roots] > 1
+    positions = np.arange(n)
+    content = pd.factorize(frame["content_hash"])[0]  # -1 where unknown
+    known = positions[content >= 0]
+    exact = np.stack([pd.Series(known).groupby(content[known]).transform("min").to_numpy(), known], axis=1)
+    where = np.flatnonzero(frame["phash"].notna().to_numpy()) if "phash" in frame.columns else np.array([], int)
+    near = where[near_pairs(hash_bytes(frame["phash"].to_numpy()[where]), max_distance)] if len(where) else np.zeros((0, 2), int)
+    pairs = np.concatenate([exact.reshape(-1, 2), near]).astype(np.int64)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    first = np.full(component.max() + 1 if n else 0, n)
+    np.minimum.at(first, component, positions)
+    roots = first[component]  # each file's group, named by its first file
+    in_group = np.bincount(roots, minlength=n)[roots] > 1
     group_ids = {r: k + 1 for k, r in enumerate(sorted(set(roots[in_group])))}
     files = frame["file"].to_numpy()
     ages = pd.to_numeric(frame["age"], errors="coerce").to_numpy(dtype=float)
@@ -528,10 +514,46 @@ def find_duplicates(frame: pd.DataFrame, max_distance: int, max_age_difference: 
     return result
 
 
-def hash_words(hex_hashes) -> np.ndarray:
-    """Hex hashes of equal length as rows of uint64 words, for fast Hamming distances."""
-    data = b"".join(bytes.fromhex(h.rjust(-(-len(h) // 16) * 16, "0")) for h in hex_hashes)
-    return np.frombuffer(data, dtype=">u8").astype(np.uint64).reshape(len(hex_hashes), -1)
+def hash_bytes(hex_hashes) -> np.ndarray:
+    """Hex hashes of equal length as rows of bytes (the binary codes faiss indexes)."""
+    width = max(2, -(-max(len(h) for h in hex_hashes) // 2) * 2)
+    return np.frombuffer(b"".join(bytes.fromhex(h.rjust(width, "0")) for h in hex_hashes), np.uint8).reshape(len(hex_hashes), -1)
+
+
+def near_pairs(codes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Every pair (i < j) of binary codes (rows of bytes) at most `max_distance` bits apart, exactly.
+
+    Multi-index hashing (faiss.IndexBinaryMultiHash): the bits are cut into max_distance + 1 disjoint
+    substrings, and two codes within max_distance bits agree on at least one of them (pigeonhole), so
+    looking up exact substring matches in max_distance + 1 hash tables finds every pair. Candidates are
+    then checked on the whole code. The cost grows with the number of pairs that share a substring, not
+    with n²: a million 256-bit hashes take seconds. Substrings shorter than 16 bits would match almost
+    everything, so short codes or large radii use an exhaustive (but vectorised) index instead.
+
+    Examples
+    --------
+    >>> codes = np.array([[0b11110000, 0], [0b11110001, 0], [0b00001111, 0]], np.uint8)
+    >>> near_pairs(codes, 2).tolist()
+    [[0, 1]]
+    """
+    import faiss
+
+    bits = codes.shape[1] * 8
+    substring = bits // (max_distance + 1)
+    index = faiss.IndexBinaryMultiHash(bits, max_distance + 1, substring) if substring >= 16 else faiss.IndexBinaryFlat(bits)
+    if substring >= 16:
+        index.nflip = 0  # exact substring matches are enough, by the pigeonhole argument
+    index.add(np.ascontiguousarray(codes))
+    pairs = []
+    for start in range(0, len(codes), NEAR_PAIR_BATCH):
+        limits, _, neighbours = index.range_search(np.ascontiguousarray(codes[start:start + NEAR_PAIR_BATCH]), max_distance + 1)
+        queries = start + np.repeat(np.arange(len(limits) - 1), np.diff(limits).astype(np.int64))
+        keep = queries < neighbours  # each pair once, and not a code with itself
+        pairs.append(np.stack([queries[keep], neighbours[keep]], axis=1))
+    return np.concatenate(pairs).astype(int) if pairs else np.zeros((0, 2), int)
+
+
+NEAR_PAIR_BATCH = 100_000  # queries per range search: bounds the memory of the result lists
 
 
 def apply_checks(frame: pd.DataFrame, checks: dict) -> pd.DataFrame:

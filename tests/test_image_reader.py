@@ -95,6 +95,25 @@ def test_find_duplicates_groups_exact_and_near_copies_and_age_conflicts():
     assert result["age_conflict"].tolist() == [True, True, True, False, False]
 
 
+def test_near_pairs_by_multi_index_hashing_are_exactly_those_of_an_exhaustive_search():
+    from image_reader import near_pairs
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (2000, 32), dtype=np.uint8)  # 256-bit hashes, as hash_side 16 gives
+    for k, distance in enumerate(list(range(0, 13)) * 4 + [13, 14, 20]):  # planted pairs, the last three beyond the radius
+        a, b = 2 * k, 2 * k + 1
+        codes[b] = codes[a]
+        bits = np.unpackbits(codes[b])
+        bits[rng.choice(256, distance, replace=False)] ^= 1
+        codes[b] = np.packbits(bits)
+    found = {tuple(p) for p in near_pairs(codes, 12).tolist()}
+    words = codes.view(np.uint64)
+    distances = np.bitwise_count(words[:, None, :] ^ words[None, :, :]).sum(axis=2)  # every pair, the slow way
+    expected = {(i, j) for i, j in zip(*np.nonzero(distances <= 12)) if i < j}
+    assert found == expected and len(expected) >= 52
+    assert near_pairs(codes[:, :2], 3).shape[1] == 2  # 16-bit codes take the exhaustive index
+
+
 @pytest.mark.parametrize(
     "name, expected",
     [
