@@ -506,10 +506,11 @@ def find_duplicates(frame: pd.DataFrame, max_distance: int, max_age_difference: 
     group_ids = {r: k + 1 for k, r in enumerate(sorted(set(roots[in_group])))}
     files = frame["file"].to_numpy()
     ages = pd.to_numeric(frame["age"], errors="coerce").to_numpy(dtype=float)
-    spread = pd.Series(ages).groupby(roots).agg(lambda a: a.max() - a.min() if a.notna().any() else 0.0)
+    by_group = pd.Series(ages).groupby(roots)
+    spread = (by_group.max() - by_group.min()).fillna(0.0)
     result = pd.DataFrame(index=frame.index)
-    result["duplicate_group"] = pd.array([group_ids.get(r) if g else None for r, g in zip(roots, in_group)], dtype="Int64")
-    result["duplicate_of"] = [files[r] if g and r != i else None for i, (r, g) in enumerate(zip(roots, in_group))]
+    result["duplicate_group"] = pd.array(pd.Series(roots).map(group_ids).where(in_group), dtype="Int64")
+    result["duplicate_of"] = np.where(in_group & (roots != positions), files[roots], None)
     result["age_conflict"] = in_group & (spread.reindex(roots).to_numpy() > max_age_difference)
     return result
 

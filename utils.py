@@ -529,13 +529,13 @@ class OutputFolder:
 
     def __init__(self, path: str | os.PathLike, inputs=(), overwrite: bool = False):
         self.path = Path(path)
-        for folder in inputs:
-            if overlaps(self.path, folder):
-                raise UserError(f"output folder {self.path} overlaps the input dataset {folder}: refusing to write there")
         if overlaps(self.path, PROJECT_DIR / ".git"):
             raise UserError(f"output folder {self.path} overlaps the project's .git: refusing to write there")
         if is_inside(PROJECT_DIR, self.path):
             raise UserError(f"output folder {self.path} contains the project itself: refusing to write there")
+        for folder in inputs:
+            if overlaps(self.path, folder):
+                raise UserError(f"output folder {self.path} overlaps the input dataset {folder}: refusing to write there")
         self.manifest = self.path / MANIFEST
         if self.path.is_dir() and not self.manifest.exists() and not overwrite:
             strangers = [p for p in self.path.iterdir() if p.name != ".gitkeep"]

@@ -1,0 +1,127 @@
+"""Benchmark how exploration scales with the number of files.
+
+    python benchmarks/bench_scale.py [--sizes 3000 30000 300000] [--hashes 1000000] [--workers 0]
+
+1. Near-duplicate search alone: `find_duplicates` on --hashes random 256-bit perceptual hashes (what
+   `hash_side: 16` gives) with a few hundred planted pairs within the configured `max_hash_distance`;
+   reports seconds, peak memory and how many planted pairs were found.
+2. For each size N: a synthetic dataset of N small JPEG files (distinct pixels: a face from the
+   built-in sample, shifted and tinted per file), then the whole explore_images.py over it in a
+   subprocess: images/s, near-duplicate search seconds (from a separate timing on its CSV) and peak
+   memory of the main process and of its largest worker.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+from image_reader import find_duplicates, load_explore_config  # noqa: E402
+
+CHILD = """
+import resource, runpy, sys, json
+sys.argv = ["explore_images.py"] + sys.argv[1:]
+sys.path.insert(0, ".")
+runpy.run_path("explore_images.py", run_name="__main__")
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print("PEAK", json.dumps({"main_mb": me.ru_maxrss / 1024, "worker_mb": kids.ru_maxrss / 1024}))
+"""
+
+
+def planted_hashes(count: int, pairs: int, max_distance: int, seed: int = 0) -> tuple[pd.DataFrame, set]:
+    """`count` random 256-bit hashes in a frame like the exploration's, with `pairs` planted pairs."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (count, 32), dtype=np.uint8)
+    planted = set()
+    for a, b in rng.choice(count, (pairs, 2), replace=False):  # disjoint pairs: no plant undoes another
+        bits = np.unpackbits(codes[a])
+        bits[rng.choice(256, rng.integers(0, max_distance + 1), replace=False)] ^= 1
+        codes[b] = np.packbits(bits)
+        planted.add((min(a, b), max(a, b)))
+    frame = pd.DataFrame({"file": [f"{i}.jpg" for i in range(count)], "age": rng.integers(1, 90, count),
+                          "content_hash": [f"c{i}" for i in range(count)], "phash": [c.tobytes().hex() for c in codes]})
+    return frame, planted
+
+
+def near_duplicate_benchmark(count: int, max_distance: int) -> None:
+    frame, planted = planted_hashes(count, 300, max_distance)
+    start = time.perf_counter()
+    result = find_duplicates(frame, max_distance, 0)
+    seconds = time.perf_counter() - start
+    group = result["duplicate_group"].to_numpy()
+    found = sum(1 for a, b in planted if not pd.isna(group[a]) and group[a] == group[b])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"find_duplicates on {count:,} random 256-bit hashes: {seconds:.1f} s, {found}/{len(planted)} planted pairs "
+          f"(<= {max_distance} bits) grouped, {int(result['duplicate_group'].notna().sum())} files in groups, peak memory {peak:.0f} MB")
+
+
+def make_dataset(folder: Path, count: int, seed: int = 0) -> None:
+    """`count` distinct small JPEG faces with UTKFace names, written in a few seconds per 10,000."""
+    faces = sorted((PROJECT / "sample_dataset").glob("*.chip.jpg"))[:50]
+    if not faces:
+        sys.exit("run make_sample_dataset.py first (the faces of the built-in sample are the templates)")
+    templates = [cv2.resize(cv2.imread(str(f)), (96, 96), interpolation=cv2.INTER_AREA) for f in faces]
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        face = templates[i % len(templates)].astype(np.int16)
+        face = np.clip(face + rng.integers(-12, 13, 3) + rng.normal(0, 2, face.shape), 0, 255).astype(np.uint8)
+        shift = rng.integers(-4, 5, 2)
+        face = np.roll(face, tuple(shift), axis=(0, 1))
+        ok, data = cv2.imencode(".jpg", face, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        sub = folder / f"part{i // 10000:03d}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"{1 + i % 90}_{i % 2}_{i % 5}_{i:09d}.jpg.chip.jpg").write_bytes(data.tobytes())
+
+
+def explore_benchmark(folder: Path, out: Path, workers: int) -> dict:
+    command = [sys.executable, "-c", CHILD, "--set", f"dataset_dir={folder}", "--set", f"output_csv={out}/m.csv",
+               "--set", f"summary_csv={out}/s.csv", "--set", f"num_workers={workers}", "--set", "log_level=WARNING"]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(result.stderr[-2000:])
+    seconds = time.perf_counter() - start
+    peak = json.loads(result.stdout.split("PEAK", 1)[1])
+    frame = pd.read_csv(out / "m.csv", usecols=["file", "age", "content_hash", "phash"])
+    start = time.perf_counter()
+    find_duplicates(frame, 12, 0)
+    return {"files": len(frame), "seconds": seconds, "search_seconds": time.perf_counter() - start, **peak}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[3000, 30000, 300000])
+    parser.add_argument("--hashes", type=int, default=1_000_000)
+    parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
+    args = parser.parse_args()
+    max_distance = load_explore_config(PROJECT / "configs/explore_images.yaml")["duplicates"]["max_hash_distance"]
+    if args.hashes:
+        near_duplicate_benchmark(args.hashes, max_distance)
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            folder = Path(tmp) / f"n{size}"
+            start = time.perf_counter()
+            make_dataset(folder, size)
+            made = time.perf_counter() - start
+            stats = explore_benchmark(folder, Path(tmp) / f"out{size}", args.workers)
+            print(f"N = {size:>7,}: made in {made:5.0f} s; explore {stats['seconds']:7.1f} s = {stats['files'] / stats['seconds']:5.0f} img/s; "
+                  f"near-duplicate search {stats['search_seconds']:5.1f} s; peak memory main {stats['main_mb']:.0f} MB, "
+                  f"largest worker {stats['worker_mb']:.0f} MB")
+            subprocess.run(["rm", "-rf", str(folder)], check=True)
+
+
+if __name__ == "__main__":
+    main()
