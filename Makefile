@@ -40,6 +40,8 @@ smoke-real: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_explore.py $(REAL_DATA)
+	$(PY) benchmarks/bench_faces.py $(REAL_DATA)
+	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_process.py $(REAL_DATA)
 	$(PY) benchmarks/bench_model.py $(REAL_DATA)
 

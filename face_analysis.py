@@ -201,6 +201,8 @@ class FaceDetector:
         self.settings = settings
         self._interpreter = None
         self._anchors = blazeface_anchors()
+        score = min(max(settings.min_score, 1e-12), 1 - 1e-12)
+        self._min_logit = math.log(score / (1 - score))
 
     def _load(self):
         if self._interpreter is None:
@@ -225,8 +227,14 @@ class FaceDetector:
         """
         interpreter = self._load()
         height, width = bgr.shape[:2]
-        scale = DETECTOR_SIDE / ((1 + 2 * self.settings.border_fraction) * max(height, width))
-        small = cv2.resize(bgr, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+        target = DETECTOR_SIDE / ((1 + 2 * self.settings.border_fraction) * max(height, width))
+        size = (max(1, round(width * target)), max(1, round(height * target)))
+        factor = int(1 / target)
+        if factor >= 2:  # area-average by a whole factor first: OpenCV's fast path, 7x cheaper than any ratio
+            bgr = cv2.resize(bgr[:height - height % factor or height, :width - width % factor or width], None,
+                             fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
+        small = cv2.resize(bgr, size, interpolation=cv2.INTER_LINEAR)
+        scale = np.array([size[0] / width, size[1] / height], np.float32)
         left, top = (DETECTOR_SIDE - small.shape[1]) // 2, (DETECTOR_SIDE - small.shape[0]) // 2
         square = cv2.copyMakeBorder(small, top, DETECTOR_SIDE - small.shape[0] - top, left, DETECTOR_SIDE - small.shape[1] - left,
                                     cv2.BORDER_CONSTANT)
@@ -234,11 +242,10 @@ class FaceDetector:
         source, regressors, classificators = self._io
         interpreter.set_tensor(source, blob)
         interpreter.invoke()
-        raw = interpreter.get_tensor(regressors)[0] / DETECTOR_SIDE
-        logits = np.clip(interpreter.get_tensor(classificators)[0, :, 0].astype(np.float64), -100, 100)
-        scores = 1 / (1 + np.exp(-logits))
-        keep = scores >= self.settings.min_score
-        anchors, raw, scores = self._anchors[keep], raw[keep], scores[keep]
+        logits = interpreter.get_tensor(classificators)[0, :, 0].astype(np.float64)
+        keep = np.flatnonzero(logits >= self._min_logit)  # the few anchors worth decoding
+        scores = 1 / (1 + np.exp(-np.clip(logits[keep], -100, 100)))
+        anchors, raw = self._anchors[keep], interpreter.get_tensor(regressors)[0, keep] / DETECTOR_SIDE
         centres, sizes = anchors + raw[:, 0:2], raw[:, 2:4]
         boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], axis=1)
         points = anchors[:, None, :] + raw[:, 4:].reshape(-1, len(KEYPOINTS), 2)
