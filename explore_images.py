@@ -34,7 +34,7 @@ from utils import (
     check_output_csv,
     config_fingerprint,
     ensure_writable_dir,
-    resolve_workers,
+    engine_name,
     run_lock,
     run_script,
     setup_logging,
@@ -62,7 +62,7 @@ def explore(config: dict, groups: AgeGroups, output: Path) -> tuple[pd.DataFrame
     log.info("found %d image files in %s", len(dataset), config["dataset_dir"])
     settings = ReaderSettings.from_config(config)
     cache = Journal(output.with_suffix(".cache.jsonl"), config_fingerprint(config["metrics"], config["images"]))
-    measured = compute_images_quality_metrics(dataset, settings, config["num_workers"], cache)
+    measured = compute_images_quality_metrics(dataset, settings, config["num_workers"], cache, config["scheduler"], config["scheduler_chunk_files"])
     checked = check_images_quality(measured, config["checks"], config["duplicates"])
 
     checks = [c[len("flag_"):] for c in checked.columns if c.startswith("flag_")]
@@ -93,7 +93,7 @@ def main(args) -> None:
     counts = dict(zip(summary["name"][summary["section"] == "status"], summary["images"][summary["section"] == "status"]))
     failed = summary[(summary["section"] == "check") & (summary["images"] > 0)]
     print(
-        f"explored {len(result)} files in {elapsed:.1f}s with {resolve_workers(config['num_workers'])} workers: "
+        f"explored {len(result)} files in {elapsed:.1f}s with {engine_name(config)}: "
         + ", ".join(f"{n} {s}" for s, n in counts.items())
     )
     if len(failed):

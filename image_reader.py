@@ -429,7 +429,7 @@ def file_key(file: str, real_path: str) -> str:
 
 
 def compute_images_quality_metrics(
-    dataset: pd.DataFrame, settings: ReaderSettings, num_workers: int, cache: Journal
+    dataset: pd.DataFrame, settings: ReaderSettings, num_workers: int, cache: Journal, scheduler: str = "local", scheduler_chunk: int = 1000
 ) -> pd.DataFrame:
     """Add basic properties and metric columns to `dataset` (from `load_dataset`).
 
@@ -451,6 +451,8 @@ def compute_images_quality_metrics(
             progress=progress_bar(len(todo), "measuring"),
             on_failure=lambda task, reason: (task[0], unreadable_row(reason, settings)),
             timeout=settings.timeout_seconds,
+            scheduler=scheduler,
+            scheduler_chunk=scheduler_chunk,
         ):
             cache.record(key, row)
     measured = cache.rows(keys)

@@ -52,7 +52,7 @@ from utils import (
     parallel_map,
     progress_bar,
     read_metadata_csv,
-    resolve_workers,
+    engine_name,
     run_script,
     setup_logging,
     validate,
@@ -264,7 +264,8 @@ def process_rows(frame: pd.DataFrame, config: dict, explore: dict, output_dir: P
         with journal:
             for key, result in parallel_map(_process_task, todo, config["num_workers"], initializer=_init_worker,
                                             initargs=(processor,), chunksize=4, progress=progress_bar(len(todo), "processing"),
-                                            on_failure=failed_row, timeout=explore["task_timeout_seconds"]):
+                                            on_failure=failed_row, timeout=explore["task_timeout_seconds"],
+                                            scheduler=config["scheduler"], scheduler_chunk=config["scheduler_chunk_files"]):
                 after = result.pop("after") or {}
                 journal.record(key, {**result, **{f"after_{k}": v for k, v in after.items()}})
         results = journal.rows(keys)
@@ -329,7 +330,7 @@ def main(args) -> None:
     counts = output["status"].value_counts()
     elapsed = time.perf_counter() - start
     print(
-        f"processed {len(output)} rows in {elapsed:.1f}s with {resolve_workers(config['num_workers'])} workers: "
+        f"processed {len(output)} rows in {elapsed:.1f}s with {engine_name(config)}: "
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
     )
     print(f"wrote {int(written.sum())} images to {output_dir}/ and {config['output_csv']}")

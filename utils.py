@@ -195,6 +195,8 @@ COMMON_SCHEMA = {
     "age_groups": {"edges": ListOf(Int(0, 150), min_length=2, increasing=True)},
     "age_range": {"min": Int(0, 150), "max": Int(0, 150)},
     "num_workers": Int(0),
+    "scheduler": Str(),
+    "scheduler_chunk_files": Int(1),
     "task_timeout_seconds": Number(0.1),
     "log_level": Str(["DEBUG", "INFO", "WARNING", "ERROR"]),
 }
@@ -265,6 +267,9 @@ def load_config(schema: dict, path: str | os.PathLike, overrides: Iterable[str] 
         raise ConfigError(f"{path}: {exc}") from None
     if config["age_range"]["min"] >= config["age_range"]["max"]:
         raise ConfigError(f"{path}: age_range: expected min < max, got {config['age_range']}")
+    if config["scheduler"] != "local" and "://" not in config["scheduler"]:
+        raise ConfigError(f"{path}: scheduler: expected 'local' or a Dask scheduler address such as tcp://host:8786, "
+                          f"got {config['scheduler']!r}")
     return config
 
 
@@ -660,6 +665,13 @@ def resolve_workers(num_workers: int) -> int:
         return os.cpu_count() or 1
 
 
+def engine_name(config: dict) -> str:
+    """What runs the image work, for summary lines: "2 workers" or "the Dask cluster at tcp://...". """
+    if config["scheduler"] != "local":
+        return f"the Dask cluster at {config['scheduler']}"
+    return f"{resolve_workers(config['num_workers'])} workers"
+
+
 class TaskTimeout(Exception):
     """An item took longer than its time limit."""
 
@@ -701,6 +713,8 @@ def parallel_map(
     progress: Callable[[Iterator], Iterator] | None = None,
     on_failure: Callable[[Any, str], Any] | None = None,
     timeout: float | None = None,
+    scheduler: str = "local",
+    scheduler_chunk: int = 1000,
 ) -> Iterator:
     """Yield func(item) for every item, as results finish (not in order), over a pool of processes.
 
@@ -709,10 +723,62 @@ def parallel_map(
     a decoder), yields on_failure(item, reason) instead: it costs that item, never the run. After a
     worker dies, the items it may have held are retried one at a time in a fresh worker, so only the
     culprit fails. Without `on_failure`, such a failure raises RuntimeError.
+
+    With `scheduler` set to a Dask scheduler's address instead of "local", the items go in chunks of
+    `scheduler_chunk` to that cluster's workers (see `_dask_map`).
     """
     items = list(items)
     wrap = progress or (lambda it: it)
+    if scheduler != "local":
+        yield from wrap(_dask_map(func, items, scheduler, initializer, initargs, scheduler_chunk, on_failure))
+        return
     yield from wrap(_pool_map(func, items, resolve_workers(num_workers), initializer, initargs, chunksize, on_failure, timeout))
+
+
+_worker_initialized_with: tuple | None = None
+
+
+def _run_dask_chunk(func: Callable, chunk: list, initializer: Callable | None, initargs: tuple) -> list[tuple[bool, Any]]:
+    """A chunk on a Dask worker: the initializer runs once per worker process and settings, as in the
+    local pool. No per-item time limit: the alarm signal only works in a main thread."""
+    global _worker_initialized_with
+    if initializer and _worker_initialized_with != (initializer, initargs):
+        initializer(*initargs)
+        _worker_initialized_with = (initializer, initargs)
+    return _run_chunk(func, chunk, None)
+
+
+def _dask_map(func, items, address, initializer, initargs, chunk_size, on_failure) -> Iterator:
+    """Items over the workers of the Dask cluster at `address`, one task per chunk.
+
+    The scheduler re-runs a chunk whose worker is lost on another worker; a chunk that has killed
+    three workers yields on_failure for each of its items. Workers must see the files at the same
+    paths (a shared file system) and import agepipe's modules (start them in the project folder).
+    """
+    from distributed import Client, as_completed
+    from distributed.scheduler import KilledWorker
+
+    try:
+        client = Client(address, timeout=30)
+    except (OSError, TimeoutError) as exc:
+        raise UserError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    with client:
+        chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
+        futures = {client.submit(_run_dask_chunk, func, chunk, initializer, initargs, pure=False): chunk for chunk in chunks}
+        for future in as_completed(futures):
+            chunk = futures.pop(future)
+            try:
+                results = future.result()
+            except KilledWorker:
+                results = [(False, "its Dask worker died three times")] * len(chunk)
+            future.release()
+            for item, (ok, value) in zip(chunk, results):
+                if ok:
+                    yield value
+                elif on_failure is None:
+                    raise RuntimeError(f"{value} while processing {item!r:.200}")
+                else:
+                    yield on_failure(item, value)
 
 
 def _start_worker(initializer: Callable | None, initargs: tuple) -> None:

@@ -1,0 +1,78 @@
+"""Explore and process through a real Dask cluster (a LocalCluster of 2 worker processes started here):
+the same rows as the local pool, even when a worker is killed mid-run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import PROJECT, read_csv, run
+
+COPIES = 4  # the sample 4 times over (links): enough chunks for a kill to land mid-run
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local, \
+            distributed.Client(local) as client:
+        yield local.scheduler_address, client
+
+
+@pytest.fixture(scope="module")
+def larger_sample(sample, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dask") / "data"
+    for copy in range(COPIES):
+        (folder / f"copy{copy}").mkdir(parents=True)
+        for image in sample.iterdir():
+            (folder / f"copy{copy}" / image.name).symlink_to(image)
+    return folder
+
+
+def run_and_kill_a_worker(script: str, overrides: list[str], journal, client) -> None:
+    """Run a script on the cluster and SIGKILL one Dask worker once the journal shows progress; the
+    script must still finish with exit code 0."""
+    command = [sys.executable, script] + [a for o in overrides for a in ("--set", o)]
+    child = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < 300):
+        time.sleep(0.02)
+    assert child.poll() is None, "the run ended before a worker could be killed"
+    victim = next(iter(client.run(os.getpid).values()))
+    os.kill(victim, signal.SIGKILL)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err
+    assert "Dask cluster" in out and victim not in client.run(os.getpid).values()  # the nanny started a new worker
+
+
+def test_explore_and_process_on_dask_give_the_local_rows_despite_a_killed_worker(cluster, larger_sample, tmp_path):
+    address, client = cluster
+    local, remote = tmp_path / "local", tmp_path / "dask"
+    run("explore_images.py", f"dataset_dir={larger_sample}", f"output_csv={local}/m.csv", f"summary_csv={local}/s.csv")
+    engine = [f"scheduler={address}", "scheduler_chunk_files=40"]
+    run_and_kill_a_worker("explore_images.py", [f"dataset_dir={larger_sample}", f"output_csv={remote}/m.csv",
+                                                f"summary_csv={remote}/s.csv", *engine], remote / "m.cache.jsonl", client)
+    pd.testing.assert_frame_equal(read_csv(local / "m.csv"), read_csv(remote / "m.csv"))
+    assert (local / "s.csv").read_bytes() == (remote / "s.csv").read_bytes()
+
+    run("process_images.py", f"input_csv={local}/m.csv", f"output_dir={local}/out", f"output_csv={local}/p.csv")
+    run_and_kill_a_worker("process_images.py", [f"input_csv={remote}/m.csv", f"output_dir={remote}/out", f"output_csv={remote}/p.csv",
+                                                *engine], remote / "p.journal.jsonl", client)
+    # the same rows, each naming its own run's folder
+    mine, theirs = (read_csv(folder / "p.csv").map(lambda v: v.replace(str(folder), "<run>") if isinstance(v, str) else v)
+                    for folder in (local, remote))
+    pd.testing.assert_frame_equal(mine, theirs)
+    written = sorted(p.relative_to(remote / "out") for p in (remote / "out").rglob("*.jpg"))
+    assert written == sorted(p.relative_to(local / "out") for p in (local / "out").rglob("*.jpg")) and written
+
+
+def test_an_unreachable_scheduler_is_one_line(sample, tmp_path):
+    result = run("explore_images.py", f"dataset_dir={sample}", f"output_csv={tmp_path}/m.csv", f"summary_csv={tmp_path}/s.csv",
+                 "scheduler=tcp://127.0.0.1:9", check=False)
+    assert result.returncode != 0 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run("explore_images.py", f"dataset_dir={sample}", "scheduler=my-cluster", check=False)
+    assert result.returncode == 2 and "scheduler: expected 'local' or a Dask scheduler address" in result.stderr
