@@ -2,13 +2,15 @@
 
     python benchmarks/bench_scale.py [--sizes 3000 30000 300000] [--hashes 1000000] [--workers 0]
 
-1. Near-duplicate search alone: `find_duplicates` on --hashes random 256-bit perceptual hashes (what
-   `hash_side: 16` gives) with a few hundred planted pairs within the configured `max_hash_distance`;
-   reports seconds, peak memory and how many planted pairs were found.
-2. For each size N: a synthetic dataset of N small JPEG files (distinct pixels: a face from the
+1. For each size N: a synthetic dataset of N small JPEG files (distinct pixels: a face from the
    built-in sample, shifted and tinted per file), then the whole explore_images.py over it in a
    subprocess: images/s, near-duplicate search seconds (from a separate timing on its CSV) and peak
-   memory of the main process and of its largest worker.
+   memory of the main process and of its largest worker; then the same run through a Dask
+   LocalCluster of as many single-threaded workers (`scheduler` set to its address).
+2. Near-duplicate search alone: `find_duplicates` on --hashes random 256-bit perceptual hashes (what
+   `hash_side: 16` gives) with a few hundred planted pairs within the configured `max_hash_distance`;
+   reports seconds, peak memory and how many planted pairs were found. It runs last: a child process
+   started afterwards would inherit its peak memory figure.
 """
 from __future__ import annotations
 
@@ -86,9 +88,10 @@ def make_dataset(folder: Path, count: int, seed: int = 0) -> None:
         (sub / f"{1 + i % 90}_{i % 2}_{i % 5}_{i:09d}.jpg.chip.jpg").write_bytes(data.tobytes())
 
 
-def explore_benchmark(folder: Path, out: Path, workers: int) -> dict:
+def explore_benchmark(folder: Path, out: Path, workers: int, scheduler: str = "local") -> dict:
     command = [sys.executable, "-c", CHILD, "--set", f"dataset_dir={folder}", "--set", f"output_csv={out}/m.csv",
-               "--set", f"summary_csv={out}/s.csv", "--set", f"num_workers={workers}", "--set", "log_level=WARNING"]
+               "--set", f"summary_csv={out}/s.csv", "--set", f"num_workers={workers}", "--set", "log_level=WARNING",
+               "--set", f"scheduler={scheduler}"]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
     if result.returncode:
@@ -107,20 +110,28 @@ def main():
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
     args = parser.parse_args()
+    from distributed import LocalCluster
+
+    from utils import resolve_workers
+
     max_distance = load_explore_config(PROJECT / "configs/explore_images.yaml")["duplicates"]["max_hash_distance"]
-    if args.hashes:
-        near_duplicate_benchmark(args.hashes, max_distance)
-    with tempfile.TemporaryDirectory() as tmp:
+    workers = resolve_workers(args.workers)
+    with tempfile.TemporaryDirectory() as tmp, \
+            LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster:
         for size in args.sizes:
             folder = Path(tmp) / f"n{size}"
             start = time.perf_counter()
             make_dataset(folder, size)
             made = time.perf_counter() - start
-            stats = explore_benchmark(folder, Path(tmp) / f"out{size}", args.workers)
-            print(f"N = {size:>7,}: made in {made:5.0f} s; explore {stats['seconds']:7.1f} s = {stats['files'] / stats['seconds']:5.0f} img/s; "
+            stats = explore_benchmark(folder, Path(tmp) / f"out{size}", workers)
+            on_dask = explore_benchmark(folder, Path(tmp) / f"dask{size}", workers, cluster.scheduler_address)
+            print(f"N = {size:>7,}: made in {made:5.0f} s; explore {stats['seconds']:7.1f} s = {stats['files'] / stats['seconds']:5.0f} img/s "
+                  f"(Dask LocalCluster of {workers}: {on_dask['files'] / on_dask['seconds']:5.0f} img/s); "
                   f"near-duplicate search {stats['search_seconds']:5.1f} s; peak memory main {stats['main_mb']:.0f} MB, "
-                  f"largest worker {stats['worker_mb']:.0f} MB")
+                  f"largest worker {stats['worker_mb']:.0f} MB", flush=True)
             subprocess.run(["rm", "-rf", str(folder)], check=True)
+    if args.hashes:
+        near_duplicate_benchmark(args.hashes, max_distance)
 
 
 if __name__ == "__main__":
