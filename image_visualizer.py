@@ -1,10 +1,12 @@
 """Plots of the quality metadata: each function takes a data frame and returns a matplotlib figure.
 
-The entry script chooses the non-interactive Agg backend, so everything runs on servers without a display.
+The entry script chooses the non-interactive Agg backend, so everything runs on servers without a display;
+the house style applies inside each plot function only, so importing this module changes no global state.
 `save_figure` writes a figure to PNG (and optionally SVG) atomically.
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -28,7 +30,17 @@ STYLE = {
 }
 BAR_COLOUR, FLAG_COLOUR, OK_COLOUR = "#4C72B0", "#C44E52", "#55A868"
 THRESHOLD_COLOURS = ["#C44E52", "#DD8452", "#8172B3", "#937860"]
-plt.rcParams.update(STYLE)
+
+
+def styled(plot):
+    """Draw inside the house style, leaving matplotlib's global settings as the caller had them."""
+
+    @functools.wraps(plot)
+    def draw(*args, **kwargs):
+        with plt.style.context(STYLE):
+            return plot(*args, **kwargs)
+
+    return draw
 
 
 class MissingColumn(ValueError):
@@ -54,6 +66,7 @@ def needs_log_scale(values: pd.Series, span: float) -> bool:
     return high / low > span
 
 
+@styled
 def visualize_distribution(frame: pd.DataFrame, metric: str, thresholds: list[dict], size, dpi: int, bins: int, log_span: float):
     """Histogram of one metric with each threshold drawn, and the number and share of images beyond it.
 
@@ -90,6 +103,7 @@ def _beyond_one(values, threshold: dict):
     return values < threshold["value"] if threshold["side"] == "below" else values > threshold["value"]
 
 
+@styled
 def plot_age_distribution(frame: pd.DataFrame, groups: AgeGroups, size, dpi: int):
     """Labelled images per age group (bars, with counts) and per single year of age."""
     require(frame, "age")
@@ -110,6 +124,7 @@ def plot_age_distribution(frame: pd.DataFrame, groups: AgeGroups, size, dpi: int
     return figure
 
 
+@styled
 def plot_metric_by_age_group(frame: pd.DataFrame, metric: str, groups: AgeGroups, thresholds: list[dict], size, dpi: int, log_span: float):
     """One metric per age group, with the share of each group flagged by the metric's thresholds in the
     tick labels: a quality problem concentrated in one group biases a classifier. Box plots for
@@ -171,6 +186,7 @@ def face_overlays(frame: pd.DataFrame) -> list[dict | None]:
     return overlays
 
 
+@styled
 def image_grid(frame: pd.DataFrame, check: str, metric: str, worst_first_ascending: bool, columns: int, rows: int, thumb: int, dpi: int):
     """The images a check flags, worst first, with their file names and scores: what the threshold
     catches. The best face found is drawn on each: its box, and its keypoints as dots."""
@@ -182,6 +198,7 @@ def image_grid(frame: pd.DataFrame, check: str, metric: str, worst_first_ascendi
                  f"{check}: {int(frame[f'flag_{check}'].sum()):,} images flagged, worst first", columns, thumb, dpi)
 
 
+@styled
 def before_after_grid(frame: pd.DataFrame, operation: str, pairs: int, columns: int, thumb: int, dpi: int):
     """Original and repaired image side by side, for the repaired images whose plan used `operation`."""
     require(frame, "status", "operations", "source_path", "path")
@@ -223,6 +240,7 @@ def _grid(cells: list[tuple[str, list[str], dict | None]], title: str, columns: 
     return figure
 
 
+@styled
 def plot_summary(exploration: pd.DataFrame, processed: pd.DataFrame | None, size, dpi: int):
     """Counts of every status and every failed check, as horizontal bars with their numbers."""
     require(exploration, "status")

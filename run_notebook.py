@@ -1,27 +1,23 @@
-"""Execute a notebook headlessly, the way `make pipeline` and the tests run the notebooks.
+"""Execute a notebook headlessly with papermill, the way `make pipeline` and the tests run the notebooks.
 
     python run_notebook.py resampling.ipynb [--config PATH] [--set key=value ...]
 
-The executed copy, with its outputs, is saved to reports/notebooks/ (the notebook in the repository is
-left as it is). --config and --set reach the notebook through the AGEPIPE_CONFIG and AGEPIPE_SET
-environment variables. A failing cell stops the run with the cell's error and exit status 1.
+Each notebook has a cell tagged `parameters` (`config_path`, `overrides`); --config and --set replace
+them, as papermill does. The executed copy, with its outputs, is saved to reports/notebooks/ (the
+notebook in the repository is left as it is). A failing cell stops the run with the cell's error and
+exit status 1.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import nbformat
-from jupyter_client import KernelManager
-from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
-
-from utils import PROJECT_DIR, atomic_write
+from utils import PROJECT_DIR, current_umask, native_stderr_silenced
 
 
 def main() -> None:
@@ -32,29 +28,38 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=PROJECT_DIR / "reports" / "notebooks")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one cell may take")
     args = parser.parse_args()
-    if not args.notebook.exists():
+    if not args.notebook.is_file():
         sys.exit(f"error: notebook {args.notebook} not found")
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    parameters = {"overrides": args.overrides}
     if args.config:
-        os.environ["AGEPIPE_CONFIG"] = args.config
-    os.environ["AGEPIPE_SET"] = "\n".join(args.overrides)
-    notebook = nbformat.read(args.notebook, as_version=4)
+        parameters["config_path"] = str(Path(args.config).resolve())
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     target = args.output_dir / args.notebook.name
-    with tempfile.TemporaryDirectory(prefix="agepipe-kernel-") as sockets:
-        # local socket files, not TCP, in a temporary folder: never left in the repository
-        kernel = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel-ipc"))
-        client = NotebookClient(notebook, km=kernel, timeout=args.timeout, resources={"metadata": {"path": str(PROJECT_DIR)}})
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="agepipe-kernel-") as runtime, \
+            tempfile.NamedTemporaryFile(dir=args.output_dir, prefix=".tmp-", suffix=".ipynb", delete=False) as partial:
+        # the kernel's connection file goes to a temporary folder, never the repository
+        os.environ["JUPYTER_RUNTIME_DIR"] = runtime
         try:
-            # the kernel's own stderr (e.g. "Parent appears to have exited" at shutdown) is not the user's
-            # business: cell errors and outputs are in the notebook
-            client.execute(stderr=subprocess.DEVNULL)
-        except CellExecutionError as exc:
-            error = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()  # drop the traceback's colours
-            print(f"error: {args.notebook} failed: {error[-1] if error else exc}", file=sys.stderr)
+            # the kernel's own stderr ("Parent appears to have exited" at shutdown) is not the user's
+            # business: a cell's error is in the exception and in the saved notebook
+            with native_stderr_silenced():
+                papermill.execute_notebook(str(args.notebook), partial.name, parameters=parameters, cwd=str(PROJECT_DIR),
+                                           kernel_name="python3", progress_bar=False, log_output=False, execution_timeout=args.timeout)
+        except PapermillExecutionError as exc:
+            error = re.sub(r"\x1b\[[0-9;]*m", "", f"{exc.ename}: {exc.evalue}")  # no terminal colours
+            print(f"error: {args.notebook} failed: {error}", file=sys.stderr)
             sys.exit(1)
         finally:
-            with atomic_write(target, encoding="utf-8") as f:
-                nbformat.write(notebook, f)
-    print(f"executed {args.notebook}; with outputs: {target}")
+            if os.path.getsize(partial.name):
+                os.chmod(partial.name, 0o666 & ~current_umask())  # a temporary file is private; outputs are not
+                os.replace(partial.name, target)  # the executed copy appears whole, failed or not
+            else:
+                os.unlink(partial.name)
+    print(f"executed {args.notebook} in {time.perf_counter() - start:.0f}s; with outputs: {target}")
 
 
 if __name__ == "__main__":

@@ -298,11 +298,8 @@ def parse_args(description: str, default_config: str, argv=None) -> argparse.Nam
     return parser.parse_args(argv)
 
 
-def notebook_config(schema: dict, default_config: str) -> dict:
-    """Config for a notebook: AGEPIPE_CONFIG names the file (default configs/<default_config>) and
-    AGEPIPE_SET holds newline-separated key=value overrides, as run_notebook.py --set passes them."""
-    path = os.environ.get("AGEPIPE_CONFIG") or str(CONFIG_DIR / default_config)
-    overrides = [line for line in os.environ.get("AGEPIPE_SET", "").splitlines() if line.strip()]
+def notebook_config(schema: dict, path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
+    """A notebook's config, from its `parameters` cell (which run_notebook.py sets through papermill)."""
     config = load_config(schema, path, overrides)
     setup_logging(config["log_level"])
     return config
@@ -361,8 +358,18 @@ def setup_logging(level: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def current_umask() -> int:
+    """The process's umask, read without setting it (Linux shows it in /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -375,7 +382,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     path.parent.mkdir(parents=True, exist_ok=True)
     # the temporary name stays short: a 250-character name plus a suffix would exceed the file system's limit
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:32]}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs get the usual permissions
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; outputs get the usual permissions
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f

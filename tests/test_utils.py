@@ -101,3 +101,22 @@ def test_journal_with_other_fingerprint_is_discarded(tmp_path):
         journal.record("a", {"x": 1})
     assert Journal(path, "new-settings").done == set()
     assert not path.exists()
+
+
+def test_importing_the_library_modules_changes_no_global_state():
+    import subprocess
+    import sys
+
+    from conftest import PROJECT
+
+    # third-party imports first: what they do at import (OpenCV sets LD_LIBRARY_PATH, scipy adds a
+    # warnings filter) is theirs; the probe watches what agepipe's own modules add
+    probe = """
+import os, warnings, matplotlib, matplotlib.pyplot, PIL.Image, cv2, numpy, pandas, scipy.sparse.csgraph, yaml, tqdm
+state = lambda: (dict(matplotlib.rcParams), matplotlib.get_backend(), PIL.Image.MAX_IMAGE_PIXELS, dict(os.environ), list(warnings.filters))
+before = state()
+import utils, image_io, image_reader, image_processor, image_visualizer, face_analysis, resampling
+print(before == state())
+"""
+    result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, capture_output=True, text=True)
+    assert result.stdout.strip() == "True", result.stderr
