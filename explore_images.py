@@ -20,12 +20,15 @@ import pandas as pd
 
 from image_reader import (
     LABEL_COLUMNS,
-    STATUSES,
+    Check,
+    Status,
     ReaderSettings,
     check_images_quality,
     compute_images_quality_metrics,
+    flag_column,
     load_dataset,
     load_explore_config,
+    score_column,
 )
 from utils import (
     AgeGroups,
@@ -46,12 +49,12 @@ log = logging.getLogger("agepipe.explore")
 
 def summarise(frame: pd.DataFrame, checks: list[str], groups: AgeGroups) -> pd.DataFrame:
     """Counts per status, per failed check and per age group (all labelled, and ok only)."""
-    rows = [("status", s, int((frame["status"] == s).sum())) for s in STATUSES]
-    rows += [("check", c, int(frame[f"flag_{c}"].sum())) for c in checks]
+    rows = [("status", s.value, int((frame["status"] == s).sum())) for s in Status]
+    rows += [("check", c, int(frame[flag_column(c)].sum())) for c in checks]
     for label in groups.labels:
         in_group = frame["age_group"] == label
         rows.append(("age_group_labelled", label, int(in_group.sum())))
-        rows.append(("age_group_ok", label, int((in_group & (frame["status"] == "ok")).sum())))
+        rows.append(("age_group_ok", label, int((in_group & (frame["status"] == Status.OK)).sum())))
     rows.append(("total", "files", len(frame)))
     return pd.DataFrame(rows, columns=["section", "name", "images"])
 
@@ -65,8 +68,9 @@ def explore(config: dict, groups: AgeGroups, output: Path) -> tuple[pd.DataFrame
     measured = compute_images_quality_metrics(dataset, settings, config["num_workers"], cache, config["scheduler"], config["scheduler_chunk_files"])
     checked = check_images_quality(measured, config["checks"], config["duplicates"])
 
-    checks = [c[len("flag_"):] for c in checked.columns if c.startswith("flag_")]
-    leading = LABEL_COLUMNS + ["status", "reason", "failed_checks"] + [f"flag_{c}" for c in checks]
+    checks = list(config["checks"]) + ([Check.DUPLICATE, Check.AGE_CONFLICT] if config["duplicates"]["enabled"] else [])
+    verdicts = [column for c in checks for column in (flag_column(c), score_column(c)) if column in checked.columns]
+    leading = LABEL_COLUMNS + ["status", "reason", "failed_checks"] + verdicts
     trailing = ["error", "label_error", "path"]
     middle = [c for c in checked.columns if c not in leading + trailing and not c.startswith("_")]
     result = checked[leading + middle + trailing]

@@ -9,10 +9,27 @@ the lightness channel of CIELAB only.
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 from typing import Callable
 
 import cv2
 import numpy as np
+
+from image_reader import Status
+
+
+class ProcessStatus(StrEnum):
+    """What processing did with an image (its `status` column in the processed CSV)."""
+
+    KEPT = "kept"  # passed every check: copied (or only resized)
+    REPAIRED = "repaired"  # failed checks, repaired, re-measured, now passes them all
+    REJECTED = "rejected"  # not repairable, or still failing after the repairs; `reason` says why
+    UNREADABLE = "unreadable"
+    UNLABELLED = "unlabelled"
+
+
+# The statuses, of any stage's CSV, whose images are fit to train on: the one definition.
+TRAINABLE_STATUSES = (Status.OK, ProcessStatus.KEPT, ProcessStatus.REPAIRED)
 
 # --------------------------------------------------------------------------------------------------
 # dtype handling

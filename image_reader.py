@@ -17,6 +17,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,32 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 # UTKFace: age_gender_race_date.jpg[.chip.jpg]; gender and race may be missing in the wild.
 UTKFACE_NAME = re.compile(r"^(?P<age>\d+)_(?:(?P<gender>\d)_)?(?:(?P<race>\d)_)?")
 FLOAT_DECIMALS = 4  # metric values are rounded so the CSV is readable and diffs are meaningful
-STATUSES = ("ok", "low_quality", "unlabelled", "unreadable")
+
+
+class Status(StrEnum):
+    """What exploration says of a file (its `status` column); the first problem found wins."""
+
+    OK = "ok"
+    LOW_QUALITY = "low_quality"  # fails at least one check
+    UNLABELLED = "unlabelled"  # no usable age
+    UNREADABLE = "unreadable"  # not a decodable image; `reason` says why
+
+
+class Check(StrEnum):
+    """The checks computed in code rather than configured as thresholds in `checks:`."""
+
+    DUPLICATE = "duplicate"  # a copy (exact or near) of an earlier file
+    AGE_CONFLICT = "age_conflict"  # in a duplicate group whose ages disagree
+
+
+def flag_column(check: str) -> str:
+    """The boolean column saying whether a file fails `check`."""
+    return f"flag_{check}"
+
+
+def score_column(check: str) -> str:
+    """The numeric column of a threshold check's margin: negative when failed, lowest is worst."""
+    return f"score_{check}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,15 +499,19 @@ def validate_checks(checks: dict, available: list[str]) -> dict:
     return checks
 
 
-def flag_check(values: pd.Series, below: float | None, above: float | None) -> pd.Series:
-    """True where a value is below `below` or above `above`; unmeasured values are never flagged."""
-    values = pd.to_numeric(values, errors="coerce")
-    flagged = pd.Series(False, index=values.index)
-    if below is not None:
-        flagged |= values < below
-    if above is not None:
-        flagged |= values > above
-    return flagged & values.notna()
+def check_margin(values: pd.Series, below: float | None, above: float | None) -> pd.Series:
+    """How far each value is inside the allowed range, in the metric's units: negative when it is
+    below `below` or above `above` (the check fails), the lowest the worst; empty when unmeasured.
+
+    Examples
+    --------
+    >>> check_margin(pd.Series([3.0, 10.0, None]), below=8, above=None).tolist()
+    [-5.0, 2.0, nan]
+    """
+    values = pd.to_numeric(values, errors="coerce").astype(float)
+    margins = [values - below] if below is not None else []
+    margins += [above - values] if above is not None else []
+    return pd.concat(margins, axis=1).min(axis=1, skipna=False)
 
 
 def find_duplicates(frame: pd.DataFrame, max_distance: int, max_age_difference: int) -> pd.DataFrame:
@@ -560,24 +590,25 @@ NEAR_PAIR_BATCH = 100_000  # queries per range search: bounds the memory of the 
 
 
 def apply_checks(frame: pd.DataFrame, checks: dict) -> pd.DataFrame:
-    """One boolean column `flag_<check>` per threshold rule: the exploration and processing stages'
-    single definition of what fails."""
-    return pd.DataFrame(
-        {f"flag_{name}": flag_check(frame[rule["metric"]], rule["below"], rule["above"]) for name, rule in checks.items()},
-        index=frame.index,
-    )
+    """Per threshold rule, a boolean column `flag_<check>` and beside it `score_<check>`, its margin
+    (see check_margin): the exploration and processing stages' single definition of what fails."""
+    columns = {}
+    for name, rule in checks.items():
+        margin = check_margin(frame[rule["metric"]], rule["below"], rule["above"])
+        columns[flag_column(name)], columns[score_column(name)] = margin < 0, margin
+    return pd.DataFrame(columns, index=frame.index)
 
 
 def failing_checks(values: dict, checks: dict) -> list[str]:
     """Names of the checks one measured image fails."""
     flags = apply_checks(pd.DataFrame([values]), checks).iloc[0]
-    return [name for name in checks if flags[f"flag_{name}"]]
+    return [name for name in checks if flags[flag_column(name)]]
 
 
 def check_images_quality(frame: pd.DataFrame, checks: dict, duplicates: dict) -> pd.DataFrame:
     """Apply the threshold checks and the duplicate search; add flags, failed checks and status.
 
-    Every check adds a boolean column `flag_<check>`. `failed_checks` lists the failed ones (";"),
+    Every check adds a boolean column `flag_<check>` (threshold checks also `score_<check>`). `failed_checks` lists the failed ones (";"),
     `status` is one of ok, low_quality, unlabelled, unreadable (the first problem wins, in reverse
     order), and `reason` says why in words.
     """
@@ -585,15 +616,15 @@ def check_images_quality(frame: pd.DataFrame, checks: dict, duplicates: dict) ->
     names = list(checks)
     if duplicates["enabled"]:
         frame = pd.concat([frame, find_duplicates(frame, duplicates["max_hash_distance"], duplicates["max_age_difference"])], axis=1)
-        frame["flag_duplicate"] = frame["duplicate_of"].notna()
-        frame["flag_age_conflict"] = frame["age_conflict"]
-        names += ["duplicate", "age_conflict"]
-    flags = frame[[f"flag_{n}" for n in names]].to_numpy()
+        frame[flag_column(Check.DUPLICATE)] = frame["duplicate_of"].notna()
+        frame[flag_column(Check.AGE_CONFLICT)] = frame["age_conflict"]
+        names += [Check.DUPLICATE, Check.AGE_CONFLICT]
+    flags = frame[[flag_column(n) for n in names]].to_numpy()
     frame["failed_checks"] = [";".join(n for n, f in zip(names, row) if f) for row in flags]
 
     unreadable, unlabelled = frame["error"].notna(), frame["label_error"].notna()
     low_quality = frame["failed_checks"] != ""
-    frame["status"] = np.select([unreadable, unlabelled, low_quality], ["unreadable", "unlabelled", "low_quality"], "ok")
+    frame["status"] = np.select([unreadable, unlabelled, low_quality], [Status.UNREADABLE, Status.UNLABELLED, Status.LOW_QUALITY], Status.OK)
     frame["reason"] = np.select(
         [unreadable, unlabelled, low_quality],
         [frame["error"], frame["label_error"], "failed: " + frame["failed_checks"].str.replace(";", ", ")],

@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from image_processor import TRAINABLE_STATUSES, ProcessStatus
+from image_reader import flag_column, score_column
 from utils import AgeGroups, atomic_write
 
 STYLE = {
@@ -187,29 +189,31 @@ def face_overlays(frame: pd.DataFrame) -> list[dict | None]:
 
 
 @styled
-def image_grid(frame: pd.DataFrame, check: str, metric: str, worst_first_ascending: bool, columns: int, rows: int, thumb: int, dpi: int):
-    """The images a check flags, worst first, with their file names and scores: what the threshold
-    catches. The best face found is drawn on each: its box, and its keypoints as dots."""
-    require(frame, f"flag_{check}", metric, "path", "file")
-    flagged = frame[frame[f"flag_{check}"].astype(bool)]
-    flagged = flagged.sort_values(metric, ascending=worst_first_ascending).head(columns * rows)
+def image_grid(frame: pd.DataFrame, check: str, metric: str, columns: int, rows: int, thumb: int, dpi: int):
+    """The images a check flags, worst first (lowest `score_<check>`, else lowest `metric`), with their
+    file names and values: what the threshold catches. The best face found is drawn on each: its box,
+    and its keypoints as dots."""
+    require(frame, flag_column(check), metric, "path", "file")
+    flagged = frame[frame[flag_column(check)].astype(bool)]
+    order = score_column(check) if score_column(check) in frame.columns else metric
+    flagged = flagged.sort_values(order).head(columns * rows)
     captions = [[f, f"{metric} {v:.3g}"] for f, v in zip(flagged["file"], flagged[metric])]
     return _grid(list(zip(flagged["path"], captions, face_overlays(flagged))),
-                 f"{check}: {int(frame[f'flag_{check}'].sum()):,} images flagged, worst first", columns, thumb, dpi)
+                 f"{check}: {int(frame[flag_column(check)].sum()):,} images flagged, worst first", columns, thumb, dpi)
 
 
 @styled
 def before_after_grid(frame: pd.DataFrame, operation: str, pairs: int, columns: int, thumb: int, dpi: int):
     """Original and repaired image side by side, for the repaired images whose plan used `operation`."""
     require(frame, "status", "operations", "source_path", "path")
-    repaired = frame[(frame["status"] == "repaired") & frame["operations"].fillna("").str.contains(operation + "(", regex=False)]
+    repaired = frame[(frame["status"] == ProcessStatus.REPAIRED) & frame["operations"].fillna("").str.contains(operation + "(", regex=False)]
     repaired = repaired.head(pairs)
     cells = []
     for _, row in repaired.iterrows():
         cells.append((row["source_path"], [_short(row["file"]), "before: " + row["failed_checks_before"].replace(";", ", ")], None))
         cells.append((row["path"], ["after", _short(row["operations"].split("(")[0])], None))
     return _grid(cells, f"Repairs using {operation}: before | after ({len(repaired)} of "
-                 f"{int(((frame['status'] == 'repaired') & frame['operations'].fillna('').str.contains(operation + '(', regex=False)).sum())})",
+                 f"{int(((frame['status'] == ProcessStatus.REPAIRED) & frame['operations'].fillna('').str.contains(operation + '(', regex=False)).sum())})",
                  columns, thumb, dpi)
 
 
@@ -244,7 +248,7 @@ def _grid(cells: list[tuple[str, list[str], dict | None]], title: str, columns: 
 def plot_summary(exploration: pd.DataFrame, processed: pd.DataFrame | None, size, dpi: int):
     """Counts of every status and every failed check, as horizontal bars with their numbers."""
     require(exploration, "status")
-    flags = [c for c in exploration.columns if c.startswith("flag_")]
+    flags = [c for c in exploration.columns if c.startswith(flag_column(""))]
     panels = [("Exploration", exploration["status"].value_counts()),
               ("Failed checks", exploration[flags].astype(bool).sum().rename(lambda c: c[5:]).sort_values())]
     if processed is not None:
@@ -252,7 +256,7 @@ def plot_summary(exploration: pd.DataFrame, processed: pd.DataFrame | None, size
         panels.append(("Processing", processed["status"].value_counts()))
     figure = new_figure(size, dpi)
     for axes, (title, counts) in zip(figure.subplots(1, len(panels)), panels):
-        colours = [OK_COLOUR if name in ("ok", "kept", "repaired") else FLAG_COLOUR for name in counts.index]
+        colours = [OK_COLOUR if name in TRAINABLE_STATUSES else FLAG_COLOUR for name in counts.index]
         bars = axes.barh([str(i) for i in counts.index], counts.values, color=colours)
         axes.bar_label(bars, labels=[f"{v:,}" for v in counts.values], padding=2)
         axes.set(title=title, xlabel="images")

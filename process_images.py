@@ -27,9 +27,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, encode_image, resize_square
+from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, ProcessStatus, encode_image, resize_square
 from image_io import UnreadableImage, read_image
-from image_reader import SIZE_COLUMNS, ReaderSettings, failing_checks, load_explore_config, measure_array, measured_columns
+from image_reader import SIZE_COLUMNS, Check, ReaderSettings, Status, failing_checks, load_explore_config, measure_array, measured_columns
 from utils import (
     Bool,
     ConfigError,
@@ -83,7 +83,6 @@ REPAIR_PARAMETERS = {
     "sharpen": {"amount": Number(0.01, 20), "radius": Number(0.1, 20)},
 }
 REQUIRED_COLUMNS = ["file", "path", "age", "age_group", "status", "failed_checks", "content_hash"]
-STATUSES = ("kept", "repaired", "rejected", "unreadable", "unlabelled")
 
 
 def load_process_config(path, overrides=()) -> tuple[dict, dict]:
@@ -151,29 +150,29 @@ class Processor:
     def __call__(self, row: dict) -> dict:
         result = {"status": row["status"], "reason": row.get("reason"), "operations": None, "attempts": 0,
                   "output_path": None, "failed_checks_after": None, "after": None}
-        if row["status"] in ("unreadable", "unlabelled"):
+        if row["status"] in (Status.UNREADABLE, Status.UNLABELLED):
             return result
         if not os.path.exists(row["path"]):
-            return {**result, "status": "unreadable", "reason": "file vanished since exploration"}
+            return {**result, "status": ProcessStatus.UNREADABLE, "reason": "file vanished since exploration"}
         try:
             bgr, info = read_image(row["path"], self.settings.max_pixels, self.settings.max_file_bytes, self.settings.max_aspect_ratio)
         except UnreadableImage as exc:
-            return {**result, "status": "unreadable", "reason": f"since exploration: {exc}"}
+            return {**result, "status": ProcessStatus.UNREADABLE, "reason": f"since exploration: {exc}"}
         if info["content_hash"] != row["content_hash"]:
-            return {**result, "status": "rejected", "reason": "file changed since exploration; re-run explore_images.py"}
+            return {**result, "status": ProcessStatus.REJECTED, "reason": "file changed since exploration; re-run explore_images.py"}
         target = self.output_dir / row["file"]
-        if row["status"] == "ok":
+        if row["status"] == Status.OK:
             return {**result, **self.keep(row, bgr, target)}
         return {**result, **self.repair(row, bgr, target)}
 
     def keep(self, row: dict, bgr: np.ndarray, target: Path) -> dict:
         if self.resize is None:
             copy_file_atomic(row["path"], target)
-            return {"status": "kept", "reason": None, "output_path": str(target), "failed_checks_after": ""}
+            return {"status": ProcessStatus.KEPT, "reason": None, "output_path": str(target), "failed_checks_after": ""}
         data, after = self.encode_and_measure(resize_square(bgr, self.resize), target.suffix)
         write_bytes_atomic(data, target)
         failed = failing_checks(after, self.checks)
-        return {"status": "kept", "reason": None, "operations": f"resize_square(size={self.resize})",
+        return {"status": ProcessStatus.KEPT, "reason": None, "operations": f"resize_square(size={self.resize})",
                 "output_path": str(target), "failed_checks_after": ";".join(failed), "after": after}
 
     def encode_and_measure(self, bgr: np.ndarray, suffix: str) -> tuple[bytes, dict]:
@@ -183,12 +182,12 @@ class Processor:
 
     def repair(self, row: dict, bgr: np.ndarray, target: Path) -> dict:
         failed_before = [c for c in str(row["failed_checks"]).split(";") if c]
-        dataset_level = [c for c in failed_before if c in ("duplicate", "age_conflict")]
+        dataset_level = [c for c in failed_before if c in (Check.DUPLICATE, Check.AGE_CONFLICT)]
         if dataset_level:
-            return {"status": "rejected", "reason": f"{' and '.join(dataset_level).replace('_', ' ')}: not repairable"}
+            return {"status": ProcessStatus.REJECTED, "reason": f"{' and '.join(dataset_level).replace('_', ' ')}: not repairable"}
         plan = repair_plan(failed_before, self.repairs)
         if not plan:
-            return {"status": "rejected", "reason": f"no repair configured for {', '.join(failed_before)}"}
+            return {"status": ProcessStatus.REJECTED, "reason": f"no repair configured for {', '.join(failed_before)}"}
         if self.resize is not None:
             bgr = resize_square(bgr, self.resize)
         noise_sigma = float(row.get("noise") or 0.0)
@@ -198,13 +197,13 @@ class Processor:
             failed = failing_checks(after, self.checks)
             if not failed:
                 write_bytes_atomic(data, target)
-                return {"status": "repaired", "reason": None, "operations": describe_plan(attempt_plan), "attempts": attempt + 1,
+                return {"status": ProcessStatus.REPAIRED, "reason": None, "operations": describe_plan(attempt_plan), "attempts": attempt + 1,
                         "output_path": str(target), "failed_checks_after": "", "after": after}
         broken = [c for c in failed if c not in failed_before]
         reason = f"still fails {', '.join(failed)} after {self.attempts} attempts"
         if broken:
             reason += f" (the repair broke {', '.join(broken)})"
-        return {"status": "rejected", "reason": reason, "operations": describe_plan(attempt_plan), "attempts": self.attempts,
+        return {"status": ProcessStatus.REJECTED, "reason": reason, "operations": describe_plan(attempt_plan), "attempts": self.attempts,
                 "failed_checks_after": ";".join(failed), "after": after}
 
 
@@ -227,7 +226,7 @@ def _process_task(task: tuple[str, dict]) -> tuple[str, dict]:
 
 def failed_row(task: tuple[str, dict], reason: str) -> tuple[str, dict]:
     """The result of an image whose worker timed out or died: rejected, with the reason."""
-    return task[0], {"status": "rejected", "reason": f"processing failed: {reason}", "operations": None, "attempts": 0,
+    return task[0], {"status": ProcessStatus.REJECTED, "reason": f"processing failed: {reason}", "operations": None, "attempts": 0,
                      "output_path": None, "failed_checks_after": None, "after": None}
 
 
@@ -286,7 +285,7 @@ def main(args) -> None:
     outputs = OutputFolder(config["output_dir"], inputs=roots, overwrite=config["overwrite_output"])
     output_dir = outputs.path
     check_output_csv(config["output_csv"], "output_csv", inputs=[config["input_csv"], *roots], image_folders=[output_dir])
-    candidates = frame["status"].isin(["ok", "low_quality"])
+    candidates = frame["status"].isin([Status.OK, Status.LOW_QUALITY])
     for file in frame.loc[candidates, "file"]:
         confined(output_dir, file)
     ensure_writable_dir(Path(config["output_csv"]).parent, "output folder")
@@ -300,7 +299,7 @@ def main(args) -> None:
         for column in [f"after_{m}" for m in metric_columns]:
             if column not in results.columns:
                 results[column] = np.nan
-        kept_copy = (results["status"] == "kept") & results["operations"].isna()
+        kept_copy = (results["status"] == ProcessStatus.KEPT) & results["operations"].isna()
         for metric in metric_columns:  # a byte-for-byte copy measures what the original measured
             results.loc[kept_copy, f"after_{metric}"] = frame.loc[kept_copy, metric]
         written = results["output_path"].notna()
@@ -331,7 +330,7 @@ def main(args) -> None:
     elapsed = time.perf_counter() - start
     print(
         f"processed {len(output)} rows in {elapsed:.1f}s with {engine_name(config)}: "
-        + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ProcessStatus)
     )
     print(f"wrote {int(written.sum())} images to {output_dir}/ and {config['output_csv']}")
 

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from image_processor import encode_image, random_augmentation
+from image_processor import TRAINABLE_STATUSES, encode_image, random_augmentation
 from utils import (
     AgeGroups,
     Bool,
@@ -284,11 +284,10 @@ def load_input(config: dict) -> pd.DataFrame:
     required = ("file", "path", "age", "age_group", "status")
     if config["input"] == "processed":
         frame = read_metadata_csv(config["processed_csv"], "processed CSV", "run process_images.py first", required)
-        frame = frame[frame["status"].isin(["kept", "repaired"])]
         frame = frame.rename(columns=lambda c: c[len("after_"):] if c.startswith("after_") else c)
     else:
         frame = read_metadata_csv(config["exploration_csv"], "exploration CSV", "run explore_images.py first", required)
-        frame = frame[frame["status"] == "ok"]
+    frame = frame[frame["status"].isin(TRAINABLE_STATUSES)]
     if config["quality_score"]["metric"] not in frame.columns:
         raise UserError(f"quality_score.metric: the {config['input']} CSV has no metric {config['quality_score']['metric']!r}")
     return frame.reset_index(drop=True)

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
+from image_processor import TRAINABLE_STATUSES
 from utils import (
     Bool,
     Int,
@@ -88,7 +89,7 @@ def read_training_csv(path: str, groups, max_age: int) -> pd.DataFrame:
     (Ages above max_age are fine: the model's last year stands for max_age and over.)"""
     frame = read_metadata_csv(path, "input CSV", "run the earlier stages first", ("file", "path", "age"))
     if "status" in frame.columns:  # exploration or processing CSV: only the usable images
-        frame = frame[frame["status"].isin(["ok", "kept", "repaired"])]
+        frame = frame[frame["status"].isin(TRAINABLE_STATUSES)]
     frame = frame[frame["age"].notna() & frame["path"].notna()].copy()
     ages = pd.to_numeric(frame["age"], errors="coerce")
     bad = ages.isna() | (ages % 1 != 0) | (ages < 0)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from image_reader import load_explore_config
+from image_reader import flag_column, load_explore_config
 from image_processor import REPAIR_ORDER
 from image_visualizer import (
     MissingColumn,
@@ -84,8 +84,6 @@ def make_figures(config: dict, explore: dict, exploration: pd.DataFrame, process
     size, dpi = (fig["width_inches"], fig["height_inches"]), fig["dpi"]
     groups = age_groups_from(config)
     thresholds = thresholds_by_metric(explore["checks"])
-    # lower scores are worse for "below" checks, higher for "above" checks
-    worst_first = {name: rule["below"] is not None for name, rule in explore["checks"].items()}
 
     yield "summary", "Every status and failed check, counted.", plot_summary(exploration, processed, size, dpi)
     yield "age_distribution", "Labelled images per age group and per year of age.", plot_age_distribution(exploration, groups, size, dpi)
@@ -98,12 +96,12 @@ def make_figures(config: dict, explore: dict, exploration: pd.DataFrame, process
                plot_metric_by_age_group(exploration, metric, groups, thresholds.get(metric, []), size, dpi, fig["log_scale_span"]))
     grids = config["grids"]
     for check in grids["checks"]:
-        if f"flag_{check}" not in exploration.columns:
-            raise MissingColumn(f"column 'flag_{check}' is not in the CSV: grids.checks names a check the exploration did not run")
+        if flag_column(check) not in exploration.columns:
+            raise MissingColumn(f"column {flag_column(check)!r} is not in the CSV: grids.checks names a check the exploration did not run")
         rule = explore["checks"].get(check)
-        metric, ascending = (rule["metric"], worst_first[check]) if rule else ("age", True)
-        yield (f"grid_{check}", f"Images flagged {check}, worst {metric} first, with file names and scores.",
-               image_grid(exploration, check, metric, ascending, grids["columns"], grids["rows"], grids["thumbnail_pixels"], fig["dpi"]))
+        metric = rule["metric"] if rule else "age"
+        yield (f"grid_{check}", f"Images flagged {check}, worst first, with file names and {metric}.",
+               image_grid(exploration, check, metric, grids["columns"], grids["rows"], grids["thumbnail_pixels"], fig["dpi"]))
     if processed is not None:
         pairs = config["before_after"]
         for operation in REPAIR_ORDER:

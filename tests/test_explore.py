@@ -159,3 +159,19 @@ def test_empty_dataset_folder_stops_with_a_message(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run("explore_images.py", f"dataset_dir={tmp_path}/empty", check=False)
     assert result.returncode == 2 and "holds no image files" in result.stderr
+
+
+def test_each_threshold_check_has_a_score_beside_its_flag_negative_exactly_when_flagged(metadata):
+    from image_reader import load_explore_config
+
+    from conftest import PROJECT
+
+    checks = load_explore_config(PROJECT / "configs/explore_images.yaml")["checks"]
+    columns = list(metadata.columns)
+    for check, rule in checks.items():
+        assert columns.index(f"score_{check}") == columns.index(f"flag_{check}") + 1
+        measured = metadata[rule["metric"]].notna()
+        flags, scores = metadata.loc[measured, f"flag_{check}"].astype(bool), metadata.loc[measured, f"score_{check}"]
+        assert (flags == (scores < 0)).all(), check
+    blurry = metadata[metadata["defect"] == "blur"]  # planted: blurred far below the threshold
+    assert (blurry["score_blurry"] < 0).all() and metadata["score_blurry"].idxmin() in blurry.index
