@@ -14,6 +14,7 @@ from typing import Callable
 
 import cv2
 import numpy as np
+from skimage.util import img_as_float32
 
 from image_reader import Status
 
@@ -49,7 +50,15 @@ def validate_image(image: np.ndarray) -> None:
 
 
 def to_unit_float(image: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-    """The image as float32 in [0, 1], and the function that turns a result back into the input's dtype."""
+    """The image as float32 in [0, 1] (scikit-image's img_as_float32), and the function that turns a
+    result back into the input's dtype, clipped and rounded.
+
+    Examples
+    --------
+    >>> unit, restore = to_unit_float(np.array([[0, 51, 255]], np.uint8))
+    >>> unit.dtype, restore(unit * 2).tolist()
+    (dtype('float32'), [[0, 102, 255]])
+    """
     validate_image(image)
     scale = _INTEGER_MAX.get(image.dtype, 1.0)
     dtype = image.dtype
@@ -60,7 +69,7 @@ def to_unit_float(image: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray],
             return result.astype(np.float32)
         return np.round(result * scale).astype(dtype)
 
-    return image.astype(np.float32) / scale, restore
+    return img_as_float32(image), restore
 
 
 def luminance(unit: np.ndarray) -> np.ndarray:
@@ -86,14 +95,33 @@ def _on_lightness(unit: np.ndarray, change: Callable[[np.ndarray], np.ndarray]) 
 def denoise(image: np.ndarray, noise_sigma: float, strength: float, template_window: int, search_window: int) -> np.ndarray:
     """Non-local means denoising with filter strength h = `strength` x the measured noise sigma.
 
+    Non-local means works on 8-bit data, so 16-bit and float images are denoised at 8-bit precision.
+
     Parameters
     ----------
-    noise_sigma : noise standard deviation in 8-bit grey levels (the exploration `noise` metric).
-    strength : multiple of the noise level used as NLM's h; ~1 removes noise of that level, higher
-        values smooth more (and start to remove skin texture).
-    template_window, search_window : sizes (odd, pixels) of the patches compared and of the area
-        searched for similar patches; the cost grows with the square of search_window.
-    Non-local means works on 8-bit data, so 16-bit and float images are denoised at 8-bit precision.
+    image : ndarray
+        Grayscale (H, W) or BGR (H, W, 3); uint8, uint16 or float32 in [0, 1].
+    noise_sigma : float
+        Noise standard deviation in 8-bit grey levels (the exploration `noise` metric).
+    strength : float
+        Multiple of the noise level used as NLM's h; ~1 removes noise of that level, higher values
+        smooth more (and start to remove skin texture).
+    template_window, search_window : int
+        Sizes (odd, pixels) of the patches compared and of the area searched for similar patches;
+        the cost grows with the square of search_window.
+
+    Returns
+    -------
+    ndarray
+        The denoised image, same shape and dtype.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> noisy = np.clip(128 + rng.normal(0, 10, (64, 64)), 0, 255).astype(np.uint8)
+    >>> clean = denoise(noisy, noise_sigma=10, strength=1.2, template_window=7, search_window=21)
+    >>> bool(clean.std() < noisy.std() / 2), clean.dtype
+    (True, dtype('uint8'))
     """
     unit, restore = to_unit_float(image)
     h = max(0.0, float(strength) * float(noise_sigma))
@@ -127,6 +155,24 @@ def adjust_exposure(image: np.ndarray, target_brightness: float) -> np.ndarray:
 
     Each pixel's three channels are multiplied by the same factor (new luma / old luma), so hue and
     saturation are kept; only pixels pushed past white are clipped. Gamma < 1 brightens, > 1 darkens.
+
+    Parameters
+    ----------
+    image : ndarray
+        Grayscale or BGR; uint8, uint16 or float32 in [0, 1].
+    target_brightness : float
+        The wanted mean grey level, 0-255 whatever the dtype.
+
+    Returns
+    -------
+    ndarray
+        The corrected image, same shape and dtype.
+
+    Examples
+    --------
+    >>> dark = np.tile(np.linspace(5, 60, 50, dtype=np.float32), (50, 1)).astype(np.uint8)
+    >>> round(float(adjust_exposure(dark, 120).mean()))
+    120
     """
     unit, restore = to_unit_float(image)
     gray = luminance(unit)
@@ -137,7 +183,26 @@ def adjust_exposure(image: np.ndarray, target_brightness: float) -> np.ndarray:
 
 def stretch_contrast(image: np.ndarray, target_contrast: float) -> np.ndarray:
     """Linearly stretch lightness about its mean so the grey-level standard deviation becomes
-    `target_contrast` (0-255 scale); never reduces contrast."""
+    `target_contrast` (0-255 scale); never reduces contrast.
+
+    Parameters
+    ----------
+    image : ndarray
+        Grayscale or BGR; uint8, uint16 or float32 in [0, 1].
+    target_contrast : float
+        The wanted standard deviation of the grey levels, 0-255 whatever the dtype.
+
+    Returns
+    -------
+    ndarray
+        The stretched image, same shape and dtype.
+
+    Examples
+    --------
+    >>> flat = np.tile(np.linspace(110, 140, 64, dtype=np.float32), (64, 1)).astype(np.uint8)
+    >>> round(float(stretch_contrast(flat, 30).std()))
+    30
+    """
     unit, restore = to_unit_float(image)
     std = float(luminance(unit).std()) * 255.0
     gain = max(1.0, float(target_contrast) / max(std, 1e-3))
@@ -151,8 +216,29 @@ def stretch_contrast(image: np.ndarray, target_contrast: float) -> np.ndarray:
 
 def enhance_texture(image: np.ndarray, clip_limit: float, tile_grid: int) -> np.ndarray:
     """CLAHE (contrast-limited adaptive histogram equalisation) on lightness: brings out local detail
-    such as skin texture in flat images. `clip_limit` bounds the amplification, `tile_grid` is the
-    number of tiles per side."""
+    such as skin texture in flat images.
+
+    Parameters
+    ----------
+    image : ndarray
+        Grayscale or BGR; uint8, uint16 or float32 in [0, 1].
+    clip_limit : float
+        Bounds the amplification of each tile's histogram (OpenCV's clipLimit).
+    tile_grid : int
+        Number of tiles per side.
+
+    Returns
+    -------
+    ndarray
+        The equalised image, same shape and dtype.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> faint = (128 + rng.normal(0, 2, (64, 64))).astype(np.uint8)
+    >>> bool(enhance_texture(faint, clip_limit=2.0, tile_grid=4).std() > faint.std())
+    True
+    """
     unit, restore = to_unit_float(image)
     clahe = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid), int(tile_grid)))
 
@@ -165,7 +251,28 @@ def enhance_texture(image: np.ndarray, clip_limit: float, tile_grid: int) -> np.
 def sharpen(image: np.ndarray, amount: float, radius: float) -> np.ndarray:
     """Unsharp mask on lightness: L + amount * (L - gaussian_blur(L, radius)).
 
-    `radius` is the blur's sigma in pixels (the size of the detail boosted); `amount` its gain.
+    Parameters
+    ----------
+    image : ndarray
+        Grayscale or BGR; uint8, uint16 or float32 in [0, 1].
+    amount : float
+        Gain of the detail added back.
+    radius : float
+        Sigma of the Gaussian blur in pixels: the size of the detail boosted.
+
+    Returns
+    -------
+    ndarray
+        The sharpened image, same shape and dtype.
+
+    Examples
+    --------
+    >>> edge = np.zeros((32, 32), np.uint8)
+    >>> edge[:, 16:] = 200
+    >>> edge = cv2.GaussianBlur(edge, (0, 0), 2)
+    >>> crisp = sharpen(edge, amount=1.0, radius=2.0)
+    >>> bool(np.abs(np.diff(crisp.astype(int))).max() > np.abs(np.diff(edge.astype(int))).max())
+    True
     """
     unit, restore = to_unit_float(image)
 
@@ -177,7 +284,13 @@ def sharpen(image: np.ndarray, amount: float, radius: float) -> np.ndarray:
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Scale the shorter side to `size` and centre-crop the longer one: a size x size image."""
+    """Scale the shorter side to `size` and centre-crop the longer one: a size x size image.
+
+    Examples
+    --------
+    >>> resize_square(np.zeros((300, 200, 3), np.uint8), 100).shape
+    (100, 100, 3)
+    """
     validate_image(image)
     h, w = image.shape[:2]
     scale = size / min(h, w)

@@ -108,7 +108,13 @@ def display_name(path: str) -> str:
 
 
 def parse_utkface_name(name: str) -> dict:
-    """Age, gender and race from a UTKFace-style file name; age is None when the name has none."""
+    """Age, gender and race from a UTKFace-style file name; age is None when the name has none.
+
+    Examples
+    --------
+    >>> parse_utkface_name("25_1_3_20170116174525125.jpg.chip.jpg")
+    {'age': 25, 'gender': 1, 'race': 3}
+    """
     match = UTKFACE_NAME.match(Path(name).name)
     if not match:
         return {"age": None, "gender": None, "race": None}

@@ -351,7 +351,7 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     # TensorFlow and matplotlib are chatty at INFO; the stages' own messages are what users need.
-    for noisy in ("matplotlib", "PIL", "tensorflow", "h5py"):
+    for noisy in ("matplotlib", "PIL", "tensorflow", "h5py", "faiss", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
