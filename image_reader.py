@@ -422,16 +422,23 @@ def measure_file(path: str, settings: ReaderSettings) -> dict:
         row.update(exc.info, error=str(exc))
         return row
     row.update(info)
-    return {**row, **measure_array(bgr, settings)}
+    try:
+        return {**row, **measure_array(bgr, settings)}
+    except UnreadableImage as exc:
+        return {**row, "error": str(exc)}
 
 
 def measure_array(bgr: np.ndarray, settings: ReaderSettings) -> dict:
-    """Every configured metric of a decoded BGR image (also used to re-measure processed images)."""
+    """Every configured metric of a decoded BGR image (also used to re-measure processed images).
+    A metric that fails raises UnreadableImage naming it and the error."""
     view = ImageView(bgr, settings.analysis_side)
     height, width = bgr.shape[:2]
     values = {"width": width, "height": height, "min_side": min(width, height)}
     for name, params in settings.metrics.items():
-        value = METRICS[name].function(view, **params)
+        try:
+            value = METRICS[name].function(view, **params)
+        except Exception as exc:  # a decoder-made array a metric chokes on, a detector that fails: that image's row says so
+            raise UnreadableImage(f"metric {name} failed: {type(exc).__name__}: {exc}") from None
         values.update(value if isinstance(value, dict) else {name: value})
     return {name: round(value, FLOAT_DECIMALS) if isinstance(value, float) else value for name, value in values.items()}
 

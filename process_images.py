@@ -161,9 +161,10 @@ class Processor:
         if info["content_hash"] != row["content_hash"]:
             return {**result, "status": ProcessStatus.REJECTED, "reason": "file changed since exploration; re-run explore_images.py"}
         target = self.output_dir / row["file"]
-        if row["status"] == Status.OK:
-            return {**result, **self.keep(row, bgr, target)}
-        return {**result, **self.repair(row, bgr, target)}
+        try:
+            return {**result, **(self.keep if row["status"] == Status.OK else self.repair)(row, bgr, target)}
+        except UnreadableImage as exc:  # re-measuring failed
+            return {**result, "status": ProcessStatus.REJECTED, "reason": str(exc)}
 
     def keep(self, row: dict, bgr: np.ndarray, target: Path) -> dict:
         if self.resize is None:

@@ -183,3 +183,17 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
     baseline = np.mean([groups.index_of(a) == majority for a in ages[test]])
     print(f"\nreal faces: accuracy {result['accuracy']:.1%} (majority {baseline:.1%}), MAE {result['mae_years']:.1f} years")
     assert result["accuracy"] >= baseline + 0.15 and result["mae_years"] < 8
+
+
+def test_a_detector_that_fails_on_an_image_costs_that_row_only(sample, monkeypatch):
+    import image_reader
+    from image_reader import ReaderSettings, measure_file
+
+    def broken(self, bgr):
+        raise RuntimeError("interpreter error")
+
+    monkeypatch.setattr(image_reader.FaceDetector, "detect", broken)
+    settings = ReaderSettings({"brightness": {}, "faces": {"min_score": 0.65, "iou_threshold": 0.3, "border_fraction": 0.3}},
+                              100_000_000, 200_000_000, 20, 200, 60)
+    row = measure_file(str(next(sample.glob("*.chip.jpg"))), settings)
+    assert row["error"] == "metric faces failed: RuntimeError: interpreter error" and row["content_hash"] and row["width"]
