@@ -31,16 +31,9 @@ sys.path.insert(0, str(PROJECT))
 
 from image_reader import ReaderSettings, load_explore_config, compute_images_quality_metrics, load_dataset  # noqa: E402
 from peers import peer_python  # noqa: E402
+from runs import explore_run  # noqa: E402
 from utils import AgeGroups, Journal, resolve_workers  # noqa: E402
 
-CHILD = """
-import resource, runpy, sys, json
-sys.argv = ["explore_images.py"] + sys.argv[1:]
-sys.path.insert(0, ".")
-runpy.run_path("explore_images.py", run_name="__main__")
-me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-print("PEAK", json.dumps({"main_mb": me.ru_maxrss / 1024, "worker_mb": kids.ru_maxrss / 1024}))
-"""
 
 PEER_SCRIPT = """
 import json, sys, time
@@ -77,17 +70,6 @@ def measure_rate(dataset, config: dict, with_faces: bool, workers: int) -> float
         start = time.perf_counter()
         compute_images_quality_metrics(dataset, settings, workers, cache)
         return len(dataset) / (time.perf_counter() - start)
-
-
-def run_script(dataset_dir: Path, out: Path, workers: int) -> dict:
-    command = [sys.executable, "-c", CHILD, "--set", f"dataset_dir={dataset_dir}", "--set", f"output_csv={out}/m.csv",
-               "--set", f"summary_csv={out}/s.csv", "--set", f"num_workers={workers}", "--set", "log_level=WARNING"]
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, check=True)
-    elapsed = time.perf_counter() - start
-    peak = json.loads(result.stdout.split("PEAK", 1)[1])
-    files = sum(1 for _ in open(out / "m.csv")) - 1
-    return {"files": files, "seconds": elapsed, "images_per_s": files / elapsed, **peak}
 
 
 def main():
@@ -128,7 +110,7 @@ def main():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.symlink_to(os.path.abspath(real))
         for name, folder in (("dataset", args.dataset_dir), (f"dataset x{args.repeat}", big)):
-            stats = run_script(folder, tmp / name.replace(" ", "_"), args.workers)
+            stats = explore_run(folder, tmp / name.replace(" ", "_"), args.workers)
             print(
                 f"explore_images.py on {name:14s} {stats['files']:6d} files {stats['seconds']:7.1f} s "
                 f"{stats['images_per_s']:6.0f} images/s   peak memory: main {stats['main_mb']:.0f} MB, "

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
@@ -31,15 +30,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from image_reader import find_duplicates, load_explore_config  # noqa: E402
+from runs import explore_run  # noqa: E402
 
-CHILD = """
-import resource, runpy, sys, json
-sys.argv = ["explore_images.py"] + sys.argv[1:]
-sys.path.insert(0, ".")
-runpy.run_path("explore_images.py", run_name="__main__")
-me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-print("PEAK", json.dumps({"main_mb": me.ru_maxrss / 1024, "worker_mb": kids.ru_maxrss / 1024}))
-"""
 
 
 def planted_hashes(count: int, pairs: int, max_distance: int, seed: int = 0) -> tuple[pd.DataFrame, set]:
@@ -89,19 +81,11 @@ def make_dataset(folder: Path, count: int, seed: int = 0) -> None:
 
 
 def explore_benchmark(folder: Path, out: Path, workers: int, scheduler: str = "local") -> dict:
-    command = [sys.executable, "-c", CHILD, "--set", f"dataset_dir={folder}", "--set", f"output_csv={out}/m.csv",
-               "--set", f"summary_csv={out}/s.csv", "--set", f"num_workers={workers}", "--set", "log_level=WARNING",
-               "--set", f"scheduler={scheduler}"]
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(result.stderr[-2000:])
-    seconds = time.perf_counter() - start
-    peak = json.loads(result.stdout.split("PEAK", 1)[1])
+    stats = explore_run(folder, out, workers, scheduler)
     frame = pd.read_csv(out / "m.csv", usecols=["file", "age", "content_hash", "phash"])
     start = time.perf_counter()
     find_duplicates(frame, 12, 0)
-    return {"files": len(frame), "seconds": seconds, "search_seconds": time.perf_counter() - start, **peak}
+    return {**stats, "search_seconds": time.perf_counter() - start}
 
 
 def main():

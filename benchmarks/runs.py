@@ -1,0 +1,35 @@
+"""The exploration stage run as a user runs it, in a subprocess, with its wall time and peak memory."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+# ru_maxrss of the script itself and of its largest (waited-for) worker process
+CHILD = """
+import resource, runpy, sys, json
+sys.argv = ["explore_images.py"] + sys.argv[1:]
+sys.path.insert(0, ".")
+runpy.run_path("explore_images.py", run_name="__main__")
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print("PEAK", json.dumps({"main_mb": me.ru_maxrss / 1024, "worker_mb": kids.ru_maxrss / 1024}))
+"""
+
+
+def explore_run(dataset_dir: Path, out: Path, workers: int, scheduler: str = "local") -> dict:
+    """Explore `dataset_dir` into `out`/m.csv: files, seconds, images_per_s, main_mb and worker_mb."""
+    command = [sys.executable, "-c", CHILD, "--set", f"dataset_dir={dataset_dir}", "--set", f"output_csv={out}/m.csv",
+               "--set", f"summary_csv={out}/s.csv", "--set", f"num_workers={workers}", "--set", "log_level=WARNING",
+               "--set", f"scheduler={scheduler}"]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"explore_images.py failed:\n{result.stderr[-2000:]}")
+    elapsed = time.perf_counter() - start
+    peak = json.loads(result.stdout.split("PEAK", 1)[1])
+    with open(out / "m.csv") as csv:
+        files = sum(1 for _ in csv) - 1
+    return {"files": files, "seconds": elapsed, "images_per_s": files / elapsed, **peak}
