@@ -16,6 +16,7 @@ import os
 import zipfile
 from pathlib import Path
 
+from config_models import ModelSettings, TrainingAugmentation
 from utils import METADATA_ENTRY, AgeGroups, UserError, native_stderr_silenced, read_model_metadata
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -128,17 +129,17 @@ def group_accuracy_metric(groups: AgeGroups, max_age: int):
     return group_accuracy
 
 
-def augmentation_layers(config: dict, seed: int) -> keras.Sequential:
+def augmentation_layers(config: TrainingAugmentation, seed: int) -> keras.Sequential:
     """Face-safe training-time augmentation for pixel backbones: mirror, small rotation, zoom, shift,
     brightness, contrast."""
     return keras.Sequential(
         [
             keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(config["max_rotation_degrees"] / 360.0, fill_mode="reflect", seed=seed + 1),
-            keras.layers.RandomZoom(config["max_zoom"], fill_mode="reflect", seed=seed + 2),
-            keras.layers.RandomTranslation(config["max_shift"], config["max_shift"], fill_mode="reflect", seed=seed + 3),
-            keras.layers.RandomBrightness(config["max_brightness"], value_range=(0, 255), seed=seed + 4),
-            keras.layers.RandomContrast(config["max_contrast"], seed=seed + 5),
+            keras.layers.RandomRotation(config.max_rotation_degrees / 360.0, fill_mode="reflect", seed=seed + 1),
+            keras.layers.RandomZoom(config.max_zoom, fill_mode="reflect", seed=seed + 2),
+            keras.layers.RandomTranslation(config.max_shift, config.max_shift, fill_mode="reflect", seed=seed + 3),
+            keras.layers.RandomBrightness(config.max_brightness, value_range=(0, 255), seed=seed + 4),
+            keras.layers.RandomContrast(config.max_contrast, seed=seed + 5),
         ],
         name="augmentation",
     )
@@ -147,24 +148,24 @@ def augmentation_layers(config: dict, seed: int) -> keras.Sequential:
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
-def build_descriptor_model(config: dict, max_age: int, mean: np.ndarray, variance: np.ndarray) -> keras.Model:
+def build_descriptor_model(config: ModelSettings, max_age: int, mean: np.ndarray, variance: np.ndarray) -> keras.Model:
     """A Keras head on face descriptors: standardise, `head_units` dense layers with dropout, softmax
     over years. `ensemble` > 1 builds that many independently initialised heads and averages their
     outputs (one model, one file)."""
     inputs = keras.Input((DESCRIPTOR_SIZE,), name="descriptor")
     standardised = keras.layers.Normalization(mean=mean, variance=variance, name="standardise")(inputs)
     heads = []
-    for member in range(config["ensemble"]):
+    for member in range(config.ensemble):
         x = standardised
-        for layer, units in enumerate(config["head_units"]):
+        for layer, units in enumerate(config.head_units):
             x = keras.layers.Dense(units, activation="gelu", name=f"head{member}_dense{layer}")(x)
-            x = keras.layers.Dropout(config["dropout"], name=f"head{member}_dropout{layer}")(x)
+            x = keras.layers.Dropout(config.dropout, name=f"head{member}_dropout{layer}")(x)
         heads.append(keras.layers.Dense(max_age + 1, activation="softmax", name=f"head{member}_years")(x))
     outputs = heads[0] if len(heads) == 1 else keras.layers.Average(name="years")(heads)
     return keras.Model(inputs, outputs, name="age_from_face_descriptor")
 
 
-def build_pixel_model(config: dict, size: int, max_age: int) -> keras.Model:
+def build_pixel_model(config: ModelSettings, size: int, max_age: int) -> keras.Model:
     """Raw 0-255 RGB pixels in, a distribution over years out.
 
     `backbone: cnn` is a compact VGG-style network defined here: per stage `convs_per_stage` 3x3
@@ -172,26 +173,26 @@ def build_pixel_model(config: dict, size: int, max_age: int) -> keras.Model:
     Any other value names a keras.applications model whose `weights` is a local weights file or null.
     """
     inputs = keras.Input((size, size, 3), name="image")
-    if config["backbone"] == "cnn":
+    if config.backbone == "cnn":
         x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
-        for stage, filters in enumerate(config["filters"]):
-            for conv in range(config["convs_per_stage"]):
+        for stage, filters in enumerate(config.filters):
+            for conv in range(config.convs_per_stage):
                 x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{stage}_{conv}")(x)
                 # small datasets give few steps per epoch: a lower momentum keeps the moving statistics
                 # in step with the weights, or validation swings from epoch to epoch
-                x = keras.layers.BatchNormalization(momentum=config["batch_norm_momentum"])(x)
+                x = keras.layers.BatchNormalization(momentum=config.batch_norm_momentum)(x)
                 x = keras.layers.Activation("relu")(x)
             x = keras.layers.MaxPooling2D()(x)
-            x = keras.layers.SpatialDropout2D(config["spatial_dropout"])(x)
+            x = keras.layers.SpatialDropout2D(config.spatial_dropout)(x)
         x = keras.layers.GlobalAveragePooling2D()(x)
     else:
-        application = getattr(keras.applications, config["backbone"], None)
+        application = getattr(keras.applications, config.backbone, None)
         if application is None:
-            raise UserError(f"model.backbone: {config['backbone']!r} is neither {DESCRIPTOR_BACKBONE!r}, 'cnn' nor a keras.applications model")
-        backbone = application(include_top=False, weights=config["weights"], input_shape=(size, size, 3), pooling="avg")
-        preprocess = getattr(keras.applications, _application_module(config["backbone"])).preprocess_input
+            raise UserError(f"model.backbone: {config.backbone!r} is neither {DESCRIPTOR_BACKBONE!r}, 'cnn' nor a keras.applications model")
+        backbone = application(include_top=False, weights=config.weights, input_shape=(size, size, 3), pooling="avg")
+        preprocess = getattr(keras.applications, _application_module(config.backbone)).preprocess_input
         x = backbone(preprocess(inputs))
-    x = keras.layers.Dropout(config["dropout"])(x)
+    x = keras.layers.Dropout(config.dropout)(x)
     outputs = keras.layers.Dense(max_age + 1, activation="softmax", name="years")(x)
     return keras.Model(inputs, outputs, name="age_from_pixels")
 

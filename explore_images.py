@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from config_models import ExploreConfig
 from image_reader import (
     LABEL_COLUMNS,
     Check,
@@ -59,16 +60,16 @@ def summarise(frame: pd.DataFrame, checks: list[str], groups: AgeGroups) -> pd.D
     return pd.DataFrame(rows, columns=["section", "name", "images"])
 
 
-def explore(config: dict, groups: AgeGroups, output: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def explore(config: ExploreConfig, groups: AgeGroups, output: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Find, measure and check every image; write the CSV and its summary; return them and the checks."""
-    dataset = load_dataset(config["dataset_dir"], config["labels"], config["age_range"], groups)
-    log.info("found %d image files in %s", len(dataset), config["dataset_dir"])
+    dataset = load_dataset(config.dataset_dir, config.labels, config.age_range, groups)
+    log.info("found %d image files in %s", len(dataset), config.dataset_dir)
     settings = ReaderSettings.from_config(config)
-    cache = Journal(output.with_suffix(".cache.jsonl"), config_fingerprint(config["metrics"], config["images"]))
-    measured = compute_images_quality_metrics(dataset, settings, config["num_workers"], cache, config["scheduler"], config["scheduler_chunk_files"])
-    checked = check_images_quality(measured, config["checks"], config["duplicates"])
+    cache = Journal(output.with_suffix(".cache.jsonl"), config_fingerprint(config.metrics, config.images))
+    measured = compute_images_quality_metrics(dataset, settings, config.num_workers, cache, config.scheduler, config.scheduler_chunk_files)
+    checked = check_images_quality(measured, config.checks, config.duplicates)
 
-    checks = list(config["checks"]) + ([Check.DUPLICATE, Check.AGE_CONFLICT] if config["duplicates"]["enabled"] else [])
+    checks = list(config.checks) + ([Check.DUPLICATE, Check.AGE_CONFLICT] if config.duplicates.enabled else [])
     verdicts = [column for c in checks for column in (flag_column(c), score_column(c)) if column in checked.columns]
     leading = LABEL_COLUMNS + ["status", "reason", "failed_checks"] + verdicts
     trailing = ["error", "label_error", "path"]
@@ -76,19 +77,19 @@ def explore(config: dict, groups: AgeGroups, output: Path) -> tuple[pd.DataFrame
     result = checked[leading + middle + trailing]
     write_csv_atomic(result, output)
     summary = summarise(result, checks, groups)
-    write_csv_atomic(summary, config["summary_csv"])
+    write_csv_atomic(summary, config.summary_csv)
     write_run_record(config, output)
     return result, summary, checks
 
 
 def main(args) -> None:
     config = load_explore_config(args.config, args.overrides)
-    setup_logging(config["log_level"])
+    setup_logging(config.log_level)
     groups = age_groups_from(config)
-    output = check_output_csv(config["output_csv"], "output_csv", inputs=[config["dataset_dir"]])
-    check_output_csv(config["summary_csv"], "summary_csv", inputs=[config["dataset_dir"], output])
+    output = check_output_csv(config.output_csv, "output_csv", inputs=[config.dataset_dir])
+    check_output_csv(config.summary_csv, "summary_csv", inputs=[config.dataset_dir, output])
     ensure_writable_dir(output.parent, "output folder")
-    ensure_writable_dir(Path(config["summary_csv"]).parent, "summary folder")
+    ensure_writable_dir(Path(config.summary_csv).parent, "summary folder")
     start = time.perf_counter()
     with run_lock(output):
         result, summary, checks = explore(config, groups, output)
@@ -102,7 +103,7 @@ def main(args) -> None:
     )
     if len(failed):
         print("failed checks: " + ", ".join(f"{n} {c}" for c, n in zip(failed["name"], failed["images"])))
-    print(f"wrote {output} and {config['summary_csv']}")
+    print(f"wrote {output} and {config.summary_csv}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from skimage.util import img_as_float32
 
+from config_models import ResamplingAugmentation
 from image_reader import Status
 
 
@@ -370,29 +371,29 @@ def add_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.n
     return restore(unit + rng.normal(0.0, float(sigma) / 255.0, unit.shape).astype(np.float32))
 
 
-def random_augmentation(image: np.ndarray, rng: np.random.Generator, ranges: dict) -> tuple[np.ndarray, str]:
+def random_augmentation(image: np.ndarray, rng: np.random.Generator, ranges: ResamplingAugmentation) -> tuple[np.ndarray, str]:
     """One random face-safe variant of `image` drawn from `rng` within `ranges` (the `augmentation`
     section of configs/resampling.yaml), and a description of what was applied."""
     steps = []
-    if rng.random() < ranges["flip_probability"]:
+    if rng.random() < ranges.flip_probability:
         image = flip_horizontal(image)
         steps.append("flip")
-    degrees = rng.uniform(-1, 1) * ranges["max_rotation_degrees"]
-    scale = 1 + rng.uniform(-1, 1) * ranges["max_scale_change"]
-    shift_x, shift_y = rng.uniform(-1, 1, 2) * ranges["max_shift_fraction"]
+    degrees = rng.uniform(-1, 1) * ranges.max_rotation_degrees
+    scale = 1 + rng.uniform(-1, 1) * ranges.max_scale_change
+    shift_x, shift_y = rng.uniform(-1, 1, 2) * ranges.max_shift_fraction
     image = rotate_scale_shift(image, degrees, scale, shift_x, shift_y)
     steps.append(f"rotate({degrees:+.1f}deg, scale {scale:.2f}, shift {shift_x:+.2f},{shift_y:+.2f})")
-    brightness = rng.uniform(-1, 1) * ranges["max_brightness_shift"]
-    contrast = 1 + rng.uniform(-1, 1) * ranges["max_contrast_change"]
-    gamma = 1 + rng.uniform(-1, 1) * ranges["max_gamma_change"]
+    brightness = rng.uniform(-1, 1) * ranges.max_brightness_shift
+    contrast = 1 + rng.uniform(-1, 1) * ranges.max_contrast_change
+    gamma = 1 + rng.uniform(-1, 1) * ranges.max_gamma_change
     image = jitter_tone(image, brightness, contrast, gamma)
     steps.append(f"tone(brightness {brightness:+.2f}, contrast {contrast:.2f}, gamma {gamma:.2f})")
-    if rng.random() < ranges["blur_probability"]:
-        sigma = rng.uniform(0, ranges["max_blur_sigma"])
+    if rng.random() < ranges.blur_probability:
+        sigma = rng.uniform(0, ranges.max_blur_sigma)
         image = gaussian_blur(image, sigma)
         steps.append(f"blur({sigma:.2f})")
-    elif rng.random() < ranges["noise_probability"]:
-        sigma = rng.uniform(0, ranges["max_noise_sigma"])
+    elif rng.random() < ranges.noise_probability:
+        sigma = rng.uniform(0, ranges.max_noise_sigma)
         image = add_noise(image, sigma, rng)
         steps.append(f"noise({sigma:.1f})")
     return image, "; ".join(steps)

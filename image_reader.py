@@ -20,18 +20,19 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 import pandas as pd
+from pydantic import create_model
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from face_analysis import FACE_COLUMNS, DetectorSettings, FaceDetector, face_geometry, detector_model_path
 from image_io import CONTROL_CHARACTERS, UnreadableImage, read_image
-from utils import (AgeGroups, Bool, ConfigError, Field, Int, Journal, MapOf, Mapping, Number, Optional, Str, UserError, load_config,
-                   parallel_map, progress_bar, validate)
+from config_models import AgeRange, Bounded, CheckRule, Duplicates, ExploreConfig, Labels, Section
+from utils import AgeGroups, ConfigError, Journal, UserError, load_config, parallel_map, progress_bar, validate_section
 
 log = logging.getLogger("agepipe.reader")
 
@@ -143,7 +144,7 @@ def read_labels_csv(path: Path, file_column: str, age_column: str) -> dict[str, 
     return mapping
 
 
-def load_dataset(dataset_dir, labels: dict, age_range: dict, age_groups: AgeGroups) -> pd.DataFrame:
+def load_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: AgeGroups) -> pd.DataFrame:
     """One row per image file under `dataset_dir`: file, path, age, age_group, gender, race, label_error.
 
     `labels` is the `labels` section of the explore config: `source` is "filename" (UTKFace names) or
@@ -156,11 +157,11 @@ def load_dataset(dataset_dir, labels: dict, age_range: dict, age_groups: AgeGrou
     files = find_image_files(dataset_dir)
     if not files:
         raise UserError(f"dataset folder {dataset_dir} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    from_csv = labels["source"] == "csv"
+    from_csv = labels.source == "csv"
     if from_csv:
-        csv_path = Path(labels["csv_path"] or "")
+        csv_path = Path(labels.csv_path or "")
         csv_path = csv_path if csv_path.is_absolute() else dataset_dir / csv_path
-        csv_ages = read_labels_csv(csv_path, labels["file_column"], labels["age_column"])
+        csv_ages = read_labels_csv(csv_path, labels.file_column, labels.age_column)
         unmatched = len(set(csv_ages) - {f for f, _ in files})
         if unmatched:
             log.warning("%d rows of %s name files that are not in %s", unmatched, csv_path, dataset_dir)
@@ -177,8 +178,8 @@ def load_dataset(dataset_dir, labels: dict, age_range: dict, age_groups: AgeGrou
                 age, error = None, "age in the labels CSV is not a number"
         elif age is None:
             error = "no age in the file name (expected age_gender_race_date.jpg)"
-        if age is not None and not (age_range["min"] <= age <= age_range["max"]):
-            error = f"age {age:g} outside {age_range['min']}-{age_range['max']}"
+        if age is not None and not (age_range.min <= age <= age_range.max):
+            error = f"age {age:g} outside {age_range.min}-{age_range.max}"
             age = None
         rows.append(
             {
@@ -204,19 +205,21 @@ def load_dataset(dataset_dir, labels: dict, age_range: dict, age_groups: AgeGrou
 @dataclass
 class Metric:
     function: Callable
-    params: dict  # schema of the function's keyword parameters
+    params: type[Section]  # the model of the function's keyword parameters
     columns: tuple[str, ...]  # the CSV columns it fills
 
 
 METRICS: dict[str, Metric] = {}
 
 
-def metric(columns: tuple[str, ...] = (), **params: Field):
-    """Register `function(view, **params)` as a metric. It returns one value, whose CSV column is the
-    function's name, or a dict of values for the named `columns`."""
+def metric(columns: tuple[str, ...] = (), **params: Any):
+    """Register `function(view, **params)` as a metric, each parameter given as its type (with its
+    bounds: config_models.Bounded). It returns one value, whose CSV column is the function's name, or
+    a dict of values for the named `columns`."""
 
     def register(function):
-        METRICS[function.__name__] = Metric(function, params, columns or (function.__name__,))
+        model = create_model(f"{function.__name__}_parameters", __base__=Section, **{name: (kind, ...) for name, kind in params.items()})
+        METRICS[function.__name__] = Metric(function, model, columns or (function.__name__,))
         return function
 
     return register
@@ -277,7 +280,7 @@ _NOISE_MASK = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 _SQUARE_3X3 = np.ones((3, 3), np.uint8)
 
 
-@metric(flat_fraction=Number(0.01, 1.0))
+@metric(flat_fraction=Bounded(float, 0.01, 1.0))
 def noise(view: ImageView, flat_fraction: float) -> float:
     """Estimated standard deviation of the noise in the grey image, in grey levels.
 
@@ -302,13 +305,13 @@ def brightness(view: ImageView) -> float:
     return view.gray_mean_std[0]
 
 
-@metric(dark_level=Int(0, 255))
+@metric(dark_level=Bounded(int, 0, 255))
 def underexposed_fraction(view: ImageView, dark_level: int) -> float:
     """Share of pixels at or below `dark_level`: shadows crushed to black."""
     return float(view.histogram[: dark_level + 1].sum())
 
 
-@metric(bright_level=Int(0, 255))
+@metric(bright_level=Bounded(int, 0, 255))
 def overexposed_fraction(view: ImageView, bright_level: int) -> float:
     """Share of pixels at or above `bright_level`: highlights blown to white."""
     return float(view.histogram[bright_level:].sum())
@@ -341,7 +344,7 @@ def colourfulness(view: ImageView) -> float:
     return float(math.hypot(rg_std[0], yb_std[0] / 2) + 0.3 * math.hypot(rg_mean[0], yb_mean[0] / 2))
 
 
-@metric(columns=FACE_COLUMNS, min_score=Number(0, 1), iou_threshold=Number(0, 1), border_fraction=Number(0, 1))
+@metric(columns=FACE_COLUMNS, min_score=Bounded(float, 0, 1), iou_threshold=Bounded(float, 0, 1), border_fraction=Bounded(float, 0, 1))
 def faces(view: ImageView, min_score: float, iou_threshold: float, border_fraction: float) -> dict:
     """Faces found by BlazeFace (face_analysis.FaceDetector) and the geometry of the best one: its
     box, score, share of the image, offset from the centre, roll and keypoints, in image pixels."""
@@ -356,7 +359,7 @@ def faces(view: ImageView, min_score: float, iou_threshold: float, border_fracti
 _DETECTORS: dict[DetectorSettings, FaceDetector] = {}  # one per process and setting: loading costs ~10 ms
 
 
-@metric(hash_side=Int(4, 16), dct_side=Int(8, 128))
+@metric(hash_side=Bounded(int, 4, 16), dct_side=Bounded(int, 8, 128))
 def phash(view: ImageView, hash_side: int, dct_side: int) -> str:
     """Perceptual hash (hex): signs of the low-frequency DCT of a small grey thumbnail.
 
@@ -371,11 +374,6 @@ def phash(view: ImageView, hash_side: int, dct_side: int) -> str:
     ac = low[1:]  # the DC term is the mean brightness, not structure
     bits = low > np.partition(ac, len(ac) // 2)[len(ac) // 2]
     return np.packbits(bits).tobytes().hex()
-
-
-def metrics_schema() -> dict:
-    """Schema of the `metrics` config section: each registered metric, with its parameters."""
-    return {name: m.params for name, m in METRICS.items()}
 
 
 BASIC_COLUMNS = ["file_size", "format", "color_mode", "width", "height", "min_side", "channels", "bit_depth", "content_hash"]
@@ -400,11 +398,11 @@ class ReaderSettings:
     timeout_seconds: float
 
     @classmethod
-    def from_config(cls, explore: dict, metrics: dict | None = None) -> "ReaderSettings":
+    def from_config(cls, explore: ExploreConfig, metrics: dict | None = None) -> "ReaderSettings":
         """The reader settings of a validated explore config (`metrics` replaces its metric list)."""
-        images = explore["images"]
-        return cls(explore["metrics"] if metrics is None else metrics, images["max_pixels"], int(images["max_file_mb"] * 1e6),
-                   images["max_aspect_ratio"], images["analysis_side"], explore["task_timeout_seconds"])
+        images = explore.images
+        return cls(explore.metrics if metrics is None else metrics, images.max_pixels, int(images.max_file_mb * 1e6),
+                   images.max_aspect_ratio, images.analysis_side, explore.task_timeout_seconds)
 
 
 def unreadable_row(reason: str | None, settings: ReaderSettings) -> dict:
@@ -502,16 +500,6 @@ def compute_images_quality_metrics(
 # --------------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------------
-def validate_checks(checks: dict, available: list[str]) -> dict:
-    """Each check names an available column and has `below` and/or `above` (null to skip one side)."""
-    for name, rule in checks.items():
-        if rule["metric"] not in available:
-            raise ConfigError(f"checks.{name}.metric: expected one of {', '.join(available)}, got {rule['metric']!r}")
-        if rule["below"] is None and rule["above"] is None:
-            raise ConfigError(f"checks.{name}: expected a 'below' or an 'above' threshold, got neither")
-    return checks
-
-
 def check_margin(values: pd.Series, below: float | None, above: float | None) -> pd.Series:
     """How far each value is inside the allowed range, in the metric's units: negative when it is
     below `below` or above `above` (the check fails), the lowest the worst; empty when unmeasured.
@@ -602,23 +590,23 @@ def near_pairs(codes: np.ndarray, max_distance: int) -> np.ndarray:
 NEAR_PAIR_BATCH = 100_000  # queries per range search: bounds the memory of the result lists
 
 
-def apply_checks(frame: pd.DataFrame, checks: dict) -> pd.DataFrame:
+def apply_checks(frame: pd.DataFrame, checks: dict[str, CheckRule]) -> pd.DataFrame:
     """Per threshold rule, a boolean column `flag_<check>` and beside it `score_<check>`, its margin
     (see check_margin): the exploration and processing stages' single definition of what fails."""
     columns = {}
     for name, rule in checks.items():
-        margin = check_margin(frame[rule["metric"]], rule["below"], rule["above"])
+        margin = check_margin(frame[rule.metric], rule.below, rule.above)
         columns[flag_column(name)], columns[score_column(name)] = margin < 0, margin
     return pd.DataFrame(columns, index=frame.index)
 
 
-def failing_checks(values: dict, checks: dict) -> list[str]:
+def failing_checks(values: dict, checks: dict[str, CheckRule]) -> list[str]:
     """Names of the checks one measured image fails."""
     flags = apply_checks(pd.DataFrame([values]), checks).iloc[0]
     return [name for name in checks if flags[flag_column(name)]]
 
 
-def check_images_quality(frame: pd.DataFrame, checks: dict, duplicates: dict) -> pd.DataFrame:
+def check_images_quality(frame: pd.DataFrame, checks: dict[str, CheckRule], duplicates: Duplicates) -> pd.DataFrame:
     """Apply the threshold checks and the duplicate search; add flags, failed checks and status.
 
     Every check adds a boolean column `flag_<check>` (threshold checks also `score_<check>`). `failed_checks` lists the failed ones (";"),
@@ -627,8 +615,8 @@ def check_images_quality(frame: pd.DataFrame, checks: dict, duplicates: dict) ->
     """
     frame = pd.concat([frame, apply_checks(frame, checks)], axis=1)
     names = list(checks)
-    if duplicates["enabled"]:
-        frame = pd.concat([frame, find_duplicates(frame, duplicates["max_hash_distance"], duplicates["max_age_difference"])], axis=1)
+    if duplicates.enabled:
+        frame = pd.concat([frame, find_duplicates(frame, duplicates.max_hash_distance, duplicates.max_age_difference)], axis=1)
         frame[flag_column(Check.DUPLICATE)] = frame["duplicate_of"].notna()
         frame[flag_column(Check.AGE_CONFLICT)] = frame["age_conflict"]
         names += [Check.DUPLICATE, Check.AGE_CONFLICT]
@@ -649,41 +637,24 @@ def check_images_quality(frame: pd.DataFrame, checks: dict, duplicates: dict) ->
 # --------------------------------------------------------------------------------------------------
 # The exploration config, shared by every stage that measures or checks images
 # --------------------------------------------------------------------------------------------------
-SCHEMA = {
-    "dataset_dir": Str(),
-    "output_csv": Str(),
-    "summary_csv": Str(),
-    "labels": {
-        "source": Str(["filename", "csv"]),
-        "csv_path": Optional(Str()),
-        "file_column": Str(),
-        "age_column": Str(),
-    },
-    "images": {"max_pixels": Int(1), "max_file_mb": Number(0.001), "max_aspect_ratio": Number(1), "analysis_side": Int(16, 4096)},
-    "metrics": MapOf(Mapping()),  # each metric's parameters are checked against its own schema
-    "checks": MapOf({"metric": Str(), "below": Optional(Number(0)), "above": Optional(Number(0))}),  # every metric is >= 0
-    "duplicates": {"enabled": Bool(), "max_hash_distance": Int(0, 64), "max_age_difference": Int(0)},
-}
 LABEL_COLUMNS = ["file", "age", "age_group", "gender", "race"]
 
 
-def load_explore_config(path, overrides=()) -> dict:
-    """Load and validate the explore config, including each metric's own parameters."""
-    config = load_config(SCHEMA, path, overrides)
-    known = metrics_schema()
-    for name, params in config["metrics"].items():
-        if name not in known:
-            raise ConfigError(f"{path}: metrics.{name}: unknown metric (known: {', '.join(known)})")
-        config["metrics"][name] = validate(params, known[name], f"metrics.{name}")
-    available = SIZE_COLUMNS + ["file_size", "channels", "bit_depth"] + measured_columns(config["metrics"])
+def load_explore_config(path, overrides=()) -> ExploreConfig:
+    """Load and validate the explore config, including each metric's own parameters and the checks'
+    metrics (which must be columns the configured metrics fill)."""
+    config = load_config(ExploreConfig, path, overrides)
     try:
-        validate_checks(config["checks"], available)
+        for name, params in config.metrics.items():
+            if name not in METRICS:
+                raise ConfigError(f"metrics.{name}: unknown metric (known: {', '.join(METRICS)})")
+            config.metrics[name] = validate_section(METRICS[name].params, params, f"metrics.{name}").model_dump()
+        available = SIZE_COLUMNS + ["file_size", "channels", "bit_depth"] + measured_columns(config.metrics)
+        for name, rule in config.checks.items():
+            if rule.metric not in available:
+                raise ConfigError(f"checks.{name}.metric: expected one of {', '.join(available)}, got {rule.metric!r}")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    if config["labels"]["source"] == "csv" and not config["labels"]["csv_path"]:
-        raise ConfigError(f"{path}: labels.csv_path: expected a path when labels.source is 'csv', got null")
-    if "faces" in config["metrics"]:
+    if "faces" in config.metrics:
         detector_model_path()  # a missing package is one line now, not an error in every row
-    if config["duplicates"]["enabled"] and "phash" not in config["metrics"]:
-        raise ConfigError(f"{path}: duplicates.enabled: needs the phash metric in metrics")
     return config

@@ -23,11 +23,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from config_models import Defects, SampleConfig
 from utils import (
-    Int,
-    ListOf,
-    Number,
-    Str,
     UserError,
     load_config,
     run_script,
@@ -38,29 +35,6 @@ from utils import (
 
 log = logging.getLogger("agepipe.sample")
 
-RANGE = ListOf(Number(0), min_length=2)
-SCHEMA = {
-    "output_dir": Str(),
-    "seed": Int(0),
-    "num_images": Int(10),
-    "image_size": Int(32, 1024),
-    "jpeg_quality": Int(1, 100),
-    "ages": {"min": Int(0, 120), "max": Int(1, 120), "decade_weights": ListOf(Number(0), min_length=1)},
-    "skin_tones": ListOf(ListOf(Int(0, 255), min_length=3), min_length=1),
-    "hair_colours": ListOf(ListOf(Int(0, 255), min_length=3), min_length=1),
-    "camera_noise_sigma": Number(0),
-    "pose": {"max_tilt_degrees": Number(0, 45), "max_scale_change": Number(0, 0.5), "max_shift_fraction": Number(0, 0.3)},
-    "defects": {
-        "fraction": Number(0, 1),
-        "blur_sigma": RANGE,
-        "noise_sigma": RANGE,
-        "dark_gain": RANGE,
-        "bright_headroom": RANGE,
-        "low_resolution_size": RANGE,
-        "low_contrast_scale": RANGE,
-    },
-    "near_duplicate_brightness_shift": Number(),
-}
 DEFECTS = ["blur", "noise", "dark", "bright", "low_resolution", "low_contrast"]
 
 
@@ -215,9 +189,9 @@ def draw_face(rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_r
     face *= (1 + 0.12 * light_x * xs)[..., None]
     # real crops are aligned only roughly: tilt, scale and shift each face a little
     warp = cv2.getRotationMatrix2D(
-        (s / 2, s / 2), rng.uniform(-1, 1) * pose["max_tilt_degrees"], 1 + rng.uniform(-1, 1) * pose["max_scale_change"]
+        (s / 2, s / 2), rng.uniform(-1, 1) * pose.max_tilt_degrees, 1 + rng.uniform(-1, 1) * pose.max_scale_change
     )
-    warp[:, 2] += rng.uniform(-1, 1, 2) * pose["max_shift_fraction"] * s
+    warp[:, 2] += rng.uniform(-1, 1, 2) * pose.max_shift_fraction * s
     face = cv2.warpAffine(np.clip(face, 0, 255), warp, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     face = cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA)
     return np.clip(face, 0, 255).astype(np.uint8)
@@ -226,10 +200,10 @@ def draw_face(rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_r
 # --------------------------------------------------------------------------------------------------
 # Defects
 # --------------------------------------------------------------------------------------------------
-def plant_defect(image: np.ndarray, defect: str, rng: np.random.Generator, settings: dict) -> np.ndarray:
+def plant_defect(image: np.ndarray, defect: str, rng: np.random.Generator, settings: Defects) -> np.ndarray:
     """Degrade a clean image in one known way; `settings` holds the [low, high] strength ranges."""
     def draw(key):
-        low, high = settings[key][:2]
+        low, high = getattr(settings, key)
         return rng.uniform(low, high)
 
     img = image.astype(np.float32)
@@ -262,8 +236,8 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 def sample_ages(rng: np.random.Generator, n: int, ages: dict) -> np.ndarray:
     """Ages from per-decade weights, so the sample is as unbalanced as real face datasets."""
-    candidates = np.arange(ages["min"], ages["max"] + 1)
-    weights = np.asarray(ages["decade_weights"], float)
+    candidates = np.arange(ages.min, ages.max + 1)
+    weights = np.asarray(ages.decade_weights, float)
     per_age = weights[np.minimum(candidates // 10, len(weights) - 1)]
     return rng.choice(candidates, size=n, p=per_age / per_age.sum())
 
@@ -273,13 +247,13 @@ def utk_name(age: int, gender: int, race: int, index: int) -> str:
     return f"{age}_{gender}_{race}_20170101{index:09d}.jpg.chip.jpg"
 
 
-def generate(config: dict) -> pd.DataFrame:
-    """Write the sample into config['output_dir'] and return the manifest (one row per file)."""
-    out = Path(config["output_dir"])
-    rng = np.random.default_rng(config["seed"])
-    n, size, quality = config["num_images"], config["image_size"], config["jpeg_quality"]
-    ages = sample_ages(rng, n, config["ages"])
-    defect_count = int(round(n * config["defects"]["fraction"]))
+def generate(config: SampleConfig) -> pd.DataFrame:
+    """Write the sample into config.output_dir and return the manifest (one row per file)."""
+    out = Path(config.output_dir)
+    rng = np.random.default_rng(config.seed)
+    n, size, quality = config.num_images, config.image_size, config.jpeg_quality
+    ages = sample_ages(rng, n, config.ages)
+    defect_count = int(round(n * config.defects.fraction))
     defect_of = np.array(["none"] * n, dtype=object)
     chosen = rng.choice(n, size=defect_count, replace=False)
     defect_of[chosen] = [DEFECTS[i % len(DEFECTS)] for i in range(defect_count)]
@@ -287,12 +261,12 @@ def generate(config: dict) -> pd.DataFrame:
     rows, encoded = [], {}
     for i in range(n):
         gender = int(rng.integers(0, 2))
-        race = int(rng.integers(0, len(config["skin_tones"])))
-        hair = config["hair_colours"][int(rng.integers(0, len(config["hair_colours"])))]
-        image = draw_face(rng, int(ages[i]), bool(gender), config["skin_tones"][race], hair, size, config["pose"])
-        image = np.clip(image + rng.normal(0, config["camera_noise_sigma"], image.shape), 0, 255).astype(np.uint8)
+        race = int(rng.integers(0, len(config.skin_tones)))
+        hair = config.hair_colours[int(rng.integers(0, len(config.hair_colours)))]
+        image = draw_face(rng, int(ages[i]), bool(gender), config.skin_tones[race], hair, size, config.pose)
+        image = np.clip(image + rng.normal(0, config.camera_noise_sigma, image.shape), 0, 255).astype(np.uint8)
         if defect_of[i] != "none":
-            image = plant_defect(image, defect_of[i], rng, config["defects"])
+            image = plant_defect(image, defect_of[i], rng, config.defects)
         name = utk_name(int(ages[i]), gender, race, i)
         encoded[name] = encode_jpeg(image, quality)
         rows.append({"file": name, "age": int(ages[i]), "defect": defect_of[i], "broken": "", "source": ""})
@@ -306,14 +280,14 @@ def generate(config: dict) -> pd.DataFrame:
 
     add(utk_name(original["age"], 0, 0, n + 1), encoded[original["file"]], original["age"], "exact_duplicate", original["file"])
     shifted = cv2.imdecode(np.frombuffer(encoded[twin["file"]], np.uint8), cv2.IMREAD_COLOR)
-    shifted = cv2.add(shifted, np.full_like(shifted, config["near_duplicate_brightness_shift"]))
-    other_age = (twin["age"] + 30) % config["ages"]["max"] + 1
+    shifted = cv2.add(shifted, np.full_like(shifted, config.near_duplicate_brightness_shift))
+    other_age = (twin["age"] + 30) % config.ages.max + 1
     add(utk_name(other_age, 0, 0, n + 2), encode_jpeg(shifted, quality - 5), other_age, "near_duplicate_other_age", twin["file"])
     add(utk_name(30, 0, 0, n + 3), b"", 30, "empty")
     truncated = encoded[clean[2]["file"]]
     add(utk_name(clean[2]["age"], 0, 0, n + 4), truncated[: len(truncated) // 2], clean[2]["age"], "truncated")
     add(utk_name(40, 1, 0, n + 5), b"this is a text file, not a JPEG image\n", 40, "not_an_image")
-    unnamed = draw_face(rng, 35, False, config["skin_tones"][0], config["hair_colours"][0], size, config["pose"])
+    unnamed = draw_face(rng, 35, False, config.skin_tones[0], config.hair_colours[0], size, config.pose)
     add("portrait_without_age.jpg", encode_jpeg(unnamed, quality), None, "no_age_in_name")
 
     if out.exists():
@@ -327,19 +301,19 @@ def generate(config: dict) -> pd.DataFrame:
 
 
 def main(args):
-    config = load_config(SCHEMA, args.config, args.overrides)
-    setup_logging(config["log_level"])
-    if config["ages"]["min"] >= config["ages"]["max"]:
+    config = load_config(SampleConfig, args.config, args.overrides)
+    setup_logging(config.log_level)
+    if config.ages.min >= config.ages.max:
         raise UserError(f"{args.config}: ages: expected min < max")
     start = time.perf_counter()
     manifest = generate(config)
     counts = manifest["defect"].value_counts().to_dict()
     broken = int((manifest["broken"] != "").sum())
     print(
-        f"wrote {len(manifest)} files to {config['output_dir']}/ in {time.perf_counter() - start:.1f}s: "
+        f"wrote {len(manifest)} files to {config.output_dir}/ in {time.perf_counter() - start:.1f}s: "
         f"{counts.get('none', 0)} clean faces, "
         + ", ".join(f"{counts.get(d, 0)} {d}" for d in DEFECTS)
-        + f", {broken} broken or duplicate files; manifest: {config['output_dir']}/manifest.csv"
+        + f", {broken} broken or duplicate files; manifest: {config.output_dir}/manifest.csv"
     )
 
 

@@ -23,21 +23,20 @@ import pandas as pd
 from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
 from image_io import UnreadableImage
 from image_reader import IMAGE_EXTENSIONS, display_name, find_image_files, parse_utkface_name
-from utils import (AgeGroups, Bool, Int, ListOf, Optional, Str, UserError, ensure_writable_dir, load_config, read_model_metadata, run_script,
-                   setup_logging, write_csv_atomic, write_run_record)
+from config_models import PredictConfig
+from utils import (
+    AgeGroups,
+    UserError,
+    ensure_writable_dir,
+    load_config,
+    read_model_metadata,
+    run_script,
+    setup_logging,
+    write_csv_atomic,
+    write_run_record,
+)
 
 log = logging.getLogger("agepipe.predict")
-
-SCHEMA = {
-    "model_path": Str(),
-    "inputs": ListOf(Str(), min_length=1),
-    "output_csv": Str(),
-    "batch_size": Int(1, 4096),
-    "flip_test_time_augmentation": Bool(),
-    "prior_csv": Optional(Str()),
-    "descriptor_cache": Str(),
-}
-
 
 def list_images(inputs: list[str]) -> list[tuple[str, str]]:
     """(name shown in the CSV, real path) of every image in the given folders and files."""
@@ -56,40 +55,40 @@ def list_images(inputs: list[str]) -> list[tuple[str, str]]:
 
 
 def main(args) -> None:
-    config = load_config(SCHEMA, args.config, args.overrides)
-    setup_logging(config["log_level"])
-    files = list_images(config["inputs"])
-    ensure_writable_dir(Path(config["output_csv"]).parent, "output folder")
+    config = load_config(PredictConfig, args.config, args.overrides)
+    setup_logging(config.log_level)
+    files = list_images(config.inputs)
+    ensure_writable_dir(Path(config.output_csv).parent, "output folder")
     paths = [real for _, real in files]
-    flip = config["flip_test_time_augmentation"]
+    flip = config.flip_test_time_augmentation
 
-    metadata = read_model_metadata(config["model_path"])  # before TensorFlow: the descriptor pool forks
+    metadata = read_model_metadata(config.model_path)  # before TensorFlow: the descriptor pool forks
     groups, max_age = AgeGroups(tuple(metadata["age_group_edges"])), metadata["max_age"]
     errors: list[str | None] = [None] * len(files)
     probabilities = np.full((len(files), max_age + 1), np.nan, np.float32)
     if metadata["backbone"] == DESCRIPTOR_BACKBONE:
         settings = DescriptorSettings(**metadata["descriptor"])
-        descriptors, problems = describe_files(paths, settings, config["descriptor_cache"], config["num_workers"], MAX_PIXELS,
-                                               MAX_FILE_BYTES, config["task_timeout_seconds"])
+        descriptors, problems = describe_files(paths, settings, config.descriptor_cache, config.num_workers, MAX_PIXELS,
+                                               MAX_FILE_BYTES, config.task_timeout_seconds)
         from age_model import load_with_metadata, predict_years
 
-        model, _ = load_with_metadata(config["model_path"])
+        model, _ = load_with_metadata(config.model_path)
         described = [i for i, d in enumerate(descriptors) if d is not None]
         for i, (d, problem) in enumerate(zip(descriptors, problems)):
             errors[i] = problem if d is None else None
         if described:
             stacked = np.stack([descriptors[i] for i in described])
             second = stacked[:, 1] if flip and stacked.shape[1] > 1 else None
-            probabilities[described] = predict_years(model, stacked[:, 0], second, config["batch_size"])
+            probabilities[described] = predict_years(model, stacked[:, 0], second, config.batch_size)
     else:
         from age_model import load_pixels, load_with_metadata, predict_years
         import tensorflow as tf
 
-        model, _ = load_with_metadata(config["model_path"])
+        model, _ = load_with_metadata(config.model_path)
         size = metadata["input_size"]
-        for start in range(0, len(files), config["batch_size"]):  # streamed: one batch of pixels in memory
+        for start in range(0, len(files), config.batch_size):  # streamed: one batch of pixels in memory
             batch, where = [], []
-            for i in range(start, min(start + config["batch_size"], len(files))):
+            for i in range(start, min(start + config.batch_size, len(files))):
                 try:
                     batch.append(load_pixels(paths[i], size))
                     where.append(i)
@@ -101,7 +100,7 @@ def main(args) -> None:
 
     from age_model import correct_prior, evaluate, group_matrix, population_shares
 
-    prior = population_shares(config["prior_csv"], groups)
+    prior = population_shares(config.prior_csv, groups)
     readable = np.array([e is None for e in errors])
     if prior is not None and readable.any():
         probabilities[readable] = correct_prior(probabilities[readable], groups, max_age, metadata["training_group_shares"], prior)
@@ -112,9 +111,9 @@ def main(args) -> None:
     for index, label in enumerate(groups.labels):
         frame[f"p_{label}"] = np.round(group_probabilities[:, index], 4)
     frame["error"] = errors
-    write_csv_atomic(frame, config["output_csv"])
-    write_run_record({"predict": config, "model": metadata.get("config")}, config["output_csv"])
-    print(f"predicted {int(readable.sum())} of {len(files)} images ({int((~readable).sum())} without a prediction); wrote {config['output_csv']}")
+    write_csv_atomic(frame, config.output_csv)
+    write_run_record({"predict": config, "model": metadata.get("config")}, config.output_csv)
+    print(f"predicted {int(readable.sum())} of {len(files)} images ({int((~readable).sum())} without a prediction); wrote {config.output_csv}")
 
     ages = np.array([parse_utkface_name(os.path.basename(name))["age"] for name, _ in files], dtype=object)
     labelled = [i for i in np.flatnonzero(readable) if ages[i] is not None and 0 <= ages[i] <= max_age and groups.index_of(ages[i]) >= 0]

@@ -30,32 +30,26 @@ import pandas as pd
 from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, ProcessStatus, encode_image, resize_square
 from image_io import UnreadableImage, read_image
 from image_reader import SIZE_COLUMNS, Check, ReaderSettings, Status, failing_checks, load_explore_config, measure_array, measured_columns
+from config_models import REPAIR_PARAMETERS, ExploreConfig, ProcessConfig
 from utils import (
-    Bool,
     ConfigError,
-    Int,
     Journal,
-    MapOf,
-    Mapping,
-    Number,
-    Optional,
-    Str,
-    UserError,
-    config_fingerprint,
-    copy_file_atomic,
-    ensure_writable_dir,
     OutputFolder,
+    UserError,
     check_output_csv,
+    config_fingerprint,
     confined,
-    run_lock,
+    copy_file_atomic,
+    engine_name,
+    ensure_writable_dir,
     load_config,
     parallel_map,
     progress_bar,
     read_metadata_csv,
-    engine_name,
+    run_lock,
     run_script,
     setup_logging,
-    validate,
+    validate_section,
     write_bytes_atomic,
     write_csv_atomic,
     write_run_record,
@@ -63,39 +57,20 @@ from utils import (
 
 log = logging.getLogger("agepipe.process")
 
-SCHEMA = {
-    "input_csv": Str(),
-    "explore_config": Str(),
-    "output_dir": Str(),
-    "output_csv": Str(),
-    "resize": Optional(Int(16, 4096)),
-    "jpeg_quality": Int(1, 100),
-    "repairs": MapOf(MapOf(Mapping())),
-    "retry": {"attempts": Int(1, 20), "strength_factor": Number(1.0, 10.0)},
-    "overwrite_output": Bool(),
-}
-# Parameters of each repair operation the config may set (noise_sigma comes from the image's metrics).
-REPAIR_PARAMETERS = {
-    "denoise": {"strength": Number(0.01, 20), "template_window": Int(3, 21), "search_window": Int(3, 51)},
-    "adjust_exposure": {"target_brightness": Number(1, 254)},
-    "stretch_contrast": {"target_contrast": Number(1, 128)},
-    "enhance_texture": {"clip_limit": Number(0.1, 40), "tile_grid": Int(1, 64)},
-    "sharpen": {"amount": Number(0.01, 20), "radius": Number(0.1, 20)},
-}
 REQUIRED_COLUMNS = ["file", "path", "age", "age_group", "status", "failed_checks", "content_hash"]
 
 
-def load_process_config(path, overrides=()) -> tuple[dict, dict]:
+def load_process_config(path, overrides=()) -> tuple[ProcessConfig, ExploreConfig]:
     """The processing config, and the exploration config whose metrics and checks it re-applies."""
-    config = load_config(SCHEMA, path, overrides)
-    explore = load_explore_config(config["explore_config"])
-    for check, operations in config["repairs"].items():
-        if check not in explore["checks"]:
-            raise ConfigError(f"{path}: repairs.{check}: not a check of {config['explore_config']} (checks: {', '.join(explore['checks'])})")
+    config = load_config(ProcessConfig, path, overrides)
+    explore = load_explore_config(config.explore_config)
+    for check, operations in config.repairs.items():
+        if check not in explore.checks:
+            raise ConfigError(f"{path}: repairs.{check}: not a check of {config.explore_config} (checks: {', '.join(explore.checks)})")
         for operation, params in operations.items():
             if operation not in REPAIR_PARAMETERS:
                 raise ConfigError(f"{path}: repairs.{check}.{operation}: unknown operation (known: {', '.join(REPAIR_PARAMETERS)})")
-            operations[operation] = validate(params, REPAIR_PARAMETERS[operation], f"repairs.{check}.{operation}")
+            operations[operation] = validate_section(REPAIR_PARAMETERS[operation], params, f"repairs.{check}.{operation}").model_dump()
     return config, explore
 
 
@@ -137,15 +112,15 @@ def describe_plan(plan: list[tuple[str, dict]]) -> str:
 class Processor:
     """Everything a worker needs to process one exploration row; sent to each worker once."""
 
-    def __init__(self, config: dict, explore: dict):
+    def __init__(self, config: ProcessConfig, explore: ExploreConfig):
         self.settings = ReaderSettings.from_config(explore)
-        self.checks = explore["checks"]
-        self.repairs = config["repairs"]
-        self.attempts = config["retry"]["attempts"]
-        self.factor = config["retry"]["strength_factor"]
-        self.resize = config["resize"]
-        self.jpeg_quality = config["jpeg_quality"]
-        self.output_dir = Path(config["output_dir"])
+        self.checks = explore.checks
+        self.repairs = config.repairs
+        self.attempts = config.retry.attempts
+        self.factor = config.retry.strength_factor
+        self.resize = config.resize
+        self.jpeg_quality = config.jpeg_quality
+        self.output_dir = Path(config.output_dir)
 
     def __call__(self, row: dict) -> dict:
         result = {"status": row["status"], "reason": row.get("reason"), "operations": None, "attempts": 0,
@@ -246,15 +221,15 @@ def dataset_roots(frame: pd.DataFrame) -> set[str]:
     return {path[: len(path) - len(file)] for path, file in zip(frame["path"], frame["file"])}
 
 
-def process_rows(frame: pd.DataFrame, config: dict, explore: dict, output_dir: Path) -> pd.DataFrame:
+def process_rows(frame: pd.DataFrame, config: ProcessConfig, explore: ExploreConfig, output_dir: Path) -> pd.DataFrame:
     """Process every row (continuing an interrupted run from its journal) and return the results.
     A resumed run checks that the images its journal lists are still there with the size it wrote, and
     redoes those that are not."""
     processor = Processor(config, explore)
     fingerprint = config_fingerprint(
-        {k: config[k] for k in ("repairs", "retry", "resize", "jpeg_quality")}, explore["metrics"], explore["checks"], str(output_dir.resolve())
+        config.model_dump(include={"repairs", "retry", "resize", "jpeg_quality"}), explore.metrics, explore.checks, str(output_dir.resolve())
     )
-    journal = Journal(Path(config["output_csv"]).with_suffix(".journal.jsonl"), fingerprint)
+    journal = Journal(Path(config.output_csv).with_suffix(".journal.jsonl"), fingerprint)
     rows = frame.to_dict("records")
     keys = [f"{r['file']}|{r['content_hash']}|{r['status']}" for r in rows]
     todo = [(k, r) for k, r in zip(keys, rows) if k not in journal.done]
@@ -262,10 +237,10 @@ def process_rows(frame: pd.DataFrame, config: dict, explore: dict, output_dir: P
         log.info("continuing: %d of %d images were finished by an earlier run", len(rows) - len(todo), len(rows))
     for _ in range(2):  # the second pass redoes journalled images whose output has gone
         with journal:
-            for key, result in parallel_map(_process_task, todo, config["num_workers"], initializer=_init_worker,
+            for key, result in parallel_map(_process_task, todo, config.num_workers, initializer=_init_worker,
                                             initargs=(processor,), chunksize=4, progress=progress_bar(len(todo), "processing"),
-                                            on_failure=failed_row, timeout=explore["task_timeout_seconds"],
-                                            scheduler=config["scheduler"], scheduler_chunk=config["scheduler_chunk_files"]):
+                                            on_failure=failed_row, timeout=explore.task_timeout_seconds,
+                                            scheduler=config.scheduler, scheduler_chunk=config.scheduler_chunk_files):
                 after = result.pop("after") or {}
                 journal.record(key, {**result, **{f"after_{k}": v for k, v in after.items()}})
         results = journal.rows(keys)
@@ -280,22 +255,22 @@ def process_rows(frame: pd.DataFrame, config: dict, explore: dict, output_dir: P
 
 def main(args) -> None:
     config, explore = load_process_config(args.config, args.overrides)
-    setup_logging(config["log_level"])
-    frame = read_exploration_csv(config["input_csv"])
+    setup_logging(config.log_level)
+    frame = read_exploration_csv(config.input_csv)
     roots = sorted(dataset_roots(frame))
-    outputs = OutputFolder(config["output_dir"], inputs=roots, overwrite=config["overwrite_output"])
+    outputs = OutputFolder(config.output_dir, inputs=roots, overwrite=config.overwrite_output)
     output_dir = outputs.path
-    check_output_csv(config["output_csv"], "output_csv", inputs=[config["input_csv"], *roots], image_folders=[output_dir])
+    check_output_csv(config.output_csv, "output_csv", inputs=[config.input_csv, *roots], image_folders=[output_dir])
     candidates = frame["status"].isin([Status.OK, Status.LOW_QUALITY])
     for file in frame.loc[candidates, "file"]:
         confined(output_dir, file)
-    ensure_writable_dir(Path(config["output_csv"]).parent, "output folder")
+    ensure_writable_dir(Path(config.output_csv).parent, "output folder")
     start = time.perf_counter()
 
-    with run_lock(config["output_csv"]):
+    with run_lock(config.output_csv):
         outputs.begin(frame.loc[candidates, "file"])
         results = process_rows(frame, config, explore, output_dir)
-        metric_columns = SIZE_COLUMNS + measured_columns(explore["metrics"])
+        metric_columns = SIZE_COLUMNS + measured_columns(explore.metrics)
         before = frame[metric_columns].add_prefix("before_")
         for column in [f"after_{m}" for m in metric_columns]:
             if column not in results.columns:
@@ -320,12 +295,12 @@ def main(args) -> None:
             }
         )
         output = pd.concat([output, before, results[[f"after_{m}" for m in metric_columns]]], axis=1)
-        write_csv_atomic(output, config["output_csv"])
-        write_run_record({"process": config, "explore": explore}, config["output_csv"])
+        write_csv_atomic(output, config.output_csv)
+        write_run_record({"process": config, "explore": explore}, config.output_csv)
         removed = outputs.finish(frame.loc[written, "file"])
         if removed:
             log.info("removed %d files agepipe wrote in %s in earlier runs with other settings", removed, output_dir)
-        Path(config["output_csv"]).with_suffix(".journal.jsonl").unlink(missing_ok=True)
+        Path(config.output_csv).with_suffix(".journal.jsonl").unlink(missing_ok=True)
 
     counts = output["status"].value_counts()
     elapsed = time.perf_counter() - start
@@ -333,7 +308,7 @@ def main(args) -> None:
         f"processed {len(output)} rows in {elapsed:.1f}s with {engine_name(config)}: "
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in ProcessStatus)
     )
-    print(f"wrote {int(written.sum())} images to {output_dir}/ and {config['output_csv']}")
+    print(f"wrote {int(written.sum())} images to {output_dir}/ and {config.output_csv}")
 
 
 if __name__ == "__main__":

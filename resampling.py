@@ -18,16 +18,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from config_models import ResamplingAugmentation, ResamplingConfig
 from image_processor import TRAINABLE_STATUSES, encode_image, random_augmentation
 from utils import (
     AgeGroups,
-    Bool,
-    Int,
     Journal,
-    Number,
-    Optional,
     OutputFolder,
-    Str,
     UserError,
     check_output_csv,
     config_fingerprint,
@@ -42,40 +38,6 @@ from utils import (
 )
 
 log = logging.getLogger("agepipe.resampling")
-
-SCHEMA = {
-    "population_csv": Str(),
-    "population_detail_csv": Str(),
-    "reference_year": Int(1900, 2100),
-    "max_age": Int(1, 130),
-    "target_csv": Str(),
-    "input": Str(["processed", "exploration"]),
-    "processed_csv": Str(),
-    "exploration_csv": Str(),
-    "output_dir": Str(),
-    "output_csv": Str(),
-    "overwrite_output": Bool(),
-    "target_size": Optional(Int(1)),
-    "seed": Int(0),
-    "quality_score": {"metric": Str(), "higher_is_better": Bool()},
-    "max_copies_per_image": Int(0, 100),
-    "tolerance": Number(0, 1),
-    "jpeg_quality": Int(1, 100),
-    "augmentation": {
-        "flip_probability": Number(0, 1),
-        "max_rotation_degrees": Number(0, 30),
-        "max_scale_change": Number(0, 0.5),
-        "max_shift_fraction": Number(0, 0.3),
-        "max_brightness_shift": Number(0, 0.5),
-        "max_contrast_change": Number(0, 0.9),
-        "max_gamma_change": Number(0, 0.9),
-        "blur_probability": Number(0, 1),
-        "max_blur_sigma": Number(0, 5),
-        "noise_probability": Number(0, 1),
-        "max_noise_sigma": Number(0, 30),
-    },
-}
-
 
 # --------------------------------------------------------------------------------------------------
 # Target distribution
@@ -205,7 +167,7 @@ def output_name(file: str, copy: int) -> str:
 # Execute
 # --------------------------------------------------------------------------------------------------
 class Augmenter:
-    def __init__(self, output_dir: str, seed: int, ranges: dict, jpeg_quality: int):
+    def __init__(self, output_dir: str, seed: int, ranges: ResamplingAugmentation, jpeg_quality: int):
         self.output_dir, self.seed, self.ranges, self.jpeg_quality = Path(output_dir), seed, ranges, jpeg_quality
 
     def __call__(self, task: tuple[str, dict]) -> tuple[str, dict]:
@@ -236,34 +198,34 @@ def _run(task):
     return _augmenter(task)
 
 
-def execute_plan(selected: pd.DataFrame, config: dict) -> pd.DataFrame:
+def execute_plan(selected: pd.DataFrame, config: ResamplingConfig) -> pd.DataFrame:
     """Write the selected originals and augmented copies into output_dir (resumable, atomic) and return
     one row per output image: file, path, age, age_group, source, source_path, copy, augmentation.
 
     The output folder may not overlap the folders the images come from; names from the CSV must stay
     inside it; only files agepipe wrote there before are ever replaced or deleted (OutputFolder)."""
     sources = sorted({os.path.dirname(p) for p in selected["path"]})
-    outputs = OutputFolder(config["output_dir"], inputs=sources, overwrite=config["overwrite_output"])
+    outputs = OutputFolder(config.output_dir, inputs=sources, overwrite=config.overwrite_output)
     output_dir = outputs.path
-    check_output_csv(config["output_csv"], "output_csv", inputs=sources, image_folders=[output_dir])
+    check_output_csv(config.output_csv, "output_csv", inputs=sources, image_folders=[output_dir])
     selected = selected.assign(output_file=[output_name(f, c) for f, c in zip(selected["file"], selected["copy"])])
     for file in selected["output_file"]:
         confined(output_dir, file)
-    fingerprint = config_fingerprint({k: config[k] for k in ("seed", "augmentation", "jpeg_quality")}, str(output_dir.resolve()))
-    with run_lock(config["output_csv"]):
+    fingerprint = config_fingerprint(config.model_dump(include={"seed", "augmentation", "jpeg_quality"}), str(output_dir.resolve()))
+    with run_lock(config.output_csv):
         outputs.begin(selected["output_file"])
-        journal = Journal(Path(config["output_csv"]).with_suffix(".journal.jsonl"), fingerprint)
+        journal = Journal(Path(config.output_csv).with_suffix(".journal.jsonl"), fingerprint)
         rows = selected[["file", "path", "copy", "output_file"]].to_dict("records")
         keys = [f"{r['output_file']}|{r['path']}" for r in rows]
         todo = [(k, r) for k, r in zip(keys, rows) if k not in journal.done or not (output_dir / r["output_file"]).exists()]
-        augmenter = Augmenter(config["output_dir"], config["seed"], config["augmentation"], config["jpeg_quality"])
+        augmenter = Augmenter(config.output_dir, config.seed, config.augmentation, config.jpeg_quality)
         with journal:
-            for key, result in parallel_map(_run, todo, config["num_workers"], initializer=_init, initargs=(augmenter,),
-                                            chunksize=8, progress=progress_bar(len(todo), "resampling"), timeout=config["task_timeout_seconds"]):
+            for key, result in parallel_map(_run, todo, config.num_workers, initializer=_init, initargs=(augmenter,),
+                                            chunksize=8, progress=progress_bar(len(todo), "resampling"), timeout=config.task_timeout_seconds):
                 journal.record(key, result)
         done = journal.rows(keys) if keys else pd.DataFrame({"augmentation": []})
         outputs.finish(selected["output_file"])
-        write_run_record(config, config["output_csv"])
+        write_run_record(config, config.output_csv)
         journal.remove()
     return pd.DataFrame(
         {
@@ -279,15 +241,15 @@ def execute_plan(selected: pd.DataFrame, config: dict) -> pd.DataFrame:
     ).sort_values(["age_group", "file"], kind="stable").reset_index(drop=True)
 
 
-def load_input(config: dict) -> pd.DataFrame:
+def load_input(config: ResamplingConfig) -> pd.DataFrame:
     """The usable images of the chosen stage's CSV, with metric columns under their plain names."""
     required = ("file", "path", "age", "age_group", "status")
-    if config["input"] == "processed":
-        frame = read_metadata_csv(config["processed_csv"], "processed CSV", "run process_images.py first", required)
+    if config.input == "processed":
+        frame = read_metadata_csv(config.processed_csv, "processed CSV", "run process_images.py first", required)
         frame = frame.rename(columns=lambda c: c[len("after_"):] if c.startswith("after_") else c)
     else:
-        frame = read_metadata_csv(config["exploration_csv"], "exploration CSV", "run explore_images.py first", required)
+        frame = read_metadata_csv(config.exploration_csv, "exploration CSV", "run explore_images.py first", required)
     frame = frame[frame["status"].isin(TRAINABLE_STATUSES)]
-    if config["quality_score"]["metric"] not in frame.columns:
-        raise UserError(f"quality_score.metric: the {config['input']} CSV has no metric {config['quality_score']['metric']!r}")
+    if config.quality_score.metric not in frame.columns:
+        raise UserError(f"quality_score.metric: the {config.input} CSV has no metric {config.quality_score.metric!r}")
     return frame.reset_index(drop=True)

@@ -31,13 +31,8 @@ import pandas as pd
 
 from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
 from image_processor import TRAINABLE_STATUSES
+from config_models import Distribution, TrainConfig, Training
 from utils import (
-    Bool,
-    Int,
-    ListOf,
-    Number,
-    Optional,
-    Str,
     UserError,
     age_groups_from,
     atomic_write,
@@ -51,34 +46,6 @@ from utils import (
 )
 
 log = logging.getLogger("agepipe.train")
-
-SCHEMA = {
-    "input_csv": Str(),
-    "test_dataset_dir": Optional(Str()),
-    "target_csv": Optional(Str()),
-    "descriptor_cache": Str(),
-    "output_dir": Str(),
-    "max_age": Int(1, 130),
-    "seed": Int(0),
-    "deterministic": Bool(),
-    "split": {"validation": Number(0.0, 0.5), "test": Number(0.0, 0.5)},
-    "input": {"image_size": Int(16, 512), "batch_size": Int(1, 4096), "shuffle_buffer": Int(1), "cache": Str(["disk", "memory", "none"])},
-    "augmentation": {"enabled": Bool(), "max_rotation_degrees": Number(0, 30), "max_zoom": Number(0, 0.5),
-                     "max_shift": Number(0, 0.3), "max_brightness": Number(0, 1), "max_contrast": Number(0, 1)},
-    "model": {"backbone": Str(),
-              "descriptor": {"face_box": Str(["whole_image", "detector"]), "on_no_landmarks": Str(["whole_image", "skip"]),
-                             "min_eye_distance": Number(0, 1), "max_roll_degrees": Number(0, 90), "padding": Number(0, 1),
-                             "mirrored": Bool()},
-              "head_units": ListOf(Int(1, 8192)), "ensemble": Int(1, 20),
-              "weights": Optional(Str()), "filters": ListOf(Int(1, 2048), min_length=1),
-              "convs_per_stage": Int(1, 4), "batch_norm_momentum": Number(0, 0.999), "spatial_dropout": Number(0, 0.9),
-              "dropout": Number(0, 0.9), "weight_decay": Number(0, 1)},
-    "training": {"epochs": Int(1, 10000), "learning_rate": Number(1e-7, 10), "warmup_epochs": Int(0, 100),
-                 "class_weighting": Bool(), "label_sigma_years": Number(0, 50)},
-    "evaluation": {"flip_test_time_augmentation": Bool(), "prior_csv": Optional(Str())},
-    "distribution": {"strategy": Str(["default", "mirrored", "multi_worker"]), "logical_cpus": Int(1, 64)},
-}
-
 
 # --------------------------------------------------------------------------------------------------
 # 1. Data and split
@@ -145,31 +112,31 @@ def read_test_folder(folder: str, groups) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 # 2-3. Devices, pipeline, model, training
 # --------------------------------------------------------------------------------------------------
-def distribution_strategy(settings: dict):
+def distribution_strategy(settings: Distribution):
     """The tf.distribute strategy of the config; must run before TensorFlow touches a device."""
     import tensorflow as tf
 
-    if settings["strategy"] == "multi_worker":
+    if settings.strategy == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if settings["strategy"] == "mirrored":
+    if settings.strategy == "mirrored":
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             return tf.distribute.MirroredStrategy()
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * settings["logical_cpus"])
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * settings.logical_cpus)
         return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
     return tf.distribute.get_strategy()
 
 
-def learning_rate_schedule(training: dict, steps_per_epoch: int):
+def learning_rate_schedule(training: Training, steps_per_epoch: int):
     """Linear warm-up, then cosine decay to zero over the remaining epochs."""
     import keras
 
-    total = training["epochs"] * steps_per_epoch
-    warmup = min(training["warmup_epochs"] * steps_per_epoch, total - 1)
+    total = training.epochs * steps_per_epoch
+    warmup = min(training.warmup_epochs * steps_per_epoch, total - 1)
     return keras.optimizers.schedules.CosineDecay(
-        0.0 if warmup else training["learning_rate"], decay_steps=max(1, total - warmup),
-        warmup_target=training["learning_rate"] if warmup else None, warmup_steps=warmup,
+        0.0 if warmup else training.learning_rate, decay_steps=max(1, total - warmup),
+        warmup_target=training.learning_rate if warmup else None, warmup_steps=warmup,
     )
 
 
@@ -234,27 +201,27 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], path: Path, title: 
 
 
 def main(args) -> None:
-    config = load_config(SCHEMA, args.config, args.overrides)
-    setup_logging(config["log_level"])
+    config = load_config(TrainConfig, args.config, args.overrides)
+    setup_logging(config.log_level)
     groups = age_groups_from(config)
-    max_age, seed, model_config = config["max_age"], config["seed"], config["model"]
-    uses_descriptors = model_config["backbone"] == DESCRIPTOR_BACKBONE
-    output_dir = ensure_writable_dir(config["output_dir"], "output_dir")
-    frame = read_training_csv(config["input_csv"], groups, max_age)
-    split = config["split"]
+    max_age, seed, model_config = config.max_age, config.seed, config.model
+    uses_descriptors = model_config.backbone == DESCRIPTOR_BACKBONE
+    output_dir = ensure_writable_dir(config.output_dir, "output_dir")
+    frame = read_training_csv(config.input_csv, groups, max_age)
+    split = config.split
 
     # 1. Split by source image, then check that the splits can support training and evaluation.
-    frame["split"] = split_by_source(frame, split["validation"], 0.0 if config["test_dataset_dir"] else split["test"], seed)
-    test = read_test_folder(config["test_dataset_dir"], groups) if config["test_dataset_dir"] else frame[frame["split"] == "test"]
+    frame["split"] = split_by_source(frame, split.validation, 0.0 if config.test_dataset_dir else split.test, seed)
+    test = read_test_folder(config.test_dataset_dir, groups) if config.test_dataset_dir else frame[frame["split"] == "test"]
     train, validation = frame[frame["split"] == "train"], frame[frame["split"] == "validation"]
     overlap = set(train["source"]) & (set(validation["source"]) | set(test["source"]))
     assert not overlap, f"leak: {len(overlap)} sources in two splits"
 
     # 2. Describe every face once (before TensorFlow starts: the worker pool forks).
     if uses_descriptors:
-        settings = DescriptorSettings(**model_config["descriptor"])
+        settings = DescriptorSettings(**model_config.descriptor.model_dump())
         sets = pd.concat([train.assign(set="train"), validation.assign(set="validation"), test.assign(set="test")], ignore_index=True)
-        described = describe(sets, settings, Path(config["descriptor_cache"]), config["num_workers"], config["task_timeout_seconds"])
+        described = describe(sets, settings, Path(config.descriptor_cache), config.num_workers, config.task_timeout_seconds)
         write_csv_atomic(described.loc[described["face_problem"].notna(), ["set", "file", "path", "face_problem"]],
                          output_dir / "face_problems.csv")
         missing = described["descriptor"].isna()
@@ -296,21 +263,21 @@ def main(args) -> None:
         year_targets,
     )
 
-    strategy = distribution_strategy(config["distribution"])
+    strategy = distribution_strategy(config.distribution)
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
-    if config["deterministic"]:
+    if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    training, inputs = config["training"], config["input"]
-    batch = inputs["batch_size"] * strategy.num_replicas_in_sync
-    sigma = training["label_sigma_years"]
+    training, inputs = config.training, config.input
+    batch = inputs.batch_size * strategy.num_replicas_in_sync
+    sigma = training.label_sigma_years
     group_weights = len(train) / (len(groups.labels) * np.maximum(train_counts, 1))
-    weights = group_weights[train["group_index"].to_numpy()].astype(np.float32) if training["class_weighting"] else None
+    weights = group_weights[train["group_index"].to_numpy()].astype(np.float32) if training.class_weighting else None
     # the age mix the model learns as its prior: uniform when class weighting evens the groups out
     training_shares = np.full(len(groups.labels), 1 / len(groups.labels)) if weights is not None else train_counts / train_counts.sum()
-    flip = config["evaluation"]["flip_test_time_augmentation"]
+    flip = config.evaluation.flip_test_time_augmentation
 
     with tempfile.TemporaryDirectory(prefix="agepipe-cache-") as cache_dir:
         if uses_descriptors:
@@ -331,11 +298,11 @@ def main(args) -> None:
                 test_views = views(rows)
                 return predict_years(model, test_views[0], test_views[1] if flip and len(test_views) > 1 else None)
         else:
-            size = inputs["image_size"]
-            augment = augmentation_layers(config["augmentation"], seed) if config["augmentation"]["enabled"] else None
-            cache_to = {"disk": os.path.join(cache_dir, "train"), "memory": "", "none": None}[inputs["cache"]]
+            size = inputs.image_size
+            augment = augmentation_layers(config.augmentation, seed) if config.augmentation.enabled else None
+            cache_to = {"disk": os.path.join(cache_dir, "train"), "memory": "", "none": None}[inputs.cache]
             fit_data = dict(x=pixel_dataset(train["path"], size, batch, targets=year_targets(train["age"], max_age, sigma), weights=weights,
-                                            shuffle_buffer=inputs["shuffle_buffer"], seed=seed, cache=cache_to, augment=augment),
+                                            shuffle_buffer=inputs.shuffle_buffer, seed=seed, cache=cache_to, augment=augment),
                             shuffle=False)  # the dataset shuffles itself, seeded
             if len(validation):
                 fit_data["validation_data"] = pixel_dataset(validation["path"], size, batch, targets=year_targets(validation["age"], max_age, sigma))
@@ -348,15 +315,15 @@ def main(args) -> None:
             if uses_descriptors:
                 model = build_descriptor_model(model_config, max_age, x_train.mean(axis=0), x_train.var(axis=0) + 1e-6)
             else:
-                model = build_pixel_model(model_config, inputs["image_size"], max_age)
+                model = build_pixel_model(model_config, inputs.image_size, max_age)
             model.compile(
-                optimizer=keras.optimizers.AdamW(learning_rate_schedule(training, steps), weight_decay=model_config["weight_decay"]),
+                optimizer=keras.optimizers.AdamW(learning_rate_schedule(training, steps), weight_decay=model_config.weight_decay),
                 loss=keras.losses.KLDivergence(),
                 metrics=[group_accuracy_metric(groups, max_age)],
             )
-        log.info("model: %s, %s parameters, %d replicas", model_config["backbone"], f"{model.count_params():,}", strategy.num_replicas_in_sync)
+        log.info("model: %s, %s parameters, %d replicas", model_config.backbone, f"{model.count_params():,}", strategy.num_replicas_in_sync)
         start = time.perf_counter()
-        model.fit(**fit_data, epochs=training["epochs"], callbacks=[keras.callbacks.CSVLogger(str(output_dir / "history.csv"))],
+        model.fit(**fit_data, epochs=training.epochs, callbacks=[keras.callbacks.CSVLogger(str(output_dir / "history.csv"))],
                   verbose=1 if os.isatty(2) else 0)
         train_seconds = time.perf_counter() - start
         history = pd.read_csv(output_dir / "history.csv")
@@ -366,10 +333,10 @@ def main(args) -> None:
         probabilities = predict(test)
         predict_seconds = time.perf_counter() - start
 
-    prior = population_shares(config["evaluation"]["prior_csv"], groups)
+    prior = population_shares(config.evaluation.prior_csv, groups)
     if prior is not None:
         probabilities = correct_prior(probabilities, groups, max_age, training_shares, prior)
-    shares = population_shares(config["target_csv"], groups)
+    shares = population_shares(config.target_csv, groups)
     metrics = evaluate(probabilities, test["age"].to_numpy(), groups, max_age, shares)
     majority = int(np.argmax(train_counts))
     majority_age = groups.bounds(max_age)[majority]
@@ -378,17 +345,17 @@ def main(args) -> None:
         log.warning("age group %s has no test images: its recall is not measured", label)
 
     metadata = {"age_group_edges": list(groups.edges), "labels": groups.labels, "max_age": max_age,
-                "backbone": model_config["backbone"], "descriptor": model_config["descriptor"] if uses_descriptors else None,
-                "input_size": None if uses_descriptors else inputs["image_size"], "training_group_shares": list(map(float, training_shares)),
+                "backbone": model_config.backbone, "descriptor": model_config.descriptor.model_dump() if uses_descriptors else None,
+                "input_size": None if uses_descriptors else inputs.image_size, "training_group_shares": list(map(float, training_shares)),
                 **run_record(config)}
     save_with_metadata(model, output_dir / "model.keras", metadata)
     headline = ("accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "population_weighted_accuracy", "mae_years")
     report = {
         "test": metrics,
         "majority_baseline": {"group": groups.labels[majority], **{k: baseline[k] for k in headline}},
-        "test_source": config["test_dataset_dir"] or "test split of " + config["input_csv"],
+        "test_source": config.test_dataset_dir or "test split of " + config.input_csv,
         "flip_test_time_augmentation": flip,
-        "prior_correction": config["evaluation"]["prior_csv"],
+        "prior_correction": config.evaluation.prior_csv,
         "split_images": {"train": len(train), "validation": len(validation), "test": len(test)},
         "epochs": int(len(history)),
         "training_seconds": round(train_seconds, 1),
@@ -411,7 +378,7 @@ def main(args) -> None:
     plot_confusion(metrics["confusion_matrix"], groups.labels, output_dir / "confusion_matrix.png",
                    f"Test confusion matrix (accuracy {metrics['accuracy']:.1%})")
 
-    print(f"trained {model_config['backbone']} on {len(train)} images for {len(history)} epochs in {train_seconds:.0f}s; test on {len(test)} images:")
+    print(f"trained {model_config.backbone} on {len(train)} images for {len(history)} epochs in {train_seconds:.0f}s; test on {len(test)} images:")
     print(f"  accuracy {metrics['accuracy']:.1%} (majority baseline {baseline['accuracy']:.1%}), one-off {metrics['one_off_accuracy']:.1%}, "
           f"macro-F1 {metrics['macro_f1']:.3f}, MAE {metrics['mae_years']:.1f} years (baseline {baseline['mae_years']:.1f})")
     print(f"wrote {output_dir}/model.keras, metrics.json, history.csv, training_curves.png, confusion_matrix.png")

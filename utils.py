@@ -26,9 +26,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 PROJECT_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PROJECT_DIR / "configs"
@@ -38,168 +41,57 @@ log = logging.getLogger("agepipe")
 
 
 # --------------------------------------------------------------------------------------------------
-# Configuration schema
+# Configuration (the models are in config_models.py)
 # --------------------------------------------------------------------------------------------------
 class ConfigError(ValueError):
     """A configuration problem; the message names the key path and what was expected."""
 
 
-class Field:
-    """One typed config value. Subclasses describe what they accept in `expected`."""
-
-    expected = "a value"
-
-    def validate(self, value: Any, key: str) -> Any:
-        raise NotImplementedError
-
-    def fail(self, value: Any, key: str) -> ConfigError:
-        return ConfigError(f"{key}: expected {self.expected}, got {value!r}")
-
-
-class Number(Field):
-    def __init__(self, minimum: float | None = None, maximum: float | None = None, integer=False):
-        self.minimum, self.maximum, self.integer = minimum, maximum, integer
-        kind = "an integer" if integer else "a number"
-        bounds = []
-        if minimum is not None:
-            bounds.append(f">= {minimum}")
-        if maximum is not None:
-            bounds.append(f"<= {maximum}")
-        self.expected = kind + (" " + " and ".join(bounds) if bounds else "")
-
-    def validate(self, value, key):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(value, key)
-        if self.integer and not isinstance(value, int):
-            raise self.fail(value, key)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise self.fail(value, key)
-        if (self.minimum is not None and value < self.minimum) or (
-            self.maximum is not None and value > self.maximum
-        ):
-            raise self.fail(value, key)
-        return value
+def validate_section(model: type[ModelT], data: Any, where: str = "") -> ModelT:
+    """`data` as a `model`, or a one-line ConfigError naming the first problem's key path (under
+    `where`), what was expected and what was found."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        # a misspelt key is also a missing one: naming the misspelling says more
+        first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        raise ConfigError(describe_problem(first, where)) from None
 
 
-def Int(minimum=None, maximum=None) -> Number:
-    return Number(minimum, maximum, integer=True)
+# what a pydantic error type expects, in the words of a config file
+EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number", "bool_type": "true or false",
+            "string_type": "a string", "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
+            "model_attributes_type": "a mapping", "finite_number": "a finite number"}
 
 
-class Bool(Field):
-    expected = "true or false"
+def describe_problem(error: dict, where: str = "") -> str:
+    """One pydantic error as `key.path: expected ..., got <value>` (or the key's own rule).
 
-    def validate(self, value, key):
-        if not isinstance(value, bool):
-            raise self.fail(value, key)
-        return value
-
-
-class Str(Field):
-    def __init__(self, choices: Iterable[str] | None = None):
-        self.choices = tuple(choices) if choices else None
-        self.expected = (
-            "one of " + ", ".join(repr(c) for c in self.choices) if self.choices else "a string"
-        )
-
-    def validate(self, value, key):
-        if not isinstance(value, str) or (self.choices and value not in self.choices):
-            raise self.fail(value, key)
-        return value
-
-
-class Optional(Field):
-    """`null` or a value accepted by the wrapped field."""
-
-    def __init__(self, inner: Field):
-        self.inner = inner
-        self.expected = f"null or {inner.expected}"
-
-    def validate(self, value, key):
-        if value is None:
-            return None
-        try:
-            return self.inner.validate(value, key)
-        except ConfigError:
-            raise self.fail(value, key) from None
-
-
-class ListOf(Field):
-    def __init__(self, item: Field, min_length=0, increasing=False):
-        self.item, self.min_length, self.increasing = item, min_length, increasing
-        order = " in increasing order" if increasing else ""
-        self.expected = f"a list of at least {min_length} of {item.expected}{order}"
-
-    def validate(self, value, key):
-        if not isinstance(value, list) or len(value) < self.min_length:
-            raise self.fail(value, key)
-        items = [self.item.validate(v, f"{key}[{i}]") for i, v in enumerate(value)]
-        if self.increasing and any(b <= a for a, b in zip(items, items[1:])):
-            raise self.fail(value, key)
-        return items
-
-
-class Mapping(Field):
-    """A mapping whose keys are checked elsewhere (e.g. each metric's own parameters); null is {}."""
-
-    expected = "a mapping"
-
-    def validate(self, value, key):
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.fail(value, key)
-        return value
-
-
-class MapOf(Field):
-    """A mapping from free-form names to values of one schema (e.g. named quality checks)."""
-
-    def __init__(self, value_schema):
-        self.value_schema = value_schema
-        self.expected = "a mapping of names to settings"
-
-    def validate(self, value, key):
-        if not isinstance(value, dict):
-            raise self.fail(value, key)
-        return {
-            str(name): validate(item, self.value_schema, f"{key}.{name}")
-            for name, item in value.items()
-        }
-
-
-def validate(value: Any, schema: Any, key: str = "") -> Any:
-    """Check `value` against `schema` (a Field or a dict of sub-schemas) and return it.
-
-    A dict schema requires exactly its keys: a missing or unknown key is an error, because a typo in
-    a threshold name would otherwise silently leave the real threshold at its old value.
+    Examples
+    --------
+    >>> describe_problem({"type": "greater_than_equal", "loc": ("edges", 1), "msg": "", "input": -2, "ctx": {"ge": 0}}, "age_groups")
+    'age_groups.edges[1]: expected a value >= 0, got -2'
     """
-    if isinstance(schema, Field):
-        return schema.validate(value, key or "<root>")
-    where = key or "the config"
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(schema)}, got {value!r}")
-    unknown = sorted(set(value) - set(schema))
-    if unknown:
-        name = f"{key}.{unknown[0]}" if key else str(unknown[0])
-        raise ConfigError(f"{name}: unknown key (allowed here: {', '.join(schema)})")
-    result = {}
-    for name, sub_schema in schema.items():
-        path = f"{key}.{name}" if key else name
-        if name not in value:
-            raise ConfigError(f"{path}: missing key")
-        result[name] = validate(value[name], sub_schema, path)
-    return result
-
-
-COMMON_SCHEMA = {
-    "age_groups": {"edges": ListOf(Int(0, 150), min_length=2, increasing=True)},
-    "age_range": {"min": Int(0, 150), "max": Int(0, 150)},
-    "num_workers": Int(0),
-    "scheduler": Str(),
-    "scheduler_chunk_files": Int(1),
-    "task_timeout_seconds": Number(0.1),
-    "log_level": Str(["DEBUG", "INFO", "WARNING", "ERROR"]),
-}
+    keys = [where] if where else []
+    for part in error["loc"]:
+        if isinstance(part, int) and keys:
+            keys[-1] += f"[{part}]"
+        else:
+            keys.append(str(part))
+    key = ".".join(keys) or "the config"
+    kind, context = error["type"], error.get("ctx") or {}
+    if kind == "missing":
+        return f"{key}: missing key"
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "value_error":
+        return f"{key}: {context.get('error', error['msg'])}"
+    expected = EXPECTED.get(kind) or {
+        "greater_than_equal": f"a value >= {context.get('ge', 0):g}", "less_than_equal": f"a value <= {context.get('le', 0):g}",
+        "literal_error": f"one of {context.get('expected')}", "too_short": f"at least {context.get('min_length')} items",
+        "too_long": f"at most {context.get('max_length')} items",
+    }.get(kind, error["msg"][:1].lower() + error["msg"][1:])
+    return f"{key}: expected {expected}, got {error['input']!r}"
 
 
 MAX_CONFIG_BYTES, MAX_YAML_ALIASES = 1_000_000, 100
@@ -254,28 +146,27 @@ def apply_override(config: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(schema: dict, path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
-    """Read common settings, the script's YAML file and overrides; validate against the schemas."""
+def load_config(model: type[ModelT], path: str | os.PathLike, overrides: Iterable[str] = ()) -> ModelT:
+    """Read the common settings, the script's YAML file and the overrides, as a `model` (see
+    config_models.py); any problem is one ConfigError line starting with the file's path."""
     config = _read_yaml(COMMON_CONFIG)
     config.update(_read_yaml(Path(path)))
     for assignment in overrides:
         apply_override(config, assignment)
-    full_schema = {**COMMON_SCHEMA, **schema}
     try:
-        config = validate(config, full_schema)
+        return validate_section(model, config)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    if config["age_range"]["min"] >= config["age_range"]["max"]:
-        raise ConfigError(f"{path}: age_range: expected min < max, got {config['age_range']}")
-    if config["scheduler"] != "local" and "://" not in config["scheduler"]:
-        raise ConfigError(f"{path}: scheduler: expected 'local' or a Dask scheduler address such as tcp://host:8786, "
-                          f"got {config['scheduler']!r}")
-    return config
+
+
+def plain(value: Any) -> Any:
+    """A config model (or anything else json cannot write) as JSON-ready data: json.dumps's `default`."""
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else str(value)
 
 
 def config_fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable settings, to tell whether a saved state still applies."""
-    text = json.dumps(parts, sort_keys=True, default=str)
+    text = json.dumps(parts, sort_keys=True, default=plain)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -298,10 +189,10 @@ def parse_args(description: str, default_config: str, argv=None) -> argparse.Nam
     return parser.parse_args(argv)
 
 
-def notebook_config(schema: dict, path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
+def notebook_config(model: type[ModelT], path: str | os.PathLike, overrides: Iterable[str] = ()) -> ModelT:
     """A notebook's config, from its `parameters` cell (which run_notebook.py sets through papermill)."""
-    config = load_config(schema, path, overrides)
-    setup_logging(config["log_level"])
+    config = load_config(model, path, overrides)
+    setup_logging(config.log_level)
     return config
 
 
@@ -414,7 +305,7 @@ RECORDED_PACKAGES = ("numpy", "opencv-python-headless", "pandas", "pillow", "sci
                      "face-recognition-models")
 
 
-def run_record(config: dict) -> dict:
+def run_record(config: Any) -> dict:
     """What reproduces a run: the resolved config (after --set) and the versions of the packages used."""
     from importlib import metadata
 
@@ -424,10 +315,10 @@ def run_record(config: dict) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"config": config, "python": sys.version.split()[0], "packages": versions}
+    return {"config": json.loads(json.dumps(config, default=plain)), "python": sys.version.split()[0], "packages": versions}
 
 
-def write_run_record(config: dict, output: str | os.PathLike) -> Path:
+def write_run_record(config: Any, output: str | os.PathLike) -> Path:
     """Save run_record(config) as <output>.run.json beside a stage's output."""
     target = Path(f"{output}.run.json")
     with atomic_write(target, encoding="utf-8") as f:
@@ -655,8 +546,9 @@ class AgeGroups:
         return [(lo + hi + 1) / 2 for lo, hi in self.bounds(max_age)]
 
 
-def age_groups_from(config: dict) -> AgeGroups:
-    return AgeGroups(tuple(config["age_groups"]["edges"]))
+def age_groups_from(config: BaseModel) -> AgeGroups:
+    """The age groups of any config (every config has the common `age_groups`)."""
+    return AgeGroups(tuple(config.age_groups.edges))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -672,11 +564,11 @@ def resolve_workers(num_workers: int) -> int:
         return os.cpu_count() or 1
 
 
-def engine_name(config: dict) -> str:
+def engine_name(config: BaseModel) -> str:
     """What runs the image work, for summary lines: "2 workers" or "the Dask cluster at tcp://...". """
-    if config["scheduler"] != "local":
-        return f"the Dask cluster at {config['scheduler']}"
-    return f"{resolve_workers(config['num_workers'])} workers"
+    if config.scheduler != "local":
+        return f"the Dask cluster at {config.scheduler}"
+    return f"{resolve_workers(config.num_workers)} workers"
 
 
 class TaskTimeout(Exception):
@@ -801,21 +693,43 @@ def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
 
 
 def _pool_map(func, items, workers, initializer, initargs, chunksize, on_failure, timeout) -> Iterator:
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
     def fail(item, reason):
         if on_failure is None:
             raise RuntimeError(f"{reason} while processing {item!r:.200}")
         return on_failure(item, reason)
 
-    # fork is fastest on Linux; TensorFlow is not fork-safe, so the scripts that use it start their
-    # pools before importing it
+    # fork is fastest on Linux, and a forked worker dies with its parent (PR_SET_PDEATHSIG: a killed run
+    # leaves no worker writing behind it). TensorFlow is not fork-safe, so the scripts that use it start
+    # their pools before importing it; OpenCV's thread pool is paused while workers fork (below).
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     chunksize = max(1, min(chunksize, -(-len(items) // (workers * 4)) if items else 1))
     queue = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
     suspects: list = []
     queue.reverse()
+    with opencv_threads_stopped():
+        yield from _run_pools(func, queue, suspects, workers, context, initializer, initargs, timeout, fail)
+
+
+@contextlib.contextmanager
+def opencv_threads_stopped():
+    """Run OpenCV single-threaded while workers are forked: a child forked while the caller's OpenCV
+    thread pool exists inherits its locks, and hangs in its first OpenCV call that touches the pool."""
+    opencv = sys.modules.get("cv2")
+    threads = opencv.getNumThreads() if opencv else None
+    if opencv:
+        opencv.setNumThreads(1)
+    try:
+        yield
+    finally:
+        if opencv:
+            opencv.setNumThreads(threads)
+
+
+def _run_pools(func, queue, suspects, workers, context, initializer, initargs, timeout, fail) -> Iterator:
+    """The pools of _pool_map: one over the queue of chunks, then one per suspect item."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
     while queue:
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(initializer, initargs)) as pool:
             running = {}

@@ -28,12 +28,8 @@ from image_visualizer import (
     save_figure,
     visualize_distribution,
 )
+from config_models import ExploreConfig, VisualizeConfig
 from utils import (
-    Int,
-    ListOf,
-    Number,
-    Optional,
-    Str,
     UserError,
     age_groups_from,
     atomic_write,
@@ -45,21 +41,6 @@ from utils import (
 )
 
 log = logging.getLogger("agepipe.visualize")
-
-SCHEMA = {
-    "exploration_csv": Str(),
-    "processed_csv": Optional(Str()),
-    "explore_config": Str(),
-    "output_dir": Str(),
-    "formats": ListOf(Str(["png", "svg"]), min_length=1),
-    "figure": {"width_inches": Number(2, 40), "height_inches": Number(2, 40), "dpi": Int(30, 600),
-               "bins": Int(5, 500), "log_scale_span": Number(1)},
-    "distributions": ListOf(Str()),
-    "by_age_group": ListOf(Str()),
-    "grids": {"columns": Int(1, 20), "rows": Int(1, 20), "thumbnail_pixels": Int(16, 512), "checks": ListOf(Str())},
-    "before_after": {"pairs": Int(1, 50), "columns": Int(2, 20)},
-}
-
 
 def read_metadata(path: str, what: str) -> pd.DataFrame:
     frame = read_metadata_csv(path, what, low_memory=False)
@@ -73,41 +54,41 @@ def thresholds_by_metric(checks: dict) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
     for name, rule in checks.items():
         for side in ("below", "above"):
-            if rule[side] is not None:
-                found.setdefault(rule["metric"], []).append({"check": name, "value": rule[side], "side": side})
+            if getattr(rule, side) is not None:
+                found.setdefault(rule.metric, []).append({"check": name, "value": getattr(rule, side), "side": side})
     return found
 
 
-def make_figures(config: dict, explore: dict, exploration: pd.DataFrame, processed: pd.DataFrame | None):
+def make_figures(config: VisualizeConfig, explore: ExploreConfig, exploration: pd.DataFrame, processed: pd.DataFrame | None):
     """Yield (name, caption, figure) for every plot the config asks for."""
-    fig = config["figure"]
-    size, dpi = (fig["width_inches"], fig["height_inches"]), fig["dpi"]
+    fig = config.figure
+    size, dpi = (fig.width_inches, fig.height_inches), fig.dpi
     groups = age_groups_from(config)
-    thresholds = thresholds_by_metric(explore["checks"])
+    thresholds = thresholds_by_metric(explore.checks)
 
     yield "summary", "Every status and failed check, counted.", plot_summary(exploration, processed, size, dpi)
     yield "age_distribution", "Labelled images per age group and per year of age.", plot_age_distribution(exploration, groups, size, dpi)
-    for metric in config["distributions"]:
+    for metric in config.distributions:
         marks = thresholds.get(metric, [])
         caption = f"Distribution of {metric}" + (f"; dashed: thresholds of {', '.join(t['check'] for t in marks)}." if marks else ".")
-        yield f"distribution_{metric}", caption, visualize_distribution(exploration, metric, marks, size, dpi, fig["bins"], fig["log_scale_span"])
-    for metric in config["by_age_group"]:
+        yield f"distribution_{metric}", caption, visualize_distribution(exploration, metric, marks, size, dpi, fig.bins, fig.log_scale_span)
+    for metric in config.by_age_group:
         yield (f"by_age_group_{metric}", f"{metric} per age group; the percentages are the share flagged.",
-               plot_metric_by_age_group(exploration, metric, groups, thresholds.get(metric, []), size, dpi, fig["log_scale_span"]))
-    grids = config["grids"]
-    for check in grids["checks"]:
+               plot_metric_by_age_group(exploration, metric, groups, thresholds.get(metric, []), size, dpi, fig.log_scale_span))
+    grids = config.grids
+    for check in grids.checks:
         if flag_column(check) not in exploration.columns:
             raise MissingColumn(f"column {flag_column(check)!r} is not in the CSV: grids.checks names a check the exploration did not run")
-        rule = explore["checks"].get(check)
-        metric = rule["metric"] if rule else "age"
+        rule = explore.checks.get(check)
+        metric = rule.metric if rule else "age"
         yield (f"grid_{check}", f"Images flagged {check}, worst first, with file names and {metric}.",
-               image_grid(exploration, check, metric, grids["columns"], grids["rows"], grids["thumbnail_pixels"], fig["dpi"]))
+               image_grid(exploration, check, metric, grids.columns, grids.rows, grids.thumbnail_pixels, fig.dpi))
     if processed is not None:
-        pairs = config["before_after"]
+        pairs = config.before_after
         for operation in REPAIR_ORDER:
             if processed["operations"].fillna("").str.contains(operation + "(", regex=False).any():
                 yield (f"before_after_{operation}", f"Images repaired with {operation}: original left, result right.",
-                       before_after_grid(processed, operation, pairs["pairs"], pairs["columns"], grids["thumbnail_pixels"], fig["dpi"]))
+                       before_after_grid(processed, operation, pairs.pairs, pairs.columns, grids.thumbnail_pixels, fig.dpi))
 
 
 def write_index(output_dir: Path, entries: list[tuple[str, str]], sources: list[str]) -> Path:
@@ -133,26 +114,26 @@ def main(args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
-    config = load_config(SCHEMA, args.config, args.overrides)
-    setup_logging(config["log_level"])
-    explore = load_explore_config(config["explore_config"])
-    exploration = read_metadata(config["exploration_csv"], "exploration CSV")
-    sources = [config["exploration_csv"]]
+    config = load_config(VisualizeConfig, args.config, args.overrides)
+    setup_logging(config.log_level)
+    explore = load_explore_config(config.explore_config)
+    exploration = read_metadata(config.exploration_csv, "exploration CSV")
+    sources = [config.exploration_csv]
     processed = None
-    if config["processed_csv"] and Path(config["processed_csv"]).exists():
-        processed = read_metadata(config["processed_csv"], "processed CSV")
-        sources.append(config["processed_csv"])
-    output_dir = ensure_writable_dir(config["output_dir"], "output_dir")
+    if config.processed_csv and Path(config.processed_csv).exists():
+        processed = read_metadata(config.processed_csv, "processed CSV")
+        sources.append(config.processed_csv)
+    output_dir = ensure_writable_dir(config.output_dir, "output_dir")
 
     entries = []
     try:
         for name, caption, figure in make_figures(config, explore, exploration, processed):
-            save_figure(figure, output_dir / name, config["formats"])
+            save_figure(figure, output_dir / name, config.formats)
             entries.append((name, caption))
     except MissingColumn as exc:
         raise UserError(f"{exc} (is it an agepipe CSV?)") from None
     index = write_index(output_dir, entries, sources)
-    print(f"wrote {len(entries)} plots ({', '.join(config['formats'])}) to {output_dir}/; open {index}")
+    print(f"wrote {len(entries)} plots ({', '.join(config.formats)}) to {output_dir}/; open {index}")
 
 
 if __name__ == "__main__":

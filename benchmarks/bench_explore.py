@@ -63,7 +63,7 @@ def decode_rate(paths: list[str]) -> float:
 
 
 def measure_rate(dataset, config: dict, with_faces: bool, workers: int) -> float:
-    metrics = {k: v for k, v in config["metrics"].items() if with_faces or k != "faces"}
+    metrics = {k: v for k, v in config.metrics.items() if with_faces or k != "faces"}
     settings = ReaderSettings.from_config(config, metrics)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Journal(Path(tmp) / "cache.jsonl", "bench")
@@ -81,7 +81,7 @@ def main():
     parser.add_argument("--no-peer", action="store_true", help="skip cleanvision")
     args = parser.parse_args()
     config = load_explore_config(PROJECT / "configs/explore_images.yaml")
-    dataset = load_dataset(args.dataset_dir, config["labels"], config["age_range"], AgeGroups(tuple(config["age_groups"]["edges"])))
+    dataset = load_dataset(args.dataset_dir, config.labels, config.age_range, AgeGroups(tuple(config.age_groups.edges)))
     paths = list(dataset["_real_path"])
     workers = resolve_workers(args.workers)
     for path in paths:  # warm the page cache so no pass pays for the disk

@@ -102,7 +102,7 @@ def main():
     parser.add_argument("--non-faces", type=int, default=300)
     args = parser.parse_args()
     cv2.setNumThreads(1)
-    faces_config = load_explore_config(PROJECT / "configs/explore_images.yaml")["metrics"]["faces"]
+    faces_config = load_explore_config(PROJECT / "configs/explore_images.yaml").metrics["faces"]
     settings = DetectorSettings(**faces_config)
 
     files = sorted(p for p in args.dataset_dir.iterdir() if p.name.split("_")[0].isdigit() and p.suffix.lower() in (".jpg", ".png"))

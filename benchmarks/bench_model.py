@@ -40,6 +40,7 @@ sys.path.insert(0, str(PROJECT))
 
 from image_reader import find_image_files, parse_utkface_name  # noqa: E402
 from peers import peer_python  # noqa: E402
+from config_models import Common  # noqa: E402
 from utils import AgeGroups, load_config  # noqa: E402
 
 VARIANTS = {
@@ -130,8 +131,8 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, help="keep intermediate files here (default: a temporary folder)")
     args = parser.parse_args()
     variants = args.variants.split(",")
-    config = load_config({}, PROJECT / "configs/common.yaml")
-    groups = AgeGroups(tuple(config["age_groups"]["edges"]))
+    config = load_config(Common, PROJECT / "configs/common.yaml")
+    groups = AgeGroups(tuple(config.age_groups.edges))
 
     with tempfile.TemporaryDirectory(prefix="bench-model-") as temporary:
         work = (args.work_dir or Path(temporary)).resolve()

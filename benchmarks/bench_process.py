@@ -46,7 +46,7 @@ def main():
     parser.add_argument("--images", type=int, default=300, help="images per repair timing")
     args = parser.parse_args()
     config, explore = load_process_config(PROJECT / "configs/process_images.yaml")
-    repairs = config["repairs"]
+    repairs = config.repairs
 
     with tempfile.TemporaryDirectory() as tmp:
         script("explore_images.py", f"dataset_dir={args.dataset_dir.resolve()}", f"output_csv={tmp}/m.csv", f"summary_csv={tmp}/s.csv")

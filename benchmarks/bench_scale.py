@@ -98,7 +98,7 @@ def main():
 
     from utils import resolve_workers
 
-    max_distance = load_explore_config(PROJECT / "configs/explore_images.yaml")["duplicates"]["max_hash_distance"]
+    max_distance = load_explore_config(PROJECT / "configs/explore_images.yaml").duplicates.max_hash_distance
     workers = resolve_workers(args.workers)
     with tempfile.TemporaryDirectory() as tmp, \
             LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster:

@@ -173,7 +173,10 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
     order = np.random.default_rng(0).permutation(len(files))
     train, test = order[:300], order[300:]
     keras.utils.set_random_seed(0)
-    config = {"ensemble": 1, "head_units": [128], "dropout": 0.3}
+    from config_models import TrainConfig
+    from utils import load_config
+
+    config = load_config(TrainConfig, PROJECT / "configs/train_model.yaml").model.model_copy(update={"ensemble": 1, "head_units": [128], "dropout": 0.3})
     model = build_descriptor_model(config, 100, x[train].mean(0), x[train].var(0) + 1e-6)
     model.compile(keras.optimizers.AdamW(1e-3, weight_decay=1e-3), loss=keras.losses.KLDivergence())
     model.fit(x[train], year_targets(np.minimum(ages[train], 100), 100, 4.0), epochs=80, batch_size=32, verbose=0)

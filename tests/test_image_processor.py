@@ -7,20 +7,21 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from conftest import PROJECT
 from image_processor import adjust_exposure, denoise, enhance_texture, resize_square, sharpen, stretch_contrast
+from config_models import Defects, Pose
 from image_reader import failing_checks, measure_array
 from make_sample_dataset import draw_face, plant_defect
 from process_images import Processor, load_process_config
 
 CONFIG, EXPLORE = load_process_config(PROJECT / "configs/process_images.yaml")
 SAMPLE = {"skin_tones": [[236, 200, 178], [150, 102, 76], [232, 196, 160]], "hair": [[90, 60, 35], [20, 20, 22], [160, 120, 70]]}
-POSE = {"max_tilt_degrees": 5, "max_scale_change": 0.05, "max_shift_fraction": 0.03}
+POSE = Pose(max_tilt_degrees=5, max_scale_change=0.05, max_shift_fraction=0.03)
 # One strength per defect, from inside the generator's planted ranges.
 DEFECTS = {
-    "blur": ("blurry", {"blur_sigma": [3.0, 3.0]}),
-    "noise": ("noisy", {"noise_sigma": [22, 22]}),
-    "dark": ("dark", {"dark_gain": [0.25, 0.25]}),
-    "bright": ("bright", {"bright_headroom": [0.15, 0.15]}),
-    "low_contrast": ("low_contrast", {"low_contrast_scale": [0.12, 0.12]}),
+    "blur": ("blurry", Defects.model_construct(blur_sigma=[3.0, 3.0])),
+    "noise": ("noisy", Defects.model_construct(noise_sigma=[22, 22])),
+    "dark": ("dark", Defects.model_construct(dark_gain=[0.25, 0.25])),
+    "bright": ("bright", Defects.model_construct(bright_headroom=[0.15, 0.15])),
+    "low_contrast": ("low_contrast", Defects.model_construct(low_contrast_scale=[0.12, 0.12])),
 }
 
 
@@ -56,7 +57,7 @@ def test_repair_passes_the_failed_check_and_moves_toward_the_original(defect, tm
 
 def test_exposure_keeps_hue_and_hits_the_target():
     face = clean_faces()[1]
-    dark = plant_defect(face, "dark", np.random.default_rng(0), {"dark_gain": [0.3, 0.3]})
+    dark = plant_defect(face, "dark", np.random.default_rng(0), Defects.model_construct(dark_gain=[0.3, 0.3]))
     brightened = adjust_exposure(dark, 120)
     assert cv2.cvtColor(brightened, cv2.COLOR_BGR2GRAY).mean() == pytest.approx(120, abs=2)
     hsv_before, hsv_after = (cv2.cvtColor(i, cv2.COLOR_BGR2HSV_FULL).astype(int) for i in (dark, brightened))

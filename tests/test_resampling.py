@@ -8,6 +8,7 @@ import pytest
 
 from conftest import PROJECT, notebook_text, read_csv, run_notebook
 from utils import MANIFEST
+from config_models import ResamplingAugmentation
 from image_processor import random_augmentation
 from resampling import (
     largest_remainder,
@@ -22,9 +23,9 @@ from resampling import (
 from utils import AgeGroups
 
 BANDS = pd.DataFrame({"age_lower": [0, 5, 10], "age_upper": [4, 9, np.nan], "population": [500.0, 1000.0, 600.0]})
-RANGES = {"flip_probability": 0.5, "max_rotation_degrees": 10, "max_scale_change": 0.1, "max_shift_fraction": 0.05,
-          "max_brightness_shift": 0.08, "max_contrast_change": 0.15, "max_gamma_change": 0.15,
-          "blur_probability": 0.3, "max_blur_sigma": 1.0, "noise_probability": 0.3, "max_noise_sigma": 4.0}
+RANGES = ResamplingAugmentation(flip_probability=0.5, max_rotation_degrees=10, max_scale_change=0.1, max_shift_fraction=0.05,
+                                max_brightness_shift=0.08, max_contrast_change=0.15, max_gamma_change=0.15,
+                                blur_probability=0.3, max_blur_sigma=1.0, noise_probability=0.3, max_noise_sigma=4.0)
 
 
 def test_bands_are_shared_evenly_across_single_years():
