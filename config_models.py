@@ -45,15 +45,19 @@ class AgeGroupEdges(Section):
         return edges
 
 
-class AgeRange(Section):
-    min: Bounded(int, 0, 150)
-    max: Bounded(int, 0, 150)
+class OrderedRange(Section):
+    """A section with `min` and `max` fields (declared by each subclass, with its bounds): min < max."""
 
     @model_validator(mode="after")
-    def ordered(self) -> "AgeRange":
+    def ordered(self):
         if self.min >= self.max:
             raise ValueError(f"expected min < max, got min {self.min} and max {self.max}")
         return self
+
+
+class AgeRange(OrderedRange):
+    min: Bounded(int, 0, 150)
+    max: Bounded(int, 0, 150)
 
 
 class Common(Section):
@@ -369,16 +373,10 @@ Range = Annotated[list[Bounded(float, 0)], Field(min_length=2, max_length=2)]
 Colour = Annotated[list[Byte], Field(min_length=3, max_length=3)]
 
 
-class Ages(Section):
+class Ages(OrderedRange):
     min: Bounded(int, 0, 120)
     max: Bounded(int, 1, 120)
     decade_weights: list[Bounded(float, 0)] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def ordered(self) -> "Ages":
-        if self.min >= self.max:
-            raise ValueError(f"expected min < max, got min {self.min} and max {self.max}")
-        return self
 
 
 class Pose(Section):

@@ -380,9 +380,14 @@ BASIC_COLUMNS = ["file_size", "format", "color_mode", "width", "height", "min_si
 SIZE_COLUMNS = ["width", "height", "min_side"]  # measured again on every processed image
 
 
+def metric_columns(metrics: dict) -> list[str]:
+    """The CSV columns that the configured metrics fill."""
+    return [column for name in metrics for column in METRICS[name].columns]
+
+
 def measured_columns(metrics: dict) -> list[str]:
     """The numeric columns that the configured metrics fill, which checks can test (not the hash)."""
-    return [column for name in metrics if name != "phash" for column in METRICS[name].columns]
+    return [column for column in metric_columns(metrics) if column != "phash"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,8 +412,7 @@ class ReaderSettings:
 
 def unreadable_row(reason: str | None, settings: ReaderSettings) -> dict:
     """A row of measure_file with every value empty and `error` set."""
-    columns = [column for name in settings.metrics for column in METRICS[name].columns]
-    return {**{column: None for column in BASIC_COLUMNS}, **{column: None for column in columns}, "error": reason}
+    return {**{column: None for column in BASIC_COLUMNS + metric_columns(settings.metrics)}, "error": reason}
 
 
 def measure_file(path: str, settings: ReaderSettings) -> dict:
@@ -574,9 +578,11 @@ def near_pairs(codes: np.ndarray, max_distance: int) -> np.ndarray:
 
     bits = codes.shape[1] * 8
     substring = bits // (max_distance + 1)
-    index = faiss.IndexBinaryMultiHash(bits, max_distance + 1, substring) if substring >= 16 else faiss.IndexBinaryFlat(bits)
     if substring >= 16:
+        index = faiss.IndexBinaryMultiHash(bits, max_distance + 1, substring)
         index.nflip = 0  # exact substring matches are enough, by the pigeonhole argument
+    else:
+        index = faiss.IndexBinaryFlat(bits)
     index.add(np.ascontiguousarray(codes))
     pairs = []
     for start in range(0, len(codes), NEAR_PAIR_BATCH):

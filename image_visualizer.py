@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from face_analysis import KEYPOINTS
 from image_processor import TRAINABLE_STATUSES, ProcessStatus
 from image_reader import flag_column, score_column
 from utils import AgeGroups, atomic_write
@@ -179,7 +180,7 @@ def face_overlays(frame: pd.DataFrame) -> list[dict | None]:
     box_columns = ["face_x", "face_y", "face_width", "face_height"]
     if not set(box_columns) <= set(frame.columns):
         return [None] * len(frame)
-    point_columns = [c[:-2] for c in frame.columns if c.startswith("face_") and c.endswith("_x") and c != "face_x" and c[:-2] + "_y" in frame.columns]
+    point_columns = [f"face_{name}" for name in KEYPOINTS if f"face_{name}_x" in frame.columns]
     overlays = []
     for _, row in frame.iterrows():
         box = pd.to_numeric(row[box_columns], errors="coerce").to_numpy(float)

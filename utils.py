@@ -322,7 +322,7 @@ def write_run_record(config: Any, output: str | os.PathLike) -> Path:
     """Save run_record(config) as <output>.run.json beside a stage's output."""
     target = Path(f"{output}.run.json")
     with atomic_write(target, encoding="utf-8") as f:
-        json.dump(run_record(config), f, indent=2, default=str)
+        json.dump(run_record(config), f, indent=2)
     return target
 
 
@@ -672,12 +672,14 @@ def _dask_map(func, items, address, initializer, initargs, chunk_size, on_failur
                 results = [(False, "its Dask worker died three times")] * len(chunk)
             future.release()
             for item, (ok, value) in zip(chunk, results):
-                if ok:
-                    yield value
-                elif on_failure is None:
-                    raise RuntimeError(f"{value} while processing {item!r:.200}")
-                else:
-                    yield on_failure(item, value)
+                yield value if ok else _failed(item, value, on_failure)
+
+
+def _failed(item: Any, reason: str, on_failure: Callable[[Any, str], Any] | None) -> Any:
+    """What an item that failed yields: on_failure(item, reason), or without it a RuntimeError."""
+    if on_failure is None:
+        raise RuntimeError(f"{reason} while processing {item!r:.200}")
+    return on_failure(item, reason)
 
 
 def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
@@ -693,21 +695,15 @@ def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
 
 
 def _pool_map(func, items, workers, initializer, initargs, chunksize, on_failure, timeout) -> Iterator:
-    def fail(item, reason):
-        if on_failure is None:
-            raise RuntimeError(f"{reason} while processing {item!r:.200}")
-        return on_failure(item, reason)
-
     # fork is fastest on Linux, and a forked worker dies with its parent (PR_SET_PDEATHSIG: a killed run
     # leaves no worker writing behind it). TensorFlow is not fork-safe, so the scripts that use it start
     # their pools before importing it; OpenCV's thread pool is paused while workers fork (below).
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     chunksize = max(1, min(chunksize, -(-len(items) // (workers * 4)) if items else 1))
     queue = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
-    suspects: list = []
     queue.reverse()
     with opencv_threads_stopped():
-        yield from _run_pools(func, queue, suspects, workers, context, initializer, initargs, timeout, fail)
+        yield from _run_pools(func, queue, workers, context, initializer, initargs, timeout, on_failure)
 
 
 @contextlib.contextmanager
@@ -725,10 +721,12 @@ def opencv_threads_stopped():
             opencv.setNumThreads(threads)
 
 
-def _run_pools(func, queue, suspects, workers, context, initializer, initargs, timeout, fail) -> Iterator:
+def _run_pools(func, queue, workers, context, initializer, initargs, timeout, on_failure) -> Iterator:
     """The pools of _pool_map: one over the queue of chunks, then one per suspect item."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
+
+    suspects: list = []
 
     while queue:
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(initializer, initargs)) as pool:
@@ -742,7 +740,7 @@ def _run_pools(func, queue, suspects, workers, context, initializer, initargs, t
                     for future in done:
                         results = future.result()
                         for item, (ok, value) in zip(running.pop(future), results):
-                            yield value if ok else fail(item, value)
+                            yield value if ok else _failed(item, value, on_failure)
             except BrokenProcessPool:
                 suspects += [item for chunk in running.values() for item in chunk]
         # a worker died: retry what it may have held one item per pool, so only the culprit fails
@@ -751,9 +749,9 @@ def _run_pools(func, queue, suspects, workers, context, initializer, initargs, t
             try:
                 with ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker, initargs=(initializer, initargs)) as single:
                     ok, value = single.submit(_run_chunk, func, [item], timeout).result()[0]
-                yield value if ok else fail(item, value)
+                yield value if ok else _failed(item, value, on_failure)
             except BrokenProcessPool:
-                yield fail(item, "its worker process died (out of memory or a crash in a decoder)")
+                yield _failed(item, "its worker process died (out of memory or a crash in a decoder)", on_failure)
 
 
 def progress_bar(total: int, description: str, unit: str = "img"):
