@@ -65,7 +65,7 @@ class Common(Section):
     age_range: AgeRange
     num_workers: Bounded(int, 0)
     scheduler: str
-    scheduler_chunk_files: Bounded(int, 1)
+    chunk_files: Bounded(int, 1)
     task_timeout_seconds: Bounded(float, 0.1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 

@@ -7,12 +7,15 @@ check and per age group.
     python explore_images.py
     python explore_images.py --set dataset_dir=../shared/data/utkface_sample --set checks.blurry.below=60
 
-Measurements are cached beside the output CSV (keyed by file name, size and modification time): an
-interrupted run continues where it stopped, and re-running after editing a threshold takes seconds.
+Measurements are kept beside the output CSV, in part files of a chunk of files each (output_csv with
+the suffix .parts), keyed by the files' names, sizes and modification times and by the measuring
+settings: an interrupted run continues where it stopped, and re-running after editing a threshold takes
+seconds. Memory stays flat however many files there are.
 """
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,20 +28,26 @@ from image_reader import (
     Status,
     ReaderSettings,
     check_images_quality,
-    compute_images_quality_metrics,
+    chunk_tables,
+    duplicate_groups,
     flag_column,
-    load_dataset,
+    iter_dataset,
     load_explore_config,
+    measure_chunks,
+    plan_chunks,
     score_column,
 )
 from utils import (
     AgeGroups,
-    Journal,
+    PartStore,
+    UserError,
     age_groups_from,
     check_output_csv,
     config_fingerprint,
     ensure_writable_dir,
     engine_name,
+    atomic_write,
+    overlaps,
     run_lock,
     run_script,
     setup_logging,
@@ -49,7 +58,8 @@ from utils import (
 log = logging.getLogger("agepipe.explore")
 
 def summarise(frame: pd.DataFrame, checks: list[str], groups: AgeGroups) -> pd.DataFrame:
-    """Counts per status, per failed check and per age group (all labelled, and ok only)."""
+    """Counts per status, per failed check and per age group (all labelled, and ok only). The counts of
+    a whole table are the sums of those of its chunks."""
     rows = [("status", s.value, int((frame["status"] == s).sum())) for s in Status]
     rows += [("check", c, int(frame[flag_column(c)].sum())) for c in checks]
     for label in groups.labels:
@@ -60,26 +70,45 @@ def summarise(frame: pd.DataFrame, checks: list[str], groups: AgeGroups) -> pd.D
     return pd.DataFrame(rows, columns=["section", "name", "images"])
 
 
-def explore(config: ExploreConfig, groups: AgeGroups, output: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Find, measure and check every image; write the CSV and its summary; return them and the checks."""
-    dataset = load_dataset(config.dataset_dir, config.labels, config.age_range, groups)
-    log.info("found %d image files in %s", len(dataset), config.dataset_dir)
-    settings = ReaderSettings.from_config(config)
-    cache = Journal(output.with_suffix(".cache.jsonl"), config_fingerprint(config.metrics, config.images))
-    measured = compute_images_quality_metrics(dataset, settings, config.num_workers, cache, config.scheduler, config.scheduler_chunk_files)
-    checked = check_images_quality(measured, config.checks, config.duplicates)
-
-    checks = list(config.checks) + ([Check.DUPLICATE, Check.AGE_CONFLICT] if config.duplicates.enabled else [])
-    verdicts = [column for c in checks for column in (flag_column(c), score_column(c)) if column in checked.columns]
+def column_order(frame: pd.DataFrame, checks: list[str]) -> list[str]:
+    """Labels, verdicts (each flag with its score), measurements, then errors and the path."""
+    verdicts = [column for c in checks for column in (flag_column(c), score_column(c)) if column in frame.columns]
     leading = LABEL_COLUMNS + ["status", "reason", "failed_checks"] + verdicts
     trailing = ["error", "label_error", "path"]
-    middle = [c for c in checked.columns if c not in leading + trailing and not c.startswith("_")]
-    result = checked[leading + middle + trailing]
-    write_csv_atomic(result, output)
-    summary = summarise(result, checks, groups)
+    return leading + [c for c in frame.columns if c not in leading + trailing] + trailing
+
+
+def explore(config: ExploreConfig, groups: AgeGroups, output: Path, parts: PartStore) -> pd.DataFrame:
+    """Find, measure and check every image; write the CSV and its summary; return the summary.
+
+    The files go through in chunks, in three passes over a spool of the labelled file list: measure
+    the chunks not measured yet (each into its part file), gather the hashes for the duplicate search,
+    then check each chunk and append it to the CSV. Memory depends on the chunk size, not on the
+    number of files (apart from a few bytes per file for the hashes).
+    """
+    dataset = iter_dataset(config.dataset_dir, config.labels, config.age_range, groups)
+    settings = ReaderSettings.from_config(config)
+    checks = list(config.checks) + ([Check.DUPLICATE, Check.AGE_CONFLICT] if config.duplicates.enabled else [])
+    with tempfile.TemporaryFile("w+", encoding="utf-8", dir=parts.folder) as spool:
+        chunks = plan_chunks(dataset, spool, parts, config.chunk_files)
+        files = sum(chunk.files for chunk in chunks)
+        log.info("found %d image files in %s", files, config.dataset_dir)
+        measure_chunks(spool, chunks, parts, settings, config.num_workers, config.scheduler)
+        duplicates = duplicate_groups(chunk_tables(spool, chunks, parts), files, config.duplicates) if config.duplicates.enabled else None
+
+        summary, root_names, start = None, {}, 0
+        with atomic_write(output, newline="", encoding="utf-8") as csv:
+            for table in chunk_tables(spool, chunks, parts):
+                found = duplicates.columns(start, table["file"], root_names) if duplicates else None
+                checked = check_images_quality(table, config.checks, found)
+                checked[column_order(checked, checks)].to_csv(csv, header=start == 0, index=False)
+                counts = summarise(checked, checks, groups)
+                summary = counts if summary is None else summary.assign(images=summary["images"] + counts["images"])
+                start += len(table)
     write_csv_atomic(summary, config.summary_csv)
     write_run_record(config, output)
-    return result, summary, checks
+    parts.keep_only({chunk.part for chunk in chunks})
+    return summary
 
 
 def main(args) -> None:
@@ -91,14 +120,19 @@ def main(args) -> None:
     ensure_writable_dir(output.parent, "output folder")
     ensure_writable_dir(Path(config.summary_csv).parent, "summary folder")
     start = time.perf_counter()
+    parts_folder = output.with_suffix(".parts")
+    if overlaps(parts_folder, config.dataset_dir):
+        raise UserError(f"{parts_folder} (the measurements beside output_csv) overlaps the dataset folder: choose another output_csv")
+    ensure_writable_dir(parts_folder, "measurements folder")
     with run_lock(output):
-        result, summary, checks = explore(config, groups, output)
+        summary = explore(config, groups, output, PartStore(parts_folder, config_fingerprint(config.metrics, config.images)))
 
     elapsed = time.perf_counter() - start
     counts = dict(zip(summary["name"][summary["section"] == "status"], summary["images"][summary["section"] == "status"]))
+    files = int(summary["images"][summary["section"] == "total"].iloc[0])
     failed = summary[(summary["section"] == "check") & (summary["images"] > 0)]
     print(
-        f"explored {len(result)} files in {elapsed:.1f}s with {engine_name(config)}: "
+        f"explored {files} files in {elapsed:.1f}s with {engine_name(config)}: "
         + ", ".join(f"{n} {s}" for s, n in counts.items())
     )
     if len(failed):

@@ -1,26 +1,30 @@
 """Find, label, measure and check the images of a face dataset.
 
-Three steps, each usable on its own:
+Three steps, each usable on its own, all streaming so that memory does not grow with the dataset:
 
-- `load_dataset` finds every image file under a folder and reads its age label (from UTKFace file names
+- `iter_dataset` finds every image file under a folder and reads its age label (from UTKFace file names
   `age_gender_race_date.jpg[.chip.jpg]`, or from a labels CSV), one row per file, unlabelled ones too.
-- `compute_images_quality_metrics` decodes each image once, in parallel, and measures it. Every metric is
-  one small function registered with `@metric`, with its parameters' schema beside it; the YAML file
-  lists the metrics to compute and their parameters. Files that cannot be read get a row with the error.
-- `check_images_quality` applies named threshold rules (`checks` in the YAML) and the duplicate search,
-  adding a boolean `flag_<check>` column per check, the list of failed checks and a status per file.
+- `measure_chunks` decodes each image once, in parallel, and measures it, chunk by chunk into part
+  files (`plan_chunks` cuts the files into chunks). Every metric is one small function registered with
+  `@metric`, with its parameters' schema beside it; the YAML file lists the metrics to compute and
+  their parameters. Files that cannot be read get a row with the error.
+- `check_images_quality` applies named threshold rules (`checks` in the YAML) and the duplicate search
+  (`duplicate_groups`, over the whole dataset from compact hash arrays), adding a boolean
+  `flag_<check>` column per check, the list of failed checks and a status per file.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TextIO
 
 import cv2
 import numpy as np
@@ -32,7 +36,7 @@ from scipy.sparse.csgraph import connected_components
 from face_analysis import FACE_COLUMNS, DetectorSettings, FaceDetector, face_geometry, detector_model_path
 from image_io import CONTROL_CHARACTERS, UnreadableImage, read_image
 from config_models import AgeRange, Bounded, CheckRule, Duplicates, ExploreConfig, Labels, Section
-from utils import AgeGroups, ConfigError, Journal, UserError, load_config, parallel_map, progress_bar, validate_section
+from utils import AgeGroups, ConfigError, PartStore, UserError, json_line, json_table, load_config, parallel_map, progress_bar, validate_section
 
 log = logging.getLogger("agepipe.reader")
 
@@ -71,28 +75,43 @@ def score_column(check: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Finding and labelling files
 # --------------------------------------------------------------------------------------------------
-def find_image_files(dataset_dir: Path) -> list[tuple[str, str]]:
-    """(relative posix path, real path) of every image file below `dataset_dir`, sorted.
+def find_image_files(dataset_dir: Path) -> Iterator[tuple[str, str]]:
+    """(relative posix path, real path) of every image file below `dataset_dir`, in sorted order.
 
+    One folder is listed at a time, so memory grows with the largest folder, not with the dataset.
     Extensions are matched case-insensitively, and `x.jpg.chip.jpg` counts by its last suffix. Hidden
-    files and folders count like any other. A folder that cannot be listed is returned too (its
-    relative path ends with "/"), so that it gets a row saying why its files are missing.
+    files and folders count like any other; links to folders are not followed. A folder that cannot
+    be listed is yielded too (its relative path ends with "/"), so that it gets a row saying why its
+    files are missing.
     """
-    found = []
-    unlisted = []
+    stack = [iter(_sorted_entries(str(dataset_dir), ""))]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+        elif entry[2]:
+            try:
+                stack.append(iter(_sorted_entries(entry[1], entry[0])))
+            except OSError:
+                yield entry[0], entry[1]
+        elif Path(entry[0]).suffix.lower() in IMAGE_EXTENSIONS:
+            yield entry[0], entry[1]
 
-    def record_unlisted(error: OSError) -> None:
-        if error.filename and os.path.abspath(error.filename) != os.path.abspath(dataset_dir):
-            unlisted.append(error.filename)
 
-    for root, dirs, files in os.walk(dataset_dir, onerror=record_unlisted):
-        dirs.sort()
-        for name in files:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                real = os.path.join(root, name)
-                found.append((display_name(os.path.relpath(real, dataset_dir)), real))
-    found += [(display_name(os.path.relpath(folder, dataset_dir)) + "/", folder) for folder in unlisted]
-    return sorted(found)
+def _sorted_entries(folder: str, prefix: str) -> list[tuple[str, str, bool]]:
+    """(relative name, path, is a folder to enter) of a folder's entries, sorted so that a depth-first
+    walk yields relative paths in sorted order: a folder sorts as its name + "/"."""
+    entries = []
+    with os.scandir(folder) as listing:
+        for entry in listing:
+            try:
+                enter = entry.is_dir() and not entry.is_symlink()
+                linked_folder = entry.is_dir() and entry.is_symlink()
+            except OSError:
+                enter = linked_folder = False
+            if not linked_folder:
+                entries.append((display_name(prefix + entry.name) + ("/" if enter else ""), entry.path, enter))
+    return sorted(entries)
 
 
 def display_name(path: str) -> str:
@@ -144,8 +163,9 @@ def read_labels_csv(path: Path, file_column: str, age_column: str) -> dict[str, 
     return mapping
 
 
-def load_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: AgeGroups) -> pd.DataFrame:
-    """One row per image file under `dataset_dir`: file, path, age, age_group, gender, race, label_error.
+def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: AgeGroups) -> Iterator[dict]:
+    """One row per image file under `dataset_dir`, in sorted order: file, path, age, age_group, gender,
+    race, label_error, and the real path to read it from (_real_path).
 
     `labels` is the `labels` section of the explore config: `source` is "filename" (UTKFace names) or
     "csv" (`csv_path`, `file_column`, `age_column`; files are relative to the dataset folder).
@@ -154,49 +174,47 @@ def load_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: A
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise UserError(f"dataset folder {dataset_dir} does not exist")
-    files = find_image_files(dataset_dir)
-    if not files:
-        raise UserError(f"dataset folder {dataset_dir} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     from_csv = labels.source == "csv"
     if from_csv:
         csv_path = Path(labels.csv_path or "")
         csv_path = csv_path if csv_path.is_absolute() else dataset_dir / csv_path
         csv_ages = read_labels_csv(csv_path, labels.file_column, labels.age_column)
-        unmatched = len(set(csv_ages) - {f for f, _ in files})
-        if unmatched:
-            log.warning("%d rows of %s name files that are not in %s", unmatched, csv_path, dataset_dir)
-
-    rows = []
-    for file, real in files:
+    files = matched = 0
+    for file, real in find_image_files(dataset_dir):
+        files += 1
         parsed = parse_utkface_name(file)
         age, error = parsed["age"], None
         if from_csv:
+            matched += file in csv_ages
             age = csv_ages.get(file, "not listed in the labels CSV")
             if isinstance(age, str):
                 age, error = None, age
             elif pd.isna(age):
                 age, error = None, "age in the labels CSV is not a number"
+            else:
+                age = float(age)
         elif age is None:
             error = "no age in the file name (expected age_gender_race_date.jpg)"
         if age is not None and not (age_range.min <= age <= age_range.max):
             error = f"age {age:g} outside {age_range.min}-{age_range.max}"
             age = None
-        rows.append(
-            {
-                "file": file,
-                "path": display_name(os.path.abspath(real)),
-                "age": age,
-                "age_group": None if age is None else age_groups.label_of(age),
-                "gender": parsed["gender"],
-                "race": parsed["race"],
-                "label_error": error,
-                "_real_path": real,
-            }
-        )
-    frame = pd.DataFrame(rows)
-    for column in ("age", "gender", "race"):
-        frame[column] = frame[column].astype("Int64")
-    return frame
+        yield {
+            "file": file,
+            "path": display_name(os.path.abspath(real)),
+            "age": age,
+            "age_group": None if age is None else age_groups.label_of(age),
+            "gender": parsed["gender"],
+            "race": parsed["race"],
+            "label_error": error,
+            "_real_path": real,
+        }
+    if not files:
+        raise UserError(f"dataset folder {dataset_dir} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if from_csv and matched < len(csv_ages):
+        log.warning("%d rows of %s name files that are not in %s", len(csv_ages) - matched, csv_path, dataset_dir)
+
+
+LABEL_INTEGER_COLUMNS = ["age", "gender", "race"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,13 +473,13 @@ def _init_worker(settings: ReaderSettings) -> None:
     cv2.setNumThreads(1)  # parallelism comes from the pool; OpenCV's own threads would oversubscribe
 
 
-def _measure_task(task: tuple[str, str]) -> tuple[str, dict]:
-    key, path = task
-    return key, measure_file(path, _worker_settings)
+def _measure_task(task: tuple[int, int, str]) -> tuple[int, int, dict]:
+    chunk, position, path = task
+    return chunk, position, measure_file(path, _worker_settings)
 
 
 def file_key(file: str, real_path: str) -> str:
-    """Identity of a file's content for the metrics cache: name, size and modification time."""
+    """Identity of a file's content for re-using measurements: name, size and modification time."""
     try:
         st = os.stat(real_path)
         return f"{file}|{st.st_size}|{st.st_mtime_ns}"
@@ -469,36 +487,88 @@ def file_key(file: str, real_path: str) -> str:
         return f"{file}|missing"
 
 
-def compute_images_quality_metrics(
-    dataset: pd.DataFrame, settings: ReaderSettings, num_workers: int, cache: Journal, scheduler: str = "local", scheduler_chunk: int = 1000
-) -> pd.DataFrame:
-    """Add basic properties and metric columns to `dataset` (from `load_dataset`).
+@dataclass
+class Chunk:
+    part: str  # its part file's name in the PartStore: a digest of its files' keys and the settings
+    files: int
 
-    Images are streamed through a process pool; each result is appended to `cache` as soon as it
-    arrives, so an interrupted run continues where it stopped and a re-run with new thresholds
-    re-uses the measurements instead of decoding every image again.
+
+def plan_chunks(rows: Iterator[dict], spool: TextIO, parts: PartStore, chunk_files: int) -> list[Chunk]:
+    """Write each row of `iter_dataset`, with its file key, to `spool` (JSON lines) and cut the files
+    into chunks of about `chunk_files`.
+
+    A chunk ends after a file whose name hashes to 0 modulo `chunk_files` (or at MAX_CHUNK_FACTOR
+    times that many files): a boundary depends only on the name before it, so adding or removing a
+    file changes one chunk, and a re-run measures that chunk again, not every chunk after it.
     """
-    keys = [file_key(f, p) for f, p in zip(dataset["file"], dataset["_real_path"])]
-    todo = [(k, p) for k, p in zip(keys, dataset["_real_path"]) if k not in cache.done]
-    if len(todo) < len(keys):
-        log.info("re-using measurements of %d unchanged files", len(keys) - len(todo))
-    with cache:
-        for key, row in parallel_map(
-            _measure_task,
-            todo,
-            num_workers,
-            initializer=_init_worker,
-            initargs=(settings,),
-            progress=progress_bar(len(todo), "measuring"),
-            on_failure=lambda task, reason: (task[0], unreadable_row(reason, settings)),
-            timeout=settings.timeout_seconds,
-            scheduler=scheduler,
-            scheduler_chunk=scheduler_chunk,
-        ):
-            cache.record(key, row)
-    measured = cache.rows(keys)
-    measured.index = dataset.index
-    return pd.concat([dataset, measured], axis=1)
+    chunks, keys = [], []
+    for row in rows:
+        row["_key"] = file_key(row["file"], row["_real_path"])
+        spool.write(json_line(row))
+        keys.append(row["_key"])
+        if zlib.crc32(row["file"].encode("utf-8", "surrogatepass")) % chunk_files == 0 or len(keys) >= MAX_CHUNK_FACTOR * chunk_files:
+            chunks.append(Chunk(parts.part_name(keys), len(keys)))
+            keys = []
+    if keys:
+        chunks.append(Chunk(parts.part_name(keys), len(keys)))
+    return chunks
+
+
+MAX_CHUNK_FACTOR = 4
+
+
+def spooled_chunks(spool: TextIO, chunks: list[Chunk]) -> Iterator[tuple[int, Chunk, list[dict]]]:
+    """(index, chunk, its rows) of each chunk, read back from the spool written by plan_chunks."""
+    spool.seek(0)
+    for index, chunk in enumerate(chunks):
+        yield index, chunk, [json.loads(spool.readline()) for _ in range(chunk.files)]
+
+
+def measure_chunks(spool: TextIO, chunks: list[Chunk], parts: PartStore, settings: ReaderSettings, num_workers: int,
+                   scheduler: str = "local") -> int:
+    """Measure the files of every chunk that has no part file yet and write its part; return how many
+    files were measured.
+
+    Files stream through a process pool (or a Dask cluster), a few chunks at a time; each chunk's
+    rows are written to its part file as soon as its last file is measured, so an interrupted run
+    loses at most the chunks in flight, and a re-run with new thresholds measures nothing.
+    """
+    todo = [chunk for chunk in chunks if not parts.has(chunk.part)]
+    files = sum(chunk.files for chunk in todo)
+    if files < sum(chunk.files for chunk in chunks):
+        log.info("re-using measurements of %d unchanged files", sum(chunk.files for chunk in chunks) - files)
+    missing = {chunk.part for chunk in todo}
+    tasks = ([(index, position, row["_real_path"]) for position, row in enumerate(rows)]
+             for index, chunk, rows in spooled_chunks(spool, chunks) if chunk.part in missing)
+    pending: dict[int, list] = {}  # chunk index -> its rows so far
+    remaining: dict[int, int] = {}  # chunk index -> rows still to come
+    for index, position, row in parallel_map(
+        _measure_task,
+        tasks,
+        num_workers,
+        chunked=True,
+        initializer=_init_worker,
+        initargs=(settings,),
+        progress=progress_bar(files, "measuring"),
+        on_failure=lambda task, reason: (task[0], task[1], unreadable_row(reason, settings)),
+        timeout=settings.timeout_seconds,
+        scheduler=scheduler,
+    ):
+        pending.setdefault(index, [None] * chunks[index].files)[position] = row
+        remaining[index] = remaining.get(index, chunks[index].files) - 1
+        if not remaining[index]:
+            parts.write(chunks[index].part, pending.pop(index))
+            del remaining[index]
+    return files
+
+
+def chunk_tables(spool: TextIO, chunks: list[Chunk], parts: PartStore) -> Iterator[pd.DataFrame]:
+    """Each chunk's labels and measurements, side by side, one table per chunk, in file order."""
+    for _, chunk, rows in spooled_chunks(spool, chunks):
+        labels, measured = json_table(rows).drop(columns=["_key", "_real_path"]), parts.read(chunk.part)
+        if len(measured) != len(labels):  # only a part edited by hand can get here: each is written whole
+            raise UserError(f"{parts.folder / chunk.part} holds {len(measured)} rows, not {len(labels)}: delete it and re-run")
+        yield pd.concat([labels, measured.set_axis(labels.index)], axis=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,84 +586,244 @@ def check_margin(values: pd.Series, below: float | None, above: float | None) ->
     values = pd.to_numeric(values, errors="coerce").astype(float)
     margins = [values - below] if below is not None else []
     margins += [above - values] if above is not None else []
-    return pd.concat(margins, axis=1).min(axis=1, skipna=False)
+    return pd.concat(margins, axis=1).min(axis=1, skipna=False).round(FLOAT_DECIMALS)
 
 
-def find_duplicates(frame: pd.DataFrame, max_distance: int, max_age_difference: int) -> pd.DataFrame:
-    """Group exact duplicates (same bytes) and near duplicates (perceptual hashes within `max_distance`).
+class Components:
+    """Connected components of a graph whose edges arrive in batches, in memory that grows with the
+    number of nodes, not of edges: pending edges are merged into the labelling once they are many.
 
-    Returns columns duplicate_group (1, 2, ... or <NA>), duplicate_of (the group's first file, for every
-    other member), and age_conflict (the group's ages differ by more than `max_age_difference`). Groups
-    are the connected components of the graph of all such pairs.
+    `root[i]` is the lowest node of i's component as of the last `merge`: nodes with the same root are
+    connected; nodes with different roots may still be connected through pending edges.
     """
-    n = len(frame)
-    positions = np.arange(n)
-    content = pd.factorize(frame["content_hash"])[0]  # -1 where unknown
-    known = positions[content >= 0]
-    exact = np.stack([pd.Series(known).groupby(content[known]).transform("min").to_numpy(), known], axis=1)
-    where = np.flatnonzero(frame["phash"].notna().to_numpy()) if "phash" in frame.columns else np.array([], int)
-    near = where[near_pairs(hash_bytes(frame["phash"].to_numpy()[where]), max_distance)] if len(where) else np.zeros((0, 2), int)
-    pairs = np.concatenate([exact.reshape(-1, 2), near]).astype(np.int64)
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    first = np.full(component.max() + 1 if n else 0, n)
-    np.minimum.at(first, component, positions)
-    roots = first[component]  # each file's group, named by its first file
-    in_group = np.bincount(roots, minlength=n)[roots] > 1
-    group_ids = {r: k + 1 for k, r in enumerate(sorted(set(roots[in_group])))}
-    files = frame["file"].to_numpy()
-    ages = pd.to_numeric(frame["age"], errors="coerce").to_numpy(dtype=float)
-    by_group = pd.Series(ages).groupby(roots)
-    spread = (by_group.max() - by_group.min()).fillna(0.0)
-    result = pd.DataFrame(index=frame.index)
-    result["duplicate_group"] = pd.array(pd.Series(roots).map(group_ids).where(in_group), dtype="Int64")
-    result["duplicate_of"] = np.where(in_group & (roots != positions), files[roots], None)
-    result["age_conflict"] = in_group & (spread.reindex(roots).to_numpy() > max_age_difference)
-    return result
+
+    def __init__(self, nodes: int):
+        self.root = np.arange(nodes)
+        self.merges = 0
+        self._pending: list[np.ndarray] = []
+        self._edges = 0
+
+    def add(self, pairs: np.ndarray) -> None:
+        """Add edges (rows of two nodes)."""
+        self._pending.append(pairs)
+        self._edges += len(pairs)
+        if self._edges >= MERGE_EDGES:
+            self.merge()
+
+    @property
+    def pending(self) -> int:
+        """Edges added since the last merge."""
+        return self._edges
+
+    def merge(self) -> None:
+        if not self._edges:
+            return
+        nodes = np.arange(len(self.root))
+        edges = np.concatenate(self._pending + [np.stack([nodes, self.root], axis=1)])
+        self._pending, self._edges = [], 0
+        graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(len(nodes), len(nodes)))
+        del edges
+        _, component = connected_components(graph, directed=False)
+        labels, first = np.unique(component, return_index=True)  # nodes are in order: the first is the lowest
+        lowest = np.empty(len(labels), np.int64)
+        lowest[labels] = first
+        self.root = lowest[component]
+        self.merges += 1
+
+
+MERGE_EDGES = 1_000_000  # pending edges before a merge: bounds their memory (16 bytes each)
 
 
 def hash_bytes(hex_hashes) -> np.ndarray:
-    """Hex hashes of equal length as rows of bytes (the binary codes faiss indexes)."""
+    """Hex hashes of equal length as rows of bytes (one binary code per row)."""
     width = max(2, -(-max(len(h) for h in hex_hashes) // 2) * 2)
     return np.frombuffer(b"".join(bytes.fromhex(h.rjust(width, "0")) for h in hex_hashes), np.uint8).reshape(len(hex_hashes), -1)
 
 
-def near_pairs(codes: np.ndarray, max_distance: int) -> np.ndarray:
-    """Every pair (i < j) of binary codes (rows of bytes) at most `max_distance` bits apart, exactly.
+def substring_keys(codes: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Bits start..stop of every code (rows of bytes; bit 0 is the first byte's highest bit), as
+    integers; stop - start <= MAX_SUBSTRING_BITS.
 
-    Multi-index hashing (faiss.IndexBinaryMultiHash): the bits are cut into max_distance + 1 disjoint
-    substrings, and two codes within max_distance bits agree on at least one of them (pigeonhole), so
-    looking up exact substring matches in max_distance + 1 hash tables finds every pair. Candidates are
-    then checked on the whole code. The cost grows with the number of pairs that share a substring, not
-    with n²: a million 256-bit hashes take seconds. Substrings shorter than 16 bits would match almost
-    everything, so short codes or large radii use an exhaustive (but vectorised) index instead.
+    Examples
+    --------
+    >>> substring_keys(np.array([[0b10110000, 0b11000000]], np.uint8), 2, 10).tolist()
+    [195]
+    """
+    first, last = start // 8, (stop - 1) // 8
+    value = np.zeros(len(codes), np.uint64)
+    for column in range(first, last + 1):
+        value = (value << np.uint64(8)) | codes[:, column]
+    return (value >> np.uint64(8 * (last + 1) - stop)) & np.uint64((1 << (stop - start)) - 1)
+
+
+MAX_SUBSTRING_BITS = 57  # a substring is gathered from whole bytes into 64 bits
+
+
+def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = None) -> Iterator[np.ndarray]:
+    """Batches of pairs (i < j) of binary codes (rows of bytes) at most `max_distance` bits apart, exactly.
+
+    Multi-index hashing: the bits are cut into at least max_distance + 1 disjoint substrings, and two
+    codes within max_distance bits agree on at least one of them (pigeonhole). For each substring the
+    codes are sorted by it; codes that agree on it are candidates, checked on the whole code. Time
+    grows with the number of candidates, not with n² (a million random 256-bit hashes take seconds),
+    and memory with n: sorted arrays, where faiss's IndexBinaryMultiHash hash tables took 1 KB per
+    code. A pair may come more than once (it can agree on several substrings).
+
+    With `graph`, candidates it already connects are skipped, and so are whole runs of codes agreeing
+    on a substring once they are one component: a cluster of thousands of near-identical images then
+    costs about its size, not its size squared. The components stay exact; only redundant pairs go.
 
     Examples
     --------
     >>> codes = np.array([[0b11110000, 0], [0b11110001, 0], [0b00001111, 0]], np.uint8)
-    >>> near_pairs(codes, 2).tolist()
+    >>> np.unique(np.concatenate(list(near_pairs(codes, 2))), axis=0).tolist()
     [[0, 1]]
     """
-    import faiss
-
     bits = codes.shape[1] * 8
-    substring = bits // (max_distance + 1)
-    if substring >= 16:
-        index = faiss.IndexBinaryMultiHash(bits, max_distance + 1, substring)
-        index.nflip = 0  # exact substring matches are enough, by the pigeonhole argument
-    else:
-        index = faiss.IndexBinaryFlat(bits)
-    index.add(np.ascontiguousarray(codes))
-    pairs = []
-    for start in range(0, len(codes), NEAR_PAIR_BATCH):
-        limits, _, neighbours = index.range_search(np.ascontiguousarray(codes[start:start + NEAR_PAIR_BATCH]), max_distance + 1)
-        queries = start + np.repeat(np.arange(len(limits) - 1), np.diff(limits).astype(np.int64))
-        keep = queries < neighbours  # each pair once, and not a code with itself
-        pairs.append(np.stack([queries[keep], neighbours[keep]], axis=1))
-    return np.concatenate(pairs).astype(int) if pairs else np.zeros((0, 2), int)
+    pieces = min(bits, max(max_distance + 1, -(-bits // MAX_SUBSTRING_BITS)))
+    bounds = np.linspace(0, bits, pieces + 1).astype(int)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        keys = substring_keys(codes, start, stop)
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        run_start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        del keys
+        run_length = np.diff(np.r_[run_start, len(order)])
+        active = np.flatnonzero(np.repeat(run_length > 1, run_length))  # sorted positions in runs of two or more
+        first = np.repeat(run_start, run_length)[active]
+        end = (first + np.repeat(run_length, run_length)[active]) if len(active) else first
+        offset, pruned_at = 1, -1
+        while True:
+            paired = end - active > offset  # positions with a run member `offset` places further on
+            active, first, end = active[paired], first[paired], end[paired]
+            if not len(active):
+                break
+            if graph is not None and graph.pending >= len(active):  # enough news to prune by
+                graph.merge()
+            if graph is not None and graph.merges != pruned_at:  # drop the runs that are one component by now
+                keep = np.isin(first, _split_runs(order, first, end, graph.root))
+                active, first, end = active[keep], first[keep], end[keep]
+                pruned_at = graph.merges
+            a, b = order[active], order[active + offset]
+            if graph is not None:
+                apart = graph.root[a] != graph.root[b]
+                a, b = a[apart], b[apart]
+            close = np.bitwise_count(codes[a] ^ codes[b]).sum(axis=1, dtype=np.int64) <= max_distance
+            if close.any():
+                yield np.stack([np.minimum(a, b)[close], np.maximum(a, b)[close]], axis=1)
+            offset += 1
 
 
-NEAR_PAIR_BATCH = 100_000  # queries per range search: bounds the memory of the result lists
+def _split_runs(order: np.ndarray, first: np.ndarray, end: np.ndarray, root: np.ndarray) -> np.ndarray:
+    """The first positions of the runs (given by each active position's run `first` and `end`, in
+    sorted order `order`) whose members are not all in one component of `root`."""
+    runs, at = np.unique(first, return_index=True)
+    lengths = end[at] - runs
+    members = np.repeat(runs, lengths) + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.unique(np.repeat(runs, lengths)[root[order[members]] != np.repeat(root[order[runs]], lengths)])
+
+
+@dataclass
+class DuplicateGroups:
+    """The duplicate groups of a whole dataset, as arrays over file positions (see `find`)."""
+
+    root: np.ndarray  # each file's group, named by its lowest position
+    number: np.ndarray  # the group's number, 1, 2, ... in order of roots; 0 for a file in no group
+    age_conflict: np.ndarray  # the group's ages differ by more than allowed
+
+    @classmethod
+    def find(cls, hashes: "HashArrays", ages: np.ndarray, rule: Duplicates) -> "DuplicateGroups":
+        """Group exact duplicates (the same bytes) and near duplicates (perceptual hashes within
+        `rule.max_hash_distance` bits): the connected components of the graph of all such pairs.
+
+        Identical bytes decode to identical pixels and so to identical perceptual hashes (distance 0):
+        content digests are needed only for the files without a perceptual hash."""
+        graph = Components(len(ages))
+        if len(hashes.content_rows):
+            _, first, inverse = np.unique(hashes.content, return_index=True, return_inverse=True)
+            graph.add(np.stack([hashes.content_rows[first][inverse], hashes.content_rows], axis=1))
+        graph.merge()
+        for pairs in near_pairs(hashes.codes, rule.max_hash_distance, graph):
+            graph.add(hashes.code_rows[pairs])
+        graph.merge()
+        root = graph.root
+        in_group = np.bincount(root, minlength=len(root))[root] > 1
+        number = np.zeros(len(root), np.int64)
+        number[np.unique(root[in_group])] = np.arange(1, len(np.unique(root[in_group])) + 1)
+        oldest, youngest = np.full(len(root), -np.inf), np.full(len(root), np.inf)
+        np.fmax.at(oldest, root, ages)
+        np.fmin.at(youngest, root, ages)
+        spread = np.where(np.isfinite(oldest) & np.isfinite(youngest), oldest - youngest, 0.0)
+        return cls(root, np.where(in_group, number[root], 0), in_group & (spread[root] > rule.max_age_difference))
+
+    def columns(self, start: int, files: pd.Series, root_names: dict[int, str]) -> pd.DataFrame:
+        """duplicate_group, duplicate_of (the group's first file, for its other members) and
+        age_conflict of `files`, at positions start, start + 1, ... `root_names` holds the names of
+        the group roots seen so far: a root comes before its group's other members, so a caller going
+        through the files in order in one or more calls always finds the name it needs."""
+        positions = np.arange(start, start + len(files))
+        root, number = self.root[positions], self.number[positions]
+        is_root = (number > 0) & (root == positions)
+        root_names.update(zip(positions[is_root].tolist(), files.to_numpy()[is_root]))
+        return pd.DataFrame(
+            {
+                "duplicate_group": pd.arrays.IntegerArray(number, number == 0),
+                "duplicate_of": [root_names[r] if n and r != p else None for r, n, p in zip(root.tolist(), number.tolist(), positions.tolist())],
+                "age_conflict": self.age_conflict[positions],
+            },
+            index=files.index,
+        )
+
+
+@dataclass
+class HashArrays:
+    """The hashes duplicate search needs, compactly: perceptual hashes as rows of bytes and content
+    digests (only of files without a perceptual hash), each with the files' positions."""
+
+    codes: np.ndarray
+    code_rows: np.ndarray
+    content: np.ndarray
+    content_rows: np.ndarray
+
+    @classmethod
+    def of(cls, content_hashes: pd.Series, phashes: pd.Series, start: int = 0) -> "HashArrays":
+        """The hashes of files at positions start, start + 1, ... (None where unknown)."""
+        has_code = phashes.notna().to_numpy()
+        code_rows = np.flatnonzero(has_code)
+        codes = hash_bytes(phashes.to_numpy()[code_rows]) if len(code_rows) else np.zeros((0, 0), np.uint8)
+        content_rows = np.flatnonzero(~has_code & content_hashes.notna().to_numpy())
+        content = np.array([h.encode() for h in content_hashes.to_numpy()[content_rows]], dtype="S")
+        return cls(codes, start + code_rows, content, start + content_rows)
+
+
+def duplicate_groups(tables: Iterator[pd.DataFrame], files: int, rule: Duplicates) -> DuplicateGroups:
+    """The duplicate groups of a whole dataset given as tables in file order (`files` rows in all),
+    from its hashes gathered into compact arrays one table at a time."""
+    ages = np.empty(files, np.float32)
+    codes, code_rows, content, content_rows = None, np.empty(files, np.int64), [], []
+    start = found = 0
+    for table in tables:
+        hashes = HashArrays.of(table["content_hash"], table["phash"], start)
+        if codes is None and len(hashes.codes):
+            codes = np.empty((files, hashes.codes.shape[1]), np.uint8)
+        if len(hashes.codes):
+            codes[found:found + len(hashes.codes)], code_rows[found:found + len(hashes.codes)] = hashes.codes, hashes.code_rows
+            found += len(hashes.codes)
+        content.append(hashes.content)
+        content_rows.append(hashes.content_rows)
+        ages[start:start + len(table)] = pd.to_numeric(table["age"], errors="coerce").to_numpy(np.float32)
+        start += len(table)
+    codes = codes[:found] if codes is not None else np.zeros((0, 0), np.uint8)
+    hashes = HashArrays(codes, code_rows[:found], np.concatenate(content), np.concatenate(content_rows))
+    return DuplicateGroups.find(hashes, ages.astype(float), rule)
+
+
+def find_duplicates(frame: pd.DataFrame, rule: Duplicates) -> pd.DataFrame:
+    """The duplicate columns (see DuplicateGroups.columns) of a table with file, age, content_hash and
+    phash columns."""
+    ages = pd.to_numeric(frame["age"], errors="coerce").to_numpy(dtype=float)
+    groups = DuplicateGroups.find(HashArrays.of(frame["content_hash"], frame["phash"]), ages, rule)
+    return groups.columns(0, frame["file"], {})
 
 
 def apply_checks(frame: pd.DataFrame, checks: dict[str, CheckRule]) -> pd.DataFrame:
@@ -612,8 +842,9 @@ def failing_checks(values: dict, checks: dict[str, CheckRule]) -> list[str]:
     return [name for name in checks if flags[flag_column(name)]]
 
 
-def check_images_quality(frame: pd.DataFrame, checks: dict[str, CheckRule], duplicates: Duplicates) -> pd.DataFrame:
-    """Apply the threshold checks and the duplicate search; add flags, failed checks and status.
+def check_images_quality(frame: pd.DataFrame, checks: dict[str, CheckRule], duplicates: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Apply the threshold checks, and the duplicate search's columns when given (see
+    DuplicateGroups.columns); add flags, failed checks and a status per file.
 
     Every check adds a boolean column `flag_<check>` (threshold checks also `score_<check>`). `failed_checks` lists the failed ones (";"),
     `status` is one of ok, low_quality, unlabelled, unreadable (the first problem wins, in reverse
@@ -621,8 +852,8 @@ def check_images_quality(frame: pd.DataFrame, checks: dict[str, CheckRule], dupl
     """
     frame = pd.concat([frame, apply_checks(frame, checks)], axis=1)
     names = list(checks)
-    if duplicates.enabled:
-        frame = pd.concat([frame, find_duplicates(frame, duplicates.max_hash_distance, duplicates.max_age_difference)], axis=1)
+    if duplicates is not None:
+        frame = pd.concat([frame, duplicates], axis=1)
         frame[flag_column(Check.DUPLICATE)] = frame["duplicate_of"].notna()
         frame[flag_column(Check.AGE_CONFLICT)] = frame["age_conflict"]
         names += [Check.DUPLICATE, Check.AGE_CONFLICT]

@@ -240,7 +240,7 @@ def process_rows(frame: pd.DataFrame, config: ProcessConfig, explore: ExploreCon
             for key, result in parallel_map(_process_task, todo, config.num_workers, initializer=_init_worker,
                                             initargs=(processor,), chunksize=4, progress=progress_bar(len(todo), "processing"),
                                             on_failure=failed_row, timeout=explore.task_timeout_seconds,
-                                            scheduler=config.scheduler, scheduler_chunk=config.scheduler_chunk_files):
+                                            scheduler=config.scheduler, chunk_files=config.chunk_files):
                 after = result.pop("after") or {}
                 journal.record(key, {**result, **{f"after_{k}": v for k, v in after.items()}})
         results = journal.rows(keys)

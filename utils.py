@@ -15,11 +15,13 @@ import argparse
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -242,7 +244,7 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     # TensorFlow and matplotlib are chatty at INFO; the stages' own messages are what users need.
-    for noisy in ("matplotlib", "PIL", "tensorflow", "h5py", "faiss", "distributed"):
+    for noisy in ("matplotlib", "PIL", "tensorflow", "h5py", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -613,25 +615,36 @@ def parallel_map(
     on_failure: Callable[[Any, str], Any] | None = None,
     timeout: float | None = None,
     scheduler: str = "local",
-    scheduler_chunk: int = 1000,
+    chunk_files: int = 1000,
+    chunked: bool = False,
 ) -> Iterator:
     """Yield func(item) for every item, as results finish (not in order), over a pool of processes.
 
-    Results stream back, so the caller can write them out and memory stays flat. An item that takes
-    longer than `timeout` seconds, or whose worker dies (killed by the out-of-memory killer, a crash in
-    a decoder), yields on_failure(item, reason) instead: it costs that item, never the run. After a
+    `items` is consumed lazily and only a few chunks are in flight, so neither the items nor the
+    results pile up in memory: the caller writes results out as they come. An item that takes longer
+    than `timeout` seconds, or whose worker dies (killed by the out-of-memory killer, a crash in a
+    decoder), yields on_failure(item, reason) instead: it costs that item, never the run. After a
     worker dies, the items it may have held are retried one at a time in a fresh worker, so only the
     culprit fails. Without `on_failure`, such a failure raises RuntimeError.
 
-    With `scheduler` set to a Dask scheduler's address instead of "local", the items go in chunks of
-    `scheduler_chunk` to that cluster's workers (see `_dask_map`).
+    Items go out in chunks: `chunked` says `items` yields them as lists already, else they are cut
+    into lists of `chunk_files`. With `scheduler` "local" each chunk is split further, for balance,
+    into pieces of at most `chunksize` items for a pool of `num_workers` processes on this machine;
+    with the address of a Dask scheduler, each chunk is one task on that cluster (see `_dask_map`).
     """
-    items = list(items)
+    chunks = iter(items) if chunked else batched_lists(items, chunk_files)
     wrap = progress or (lambda it: it)
     if scheduler != "local":
-        yield from wrap(_dask_map(func, items, scheduler, initializer, initargs, scheduler_chunk, on_failure))
+        yield from wrap(_dask_map(func, chunks, scheduler, initializer, initargs, on_failure))
         return
-    yield from wrap(_pool_map(func, items, resolve_workers(num_workers), initializer, initargs, chunksize, on_failure, timeout))
+    yield from wrap(_pool_map(func, chunks, resolve_workers(num_workers), initializer, initargs, chunksize, on_failure, timeout))
+
+
+def batched_lists(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last may be shorter)."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 _worker_initialized_with: tuple | None = None
@@ -647,8 +660,9 @@ def _run_dask_chunk(func: Callable, chunk: list, initializer: Callable | None, i
     return _run_chunk(func, chunk, None)
 
 
-def _dask_map(func, items, address, initializer, initargs, chunk_size, on_failure) -> Iterator:
-    """Items over the workers of the Dask cluster at `address`, one task per chunk.
+def _dask_map(func, chunks, address, initializer, initargs, on_failure) -> Iterator:
+    """Chunks of items over the workers of the Dask cluster at `address`, one task per chunk, two
+    tasks per worker thread in flight.
 
     The scheduler re-runs a chunk whose worker is lost on another worker; a chunk that has killed
     three workers yields on_failure for each of its items. Workers must see the files at the same
@@ -662,15 +676,26 @@ def _dask_map(func, items, address, initializer, initargs, chunk_size, on_failur
     except (OSError, TimeoutError) as exc:
         raise UserError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
     with client:
-        chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
-        futures = {client.submit(_run_dask_chunk, func, chunk, initializer, initargs, pure=False): chunk for chunk in chunks}
-        for future in as_completed(futures):
-            chunk = futures.pop(future)
+        running: dict = {}
+        finished = as_completed()
+
+        def submit_next() -> None:
+            chunk = next(chunks, None)
+            if chunk is not None:
+                future = client.submit(_run_dask_chunk, func, chunk, initializer, initargs, pure=False)
+                running[future] = chunk
+                finished.add(future)
+
+        for _ in range(2 * max(1, sum(client.nthreads().values()))):
+            submit_next()
+        for future in finished:
+            chunk = running.pop(future)
             try:
                 results = future.result()
             except KilledWorker:
                 results = [(False, "its Dask worker died three times")] * len(chunk)
             future.release()
+            submit_next()
             for item, (ok, value) in zip(chunk, results):
                 yield value if ok else _failed(item, value, on_failure)
 
@@ -694,16 +719,15 @@ def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
         initializer(*initargs)
 
 
-def _pool_map(func, items, workers, initializer, initargs, chunksize, on_failure, timeout) -> Iterator:
+def _pool_map(func, chunks, workers, initializer, initargs, chunksize, on_failure, timeout) -> Iterator:
     # fork is fastest on Linux, and a forked worker dies with its parent (PR_SET_PDEATHSIG: a killed run
     # leaves no worker writing behind it). TensorFlow is not fork-safe, so the scripts that use it start
     # their pools before importing it; OpenCV's thread pool is paused while workers fork (below).
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    chunksize = max(1, min(chunksize, -(-len(items) // (workers * 4)) if items else 1))
-    queue = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
-    queue.reverse()
+    pieces = (chunk[i:i + size] for chunk in chunks
+              for size in [max(1, min(chunksize, -(-len(chunk) // (workers * 4))))] for i in range(0, len(chunk), size))
     with opencv_threads_stopped():
-        yield from _run_pools(func, queue, workers, context, initializer, initargs, timeout, on_failure)
+        yield from _run_pools(func, pieces, workers, context, initializer, initargs, timeout, on_failure)
 
 
 @contextlib.contextmanager
@@ -721,28 +745,31 @@ def opencv_threads_stopped():
             opencv.setNumThreads(threads)
 
 
-def _run_pools(func, queue, workers, context, initializer, initargs, timeout, on_failure) -> Iterator:
-    """The pools of _pool_map: one over the queue of chunks, then one per suspect item."""
+def _run_pools(func, pieces, workers, context, initializer, initargs, timeout, on_failure) -> Iterator:
+    """The pools of _pool_map: one over the pieces, then after a worker died one per suspect item,
+    then a new pool over the remaining pieces."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     suspects: list = []
-
-    while queue:
+    exhausted = False
+    while not exhausted:
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(initializer, initargs)) as pool:
             running = {}
             try:
-                while queue or running:
-                    while queue and len(running) < workers * 2:  # a bounded number in flight: memory stays flat
-                        chunk = queue.pop()
-                        running[pool.submit(_run_chunk, func, chunk, timeout)] = chunk
+                while True:
+                    while len(running) < workers * 2 and (piece := next(pieces, None)) is not None:  # few in flight: memory stays flat
+                        running[pool.submit(_run_chunk, func, piece, timeout)] = piece
+                    if not running:
+                        exhausted = True
+                        break
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
                     for future in done:
                         results = future.result()
                         for item, (ok, value) in zip(running.pop(future), results):
                             yield value if ok else _failed(item, value, on_failure)
             except BrokenProcessPool:
-                suspects += [item for chunk in running.values() for item in chunk]
+                suspects += [item for piece in running.values() for item in piece]
         # a worker died: retry what it may have held one item per pool, so only the culprit fails
         while suspects:
             item = suspects.pop()
@@ -831,7 +858,7 @@ class Journal:
         return self
 
     def record(self, key: str, row: dict) -> None:
-        self._file.write(_json_line(key, row))
+        self._file.write(json_line(row, key))
         self.done.add(key)
         now = time.monotonic()
         if now - self._flushed > FLUSH_SECONDS:  # bounds what a crash can lose without a syscall per row
@@ -864,17 +891,93 @@ class Journal:
         with atomic_write(self.path, encoding="utf-8") as f:
             f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
             for key, row in zip(frame.index, frame.to_dict("records")):
-                f.write(_json_line(key, row))
+                f.write(json_line(row, key))
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
 
-def _json_line(key: str, row: dict) -> str:
-    """One journal line; NaN becomes null, since JSON has no NaN."""
+def json_line(row: dict, key: str | None = None) -> str:
+    """One JSON-lines line of a flat row (with `key` as its _key); NaN becomes null, since JSON has no NaN."""
     clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-    return json.dumps({"_key": key, **clean}, default=_json_default) + "\n"
+    return json.dumps(clean if key is None else {"_key": key, **clean}, default=_json_default) + "\n"
+
+
+def json_table(rows: list[dict]):
+    """A DataFrame of JSON rows whose column types follow the JSON values: a column of whole numbers
+    (and nulls) is Int64, one of numbers float, anything else object. Every chunk of a table read this
+    way gets the same types, whichever values it happens to hold, so its CSV text is the same."""
+    import pandas as pd
+
+    columns = {}
+    for name in rows[0] if rows else []:
+        values = [row.get(name) for row in rows]
+        kinds = {type(v) for v in values if v is not None}
+        if kinds == {int}:
+            columns[name] = pd.array(values, dtype="Int64")
+        elif kinds and kinds <= {int, float}:
+            columns[name] = pd.array(values, dtype="float64")
+        else:
+            columns[name] = pd.array(values, dtype=object)
+    return pd.DataFrame(columns)
+
+
+class PartStore:
+    """A folder of part files, each holding the finished rows of one chunk of work.
+
+    A part's name is a digest of its chunk's item keys and of the settings that shaped the rows, so a
+    run re-uses exactly the parts whose chunk and settings are unchanged, and an interrupted run loses
+    at most the chunks in flight. Parts are written atomically and begin with a header line naming
+    them: `keep_only` deletes a file only when its name and header prove this store wrote it.
+    """
+
+    NAME = re.compile(r"[0-9a-f]{32}\.jsonl")
+    TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.[0-9a-z_]+\.tmp")  # what a killed atomic_write of a part leaves
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def part_name(self, keys: Iterable[str]) -> str:
+        digest = hashlib.sha256(self.fingerprint.encode())
+        for key in keys:
+            digest.update(key.encode("utf-8", "surrogatepass") + b"\n")
+        return digest.hexdigest()[:32] + ".jsonl"
+
+    def has(self, name: str) -> bool:
+        return (self.folder / name).is_file()
+
+    def write(self, name: str, rows: list[dict]) -> None:
+        with atomic_write(self.folder / name, encoding="utf-8") as f:
+            f.write(json.dumps({"part": name}) + "\n")
+            f.writelines(json_line(row) for row in rows)
+
+    def read(self, name: str):
+        """The part's rows as a table (see json_table)."""
+        with open(self.folder / name, encoding="utf-8") as f:
+            f.readline()
+            return json_table([json.loads(line) for line in f])
+
+    def keep_only(self, names: set[str]) -> int:
+        """Delete the parts (and killed writes of parts) not in `names`; return how many."""
+        removed = 0
+        for entry in os.scandir(self.folder):
+            if not entry.is_file(follow_symlinks=False) or entry.name in names:
+                continue
+            if self.TEMPORARY.fullmatch(entry.name) or (self.NAME.fullmatch(entry.name) and self._header(entry.path) == entry.name):
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    @staticmethod
+    def _header(path: str) -> str | None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.loads(f.readline()).get("part")
+        except (OSError, ValueError, AttributeError):
+            return None
 
 
 def _json_default(value):

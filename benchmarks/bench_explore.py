@@ -29,10 +29,10 @@ import cv2
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from image_reader import ReaderSettings, load_explore_config, compute_images_quality_metrics, load_dataset  # noqa: E402
+from image_reader import ReaderSettings, iter_dataset, load_explore_config, measure_chunks, plan_chunks  # noqa: E402
 from peers import peer_python  # noqa: E402
 from runs import explore_run  # noqa: E402
-from utils import AgeGroups, Journal, resolve_workers  # noqa: E402
+from utils import AgeGroups, PartStore, resolve_workers  # noqa: E402
 
 
 PEER_SCRIPT = """
@@ -62,13 +62,15 @@ def decode_rate(paths: list[str]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def measure_rate(dataset, config: dict, with_faces: bool, workers: int) -> float:
+def measure_rate(dataset: list[dict], config, with_faces: bool, workers: int) -> float:
+    """Images per second of the measuring pass alone (`measure_chunks`), into a fresh part store."""
     metrics = {k: v for k, v in config.metrics.items() if with_faces or k != "faces"}
     settings = ReaderSettings.from_config(config, metrics)
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = Journal(Path(tmp) / "cache.jsonl", "bench")
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "spool", "w+", encoding="utf-8") as spool:
+        parts = PartStore(Path(tmp) / "parts", "bench")
+        chunks = plan_chunks(iter(dataset), spool, parts, config.chunk_files)
         start = time.perf_counter()
-        compute_images_quality_metrics(dataset, settings, workers, cache)
+        measure_chunks(spool, chunks, parts, settings, workers)
         return len(dataset) / (time.perf_counter() - start)
 
 
@@ -81,8 +83,8 @@ def main():
     parser.add_argument("--no-peer", action="store_true", help="skip cleanvision")
     args = parser.parse_args()
     config = load_explore_config(PROJECT / "configs/explore_images.yaml")
-    dataset = load_dataset(args.dataset_dir, config.labels, config.age_range, AgeGroups(tuple(config.age_groups.edges)))
-    paths = list(dataset["_real_path"])
+    dataset = list(iter_dataset(args.dataset_dir, config.labels, config.age_range, AgeGroups(tuple(config.age_groups.edges))))
+    paths = [row["_real_path"] for row in dataset]
     workers = resolve_workers(args.workers)
     for path in paths:  # warm the page cache so no pass pays for the disk
         Path(path).read_bytes()
@@ -105,7 +107,7 @@ def main():
         tmp = Path(tmp)
         big = tmp / "repeated"
         for copy in range(args.repeat):
-            for file, real in zip(dataset["file"], paths):
+            for file, real in ((row["file"], row["_real_path"]) for row in dataset):
                 target = big / f"copy{copy:02d}" / file
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.symlink_to(os.path.abspath(real))

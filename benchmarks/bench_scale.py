@@ -29,6 +29,7 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
+from config_models import Duplicates  # noqa: E402
 from image_reader import find_duplicates, load_explore_config  # noqa: E402
 from runs import explore_run  # noqa: E402
 
@@ -49,10 +50,11 @@ def planted_hashes(count: int, pairs: int, max_distance: int, seed: int = 0) -> 
     return frame, planted
 
 
-def near_duplicate_benchmark(count: int, max_distance: int) -> None:
+def near_duplicate_benchmark(count: int, rule: Duplicates) -> None:
+    max_distance = rule.max_hash_distance
     frame, planted = planted_hashes(count, 300, max_distance)
     start = time.perf_counter()
-    result = find_duplicates(frame, max_distance, 0)
+    result = find_duplicates(frame, rule.model_copy(update={"max_age_difference": 0}))
     seconds = time.perf_counter() - start
     group = result["duplicate_group"].to_numpy()
     found = sum(1 for a, b in planted if not pd.isna(group[a]) and group[a] == group[b])
@@ -80,11 +82,11 @@ def make_dataset(folder: Path, count: int, seed: int = 0) -> None:
         (sub / f"{1 + i % 90}_{i % 2}_{i % 5}_{i:09d}.jpg.chip.jpg").write_bytes(data.tobytes())
 
 
-def explore_benchmark(folder: Path, out: Path, workers: int, scheduler: str = "local") -> dict:
+def explore_benchmark(folder: Path, out: Path, workers: int, rule: Duplicates, scheduler: str = "local") -> dict:
     stats = explore_run(folder, out, workers, scheduler)
     frame = pd.read_csv(out / "m.csv", usecols=["file", "age", "content_hash", "phash"])
     start = time.perf_counter()
-    find_duplicates(frame, 12, 0)
+    find_duplicates(frame, rule)
     return {**stats, "search_seconds": time.perf_counter() - start}
 
 
@@ -98,7 +100,7 @@ def main():
 
     from utils import resolve_workers
 
-    max_distance = load_explore_config(PROJECT / "configs/explore_images.yaml").duplicates.max_hash_distance
+    rule = load_explore_config(PROJECT / "configs/explore_images.yaml").duplicates
     workers = resolve_workers(args.workers)
     with tempfile.TemporaryDirectory() as tmp, \
             LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster:
@@ -107,15 +109,15 @@ def main():
             start = time.perf_counter()
             make_dataset(folder, size)
             made = time.perf_counter() - start
-            stats = explore_benchmark(folder, Path(tmp) / f"out{size}", workers)
-            on_dask = explore_benchmark(folder, Path(tmp) / f"dask{size}", workers, cluster.scheduler_address)
+            stats = explore_benchmark(folder, Path(tmp) / f"out{size}", workers, rule)
+            on_dask = explore_benchmark(folder, Path(tmp) / f"dask{size}", workers, rule, cluster.scheduler_address)
             print(f"N = {size:>7,}: made in {made:5.0f} s; explore {stats['seconds']:7.1f} s = {stats['files'] / stats['seconds']:5.0f} img/s "
                   f"(Dask LocalCluster of {workers}: {on_dask['files'] / on_dask['seconds']:5.0f} img/s); "
                   f"near-duplicate search {stats['search_seconds']:5.1f} s; peak memory main {stats['main_mb']:.0f} MB, "
                   f"largest worker {stats['worker_mb']:.0f} MB", flush=True)
             subprocess.run(["rm", "-rf", str(folder)], check=True)
     if args.hashes:
-        near_duplicate_benchmark(args.hashes, max_distance)
+        near_duplicate_benchmark(args.hashes, rule)
 
 
 if __name__ == "__main__":

@@ -103,13 +103,19 @@ def resampled(processed, tmp_path_factory):
 
 
 def kill_part_way(script: str, overrides: list[str], journal: Path, lines: int, timeout: float = 120) -> int:
-    """Start a script, SIGKILL it (no clean-up at all) once its journal holds `lines` lines, and
-    return how many items the journal records as finished."""
+    """Start a script, SIGKILL it (no clean-up at all) once its journal (a file, or a folder of part
+    files) records `lines` finished items, and return how many items it records as finished."""
     command = [sys.executable, script] + [a for o in overrides for a in ("--set", o)]
     child = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
-    while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < lines):
+    while time.time() < deadline and finished_items(journal) < lines:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    return journal.read_text().count("\n") - 1
+    return finished_items(journal)
+
+
+def finished_items(journal: Path) -> int:
+    """Items a journal file or a folder of part files records (each begins with a header line)."""
+    files = sorted(journal.glob("*.jsonl")) if journal.is_dir() else [journal] if journal.exists() else []
+    return sum(max(0, f.read_text().count("\n") - 1) for f in files)

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import PROJECT, read_csv, run
+from conftest import PROJECT, finished_items, read_csv, run
 
 COPIES = 4  # the sample 4 times over (links): enough chunks for a kill to land mid-run
 
@@ -33,12 +33,12 @@ def larger_sample(sample, tmp_path_factory):
 
 
 def run_and_kill_a_worker(script: str, overrides: list[str], journal, client) -> None:
-    """Run a script on the cluster and SIGKILL one Dask worker once the journal shows progress; the
-    script must still finish with exit code 0."""
+    """Run a script on the cluster and SIGKILL one Dask worker once the journal (a file, or a folder of
+    part files) shows progress; the script must still finish with exit code 0."""
     command = [sys.executable, script] + [a for o in overrides for a in ("--set", o)]
     child = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < 300):
+    while time.time() < deadline and finished_items(journal) < 300:
         time.sleep(0.02)
     assert child.poll() is None, "the run ended before a worker could be killed"
     victim = next(iter(client.run(os.getpid).values()))
@@ -52,9 +52,9 @@ def test_explore_and_process_on_dask_give_the_local_rows_despite_a_killed_worker
     address, client = cluster
     local, remote = tmp_path / "local", tmp_path / "dask"
     run("explore_images.py", f"dataset_dir={larger_sample}", f"output_csv={local}/m.csv", f"summary_csv={local}/s.csv")
-    engine = [f"scheduler={address}", "scheduler_chunk_files=40"]
+    engine = [f"scheduler={address}", "chunk_files=40"]
     run_and_kill_a_worker("explore_images.py", [f"dataset_dir={larger_sample}", f"output_csv={remote}/m.csv",
-                                                f"summary_csv={remote}/s.csv", *engine], remote / "m.cache.jsonl", client)
+                                                f"summary_csv={remote}/s.csv", *engine], remote / "m.parts", client)
     pd.testing.assert_frame_equal(read_csv(local / "m.csv"), read_csv(remote / "m.csv"))
     assert (local / "s.csv").read_bytes() == (remote / "s.csv").read_bytes()
 

@@ -114,11 +114,33 @@ def test_interrupted_run_continues_and_matches_an_uninterrupted_one(sample, tmp_
     explore(sample, tmp_path / "whole", "num_workers=1")
     out = tmp_path / "killed"
     done = kill_part_way("explore_images.py", [f"dataset_dir={sample}", f"output_csv={out}/m.csv", f"summary_csv={out}/s.csv",
-                                               "num_workers=1"], out / "m.cache.jsonl", lines=150)
+                                               "num_workers=1", "chunk_files=40"], out / "m.parts", lines=150)
     assert 0 < done < 606 and not (out / "m.csv").exists(), f"killed after {done} images"
-    resumed = explore(sample, out, "num_workers=2")
-    assert f"re-using measurements of {done}" in resumed.stderr or f"re-using measurements of {done - 1}" in resumed.stderr
+    resumed = explore(sample, out, "num_workers=2", "chunk_files=40")
+    assert f"re-using measurements of {done} unchanged files" in resumed.stderr
     assert (out / "m.csv").read_bytes() == (tmp_path / "whole/m.csv").read_bytes()
+
+
+def test_a_new_file_costs_one_chunk_and_old_parts_are_cleared(small_sample, tmp_path):
+    """Chunk boundaries depend on the file names before them, so adding a file re-measures one chunk;
+    parts no run needs any more are deleted, files agepipe did not write never."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for image in small_sample.glob("*.jpg"):
+        (data / image.name).symlink_to(image)
+    explore(data, tmp_path, "chunk_files=10")
+    parts = tmp_path / "m.parts"
+    before = {p.name for p in parts.glob("*.jsonl")}
+    (parts / "notes.jsonl").write_text("the user's own file\n")
+    newcomer = sorted(small_sample.glob("*.jpg"))[40]
+    (data / ("7_" + newcomer.name)).symlink_to(newcomer)
+    again = explore(data, tmp_path, "chunk_files=10")
+    reused = int(again.stderr.split("re-using measurements of ")[1].split()[0])
+    after = {p.name for p in parts.glob("*.jsonl")}
+    # the chunk it joins is replaced (by two when the newcomer's name ends a chunk itself)
+    assert len(before) >= 4 and len(before - after) == 1 and len(after - before) in (1, 2), (len(before), len(after))
+    assert reused >= len(list(data.iterdir())) - 1 - 4 * 10  # all but the newcomer's chunk (at most 4 x chunk_files)
+    assert (parts / "notes.jsonl").exists() and len(read_csv(tmp_path / "m.csv")) == len(list(data.iterdir()))
 
 
 def test_labels_from_a_csv(small_sample, tmp_path):

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import read_csv, run
 from image_io import read_image
+from config_models import Duplicates
 from image_reader import METRICS, ImageView, find_duplicates, parse_utkface_name
 import pandas as pd
 
@@ -83,16 +84,22 @@ def test_phash_survives_reencoding_but_tells_images_apart():
 def test_find_duplicates_groups_exact_and_near_copies_and_age_conflicts():
     frame = pd.DataFrame(
         {
-            "file": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
-            "age": [30, 30, 50, 7, None],
-            "content_hash": ["h1", "h1", "h2", "h3", None],
-            "phash": ["ff00", "ff00", "ff01", "00ff", None],
+            "file": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.png", "g.png"],
+            "age": [30, 30, 50, 7, None, 9, 9],
+            "content_hash": ["h1", "h1", "h2", "h3", None, "h4", "h4"],  # f and g: the same unreadable bytes
+            "phash": ["ff00", "ff00", "ff01", "00ff", None, None, None],
         }
     )
-    result = find_duplicates(frame, max_distance=2, max_age_difference=0)
-    assert result["duplicate_group"].tolist()[:3] == [1, 1, 1] and result["duplicate_group"].isna().tolist()[3:] == [True, True]
-    assert result["duplicate_of"].fillna("").tolist() == ["", "a.jpg", "a.jpg", "", ""]
-    assert result["age_conflict"].tolist() == [True, True, True, False, False]
+    result = find_duplicates(frame, Duplicates(enabled=True, max_hash_distance=2, max_age_difference=0))
+    assert result["duplicate_group"].tolist()[:3] == [1, 1, 1] and result["duplicate_group"].isna().tolist()[3:5] == [True, True]
+    assert result["duplicate_group"].tolist()[5:] == [2, 2]
+    assert result["duplicate_of"].fillna("").tolist() == ["", "a.jpg", "a.jpg", "", "", "", "f.png"]
+    assert result["age_conflict"].tolist() == [True, True, True, False, False, False, False]
+
+
+def exhaustive_distances(codes):
+    words = codes.view(np.uint64)
+    return np.bitwise_count(words[:, None, :] ^ words[None, :, :]).sum(axis=2)  # every pair, the slow way
 
 
 def test_near_pairs_by_multi_index_hashing_are_exactly_those_of_an_exhaustive_search():
@@ -106,12 +113,35 @@ def test_near_pairs_by_multi_index_hashing_are_exactly_those_of_an_exhaustive_se
         bits = np.unpackbits(codes[b])
         bits[rng.choice(256, distance, replace=False)] ^= 1
         codes[b] = np.packbits(bits)
-    found = {tuple(p) for p in near_pairs(codes, 12).tolist()}
-    words = codes.view(np.uint64)
-    distances = np.bitwise_count(words[:, None, :] ^ words[None, :, :]).sum(axis=2)  # every pair, the slow way
+    found = {tuple(p) for batch in near_pairs(codes, 12) for p in batch.tolist()}
+    distances = exhaustive_distances(codes)
     expected = {(i, j) for i, j in zip(*np.nonzero(distances <= 12)) if i < j}
     assert found == expected and len(expected) >= 52
-    assert near_pairs(codes[:, :2], 3).shape[1] == 2  # 16-bit codes take the exhaustive index
+    short = {tuple(p) for batch in near_pairs(codes[:300, :2], 3) for p in batch.tolist()}  # 16-bit codes, 4-bit substrings
+    assert short == {(i, j) for i, j in zip(*np.nonzero(np.bitwise_count(
+        codes[:300, None, :2] ^ codes[None, :300, :2]).sum(axis=2) <= 3)) if i < j}
+
+
+def test_groups_of_clustered_hashes_are_the_components_of_the_exhaustive_pair_graph():
+    """Clusters of near-identical hashes: the pruned search (which skips pairs already connected)
+    still finds exactly the components of the graph of every pair within the radius."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from image_reader import Components, near_pairs
+
+    rng = np.random.default_rng(1)
+    centres = rng.integers(0, 256, (15, 32), dtype=np.uint8)
+    bits = np.unpackbits(centres[rng.integers(0, 15, 2500)], axis=1)
+    bits ^= rng.random(bits.shape) < rng.choice([0.005, 0.02, 0.04], (len(bits), 1))  # tight, loose and scattered members
+    codes = np.packbits(bits, axis=1)
+    _, expected = connected_components(csr_matrix(exhaustive_distances(codes) <= 12), directed=False)
+    graph = Components(len(codes))
+    for pairs in near_pairs(codes, 12, graph):
+        graph.add(pairs)
+    graph.merge()
+    assert len(set(zip(expected.tolist(), graph.root.tolist()))) == len(set(expected.tolist())) == len(set(graph.root.tolist()))
+    assert 15 < len(set(expected.tolist())) < 2000  # neither all apart nor one blob
 
 
 @pytest.mark.parametrize(
