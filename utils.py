@@ -724,10 +724,16 @@ def _pool_map(func, chunks, workers, initializer, initargs, chunksize, on_failur
     # leaves no worker writing behind it). TensorFlow is not fork-safe, so the scripts that use it start
     # their pools before importing it; OpenCV's thread pool is paused while workers fork (below).
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    pieces = (chunk[i:i + size] for chunk in chunks
-              for size in [max(1, min(chunksize, -(-len(chunk) // (workers * 4))))] for i in range(0, len(chunk), size))
     with opencv_threads_stopped():
-        yield from _run_pools(func, pieces, workers, context, initializer, initargs, timeout, on_failure)
+        yield from _run_pools(func, _pieces(chunks, chunksize, workers), workers, context, initializer, initargs, timeout, on_failure)
+
+
+def _pieces(chunks: Iterator[list], chunksize: int, workers: int) -> Iterator[list]:
+    """Each chunk cut into pieces of at most `chunksize` items, and into at least 4 per worker, so that
+    a small chunk still keeps every worker busy."""
+    for chunk in chunks:
+        size = max(1, min(chunksize, -(-len(chunk) // (workers * 4))))
+        yield from (chunk[i:i + size] for i in range(0, len(chunk), size))
 
 
 @contextlib.contextmanager

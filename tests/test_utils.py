@@ -1,4 +1,4 @@
-"""Config validation, age groups, atomic writes and the resume journal."""
+"""Config validation, age groups, atomic writes, the resume journal, part files and the streaming pool map."""
 import json
 
 import pytest
@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from config_models import AgeRange, Bounded, Section
-from utils import AgeGroups, ConfigError, Journal, apply_override, atomic_write, validate_section
+from utils import AgeGroups, ConfigError, Journal, PartStore, apply_override, atomic_write, parallel_map, validate_section
 
 class Rule(Section):
     below: Bounded(float) | None
@@ -115,6 +115,43 @@ def test_journal_with_other_fingerprint_is_discarded(tmp_path):
         journal.record("a", {"x": 1})
     assert Journal(path, "new-settings").done == set()
     assert not path.exists()
+
+
+def test_parts_keep_their_column_types_and_only_their_own_files_are_ever_deleted(tmp_path):
+    store = PartStore(tmp_path / "parts", "settings-1")
+    first, second = store.part_name(["a|1|5", "b|2|6"]), store.part_name(["c|3|7"])
+    assert first != second and first != PartStore(tmp_path / "parts", "settings-2").part_name(["a|1|5", "b|2|6"])
+    store.write(first, [{"width": 200, "score": 1.5, "hash": "ab"}, {"width": None, "score": float("nan"), "hash": None}])
+    store.write(second, [{"width": None, "score": 2.0, "hash": None}])  # a chunk where a whole-number column is all empty
+    table = store.read(first)
+    assert str(table["width"].dtype) == "Int64" and table["width"].tolist()[0] == 200 and table["width"].isna().tolist() == [False, True]
+    assert table["score"].tolist()[0] == 1.5 and table["hash"].tolist()[0] == "ab" and table["hash"].isna().tolist() == [False, True]
+    looks_like_a_part = tmp_path / "parts" / ("0" * 32 + ".jsonl")
+    looks_like_a_part.write_text('{"not": "a part"}\n')  # a part's name, but not its header
+    killed_write = tmp_path / "parts" / f".{second[:32]}.k9x_2abc.tmp"
+    killed_write.write_text("half a part")
+    assert store.keep_only({first}) == 2
+    assert store.has(first) and not store.has(second) and looks_like_a_part.exists() and not killed_write.exists()
+
+
+def _pulled(item):
+    return item
+
+
+def test_parallel_map_takes_items_as_it_needs_them():
+    """The items are a generator: by the first result only the first chunks have been taken from it,
+    so a million files never sit in memory as a list."""
+    taken = []
+
+    def items():
+        for i in range(20_000):
+            taken.append(i)
+            yield i
+
+    results = parallel_map(_pulled, items(), 2, chunk_files=100)
+    first = next(results)
+    assert len(taken) <= 300, len(taken)
+    assert sorted([first, *results]) == list(range(20_000)) and len(taken) == 20_000
 
 
 def test_importing_the_library_modules_changes_no_global_state():
