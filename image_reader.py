@@ -659,7 +659,7 @@ def substring_keys(codes: np.ndarray, start: int, stop: int) -> np.ndarray:
 MAX_SUBSTRING_BITS = 57  # a substring is gathered from whole bytes into 64 bits
 
 
-def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = None) -> Iterator[np.ndarray]:
+def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = None, nodes: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """Batches of pairs (i < j) of binary codes (rows of bytes) at most `max_distance` bits apart, exactly.
 
     Multi-index hashing: the bits are cut into at least max_distance + 1 disjoint substrings, and two
@@ -669,9 +669,10 @@ def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = 
     and memory with n: sorted arrays, where faiss's IndexBinaryMultiHash hash tables took 1 KB per
     code. A pair may come more than once (it can agree on several substrings).
 
-    With `graph`, candidates it already connects are skipped, and so are whole runs of codes agreeing
-    on a substring once they are one component: a cluster of thousands of near-identical images then
-    costs about its size, not its size squared. The components stay exact; only redundant pairs go.
+    With `graph` (whose node for code i is nodes[i], or i), candidates it already connects are
+    skipped, and so are whole runs of codes agreeing on a substring once they are one component: a
+    cluster of thousands of near-identical images then costs about its size, not its size squared.
+    The components stay exact; only redundant pairs go.
 
     Examples
     --------
@@ -679,6 +680,9 @@ def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = 
     >>> np.unique(np.concatenate(list(near_pairs(codes, 2))), axis=0).tolist()
     [[0, 1]]
     """
+    def root(code: np.ndarray) -> np.ndarray:
+        return graph.root[code if nodes is None else nodes[code]]
+
     bits = codes.shape[1] * 8
     pieces = min(bits, max(max_distance + 1, -(-bits // MAX_SUBSTRING_BITS)))
     bounds = np.linspace(0, bits, pieces + 1).astype(int)
@@ -701,12 +705,12 @@ def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = 
             if graph is not None and graph.pending >= len(active):  # enough news to prune by
                 graph.merge()
             if graph is not None and graph.merges != pruned_at:  # drop the runs that are one component by now
-                keep = np.isin(first, _split_runs(order, first, end, graph.root))
+                keep = np.isin(first, _split_runs(order, first, end, root))
                 active, first, end = active[keep], first[keep], end[keep]
                 pruned_at = graph.merges
             a, b = order[active], order[active + offset]
             if graph is not None:
-                apart = graph.root[a] != graph.root[b]
+                apart = root(a) != root(b)
                 a, b = a[apart], b[apart]
             close = np.bitwise_count(codes[a] ^ codes[b]).sum(axis=1, dtype=np.int64) <= max_distance
             if close.any():
@@ -714,13 +718,13 @@ def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = 
             offset += 1
 
 
-def _split_runs(order: np.ndarray, first: np.ndarray, end: np.ndarray, root: np.ndarray) -> np.ndarray:
+def _split_runs(order: np.ndarray, first: np.ndarray, end: np.ndarray, root: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """The first positions of the runs (given by each active position's run `first` and `end`, in
-    sorted order `order`) whose members are not all in one component of `root`."""
+    sorted order `order`) whose codes are not all in one component (`root` of codes)."""
     runs, at = np.unique(first, return_index=True)
     lengths = end[at] - runs
     members = np.repeat(runs, lengths) + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.unique(np.repeat(runs, lengths)[root[order[members]] != np.repeat(root[order[runs]], lengths)])
+    return np.unique(np.repeat(runs, lengths)[root(order[members]) != np.repeat(root(order[runs]), lengths)])
 
 
 @dataclass
@@ -743,7 +747,7 @@ class DuplicateGroups:
             _, first, inverse = np.unique(hashes.content, return_index=True, return_inverse=True)
             graph.add(np.stack([hashes.content_rows[first][inverse], hashes.content_rows], axis=1))
         graph.merge()
-        for pairs in near_pairs(hashes.codes, rule.max_hash_distance, graph):
+        for pairs in near_pairs(hashes.codes, rule.max_hash_distance, graph, hashes.code_rows):
             graph.add(hashes.code_rows[pairs])
         graph.merge()
         root = graph.root

@@ -97,6 +97,16 @@ def test_find_duplicates_groups_exact_and_near_copies_and_age_conflicts():
     assert result["age_conflict"].tolist() == [True, True, True, False, False, False, False]
 
 
+def test_duplicates_after_files_without_a_perceptual_hash_are_still_found():
+    """Files without a perceptual hash shift the hashes' rows against the files' positions: the
+    search must still tell which files it has already grouped."""
+    frame = pd.DataFrame({"file": ["a.png", "b.png", "c.jpg", "d.jpg"], "age": [5, 5, 40, 40],
+                          "content_hash": ["h1", "h1", "h2", "h3"], "phash": [None, None, "ff00", "ff00"]})
+    result = find_duplicates(frame, Duplicates(enabled=True, max_hash_distance=2, max_age_difference=0))
+    assert result["duplicate_group"].tolist() == [1, 1, 2, 2]
+    assert result["duplicate_of"].fillna("").tolist() == ["", "a.png", "", "c.jpg"]
+
+
 def exhaustive_distances(codes):
     words = codes.view(np.uint64)
     return np.bitwise_count(words[:, None, :] ^ words[None, :, :]).sum(axis=2)  # every pair, the slow way
