@@ -6,8 +6,9 @@ shares, such as the age groups), then the script's own file, then `--set dotted.
 and validates the result before any work starts. A problem raises `ConfigError` whose message names the
 key path and what was expected; `run_script` turns it into one line on stderr and exit status 2.
 
-Also here: logging, atomic writes, age-group binning, a streaming process-pool map with a progress bar,
-and a journal that lets an interrupted stage continue where it stopped.
+Also here: logging, atomic writes, age-group binning, a streaming process-pool (or Dask) map with a
+progress bar, and the two ways an interrupted stage continues where it stopped: a journal of finished
+items, and a store of part files of finished chunks.
 """
 from __future__ import annotations
 
