@@ -598,17 +598,18 @@ class Components:
     """
 
     def __init__(self, nodes: int):
-        self.root = np.arange(nodes)
+        self.root = np.arange(nodes, dtype=index_type(nodes))
         self.merges = 0
         self._pending: list[np.ndarray] = []
         self._edges = 0
 
     def add(self, pairs: np.ndarray) -> None:
         """Add edges (rows of two nodes)."""
-        self._pending.append(pairs)
-        self._edges += len(pairs)
-        if self._edges >= MERGE_EDGES:
-            self.merge()
+        for start in range(0, len(pairs), MERGE_EDGES):
+            self._pending.append(pairs[start:start + MERGE_EDGES])
+            self._edges += len(self._pending[-1])
+            if self._edges >= MERGE_EDGES:
+                self.merge()
 
     @property
     def pending(self) -> int:
@@ -616,22 +617,32 @@ class Components:
         return self._edges
 
     def merge(self) -> None:
+        """Bring `root` up to date: join the components the pending edges connect. Only the roots
+        those edges touch enter scipy's connected components, so the cost follows the edges."""
         if not self._edges:
             return
-        nodes = np.arange(len(self.root))
-        edges = np.concatenate(self._pending + [np.stack([nodes, self.root], axis=1)])
+        edges = self.root[np.concatenate(self._pending)]
         self._pending, self._edges = [], 0
-        graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(len(nodes), len(nodes)))
-        del edges
-        _, component = connected_components(graph, directed=False)
-        labels, first = np.unique(component, return_index=True)  # nodes are in order: the first is the lowest
-        lowest = np.empty(len(labels), np.int64)
-        lowest[labels] = first
-        self.root = lowest[component]
+        edges = edges[edges[:, 0] != edges[:, 1]]
+        if len(edges):
+            roots, local = np.unique(edges, return_inverse=True)  # sorted: a component's first root is its lowest
+            local = local.reshape(-1, 2)
+            graph = coo_matrix((np.ones(len(local), np.int8), (local[:, 0], local[:, 1])), shape=(len(roots), len(roots)))
+            _, component = connected_components(graph, directed=False)
+            _, first = np.unique(component, return_index=True)
+            joined = roots[first][component]  # each touched root's new root
+            at = np.minimum(np.searchsorted(roots, self.root), len(roots) - 1).astype(self.root.dtype)
+            touched = roots[at] == self.root
+            self.root[touched] = joined[at[touched]]
         self.merges += 1
 
 
-MERGE_EDGES = 1_000_000  # pending edges before a merge: bounds their memory (16 bytes each)
+MERGE_EDGES = 50_000  # pending edges before a merge: bounds their memory (8 to 16 bytes each, copied twice)
+
+
+def index_type(count: int) -> type:
+    """The smallest integer type for positions among `count` items: per-file arrays stay small."""
+    return np.int32 if count < 2**31 else np.int64
 
 
 def hash_bytes(hex_hashes) -> np.ndarray:
@@ -657,6 +668,7 @@ def substring_keys(codes: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 
 MAX_SUBSTRING_BITS = 57  # a substring is gathered from whole bytes into 64 bits
+VERIFY_BATCH = 16_384  # candidate pairs checked at once: bounds the memory of their gathered codes
 
 
 def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = None, nodes: np.ndarray | None = None) -> Iterator[np.ndarray]:
@@ -683,19 +695,20 @@ def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = 
     def root(code: np.ndarray) -> np.ndarray:
         return graph.root[code if nodes is None else nodes[code]]
 
-    bits = codes.shape[1] * 8
+    bits, index = codes.shape[1] * 8, index_type(len(codes))
     pieces = min(bits, max(max_distance + 1, -(-bits // MAX_SUBSTRING_BITS)))
     bounds = np.linspace(0, bits, pieces + 1).astype(int)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         keys = substring_keys(codes, start, stop)
-        order = np.argsort(keys, kind="stable")
+        order = np.argsort(keys, kind="stable").astype(index)
         keys = keys[order]
-        run_start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        run_start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]).astype(index)
         del keys
-        run_length = np.diff(np.r_[run_start, len(order)])
-        active = np.flatnonzero(np.repeat(run_length > 1, run_length))  # sorted positions in runs of two or more
+        run_length = np.diff(np.r_[run_start, len(order)]).astype(index)
+        active = np.flatnonzero(np.repeat(run_length > 1, run_length)).astype(index)  # sorted positions in runs of two or more
         first = np.repeat(run_start, run_length)[active]
-        end = (first + np.repeat(run_length, run_length)[active]) if len(active) else first
+        end = first + np.repeat(run_length, run_length)[active]
+        del run_start, run_length
         offset, pruned_at = 1, -1
         while True:
             paired = end - active > offset  # positions with a run member `offset` places further on
@@ -712,10 +725,34 @@ def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = 
             if graph is not None:
                 apart = root(a) != root(b)
                 a, b = a[apart], b[apart]
-            close = np.bitwise_count(codes[a] ^ codes[b]).sum(axis=1, dtype=np.int64) <= max_distance
+            close = np.concatenate([np.bitwise_count(codes[a[i:i + VERIFY_BATCH]] ^ codes[b[i:i + VERIFY_BATCH]]).sum(axis=1) <= max_distance
+                                    for i in range(0, len(a), VERIFY_BATCH)] or [np.zeros(0, bool)])
             if close.any():
                 yield np.stack([np.minimum(a, b)[close], np.maximum(a, b)[close]], axis=1)
             offset += 1
+
+
+def identical(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Pairs (first row with the same key, row), one per row."""
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return np.stack([rows[first][inverse.ravel()], rows], axis=1)
+
+
+def identical_codes(codes: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows joining each set of identical codes (rows of bytes), and the indices of the
+    codes left to search (one per set). Codes are sorted by a 64-bit hash of their bytes and compared
+    whole with their neighbours, so a hash collision only leaves a copy in the search: still exact,
+    in a few bytes per code where sorting the codes themselves would copy them."""
+    fingerprint = np.zeros(len(codes), np.uint64)
+    for column in codes.T:  # FNV-style: multiply by an odd 64-bit prime, add the byte
+        fingerprint = fingerprint * np.uint64(1099511628211) + column
+    order = np.argsort(fingerprint, kind="stable").astype(index_type(len(codes)))
+    del fingerprint
+    same = np.zeros(len(order), bool)  # same[i]: the code at sorted position i is the one before it
+    for start in range(1, len(order), VERIFY_BATCH):
+        stop = min(start + VERIFY_BATCH, len(order))
+        same[start:stop] = (codes[order[start - 1:stop - 1]] == codes[order[start:stop]]).all(axis=1)
+    return np.stack([rows[order[np.flatnonzero(same) - 1]], rows[order[same]]], axis=1), np.sort(order[~same])
 
 
 def _split_runs(order: np.ndarray, first: np.ndarray, end: np.ndarray, root: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -723,8 +760,9 @@ def _split_runs(order: np.ndarray, first: np.ndarray, end: np.ndarray, root: Cal
     sorted order `order`) whose codes are not all in one component (`root` of codes)."""
     runs, at = np.unique(first, return_index=True)
     lengths = end[at] - runs
-    members = np.repeat(runs, lengths) + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.unique(np.repeat(runs, lengths)[root(order[members]) != np.repeat(root(order[runs]), lengths)])
+    run_of_member = np.repeat(runs, lengths)
+    members = run_of_member + (np.arange(len(run_of_member), dtype=runs.dtype) - np.repeat(np.cumsum(lengths, dtype=runs.dtype) - lengths, lengths))
+    return np.unique(run_of_member[root(order[members]) != root(order[run_of_member])])
 
 
 @dataclass
@@ -741,24 +779,27 @@ class DuplicateGroups:
         `rule.max_hash_distance` bits): the connected components of the graph of all such pairs.
 
         Identical bytes decode to identical pixels and so to identical perceptual hashes (distance 0):
-        content digests are needed only for the files without a perceptual hash."""
+        content digests are needed only for the files without a perceptual hash. Identical hashes are
+        grouped at once, and the near-duplicate search runs over the distinct ones."""
         graph = Components(len(ages))
-        if len(hashes.content_rows):
-            _, first, inverse = np.unique(hashes.content, return_index=True, return_inverse=True)
-            graph.add(np.stack([hashes.content_rows[first][inverse], hashes.content_rows], axis=1))
+        graph.add(identical(hashes.content, hashes.content_rows))
+        pairs, distinct = identical_codes(hashes.codes, hashes.code_rows)
+        graph.add(pairs)
         graph.merge()
-        for pairs in near_pairs(hashes.codes, rule.max_hash_distance, graph, hashes.code_rows):
-            graph.add(hashes.code_rows[pairs])
+        distinct = distinct[np.lexsort(hashes.codes[distinct].T[::-1])]
+        distinct_rows = hashes.code_rows[distinct]
+        for pairs in near_pairs(hashes.codes[distinct], rule.max_hash_distance, graph, distinct_rows):
+            graph.add(distinct_rows[pairs])
         graph.merge()
         root = graph.root
-        in_group = np.bincount(root, minlength=len(root))[root] > 1
-        number = np.zeros(len(root), np.int64)
-        number[np.unique(root[in_group])] = np.arange(1, len(np.unique(root[in_group])) + 1)
-        oldest, youngest = np.full(len(root), -np.inf), np.full(len(root), np.inf)
+        has_members = np.bincount(root, minlength=len(root)) > 1  # by position: a root with other members
+        in_group = has_members[root]
+        number = np.where(in_group, np.cumsum(has_members, dtype=root.dtype)[root], 0).astype(root.dtype)
+        oldest, youngest = np.full(len(root), -np.inf, np.float32), np.full(len(root), np.inf, np.float32)
         np.fmax.at(oldest, root, ages)
         np.fmin.at(youngest, root, ages)
-        spread = np.where(np.isfinite(oldest) & np.isfinite(youngest), oldest - youngest, 0.0)
-        return cls(root, np.where(in_group, number[root], 0), in_group & (spread[root] > rule.max_age_difference))
+        spread = np.where(np.isfinite(oldest) & np.isfinite(youngest), oldest - youngest, 0)
+        return cls(root, number, in_group & (spread[root] > rule.max_age_difference))
 
     def columns(self, start: int, files: pd.Series, root_names: dict[int, str]) -> pd.DataFrame:
         """duplicate_group, duplicate_of (the group's first file, for its other members) and
@@ -804,7 +845,7 @@ def duplicate_groups(tables: Iterator[pd.DataFrame], files: int, rule: Duplicate
     """The duplicate groups of a whole dataset given as tables in file order (`files` rows in all),
     from its hashes gathered into compact arrays one table at a time."""
     ages = np.empty(files, np.float32)
-    codes, code_rows, content, content_rows = None, np.empty(files, np.int64), [], []
+    codes, code_rows, content, content_rows = None, np.empty(files, index_type(files)), [], []
     start = found = 0
     for table in tables:
         hashes = HashArrays.of(table["content_hash"], table["phash"], start)
@@ -819,13 +860,13 @@ def duplicate_groups(tables: Iterator[pd.DataFrame], files: int, rule: Duplicate
         start += len(table)
     codes = codes[:found] if codes is not None else np.zeros((0, 0), np.uint8)
     hashes = HashArrays(codes, code_rows[:found], np.concatenate(content), np.concatenate(content_rows))
-    return DuplicateGroups.find(hashes, ages.astype(float), rule)
+    return DuplicateGroups.find(hashes, ages, rule)
 
 
 def find_duplicates(frame: pd.DataFrame, rule: Duplicates) -> pd.DataFrame:
     """The duplicate columns (see DuplicateGroups.columns) of a table with file, age, content_hash and
     phash columns."""
-    ages = pd.to_numeric(frame["age"], errors="coerce").to_numpy(dtype=float)
+    ages = pd.to_numeric(frame["age"], errors="coerce").to_numpy(dtype=np.float32)
     groups = DuplicateGroups.find(HashArrays.of(frame["content_hash"], frame["phash"]), ages, rule)
     return groups.columns(0, frame["file"], {})
 
