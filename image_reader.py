@@ -14,6 +14,8 @@ Three steps, each usable on its own, all streaming so that memory does not grow 
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import logging
 import math
@@ -94,7 +96,7 @@ def find_image_files(dataset_dir: Path) -> Iterator[tuple[str, str]]:
                 stack.append(iter(_sorted_entries(entry[1], entry[0])))
             except OSError:
                 yield entry[0], entry[1]
-        elif Path(entry[0]).suffix.lower() in IMAGE_EXTENSIONS:
+        elif os.path.splitext(entry[0])[1].lower() in IMAGE_EXTENSIONS:  # not pathlib: Python 3.11's interns every name for good
             yield entry[0], entry[1]
 
 
@@ -135,7 +137,7 @@ def parse_utkface_name(name: str) -> dict:
     >>> parse_utkface_name("25_1_3_20170116174525125.jpg.chip.jpg")
     {'age': 25, 'gender': 1, 'race': 3}
     """
-    match = UTKFACE_NAME.match(Path(name).name)
+    match = UTKFACE_NAME.match(os.path.basename(name))
     if not match:
         return {"age": None, "gender": None, "race": None}
     to_int = lambda v: None if v is None else int(v)  # noqa: E731
@@ -514,14 +516,17 @@ def plan_chunks(rows: Iterator[dict], spool: TextIO, parts: PartStore, chunk_fil
     return chunks
 
 
-MAX_CHUNK_FACTOR = 4
+MAX_CHUNK_FACTOR = 2  # bounds the rows a chunk holds in memory while its files are measured
 
 
-def spooled_chunks(spool: TextIO, chunks: list[Chunk]) -> Iterator[tuple[int, Chunk, list[dict]]]:
-    """(index, chunk, its rows) of each chunk, read back from the spool written by plan_chunks."""
+def spooled_chunks(spool: TextIO, chunks: list[Chunk]) -> Iterator[tuple[int, Chunk, Iterator[dict]]]:
+    """(index, chunk, its rows) of each chunk, read back one row at a time from the spool written by
+    plan_chunks; the rows a caller leaves unread are skipped."""
     spool.seek(0)
     for index, chunk in enumerate(chunks):
-        yield index, chunk, [json.loads(spool.readline()) for _ in range(chunk.files)]
+        lines = itertools.islice(spool, chunk.files)
+        yield index, chunk, map(json.loads, lines)
+        collections.deque(lines, maxlen=0)
 
 
 def measure_chunks(spool: TextIO, chunks: list[Chunk], parts: PartStore, settings: ReaderSettings, num_workers: int,
@@ -563,12 +568,20 @@ def measure_chunks(spool: TextIO, chunks: list[Chunk], parts: PartStore, setting
 
 
 def chunk_tables(spool: TextIO, chunks: list[Chunk], parts: PartStore) -> Iterator[pd.DataFrame]:
-    """Each chunk's labels and measurements, side by side, one table per chunk, in file order."""
+    """The files' labels and measurements side by side, in file order, in tables of at most
+    TABLE_ROWS rows (a slice of one chunk each): memory does not depend on the chunks' sizes."""
     for _, chunk, rows in spooled_chunks(spool, chunks):
-        labels, measured = json_table(rows).drop(columns=["_key", "_real_path"]), parts.read(chunk.part)
-        if len(measured) != len(labels):  # only a part edited by hand can get here: each is written whole
-            raise UserError(f"{parts.folder / chunk.part} holds {len(measured)} rows, not {len(labels)}: delete it and re-run")
-        yield pd.concat([labels, measured.set_axis(labels.index)], axis=1)
+        measured = parts.rows(chunk.part)
+        for start in range(0, chunk.files, TABLE_ROWS):
+            labels = json_table(list(itertools.islice(rows, TABLE_ROWS))).drop(columns=["_key", "_real_path"])
+            values = list(itertools.islice(measured, len(labels)))
+            if len(values) < len(labels) or (start + len(labels) == chunk.files and next(measured, None) is not None):
+                # only a part edited by hand can get here: each is written whole
+                raise UserError(f"{parts.folder / chunk.part} does not hold {chunk.files} rows: delete it and re-run")
+            yield pd.concat([labels, json_table(values).set_axis(labels.index)], axis=1)
+
+
+TABLE_ROWS = 500
 
 
 # --------------------------------------------------------------------------------------------------
@@ -651,9 +664,9 @@ def hash_bytes(hex_hashes) -> np.ndarray:
     return np.frombuffer(b"".join(bytes.fromhex(h.rjust(width, "0")) for h in hex_hashes), np.uint8).reshape(len(hex_hashes), -1)
 
 
-def substring_keys(codes: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Bits start..stop of every code (rows of bytes; bit 0 is the first byte's highest bit), as
-    integers; stop - start <= MAX_SUBSTRING_BITS.
+def substring_keys(codes: np.ndarray, start: int, stop: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Bits start..stop of every code (rows of bytes; bit 0 is the first byte's highest bit), or of
+    the codes at `rows`, as integers; stop - start <= MAX_SUBSTRING_BITS.
 
     Examples
     --------
@@ -661,9 +674,9 @@ def substring_keys(codes: np.ndarray, start: int, stop: int) -> np.ndarray:
     [195]
     """
     first, last = start // 8, (stop - 1) // 8
-    value = np.zeros(len(codes), np.uint64)
+    value = np.zeros(len(codes) if rows is None else len(rows), np.uint64)
     for column in range(first, last + 1):
-        value = (value << np.uint64(8)) | codes[:, column]
+        value = (value << np.uint64(8)) | (codes[:, column] if rows is None else codes[rows, column])
     return (value >> np.uint64(8 * (last + 1) - stop)) & np.uint64((1 << (stop - start)) - 1)
 
 
@@ -671,7 +684,8 @@ MAX_SUBSTRING_BITS = 57  # a substring is gathered from whole bytes into 64 bits
 VERIFY_BATCH = 16_384  # candidate pairs checked at once: bounds the memory of their gathered codes
 
 
-def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = None, nodes: np.ndarray | None = None) -> Iterator[np.ndarray]:
+def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = None, nodes: np.ndarray | None = None,
+               subset: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """Batches of pairs (i < j) of binary codes (rows of bytes) at most `max_distance` bits apart, exactly.
 
     Multi-index hashing: the bits are cut into at least max_distance + 1 disjoint substrings, and two
@@ -680,6 +694,8 @@ def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = 
     grows with the number of candidates, not with n² (a million random 256-bit hashes take seconds),
     and memory with n: sorted arrays, where faiss's IndexBinaryMultiHash hash tables took 1 KB per
     code. A pair may come more than once (it can agree on several substrings).
+
+    With `subset`, only codes[subset] are searched, and i and j index `subset` (no copy of the codes).
 
     With `graph` (whose node for code i is nodes[i], or i), candidates it already connects are
     skipped, and so are whole runs of codes agreeing on a substring once they are one component: a
@@ -695,11 +711,16 @@ def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = 
     def root(code: np.ndarray) -> np.ndarray:
         return graph.root[code if nodes is None else nodes[code]]
 
-    bits, index = codes.shape[1] * 8, index_type(len(codes))
+    count = len(codes) if subset is None else len(subset)
+    bits, index = codes.shape[1] * 8, index_type(count)
+
+    def code(i: np.ndarray) -> np.ndarray:
+        return codes[i if subset is None else subset[i]]
+
     pieces = min(bits, max(max_distance + 1, -(-bits // MAX_SUBSTRING_BITS)))
     bounds = np.linspace(0, bits, pieces + 1).astype(int)
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        keys = substring_keys(codes, start, stop)
+        keys = substring_keys(codes, start, stop, subset)
         order = np.argsort(keys, kind="stable").astype(index)
         keys = keys[order]
         run_start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]).astype(index)
@@ -725,7 +746,7 @@ def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = 
             if graph is not None:
                 apart = root(a) != root(b)
                 a, b = a[apart], b[apart]
-            close = np.concatenate([np.bitwise_count(codes[a[i:i + VERIFY_BATCH]] ^ codes[b[i:i + VERIFY_BATCH]]).sum(axis=1) <= max_distance
+            close = np.concatenate([np.bitwise_count(code(a[i:i + VERIFY_BATCH]) ^ code(b[i:i + VERIFY_BATCH])).sum(axis=1) <= max_distance
                                     for i in range(0, len(a), VERIFY_BATCH)] or [np.zeros(0, bool)])
             if close.any():
                 yield np.stack([np.minimum(a, b)[close], np.maximum(a, b)[close]], axis=1)
@@ -786,9 +807,10 @@ class DuplicateGroups:
         pairs, distinct = identical_codes(hashes.codes, hashes.code_rows)
         graph.add(pairs)
         graph.merge()
-        distinct = distinct[np.lexsort(hashes.codes[distinct].T[::-1])]
+        # in (nearly) the codes' own order: close codes then meet as neighbours, and join early
+        distinct = distinct[np.argsort(substring_keys(hashes.codes, 0, min(hashes.codes.shape[1] * 8, MAX_SUBSTRING_BITS), distinct), kind="stable")]
         distinct_rows = hashes.code_rows[distinct]
-        for pairs in near_pairs(hashes.codes[distinct], rule.max_hash_distance, graph, distinct_rows):
+        for pairs in near_pairs(hashes.codes, rule.max_hash_distance, graph, distinct_rows, distinct):
             graph.add(distinct_rows[pairs])
         graph.merge()
         root = graph.root

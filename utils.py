@@ -961,11 +961,12 @@ class PartStore:
             f.write(json.dumps({"part": name}) + "\n")
             f.writelines(json_line(row) for row in rows)
 
-    def read(self, name: str):
-        """The part's rows as a table (see json_table)."""
+    def rows(self, name: str) -> Iterator[dict]:
+        """The part's rows, one at a time."""
         with open(self.folder / name, encoding="utf-8") as f:
             f.readline()
-            return json_table([json.loads(line) for line in f])
+            for line in f:
+                yield json.loads(line)
 
     def keep_only(self, names: set[str]) -> int:
         """Delete the parts (and killed writes of parts) not in `names`; return how many."""

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from config_models import AgeRange, Bounded, Section
-from utils import AgeGroups, ConfigError, Journal, PartStore, apply_override, atomic_write, parallel_map, validate_section
+from utils import AgeGroups, ConfigError, Journal, PartStore, apply_override, atomic_write, json_table, parallel_map, validate_section
 
 class Rule(Section):
     below: Bounded(float) | None
@@ -123,7 +123,7 @@ def test_parts_keep_their_column_types_and_only_their_own_files_are_ever_deleted
     assert first != second and first != PartStore(tmp_path / "parts", "settings-2").part_name(["a|1|5", "b|2|6"])
     store.write(first, [{"width": 200, "score": 1.5, "hash": "ab"}, {"width": None, "score": float("nan"), "hash": None}])
     store.write(second, [{"width": None, "score": 2.0, "hash": None}])  # a chunk where a whole-number column is all empty
-    table = store.read(first)
+    table = json_table(list(store.rows(first)))
     assert str(table["width"].dtype) == "Int64" and table["width"].tolist()[0] == 200 and table["width"].isna().tolist() == [False, True]
     assert table["score"].tolist()[0] == 1.5 and table["hash"].tolist()[0] == "ab" and table["hash"].isna().tolist() == [False, True]
     looks_like_a_part = tmp_path / "parts" / ("0" * 32 + ".jsonl")
