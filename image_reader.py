@@ -216,9 +216,6 @@ def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: A
         log.warning("%d rows of %s name files that are not in %s", len(csv_ages) - matched, csv_path, dataset_dir)
 
 
-LABEL_INTEGER_COLUMNS = ["age", "gender", "race"]
-
-
 # --------------------------------------------------------------------------------------------------
 # Metrics: each one a small function of an ImageView, registered with its parameters' schema
 # --------------------------------------------------------------------------------------------------
@@ -530,19 +527,18 @@ def spooled_chunks(spool: TextIO, chunks: list[Chunk]) -> Iterator[tuple[int, Ch
 
 
 def measure_chunks(spool: TextIO, chunks: list[Chunk], parts: PartStore, settings: ReaderSettings, num_workers: int,
-                   scheduler: str = "local") -> int:
-    """Measure the files of every chunk that has no part file yet and write its part; return how many
-    files were measured.
+                   scheduler: str = "local") -> None:
+    """Measure the files of every chunk that has no part file yet and write its part.
 
     Files stream through a process pool (or a Dask cluster), a few chunks at a time; each chunk's
     rows are written to its part file as soon as its last file is measured, so an interrupted run
     loses at most the chunks in flight, and a re-run with new thresholds measures nothing.
     """
-    todo = [chunk for chunk in chunks if not parts.has(chunk.part)]
-    files = sum(chunk.files for chunk in todo)
-    if files < sum(chunk.files for chunk in chunks):
-        log.info("re-using measurements of %d unchanged files", sum(chunk.files for chunk in chunks) - files)
-    missing = {chunk.part for chunk in todo}
+    missing = {chunk.part for chunk in chunks if not parts.has(chunk.part)}
+    files = sum(chunk.files for chunk in chunks if chunk.part in missing)
+    reused = sum(chunk.files for chunk in chunks) - files
+    if reused:
+        log.info("re-using measurements of %d unchanged files", reused)
     tasks = ([(index, position, row["_real_path"]) for position, row in enumerate(rows)]
              for index, chunk, rows in spooled_chunks(spool, chunks) if chunk.part in missing)
     pending: dict[int, list] = {}  # chunk index -> its rows so far
@@ -564,7 +560,6 @@ def measure_chunks(spool: TextIO, chunks: list[Chunk], parts: PartStore, setting
         if not remaining[index]:
             parts.write(chunks[index].part, pending.pop(index))
             del remaining[index]
-    return files
 
 
 def chunk_tables(spool: TextIO, chunks: list[Chunk], parts: PartStore) -> Iterator[pd.DataFrame]:
@@ -871,11 +866,12 @@ def duplicate_groups(tables: Iterator[pd.DataFrame], files: int, rule: Duplicate
     start = found = 0
     for table in tables:
         hashes = HashArrays.of(table["content_hash"], table["phash"], start)
-        if codes is None and len(hashes.codes):
-            codes = np.empty((files, hashes.codes.shape[1]), np.uint8)
         if len(hashes.codes):
-            codes[found:found + len(hashes.codes)], code_rows[found:found + len(hashes.codes)] = hashes.codes, hashes.code_rows
-            found += len(hashes.codes)
+            if codes is None:
+                codes = np.empty((files, hashes.codes.shape[1]), np.uint8)
+            end = found + len(hashes.codes)
+            codes[found:end], code_rows[found:end] = hashes.codes, hashes.code_rows
+            found = end
         content.append(hashes.content)
         content_rows.append(hashes.content_rows)
         ages[start:start + len(table)] = pd.to_numeric(table["age"], errors="coerce").to_numpy(np.float32)
