@@ -639,13 +639,15 @@ class Components:
             _, component = connected_components(graph, directed=False)
             _, first = np.unique(component, return_index=True)
             joined = roots[first][component]  # each touched root's new root
-            at = np.minimum(np.searchsorted(roots, self.root), len(roots) - 1).astype(self.root.dtype)
-            touched = roots[at] == self.root
-            self.root[touched] = joined[at[touched]]
+            for block in range(0, len(self.root), MERGE_EDGES):  # the nodes in blocks: working arrays stay small
+                nodes = self.root[block:block + MERGE_EDGES]
+                at = np.minimum(np.searchsorted(roots, nodes), len(roots) - 1)
+                touched = roots[at] == nodes
+                nodes[touched] = joined[at[touched]]
         self.merges += 1
 
 
-MERGE_EDGES = 50_000  # pending edges before a merge: bounds their memory (8 to 16 bytes each, copied twice)
+MERGE_EDGES = 50_000  # pending edges before a merge, and nodes relabelled at once: bounds the working memory
 
 
 def index_type(count: int) -> type:
@@ -677,18 +679,20 @@ def substring_keys(codes: np.ndarray, start: int, stop: int, rows: np.ndarray | 
 
 MAX_SUBSTRING_BITS = 57  # a substring is gathered from whole bytes into 64 bits
 VERIFY_BATCH = 16_384  # candidate pairs checked at once: bounds the memory of their gathered codes
+SEARCH_WINDOW = 16_384  # sorted codes whose runs are searched at once: bounds the working arrays
 
 
 def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = None, nodes: np.ndarray | None = None,
-               subset: np.ndarray | None = None) -> Iterator[np.ndarray]:
+               subset: np.ndarray | None = None, window: int = SEARCH_WINDOW) -> Iterator[np.ndarray]:
     """Batches of pairs (i < j) of binary codes (rows of bytes) at most `max_distance` bits apart, exactly.
 
     Multi-index hashing: the bits are cut into at least max_distance + 1 disjoint substrings, and two
     codes within max_distance bits agree on at least one of them (pigeonhole). For each substring the
-    codes are sorted by it; codes that agree on it are candidates, checked on the whole code. Time
-    grows with the number of candidates, not with n² (a million random 256-bit hashes take seconds),
-    and memory with n: sorted arrays, where faiss's IndexBinaryMultiHash hash tables took 1 KB per
-    code. A pair may come more than once (it can agree on several substrings).
+    codes are sorted by it; codes that agree on it (a run) are candidates, checked on the whole code.
+    Time grows with the number of candidates, not with n² (a million random 256-bit hashes take
+    seconds). Memory: the sort order, 4 bytes per code, and working arrays for about `window` sorted
+    codes at a time (whole runs: a larger run is taken alone), where faiss's IndexBinaryMultiHash hash
+    tables took 1 KB per code. A pair may come more than once (it can agree on several substrings).
 
     With `subset`, only codes[subset] are searched, and i and j index `subset` (no copy of the codes).
 
@@ -703,49 +707,56 @@ def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = 
     >>> np.unique(np.concatenate(list(near_pairs(codes, 2))), axis=0).tolist()
     [[0, 1]]
     """
-    def root(code: np.ndarray) -> np.ndarray:
-        return graph.root[code if nodes is None else nodes[code]]
-
     count = len(codes) if subset is None else len(subset)
     bits, index = codes.shape[1] * 8, index_type(count)
-
-    def code(i: np.ndarray) -> np.ndarray:
-        return codes[i if subset is None else subset[i]]
-
     pieces = min(bits, max(max_distance + 1, -(-bits // MAX_SUBSTRING_BITS)))
     bounds = np.linspace(0, bits, pieces + 1).astype(int)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         keys = substring_keys(codes, start, stop, subset)
         order = np.argsort(keys, kind="stable").astype(index)
         keys = keys[order]
-        run_start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]).astype(index)
+        run_bounds = np.r_[np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]), count].astype(index)
         del keys
-        run_length = np.diff(np.r_[run_start, len(order)]).astype(index)
-        active = np.flatnonzero(np.repeat(run_length > 1, run_length)).astype(index)  # sorted positions in runs of two or more
-        first = np.repeat(run_start, run_length)[active]
-        end = first + np.repeat(run_length, run_length)[active]
-        del run_start, run_length
-        offset, pruned_at = 1, -1
-        while True:
-            paired = end - active > offset  # positions with a run member `offset` places further on
-            active, first, end = active[paired], first[paired], end[paired]
-            if not len(active):
-                break
-            if graph is not None and graph.pending >= len(active):  # enough news to prune by
-                graph.merge()
-            if graph is not None and graph.merges != pruned_at:  # drop the runs that are one component by now
-                keep = np.isin(first, _split_runs(order, first, end, root))
-                active, first, end = active[keep], first[keep], end[keep]
-                pruned_at = graph.merges
-            a, b = order[active], order[active + offset]
-            if graph is not None:
-                apart = root(a) != root(b)
-                a, b = a[apart], b[apart]
-            close = np.concatenate([np.bitwise_count(code(a[i:i + VERIFY_BATCH]) ^ code(b[i:i + VERIFY_BATCH])).sum(axis=1) <= max_distance
-                                    for i in range(0, len(a), VERIFY_BATCH)] or [np.zeros(0, bool)])
-            if close.any():
-                yield np.stack([np.minimum(a, b)[close], np.maximum(a, b)[close]], axis=1)
-            offset += 1
+        # windows of whole runs: run r is in window w when it starts in [w * window, (w + 1) * window)
+        cuts = np.unique(np.searchsorted(run_bounds[:-1], np.arange(0, count + window, window)))
+        for first_run, stop_run in zip(cuts[:-1], cuts[1:]):
+            yield from _pairs_in_runs(codes, subset, order, run_bounds[first_run:stop_run + 1], max_distance, graph, nodes)
+
+
+def _pairs_in_runs(codes: np.ndarray, subset: np.ndarray | None, order: np.ndarray, run_bounds: np.ndarray, max_distance: int,
+                   graph: Components | None, nodes: np.ndarray | None) -> Iterator[np.ndarray]:
+    """near_pairs within the runs of sorted positions run_bounds[r]..run_bounds[r + 1] of one substring."""
+    def root(code: np.ndarray) -> np.ndarray:
+        return graph.root[code if nodes is None else nodes[code]]
+
+    def code(i: np.ndarray) -> np.ndarray:
+        return codes[i if subset is None else subset[i]]
+
+    run_start, run_length = run_bounds[:-1], np.diff(run_bounds)
+    active = run_start[0] + np.flatnonzero(np.repeat(run_length > 1, run_length)).astype(order.dtype)  # positions in runs of two or more
+    first = np.repeat(run_start, run_length)[active - run_start[0]]
+    end = first + np.repeat(run_length, run_length)[active - run_start[0]]
+    offset, pruned_at = 1, -1
+    while True:
+        paired = end - active > offset  # positions with a run member `offset` places further on
+        active, first, end = active[paired], first[paired], end[paired]
+        if not len(active):
+            return
+        if graph is not None and graph.pending >= len(active):  # enough news to prune by
+            graph.merge()
+        if graph is not None and graph.merges != pruned_at:  # drop the runs that are one component by now
+            keep = np.isin(first, _split_runs(order, first, end, root))
+            active, first, end = active[keep], first[keep], end[keep]
+            pruned_at = graph.merges
+        a, b = order[active], order[active + offset]
+        if graph is not None:
+            apart = root(a) != root(b)
+            a, b = a[apart], b[apart]
+        close = np.concatenate([np.bitwise_count(code(a[i:i + VERIFY_BATCH]) ^ code(b[i:i + VERIFY_BATCH])).sum(axis=1) <= max_distance
+                                for i in range(0, len(a), VERIFY_BATCH)] or [np.zeros(0, bool)])
+        if close.any():
+            yield np.stack([np.minimum(a, b)[close], np.maximum(a, b)[close]], axis=1)
+        offset += 1
 
 
 def identical(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -761,7 +772,8 @@ def identical_codes(codes: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np
     in a few bytes per code where sorting the codes themselves would copy them."""
     fingerprint = np.zeros(len(codes), np.uint64)
     for column in codes.T:  # FNV-style: multiply by an odd 64-bit prime, add the byte
-        fingerprint = fingerprint * np.uint64(1099511628211) + column
+        fingerprint *= np.uint64(1099511628211)
+        fingerprint += column
     order = np.argsort(fingerprint, kind="stable").astype(index_type(len(codes)))
     del fingerprint
     same = np.zeros(len(order), bool)  # same[i]: the code at sorted position i is the one before it
@@ -790,33 +802,20 @@ class DuplicateGroups:
     age_conflict: np.ndarray  # the group's ages differ by more than allowed
 
     @classmethod
-    def find(cls, hashes: "HashArrays", ages: np.ndarray, rule: Duplicates) -> "DuplicateGroups":
-        """Group exact duplicates (the same bytes) and near duplicates (perceptual hashes within
-        `rule.max_hash_distance` bits): the connected components of the graph of all such pairs.
-
-        Identical bytes decode to identical pixels and so to identical perceptual hashes (distance 0):
-        content digests are needed only for the files without a perceptual hash. Identical hashes are
-        grouped at once, and the near-duplicate search runs over the distinct ones."""
-        graph = Components(len(ages))
-        graph.add(identical(hashes.content, hashes.content_rows))
-        pairs, distinct = identical_codes(hashes.codes, hashes.code_rows)
-        graph.add(pairs)
-        graph.merge()
-        # in (nearly) the codes' own order: close codes then meet as neighbours, and join early
-        distinct = distinct[np.argsort(substring_keys(hashes.codes, 0, min(hashes.codes.shape[1] * 8, MAX_SUBSTRING_BITS), distinct), kind="stable")]
-        distinct_rows = hashes.code_rows[distinct]
-        for pairs in near_pairs(hashes.codes, rule.max_hash_distance, graph, distinct_rows, distinct):
-            graph.add(distinct_rows[pairs])
-        graph.merge()
-        root = graph.root
+    def of_components(cls, root: np.ndarray, ages: np.ndarray, max_age_difference: float) -> "DuplicateGroups":
+        """Number the groups of files whose `root`s (see connected_duplicates) are shared, and flag the
+        groups whose `ages` differ by more than `max_age_difference`."""
         has_members = np.bincount(root, minlength=len(root)) > 1  # by position: a root with other members
+        number = np.cumsum(has_members, dtype=root.dtype)[root]
         in_group = has_members[root]
-        number = np.where(in_group, np.cumsum(has_members, dtype=root.dtype)[root], 0).astype(root.dtype)
+        del has_members
+        number[~in_group] = 0
         oldest, youngest = np.full(len(root), -np.inf, np.float32), np.full(len(root), np.inf, np.float32)
         np.fmax.at(oldest, root, ages)
         np.fmin.at(youngest, root, ages)
-        spread = np.where(np.isfinite(oldest) & np.isfinite(youngest), oldest - youngest, 0)
-        return cls(root, number, in_group & (spread[root] > rule.max_age_difference))
+        oldest -= youngest  # each group's age spread; -inf when no age in it is known
+        del youngest
+        return cls(root, number, in_group & (oldest[root] > max_age_difference))
 
     def columns(self, start: int, files: pd.Series, root_names: dict[int, str]) -> pd.DataFrame:
         """duplicate_group, duplicate_of (the group's first file, for its other members) and
@@ -858,9 +857,31 @@ class HashArrays:
         return cls(codes, start + code_rows, content, start + content_rows)
 
 
-def duplicate_groups(tables: Iterator[pd.DataFrame], files: int, rule: Duplicates) -> DuplicateGroups:
-    """The duplicate groups of a whole dataset given as tables in file order (`files` rows in all),
-    from its hashes gathered into compact arrays one table at a time."""
+def connected_duplicates(hashes: HashArrays, files: int, max_distance: int) -> np.ndarray:
+    """Each file's group root (the lowest position in its group; a file in no group is its own):
+    exact duplicates (the same bytes) and near duplicates (perceptual hashes within `max_distance`
+    bits) are joined, and groups are the connected components of the graph of all such pairs.
+
+    Identical bytes decode to identical pixels and so to identical perceptual hashes (distance 0):
+    content digests are needed only for the files without a perceptual hash. Identical hashes are
+    joined at once, and the near-duplicate search runs over the distinct ones."""
+    graph = Components(files)
+    graph.add(identical(hashes.content, hashes.content_rows))
+    pairs, distinct = identical_codes(hashes.codes, hashes.code_rows)
+    graph.add(pairs)
+    graph.merge()
+    # in (nearly) the codes' own order: close codes then meet as neighbours, and join early
+    distinct = distinct[np.argsort(substring_keys(hashes.codes, 0, min(hashes.codes.shape[1] * 8, MAX_SUBSTRING_BITS), distinct), kind="stable")]
+    distinct_rows = hashes.code_rows[distinct]
+    for pairs in near_pairs(hashes.codes, max_distance, graph, distinct_rows, distinct):
+        graph.add(distinct_rows[pairs])
+    graph.merge()
+    return graph.root
+
+
+def gather_hashes(tables: Iterator[pd.DataFrame], files: int) -> tuple[HashArrays, np.ndarray]:
+    """The hashes and ages of a whole dataset given as tables in file order (`files` rows in all),
+    gathered into compact arrays one table at a time."""
     ages = np.empty(files, np.float32)
     codes, code_rows, content, content_rows = None, np.empty(files, index_type(files)), [], []
     start = found = 0
@@ -877,16 +898,23 @@ def duplicate_groups(tables: Iterator[pd.DataFrame], files: int, rule: Duplicate
         ages[start:start + len(table)] = pd.to_numeric(table["age"], errors="coerce").to_numpy(np.float32)
         start += len(table)
     codes = codes[:found] if codes is not None else np.zeros((0, 0), np.uint8)
-    hashes = HashArrays(codes, code_rows[:found], np.concatenate(content), np.concatenate(content_rows))
-    return DuplicateGroups.find(hashes, ages, rule)
+    return HashArrays(codes, code_rows[:found], np.concatenate(content), np.concatenate(content_rows)), ages
+
+
+def duplicate_groups(tables: Iterator[pd.DataFrame], files: int, rule: Duplicates) -> DuplicateGroups:
+    """The duplicate groups of a whole dataset given as tables in file order (`files` rows in all)."""
+    hashes, ages = gather_hashes(tables, files)
+    root = connected_duplicates(hashes, files, rule.max_hash_distance)
+    del hashes  # the hashes, the largest arrays, go before the groups are numbered
+    return DuplicateGroups.of_components(root, ages, rule.max_age_difference)
 
 
 def find_duplicates(frame: pd.DataFrame, rule: Duplicates) -> pd.DataFrame:
     """The duplicate columns (see DuplicateGroups.columns) of a table with file, age, content_hash and
     phash columns."""
     ages = pd.to_numeric(frame["age"], errors="coerce").to_numpy(dtype=np.float32)
-    groups = DuplicateGroups.find(HashArrays.of(frame["content_hash"], frame["phash"]), ages, rule)
-    return groups.columns(0, frame["file"], {})
+    root = connected_duplicates(HashArrays.of(frame["content_hash"], frame["phash"]), len(frame), rule.max_hash_distance)
+    return DuplicateGroups.of_components(root, ages, rule.max_age_difference).columns(0, frame["file"], {})
 
 
 def apply_checks(frame: pd.DataFrame, checks: dict[str, CheckRule]) -> pd.DataFrame:

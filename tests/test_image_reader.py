@@ -123,10 +123,11 @@ def test_near_pairs_by_multi_index_hashing_are_exactly_those_of_an_exhaustive_se
         bits = np.unpackbits(codes[b])
         bits[rng.choice(256, distance, replace=False)] ^= 1
         codes[b] = np.packbits(bits)
-    found = {tuple(p) for batch in near_pairs(codes, 12) for p in batch.tolist()}
     distances = exhaustive_distances(codes)
     expected = {(i, j) for i, j in zip(*np.nonzero(distances <= 12)) if i < j}
-    assert found == expected and len(expected) >= 52
+    for window in (16_384, 7):  # the sorted codes at once, or a few runs at a time
+        found = {tuple(p) for batch in near_pairs(codes, 12, window=window) for p in batch.tolist()}
+        assert found == expected and len(expected) >= 52
     short = {tuple(p) for batch in near_pairs(codes[:300, :2], 3) for p in batch.tolist()}  # 16-bit codes, 4-bit substrings
     assert short == {(i, j) for i, j in zip(*np.nonzero(np.bitwise_count(
         codes[:300, None, :2] ^ codes[None, :300, :2]).sum(axis=2) <= 3)) if i < j}
@@ -146,11 +147,12 @@ def test_groups_of_clustered_hashes_are_the_components_of_the_exhaustive_pair_gr
     bits ^= rng.random(bits.shape) < rng.choice([0.005, 0.02, 0.04], (len(bits), 1))  # tight, loose and scattered members
     codes = np.packbits(bits, axis=1)
     _, expected = connected_components(csr_matrix(exhaustive_distances(codes) <= 12), directed=False)
-    graph = Components(len(codes))
-    for pairs in near_pairs(codes, 12, graph):
-        graph.add(pairs)
-    graph.merge()
-    assert len(set(zip(expected.tolist(), graph.root.tolist()))) == len(set(expected.tolist())) == len(set(graph.root.tolist()))
+    for window in (16_384, 50):  # with 50, runs of a cluster's many members come alone, larger than the window
+        graph = Components(len(codes))
+        for pairs in near_pairs(codes, 12, graph, window=window):
+            graph.add(pairs)
+        graph.merge()
+        assert len(set(zip(expected.tolist(), graph.root.tolist()))) == len(set(expected.tolist())) == len(set(graph.root.tolist()))
     assert 15 < len(set(expected.tolist())) < 2000  # neither all apart nor one blob
 
 
