@@ -88,9 +88,12 @@ def stratified_folds(files: list[str], groups: AgeGroups, folds: int, seed: int)
 
 
 def link_folder(folder: Path, paths: list[str]) -> Path:
+    """`folder` of links to `paths`; a link a previous run in the same --work-dir made is kept."""
     folder.mkdir(parents=True, exist_ok=True)
     for path in paths:
-        (folder / Path(path).name).symlink_to(Path(path).resolve())
+        link, target = folder / Path(path).name, Path(path).resolve()
+        if not (link.is_symlink() and link.readlink() == target):
+            link.symlink_to(target)
     return folder
 
 

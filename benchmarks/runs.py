@@ -8,14 +8,18 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-# ru_maxrss of the script itself and of its largest (waited-for) worker process
+# The script's own peak resident memory and its largest (waited-for) worker's. The script's is VmHWM,
+# not ru_maxrss: Linux carries ru_maxrss over exec, so a child of a large benchmark process would
+# report the benchmark's own size.
 CHILD = """
-import resource, runpy, sys, json
+import re, resource, runpy, sys, json
 sys.argv = ["explore_images.py"] + sys.argv[1:]
 sys.path.insert(0, ".")
 runpy.run_path("explore_images.py", run_name="__main__")
-me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-print("PEAK", json.dumps({"main_mb": me.ru_maxrss / 1024, "worker_mb": kids.ru_maxrss / 1024}))
+with open("/proc/self/status") as status:
+    main_kb = int(re.search(r"VmHWM:\\s*(\\d+)", status.read()).group(1))
+kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+print("PEAK", json.dumps({"main_mb": main_kb / 1024, "worker_mb": kids.ru_maxrss / 1024}))
 """
 
 
