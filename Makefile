@@ -28,14 +28,15 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # Optional: explore, process and train on real UTKFace faces, when ../shared/data is present
-# (the model is tested on a held-out 15% of them).
+# (the model is tested on a held-out 15% of them). Everything goes to real_data/, beside the sample
+# pipeline's folders and never inside them.
 smoke-real: $(STAMP)
 	@if [ -d $(REAL_DATA) ]; then \
 		$(PY) explore_images.py --set dataset_dir=$(REAL_DATA) \
-			--set output_csv=csv/real/image_metadata.csv --set summary_csv=csv/real/image_metadata_summary.csv && \
-		$(PY) process_images.py --set input_csv=csv/real/image_metadata.csv --set output_dir=processed_dataset/real \
-			--set output_csv=csv/real/processed_metadata.csv && \
-		$(PY) train_model.py --set input_csv=csv/real/processed_metadata.csv --set output_dir=models/real; \
+			--set output_csv=real_data/csv/image_metadata.csv --set summary_csv=real_data/csv/image_metadata_summary.csv && \
+		$(PY) process_images.py --set input_csv=real_data/csv/image_metadata.csv --set output_dir=real_data/processed_dataset \
+			--set output_csv=real_data/csv/processed_metadata.csv && \
+		$(PY) train_model.py --set input_csv=real_data/csv/processed_metadata.csv --set output_dir=real_data/model; \
 	else echo "skipping real-data smoke run: $(REAL_DATA) not found"; fi
 
 bench: $(STAMP)
@@ -46,5 +47,5 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py $(REAL_DATA)
 
 clean:
-	rm -rf sample_dataset reports models
+	rm -rf sample_dataset reports models real_data
 	find csv processed_dataset resampled_dataset -mindepth 1 ! -name .gitkeep -delete
