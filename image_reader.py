@@ -912,9 +912,7 @@ def duplicate_groups(tables: Iterator[pd.DataFrame], files: int, rule: Duplicate
 def find_duplicates(frame: pd.DataFrame, rule: Duplicates) -> pd.DataFrame:
     """The duplicate columns (see DuplicateGroups.columns) of a table with file, age, content_hash and
     phash columns."""
-    ages = pd.to_numeric(frame["age"], errors="coerce").to_numpy(dtype=np.float32)
-    root = connected_duplicates(HashArrays.of(frame["content_hash"], frame["phash"]), len(frame), rule.max_hash_distance)
-    return DuplicateGroups.of_components(root, ages, rule.max_age_difference).columns(0, frame["file"], {})
+    return duplicate_groups(iter([frame]), len(frame), rule).columns(0, frame["file"], {})
 
 
 def apply_checks(frame: pd.DataFrame, checks: dict[str, CheckRule]) -> pd.DataFrame:
