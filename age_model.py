@@ -17,7 +17,10 @@ import zipfile
 from pathlib import Path
 
 from config_models import ModelSettings, TrainingAugmentation
-from utils import METADATA_ENTRY, AgeGroups, UserError, native_stderr_silenced, read_model_metadata
+from age_groups import AgeGroups
+from cli import native_stderr_silenced
+from errors import UserError
+from model_files import METADATA_ENTRY, read_model_metadata
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 with native_stderr_silenced():

@@ -15,45 +15,24 @@ seconds. Memory stays flat however many files there are.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from age_groups import AgeGroups, age_groups_from
+from cli import run_script, setup_logging
+from config import config_fingerprint
 from config_models import ExploreConfig
-from image_reader import (
-    LABEL_COLUMNS,
-    Check,
-    Status,
-    ReaderSettings,
-    check_images_quality,
-    chunk_tables,
-    duplicate_groups,
-    flag_column,
-    iter_dataset,
-    load_explore_config,
-    measure_chunks,
-    plan_chunks,
-    score_column,
-)
-from utils import (
-    AgeGroups,
-    PartStore,
-    UserError,
-    age_groups_from,
-    check_output_csv,
-    config_fingerprint,
-    ensure_writable_dir,
-    engine_name,
-    atomic_write,
-    overlaps,
-    run_lock,
-    run_script,
-    setup_logging,
-    write_csv_atomic,
-    write_run_record,
-)
+from dataset import LABEL_COLUMNS
+from duplicates import duplicate_groups
+from errors import UserError
+from image_reader import (Check, Status, check_images_quality, compute_images_quality_metrics, flag_column, load_dataset,
+                          load_explore_config, score_column)
+from metrics import ReaderSettings
+from outputs import atomic_write, check_output_csv, ensure_writable_dir, overlaps, run_lock, write_csv_atomic, write_run_record
+from parallel import engine_name
+from resume import PartStore
 
 log = logging.getLogger("agepipe.explore")
 
@@ -86,25 +65,23 @@ def explore(config: ExploreConfig, groups: AgeGroups, output: Path, parts: PartS
     then check each chunk and append it to the CSV. Memory depends on the chunk size, not on the
     number of files (apart from a few bytes per file for the hashes).
     """
-    dataset = iter_dataset(config.dataset_dir, config.labels, config.age_range, groups)
     settings = ReaderSettings.from_config(config)
     checks = list(config.checks) + ([Check.DUPLICATE, Check.AGE_CONFLICT] if config.duplicates.enabled else [])
-    with tempfile.TemporaryFile("w+", encoding="utf-8", dir=parts.folder) as spool:
-        chunks = plan_chunks(dataset, spool, parts, config.chunk_files)
-        files = sum(chunk.files for chunk in chunks)
-        log.info("found %d image files in %s", files, config.dataset_dir)
-        measure_chunks(spool, chunks, parts, settings, config.num_workers, config.scheduler)
-        duplicates = duplicate_groups(chunk_tables(spool, chunks, parts), files, config.duplicates) if config.duplicates.enabled else None
+    with load_dataset(config.dataset_dir, config.labels, config.age_range, groups, parts, config.chunk_files) as dataset:
+        log.info("found %d image files in %s", dataset.files, config.dataset_dir)
+        compute_images_quality_metrics(dataset, settings, config.num_workers, config.scheduler)
+        duplicates = duplicate_groups(dataset.tables(), dataset.files, config.duplicates) if config.duplicates.enabled else None
 
         summary, root_names, start = None, {}, 0
         with atomic_write(output, newline="", encoding="utf-8") as csv:
-            for table in chunk_tables(spool, chunks, parts):
+            for table in dataset.tables():
                 found = duplicates.columns(start, table["file"], root_names) if duplicates else None
                 checked = check_images_quality(table, config.checks, found)
                 checked[column_order(checked, checks)].to_csv(csv, header=start == 0, index=False)
                 counts = summarise(checked, checks, groups)
                 summary = counts if summary is None else summary.assign(images=summary["images"] + counts["images"])
                 start += len(table)
+        chunks = dataset.chunks
     write_csv_atomic(summary, config.summary_csv)
     write_run_record(config, output)
     parts.keep_only({chunk.part for chunk in chunks})

@@ -35,7 +35,11 @@ import cv2
 import numpy as np
 
 from image_io import UnreadableImage, content_digest, read_image
-from utils import Journal, UserError, config_fingerprint, native_stderr_silenced, parallel_map, progress_bar
+from cli import native_stderr_silenced, progress_bar
+from config import config_fingerprint
+from errors import UserError
+from parallel import parallel_map
+from resume import Journal
 
 log = logging.getLogger("agepipe.faces")
 

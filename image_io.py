@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}  # what counts as an image file, any case
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 

@@ -18,7 +18,8 @@ import pandas as pd
 from face_analysis import KEYPOINTS
 from image_processor import TRAINABLE_STATUSES, ProcessStatus
 from image_reader import flag_column, score_column
-from utils import AgeGroups, atomic_write
+from age_groups import AgeGroups
+from outputs import atomic_write
 
 STYLE = {
     "figure.facecolor": "white",

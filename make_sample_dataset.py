@@ -24,14 +24,10 @@ import numpy as np
 import pandas as pd
 
 from config_models import Defects, SampleConfig
-from utils import (
-    UserError,
-    load_config,
-    run_script,
-    setup_logging,
-    write_bytes_atomic,
-    write_csv_atomic,
-)
+from cli import run_script, setup_logging
+from config import load_config
+from errors import UserError
+from outputs import write_bytes_atomic, write_csv_atomic
 
 log = logging.getLogger("agepipe.sample")
 

@@ -22,19 +22,15 @@ import pandas as pd
 
 from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
 from image_io import UnreadableImage
-from image_reader import IMAGE_EXTENSIONS, display_name, find_image_files, parse_utkface_name
+from dataset import display_name, find_image_files, parse_utkface_name
+from image_io import IMAGE_EXTENSIONS
 from config_models import PredictConfig
-from utils import (
-    AgeGroups,
-    UserError,
-    ensure_writable_dir,
-    load_config,
-    read_model_metadata,
-    run_script,
-    setup_logging,
-    write_csv_atomic,
-    write_run_record,
-)
+from age_groups import AgeGroups
+from cli import run_script, setup_logging
+from config import load_config
+from errors import UserError
+from model_files import read_model_metadata
+from outputs import ensure_writable_dir, write_csv_atomic, write_run_record
 
 log = logging.getLogger("agepipe.predict")
 

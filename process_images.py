@@ -29,31 +29,16 @@ import pandas as pd
 
 from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, ProcessStatus, encode_image, resize_square
 from image_io import UnreadableImage, read_image
-from image_reader import SIZE_COLUMNS, Check, ReaderSettings, Status, failing_checks, load_explore_config, measure_array, measured_columns
+from image_reader import Check, Status, failing_checks, load_explore_config
+from metrics import SIZE_COLUMNS, ReaderSettings, measure_array, measured_columns
 from config_models import REPAIR_PARAMETERS, ExploreConfig, ProcessConfig
-from utils import (
-    ConfigError,
-    Journal,
-    OutputFolder,
-    UserError,
-    check_output_csv,
-    config_fingerprint,
-    confined,
-    copy_file_atomic,
-    engine_name,
-    ensure_writable_dir,
-    load_config,
-    parallel_map,
-    progress_bar,
-    read_metadata_csv,
-    run_lock,
-    run_script,
-    setup_logging,
-    validate_section,
-    write_bytes_atomic,
-    write_csv_atomic,
-    write_run_record,
-)
+from cli import progress_bar, run_script, setup_logging
+from config import config_fingerprint, load_config, validate_section
+from dataset import read_metadata_csv
+from errors import ConfigError, UserError
+from outputs import OutputFolder, check_output_csv, confined, copy_file_atomic, ensure_writable_dir, run_lock, write_bytes_atomic, write_csv_atomic, write_run_record
+from parallel import engine_name, parallel_map
+from resume import Journal
 
 log = logging.getLogger("agepipe.process")
 

@@ -20,22 +20,14 @@ import pandas as pd
 
 from config_models import ResamplingAugmentation, ResamplingConfig
 from image_processor import TRAINABLE_STATUSES, encode_image, random_augmentation
-from utils import (
-    AgeGroups,
-    Journal,
-    OutputFolder,
-    UserError,
-    check_output_csv,
-    config_fingerprint,
-    confined,
-    copy_file_atomic,
-    parallel_map,
-    progress_bar,
-    read_metadata_csv,
-    run_lock,
-    write_bytes_atomic,
-    write_run_record,
-)
+from age_groups import AgeGroups
+from cli import progress_bar
+from config import config_fingerprint
+from dataset import read_metadata_csv
+from errors import UserError
+from outputs import OutputFolder, check_output_csv, confined, copy_file_atomic, run_lock, write_bytes_atomic, write_run_record
+from parallel import parallel_map
+from resume import Journal
 
 log = logging.getLogger("agepipe.resampling")
 

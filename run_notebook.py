@@ -17,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from utils import PROJECT_DIR, current_umask, native_stderr_silenced
+from cli import native_stderr_silenced
+from config import PROJECT_DIR
+from outputs import current_umask
 
 
 def main() -> None:

@@ -32,18 +32,12 @@ import pandas as pd
 from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
 from image_processor import TRAINABLE_STATUSES
 from config_models import Distribution, TrainConfig, Training
-from utils import (
-    UserError,
-    age_groups_from,
-    atomic_write,
-    ensure_writable_dir,
-    load_config,
-    read_metadata_csv,
-    run_record,
-    run_script,
-    setup_logging,
-    write_csv_atomic,
-)
+from age_groups import age_groups_from
+from cli import run_script, setup_logging
+from config import load_config
+from dataset import read_metadata_csv
+from errors import UserError
+from outputs import atomic_write, ensure_writable_dir, run_record, write_csv_atomic
 
 log = logging.getLogger("agepipe.train")
 
@@ -95,7 +89,7 @@ def split_by_source(frame: pd.DataFrame, validation: float, test: float, seed: i
 
 def read_test_folder(folder: str, groups) -> pd.DataFrame:
     """A separate test set: every image under `folder` whose UTKFace name carries an age."""
-    from image_reader import find_image_files, parse_utkface_name
+    from dataset import find_image_files, parse_utkface_name
 
     if not Path(folder).is_dir():
         raise UserError(f"test_dataset_dir {folder} does not exist")

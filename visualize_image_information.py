@@ -29,16 +29,12 @@ from image_visualizer import (
     visualize_distribution,
 )
 from config_models import ExploreConfig, VisualizeConfig
-from utils import (
-    UserError,
-    age_groups_from,
-    atomic_write,
-    ensure_writable_dir,
-    load_config,
-    read_metadata_csv,
-    run_script,
-    setup_logging,
-)
+from age_groups import age_groups_from
+from cli import run_script, setup_logging
+from config import load_config
+from dataset import read_metadata_csv
+from errors import UserError
+from outputs import atomic_write, ensure_writable_dir
 
 log = logging.getLogger("agepipe.visualize")
 

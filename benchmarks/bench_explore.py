@@ -29,10 +29,14 @@ import cv2
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from image_reader import ReaderSettings, iter_dataset, load_explore_config, measure_chunks, plan_chunks  # noqa: E402
+from dataset import iter_dataset  # noqa: E402
+from image_reader import Dataset, compute_images_quality_metrics, load_explore_config, plan_chunks  # noqa: E402
+from metrics import ReaderSettings  # noqa: E402
 from peers import peer_python  # noqa: E402
 from runs import explore_run  # noqa: E402
-from utils import AgeGroups, PartStore, resolve_workers  # noqa: E402
+from age_groups import AgeGroups  # noqa: E402
+from parallel import resolve_workers  # noqa: E402
+from resume import PartStore  # noqa: E402
 
 
 PEER_SCRIPT = """
@@ -63,14 +67,14 @@ def decode_rate(paths: list[str]) -> float:
 
 
 def measure_rate(dataset: list[dict], config, with_faces: bool, workers: int) -> float:
-    """Images per second of the measuring pass alone (`measure_chunks`), into a fresh part store."""
+    """Images per second of the measuring pass alone (`compute_images_quality_metrics`), into a fresh part store."""
     metrics = {k: v for k, v in config.metrics.items() if with_faces or k != "faces"}
     settings = ReaderSettings.from_config(config, metrics)
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "spool", "w+", encoding="utf-8") as spool:
         parts = PartStore(Path(tmp) / "parts", "bench")
         chunks = plan_chunks(iter(dataset), spool, parts, config.chunk_files)
         start = time.perf_counter()
-        measure_chunks(spool, chunks, parts, settings, workers)
+        compute_images_quality_metrics(Dataset(spool, chunks, parts), settings, workers)
         return len(dataset) / (time.perf_counter() - start)
 
 

@@ -38,10 +38,11 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from image_reader import find_image_files, parse_utkface_name  # noqa: E402
+from dataset import find_image_files, parse_utkface_name  # noqa: E402
 from peers import peer_python  # noqa: E402
 from config_models import Common  # noqa: E402
-from utils import AgeGroups, load_config  # noqa: E402
+from age_groups import AgeGroups  # noqa: E402
+from config import load_config  # noqa: E402
 
 VARIANTS = {
     "resampled": ("resampled", []),

@@ -22,7 +22,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from image_processor import adjust_exposure, denoise, enhance_texture, sharpen, stretch_contrast  # noqa: E402
-from image_reader import IMAGE_EXTENSIONS, measure_array  # noqa: E402
+from image_io import IMAGE_EXTENSIONS  # noqa: E402
+from metrics import measure_array  # noqa: E402
 from process_images import Processor, load_process_config  # noqa: E402
 
 

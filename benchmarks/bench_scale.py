@@ -30,7 +30,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from config_models import Duplicates  # noqa: E402
-from image_reader import find_duplicates, load_explore_config  # noqa: E402
+from duplicates import find_duplicates  # noqa: E402
+from image_reader import load_explore_config  # noqa: E402
 from runs import explore_run  # noqa: E402
 
 
@@ -98,7 +99,7 @@ def main():
     args = parser.parse_args()
     from distributed import LocalCluster
 
-    from utils import resolve_workers
+    from parallel import resolve_workers
 
     rule = load_explore_config(PROJECT / "configs/explore_images.yaml").duplicates
     workers = resolve_workers(args.workers)

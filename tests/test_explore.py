@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from conftest import kill_part_way, read_csv, run
-from image_reader import IMAGE_EXTENSIONS
+from image_io import IMAGE_EXTENSIONS
 
 # The check each planted defect must trip.
 EXPECTED_CHECK = {

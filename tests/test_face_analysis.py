@@ -13,7 +13,7 @@ import pytest
 from conftest import PROJECT
 from face_analysis import (DescriptorSettings, DetectorSettings, FaceDescriber, FaceDetector, age_network_files, describe_files,
                            detector_model_path, face_geometry, landmark_problem, require_dlib)
-from utils import UserError
+from errors import UserError
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
 SETTINGS = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, False)
@@ -216,7 +216,7 @@ def test_a_missing_package_is_one_line_naming_what_to_install(monkeypatch):
 def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
     """400 real UTKFace crops: train a head on 300, test on 100 it never saw."""
     from age_model import build_descriptor_model, evaluate, year_targets
-    from utils import AgeGroups
+    from age_groups import AgeGroups
 
     import keras
 
@@ -228,7 +228,7 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
     train, test = order[:300], order[300:]
     keras.utils.set_random_seed(0)
     from config_models import TrainConfig
-    from utils import load_config
+    from config import load_config
 
     config = load_config(TrainConfig, PROJECT / "configs/train_model.yaml").model.model_copy(update={"ensemble": 1, "head_units": [128], "dropout": 0.3})
     model = build_descriptor_model(config, 100, x[train].mean(0), x[train].var(0) + 1e-6)
@@ -243,13 +243,13 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
 
 
 def test_a_detector_that_fails_on_an_image_costs_that_row_only(sample, monkeypatch):
-    import image_reader
-    from image_reader import ReaderSettings, measure_file
+    from face_analysis import FaceDetector
+    from metrics import ReaderSettings, measure_file
 
     def broken(self, bgr):
         raise RuntimeError("interpreter error")
 
-    monkeypatch.setattr(image_reader.FaceDetector, "detect", broken)
+    monkeypatch.setattr(FaceDetector, "detect", broken)
     settings = ReaderSettings({"brightness": {}, "faces": {"min_score": 0.65, "iou_threshold": 0.3, "border_fraction": 0.3}},
                               100_000_000, 200_000_000, 20, 200, 60)
     row = measure_file(str(next(sample.glob("*.chip.jpg"))), settings)

@@ -8,7 +8,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from conftest import PROJECT
 from image_processor import adjust_exposure, denoise, enhance_texture, resize_square, sharpen, stretch_contrast
 from config_models import Defects, Pose
-from image_reader import failing_checks, measure_array
+from image_reader import failing_checks
+from metrics import measure_array
 from make_sample_dataset import draw_face, plant_defect
 from process_images import Processor, load_process_config
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from conftest import PROJECT, notebook_text, read_csv, run_notebook
-from utils import MANIFEST
+from outputs import MANIFEST
 from config_models import ResamplingAugmentation
 from image_processor import random_augmentation
 from resampling import (
@@ -20,7 +20,7 @@ from resampling import (
     target_distribution,
     total_variation_distance,
 )
-from utils import AgeGroups
+from age_groups import AgeGroups
 
 BANDS = pd.DataFrame({"age_lower": [0, 5, 10], "age_upper": [4, 9, np.nan], "population": [500.0, 1000.0, 600.0]})
 RANGES = ResamplingAugmentation(flip_probability=0.5, max_rotation_degrees=10, max_scale_change=0.1, max_shift_fraction=0.05,

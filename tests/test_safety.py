@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT, kill_part_way, process, read_csv, run
-from utils import MANIFEST, OutputFolder, UserError, parallel_map, run_lock
+from errors import UserError
+from outputs import MANIFEST, OutputFolder, run_lock
+from parallel import parallel_map
 
 
 def snapshot(folder):
@@ -223,7 +225,7 @@ def test_negative_thresholds_and_impossible_detector_settings_are_config_errors(
 def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):
     import errno
 
-    from utils import run_script
+    from cli import run_script
 
     def main(args):
         raise OSError(errno.ENOSPC, "No space left on device", "csv/image_metadata.csv")

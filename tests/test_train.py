@@ -62,7 +62,7 @@ def test_no_source_image_in_two_splits_and_test_holds_originals_only(trained, re
 def test_saved_model_reloads_with_its_metadata_and_predicts_the_same(trained, descriptor_cache):
     from age_model import MAX_FILE_BYTES, MAX_PIXELS, group_matrix, load_with_metadata, predict_years
     from face_analysis import DescriptorSettings, describe_files
-    from utils import AgeGroups
+    from age_groups import AgeGroups
 
     out, _ = trained
     model, metadata = load_with_metadata(out / "model.keras")
@@ -173,7 +173,7 @@ def test_split_is_stratified_and_seeded():
 
 def test_year_distribution_targets_and_prior_correction():
     from age_model import correct_prior, evaluate, expected_age, group_matrix, year_targets
-    from utils import AgeGroups
+    from age_groups import AgeGroups
 
     groups = AgeGroups((0, 10, 70))
     targets = year_targets([0, 35, 100], 100, 4.0)

@@ -8,7 +8,12 @@ from typing import Literal
 from pydantic import Field
 
 from config_models import AgeRange, Bounded, Section
-from utils import AgeGroups, ConfigError, Journal, PartStore, apply_override, atomic_write, json_table, parallel_map, validate_section
+from age_groups import AgeGroups
+from config import apply_override, validate_section
+from errors import ConfigError
+from outputs import atomic_write
+from parallel import parallel_map
+from resume import Journal, PartStore, json_table
 
 class Rule(Section):
     below: Bounded(float) | None
@@ -166,7 +171,8 @@ def test_importing_the_library_modules_changes_no_global_state():
 import os, warnings, matplotlib, matplotlib.pyplot, PIL.Image, cv2, numpy, pandas, scipy.sparse.csgraph, yaml, tqdm
 state = lambda: (dict(matplotlib.rcParams), matplotlib.get_backend(), PIL.Image.MAX_IMAGE_PIXELS, dict(os.environ), list(warnings.filters))
 before = state()
-import utils, image_io, image_reader, image_processor, image_visualizer, face_analysis, resampling
+import errors, config, cli, outputs, parallel, resume, age_groups, model_files, dataset, metrics, duplicates
+import image_io, image_reader, image_processor, image_visualizer, face_analysis, resampling
 print(before == state())
 """
     result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, capture_output=True, text=True)

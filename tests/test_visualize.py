@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import read_csv, run
 from image_visualizer import plot_age_distribution, plot_metric_by_age_group, visualize_distribution
-from utils import AgeGroups
+from age_groups import AgeGroups
 
 GROUPS = AgeGroups((0, 10, 20, 30, 40, 50, 60, 70))
 

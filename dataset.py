@@ -1,0 +1,182 @@
+"""The files of a face dataset and their labels, and the pipeline's tables: finding every image file
+under a folder, one row per file (unlabelled ones too), reading its age from a UTKFace file name or a
+labels CSV, and reading the CSVs the stages pass to each other.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from age_groups import AgeGroups
+from config_models import AgeRange, Labels
+from errors import UserError
+from image_io import CONTROL_CHARACTERS, IMAGE_EXTENSIONS
+
+log = logging.getLogger("agepipe.dataset")
+
+# UTKFace: age_gender_race_date.jpg[.chip.jpg]; gender and race may be missing in the wild.
+UTKFACE_NAME = re.compile(r"^(?P<age>\d+)_(?:(?P<gender>\d)_)?(?:(?P<race>\d)_)?")
+LABEL_COLUMNS = ["file", "age", "age_group", "gender", "race"]
+
+
+def find_image_files(dataset_dir: Path) -> Iterator[tuple[str, str]]:
+    """(relative posix path, real path) of every image file below `dataset_dir`, in sorted order.
+
+    One folder is listed at a time, so memory grows with the largest folder, not with the dataset.
+    Extensions are matched case-insensitively, and `x.jpg.chip.jpg` counts by its last suffix. Hidden
+    files and folders count like any other; links to folders are not followed. A folder that cannot
+    be listed is yielded too (its relative path ends with "/"), so that it gets a row saying why its
+    files are missing.
+    """
+    stack = [iter(_sorted_entries(str(dataset_dir), ""))]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+        elif entry[2]:
+            try:
+                stack.append(iter(_sorted_entries(entry[1], entry[0])))
+            except OSError:
+                yield entry[0], entry[1]
+        elif os.path.splitext(entry[0])[1].lower() in IMAGE_EXTENSIONS:  # not pathlib: Python 3.11's interns every name for good
+            yield entry[0], entry[1]
+
+
+def _sorted_entries(folder: str, prefix: str) -> list[tuple[str, str, bool]]:
+    """(relative name, path, is a folder to enter) of a folder's entries, sorted so that a depth-first
+    walk yields relative paths in sorted order: a folder sorts as its name + "/"."""
+    entries = []
+    with os.scandir(folder) as listing:
+        for entry in listing:
+            try:
+                enter = entry.is_dir() and not entry.is_symlink()
+                linked_folder = entry.is_dir() and entry.is_symlink()
+            except OSError:
+                enter = linked_folder = False
+            if not linked_folder:
+                entries.append((display_name(prefix + entry.name) + ("/" if enter else ""), entry.path, enter))
+    return sorted(entries)
+
+
+def display_name(path: str) -> str:
+    r"""A file name that can go into a UTF-8 CSV: undecodable bytes become \xNN escapes, and control
+    characters (newlines, tabs...) their backslash escapes, so that one file is always one CSV line.
+
+    Examples
+    --------
+    >>> display_name("a\nb.jpg")
+    'a\\nb.jpg'
+    """
+    name = os.fsencode(path).decode("utf-8", "backslashreplace").replace(os.sep, "/")
+    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), name)
+
+
+def parse_utkface_name(name: str) -> dict:
+    """Age, gender and race from a UTKFace-style file name; age is None when the name has none.
+
+    Examples
+    --------
+    >>> parse_utkface_name("25_1_3_20170116174525125.jpg.chip.jpg")
+    {'age': 25, 'gender': 1, 'race': 3}
+    """
+    match = UTKFACE_NAME.match(os.path.basename(name))
+    if not match:
+        return {"age": None, "gender": None, "race": None}
+    to_int = lambda v: None if v is None else int(v)  # noqa: E731
+    return {"age": int(match["age"]), "gender": to_int(match["gender"]), "race": to_int(match["race"])}
+
+
+def read_labels_csv(path: Path, file_column: str, age_column: str) -> dict[str, object]:
+    """Map relative file path -> age (or an error string) from a labels CSV."""
+    try:
+        labels = pd.read_csv(path, dtype={file_column: str}, keep_default_na=False)
+    except FileNotFoundError:
+        raise UserError(f"labels CSV {path} not found") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"labels CSV {path} cannot be read: {exc}") from None
+    for column in (file_column, age_column):
+        if column not in labels.columns:
+            raise UserError(f"labels CSV {path} has no column {column!r} (it has {len(labels.columns)} columns)")
+    mapping: dict[str, object] = {}
+    for file, age in zip(labels[file_column].str.replace("\\", "/"), labels[age_column]):
+        value = pd.to_numeric(age, errors="coerce")
+        if file in mapping and mapping[file] != value:
+            mapping[file] = f"listed more than once in {path.name} with different ages"
+        else:
+            mapping[file] = value
+    return mapping
+
+
+def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: AgeGroups) -> Iterator[dict]:
+    """One row per image file under `dataset_dir`, in sorted order: file, path, age, age_group, gender,
+    race, label_error, and the real path to read it from (_real_path).
+
+    `labels` is the `labels` section of the explore config: `source` is "filename" (UTKFace names) or
+    "csv" (`csv_path`, `file_column`, `age_column`; files are relative to the dataset folder).
+    A file without a usable age keeps its row, with `label_error` saying why.
+    """
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise UserError(f"dataset folder {dataset_dir} does not exist")
+    from_csv = labels.source == "csv"
+    if from_csv:
+        csv_path = Path(labels.csv_path or "")
+        csv_path = csv_path if csv_path.is_absolute() else dataset_dir / csv_path
+        csv_ages = read_labels_csv(csv_path, labels.file_column, labels.age_column)
+    files = matched = 0
+    for file, real in find_image_files(dataset_dir):
+        files += 1
+        parsed = parse_utkface_name(file)
+        age, error = parsed["age"], None
+        if from_csv:
+            matched += file in csv_ages
+            age = csv_ages.get(file, "not listed in the labels CSV")
+            if isinstance(age, str):
+                age, error = None, age
+            elif pd.isna(age):
+                age, error = None, "age in the labels CSV is not a number"
+            else:
+                age = float(age)
+        elif age is None:
+            error = "no age in the file name (expected age_gender_race_date.jpg)"
+        if age is not None and not (age_range.min <= age <= age_range.max):
+            error = f"age {age:g} outside {age_range.min}-{age_range.max}"
+            age = None
+        yield {
+            "file": file,
+            "path": display_name(os.path.abspath(real)),
+            "age": age,
+            "age_group": None if age is None else age_groups.label_of(age),
+            "gender": parsed["gender"],
+            "race": parsed["race"],
+            "label_error": error,
+            "_real_path": real,
+        }
+    if not files:
+        raise UserError(f"dataset folder {dataset_dir} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if from_csv and matched < len(csv_ages):
+        log.warning("%d rows of %s name files that are not in %s", len(csv_ages) - matched, csv_path, dataset_dir)
+
+
+def read_metadata_csv(path, what: str, hint: str = "", required=(), **read_options):
+    """Read one of the pipeline's CSVs; a missing, empty or unreadable file, or a missing required
+    column, raises UserError naming the file (and `hint` on what to run when it is missing)."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], **read_options)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found" + (f": {hint}" if hint else "")) from None
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{what} {path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} cannot be read: {exc}") from None
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise UserError(f"{what} {path} lacks column {missing[0]!r} (it has {len(frame.columns)} other columns): is it the right file?")
+    return frame
