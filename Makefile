@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 REAL_DATA := ../shared/data/utkface_sample
 
-.PHONY: pipeline test smoke-real bench clean
+.PHONY: pipeline test smoke-real bench
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,3 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_process.py $(REAL_DATA)
 	$(PY) benchmarks/bench_model.py $(REAL_DATA)
-
-clean:
-	rm -rf sample_dataset reports models real_data
-	find csv processed_dataset resampled_dataset -mindepth 1 ! -name .gitkeep -delete

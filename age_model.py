@@ -12,6 +12,7 @@ trained from scratch) or any keras.applications model (pixels).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from config_models import ModelSettings, TrainingAugmentation
 from age_groups import AgeGroups
 from cli import native_stderr_silenced
 from errors import UserError
-from model_files import METADATA_ENTRY, read_model_metadata
+from model_files import METADATA_ENTRY, ModelMetadata, read_model_metadata
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 with native_stderr_silenced():
@@ -29,9 +30,13 @@ with native_stderr_silenced():
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
+from dataset import read_metadata_csv  # noqa: E402
 from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
 from image_io import read_image  # noqa: E402
+
+log = logging.getLogger("agepipe.model")
 
 
 
@@ -208,23 +213,31 @@ def _application_module(name: str) -> str:
     return module
 
 
-def save_with_metadata(model: keras.Model, path: Path, metadata: dict) -> None:
-    """Save in the native .keras format with `metadata` (age groups, backbone and its settings, input
-    size, training age mix, the resolved config) inside the same file. Written to a temporary file
-    first and renamed, so an interrupted save leaves the old model."""
-    temporary = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(temporary)
-    with zipfile.ZipFile(temporary, "a") as archive:
-        archive.writestr(METADATA_ENTRY, json.dumps(metadata, indent=2, default=str))
-    os.replace(temporary, path)
+def model_bytes(model: keras.Model, metadata: dict, folder) -> bytes:
+    """The model in the native .keras format with `metadata` (age groups, backbone and its settings,
+    input size, training age mix, the resolved config) inside the same file, saved through a scratch
+    folder of the output folder (outputs.OutputFolder.scratch): Keras writes only to a path."""
+    with folder.scratch() as scratch:
+        path = Path(scratch) / "model.keras"
+        model.save(path)
+        with zipfile.ZipFile(path, "a") as archive:
+            archive.writestr(METADATA_ENTRY, json.dumps(metadata, indent=2, default=str))
+        return path.read_bytes()
 
 
-def load_with_metadata(path: str | os.PathLike) -> tuple[keras.Model, dict]:
+def load_with_metadata(path: str | os.PathLike) -> tuple[keras.Model, ModelMetadata]:
+    """A saved model and its metadata; a damaged file, or a model whose shape its metadata does not
+    describe, is one UserError line."""
     metadata = read_model_metadata(path)
     try:
-        return keras.saving.load_model(path, compile=False), metadata
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a damaged archive
-        raise UserError(f"model file {path} cannot be loaded: {str(exc).splitlines()[0][:200]}") from None
+        raise UserError(f"model file {path} cannot be loaded: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}") from None
+    expected_input = (metadata.input_size, metadata.input_size, 3) if metadata.input_size else None
+    if model.output_shape[-1] != metadata.max_age + 1 or (expected_input and tuple(model.input_shape[1:]) != expected_input):
+        raise UserError(f"model file {path}: its metadata (max_age {metadata.max_age}, input size {metadata.input_size}) does not "
+                        f"describe its network (input {model.input_shape[1:]}, output {model.output_shape[-1]}); it was edited or damaged")
+    return model, metadata
 
 
 def predict_years(model: keras.Model, inputs, mirrored_inputs=None, batch_size: int = 256) -> np.ndarray:
@@ -285,14 +298,16 @@ def evaluate(year_probabilities: np.ndarray, true_ages, groups: AgeGroups, max_a
     }
 
 
-def population_shares(target_csv: str | None, groups: AgeGroups) -> list[float] | None:
-    """Group shares of the demographics stage's target CSV (group, share), if it exists and matches the
-    groups; None otherwise."""
-    import pandas as pd
-
-    if not target_csv or not Path(target_csv).is_file():
+def population_shares(target_csv: str | None, groups: AgeGroups, what: str = "target_csv") -> list[float] | None:
+    """Group shares of the demographics stage's target CSV (group, share) when it is given; None, said
+    in the log, when it is given but not there yet (run australian_population.ipynb)."""
+    if not target_csv:
         return None
-    table = pd.read_csv(target_csv)
-    if list(table.get("group", [])) != groups.labels:
-        raise UserError(f"{target_csv} holds groups {list(table.get('group', []))}, not the configured {groups.labels}")
-    return table["share"].astype(float).tolist()
+    if not Path(target_csv).exists():
+        log.warning("%s %s not found (run australian_population.ipynb): no population-weighted figures", what, target_csv)
+        return None
+    table = read_metadata_csv(target_csv, what, required=("group", "share"))
+    shares = pd.to_numeric(table["share"], errors="coerce")
+    if list(table["group"]) != groups.labels or shares.isna().any() or (shares < 0).any() or shares.sum() <= 0:
+        raise UserError(f"{what} {target_csv} does not hold a share for each configured group {groups.labels}")
+    return shares.astype(float).tolist()

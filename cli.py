@@ -40,7 +40,7 @@ def run_script(main: Callable[[argparse.Namespace], None], description: str, def
     try:
         main(args)
     except (ConfigError, UserError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to continue where it stopped", file=sys.stderr)
@@ -49,8 +49,23 @@ def run_script(main: Callable[[argparse.Namespace], None], description: str, def
         if exc.errno not in FILE_SYSTEM_ERRORS:
             raise
         # a full disk or a read-only folder: what was written stays whole (atomic writes), re-run after fixing
-        print(f"error: {exc.strerror}: {exc.filename or 'while writing'}; re-run the same command once fixed", file=sys.stderr)
+        print(one_line(f"error: {exc.strerror}: {exc.filename or 'while writing'}; re-run the same command once fixed"), file=sys.stderr)
         sys.exit(2)
+
+
+MAX_ERROR_CHARACTERS = 1000
+
+
+def one_line(message: str) -> str:
+    """An error message as one line of at most MAX_ERROR_CHARACTERS (a path or value in it may be long).
+
+    Examples
+    --------
+    >>> one_line("first\\nsecond")
+    'first second'
+    """
+    flat = " ".join(message.split())
+    return flat if len(flat) <= MAX_ERROR_CHARACTERS else flat[:MAX_ERROR_CHARACTERS] + "…"
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from config import PROJECT, WORKSPACE
+
 
 class Section(BaseModel):
     """A config section: exactly its fields, strictly typed, no NaN or infinity."""
@@ -29,6 +31,11 @@ def Bounded(kind: type, ge: float | None = None, le: float | None = None) -> Any
 
 
 Byte = Bounded(int, 0, 255)
+# A file or folder: relative in a config file, to the workspace (the project folder unless `workspace`
+# is set); typed on the command line, to the current folder (config.resolve_paths).
+WorkspacePath = Annotated[str, WORKSPACE]
+# One of the project's own data files: relative to the project folder.
+ProjectPath = Annotated[str, PROJECT]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,10 +68,13 @@ class AgeRange(OrderedRange):
 
 
 class Common(Section):
+    workspace: WorkspacePath | None
     age_groups: AgeGroupEdges
     age_range: AgeRange
     num_workers: Bounded(int, 0)
     scheduler: str
+    scheduler_timeout_seconds: Bounded(float, 0.1)
+    overwrite_output: bool
     chunk_files: Bounded(int, 1)
     task_timeout_seconds: Bounded(float, 0.1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -82,7 +92,7 @@ class Common(Section):
 # --------------------------------------------------------------------------------------------------
 class Labels(Section):
     source: Literal["filename", "csv"]
-    csv_path: str | None
+    csv_path: WorkspacePath | None
     file_column: str
     age_column: str
 
@@ -121,9 +131,9 @@ class Duplicates(Section):
 
 
 class ExploreConfig(Common):
-    dataset_dir: str
-    output_csv: str
-    summary_csv: str
+    dataset_dir: WorkspacePath
+    output_csv: WorkspacePath
+    summary_csv: WorkspacePath
     labels: Labels
     images: ImageLimits
     metrics: dict[str, dict[str, Any] | None]  # name -> parameters, checked against each metric's own model
@@ -180,15 +190,14 @@ REPAIR_PARAMETERS = {"denoise": DenoiseParameters, "adjust_exposure": ExposurePa
 
 
 class ProcessConfig(Common):
-    input_csv: str
-    explore_config: str
-    output_dir: str
-    output_csv: str
+    input_csv: WorkspacePath
+    explore_config: ProjectPath
+    output_dir: WorkspacePath
+    output_csv: WorkspacePath
     resize: Bounded(int, 16, 4096) | None
     jpeg_quality: Bounded(int, 1, 100)
     repairs: dict[str, dict[str, dict[str, Any]]]  # check -> operation -> parameters, checked against REPAIRS
     retry: Retry
-    overwrite_output: bool
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,10 +224,10 @@ class BeforeAfter(Section):
 
 
 class VisualizeConfig(Common):
-    exploration_csv: str
-    processed_csv: str | None
-    explore_config: str
-    output_dir: str
+    exploration_csv: WorkspacePath
+    processed_csv: WorkspacePath | None
+    explore_config: ProjectPath
+    output_dir: WorkspacePath
     formats: list[Literal["png", "svg"]] = Field(min_length=1)
     figure: FigureSettings
     distributions: list[str]
@@ -250,17 +259,16 @@ class ResamplingAugmentation(Section):
 
 
 class ResamplingConfig(Common):
-    population_csv: str
-    population_detail_csv: str
+    population_csv: ProjectPath
+    population_detail_csv: ProjectPath
     reference_year: Bounded(int, 1900, 2100)
     max_age: Bounded(int, 1, 130)
-    target_csv: str
+    target_csv: WorkspacePath
     input: Literal["processed", "exploration"]
-    processed_csv: str
-    exploration_csv: str
-    output_dir: str
-    output_csv: str
-    overwrite_output: bool
+    processed_csv: WorkspacePath
+    exploration_csv: WorkspacePath
+    output_dir: WorkspacePath
+    output_csv: WorkspacePath
     target_size: Bounded(int, 1) | None
     seed: Bounded(int, 0)
     quality_score: QualityScore
@@ -310,7 +318,7 @@ class ModelSettings(Section):
     descriptor: Descriptor
     head_units: list[Bounded(int, 1, 8192)]
     ensemble: Bounded(int, 1, 20)
-    weights: str | None
+    weights: WorkspacePath | None
     filters: list[Bounded(int, 1, 2048)] = Field(min_length=1)
     convs_per_stage: Bounded(int, 1, 4)
     batch_norm_momentum: Bounded(float, 0, 0.999)
@@ -329,7 +337,7 @@ class Training(Section):
 
 class Evaluation(Section):
     flip_test_time_augmentation: bool
-    prior_csv: str | None
+    prior_csv: WorkspacePath | None
 
 
 class Distribution(Section):
@@ -338,11 +346,11 @@ class Distribution(Section):
 
 
 class TrainConfig(Common):
-    input_csv: str
-    test_dataset_dir: str | None
-    target_csv: str | None
-    descriptor_cache: str
-    output_dir: str
+    input_csv: WorkspacePath
+    test_dataset_dir: WorkspacePath | None
+    target_csv: WorkspacePath | None
+    descriptor_cache: WorkspacePath
+    output_dir: WorkspacePath
     max_age: Bounded(int, 1, 130)
     seed: Bounded(int, 0)
     deterministic: bool
@@ -359,13 +367,13 @@ class TrainConfig(Common):
 # configs/predict_age.yaml
 # --------------------------------------------------------------------------------------------------
 class PredictConfig(Common):
-    model_path: str
-    inputs: list[str] = Field(min_length=1)
-    output_csv: str
+    model_path: WorkspacePath
+    inputs: list[WorkspacePath] = Field(min_length=1)
+    output_csv: WorkspacePath
     batch_size: Bounded(int, 1, 4096)
     flip_test_time_augmentation: bool
-    prior_csv: str | None
-    descriptor_cache: str
+    prior_csv: WorkspacePath | None
+    descriptor_cache: WorkspacePath
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,7 +406,7 @@ class Defects(Section):
 
 
 class SampleConfig(Common):
-    output_dir: str
+    output_dir: WorkspacePath
     seed: Bounded(int, 0)
     num_images: Bounded(int, 10)
     image_size: Bounded(int, 32, 1024)

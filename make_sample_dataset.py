@@ -15,9 +15,7 @@ Everything is drawn from one seeded generator, so the same config gives byte-ide
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -27,7 +25,7 @@ from config_models import Defects, SampleConfig
 from cli import run_script, setup_logging
 from config import load_config
 from errors import UserError
-from outputs import write_bytes_atomic, write_csv_atomic
+from outputs import OutputGuard
 
 log = logging.getLogger("agepipe.sample")
 
@@ -245,7 +243,6 @@ def utk_name(age: int, gender: int, race: int, index: int) -> str:
 
 def generate(config: SampleConfig) -> pd.DataFrame:
     """Write the sample into config.output_dir and return the manifest (one row per file)."""
-    out = Path(config.output_dir)
     rng = np.random.default_rng(config.seed)
     n, size, quality = config.num_images, config.image_size, config.jpeg_quality
     ages = sample_ages(rng, n, config.ages)
@@ -286,13 +283,14 @@ def generate(config: SampleConfig) -> pd.DataFrame:
     unnamed = draw_face(rng, 35, False, config.skin_tones[0], config.hair_colours[0], size, config.pose)
     add("portrait_without_age.jpg", encode_jpeg(unnamed, quality), None, "no_age_in_name")
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for name, data in encoded.items():
-        write_bytes_atomic(data, out / name)
-    manifest = pd.DataFrame(rows).sort_values("file").reset_index(drop=True)
-    write_csv_atomic(manifest, out / "manifest.csv")
+    with OutputGuard() as guard:
+        folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
+        folder.begin(list(encoded) + ["manifest.csv"])
+        for name, data in encoded.items():
+            folder.write_bytes(name, data)
+        manifest = pd.DataFrame(rows).sort_values("file").reset_index(drop=True)
+        folder.write_csv("manifest.csv", manifest)
+        folder.finish()
     return manifest
 
 

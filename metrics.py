@@ -216,14 +216,13 @@ class ReaderSettings:
     max_file_bytes: int
     max_aspect_ratio: float
     analysis_side: int
-    timeout_seconds: float
 
     @classmethod
     def from_config(cls, explore: ExploreConfig, metrics: dict | None = None) -> "ReaderSettings":
         """The reader settings of a validated explore config (`metrics` replaces its metric list)."""
         images = explore.images
         return cls(explore.metrics if metrics is None else metrics, images.max_pixels, int(images.max_file_mb * 1e6),
-                   images.max_aspect_ratio, images.analysis_side, explore.task_timeout_seconds)
+                   images.max_aspect_ratio, images.analysis_side)
 
 
 def unreadable_row(reason: str | None, settings: ReaderSettings) -> dict:

@@ -1,28 +1,78 @@
-"""What train_model.py stores inside a .keras file beside Keras' own files, read back without TensorFlow
-(prediction reads it before starting its worker pool, which must fork before TensorFlow loads)."""
+"""What train_model.py stores inside a .keras file beside Keras' own files, and reading it back without
+TensorFlow (prediction reads it before starting its worker pool, which must fork before TensorFlow
+loads). The metadata is validated like a config: a model file whose metadata was edited or damaged is
+one line naming the key, never a traceback."""
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
+from typing import Any
 
-from errors import UserError
+from pydantic import Field, model_validator
+
+from age_groups import AgeGroups
+from config import validate_section
+from config_models import AgeGroupEdges, Bounded, Descriptor, Section
+from errors import ConfigError, UserError
 
 METADATA_ENTRY = "agepipe.json"  # stored inside the .keras zip, beside Keras' own files
+MAX_METADATA_BYTES = 10_000_000
 
 
-def read_model_metadata(path: str | os.PathLike) -> dict:
+class SavedDescriptor(Descriptor):
+    """The descriptor settings saved in a model; models saved before the age network existed have no
+    age_network fields: they were made without it."""
+
+    age_network: bool = False
+    age_probability_floor: Bounded(float, 1e-30, 1) = 1e-6
+
+
+class ModelMetadata(Section):
+    """The metadata of a saved model (its age groups, its inputs, the training set's age mix and the
+    run record of the training that made it)."""
+
+    age_group_edges: list[Bounded(int, 0, 150)] = Field(min_length=2)
+    labels: list[str]
+    max_age: Bounded(int, 1, 130)
+    backbone: str
+    descriptor: SavedDescriptor | None
+    input_size: Bounded(int, 16, 512) | None
+    training_group_shares: list[Bounded(float, 0, 1)]
+    config: dict[str, Any]
+    python: str
+    packages: dict[str, str | None]
+
+    @model_validator(mode="after")
+    def consistent(self) -> "ModelMetadata":
+        AgeGroupEdges(edges=self.age_group_edges)  # increasing
+        if self.labels != self.groups.labels:
+            raise ValueError(f"labels {self.labels} are not those of the edges {self.age_group_edges}")
+        if len(self.training_group_shares) != len(self.labels):
+            raise ValueError("training_group_shares: expected one share per age group")
+        if (self.descriptor is None) == (self.input_size is None):
+            raise ValueError("expected either descriptor settings or an input size")
+        return self
+
+    @property
+    def groups(self) -> AgeGroups:
+        return AgeGroups(tuple(self.age_group_edges))
+
+
+def read_model_metadata(path: str | os.PathLike) -> ModelMetadata:
     """The metadata train_model.py stores inside a .keras file (read without TensorFlow), or UserError."""
-    import zipfile
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file {path} not found")
     try:
         with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read(METADATA_ENTRY))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError):
+            if archive.getinfo(METADATA_ENTRY).file_size > MAX_METADATA_BYTES:
+                raise UserError(f"model file {path} holds metadata of over {MAX_METADATA_BYTES:,} bytes: it was not saved by train_model.py")
+            data = json.loads(archive.read(METADATA_ENTRY))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
         raise UserError(f"model file {path} was not saved by train_model.py (no {METADATA_ENTRY} inside)") from None
-
-
-# --------------------------------------------------------------------------------------------------
+    try:
+        return validate_section(ModelMetadata, data, "metadata")
+    except ConfigError as exc:
+        raise UserError(f"model file {path} has damaged metadata: {exc}") from None

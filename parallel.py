@@ -1,6 +1,10 @@
 """Running a function over many items in parallel, streaming: a process pool on this machine that
 survives killed and hanging workers, or the workers of a Dask cluster, with a bounded number of items
 in flight either way so that memory does not grow with the number of items.
+
+A stage hands `parallel_map` a task function `task(state, item)` and the `state` every worker needs
+(settings, a loaded model): it reaches each worker process once, with the parent's output claims
+(outputs.claims), and OpenCV runs single-threaded there (the parallelism comes from the workers).
 """
 from __future__ import annotations
 
@@ -9,11 +13,16 @@ import itertools
 import multiprocessing
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import BaseModel
 
+import outputs
 from errors import UserError
+
+TaskFunction = Callable[[Any, Any], Any]
+
 
 def resolve_workers(num_workers: int) -> int:
     """0 means every core this process may use."""
@@ -25,24 +34,68 @@ def resolve_workers(num_workers: int) -> int:
         return os.cpu_count() or 1
 
 
-def engine_name(config: BaseModel) -> str:
-    """What runs the image work, for summary lines: "2 workers" or "the Dask cluster at tcp://...". """
-    if config.scheduler != "local":
-        return f"the Dask cluster at {config.scheduler}"
-    return f"{resolve_workers(config.num_workers)} workers"
+@dataclass(frozen=True)
+class Engine:
+    """Where a stage's image work runs, from the settings every stage shares (configs/common.yaml)."""
+
+    num_workers: int = 1  # processes of the local pool; 0 = every core
+    scheduler: str = "local"  # "local", or the address of a Dask scheduler
+    scheduler_timeout: float = 30  # seconds to reach the scheduler
+    chunk_files: int = 1000  # items per chunk: one Dask task
+    task_timeout: float | None = None  # seconds one item may take (local pool only)
+
+    @classmethod
+    def of(cls, config: BaseModel) -> "Engine":
+        return cls(config.num_workers, config.scheduler, config.scheduler_timeout_seconds, config.chunk_files, config.task_timeout_seconds)
+
+    @property
+    def name(self) -> str:
+        """For summary lines: "2 workers" or "the Dask cluster at tcp://..."."""
+        if self.scheduler != "local":
+            return f"the Dask cluster at {self.scheduler}"
+        return f"{resolve_workers(self.num_workers)} workers"
 
 
-class TaskTimeout(Exception):
-    """An item took longer than its time limit."""
+class TaskTimeout(BaseException):
+    """An item took longer than its time limit. Not an Exception: a stage's own `except Exception`
+    (a metric that fails on an image) must not turn a timeout into an ordinary failure."""
 
 
 def _on_alarm(signum, frame):
     raise TaskTimeout
 
 
-def _run_chunk(func: Callable, chunk: list, timeout: float | None) -> list[tuple[bool, Any]]:
-    """Run func on each item of a chunk inside a worker: (True, result) or (False, reason) per item.
-    A time limit interrupts even a blocking read (the alarm's exception stops the system call)."""
+# --------------------------------------------------------------------------------------------------
+# In each worker process
+# --------------------------------------------------------------------------------------------------
+_state: Any = None
+_state_token: str | None = None
+
+
+def _install(state: Any, token: str, claimed: tuple) -> None:
+    """Give this worker process the stage's state and the parent's output claims, once per run."""
+    global _state, _state_token
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the workers; OpenCV's own threads would oversubscribe
+    outputs.adopt(claimed)
+    _state, _state_token = state, token
+
+
+def _start_worker(state: Any, token: str, claimed: tuple) -> None:
+    """Local pool worker start-up: die with the parent (a killed run must not leave workers writing
+    files behind it), then take the stage's state."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    _install(state, token, claimed)
+
+
+def _run_chunk(func: TaskFunction, chunk: list, timeout: float | None) -> list[tuple[bool, Any]]:
+    """Run func(state, item) on each item of a chunk inside a worker: (True, result) or (False, reason)
+    per item. A time limit interrupts even a blocking read (the alarm's exception stops the system call)."""
     import signal
 
     results = []
@@ -51,9 +104,9 @@ def _run_chunk(func: Callable, chunk: list, timeout: float | None) -> list[tuple
             signal.signal(signal.SIGALRM, _on_alarm)
             signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
-            results.append((True, func(item)))
+            results.append((True, func(_state, item)))
         except TaskTimeout:
-            results.append((False, f"timed out after {timeout:g} s"))
+            results.append((False, f"took longer than task_timeout_seconds ({timeout:g} s)"))
         except MemoryError:
             results.append((False, "out of memory"))
         finally:
@@ -62,41 +115,49 @@ def _run_chunk(func: Callable, chunk: list, timeout: float | None) -> list[tuple
     return results
 
 
+def _run_dask_chunk(func: TaskFunction, chunk: list, state: Any, token: str, claimed: tuple) -> list[tuple[bool, Any]]:
+    """A chunk on a Dask worker: the state is installed once per worker process and run, as in the
+    local pool. No per-item time limit: the alarm signal only works in a main thread."""
+    if _state_token != token:
+        _install(state, token, claimed)
+    return _run_chunk(func, chunk, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# In the command's process
+# --------------------------------------------------------------------------------------------------
 def parallel_map(
-    func: Callable,
+    func: TaskFunction,
     items: Iterable,
-    num_workers: int,
+    engine: Engine,
     *,
-    initializer: Callable | None = None,
-    initargs: tuple = (),
+    state: Any = None,
     chunksize: int = 64,
     progress: Callable[[Iterator], Iterator] | None = None,
     on_failure: Callable[[Any, str], Any] | None = None,
-    timeout: float | None = None,
-    scheduler: str = "local",
-    chunk_files: int = 1000,
     chunked: bool = False,
 ) -> Iterator:
-    """Yield func(item) for every item, as results finish (not in order), over a pool of processes.
+    """Yield func(state, item) for every item, as results finish (not in order), over the `engine`'s
+    workers.
 
     `items` is consumed lazily and only a few chunks are in flight, so neither the items nor the
     results pile up in memory: the caller writes results out as they come. An item that takes longer
-    than `timeout` seconds, or whose worker dies (killed by the out-of-memory killer, a crash in a
-    decoder), yields on_failure(item, reason) instead: it costs that item, never the run. After a
+    than the engine's task timeout, or whose worker dies (killed by the out-of-memory killer, a crash
+    in a decoder), yields on_failure(item, reason) instead: it costs that item, never the run. After a
     worker dies, the items it may have held are retried one at a time in a fresh worker, so only the
     culprit fails. Without `on_failure`, such a failure raises RuntimeError.
 
     Items go out in chunks: `chunked` says `items` yields them as lists already, else they are cut
-    into lists of `chunk_files`. With `scheduler` "local" each chunk is split further, for balance,
-    into pieces of at most `chunksize` items for a pool of `num_workers` processes on this machine;
-    with the address of a Dask scheduler, each chunk is one task on that cluster (see `_dask_map`).
+    into lists of `engine.chunk_files`. On the local pool each chunk is split further, for balance,
+    into pieces of at most `chunksize` items; on a Dask cluster each chunk is one task (`_dask_map`).
     """
-    chunks = iter(items) if chunked else batched_lists(items, chunk_files)
+    chunks = iter(items) if chunked else batched_lists(items, engine.chunk_files)
     wrap = progress or (lambda it: it)
-    if scheduler != "local":
-        yield from wrap(_dask_map(func, chunks, scheduler, initializer, initargs, on_failure))
+    setup = (state, os.urandom(8).hex(), outputs.claims())
+    if engine.scheduler != "local":
+        yield from wrap(_dask_map(func, chunks, engine.scheduler, engine.scheduler_timeout, setup, on_failure))
         return
-    yield from wrap(_pool_map(func, chunks, resolve_workers(num_workers), initializer, initargs, chunksize, on_failure, timeout))
+    yield from wrap(_pool_map(func, chunks, resolve_workers(engine.num_workers), setup, chunksize, on_failure, engine.task_timeout))
 
 
 def batched_lists(items: Iterable, size: int) -> Iterator[list]:
@@ -106,20 +167,19 @@ def batched_lists(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-_worker_initialized_with: tuple | None = None
+def _failed(item: Any, reason: str, on_failure: Callable[[Any, str], Any] | None) -> Any:
+    """What an item that failed yields: on_failure(item, reason), or without it a RuntimeError."""
+    if on_failure is None:
+        raise RuntimeError(f"{reason} while processing {item!r:.200}")
+    return on_failure(item, reason)
 
 
-def _run_dask_chunk(func: Callable, chunk: list, initializer: Callable | None, initargs: tuple) -> list[tuple[bool, Any]]:
-    """A chunk on a Dask worker: the initializer runs once per worker process and settings, as in the
-    local pool. No per-item time limit: the alarm signal only works in a main thread."""
-    global _worker_initialized_with
-    if initializer and _worker_initialized_with != (initializer, initargs):
-        initializer(*initargs)
-        _worker_initialized_with = (initializer, initargs)
-    return _run_chunk(func, chunk, None)
+def _outcomes(chunk: list, results: list[tuple[bool, Any]], on_failure) -> Iterator:
+    for item, (ok, value) in zip(chunk, results):
+        yield value if ok else _failed(item, value, on_failure)
 
 
-def _dask_map(func, chunks, address, initializer, initargs, on_failure) -> Iterator:
+def _dask_map(func, chunks, address: str, connect_timeout: float, setup: tuple, on_failure) -> Iterator:
     """Chunks of items over the workers of the Dask cluster at `address`, one task per chunk, two
     tasks per worker thread in flight.
 
@@ -131,7 +191,7 @@ def _dask_map(func, chunks, address, initializer, initargs, on_failure) -> Itera
     from distributed.scheduler import KilledWorker
 
     try:
-        client = Client(address, timeout=30)
+        client = Client(address, timeout=connect_timeout)
     except (OSError, TimeoutError) as exc:
         raise UserError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
     with client:
@@ -141,7 +201,7 @@ def _dask_map(func, chunks, address, initializer, initargs, on_failure) -> Itera
         def submit_next() -> None:
             chunk = next(chunks, None)
             if chunk is not None:
-                future = client.submit(_run_dask_chunk, func, chunk, initializer, initargs, pure=False)
+                future = client.submit(_run_dask_chunk, func, chunk, *setup, pure=False)
                 running[future] = chunk
                 finished.add(future)
 
@@ -155,36 +215,21 @@ def _dask_map(func, chunks, address, initializer, initargs, on_failure) -> Itera
                 results = [(False, "its Dask worker died three times")] * len(chunk)
             future.release()
             submit_next()
-            for item, (ok, value) in zip(chunk, results):
-                yield value if ok else _failed(item, value, on_failure)
+            yield from _outcomes(chunk, results, on_failure)
 
 
-def _failed(item: Any, reason: str, on_failure: Callable[[Any, str], Any] | None) -> Any:
-    """What an item that failed yields: on_failure(item, reason), or without it a RuntimeError."""
-    if on_failure is None:
-        raise RuntimeError(f"{reason} while processing {item!r:.200}")
-    return on_failure(item, reason)
-
-
-def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
-    """Worker start-up: die with the parent (a killed run must not leave workers writing files behind
-    it), then the caller's initializer."""
-    if sys.platform == "linux":
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    if initializer:
-        initializer(*initargs)
-
-
-def _pool_map(func, chunks, workers, initializer, initargs, chunksize, on_failure, timeout) -> Iterator:
+def _pool_map(func, chunks, workers: int, setup: tuple, chunksize: int, on_failure, timeout) -> Iterator:
     # fork is fastest on Linux, and a forked worker dies with its parent (PR_SET_PDEATHSIG: a killed run
     # leaves no worker writing behind it). TensorFlow is not fork-safe, so the scripts that use it start
     # their pools before importing it; OpenCV's thread pool is paused while workers fork (below).
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    pieces = _pieces(chunks, chunksize, workers)
     with opencv_threads_stopped():
-        yield from _run_pools(func, _pieces(chunks, chunksize, workers), workers, context, initializer, initargs, timeout, on_failure)
+        while True:
+            suspects, exhausted = yield from _pool_until_broken(func, pieces, workers, context, setup, timeout, on_failure)
+            yield from _retry_alone(func, suspects, context, setup, timeout, on_failure)
+            if exhausted:
+                return
 
 
 def _pieces(chunks: Iterator[list], chunksize: int, workers: int) -> Iterator[list]:
@@ -210,37 +255,36 @@ def opencv_threads_stopped():
             opencv.setNumThreads(threads)
 
 
-def _run_pools(func, pieces, workers, context, initializer, initargs, timeout, on_failure) -> Iterator:
-    """The pools of _pool_map: one over the pieces, then after a worker died one per suspect item,
-    then a new pool over the remaining pieces."""
+def _pool_until_broken(func, pieces: Iterator[list], workers: int, context, setup: tuple, timeout, on_failure):
+    """Run pieces through one pool, a few in flight, until they run out or a worker dies. Yields the
+    outcomes; returns (the items a dead worker may have held, whether the pieces ran out)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    suspects: list = []
-    exhausted = False
-    while not exhausted:
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(initializer, initargs)) as pool:
-            running = {}
-            try:
-                while True:
-                    while len(running) < workers * 2 and (piece := next(pieces, None)) is not None:  # few in flight: memory stays flat
-                        running[pool.submit(_run_chunk, func, piece, timeout)] = piece
-                    if not running:
-                        exhausted = True
-                        break
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        results = future.result()
-                        for item, (ok, value) in zip(running.pop(future), results):
-                            yield value if ok else _failed(item, value, on_failure)
-            except BrokenProcessPool:
-                suspects += [item for piece in running.values() for item in piece]
-        # a worker died: retry what it may have held one item per pool, so only the culprit fails
-        while suspects:
-            item = suspects.pop()
-            try:
-                with ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker, initargs=(initializer, initargs)) as single:
-                    ok, value = single.submit(_run_chunk, func, [item], timeout).result()[0]
-                yield value if ok else _failed(item, value, on_failure)
-            except BrokenProcessPool:
-                yield _failed(item, "its worker process died (out of memory or a crash in a decoder)", on_failure)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=setup) as pool:
+        running: dict = {}
+        try:
+            while True:
+                while len(running) < workers * 2 and (piece := next(pieces, None)) is not None:  # few in flight: memory stays flat
+                    running[pool.submit(_run_chunk, func, piece, timeout)] = piece
+                if not running:
+                    return [], True
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    results = future.result()  # first: a dead worker's piece stays among the suspects
+                    yield from _outcomes(running.pop(future), results, on_failure)
+        except BrokenProcessPool:
+            return [item for piece in running.values() for item in piece], False
+
+
+def _retry_alone(func, suspects: list, context, setup: tuple, timeout, on_failure) -> Iterator:
+    """After a worker died: each item it may have held in a pool of its own, so only the culprit fails."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    for item in suspects:
+        try:
+            with ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker, initargs=setup) as single:
+                yield from _outcomes([item], single.submit(_run_chunk, func, [item], timeout).result(), on_failure)
+        except BrokenProcessPool:
+            yield _failed(item, "its worker process died (out of memory or a crash in a decoder)", on_failure)

@@ -25,12 +25,12 @@ from image_io import UnreadableImage
 from dataset import display_name, find_image_files, parse_utkface_name
 from image_io import IMAGE_EXTENSIONS
 from config_models import PredictConfig
-from age_groups import AgeGroups
 from cli import run_script, setup_logging
 from config import load_config
 from errors import UserError
-from model_files import read_model_metadata
-from outputs import ensure_writable_dir, write_csv_atomic, write_run_record
+from model_files import ModelMetadata, read_model_metadata
+from outputs import OutputGuard, write_csv, write_run_record
+from parallel import Engine
 
 log = logging.getLogger("agepipe.predict")
 
@@ -53,19 +53,23 @@ def list_images(inputs: list[str]) -> list[tuple[str, str]]:
 def main(args) -> None:
     config = load_config(PredictConfig, args.config, args.overrides)
     setup_logging(config.log_level)
-    files = list_images(config.inputs)
-    ensure_writable_dir(Path(config.output_csv).parent, "output folder")
+    with OutputGuard(inputs=[*config.inputs, config.model_path, config.prior_csv]) as guard:
+        output_csv = guard.file(config.output_csv, "output_csv")
+        cache = guard.journal(config.descriptor_cache, "descriptor_cache")
+        metadata = read_model_metadata(config.model_path)  # before TensorFlow: the descriptor pool forks
+        predict(config, metadata, list_images(config.inputs), output_csv, cache)
+
+
+def predict(config: PredictConfig, metadata: ModelMetadata, files: list[tuple[str, str]], output_csv: Path, cache: Path) -> None:
     paths = [real for _, real in files]
     flip = config.flip_test_time_augmentation
 
-    metadata = read_model_metadata(config.model_path)  # before TensorFlow: the descriptor pool forks
-    groups, max_age = AgeGroups(tuple(metadata["age_group_edges"])), metadata["max_age"]
+    groups, max_age = metadata.groups, metadata.max_age
     errors: list[str | None] = [None] * len(files)
     probabilities = np.full((len(files), max_age + 1), np.nan, np.float32)
-    if metadata["backbone"] == DESCRIPTOR_BACKBONE:
-        settings = DescriptorSettings(**metadata["descriptor"])
-        descriptors, problems = describe_files(paths, settings, config.descriptor_cache, config.num_workers, MAX_PIXELS,
-                                               MAX_FILE_BYTES, config.task_timeout_seconds)
+    if metadata.backbone == DESCRIPTOR_BACKBONE:
+        settings = DescriptorSettings(**metadata.descriptor.model_dump())
+        descriptors, problems = describe_files(paths, settings, cache, Engine.of(config), MAX_PIXELS, MAX_FILE_BYTES)
         from age_model import load_with_metadata, predict_years
 
         model, _ = load_with_metadata(config.model_path)
@@ -81,7 +85,7 @@ def main(args) -> None:
         import tensorflow as tf
 
         model, _ = load_with_metadata(config.model_path)
-        size = metadata["input_size"]
+        size = metadata.input_size
         for start in range(0, len(files), config.batch_size):  # streamed: one batch of pixels in memory
             batch, where = [], []
             for i in range(start, min(start + config.batch_size, len(files))):
@@ -96,10 +100,12 @@ def main(args) -> None:
 
     from age_model import correct_prior, evaluate, group_matrix, population_shares
 
+    for i in np.flatnonzero(~np.isfinite(probabilities).all(axis=1)):
+        errors[i] = errors[i] or "the model gave no finite prediction for this image"
     prior = population_shares(config.prior_csv, groups)
     readable = np.array([e is None for e in errors])
     if prior is not None and readable.any():
-        probabilities[readable] = correct_prior(probabilities[readable], groups, max_age, metadata["training_group_shares"], prior)
+        probabilities[readable] = correct_prior(probabilities[readable], groups, max_age, metadata.training_group_shares, prior)
     group_probabilities = probabilities @ group_matrix(groups, max_age)
     frame = pd.DataFrame({"file": [name for name, _ in files]})
     frame["predicted_group"] = [groups.labels[int(p.argmax())] if ok else None for p, ok in zip(group_probabilities, readable)]
@@ -107,9 +113,9 @@ def main(args) -> None:
     for index, label in enumerate(groups.labels):
         frame[f"p_{label}"] = np.round(group_probabilities[:, index], 4)
     frame["error"] = errors
-    write_csv_atomic(frame, config.output_csv)
-    write_run_record({"predict": config, "model": metadata.get("config")}, config.output_csv)
-    print(f"predicted {int(readable.sum())} of {len(files)} images ({int((~readable).sum())} without a prediction); wrote {config.output_csv}")
+    write_csv(frame, output_csv)
+    write_run_record({"predict": config, "model": metadata.config}, output_csv)
+    print(f"predicted {int(readable.sum())} of {len(files)} images ({int((~readable).sum())} without a prediction); wrote {output_csv}")
 
     ages = np.array([parse_utkface_name(os.path.basename(name))["age"] for name, _ in files], dtype=object)
     labelled = [i for i in np.flatnonzero(readable) if ages[i] is not None and 0 <= ages[i] <= max_age and groups.index_of(ages[i]) >= 0]

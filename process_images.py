@@ -27,18 +27,18 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, ProcessStatus, encode_image, resize_square
-from image_io import UnreadableImage, read_image
-from image_reader import Check, Status, failing_checks, load_explore_config
-from metrics import SIZE_COLUMNS, ReaderSettings, measure_array, measured_columns
-from config_models import REPAIR_PARAMETERS, ExploreConfig, ProcessConfig
-from cli import progress_bar, run_script, setup_logging
+from cli import run_script, setup_logging
 from config import config_fingerprint, load_config, validate_section
+from config_models import REPAIR_PARAMETERS, ExploreConfig, ProcessConfig
 from dataset import read_metadata_csv
 from errors import ConfigError, UserError
-from outputs import OutputFolder, check_output_csv, confined, copy_file_atomic, ensure_writable_dir, run_lock, write_bytes_atomic, write_csv_atomic, write_run_record
-from parallel import engine_name, parallel_map
-from resume import Journal
+from image_io import UnreadableImage, read_image
+from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, ProcessStatus, encode_image, resize_square
+from image_reader import Check, Status, failing_checks, load_explore_config
+from metrics import SIZE_COLUMNS, ReaderSettings, measure_array, measured_columns
+from outputs import OutputFolder, OutputGuard, confined, copy_file, run_lock, write_bytes, write_csv, write_run_record
+from parallel import Engine
+from resume import ResumableStage
 
 log = logging.getLogger("agepipe.process")
 
@@ -109,7 +109,7 @@ class Processor:
 
     def __call__(self, row: dict) -> dict:
         result = {"status": row["status"], "reason": row.get("reason"), "operations": None, "attempts": 0,
-                  "output_path": None, "failed_checks_after": None, "after": None}
+                  "output_file": None, "output_digest": None, "failed_checks_after": None, "after": None}
         if row["status"] in (Status.UNREADABLE, Status.UNLABELLED):
             return result
         if not os.path.exists(row["path"]):
@@ -120,21 +120,20 @@ class Processor:
             return {**result, "status": ProcessStatus.UNREADABLE, "reason": f"since exploration: {exc}"}
         if info["content_hash"] != row["content_hash"]:
             return {**result, "status": ProcessStatus.REJECTED, "reason": "file changed since exploration; re-run explore_images.py"}
-        target = self.output_dir / row["file"]
+        target = confined(self.output_dir, row["file"])
         try:
-            return {**result, **(self.keep if row["status"] == Status.OK else self.repair)(row, bgr, target)}
+            result.update((self.keep if row["status"] == Status.OK else self.repair)(row, bgr, target))
         except UnreadableImage as exc:  # re-measuring failed
             return {**result, "status": ProcessStatus.REJECTED, "reason": str(exc)}
+        return {**result, "output_file": row["file"] if result["output_digest"] else None}
 
     def keep(self, row: dict, bgr: np.ndarray, target: Path) -> dict:
         if self.resize is None:
-            copy_file_atomic(row["path"], target)
-            return {"status": ProcessStatus.KEPT, "reason": None, "output_path": str(target), "failed_checks_after": ""}
+            return {"status": ProcessStatus.KEPT, "reason": None, "output_digest": copy_file(row["path"], target), "failed_checks_after": ""}
         data, after = self.encode_and_measure(resize_square(bgr, self.resize), target.suffix)
-        write_bytes_atomic(data, target)
         failed = failing_checks(after, self.checks)
         return {"status": ProcessStatus.KEPT, "reason": None, "operations": f"resize_square(size={self.resize})",
-                "output_path": str(target), "failed_checks_after": ";".join(failed), "after": after}
+                "output_digest": write_bytes(data, target), "failed_checks_after": ";".join(failed), "after": after}
 
     def encode_and_measure(self, bgr: np.ndarray, suffix: str) -> tuple[bytes, dict]:
         """Encode as it will be written, and measure the decoded result: what is judged is the file."""
@@ -157,9 +156,8 @@ class Processor:
             data, after = self.encode_and_measure(apply_plan(bgr, attempt_plan, noise_sigma), target.suffix)
             failed = failing_checks(after, self.checks)
             if not failed:
-                write_bytes_atomic(data, target)
                 return {"status": ProcessStatus.REPAIRED, "reason": None, "operations": describe_plan(attempt_plan), "attempts": attempt + 1,
-                        "output_path": str(target), "failed_checks_after": "", "after": after}
+                        "output_digest": write_bytes(data, target), "failed_checks_after": "", "after": after}
         broken = [c for c in failed if c not in failed_before]
         reason = f"still fails {', '.join(failed)} after {self.attempts} attempts"
         if broken:
@@ -168,27 +166,17 @@ class Processor:
                 "failed_checks_after": ";".join(failed), "after": after}
 
 
-_processor: Processor | None = None
-
-
-def _init_worker(processor: Processor) -> None:
-    global _processor
-    _processor = processor
-    cv2.setNumThreads(1)
-
-
-def _process_task(task: tuple[str, dict]) -> tuple[str, dict]:
+def _process_task(processor: Processor, task: tuple[str, dict]) -> tuple[str, dict]:
     key, row = task
-    result = _processor(row)
-    if result.get("output_path"):  # so that a resumed run can tell its output is still the one it wrote
-        result["output_bytes"] = os.path.getsize(result["output_path"])
-    return key, result
+    result = processor(row)
+    after = result.pop("after") or {}
+    return key, {**result, **{f"after_{k}": v for k, v in after.items()}}
 
 
 def failed_row(task: tuple[str, dict], reason: str) -> tuple[str, dict]:
     """The result of an image whose worker timed out or died: rejected, with the reason."""
     return task[0], {"status": ProcessStatus.REJECTED, "reason": f"processing failed: {reason}", "operations": None, "attempts": 0,
-                     "output_path": None, "failed_checks_after": None, "after": None}
+                     "output_file": None, "output_digest": None, "failed_checks_after": None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,7 +184,10 @@ def failed_row(task: tuple[str, dict], reason: str) -> tuple[str, dict]:
 # --------------------------------------------------------------------------------------------------
 def read_exploration_csv(path: str) -> pd.DataFrame:
     frame = read_metadata_csv(path, "input CSV", "run explore_images.py first", REQUIRED_COLUMNS,
-                              dtype={"file": str, "content_hash": str, "failed_checks": str})
+                              dtype={"file": str, "path": str, "content_hash": str, "failed_checks": str})
+    nameless = frame["file"].isna() | frame["path"].isna()
+    if nameless.any():
+        raise UserError(f"input CSV {path}: row {int(nameless.to_numpy().argmax()) + 2} names no file; is it an exploration CSV?")
     frame["failed_checks"] = frame["failed_checks"].fillna("")
     return frame
 
@@ -206,36 +197,17 @@ def dataset_roots(frame: pd.DataFrame) -> set[str]:
     return {path[: len(path) - len(file)] for path, file in zip(frame["path"], frame["file"])}
 
 
-def process_rows(frame: pd.DataFrame, config: ProcessConfig, explore: ExploreConfig, output_dir: Path) -> pd.DataFrame:
-    """Process every row (continuing an interrupted run from its journal) and return the results.
-    A resumed run checks that the images its journal lists are still there with the size it wrote, and
-    redoes those that are not."""
+def process_rows(frame: pd.DataFrame, config: ProcessConfig, explore: ExploreConfig, folder: OutputFolder, journal: Path) -> pd.DataFrame:
+    """Process every row, continuing an interrupted run from its journal, and return the results."""
     processor = Processor(config, explore)
     fingerprint = config_fingerprint(
-        config.model_dump(include={"repairs", "retry", "resize", "jpeg_quality"}), explore.metrics, explore.checks, str(output_dir.resolve())
+        config.model_dump(include={"repairs", "retry", "resize", "jpeg_quality"}), explore.metrics, explore.checks, str(folder.path.resolve())
     )
-    journal = Journal(Path(config.output_csv).with_suffix(".journal.jsonl"), fingerprint)
+    stage = ResumableStage(folder, journal, fingerprint)
     rows = frame.to_dict("records")
-    keys = [f"{r['file']}|{r['content_hash']}|{r['status']}" for r in rows]
-    todo = [(k, r) for k, r in zip(keys, rows) if k not in journal.done]
-    if len(todo) < len(rows):
-        log.info("continuing: %d of %d images were finished by an earlier run", len(rows) - len(todo), len(rows))
-    for _ in range(2):  # the second pass redoes journalled images whose output has gone
-        with journal:
-            for key, result in parallel_map(_process_task, todo, config.num_workers, initializer=_init_worker,
-                                            initargs=(processor,), chunksize=4, progress=progress_bar(len(todo), "processing"),
-                                            on_failure=failed_row, timeout=explore.task_timeout_seconds,
-                                            scheduler=config.scheduler, chunk_files=config.chunk_files):
-                after = result.pop("after") or {}
-                journal.record(key, {**result, **{f"after_{k}": v for k, v in after.items()}})
-        results = journal.rows(keys)
-        gone = [i for i, (p, size) in enumerate(zip(results["output_path"], results.get("output_bytes", [None] * len(results))))
-                if isinstance(p, str) and not (os.path.isfile(p) and os.path.getsize(p) == size)]
-        if not gone:
-            return results
-        log.info("%d images listed by the journal are missing from %s or changed: redoing them", len(gone), output_dir)
-        todo = [(keys[i], rows[i]) for i in gone]
-    raise UserError(f"images keep vanishing from {output_dir} while this run writes them")
+    tasks = [(f"{r['file']}|{r['content_hash']}|{r['status']}", r) for r in rows]
+    results = stage.run(tasks, _process_task, Engine.of(config), state=processor, label="processing", chunksize=4, on_failure=failed_row)
+    return stage, results
 
 
 def main(args) -> None:
@@ -243,57 +215,60 @@ def main(args) -> None:
     setup_logging(config.log_level)
     frame = read_exploration_csv(config.input_csv)
     roots = sorted(dataset_roots(frame))
-    outputs = OutputFolder(config.output_dir, inputs=roots, overwrite=config.overwrite_output)
-    output_dir = outputs.path
-    check_output_csv(config.output_csv, "output_csv", inputs=[config.input_csv, *roots], image_folders=[output_dir])
-    candidates = frame["status"].isin([Status.OK, Status.LOW_QUALITY])
-    for file in frame.loc[candidates, "file"]:
-        confined(output_dir, file)
-    ensure_writable_dir(Path(config.output_csv).parent, "output folder")
     start = time.perf_counter()
-
-    with run_lock(config.output_csv):
-        outputs.begin(frame.loc[candidates, "file"])
-        results = process_rows(frame, config, explore, output_dir)
-        metric_columns = SIZE_COLUMNS + measured_columns(explore.metrics)
-        before = frame[metric_columns].add_prefix("before_")
-        for column in [f"after_{m}" for m in metric_columns]:
-            if column not in results.columns:
-                results[column] = np.nan
-        kept_copy = (results["status"] == ProcessStatus.KEPT) & results["operations"].isna()
-        for metric in metric_columns:  # a byte-for-byte copy measures what the original measured
-            results.loc[kept_copy, f"after_{metric}"] = frame.loc[kept_copy, metric]
-        written = results["output_path"].notna()
-        output = pd.DataFrame(
-            {
-                "file": frame["file"],
-                "path": results["output_path"].map(lambda p: os.path.abspath(p) if isinstance(p, str) else None),
-                "source_path": frame["path"],
-                "age": frame["age"],
-                "age_group": frame["age_group"],
-                "status": results["status"],
-                "reason": results["reason"],
-                "failed_checks_before": frame["failed_checks"],
-                "failed_checks_after": results["failed_checks_after"],
-                "operations": results["operations"],
-                "attempts": results["attempts"].astype("Int64"),
-            }
-        )
-        output = pd.concat([output, before, results[[f"after_{m}" for m in metric_columns]]], axis=1)
-        write_csv_atomic(output, config.output_csv)
-        write_run_record({"process": config, "explore": explore}, config.output_csv)
-        removed = outputs.finish(frame.loc[written, "file"])
-        if removed:
-            log.info("removed %d files agepipe wrote in %s in earlier runs with other settings", removed, output_dir)
-        Path(config.output_csv).with_suffix(".journal.jsonl").unlink(missing_ok=True)
+    with OutputGuard(inputs=[config.input_csv, *roots]) as guard:
+        folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
+        output_csv = guard.file(config.output_csv, "output_csv")
+        journal = guard.journal(output_csv.with_suffix(".journal.jsonl"), "the journal beside output_csv")
+        candidates = frame["status"].isin([Status.OK, Status.LOW_QUALITY])
+        for file in frame.loc[candidates, "file"]:
+            folder.target(file)
+        with run_lock(output_csv):
+            folder.begin(frame.loc[candidates, "file"])
+            stage, results = process_rows(frame, config, explore, folder, journal)
+            output = processed_table(frame, results, explore, folder)
+            write_csv(output, output_csv)
+            write_run_record({"process": config, "explore": explore}, output_csv)
+            removed = stage.finish(results)
+            if removed:
+                log.info("removed %d files agepipe wrote in %s in earlier runs with other settings", removed, folder.path)
 
     counts = output["status"].value_counts()
     elapsed = time.perf_counter() - start
     print(
-        f"processed {len(output)} rows in {elapsed:.1f}s with {engine_name(config)}: "
+        f"processed {len(output)} rows in {elapsed:.1f}s with {Engine.of(config).name}: "
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in ProcessStatus)
     )
-    print(f"wrote {int(written.sum())} images to {output_dir}/ and {config.output_csv}")
+    print(f"wrote {int(output['path'].notna().sum())} images to {folder.path}/ and {output_csv}")
+
+
+def processed_table(frame: pd.DataFrame, results: pd.DataFrame, explore: ExploreConfig, folder: OutputFolder) -> pd.DataFrame:
+    """The processed CSV: one row per exploration row, with what processing did, the metrics before and
+    (re-measured) after."""
+    metric_columns = SIZE_COLUMNS + measured_columns(explore.metrics)
+    before = frame[metric_columns].add_prefix("before_")
+    for column in [f"after_{m}" for m in metric_columns]:
+        if column not in results.columns:
+            results[column] = np.nan
+    kept_copy = (results["status"] == ProcessStatus.KEPT) & results["operations"].isna()
+    for metric in metric_columns:  # a byte-for-byte copy measures what the original measured
+        results.loc[kept_copy, f"after_{metric}"] = frame.loc[kept_copy, metric]
+    output = pd.DataFrame(
+        {
+            "file": frame["file"],
+            "path": [os.path.abspath(folder.path / f) if isinstance(f, str) else None for f in results["output_file"]],
+            "source_path": frame["path"],
+            "age": frame["age"],
+            "age_group": frame["age_group"],
+            "status": results["status"],
+            "reason": results["reason"],
+            "failed_checks_before": frame["failed_checks"],
+            "failed_checks_after": results["failed_checks_after"],
+            "operations": results["operations"],
+            "attempts": results["attempts"].astype("Int64"),
+        }
+    )
+    return pd.concat([output, before, results[[f"after_{m}" for m in metric_columns]]], axis=1)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,15 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from config_models import ResamplingAugmentation, ResamplingConfig
-from image_processor import TRAINABLE_STATUSES, encode_image, random_augmentation
 from age_groups import AgeGroups
-from cli import progress_bar
 from config import config_fingerprint
-from dataset import read_metadata_csv
+from config_models import ResamplingAugmentation, ResamplingConfig
+from dataset import read_metadata_csv, read_table
 from errors import UserError
-from outputs import OutputFolder, check_output_csv, confined, copy_file_atomic, run_lock, write_bytes_atomic, write_run_record
-from parallel import parallel_map
-from resume import Journal
+from image_processor import TRAINABLE_STATUSES, encode_image, random_augmentation
+from outputs import OutputGuard, confined, copy_file, run_lock, write_bytes, write_csv, write_run_record
+from parallel import Engine
+from resume import ResumableStage
 
 log = logging.getLogger("agepipe.resampling")
 
@@ -36,7 +35,7 @@ log = logging.getLogger("agepipe.resampling")
 # --------------------------------------------------------------------------------------------------
 def read_population(path: str | os.PathLike, year: int) -> pd.DataFrame:
     """Bands (age_lower, age_upper or NaN for the open band) and their population in `year`."""
-    table = pd.read_csv(path, comment="#")
+    table = read_table(path, "population CSV", comment="#")
     if str(year) not in table.columns:
         years = [c for c in table.columns if c.isdigit()]
         raise ValueError(f"{path} has no figures for {year} (years: {', '.join(years)})")
@@ -159,78 +158,66 @@ def output_name(file: str, copy: int) -> str:
 # Execute
 # --------------------------------------------------------------------------------------------------
 class Augmenter:
-    def __init__(self, output_dir: str, seed: int, ranges: ResamplingAugmentation, jpeg_quality: int):
-        self.output_dir, self.seed, self.ranges, self.jpeg_quality = Path(output_dir), seed, ranges, jpeg_quality
+    """Writes one output of the plan: a byte-for-byte copy of an original, or an augmented copy."""
 
-    def __call__(self, task: tuple[str, dict]) -> tuple[str, dict]:
-        key, row = task
-        target = self.output_dir / row["output_file"]
+    def __init__(self, output_dir: Path, seed: int, ranges: ResamplingAugmentation, jpeg_quality: int):
+        self.output_dir, self.seed, self.ranges, self.jpeg_quality = output_dir, seed, ranges, jpeg_quality
+
+    def __call__(self, row: dict) -> dict:
+        target = confined(self.output_dir, row["output_file"])
         if row["copy"] == 0:
-            copy_file_atomic(row["path"], target)
-            return key, {"augmentation": None}
+            return {"augmentation": None, "output_file": row["output_file"], "output_digest": copy_file(row["path"], target)}
         image = cv2.imread(row["path"], cv2.IMREAD_COLOR)
         if image is None:
             raise RuntimeError(f"{row['path']}: cannot be decoded any more")
         rng = np.random.default_rng(stable_seed(self.seed, row["file"], row["copy"]))
         augmented, description = random_augmentation(image, rng, self.ranges)
-        write_bytes_atomic(encode_image(augmented, target.suffix, self.jpeg_quality), target)
-        return key, {"augmentation": description}
+        digest = write_bytes(encode_image(augmented, target.suffix, self.jpeg_quality), target)
+        return {"augmentation": description, "output_file": row["output_file"], "output_digest": digest}
 
 
-_augmenter: Augmenter | None = None
+def _augment_task(augmenter: Augmenter, task: tuple[str, dict]) -> tuple[str, dict]:
+    key, row = task
+    return key, augmenter(row)
 
 
-def _init(augmenter: Augmenter) -> None:
-    global _augmenter
-    _augmenter = augmenter
-    cv2.setNumThreads(1)
-
-
-def _run(task):
-    return _augmenter(task)
-
-
-def execute_plan(selected: pd.DataFrame, config: ResamplingConfig) -> pd.DataFrame:
+def execute_plan(selected: pd.DataFrame, config: ResamplingConfig, guard: OutputGuard) -> pd.DataFrame:
     """Write the selected originals and augmented copies into output_dir (resumable, atomic) and return
     one row per output image: file, path, age, age_group, source, source_path, copy, augmentation.
 
     The output folder may not overlap the folders the images come from; names from the CSV must stay
     inside it; only files agepipe wrote there before are ever replaced or deleted (OutputFolder)."""
-    sources = sorted({os.path.dirname(p) for p in selected["path"]})
-    outputs = OutputFolder(config.output_dir, inputs=sources, overwrite=config.overwrite_output)
-    output_dir = outputs.path
-    check_output_csv(config.output_csv, "output_csv", inputs=sources, image_folders=[output_dir])
+    guard.add_inputs(sorted({os.path.dirname(p) for p in selected["path"]}))
+    folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
+    output_csv = guard.file(config.output_csv, "output_csv")
+    journal = guard.journal(output_csv.with_suffix(".journal.jsonl"), "the journal beside output_csv")
     selected = selected.assign(output_file=[output_name(f, c) for f, c in zip(selected["file"], selected["copy"])])
     for file in selected["output_file"]:
-        confined(output_dir, file)
-    fingerprint = config_fingerprint(config.model_dump(include={"seed", "augmentation", "jpeg_quality"}), str(output_dir.resolve()))
-    with run_lock(config.output_csv):
-        outputs.begin(selected["output_file"])
-        journal = Journal(Path(config.output_csv).with_suffix(".journal.jsonl"), fingerprint)
+        folder.target(file)
+    fingerprint = config_fingerprint(config.model_dump(include={"seed", "augmentation", "jpeg_quality"}), str(folder.path.resolve()))
+    with run_lock(output_csv):
+        folder.begin(selected["output_file"])
+        stage = ResumableStage(folder, journal, fingerprint)
         rows = selected[["file", "path", "copy", "output_file"]].to_dict("records")
-        keys = [f"{r['output_file']}|{r['path']}" for r in rows]
-        todo = [(k, r) for k, r in zip(keys, rows) if k not in journal.done or not (output_dir / r["output_file"]).exists()]
-        augmenter = Augmenter(config.output_dir, config.seed, config.augmentation, config.jpeg_quality)
-        with journal:
-            for key, result in parallel_map(_run, todo, config.num_workers, initializer=_init, initargs=(augmenter,),
-                                            chunksize=8, progress=progress_bar(len(todo), "resampling"), timeout=config.task_timeout_seconds):
-                journal.record(key, result)
-        done = journal.rows(keys) if keys else pd.DataFrame({"augmentation": []})
-        outputs.finish(selected["output_file"])
-        write_run_record(config, config.output_csv)
-        journal.remove()
-    return pd.DataFrame(
-        {
-            "file": selected["output_file"].to_numpy(),
-            "path": [os.path.abspath(output_dir / f) for f in selected["output_file"]],
-            "age": selected["age"].to_numpy(),
-            "age_group": selected["age_group"].to_numpy(),
-            "source": selected["file"].to_numpy(),
-            "source_path": selected["path"].to_numpy(),
-            "copy": selected["copy"].to_numpy(),
-            "augmentation": done["augmentation"].to_numpy(),
-        }
-    ).sort_values(["age_group", "file"], kind="stable").reset_index(drop=True)
+        tasks = [(f"{r['output_file']}|{r['path']}", r) for r in rows]
+        augmenter = Augmenter(folder.path, config.seed, config.augmentation, config.jpeg_quality)
+        done = stage.run(tasks, _augment_task, Engine.of(config), state=augmenter, label="resampling", chunksize=8, on_failure=None)
+        resampled = pd.DataFrame(
+            {
+                "file": selected["output_file"].to_numpy(),
+                "path": [os.path.abspath(folder.path / f) for f in selected["output_file"]],
+                "age": selected["age"].to_numpy(),
+                "age_group": selected["age_group"].to_numpy(),
+                "source": selected["file"].to_numpy(),
+                "source_path": selected["path"].to_numpy(),
+                "copy": selected["copy"].to_numpy(),
+                "augmentation": done["augmentation"].to_numpy() if len(done) else [],
+            }
+        ).sort_values(["age_group", "file"], kind="stable").reset_index(drop=True)
+        write_csv(resampled, output_csv)
+        write_run_record(config, output_csv)
+        stage.finish(done if len(done) else pd.DataFrame({"output_file": [], "output_digest": []}))
+    return resampled
 
 
 def load_input(config: ResamplingConfig) -> pd.DataFrame:

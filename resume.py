@@ -10,26 +10,30 @@ import logging
 import math
 import os
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from errors import UserError
 from outputs import atomic_write
 
 log = logging.getLogger("agepipe")
 
 FLUSH_SECONDS = 1.0
-JOURNAL_CHUNK_ROWS = 2000
+HEADER_BYTES = 4096  # a journal's first line is short; reading more of a stranger's file would be pointless
 
 
 class Journal:
     """An append-only JSON-lines file of finished items, so an interrupted stage can continue.
 
-    The first line holds a fingerprint of the settings that affect the results; a journal with another
-    fingerprint is discarded, so a changed config redoes the work. Each later line is one finished
-    item (a flat row plus its key), flushed at least every FLUSH_SECONDS: a crash loses at most the
-    last second of work, and a torn last line is cut off when the journal is next opened. Only the
-    keys are held in memory; rows are read back, column-wise, by `rows`.
+    The first line names the file as agepipe's and holds a fingerprint of the settings that affect the
+    results; a journal with another fingerprint is discarded, so a changed config redoes the work (a
+    file whose first line is not a journal's is never touched: OutputGuard.journal refuses it). Each
+    later line is one finished item (a flat row plus its key), flushed at least every FLUSH_SECONDS: a
+    crash loses at most the last second of work. A torn last line is cut off when the journal is next
+    opened, and a damaged line elsewhere is skipped, so its item is done again. Only the keys are held
+    in memory; rows are read back by `records` and `rows`.
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: str):
@@ -40,26 +44,42 @@ class Journal:
         if self.path.exists():
             self._load()
 
+    @staticmethod
+    def header(path: str | os.PathLike) -> dict | None:
+        """The first line of a journal as a mapping, or None when `path` is not one of agepipe's journals."""
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):  # a FIFO would never answer
+                return None
+            with open(path, "rb") as f:
+                header = json.loads(f.readline(HEADER_BYTES).decode("utf-8"))
+        except (OSError, ValueError):
+            return None
+        return header if isinstance(header, dict) and isinstance(header.get("fingerprint"), str) else None
+
+    @classmethod
+    def is_journal(cls, path: str | os.PathLike) -> bool:
+        return cls.header(path) is not None
+
     def _load(self) -> None:
-        good_end = 0
+        header = self.header(self.path)
+        if header is None:
+            raise UserError(f"{self.path} is not one of agepipe's journals: move it away or choose another name")
+        if header["fingerprint"] != self.fingerprint:
+            log.info("discarding %s: it was made with other settings", self.path)
+            self.path.unlink()
+            return
         with open(self.path, "rb") as f:
-            header = f.readline()
-            try:
-                valid = json.loads(header).get("fingerprint") == self.fingerprint
-            except (json.JSONDecodeError, AttributeError):
-                valid = False
-            if not valid:
-                log.info("discarding %s: it was made with other settings", self.path)
-                f.close()
-                self.path.unlink()
-                return
+            f.readline()
             good_end = f.tell()
             for line in f:
-                try:
-                    self.done.add(json.loads(line)["_key"])
-                except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                parsed = _parsed(line)
+                if parsed is not None:
+                    self.done.add(parsed[0])
+                    good_end = f.tell()
+                elif not line.endswith(b"\n"):
                     break  # the torn last line of an interrupted write
-                good_end = f.tell()
+                else:
+                    good_end = f.tell()  # a damaged line: skipped, its item is done again
         if good_end < self.path.stat().st_size:
             os.truncate(self.path, good_end)
 
@@ -69,9 +89,12 @@ class Journal:
         self._file = open(self.path, "a", encoding="utf-8")
         self._flushed = time.monotonic()
         if fresh:
-            self._file.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+            self._file.write(self._header_line())
             self._file.flush()
         return self
+
+    def _header_line(self) -> str:
+        return json.dumps({"written_by": "agepipe", "fingerprint": self.fingerprint}) + "\n"
 
     def record(self, key: str, row: dict) -> None:
         self._file.write(json_line(row, key))
@@ -84,34 +107,57 @@ class Journal:
     def __exit__(self, exc_type, exc, tb):
         self._file.close()
 
+    def forget(self, keys: Iterable[str]) -> None:
+        """Treat these items as not done (their rows stay until a later record replaces them)."""
+        self.done -= set(keys)
+
+    def records(self, keys: Iterable[str]) -> dict[str, dict]:
+        """The last recorded row of each of `keys` that the journal holds, read one line at a time."""
+        wanted, found = set(keys), {}
+        if not self.path.exists():
+            return found
+        with open(self.path, "rb") as f:
+            f.readline()
+            for line in f:
+                parsed = _parsed(line)
+                if parsed is not None and parsed[0] in wanted:
+                    found[parsed[0]] = parsed[1]
+        return found
+
     def rows(self, keys: list[str], compact: bool = True):
         """The recorded rows for `keys`, in that order, as a DataFrame (the last record of a key wins).
         With `compact`, the journal is rewritten without the rows of other keys."""
         import pandas as pd
 
-        with open(self.path, encoding="utf-8") as f:
-            f.readline()
-            # in chunks: parsing the whole file at once holds its text and every parsed object together
-            chunks = pd.read_json(f, lines=True, dtype=False, precise_float=True, chunksize=JOURNAL_CHUNK_ROWS)
-            frame = pd.concat(list(chunks), ignore_index=True)
-        frame = frame.drop_duplicates("_key", keep="last").set_index("_key")
-        missing = set(keys) - set(frame.index)
+        found = self.records(keys)
+        missing = set(keys) - set(found)
         if missing:
             raise RuntimeError(f"{self.path} lacks {len(missing)} results; delete it and re-run")
-        if compact and len(frame) > len(keys):
-            self.compact(frame.loc[keys])
-        return frame.loc[keys].reset_index(drop=True)
+        if compact:
+            self.compact(found)
+        return pd.DataFrame.from_records([found[key] for key in keys])
 
-    def compact(self, frame) -> None:
+    def compact(self, found: dict[str, dict]) -> None:
         """Rewrite the journal with only these rows (drops results of files no longer present)."""
         with atomic_write(self.path, encoding="utf-8") as f:
-            f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-            for key, row in zip(frame.index, frame.to_dict("records")):
+            f.write(self._header_line())
+            for key, row in found.items():
                 f.write(json_line(row, key))
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _parsed(line: bytes) -> tuple[str, dict] | None:
+    """(key, row) of a journal line, or None when the line is damaged."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("_key"), str):
+        return None
+    return row.pop("_key"), row
 
 
 def json_line(row: dict, key: str | None = None) -> str:
@@ -202,3 +248,59 @@ def _json_default(value):
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"cannot store {type(value).__name__} in the journal")
+
+
+class ResumableStage:
+    """The skeleton of a stage that writes one output file per task into an output folder and can be
+    killed at any moment (processing, resampling): tasks run in parallel, each finished one is
+    journalled with the name and digest of the file it wrote, and a re-run continues from the journal.
+
+    A task's result is a flat dict holding `output_file` (its name in the folder, or None when it wrote
+    nothing) and `output_digest`. A journalled output that is gone or changed since is done again:
+    resuming trusts contents, not names or sizes.
+    """
+
+    def __init__(self, folder, journal_path: Path, fingerprint: str):
+        self.folder = folder
+        self.journal = Journal(journal_path, fingerprint)
+
+    def _changed(self, keys: list[str]) -> list[str]:
+        from outputs import file_digest
+
+        recorded = self.journal.records(key for key in keys if key in self.journal.done)
+        return [key for key, row in recorded.items()
+                if isinstance(row.get("output_file"), str) and file_digest(self.folder.path / row["output_file"]) != row.get("output_digest")]
+
+    def run(self, tasks: list[tuple[str, dict]], func, engine, *, state, label: str, chunksize: int, on_failure):
+        """Run every task not finished yet (func(state, (key, row)) -> (key, result)); return all results
+        as a DataFrame in task order."""
+        from cli import progress_bar
+        from parallel import parallel_map
+
+        keys = [key for key, _ in tasks]
+        for attempt in range(RESUME_PASSES):
+            changed = self._changed(keys)
+            if changed:
+                log.info("%d outputs listed by the journal are missing from %s or changed: redoing them", len(changed), self.folder.path)
+                self.journal.forget(changed)
+            todo = [task for task in tasks if task[0] not in self.journal.done]
+            if not todo:
+                return self.journal.rows(keys)
+            if attempt == 0 and len(todo) < len(tasks):
+                log.info("continuing: %d of %d items were finished by an earlier run", len(tasks) - len(todo), len(tasks))
+            with self.journal:
+                for key, result in parallel_map(func, todo, engine, state=state, chunksize=chunksize,
+                                                progress=progress_bar(len(todo), label), on_failure=on_failure):
+                    self.journal.record(key, result)
+        raise UserError(f"outputs keep vanishing from {self.folder.path} while this run writes them")
+
+    def finish(self, results) -> int:
+        """List what the run wrote in the folder's manifest, delete what earlier runs wrote there and this
+        one did not, and remove the journal; return how many files were deleted."""
+        written = [(name, digest) for name, digest in zip(results["output_file"], results["output_digest"]) if isinstance(name, str)]
+        removed = self.folder.finish(written)
+        self.journal.remove()
+        return removed
+
+
+RESUME_PASSES = 3  # the last pass only checks that the outputs written are all still there

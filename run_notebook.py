@@ -19,7 +19,36 @@ from pathlib import Path
 
 from cli import native_stderr_silenced
 from config import PROJECT_DIR
-from outputs import current_umask
+from errors import UserError
+from outputs import OutputGuard, current_umask, file_digest
+
+
+def execute(notebook: Path, folder, target: Path, parameters: dict, timeout: int) -> None:
+    """Run the notebook into a temporary file of the output folder, then rename it over `target`: the
+    executed copy appears whole, failed or not, and a killed run's partial copy is removed next time."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    with tempfile.TemporaryDirectory(prefix="agepipe-kernel-") as runtime, \
+            tempfile.NamedTemporaryFile(dir=folder.path, prefix=f".{target.name[:32]}.", suffix=".tmp", delete=False) as partial:
+        # the kernel's connection file goes to a temporary folder, never the repository
+        os.environ["JUPYTER_RUNTIME_DIR"] = runtime
+        try:
+            # the kernel's own stderr ("Parent appears to have exited" at shutdown) is not the user's
+            # business: a cell's error is in the exception and in the saved notebook
+            with native_stderr_silenced():
+                papermill.execute_notebook(str(notebook), partial.name, parameters=parameters, cwd=str(PROJECT_DIR),
+                                           kernel_name="python3", progress_bar=False, log_output=False, execution_timeout=timeout)
+        except PapermillExecutionError as exc:
+            error = re.sub(r"\x1b\[[0-9;]*m", "", f"{exc.ename}: {exc.evalue}")  # no terminal colours
+            print(f"error: {notebook} failed: {error}", file=sys.stderr)
+            sys.exit(1)
+        finally:
+            if os.path.getsize(partial.name):
+                os.chmod(partial.name, 0o666 & ~current_umask())  # a temporary file is private; outputs are not
+                os.replace(partial.name, target)
+            else:
+                os.unlink(partial.name)
 
 
 def main() -> None:
@@ -32,37 +61,22 @@ def main() -> None:
     args = parser.parse_args()
     if not args.notebook.is_file():
         sys.exit(f"error: notebook {args.notebook} not found")
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
 
     parameters = {"overrides": args.overrides}
     if args.config:
         parameters["config_path"] = str(Path(args.config).resolve())
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    target = args.output_dir / args.notebook.name
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="agepipe-kernel-") as runtime, \
-            tempfile.NamedTemporaryFile(dir=args.output_dir, prefix=".tmp-", suffix=".ipynb", delete=False) as partial:
-        # the kernel's connection file goes to a temporary folder, never the repository
-        os.environ["JUPYTER_RUNTIME_DIR"] = runtime
-        try:
-            # the kernel's own stderr ("Parent appears to have exited" at shutdown) is not the user's
-            # business: a cell's error is in the exception and in the saved notebook
-            with native_stderr_silenced():
-                papermill.execute_notebook(str(args.notebook), partial.name, parameters=parameters, cwd=str(PROJECT_DIR),
-                                           kernel_name="python3", progress_bar=False, log_output=False, execution_timeout=args.timeout)
-        except PapermillExecutionError as exc:
-            error = re.sub(r"\x1b\[[0-9;]*m", "", f"{exc.ename}: {exc.evalue}")  # no terminal colours
-            print(f"error: {args.notebook} failed: {error}", file=sys.stderr)
-            sys.exit(1)
-        finally:
-            if os.path.getsize(partial.name):
-                os.chmod(partial.name, 0o666 & ~current_umask())  # a temporary file is private; outputs are not
-                os.replace(partial.name, target)  # the executed copy appears whole, failed or not
-            else:
-                os.unlink(partial.name)
+    with OutputGuard(inputs=[args.notebook]) as guard:
+        folder = guard.folder(args.output_dir, "--output-dir", overwrite=True)
+        target = folder.target(args.notebook.name)
+        folder.begin([target.name])  # an executed notebook never replaces a file of the user's of that name
+        execute(args.notebook, folder, target, parameters, args.timeout)
+        folder.record([(target.name, file_digest(target))])
     print(f"executed {args.notebook} in {time.perf_counter() - start:.0f}s; with outputs: {target}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:
+        sys.exit(f"error: {exc}")

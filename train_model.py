@@ -19,25 +19,25 @@ The story, top to bottom:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
-from image_processor import TRAINABLE_STATUSES
-from config_models import Distribution, TrainConfig, Training
 from age_groups import age_groups_from
 from cli import run_script, setup_logging
 from config import load_config
+from config_models import Distribution, TrainConfig, Training
 from dataset import read_metadata_csv
 from errors import UserError
-from outputs import atomic_write, ensure_writable_dir, run_record, write_csv_atomic
+from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
+from image_processor import TRAINABLE_STATUSES
+from image_visualizer import figure_png
+from outputs import OutputFolder, OutputGuard, run_record
+from parallel import Engine
 
 log = logging.getLogger("agepipe.train")
 
@@ -134,9 +134,9 @@ def learning_rate_schedule(training: Training, steps_per_epoch: int):
     )
 
 
-def describe(frame: pd.DataFrame, settings: DescriptorSettings, cache: Path, workers: int, timeout: float) -> pd.DataFrame:
+def describe(frame: pd.DataFrame, settings: DescriptorSettings, cache: Path, engine: Engine) -> pd.DataFrame:
     """`frame` with each image's face descriptor (None where it could not be described) and problem."""
-    descriptors, problems = describe_files(list(frame["path"]), settings, cache, workers, MAX_PIXELS, MAX_FILE_BYTES, timeout)
+    descriptors, problems = describe_files(list(frame["path"]), settings, cache, engine, MAX_PIXELS, MAX_FILE_BYTES)
     return frame.assign(descriptor=descriptors, face_problem=problems)
 
 
@@ -154,7 +154,7 @@ def decodable_paths(rows: pd.DataFrame) -> set[str]:
     return readable
 
 
-def plot_history(history: pd.DataFrame, path: Path) -> None:
+def plot_history(history: pd.DataFrame, folder: OutputFolder, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,12 +168,10 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
         axes.set(title=title, xlabel="epoch")
         axes.grid(alpha=0.3)
         axes.legend()
-    with atomic_write(path, "wb") as f:
-        figure.savefig(f, format="png", dpi=100)
-    plt.close(figure)
+    folder.write_bytes(name, figure_png(figure))
 
 
-def plot_confusion(confusion: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+def plot_confusion(confusion: np.ndarray, labels: list[str], folder: OutputFolder, name: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,20 +187,26 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], path: Path, title: 
     axes.set_yticks(range(len(labels)), labels)
     axes.set(xlabel="predicted group", ylabel="true group", title=title)
     figure.colorbar(image, label="share of the true group")
-    with atomic_write(path, "wb") as f:
-        figure.savefig(f, format="png", dpi=100)
-    plt.close(figure)
+    folder.write_bytes(name, figure_png(figure))
 
 
 def main(args) -> None:
     config = load_config(TrainConfig, args.config, args.overrides)
     setup_logging(config.log_level)
+    frame = read_training_csv(config.input_csv, age_groups_from(config), config.max_age)
+    uses_descriptors = config.model.backbone == DESCRIPTOR_BACKBONE
+    guard = OutputGuard(inputs=[config.input_csv, config.test_dataset_dir, config.target_csv, config.evaluation.prior_csv,
+                                *sorted({os.path.dirname(p) for p in frame["path"]})])
+    folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
+    cache = guard.journal(config.descriptor_cache, "descriptor_cache") if uses_descriptors else None
+    with guard:
+        train_and_save(config, frame, folder, cache)
+
+
+def train_and_save(config: TrainConfig, frame: pd.DataFrame, folder: OutputFolder, cache: Path | None) -> None:
     groups = age_groups_from(config)
-    max_age, seed, model_config = config.max_age, config.seed, config.model
-    uses_descriptors = model_config.backbone == DESCRIPTOR_BACKBONE
-    output_dir = ensure_writable_dir(config.output_dir, "output_dir")
-    frame = read_training_csv(config.input_csv, groups, max_age)
-    split = config.split
+    max_age, seed, model_config, split = config.max_age, config.seed, config.model, config.split
+    uses_descriptors = cache is not None
 
     # 1. Split by source image, then check that the splits can support training and evaluation.
     frame["split"] = split_by_source(frame, split.validation, 0.0 if config.test_dataset_dir else split.test, seed)
@@ -215,12 +219,11 @@ def main(args) -> None:
     if uses_descriptors:
         settings = DescriptorSettings(**model_config.descriptor.model_dump())
         sets = pd.concat([train.assign(set="train"), validation.assign(set="validation"), test.assign(set="test")], ignore_index=True)
-        described = describe(sets, settings, Path(config.descriptor_cache), config.num_workers, config.task_timeout_seconds)
-        write_csv_atomic(described.loc[described["face_problem"].notna(), ["set", "file", "path", "face_problem"]],
-                         output_dir / "face_problems.csv")
+        described = describe(sets, settings, cache, Engine.of(config))
+        folder.write_csv("face_problems.csv", described.loc[described["face_problem"].notna(), ["set", "file", "path", "face_problem"]])
         missing = described["descriptor"].isna()
         if missing.any():
-            log.warning("%d images have no face descriptor and are left out (listed in %s/face_problems.csv)", int(missing.sum()), output_dir)
+            log.warning("%d images have no face descriptor and are left out (listed in %s/face_problems.csv)", int(missing.sum()), folder.path)
         fallbacks = int(described["face_problem"].notna().sum() - missing.sum())
         if fallbacks:
             log.info("%d faces had no plausible landmarks and were described whole (on_no_landmarks: whole_image)", fallbacks)
@@ -253,7 +256,7 @@ def main(args) -> None:
         pixel_dataset,
         population_shares,
         predict_years,
-        save_with_metadata,
+        model_bytes,
         year_targets,
     )
 
@@ -273,7 +276,7 @@ def main(args) -> None:
     training_shares = np.full(len(groups.labels), 1 / len(groups.labels)) if weights is not None else train_counts / train_counts.sum()
     flip = config.evaluation.flip_test_time_augmentation
 
-    with tempfile.TemporaryDirectory(prefix="agepipe-cache-") as cache_dir:
+    with folder.scratch() as cache_dir:
         if uses_descriptors:
             def views(rows):  # (images x views x 128) -> one array per view
                 stacked = np.stack(rows["descriptor"].to_list())
@@ -317,10 +320,9 @@ def main(args) -> None:
             )
         log.info("model: %s, %s parameters, %d replicas", model_config.backbone, f"{model.count_params():,}", strategy.num_replicas_in_sync)
         start = time.perf_counter()
-        model.fit(**fit_data, epochs=training.epochs, callbacks=[keras.callbacks.CSVLogger(str(output_dir / "history.csv"))],
-                  verbose=1 if os.isatty(2) else 0)
+        fitted = model.fit(**fit_data, epochs=training.epochs, verbose=1 if os.isatty(2) else 0)
         train_seconds = time.perf_counter() - start
-        history = pd.read_csv(output_dir / "history.csv")
+        history = pd.DataFrame(fitted.history).rename_axis("epoch").reset_index()
 
         # 4. Evaluate on the test split, beside the majority class of the training split.
         start = time.perf_counter()
@@ -342,7 +344,7 @@ def main(args) -> None:
                 "backbone": model_config.backbone, "descriptor": model_config.descriptor.model_dump() if uses_descriptors else None,
                 "input_size": None if uses_descriptors else inputs.image_size, "training_group_shares": list(map(float, training_shares)),
                 **run_record(config)}
-    save_with_metadata(model, output_dir / "model.keras", metadata)
+    folder.write_bytes("model.keras", model_bytes(model, metadata, folder))
     headline = ("accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "population_weighted_accuracy", "mae_years")
     report = {
         "test": metrics,
@@ -359,23 +361,24 @@ def main(args) -> None:
         "age_groups": groups.labels,
         **run_record(config),
     }
-    with atomic_write(output_dir / "metrics.json", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    write_csv_atomic(frame[["file", "source", "copy", "age", "split"]], output_dir / "split.csv")
+    folder.write_json("metrics.json", report)
+    folder.write_csv("history.csv", history)
+    folder.write_csv("split.csv", frame[["file", "source", "copy", "age", "split"]])
     group_probabilities = probabilities @ group_matrix(groups, max_age)
     predictions = test[["file", "path", "age"]].reset_index(drop=True).assign(
         predicted_group=[groups.labels[i] for i in group_probabilities.argmax(1)],
         expected_age=np.round(probabilities @ np.arange(max_age + 1), 2))
     predictions = pd.concat([predictions, pd.DataFrame(group_probabilities, columns=[f"p_{label}" for label in groups.labels])], axis=1)
-    write_csv_atomic(predictions, output_dir / "test_predictions.csv")
-    plot_history(history, output_dir / "training_curves.png")
-    plot_confusion(metrics["confusion_matrix"], groups.labels, output_dir / "confusion_matrix.png",
+    folder.write_csv("test_predictions.csv", predictions)
+    plot_history(history, folder, "training_curves.png")
+    plot_confusion(metrics["confusion_matrix"], groups.labels, folder, "confusion_matrix.png",
                    f"Test confusion matrix (accuracy {metrics['accuracy']:.1%})")
+    folder.finish()
 
     print(f"trained {model_config.backbone} on {len(train)} images for {len(history)} epochs in {train_seconds:.0f}s; test on {len(test)} images:")
     print(f"  accuracy {metrics['accuracy']:.1%} (majority baseline {baseline['accuracy']:.1%}), one-off {metrics['one_off_accuracy']:.1%}, "
           f"macro-F1 {metrics['macro_f1']:.3f}, MAE {metrics['mae_years']:.1f} years (baseline {baseline['mae_years']:.1f})")
-    print(f"wrote {output_dir}/model.keras, metrics.json, history.csv, training_curves.png, confusion_matrix.png")
+    print(f"wrote {folder.path}/model.keras, metrics.json, history.csv, training_curves.png, confusion_matrix.png")
 
 
 if __name__ == "__main__":

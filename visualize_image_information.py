@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import logging
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -34,7 +35,7 @@ from cli import run_script, setup_logging
 from config import load_config
 from dataset import read_metadata_csv
 from errors import UserError
-from outputs import atomic_write, ensure_writable_dir
+from outputs import OutputFolder, OutputGuard
 
 log = logging.getLogger("agepipe.visualize")
 
@@ -87,7 +88,7 @@ def make_figures(config: VisualizeConfig, explore: ExploreConfig, exploration: p
                        before_after_grid(processed, operation, pairs.pairs, pairs.columns, grids.thumbnail_pixels, fig.dpi))
 
 
-def write_index(output_dir: Path, entries: list[tuple[str, str]], sources: list[str]) -> Path:
+def write_index(folder: OutputFolder, entries: list[tuple[str, str]], sources: list[str]) -> Path:
     items = "\n".join(
         f'<figure><img src="{html.escape(name)}.png" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
         for name, caption in entries
@@ -100,10 +101,7 @@ figure{{margin:0 0 2.5em}}img{{max-width:100%;border:1px solid #ddd}}figcaption{
 {items}
 </body></html>
 """
-    target = output_dir / "index.html"
-    with atomic_write(target, encoding="utf-8") as f:
-        f.write(page)
-    return target
+    return folder.write_text("index.html", page)
 
 
 def main(args) -> None:
@@ -119,17 +117,19 @@ def main(args) -> None:
     if config.processed_csv and Path(config.processed_csv).exists():
         processed = read_metadata(config.processed_csv, "processed CSV")
         sources.append(config.processed_csv)
-    output_dir = ensure_writable_dir(config.output_dir, "output_dir")
-
-    entries = []
-    try:
-        for name, caption, figure in make_figures(config, explore, exploration, processed):
-            save_figure(figure, output_dir / name, config.formats)
-            entries.append((name, caption))
-    except MissingColumn as exc:
-        raise UserError(f"{exc} (is it an agepipe CSV?)") from None
-    index = write_index(output_dir, entries, sources)
-    print(f"wrote {len(entries)} plots ({', '.join(config.formats)}) to {output_dir}/; open {index}")
+    image_folders = {os.path.dirname(p) for frame in (exploration, processed) if frame is not None and "path" in frame for p in frame["path"].dropna()}
+    with OutputGuard(inputs=[*sources, *sorted(image_folders)]) as guard:
+        folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
+        entries = []
+        try:
+            for name, caption, figure in make_figures(config, explore, exploration, processed):
+                save_figure(figure, folder, name, config.formats)
+                entries.append((name, caption))
+        except MissingColumn as exc:
+            raise UserError(f"{exc} (is it an agepipe CSV?)") from None
+        index = write_index(folder, entries, sources)
+        folder.finish()
+    print(f"wrote {len(entries)} plots ({', '.join(config.formats)}) to {folder.path}/; open {index}")
 
 
 if __name__ == "__main__":

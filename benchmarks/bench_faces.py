@@ -30,36 +30,9 @@ sys.path.insert(0, str(PROJECT))
 
 from face_analysis import DetectorSettings, FaceDetector  # noqa: E402
 from image_reader import load_explore_config  # noqa: E402
+from scenes import non_face_images  # noqa: E402
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Other"}
-# scikit-image's bundled photographs without a person in them
-NON_FACE_PICTURES = ["brick", "cell", "chelsea", "coffee", "coins", "color", "grass", "gravel", "horse", "hubble_deep_field",
-                     "ihc", "logo", "microaneurysms", "moon", "motorcycle_left", "page", "retina", "rocket", "text", "clock_motion"]
-
-
-def non_face_images(count: int, seed: int = 0) -> list[np.ndarray]:
-    """`count` BGR images without faces, from pictures shipped inside scikit-image (no download)."""
-    import skimage
-
-    folder = Path(skimage.__file__).parent / "data"
-    rng = np.random.default_rng(seed)
-    lfw = np.load(folder / "lfw_subset.npy")[100:]  # the subset's second half: patches that are not faces
-    images = [cv2.cvtColor(cv2.resize((patch * 255).astype(np.uint8), (200, 200)), cv2.COLOR_GRAY2BGR) for patch in lfw]
-    pictures = []
-    for name in NON_FACE_PICTURES:
-        path = next(folder.glob(name + ".*"), None)
-        picture = cv2.imread(str(path), cv2.IMREAD_COLOR) if path else None
-        if picture is not None:
-            pictures.append(picture)
-    while len(images) < count:
-        picture = pictures[rng.integers(len(pictures))]
-        height, width = picture.shape[:2]
-        side = int(rng.uniform(0.3, 1.0) * min(height, width))
-        y, x = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
-        images.append(cv2.resize(picture[y:y + side, x:x + side], (200, 200), interpolation=cv2.INTER_AREA))
-    return images[:count]
-
-
 def haar_detector():
     cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_alt2.xml"))
 

@@ -20,6 +20,16 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 
+@pytest.fixture(autouse=True)
+def claimed_tmp_path(tmp_path):
+    """Library functions called in the test process may write below the test's own folder: it is
+    claimed as the scripts claim their outputs (outputs.OutputGuard), so nothing else can be written."""
+    import outputs
+
+    outputs.adopt(((), (str(tmp_path.resolve()),)))
+    return tmp_path
+
+
 def run(script: str, *overrides: str, config: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run a top-level script with --set overrides; fail the test with its output if it fails."""
     command = [sys.executable, str(PROJECT / script)]

@@ -2,8 +2,9 @@
 
     python tests/fuzz_images.py SEED_FOLDER OUT_FOLDER [N]
 
-Mutations, cycled: truncations, bit flips, random bytes, empty files, a header declaring a huge image
-(decompression bomb), extreme aspect ratios, 16-bit, float, CMYK, palette, RGBA, grayscale and
+Mutations, cycled: truncations (also cut short with an end marker appended), bit flips, random bytes,
+empty files, a header declaring a huge image (decompression bomb), a header quoting a secret, a bad
+CRC, EXIF orientations (and an impossible one), extreme aspect ratios, 16-bit, float, CMYK, palette, RGBA, grayscale and
 animated images, FIFOs, symbolic links (to a face, to /dev/zero, dangling, a loop), and odd names
 (spaces, Unicode, newlines, a leading dash, 200+ characters, a name that is only dots). Seeded: the
 same arguments write the same files.
@@ -35,6 +36,12 @@ def pillow_bytes(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
+def with_orientation(image: Image.Image, orientation: int) -> bytes:
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    return pillow_bytes(image, "JPEG", exif=exif.tobytes())
+
+
 def mutations(face: np.ndarray, jpeg: bytes, rng: np.random.Generator):
     """(suffix, bytes or a special marker) for each kind of hostile content."""
     rgb = Image.fromarray(face[..., ::-1])
@@ -55,6 +62,10 @@ def mutations(face: np.ndarray, jpeg: bytes, rng: np.random.Generator):
     yield ".bmp", pillow_bytes(rgb.convert("L"), "BMP")
     yield ".webp", pillow_bytes(rgb, "WEBP", save_all=True, append_images=[rgb.rotate(10)], duration=100)
     yield ".jpg", jpeg  # an intact face under an odd name
+    yield ".jpg", jpeg[: int(len(jpeg) * rng.uniform(0.6, 0.95))] + b"\xff\xd9"  # cut short, an end marker appended
+    yield ".jpg", b"P6 SECRETPASSWORD 640 480\n255\n" + rng.bytes(64)  # a header that quotes its own bytes in errors
+    yield ".jpg", with_orientation(rgb, int(rng.choice([3, 6, 8, 99])))  # a phone photo turned by EXIF (99: no such turn)
+    yield ".png", png_bomb(64, 64)[:20] + bytes([png_bomb(64, 64)[20] ^ 0xFF]) + png_bomb(64, 64)[21:]  # a header with a bad CRC
     yield ".jpg", "fifo"
     yield ".jpg", "link_to_face"
     yield ".jpg", "link_to_dev_zero"
@@ -81,7 +92,7 @@ def write_fuzz(seed_folder: Path, out: Path, count: int, seed: int = 0) -> list[
                 break
             index = len(written)
             age = int(rng.integers(-5, 130)) if index % 7 == 0 else int(rng.integers(1, 90))
-            odd = ODD_NAMES[index % len(ODD_NAMES)] if index % 3 == 0 else f"{index:05d}"
+            odd = f"{ODD_NAMES[index % len(ODD_NAMES)]}_{index}" if index % 3 == 0 else f"{index:05d}"
             name = f"{age}_{index % 2}_{index % 5}_{odd}{suffix}"
             if index % 11 == 0:
                 name = "." + name  # hidden

@@ -54,7 +54,7 @@ def test_explore_and_process_on_dask_give_the_local_rows_despite_a_killed_worker
     run("explore_images.py", f"dataset_dir={larger_sample}", f"output_csv={local}/m.csv", f"summary_csv={local}/s.csv")
     engine = [f"scheduler={address}", "chunk_files=40"]
     run_and_kill_a_worker("explore_images.py", [f"dataset_dir={larger_sample}", f"output_csv={remote}/m.csv",
-                                                f"summary_csv={remote}/s.csv", *engine], remote / "m.parts", client)
+                                                f"summary_csv={remote}/s.csv", *engine], remote / "m.csv.parts", client)
     pd.testing.assert_frame_equal(read_csv(local / "m.csv"), read_csv(remote / "m.csv"))
     assert (local / "s.csv").read_bytes() == (remote / "s.csv").read_bytes()
 

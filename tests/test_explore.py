@@ -114,7 +114,7 @@ def test_interrupted_run_continues_and_matches_an_uninterrupted_one(sample, tmp_
     explore(sample, tmp_path / "whole", "num_workers=1")
     out = tmp_path / "killed"
     done = kill_part_way("explore_images.py", [f"dataset_dir={sample}", f"output_csv={out}/m.csv", f"summary_csv={out}/s.csv",
-                                               "num_workers=1", "chunk_files=40"], out / "m.parts", lines=150)
+                                               "num_workers=1", "chunk_files=40"], out / "m.csv.parts", lines=150)
     assert 0 < done < 606 and not (out / "m.csv").exists(), f"killed after {done} images"
     resumed = explore(sample, out, "num_workers=2", "chunk_files=40")
     assert f"re-using measurements of {done} unchanged files" in resumed.stderr
@@ -129,7 +129,7 @@ def test_a_new_file_costs_one_chunk_and_old_parts_are_cleared(small_sample, tmp_
     for image in small_sample.glob("*.jpg"):
         (data / image.name).symlink_to(image)
     explore(data, tmp_path, "chunk_files=10")
-    parts = tmp_path / "m.parts"
+    parts = tmp_path / "m.csv.parts"
     before = {p.name for p in parts.glob("*.jsonl")}
     (parts / "notes.jsonl").write_text("the user's own file\n")
     newcomer = sorted(small_sample.glob("*.jpg"))[40]
@@ -165,7 +165,7 @@ def test_labels_from_a_csv(small_sample, tmp_path):
         (["age_groups.edges=[0, 20, 10]"], "age_groups.edges: expected the lower edges in increasing order"),
         (["labels.source=database"], "labels.source: expected one of 'filename' or 'csv', got 'database'"),
         (["dataset_dir=/no/such/folder"], "dataset folder /no/such/folder does not exist"),
-        (["output_csv=/etc/hostname/m.csv"], "output folder /etc/hostname is not writable"),
+        (["output_csv=/etc/hostname/m.csv"], "/etc/hostname is not writable"),
         (["treshold=3"], "treshold: unknown key"),
     ],
 )

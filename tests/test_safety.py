@@ -1,6 +1,7 @@
 """Data safety and hostile input: a run never touches what it did not write, never hangs, and gives every
 file a row. Each test plants the danger (a user's files, a tampered CSV, a FIFO...) and checks the oracle."""
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -9,12 +10,13 @@ import sys
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import PROJECT, kill_part_way, process, read_csv, run
 from errors import UserError
-from outputs import MANIFEST, OutputFolder, run_lock
-from parallel import parallel_map
+from outputs import FOLDER_LOCK, MANIFEST, OutputGuard, run_lock
+from parallel import Engine, parallel_map
 
 
 def snapshot(folder):
@@ -51,8 +53,8 @@ def test_a_folder_of_the_users_files_is_refused_and_never_emptied(faces, tmp_pat
     assert all(snapshot(mine)[name] == digest for name, digest in before.items())
 
 
-@pytest.mark.parametrize("output_dir, message", [(".", "overlaps the project's .git"), (".git/x", "overlaps the project's .git"),
-                                                 ("..", "overlaps the project's .git")])
+@pytest.mark.parametrize("output_dir, message", [(".", "holds the project itself"), (".git/x", "lies inside a .git folder"),
+                                                 ("..", "holds the project itself")])
 def test_the_project_and_its_git_are_never_an_output_folder(faces, tmp_path, output_dir, message):
     git = snapshot(PROJECT / ".git" / "refs")
     result = run("process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={output_dir}", f"output_csv={tmp_path}/p.csv", check=False)
@@ -63,16 +65,18 @@ def test_output_csvs_that_would_destroy_an_input_are_refused(faces, tmp_path):
     image = next(faces.iterdir())
     before = image.read_bytes()
     result = run("explore_images.py", f"dataset_dir={faces}", f"output_csv={image}", f"summary_csv={tmp_path}/s.csv", check=False)
-    assert result.returncode == 2 and "image file's name" in result.stderr and image.read_bytes() == before
+    assert result.returncode == 2 and "overlaps the input folder" in result.stderr and image.read_bytes() == before
+    result = run("explore_images.py", f"dataset_dir={faces}", f"output_csv={tmp_path}/photo.jpg", f"summary_csv={tmp_path}/s.csv", check=False)
+    assert result.returncode == 2 and "image file's name" in result.stderr
     result = run("explore_images.py", f"dataset_dir={faces}", f"output_csv={faces}/m.csv", f"summary_csv={tmp_path}/s.csv", check=False)
-    assert result.returncode == 2 and "sit inside the input" in result.stderr
+    assert result.returncode == 2 and "overlaps the input folder" in result.stderr
     result = run("explore_images.py", f"dataset_dir={faces}", f"output_csv={tmp_path}", f"summary_csv={tmp_path}/s.csv", check=False)
     assert result.returncode == 2 and "is a folder" in result.stderr
     original = (tmp_path / "m.csv").read_bytes()
     result = run("process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={tmp_path}/out", f"output_csv={tmp_path}/m.csv", check=False)
     assert result.returncode == 2 and "would overwrite" in result.stderr and (tmp_path / "m.csv").read_bytes() == original
     result = run("process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={tmp_path}/out", f"output_csv={tmp_path}/out/p.csv", check=False)
-    assert result.returncode == 2 and "inside the image folder" in result.stderr
+    assert result.returncode == 2 and "overlaps the output folder" in result.stderr
 
 
 @pytest.mark.parametrize("tampered", ["../escaped.jpg", "/tmp/agepipe-escaped.jpg", "sub/../../escaped.jpg"])
@@ -148,7 +152,7 @@ def test_a_folder_of_only_unreadable_files_is_reported_not_a_crash(tmp_path):
     assert (read_csv(tmp_path / "m.csv")["status"] == "unreadable").all()
 
 
-def _die_on_thirteen(item):
+def _die_on_thirteen(state, item):
     x, fifo = item
     if x == 13:
         os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
@@ -160,10 +164,11 @@ def _die_on_thirteen(item):
 def test_a_killed_worker_or_a_hang_costs_one_item_not_the_run(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     items = [(x, str(tmp_path / "fifo")) for x in range(30)]
-    results = list(parallel_map(_die_on_thirteen, items, 2, chunksize=4, timeout=2, on_failure=lambda item, why: (item[0], why)))
+    results = list(parallel_map(_die_on_thirteen, items, Engine(num_workers=2, task_timeout=2), chunksize=4,
+                                on_failure=lambda item, why: (item[0], why)))
     failures = dict(r for r in results if isinstance(r, tuple))
     assert sorted(r for r in results if not isinstance(r, tuple)) == [x * 2 for x in range(30) if x not in (7, 13)]
-    assert "worker process died" in failures[13] and "timed out" in failures[7]
+    assert "worker process died" in failures[13] and "took longer than task_timeout_seconds (2 s)" in failures[7]
 
 
 def test_a_second_run_on_the_same_output_stops_with_one_line(faces, tmp_path):
@@ -173,17 +178,21 @@ def test_a_second_run_on_the_same_output_stops_with_one_line(faces, tmp_path):
 
 
 def test_output_folder_ownership_in_the_library(tmp_path):
-    folder = OutputFolder(tmp_path / "out")
-    folder.begin(["a.jpg", "b.jpg"])
-    for name in ("a.jpg", "b.jpg"):
-        (tmp_path / "out" / name).write_bytes(b"ours")
+    with OutputGuard() as guard:  # an earlier run wrote a.jpg and b.jpg
+        folder = guard.folder(tmp_path / "out", "output_dir")
+        folder.begin(["a.jpg", "b.jpg"])
+        for name in ("a.jpg", "b.jpg"):
+            folder.write_bytes(name, b"ours")
     (tmp_path / "out" / "theirs.jpg").write_bytes(b"theirs")
     (tmp_path / "out" / ".b.jpg.k1ll3d_x.tmp").write_bytes(b"a killed run's temporary file of ours")
     (tmp_path / "out" / ".theirs.jpg.abcdefgh.tmp").write_bytes(b"looks like one, but not of a file we own")
-    assert folder.finish(["a.jpg"]) == 2
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([MANIFEST, "a.jpg", "theirs.jpg", ".theirs.jpg.abcdefgh.tmp"])
-    with pytest.raises(UserError, match="overlaps the input dataset"):
-        OutputFolder(tmp_path / "data" / "out", inputs=[tmp_path / "data"])
+    with OutputGuard() as guard:  # this run writes a.jpg only
+        folder = guard.folder(tmp_path / "out", "output_dir")
+        folder.write_bytes("a.jpg", b"ours again")
+        assert folder.finish() == 1 and not (tmp_path / "out" / ".b.jpg.k1ll3d_x.tmp").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([MANIFEST, FOLDER_LOCK, "a.jpg", "theirs.jpg", ".theirs.jpg.abcdefgh.tmp"])
+    with pytest.raises(UserError, match="overlaps the input folder"):
+        OutputGuard(inputs=[tmp_path / "data"]).folder(tmp_path / "data" / "out", "output_dir")
 
 
 @pytest.mark.parametrize("make_config, message", [
@@ -246,3 +255,161 @@ def test_resume_redoes_an_output_changed_since_the_journal_recorded_it(explored,
     victim.write_bytes(b"truncated by a crash")
     process(explored / "image_metadata.csv", out)
     assert victim.stat().st_size == original_size and cv2.imread(str(victim)) is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Second round (issue 21): silent wrong results, hangs and floods, tracebacks and leaks
+# --------------------------------------------------------------------------------------------------
+def test_a_jpeg_cut_short_with_an_end_marker_appended_is_unreadable(sample, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    source = sorted(sample.glob("*.chip.jpg"))[3].read_bytes()
+    for fraction in (0.6, 0.8, 0.95):
+        (data / f"{int(fraction * 100)}_0_0_cut.jpg").write_bytes(source[: int(len(source) * fraction)] + b"\xff\xd9")
+    (data / "30_0_0_whole.jpg").write_bytes(source)
+    run("explore_images.py", f"dataset_dir={data}", f"output_csv={tmp_path}/m.csv", f"summary_csv={tmp_path}/s.csv")
+    rows = read_csv(tmp_path / "m.csv").set_index("file")
+    cut = rows.drop(index="30_0_0_whole.jpg")
+    assert (cut["status"] == "unreadable").all() and cut["reason"].str.contains("corrupt or truncated JPEG data").all()
+    assert rows.loc["30_0_0_whole.jpg", "status"] != "unreadable"
+
+
+def test_a_phone_photo_is_measured_the_way_it_is_shown(tmp_path):
+    from PIL import Image
+
+    from image_io import read_image
+
+    stored = np.zeros((60, 120, 3), np.uint8)
+    stored[:, :30] = 255  # a white band on the left, as stored
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise: the band is on top
+    image.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    bgr, info = read_image(str(tmp_path / "phone.jpg"), 10**8, 10**9)
+    assert bgr.shape[:2] == (120, 60) and (info["width"], info["height"]) == (60, 120)
+    assert bgr[:25].mean() > 240 and bgr[40:].mean() < 15
+
+
+def test_resume_trusts_contents_not_sizes(explored, tmp_path):
+    out = tmp_path / "killed"
+    kill_part_way("process_images.py", [f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={out}/images",
+                                         f"output_csv={out}/processed.csv", "num_workers=1"], out / "processed.journal.jsonl", lines=60)
+    victim = sorted((out / "images").glob("*.jpg"))[0]
+    original = victim.read_bytes()
+    edited = bytearray(original)
+    edited[len(edited) // 2] ^= 0xFF  # the same size, other content
+    victim.write_bytes(bytes(edited))
+    process(explored / "image_metadata.csv", out)
+    assert victim.read_bytes() == original
+
+
+def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp_path):
+    from face_analysis import DescriptorSettings, describe_files
+    from parallel import Engine
+    from resume import Journal
+
+    settings = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, True, True, 1e-6)
+    faces = [str(p) for p in sorted(sample.glob("*.chip.jpg"))[:4]]
+    cache = tmp_path / "cache.jsonl"
+    clean, _ = describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)
+    header = Journal.header(cache)
+    keys = list(Journal(cache, header["fingerprint"]).done)
+    with open(cache, "a", encoding="utf-8") as f:
+        for key, vector in zip(keys, ([[float("nan")] * 209] * 2, [[1e30] * 209] * 2, [[0.5] * 128] * 2)):
+            f.write(json.dumps({"_key": key, "descriptor": vector, "face_problem": None}) + "\n")
+    with open(cache, "ab") as f:
+        f.write(b"\xff\xfe not UTF-8\n")
+    again, problems = describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)
+    for before, after in zip(clean, again):
+        np.testing.assert_allclose(before, after, atol=1e-5)
+    assert all(np.isfinite(vector).all() for vector in again)
+
+
+def test_exploration_names_what_is_wrong_with_each_label(sample, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    faces = sorted(sample.glob("*.chip.jpg"))[:5]
+    for face in faces:
+        shutil.copy(face, data / face.name)
+    ages = ["25.5", "1e23", "-3", "abc", "40"]
+    (tmp_path / "labels.csv").write_text("file,age\n" + "".join(f"{f.name},{a}\n" for f, a in zip(faces, ages)))
+    run("explore_images.py", f"dataset_dir={data}", "labels.source=csv", f"labels.csv_path={tmp_path}/labels.csv",
+        f"output_csv={tmp_path}/m.csv", f"summary_csv={tmp_path}/s.csv")
+    rows = read_csv(tmp_path / "m.csv").set_index("file")
+    reasons = [rows.loc[f.name, "label_error"] for f in faces]
+    assert reasons[:4] == ["age 25.5 is not a whole number of years", "age 1e+23 outside 0-120", "age -3 outside 0-120",
+                           "age in the labels CSV is not a number"]
+    assert rows.loc[faces[4].name, "age"] == 40 and pd.isna(reasons[4])
+
+
+def test_deep_and_alias_bombed_configs_are_one_short_line_at_once(tmp_path):
+    import time
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("checks: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text("a: &a [x, x, x, x, x, x, x, x]\n" + "".join(f"l{i}: &l{i} [*{'a' if i == 0 else f'l{i - 1}'}, "
+                                                                     f"*{'a' if i == 0 else f'l{i - 1}'}]\n" for i in range(31)))
+    for config, words in ((deep, "nests deeper than"), (laughs, "aliases expand to more than")):
+        start = time.perf_counter()
+        result = run("explore_images.py", config=str(config), check=False)
+        assert result.returncode == 2 and words in result.stderr and time.perf_counter() - start < 30
+        assert len(result.stderr.strip().splitlines()) == 1 and len(result.stderr) < 400
+    result = run("explore_images.py", "checks.blurry.below=" + "x" * 5000, check=False)
+    assert result.returncode == 2 and len(result.stderr) < 400 and "chars)" in result.stderr
+
+
+def test_tampered_model_metadata_is_one_line(tmp_path):
+    import zipfile
+
+    good = {"age_group_edges": [0, 10, 20], "labels": ["0-9", "10-19", "20+"], "max_age": 100, "backbone": "cnn", "descriptor": None,
+            "input_size": 32, "training_group_shares": [0.3, 0.3, 0.4], "config": {}, "python": "3.11", "packages": {}}
+    (tmp_path / "faces").mkdir()
+    cv2.imwrite(str(tmp_path / "faces" / "30_0_0_face.jpg"), np.full((64, 64, 3), 128, np.uint8))
+    cases = {"extra key": {**good, "surprise": 1}, "string edges": {**good, "age_group_edges": ["0", "10", "20"]},
+             "negative input size": {**good, "input_size": -32}, "labels of other edges": {**good, "labels": ["a", "b", "c"]}}
+    for name, metadata in cases.items():
+        model = tmp_path / f"{name}.keras"
+        with zipfile.ZipFile(model, "w") as archive:
+            archive.writestr("agepipe.json", json.dumps(metadata))
+        result = run("predict_age.py", f"model_path={model}", f"inputs=[{tmp_path}/faces]", f"output_csv={tmp_path}/p.csv", check=False)
+        assert result.returncode == 2 and "has damaged metadata" in result.stderr and "Traceback" not in result.stderr, name
+
+
+def test_a_file_is_never_quoted_in_its_reason(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "30_0_0_secret.jpg").write_bytes(b"P6 SECRETPASSWORD 12 12\n255\n" + bytes(10))
+    (data / "31_0_0_secret.png").write_bytes(b"\x89PNG\r\n\x1a\nSECRETPASSWORD-IN-A-CHUNK" + bytes(40))
+    run("explore_images.py", f"dataset_dir={data}", f"output_csv={tmp_path}/m.csv", f"summary_csv={tmp_path}/s.csv")
+    text = (tmp_path / "m.csv").read_text()
+    assert "SECRET" not in text and (read_csv(tmp_path / "m.csv")["status"] == "unreadable").all()
+
+
+def test_an_image_that_takes_too_long_says_so(tmp_path):
+    from metrics import METRICS, ReaderSettings, metric
+    from parallel import Engine
+
+    @metric()
+    def slow_in_tests(view):
+        import time
+
+        time.sleep(30)
+        return 0.0
+
+    try:
+        image = tmp_path / "1_0_0_face.png"
+        cv2.imwrite(str(image), np.full((50, 50, 3), 128, np.uint8))
+        settings = ReaderSettings({"slow_in_tests": {}}, 10**8, 10**9, 20, 200)
+        [(reason,)] = list(parallel_map(_measure_reason, [(str(image), settings)], Engine(num_workers=1, task_timeout=1),
+                                        on_failure=lambda item, why: (why,)))
+        assert reason == "took longer than task_timeout_seconds (1 s)"
+    finally:
+        METRICS.pop("slow_in_tests")
+
+
+def _measure_reason(state, item):
+    from metrics import measure_file
+
+    path, settings = item
+    return (measure_file(path, settings)["error"],)

@@ -62,19 +62,19 @@ def test_no_source_image_in_two_splits_and_test_holds_originals_only(trained, re
 def test_saved_model_reloads_with_its_metadata_and_predicts_the_same(trained, descriptor_cache):
     from age_model import MAX_FILE_BYTES, MAX_PIXELS, group_matrix, load_with_metadata, predict_years
     from face_analysis import DescriptorSettings, describe_files
-    from age_groups import AgeGroups
+    from parallel import Engine
 
     out, _ = trained
     model, metadata = load_with_metadata(out / "model.keras")
-    assert metadata["labels"] == ["0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
-    assert metadata["backbone"] == "dlib_face_descriptor" and metadata["config"]["seed"] == 7
+    assert metadata.labels == ["0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
+    assert metadata.backbone == "dlib_face_descriptor" and metadata.config["seed"] == 7
     saved = read_csv(out / "test_predictions.csv")
-    descriptors, _ = describe_files(list(saved["path"]), DescriptorSettings(**metadata["descriptor"]), descriptor_cache, 1, MAX_PIXELS, MAX_FILE_BYTES)
+    descriptors, _ = describe_files(list(saved["path"]), DescriptorSettings(**metadata.descriptor.model_dump()), descriptor_cache, Engine(num_workers=1), MAX_PIXELS, MAX_FILE_BYTES)
     stacked = np.stack(descriptors)
     years = predict_years(model, stacked[:, 0], stacked[:, 1])
-    groups = years @ group_matrix(AgeGroups(tuple(metadata["age_group_edges"])), metadata["max_age"])
-    np.testing.assert_allclose(groups, saved[[f"p_{g}" for g in metadata["labels"]]].to_numpy(), atol=2e-4)
-    np.testing.assert_allclose(years @ np.arange(metadata["max_age"] + 1), saved["expected_age"], atol=0.01)
+    groups = years @ group_matrix(metadata.groups, metadata.max_age)
+    np.testing.assert_allclose(groups, saved[[f"p_{g}" for g in metadata.labels]].to_numpy(), atol=2e-4)
+    np.testing.assert_allclose(years @ np.arange(metadata.max_age + 1), saved["expected_age"], atol=0.01)
 
 
 def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample, descriptor_cache, tmp_path):
@@ -129,7 +129,7 @@ def test_a_keras_applications_backbone_trains_and_reloads_offline(resampled, des
     folder, _, _ = resampled
     train(folder / "resampled.csv", tmp_path, descriptor_cache, *PIXELS, "model.backbone=MobileNetV3Small", "model.weights=null")
     model, metadata = load_with_metadata(tmp_path / "model.keras")
-    assert metadata["input_size"] == 32 and model.output_shape == (None, 101)
+    assert metadata.input_size == 32 and model.output_shape == (None, 101)
 
 
 def test_a_group_without_images_is_reported_not_fatal(resampled, descriptor_cache, tmp_path):
@@ -192,7 +192,8 @@ def test_year_distribution_targets_and_prior_correction():
 def test_images_that_no_longer_decode_are_left_out_before_training(resampled, descriptor_cache, tmp_path):
     folder, _, _ = resampled
     rows = read_csv(folder / "resampled.csv")
-    broken = tmp_path / "35_0_0_broken.jpg"
+    broken = tmp_path / "images" / "35_0_0_broken.jpg"
+    broken.parent.mkdir()
     broken.write_bytes(open(rows["path"].iloc[0], "rb").read()[:300])  # truncated since the earlier stages accepted it
     extra = rows.iloc[:1].assign(file=broken.name, path=str(broken), source=broken.name, copy=0, age=35)
     pd.concat([rows, extra]).to_csv(tmp_path / "with_broken.csv", index=False)

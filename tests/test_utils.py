@@ -10,9 +10,9 @@ from pydantic import Field
 from config_models import AgeRange, Bounded, Section
 from age_groups import AgeGroups
 from config import apply_override, validate_section
-from errors import ConfigError
 from outputs import atomic_write
-from parallel import parallel_map
+from parallel import Engine, parallel_map
+from errors import ConfigError, UserError
 from resume import Journal, PartStore, json_table
 
 class Rule(Section):
@@ -71,7 +71,7 @@ def test_override_parses_yaml_values_and_rejects_non_sections():
     apply_override(config, "checks.blurry.below=12.5")
     apply_override(config, "n=[1, 2]")
     assert config == {"checks": {"blurry": {"below": 12.5}}, "n": [1, 2]}
-    with pytest.raises(ConfigError, match="n is not a config section"):
+    with pytest.raises(ConfigError, match="'n' is not a config section"):
         apply_override(config, "n.x=1")
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         apply_override(config, "no-equals-sign")
@@ -114,6 +114,24 @@ def test_journal_resumes_and_ignores_torn_line(tmp_path):
     assert all(json.loads(line) for line in path.read_text().splitlines())
 
 
+def test_a_damaged_journal_line_is_done_again_and_a_stranger_is_never_a_journal(tmp_path):
+    path = tmp_path / "j.jsonl"
+    with Journal(path, "fp1") as journal:
+        journal.record("a", {"x": 1})
+    with open(path, "ab") as f:
+        f.write(b"\xff\xfe not JSON, not UTF-8\n")
+    with Journal(path, "fp1") as journal:
+        journal.record("b", {"x": 2})
+    resumed = Journal(path, "fp1")
+    assert resumed.done == {"a", "b"} and resumed.records(["a", "b"]) == {"a": {"x": 1}, "b": {"x": 2}}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    assert not Journal.is_journal(notes) and not Journal.is_journal(tmp_path / "missing.jsonl")
+    with pytest.raises(UserError, match="not one of agepipe's journals"):
+        Journal(notes, "fp1")
+    assert notes.read_text() == "my notes\n"
+
+
 def test_journal_with_other_fingerprint_is_discarded(tmp_path):
     path = tmp_path / "j.jsonl"
     with Journal(path, "old-settings") as journal:
@@ -139,7 +157,7 @@ def test_parts_keep_their_column_types_and_only_their_own_files_are_ever_deleted
     assert store.has(first) and not store.has(second) and looks_like_a_part.exists() and not killed_write.exists()
 
 
-def _pulled(item):
+def _pulled(state, item):
     return item
 
 
@@ -153,7 +171,7 @@ def test_parallel_map_takes_items_as_it_needs_them():
             taken.append(i)
             yield i
 
-    results = parallel_map(_pulled, items(), 2, chunk_files=100)
+    results = parallel_map(_pulled, items(), Engine(num_workers=2, chunk_files=100))
     first = next(results)
     assert len(taken) <= 300, len(taken)
     assert sorted([first, *results]) == list(range(20_000)) and len(taken) == 20_000
