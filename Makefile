@@ -14,29 +14,31 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
+# Your own data: make pipeline DATA=~/photos LABELS=~/photos/labels.csv WORKSPACE=~/agepipe-run
+# (DATA alone reads ages from UTKFace names; without WORKSPACE everything goes into the project folder).
+WORKSPACE_SET := $(if $(WORKSPACE),--set workspace=$(WORKSPACE),)
+DATA_SET := $(if $(DATA),--set dataset_dir=$(DATA),) $(if $(LABELS),--set labels.csv_path=$(LABELS),)
+
 pipeline: $(STAMP)
-	$(PY) make_sample_dataset.py
-	$(PY) explore_images.py
-	$(PY) process_images.py
-	$(PY) visualize_image_information.py
-	$(PY) run_notebook.py australian_population.ipynb
-	$(PY) run_notebook.py resampling.ipynb
-	$(PY) train_model.py
-	$(PY) predict_age.py
+	$(if $(DATA),,$(PY) make_sample_dataset.py $(WORKSPACE_SET))
+	$(PY) explore_images.py $(WORKSPACE_SET) $(DATA_SET)
+	$(PY) process_images.py $(WORKSPACE_SET)
+	$(PY) visualize_image_information.py $(WORKSPACE_SET)
+	$(PY) run_notebook.py australian_population.ipynb $(WORKSPACE_SET)
+	$(PY) run_notebook.py resampling.ipynb $(WORKSPACE_SET)
+	$(PY) train_model.py $(WORKSPACE_SET)
+	$(PY) predict_age.py $(WORKSPACE_SET)
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 # Optional: explore, process and train on real UTKFace faces, when ../shared/data is present
-# (the model is tested on a held-out 15% of them). Everything goes to real_data/, beside the sample
-# pipeline's folders and never inside them.
+# (the model is tested on a held-out 15% of them). Everything goes to the workspace real_data/.
 smoke-real: $(STAMP)
 	@if [ -d $(REAL_DATA) ]; then \
-		$(PY) explore_images.py --set dataset_dir=$(REAL_DATA) \
-			--set output_csv=real_data/csv/image_metadata.csv --set summary_csv=real_data/csv/image_metadata_summary.csv && \
-		$(PY) process_images.py --set input_csv=real_data/csv/image_metadata.csv --set output_dir=real_data/processed_dataset \
-			--set output_csv=real_data/csv/processed_metadata.csv && \
-		$(PY) train_model.py --set input_csv=real_data/csv/processed_metadata.csv --set output_dir=real_data/model; \
+		$(PY) explore_images.py --set workspace=real_data --set dataset_dir=$(REAL_DATA) && \
+		$(PY) process_images.py --set workspace=real_data && \
+		$(PY) train_model.py --set workspace=real_data; \
 	else echo "skipping real-data smoke run: $(REAL_DATA) not found"; fi
 
 bench: $(STAMP)

@@ -10,13 +10,21 @@ import errno
 import logging
 import os
 import sys
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, get_args, get_origin
 
-from config import CONFIG_DIR, ModelT, load_config
+import yaml
+from pydantic import BaseModel
+
+from config import CONFIG_DIR, ModelT, load_config, read_settings
 from errors import ConfigError, UserError
 
-def parse_args(description: str, default_config: str, argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def parse_args(description: str, default_config: str, model: type[BaseModel] | None = None, examples: Iterable[str] = (),
+               argv: list[str] | None = None) -> argparse.Namespace:
+    """--config and --set; --help also lists every setting of `model` with its value in the config files
+    and its meaning, and `examples` (commands that run as written)."""
+    argv = sys.argv[1:] if argv is None else argv
+    epilog = settings_help(model, CONFIG_DIR / default_config, examples) if model and ({"-h", "--help"} & set(argv)) else None
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config", default=str(CONFIG_DIR / default_config), help="YAML config file (default: %(default)s)"
     )
@@ -26,17 +34,57 @@ def parse_args(description: str, default_config: str, argv=None) -> argparse.Nam
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config value, e.g. --set num_workers=1 (repeatable; dotted keys reach nested values)",
+        help="change one setting (repeatable): dotted keys reach nested ones, values are YAML: "
+             "--set num_workers=1 --set checks.blurry.below=10 --set inputs=[photos,more/photos]",
     )
     return parser.parse_args(argv)
+
+
+def settings_help(model: type[BaseModel], config_path, examples: Iterable[str]) -> str:
+    """Every setting of `model` (dotted key: its value in the config files; its meaning), then examples."""
+    try:
+        values = read_settings(config_path)
+    except ConfigError as exc:
+        return f"settings: cannot be listed ({exc})"
+    lines = [f"settings ({config_path} and {CONFIG_DIR / 'common.yaml'}; relative paths in them are relative to the "
+             "workspace, paths typed with --set to the current folder):"]
+    lines += _setting_lines(model, values, "")
+    if examples:
+        lines += ["", "examples:"] + [f"  {example}" for example in examples]
+    return "\n".join(lines)
+
+
+def _setting_lines(model: type[BaseModel], values: Any, prefix: str) -> list[str]:
+    lines = []
+    for name, field in model.model_fields.items():
+        key, value = prefix + name, values.get(name) if isinstance(values, dict) else None
+        sections = [a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if get_origin(field.annotation) is dict and isinstance(value, dict):  # named entries (checks, repairs): one line each
+            lines.append(f"  {key}: {field.description or ''}")
+            lines += [f"  {key}.{entry} = {_flow(entry_value)}" for entry, entry_value in value.items()]
+            continue
+        if sections and isinstance(value, dict):
+            lines.append(f"  {key}: {field.description or ''}")
+            lines += _setting_lines(sections[0], value, key + ".")
+            continue
+        lines.append(f"  {key} = {_flow(value)}")
+        if field.description:
+            lines.append(f"      {field.description}")
+    return lines
 
 
 FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def run_script(main: Callable[[argparse.Namespace], None], description: str, default_config: str):
+def _flow(value: Any) -> str:
+    """A value as YAML on one line, as --set takes it."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def run_script(main: Callable[[argparse.Namespace], None], description: str, default_config: str,
+               model: type[BaseModel] | None = None, examples: Iterable[str] = ()):
     """Entry point shared by the scripts: parse arguments, run, turn user errors into one line."""
-    args = parse_args(description, default_config)
+    args = parse_args(description, default_config, model, examples)
     try:
         main(args)
     except (ConfigError, UserError) as exc:

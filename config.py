@@ -33,7 +33,7 @@ def validate_section(model: type[ModelT], data: Any, where: str = "") -> ModelT:
     except ValidationError as exc:
         # a misspelt key is also a missing one: naming the misspelling says more
         first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-        raise ConfigError(describe_problem(first, where)) from None
+        raise ConfigError(error_text(first, where)) from None
 
 
 # what a pydantic error type expects, in the words of a config file
@@ -42,12 +42,12 @@ EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_typ
             "model_attributes_type": "a mapping", "finite_number": "a finite number"}
 
 
-def describe_problem(error: dict, where: str = "") -> str:
+def error_text(error: dict, where: str = "") -> str:
     """One pydantic error as `key.path: expected ..., got <value>` (or the key's own rule).
 
     Examples
     --------
-    >>> describe_problem({"type": "greater_than_equal", "loc": ("edges", 1), "msg": "", "input": -2, "ctx": {"ge": 0}}, "age_groups")
+    >>> error_text({"type": "greater_than_equal", "loc": ("edges", 1), "msg": "", "input": -2, "ctx": {"ge": 0}}, "age_groups")
     'age_groups.edges[1]: expected a value >= 0, got -2'
     """
     keys = [where] if where else []
@@ -230,12 +230,18 @@ def resolve_paths(config: dict, kinds: dict[str, PathKind], typed: set[str]) -> 
             node[name] = [str(base / Path(v).expanduser()) if isinstance(v, str) else v for v in value]
 
 
+def read_settings(path: str | os.PathLike) -> dict:
+    """The common settings and a script's YAML file, merged, as written (no --set, no validation)."""
+    config = _read_yaml(COMMON_CONFIG)
+    config.update(_read_yaml(Path(path)))
+    return config
+
+
 def load_config(model: type[ModelT], path: str | os.PathLike, overrides: Iterable[str] = ()) -> ModelT:
     """Read the common settings, the script's YAML file and the overrides, make the paths absolute
     (resolve_paths) and validate the result as a `model` (see config_models.py); any problem is one
     ConfigError line starting with the file's path."""
-    config = _read_yaml(COMMON_CONFIG)
-    config.update(_read_yaml(Path(path)))
+    config = read_settings(path)
     typed = {apply_override(config, assignment) for assignment in overrides}
     resolve_paths(config, path_fields(model), typed)
     try:

@@ -22,7 +22,7 @@ from config import PROJECT, WORKSPACE
 class Section(BaseModel):
     """A config section: exactly its fields, strictly typed, no NaN or infinity."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 def Bounded(kind: type, ge: float | None = None, le: float | None = None) -> Any:
@@ -43,6 +43,7 @@ ProjectPath = Annotated[str, PROJECT]
 # --------------------------------------------------------------------------------------------------
 class AgeGroupEdges(Section):
     edges: list[Bounded(int, 0, 150)] = Field(min_length=2)
+    """Lower edge of each age group; the last group is open: [0, 10, 70] gives 0-9, 10-69, 70+."""
 
     @field_validator("edges")
     @classmethod
@@ -64,20 +65,34 @@ class OrderedRange(Section):
 
 class AgeRange(OrderedRange):
     min: Bounded(int, 0, 150)
+    """The youngest age that is a plausible label."""
     max: Bounded(int, 0, 150)
+    """The oldest age that is a plausible label; ages outside min-max are labelling errors (the row is kept, unlabelled)."""
 
 
 class Common(Section):
     workspace: WorkspacePath | None
+    """Where every stage writes, and where relative paths in config files point (null: the project folder)."""
     age_groups: AgeGroupEdges
+    """The age groups of every stage."""
     age_range: AgeRange
+    """Plausible ages."""
     num_workers: Bounded(int, 0)
+    """Worker processes for image work; 0: every core."""
     scheduler: str
+    """Where image work runs: 'local' (this machine's process pool) or a Dask scheduler address (tcp://host:8786)."""
     scheduler_timeout_seconds: Bounded(float, 0.1)
+    """Seconds to wait for the Dask scheduler before stopping with one line."""
     overwrite_output: bool
+    """Allow writing into a non-empty output folder agepipe did not create (nothing of yours is ever replaced)."""
     chunk_files: Bounded(int, 1)
+    """Files per chunk, the unit of work: one Dask task; in exploration also one part file of measurements."""
     task_timeout_seconds: Bounded(float, 0.1)
+    """Seconds one image may take in a worker before it gets a row saying so."""
+    descriptor_cache: WorkspacePath
+    """Face descriptors cached by image content, shared by training, prediction and the label check."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+    """DEBUG, INFO, WARNING or ERROR."""
 
     @field_validator("scheduler")
     @classmethod
@@ -91,10 +106,14 @@ class Common(Section):
 # configs/explore_images.yaml
 # --------------------------------------------------------------------------------------------------
 class Labels(Section):
-    source: Literal["filename", "csv"]
+    source: Literal["auto", "filename", "csv"]
+    """'auto' (the labels CSV when csv_path is set, else UTKFace names), 'filename' or 'csv'."""
     csv_path: WorkspacePath | None
+    """A labels CSV: each image's path relative to dataset_dir, and its age."""
     file_column: str
+    """The labels CSV's column of image paths."""
     age_column: str
+    """The labels CSV's column of ages."""
 
     @model_validator(mode="after")
     def csv_needs_a_path(self) -> "Labels":
@@ -102,20 +121,32 @@ class Labels(Section):
             raise ValueError("expected csv_path when source is 'csv', got null")
         return self
 
+    @property
+    def from_csv(self) -> bool:
+        """Whether ages come from the labels CSV ("auto": when one is given) or from UTKFace file names."""
+        return self.source == "csv" or (self.source == "auto" and bool(self.csv_path))
+
 
 class ImageLimits(Section):
     max_pixels: Bounded(int, 1)
+    """Images whose header claims more pixels are refused before decoding (decompression bombs)."""
     max_file_mb: Bounded(float, 0.001)
+    """Larger files are refused, not read."""
     max_aspect_ratio: Bounded(float, 1)
+    """More elongated images are refused."""
     analysis_side: Bounded(int, 16, 4096)
+    """Pixel metrics are measured with the shorter side scaled to this, so they mean the same at any size."""
 
 
 class CheckRule(Section):
     """Flag an image whose `metric` is below `below` or above `above` (every metric is >= 0)."""
 
     metric: str
+    """The metric (a CSV column) the check tests."""
     below: Bounded(float, 0) | None
+    """Flag an image whose metric is below this (null: no lower limit)."""
     above: Bounded(float, 0) | None
+    """Flag an image whose metric is above this (null: no upper limit)."""
 
     @model_validator(mode="after")
     def has_a_threshold(self) -> "CheckRule":
@@ -126,19 +157,30 @@ class CheckRule(Section):
 
 class Duplicates(Section):
     enabled: bool
+    """Search for exact and near-duplicate images."""
     max_hash_distance: Bounded(int, 0, 64)
+    """Perceptual hashes this many bits apart (of 256) or fewer are the same picture."""
     max_age_difference: Bounded(int, 0)
+    """Duplicates whose ages differ by more are flagged age_conflict."""
 
 
 class ExploreConfig(Common):
     dataset_dir: WorkspacePath
+    """The folder of images to explore (searched recursively)."""
     output_csv: WorkspacePath
+    """One row per image file found."""
     summary_csv: WorkspacePath
+    """Counts per status, check and age group."""
     labels: Labels
+    """Where the ages come from."""
     images: ImageLimits
+    """Limits on what is decoded."""
     metrics: dict[str, dict[str, Any] | None]  # name -> parameters, checked against each metric's own model
+    """The metrics to compute, each with its parameters (image_reader/metrics.py registers them)."""
     checks: dict[str, CheckRule]
+    """Named threshold rules, each a flag_<name> and a score_<name> column."""
     duplicates: Duplicates
+    """The duplicate search."""
 
     @field_validator("metrics")
     @classmethod
@@ -157,47 +199,26 @@ class ExploreConfig(Common):
 # --------------------------------------------------------------------------------------------------
 class Retry(Section):
     attempts: Bounded(int, 1, 20)
+    """Tries per image before it is rejected."""
     strength_factor: Bounded(float, 1.0, 10.0)
-
-
-class DenoiseParameters(Section):
-    strength: Bounded(float, 0.01, 20)
-    template_window: Bounded(int, 3, 21)
-    search_window: Bounded(int, 3, 51)
-
-
-class ExposureParameters(Section):
-    target_brightness: Bounded(float, 1, 254)
-
-
-class ContrastParameters(Section):
-    target_contrast: Bounded(float, 1, 128)
-
-
-class TextureParameters(Section):
-    clip_limit: Bounded(float, 0.1, 40)
-    tile_grid: Bounded(int, 1, 64)
-
-
-class SharpenParameters(Section):
-    amount: Bounded(float, 0.01, 20)
-    radius: Bounded(float, 0.1, 20)
-
-
-# The parameters each repair operation may be given in `repairs:` (noise_sigma comes from the image).
-REPAIR_PARAMETERS = {"denoise": DenoiseParameters, "adjust_exposure": ExposureParameters, "stretch_contrast": ContrastParameters,
-                     "enhance_texture": TextureParameters, "sharpen": SharpenParameters}
+    """Each retry multiplies every operation's main strength by this."""
 
 
 class ProcessConfig(Common):
     input_csv: WorkspacePath
-    explore_config: ProjectPath
+    """The exploration CSV (its run record gives the thresholds)."""
     output_dir: WorkspacePath
+    """The clean copy of the dataset."""
     output_csv: WorkspacePath
+    """One row per input row: what processing did."""
     resize: Bounded(int, 16, 4096) | None
+    """Every output this many pixels square (null: sizes kept, passing images copied byte for byte)."""
     jpeg_quality: Bounded(int, 1, 100)
-    repairs: dict[str, dict[str, dict[str, Any]]]  # check -> operation -> parameters, checked against REPAIRS
+    """For repaired images written as JPEG."""
+    repairs: dict[str, dict[str, dict[str, Any]]]  # check -> repair -> parameters, checked against image_processor.REPAIRS
+    """For each check, the operations that repair it, with their parameters."""
     retry: Retry
+    """How often, and how much stronger, a repair is tried again."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,35 +226,54 @@ class ProcessConfig(Common):
 # --------------------------------------------------------------------------------------------------
 class FigureSettings(Section):
     width_inches: Bounded(float, 2, 40)
+    """Figure width."""
     height_inches: Bounded(float, 2, 40)
+    """Figure height."""
     dpi: Bounded(int, 30, 600)
+    """Resolution of PNG figures."""
     bins: Bounded(int, 5, 500)
+    """Histogram bins."""
     log_scale_span: Bounded(float, 1)
+    """A metric spanning more than this ratio (1st to 99th percentile) gets a log axis."""
 
 
 class Grids(Section):
     columns: Bounded(int, 1, 20)
+    """Thumbnails per row."""
     rows: Bounded(int, 1, 20)
+    """Rows of thumbnails in a report grid."""
     thumbnail_pixels: Bounded(int, 16, 512)
+    """Side of each thumbnail."""
     checks: list[str]
+    """The checks that get a grid of the images they flag, worst first."""
 
 
 class BeforeAfter(Section):
     pairs: Bounded(int, 1, 50)
+    """Before/after pairs shown per repair operation."""
     columns: Bounded(int, 2, 20)
+    """Images per row."""
 
 
 class VisualizeConfig(Common):
     exploration_csv: WorkspacePath
+    """The exploration CSV (its run record gives the thresholds drawn)."""
     processed_csv: WorkspacePath | None
-    explore_config: ProjectPath
+    """The processed CSV, used when it exists (null: never)."""
     output_dir: WorkspacePath
+    """The report folder."""
     formats: list[Literal["png", "svg"]] = Field(min_length=1)
+    """png, and svg for vector copies."""
     figure: FigureSettings
+    """Figure size and histograms."""
     distributions: list[str]
+    """Metrics that get a histogram with their thresholds."""
     by_age_group: list[str]
+    """Metrics that get a plot per age group."""
     grids: Grids
+    """Grids of flagged images."""
     before_after: BeforeAfter
+    """Repairs, original beside result."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,139 +281,71 @@ class VisualizeConfig(Common):
 # --------------------------------------------------------------------------------------------------
 class QualityScore(Section):
     metric: str
+    """Down-sampling keeps the best images by this metric."""
     higher_is_better: bool
+    """Whether a higher value of it is better."""
 
 
 class ResamplingAugmentation(Section):
     flip_probability: Bounded(float, 0, 1)
+    """Chance of a mirror image."""
     max_rotation_degrees: Bounded(float, 0, 30)
+    """Largest rotation either way."""
     max_scale_change: Bounded(float, 0, 0.5)
+    """Largest zoom in or out, as a share."""
     max_shift_fraction: Bounded(float, 0, 0.3)
+    """Largest shift, as a share of width and height."""
     max_brightness_shift: Bounded(float, 0, 0.5)
+    """Largest brightness change, as a share of the full range."""
     max_contrast_change: Bounded(float, 0, 0.9)
+    """Largest contrast change, as a share."""
     max_gamma_change: Bounded(float, 0, 0.9)
+    """Largest gamma change, as a share."""
     blur_probability: Bounded(float, 0, 1)
+    """Chance of a mild blur."""
     max_blur_sigma: Bounded(float, 0, 5)
+    """Largest blur, pixels."""
     noise_probability: Bounded(float, 0, 1)
+    """Chance of mild noise."""
     max_noise_sigma: Bounded(float, 0, 30)
+    """Largest noise, grey levels."""
 
 
 class ResamplingConfig(Common):
     population_csv: ProjectPath
+    """ABS Estimated Resident Population by 5-year band (shipped in data/)."""
     population_detail_csv: ProjectPath
+    """ABS population to 100+, to split 80+ when a group edge lies above 80."""
     reference_year: Bounded(int, 1900, 2100)
+    """The year of the population figures."""
     max_age: Bounded(int, 1, 130)
+    """Upper age of the open last group."""
     target_csv: WorkspacePath
+    """The target age distribution (written by australian_population.ipynb)."""
     input: Literal["processed", "exploration"]
+    """'processed' (kept and repaired images of processed_csv) or 'exploration' (status ok in exploration_csv)."""
     processed_csv: WorkspacePath
+    """The processing stage's CSV."""
     exploration_csv: WorkspacePath
+    """The exploration stage's CSV."""
     output_dir: WorkspacePath
+    """The resampled dataset."""
     output_csv: WorkspacePath
+    """One row per output image, with its source and augmentation."""
     target_size: Bounded(int, 1) | None
+    """Images in the resampled dataset (null: as many as now)."""
     seed: Bounded(int, 0)
+    """Seed of every random choice."""
     quality_score: QualityScore
+    """What down-sampling keeps first."""
     max_copies_per_image: Bounded(int, 0, 100)
+    """Augmented copies one image may get."""
     tolerance: Bounded(float, 0, 1)
+    """Total variation distance to the target counted as matched."""
     jpeg_quality: Bounded(int, 1, 100)
+    """For augmented copies written as JPEG."""
     augmentation: ResamplingAugmentation
-
-
-# --------------------------------------------------------------------------------------------------
-# configs/train_model.yaml
-# --------------------------------------------------------------------------------------------------
-class Split(Section):
-    validation: Bounded(float, 0.0, 0.5)
-    test: Bounded(float, 0.0, 0.5)
-
-
-class InputPipeline(Section):
-    image_size: Bounded(int, 16, 512)
-    batch_size: Bounded(int, 1, 4096)
-    shuffle_buffer: Bounded(int, 1)
-    cache: Literal["disk", "memory", "none"]
-
-
-class TrainingAugmentation(Section):
-    enabled: bool
-    max_rotation_degrees: Bounded(float, 0, 30)
-    max_zoom: Bounded(float, 0, 0.5)
-    max_shift: Bounded(float, 0, 0.3)
-    max_brightness: Bounded(float, 0, 1)
-    max_contrast: Bounded(float, 0, 1)
-
-
-class Descriptor(Section):
-    face_box: Literal["whole_image", "detector"]
-    on_no_landmarks: Literal["whole_image", "skip"]
-    min_eye_distance: Bounded(float, 0, 1)
-    max_roll_degrees: Bounded(float, 0, 90)
-    padding: Bounded(float, 0, 1)
-    mirrored: bool
-    age_network: bool
-    age_probability_floor: Bounded(float, 1e-30, 1)
-
-
-class ModelSettings(Section):
-    backbone: str
-    descriptor: Descriptor
-    head_units: list[Bounded(int, 1, 8192)]
-    ensemble: Bounded(int, 1, 20)
-    weights: WorkspacePath | None
-    filters: list[Bounded(int, 1, 2048)] = Field(min_length=1)
-    convs_per_stage: Bounded(int, 1, 4)
-    batch_norm_momentum: Bounded(float, 0, 0.999)
-    spatial_dropout: Bounded(float, 0, 0.9)
-    dropout: Bounded(float, 0, 0.9)
-    weight_decay: Bounded(float, 0, 1)
-
-
-class Training(Section):
-    epochs: Bounded(int, 1, 10000)
-    learning_rate: Bounded(float, 1e-7, 10)
-    warmup_epochs: Bounded(int, 0, 100)
-    class_weighting: bool
-    label_sigma_years: Bounded(float, 0, 50)
-
-
-class Evaluation(Section):
-    flip_test_time_augmentation: bool
-    prior_csv: WorkspacePath | None
-
-
-class Distribution(Section):
-    strategy: Literal["default", "mirrored", "multi_worker"]
-    logical_cpus: Bounded(int, 1, 64)
-
-
-class TrainConfig(Common):
-    input_csv: WorkspacePath
-    test_dataset_dir: WorkspacePath | None
-    target_csv: WorkspacePath | None
-    descriptor_cache: WorkspacePath
-    output_dir: WorkspacePath
-    max_age: Bounded(int, 1, 130)
-    seed: Bounded(int, 0)
-    deterministic: bool
-    split: Split
-    input: InputPipeline
-    augmentation: TrainingAugmentation
-    model: ModelSettings
-    training: Training
-    evaluation: Evaluation
-    distribution: Distribution
-
-
-# --------------------------------------------------------------------------------------------------
-# configs/predict_age.yaml
-# --------------------------------------------------------------------------------------------------
-class PredictConfig(Common):
-    model_path: WorkspacePath
-    inputs: list[WorkspacePath] = Field(min_length=1)
-    output_csv: WorkspacePath
-    batch_size: Bounded(int, 1, 4096)
-    flip_test_time_augmentation: bool
-    prior_csv: WorkspacePath | None
-    descriptor_cache: WorkspacePath
+    """The face-safe augmentations of up-sampling."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,36 +357,61 @@ Colour = Annotated[list[Byte], Field(min_length=3, max_length=3)]
 
 class Ages(OrderedRange):
     min: Bounded(int, 0, 120)
+    """The youngest age drawn."""
     max: Bounded(int, 1, 120)
+    """The oldest age drawn."""
     decade_weights: list[Bounded(float, 0)] = Field(min_length=1)
+    """Relative frequency of each decade."""
 
 
 class Pose(Section):
     max_tilt_degrees: Bounded(float, 0, 45)
+    """Largest tilt."""
     max_scale_change: Bounded(float, 0, 0.5)
+    """Largest scale change."""
     max_shift_fraction: Bounded(float, 0, 0.3)
+    """Largest shift."""
 
 
 class Defects(Section):
     fraction: Bounded(float, 0, 1)
+    """Share of faces with one planted defect."""
     blur_sigma: Range
+    """[low, high] Gaussian blur, pixels."""
     noise_sigma: Range
+    """[low, high] noise, grey levels."""
     dark_gain: Range
+    """[low, high] factor darkening pixel values."""
     bright_headroom: Range
+    """[low, high] factor of each pixel's distance to white."""
     low_resolution_size: Range
+    """[low, high] side the image is shrunk to."""
     low_contrast_scale: Range
+    """[low, high] factor of deviations from the mean."""
 
 
 class SampleConfig(Common):
     output_dir: WorkspacePath
+    """The sample dataset folder."""
     seed: Bounded(int, 0)
+    """Same seed, byte-identical files."""
     num_images: Bounded(int, 10)
+    """Faces drawn."""
     image_size: Bounded(int, 32, 1024)
+    """Side of each image."""
     jpeg_quality: Bounded(int, 1, 100)
+    """JPEG quality."""
     ages: Ages
+    """The ages drawn."""
     skin_tones: list[Colour] = Field(min_length=1)
+    """RGB skin tones by UTKFace race code."""
     hair_colours: list[Colour] = Field(min_length=1)
+    """RGB hair colours."""
     camera_noise_sigma: Bounded(float, 0)
+    """Gaussian sensor noise on every image."""
     pose: Pose
+    """Tilt, scale and shift."""
     defects: Defects
+    """Planted defects."""
     near_duplicate_brightness_shift: float
+    """Brightening of the near duplicate planted with another age."""

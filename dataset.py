@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import re
 import stat
@@ -128,14 +129,15 @@ def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: A
     """One row per image file under `dataset_dir`, in sorted order: file, path, age, age_group, gender,
     race, label_error, and the real path to read it from (_real_path).
 
-    `labels` is the `labels` section of the explore config: `source` is "filename" (UTKFace names) or
-    "csv" (`csv_path`, `file_column`, `age_column`; the files it names are relative to the dataset folder).
+    `labels` is the `labels` section of the explore config: ages come from UTKFace file names, or from
+    the labels CSV (`csv_path`, `file_column`, `age_column`; the files it names are relative to the
+    dataset folder) when `source` is "csv", or "auto" and a CSV is given.
     A file without a usable age keeps its row, with `label_error` saying why.
     """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise UserError(f"dataset folder {dataset_dir} does not exist")
-    from_csv = labels.source == "csv"
+    from_csv = labels.from_csv
     if from_csv:
         csv_path = Path(labels.csv_path)
         csv_ages = read_labels_csv(csv_path, labels.file_column, labels.age_column)
@@ -199,3 +201,65 @@ def read_metadata_csv(path, what: str, hint: str = "", required=(), **read_optio
     if missing:
         raise UserError(f"{what} {path} lacks column {missing[0]!r} (it has {len(frame.columns)} other columns): is it the right file?")
     return frame
+
+
+def labelled_images(inputs: list[str], labels_csv: str | None, age_range: AgeRange) -> pd.DataFrame:
+    """Every image the `inputs` name, one row each: file (as shown), path, age (when known: NaN
+    otherwise), gender, race (when known), label_error.
+
+    An input is a folder (searched recursively), an image file, or a table of images (a CSV with a
+    `path` column, or a `file` column relative to the CSV's folder: an exploration, processed or
+    resampled CSV, a training split, a labels CSV beside its images). Ages come from the table's `age`
+    column, else from `labels_csv` (file relative to its input folder, age), else from UTKFace names.
+
+    Examples
+    --------
+    >>> import tempfile, cv2, numpy as np
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = cv2.imwrite(f"{folder}/photo.jpg", np.zeros((8, 8, 3), np.uint8))
+    >>> _ = open(f"{folder}/labels.csv", "w").write("file,age\\nphoto.jpg,41\\n")
+    >>> labelled_images([folder], f"{folder}/labels.csv", AgeRange(min=0, max=120))[["age", "label_error"]].values.tolist()
+    [[41, None]]
+    """
+    labels = read_labels_csv(Path(labels_csv), "file", "age") if labels_csv else {}
+    rows = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            rows += [{"file": display_name(str(path / name)), "path": real, "relative": name} for name, real in find_image_files(path)]
+        elif path.is_file() and path.suffix.lower() == ".csv":
+            rows += _table_rows(path)
+        elif path.is_file():
+            rows.append({"file": display_name(str(path)), "path": str(path), "relative": path.name})
+        else:
+            raise UserError(f"input {path} does not exist")
+    if not rows:
+        raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {', '.join(map(str, inputs))}")
+    for row in rows:
+        parsed = parse_utkface_name(row["relative"])
+        age = row.get("age")
+        if age is None or pd.isna(age):
+            age = labels.get(row["relative"], parsed["age"])
+        age, error = checked_age(float(age), age_range) if isinstance(age, numbers.Real) and not pd.isna(age) else (None, "no age known")
+        row.update(age=age, label_error=error, gender=row.get("gender", parsed["gender"]), race=row.get("race", parsed["race"]))
+    return pd.DataFrame(rows).drop(columns="relative")
+
+
+def _table_rows(path: Path) -> list[dict]:
+    """The images a CSV lists (see labelled_images), with the columns it has of age, gender and race."""
+    table = read_metadata_csv(path, "input table", dtype={"file": str, "path": str})
+    if "path" not in table.columns and "file" not in table.columns:
+        raise UserError(f"input table {path} lists no images: it needs a path or a file column")
+    paths = table["path"] if "path" in table.columns else table["file"]
+    names = table["file"] if "file" in table.columns else table["path"]
+    rows = []
+    for position, (image, name) in enumerate(zip(paths, names)):
+        if not isinstance(image, str) or not image:
+            continue
+        full = image if os.path.isabs(image) else str(path.parent / image)
+        row = {"file": display_name(str(name)), "path": full, "relative": str(name)}
+        for column in ("age", "gender", "race"):
+            if column in table.columns:
+                row[column] = pd.to_numeric(table[column].iloc[position], errors="coerce")
+        rows.append(row)
+    return rows

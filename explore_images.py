@@ -29,7 +29,8 @@ from duplicates import duplicate_groups
 from image_reader import (Check, Status, check_images_quality, compute_images_quality_metrics, flag_column, load_dataset,
                           load_explore_config, score_column)
 from metrics import ReaderSettings
-from outputs import OutputGuard, atomic_write, record_written, run_lock, write_csv, write_run_record
+from outputs import OutputGuard, run_lock
+from writes import atomic_write, record_written, write_csv, write_run_record
 from parallel import Engine
 from resume import PartStore
 
@@ -92,7 +93,7 @@ def main(args) -> None:
     setup_logging(config.log_level)
     groups = age_groups_from(config)
     start = time.perf_counter()
-    with OutputGuard(inputs=[config.dataset_dir, config.labels.csv_path if config.labels.source == "csv" else None]) as guard:
+    with OutputGuard(inputs=[config.dataset_dir, config.labels.csv_path if config.labels.from_csv else None]) as guard:
         output = guard.file(config.output_csv, "output_csv")
         summary_csv = guard.file(config.summary_csv, "summary_csv")
         parts = guard.folder(f"{output}.parts", "the measurements beside output_csv", self_identifying=True)
@@ -113,4 +114,8 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    run_script(main, "Measure and check the quality of every image in a face dataset.", "explore_images.yaml")
+    run_script(main, "Measure and check the quality of every image in a face dataset.", "explore_images.yaml", ExploreConfig, [
+        "python explore_images.py",
+        "python explore_images.py --set dataset_dir=../shared/data/utkface_sample --set checks.blurry.below=10 --set num_workers=1",
+        "python explore_images.py --set workspace=/tmp/agepipe-run --set dataset_dir=sample_dataset",
+    ])

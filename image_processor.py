@@ -9,14 +9,17 @@ the lightness channel of CIELAB only.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Callable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 from skimage.util import img_as_float32
 
-from config_models import ResamplingAugmentation
+from pydantic import create_model
+
+from config_models import Bounded, ResamplingAugmentation, Section
 from image_reader import Status
 
 
@@ -91,8 +94,42 @@ def _on_lightness(unit: np.ndarray, change: Callable[[np.ndarray], np.ndarray]) 
 
 
 # --------------------------------------------------------------------------------------------------
-# Repairs
+# Repairs: each one a function registered with @repair, its parameters' model and its place beside it
 # --------------------------------------------------------------------------------------------------
+@dataclass
+class Repair:
+    function: Callable
+    params: type[Section]  # the model of the parameters the config gives it
+    order: int  # repairs run in this order, whatever the order in the config
+    escalated: str | None  # the parameter a retry strengthens
+    measured: dict[str, str]  # parameters taken from the image's exploration measurements: name -> metric
+
+
+REPAIRS: dict[str, Repair] = {}
+
+
+def repair(order: int, escalated: str | None = None, measured: dict[str, str] | None = None, **params: Any):
+    """Register `function(image, **params)` as a repair that configs/process_images.yaml may name, each
+    parameter given as its type with its bounds (config_models.Bounded). `order` places it among the
+    repairs, `escalated` names the parameter a retry makes stronger, `measured` the parameters that come
+    from the image's own measurements (e.g. noise_sigma from the noise metric)."""
+
+    def register(function):
+        model = create_model(f"{function.__name__}_parameters", __base__=Section, **{name: (kind, ...) for name, kind in params.items()})
+        REPAIRS[function.__name__] = Repair(function, model, order, escalated, measured or {})
+        return function
+
+    return register
+
+
+def repair_order() -> list[str]:
+    """The repairs in the order they run: noise first (sharpening and contrast gains amplify it), then
+    exposure (it sets the range texture works in), then contrast and texture, sharpening last."""
+    return sorted(REPAIRS, key=lambda name: REPAIRS[name].order)
+
+
+@repair(order=10, escalated="strength", measured={"noise_sigma": "noise"}, strength=Bounded(float, 0.01, 20),
+        template_window=Bounded(int, 3, 21), search_window=Bounded(int, 3, 51))
 def denoise(image: np.ndarray, noise_sigma: float, strength: float, template_window: int, search_window: int) -> np.ndarray:
     """Non-local means denoising with filter strength h = `strength` x the measured noise sigma.
 
@@ -151,6 +188,7 @@ def exposure_gamma(gray_unit: np.ndarray, target_mean: float, iterations: int = 
     return math.exp((low + high) / 2)
 
 
+@repair(order=20, target_brightness=Bounded(float, 1, 254))
 def adjust_exposure(image: np.ndarray, target_brightness: float) -> np.ndarray:
     """Gamma-correct lightness so the mean grey level becomes `target_brightness` (0-255 scale).
 
@@ -182,6 +220,7 @@ def adjust_exposure(image: np.ndarray, target_brightness: float) -> np.ndarray:
     return restore(unit * (ratio if unit.ndim == 2 else ratio[..., None]))
 
 
+@repair(order=30, escalated="target_contrast", target_contrast=Bounded(float, 1, 128))
 def stretch_contrast(image: np.ndarray, target_contrast: float) -> np.ndarray:
     """Linearly stretch lightness about its mean so the grey-level standard deviation becomes
     `target_contrast` (0-255 scale); never reduces contrast.
@@ -215,6 +254,7 @@ def stretch_contrast(image: np.ndarray, target_contrast: float) -> np.ndarray:
     return restore(_on_lightness(unit, stretch))
 
 
+@repair(order=40, escalated="clip_limit", clip_limit=Bounded(float, 0.1, 40), tile_grid=Bounded(int, 1, 64))
 def enhance_texture(image: np.ndarray, clip_limit: float, tile_grid: int) -> np.ndarray:
     """CLAHE (contrast-limited adaptive histogram equalisation) on lightness: brings out local detail
     such as skin texture in flat images.
@@ -249,6 +289,7 @@ def enhance_texture(image: np.ndarray, clip_limit: float, tile_grid: int) -> np.
     return restore(_on_lightness(unit, equalise))
 
 
+@repair(order=50, escalated="amount", amount=Bounded(float, 0.01, 20), radius=Bounded(float, 0.1, 20))
 def sharpen(image: np.ndarray, amount: float, radius: float) -> np.ndarray:
     """Unsharp mask on lightness: L + amount * (L - gaussian_blur(L, radius)).
 
@@ -312,25 +353,6 @@ def encode_image(bgr: np.ndarray, suffix: str, jpeg_quality: int) -> bytes:
     if not ok:
         raise RuntimeError(f"cannot encode image as {suffix}")
     return buffer.tobytes()
-
-
-# The repair operations the processing config may name, and the parameter a retry strengthens.
-REPAIRS: dict[str, Callable] = {
-    "denoise": denoise,
-    "adjust_exposure": adjust_exposure,
-    "stretch_contrast": stretch_contrast,
-    "enhance_texture": enhance_texture,
-    "sharpen": sharpen,
-}
-# Sound order: noise first (sharpening and contrast gains amplify it), then exposure (it sets the
-# range texture works in), then contrast and texture, and sharpening last.
-REPAIR_ORDER = ["denoise", "adjust_exposure", "stretch_contrast", "enhance_texture", "sharpen"]
-ESCALATED_PARAMETER = {
-    "denoise": "strength",
-    "stretch_contrast": "target_contrast",
-    "enhance_texture": "clip_limit",
-    "sharpen": "amount",
-}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import itertools
 import json
 import logging
@@ -21,18 +22,20 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Iterator, TextIO
+from pathlib import Path
+from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel
 
 from age_groups import AgeGroups
 from cli import progress_bar
-from config import load_config, validate_section
+from config import CONFIG_DIR, apply_override, load_config, validate_section
 from config_models import AgeRange, CheckRule, ExploreConfig, Labels
 from dataset import iter_dataset
-from errors import ConfigError, UserError
-from face_analysis import detector_model_path
+from errors import SHOWN_CHARACTERS, ConfigError, UserError, shown
+from face_detector import detector_model_path
 from metrics import FLOAT_DECIMALS, METRICS, SIZE_COLUMNS, ReaderSettings, measure_file, measured_columns, unreadable_row
 from parallel import Engine, parallel_map
 from resume import PartStore, json_line, json_table
@@ -277,18 +280,64 @@ def check_images_quality(frame: pd.DataFrame, checks: dict[str, CheckRule], dupl
 def load_explore_config(path, overrides=()) -> ExploreConfig:
     """Load and validate the explore config, including each metric's own parameters and the checks'
     metrics (which must be columns the configured metrics fill)."""
-    config = load_config(ExploreConfig, path, overrides)
     try:
-        for name, params in config.metrics.items():
-            if name not in METRICS:
-                raise ConfigError(f"metrics.{name}: unknown metric (known: {', '.join(METRICS)})")
-            config.metrics[name] = validate_section(METRICS[name].params, params, f"metrics.{name}").model_dump()
-        available = SIZE_COLUMNS + ["file_size", "channels", "bit_depth"] + measured_columns(config.metrics)
-        for name, rule in config.checks.items():
-            if rule.metric not in available:
-                raise ConfigError(f"checks.{name}.metric: expected one of {', '.join(available)}, got {rule.metric!r}")
+        return validated_exploration(load_config(ExploreConfig, path, overrides))
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(exc if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
+
+
+def validated_exploration(config: ExploreConfig) -> ExploreConfig:
+    """`config` with each metric's parameters checked against the metric's own model, and each check's
+    metric against the columns the configured metrics fill."""
+    for name, params in config.metrics.items():
+        if name not in METRICS:
+            raise ConfigError(f"metrics.{name}: unknown metric (known: {', '.join(METRICS)})")
+        config.metrics[name] = validate_section(METRICS[name].params, params, f"metrics.{name}").model_dump()
+    available = SIZE_COLUMNS + ["file_size", "channels", "bit_depth"] + measured_columns(config.metrics)
+    for name, rule in config.checks.items():
+        if rule.metric not in available:
+            raise ConfigError(f"checks.{name}.metric: expected one of {', '.join(available)}, got {rule.metric!r}")
     if "faces" in config.metrics:
         detector_model_path()  # a missing package is one line now, not an error in every row
     return config
+
+
+def exploration_keys(overrides: Iterable[str], own: type[BaseModel]) -> tuple[list[str], list[str]]:
+    """The overrides split into a later stage's own keys (in its model `own`) and the exploration's."""
+    others = [o for o in overrides if o.partition("=")[0].split(".")[0] not in own.model_fields
+              and o.partition("=")[0].split(".")[0] in ExploreConfig.model_fields]
+    return [o for o in overrides if o not in others], others
+
+
+def exploration_settings(exploration_csv: str | os.PathLike, overrides: Iterable[str] = ()) -> ExploreConfig:
+    """The settings the exploration that wrote `exploration_csv` ran with, read from its run record:
+    the one source of truth for the thresholds of every later stage. A value given for one of them
+    (`overrides`) that differs from what the exploration ran with is a one-line ConfigError naming both.
+    A CSV without its run record (copied or edited by hand) is judged by configs/explore_images.yaml,
+    and the log says so."""
+    record = Path(f"{exploration_csv}.run.json")
+    try:
+        with open(record, encoding="utf-8") as f:
+            recorded = json.loads(f.read(MAX_RECORD_CHARACTERS))["config"]
+        base = validated_exploration(validate_section(ExploreConfig, recorded))
+    except FileNotFoundError:
+        log.warning("%s has no run record (%s): judging it by the thresholds of %s as they are now", exploration_csv, record.name,
+                    EXPLORE_CONFIG)
+        return load_explore_config(EXPLORE_CONFIG, overrides)
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        raise ConfigError(f"{record} is not the run record of an exploration: re-run explore_images.py") from None
+    for assignment in overrides:
+        trial = copy.deepcopy(recorded)
+        key = apply_override(trial, assignment)
+        if validated_exploration(validate_section(ExploreConfig, trial)) != base:
+            node = recorded
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            recorded_value = f"{node:g}" if isinstance(node, (int, float)) and not isinstance(node, bool) else shown(node)
+            raise ConfigError(f"--set {key}: the exploration ran with {recorded_value} ({record}), this command says "
+                              f"{assignment.partition('=')[2][:SHOWN_CHARACTERS]}; re-run explore_images.py with the value you want")
+    return base
+
+
+MAX_RECORD_CHARACTERS = 10_000_000
+EXPLORE_CONFIG = CONFIG_DIR / "explore_images.yaml"  # for an exploration CSV without its run record (copied, edited)

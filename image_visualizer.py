@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from face_analysis import KEYPOINTS
+from face_detector import KEYPOINTS
 from image_processor import TRAINABLE_STATUSES, ProcessStatus
 from image_reader import flag_column, score_column
 from age_groups import AgeGroups

@@ -15,6 +15,7 @@ Everything is drawn from one seeded generator, so the same config gives byte-ide
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 import time
 
 import cv2
@@ -58,6 +59,23 @@ def _mix(a, b, t):
     return np.asarray(a, float) * (1 - t) + np.asarray(b, float) * t
 
 
+@dataclass
+class Head:
+    """Where the parts of one drawn face go, on a canvas of side `s` (twice the image's size)."""
+
+    s: int
+    age: int
+    female: bool
+    child: float  # 1 for a baby, 0 from 16: large round cranium, big low eyes
+    old: float  # 0 until 30, 1 at 85: wrinkles, texture, grey
+    skin: np.ndarray
+    hair: np.ndarray
+    cx: float
+    cy: float
+    head_w: float
+    head_h: float
+
+
 def draw_face(rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_rgb, size: int, pose: dict) -> np.ndarray:
     """Draw one face as a BGR uint8 image of `size` x `size` pixels.
 
@@ -69,55 +87,63 @@ def draw_face(rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_r
     child = float(np.clip((16 - age) / 15, 0, 1))
     old = float(np.clip((age - 30) / 55, 0, 1))
     grey = float(np.clip((age - 38) / 35, 0, 1)) * rng.uniform(0.6, 1.0)
-
     skin = np.clip(np.asarray(skin_rgb, float)[::-1] * rng.uniform(0.92, 1.08), 0, 255)
     hair = _mix(np.asarray(hair_rgb, float)[::-1], (200, 200, 205), grey) * rng.uniform(0.85, 1.1)
     background = rng.uniform(60, 200, 3)
     canvas = np.empty((s, s, 3), np.float32)
-    ramp = np.linspace(0.85, 1.15, s, dtype=np.float32)[:, None, None]
-    canvas[:] = background * ramp
+    canvas[:] = background * np.linspace(0.85, 1.15, s, dtype=np.float32)[:, None, None]
     canvas = np.clip(canvas, 0, 255).astype(np.uint8)
-
     cx = s / 2 + rng.normal(0, s * 0.015)
     head_w = s * rng.uniform(0.30, 0.33) * (1 + 0.08 * child)
     head_h = head_w * (1.12 + 0.22 * (1 - child)) * rng.uniform(0.97, 1.03)
-    cy = s * 0.53
+    head = Head(s, age, female, child, old, skin, hair, cx, s * 0.53, head_w, head_h)
+    _draw_head_and_hair(canvas, head, rng)
+    canvas, eye_y, eye_ry = _draw_eyes(canvas, head, _mix(hair * 0.6, (170, 170, 175), grey * 0.8), rng)
+    _draw_nose_mouth_and_beard(canvas, head, eye_y, eye_ry, rng)
+    return _skin_light_and_pose(canvas, head, size, pose, rng)
 
-    # neck and shoulders, then hair behind the head
+
+def _draw_head_and_hair(canvas: np.ndarray, head: Head, rng: np.random.Generator) -> None:
+    """Neck and shoulders, hair behind the head, ears, the head, forehead lines and the hairline."""
+    s, cx, cy, head_w, head_h, skin, hair = head.s, head.cx, head.cy, head.head_w, head.head_h, head.skin, head.hair
     _ellipse(canvas, (cx, s * 1.05), (s * 0.42, s * 0.22), skin * 0.55 + rng.uniform(20, 80, 3) * 0.45)
     _ellipse(canvas, (cx, cy + head_h * 0.85), (head_w * 0.45, head_h * 0.5), skin * 0.82)
-    long_hair = female and rng.random() < 0.8
-    bald = (not female) and rng.random() < 0.7 * old
+    long_hair = head.female and rng.random() < 0.8
+    bald = (not head.female) and rng.random() < 0.7 * head.old
     if long_hair:
         _ellipse(canvas, (cx, cy + head_h * 0.25), (head_w * 1.22, head_h * 1.05), hair * 0.85)
     if not bald:
         _ellipse(canvas, (cx, cy - head_h * 0.1), (head_w * 1.08, head_h * 1.02), hair * 0.9)
-
-    # head, ears
     for side in (-1, 1):
         _ellipse(canvas, (cx + side * head_w * 0.97, cy + head_h * 0.02), (head_w * 0.13, head_h * 0.17), skin * 0.9)
     _ellipse(canvas, (cx, cy), (head_w, head_h), skin)
-
-    line = skin * (0.62 - 0.05 * old)  # wrinkles: a darker shade of the skin
-    if old > 0:  # forehead lines deepen with age
+    if head.old > 0:  # forehead lines deepen with age
         forehead = cy - head_h * 0.3
-        for k in range(int(1 + 4 * old)):
+        for k in range(int(1 + 4 * head.old)):
             y = forehead - k * head_h * 0.07
-            _ellipse(canvas, (cx, y + head_w * 0.4), (head_w * 0.45, head_w * 0.4), line, start=235, end=305, thickness=max(1, int(s * 0.005 * (0.5 + old))))
-
-    # fringe / hairline: recedes with age in men
-    if not bald:
-        recede = 0.25 * old if not female else 0.0
-        hairline = cy - head_h * (0.55 + recede - 0.05 * child)
+            _ellipse(canvas, (cx, y + head_w * 0.4), (head_w * 0.45, head_w * 0.4), _wrinkle(head), start=235, end=305,
+                     thickness=max(1, int(s * 0.005 * (0.5 + head.old))))
+    if not bald:  # fringe and hairline: recedes with age in men
+        recede = 0.25 * head.old if not head.female else 0.0
+        hairline = cy - head_h * (0.55 + recede - 0.05 * head.child)
         _ellipse(canvas, (cx, hairline - head_h * 0.25), (head_w * 1.02, head_h * 0.42), hair, start=180, end=360)
         _ellipse(canvas, (cx, hairline - head_h * 0.12), (head_w * 0.98, head_h * 0.2), hair)
 
-    eye_y = cy + head_h * (-0.08 + 0.16 * child)
+
+def _wrinkle(head: Head) -> np.ndarray:
+    """Wrinkles are a darker shade of the skin."""
+    return head.skin * (0.62 - 0.05 * head.old)
+
+
+def _draw_eyes(canvas: np.ndarray, head: Head, brow: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float, float]:
+    """Shaded sockets, eyes, brows, crow's feet and under-eye bags; returns the canvas, the eyes' height
+    and half-height."""
+    s, cx, head_w, skin, old = head.s, head.cx, head.head_w, head.skin, head.old
+    eye_y = head.cy + head.head_h * (-0.08 + 0.16 * head.child)
     eye_dx = head_w * 0.42
-    eye_rx = head_w * (0.17 + 0.05 * child)
+    eye_rx = head_w * (0.17 + 0.05 * head.child)
     eye_ry = eye_rx * (0.5 - 0.08 * old)
     iris = rng.choice([(40, 60, 90), (30, 40, 50), (120, 100, 60), (60, 110, 70)])
-    brow = _mix(hair * 0.6, (170, 170, 175), grey * 0.8)
     sockets = np.zeros((s, s), np.float32)  # eye sockets are shaded in real faces: brow ridge above
     for side in (-1, 1):
         _ellipse(sockets, (cx + side * eye_dx, eye_y - eye_ry * 0.3), (eye_rx * 1.6, eye_ry * 2.6), (1.0,))
@@ -131,20 +157,23 @@ def draw_face(rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_r
         _ellipse(canvas, (ex, eye_y), (eye_ry * 0.45, eye_ry * 0.45), (15, 15, 15))
         _ellipse(canvas, (ex - eye_ry * 0.3, eye_y - eye_ry * 0.3), (eye_ry * 0.15, eye_ry * 0.15), (250, 250, 250))
         _ellipse(canvas, (ex, eye_y), (eye_rx, eye_ry), skin * 0.45, start=180, end=360, thickness=int(s * 0.008))
-        brow_y = eye_y - eye_ry * (2.2 + 0.4 * child)
-        brow_pts = [
-            (ex - side * eye_rx * 1.1, brow_y + eye_ry * 0.4),
-            (ex, brow_y - eye_ry * 0.2),
-            (ex + side * eye_rx * 1.2, brow_y + eye_ry * 0.1),
-        ]
-        _polyline(canvas, brow_pts, brow, s * (0.022 - 0.008 * old) * (0.8 if female else 1.1))
+        brow_y = eye_y - eye_ry * (2.2 + 0.4 * head.child)
+        brow_pts = [(ex - side * eye_rx * 1.1, brow_y + eye_ry * 0.4), (ex, brow_y - eye_ry * 0.2), (ex + side * eye_rx * 1.2, brow_y + eye_ry * 0.1)]
+        _polyline(canvas, brow_pts, brow, s * (0.022 - 0.008 * old) * (0.8 if head.female else 1.1))
         if old > 0:  # crow's feet and under-eye bags
             for k in range(int(2 + 3 * old)):
                 a = (k - 1.5) * 0.35
                 x0 = ex + side * eye_rx * 1.15
-                _polyline(canvas, [(x0, eye_y), (x0 + side * eye_rx * 0.5 * np.cos(a), eye_y + eye_rx * 0.5 * np.sin(a))], line, s * 0.004 * (0.5 + old))
-            _ellipse(canvas, (ex, eye_y + eye_ry * 1.5), (eye_rx * 0.8, eye_ry * 0.7), line, start=20, end=160, thickness=int(s * 0.004 * (1 + 2 * old)))
+                _polyline(canvas, [(x0, eye_y), (x0 + side * eye_rx * 0.5 * np.cos(a), eye_y + eye_rx * 0.5 * np.sin(a))], _wrinkle(head),
+                          s * 0.004 * (0.5 + old))
+            _ellipse(canvas, (ex, eye_y + eye_ry * 1.5), (eye_rx * 0.8, eye_ry * 0.7), _wrinkle(head), start=20, end=160,
+                     thickness=int(s * 0.004 * (1 + 2 * old)))
+    return canvas, eye_y, eye_ry
 
+
+def _draw_nose_mouth_and_beard(canvas: np.ndarray, head: Head, eye_y: float, eye_ry: float, rng: np.random.Generator) -> None:
+    """The nose, the mouth, nasolabial folds with age, and stubble on some grown men."""
+    s, cx, head_w, head_h, skin, old, child = head.s, head.cx, head.head_w, head.head_h, head.skin, head.old, head.child
     nose_top = eye_y + eye_ry
     nose_len = head_h * (0.22 + 0.12 * (1 - child) + 0.05 * old)
     nose_w = head_w * (0.16 + 0.04 * old)
@@ -153,38 +182,36 @@ def draw_face(rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_r
     _ellipse(canvas, (cx, nose_y), (nose_w, nose_w * 0.45), skin * 0.72, start=0, end=180, thickness=int(s * 0.007))
     for side in (-1, 1):
         _ellipse(canvas, (cx + side * nose_w * 0.45, nose_y), (nose_w * 0.2, nose_w * 0.13), skin * 0.35)
-
-    mouth_y = nose_y + (cy + head_h - nose_y) * (0.38 - 0.05 * child)
+    mouth_y = nose_y + (head.cy + head_h - nose_y) * (0.38 - 0.05 * child)
     mouth_w = head_w * (0.42 - 0.08 * child)
-    lip = _mix(skin, (90, 80, 190) if female else (110, 100, 170), 0.35 + 0.15 * female) * (0.85 - 0.1 * old)
+    lip = _mix(skin, (90, 80, 190) if head.female else (110, 100, 170), 0.35 + 0.15 * head.female) * (0.85 - 0.1 * old)
     lip_h = mouth_w * (0.22 - 0.1 * old)
     _ellipse(canvas, (cx, mouth_y), (mouth_w, lip_h), lip)
     _polyline(canvas, [(cx - mouth_w, mouth_y), (cx, mouth_y + lip_h * 0.15), (cx + mouth_w, mouth_y)], skin * 0.3, s * 0.006)
-
     if old > 0:  # nasolabial folds deepen with age
         for side in (-1, 1):
-            pts = [(cx + side * nose_w * 1.2, nose_y - nose_len * 0.2), (cx + side * (mouth_w + nose_w * 0.4), mouth_y + lip_h * 0.5), (cx + side * mouth_w * 1.05, mouth_y + head_h * 0.12)]
-            _polyline(canvas, pts, line, s * 0.006 * (0.4 + 1.6 * old))
-    if not female and 18 <= age and rng.random() < 0.35:  # stubble
+            pts = [(cx + side * nose_w * 1.2, nose_y - nose_len * 0.2), (cx + side * (mouth_w + nose_w * 0.4), mouth_y + lip_h * 0.5),
+                   (cx + side * mouth_w * 1.05, mouth_y + head_h * 0.12)]
+            _polyline(canvas, pts, _wrinkle(head), s * 0.006 * (0.4 + 1.6 * old))
+    if not head.female and 18 <= head.age and rng.random() < 0.35:  # stubble
         beard_mask = np.zeros((s, s), np.uint8)
         _ellipse(beard_mask, (cx, mouth_y + head_h * 0.08), (head_w * 0.75, head_h * 0.3), (255,))
         dots = (rng.random((s, s)) < 0.25) & (beard_mask > 0)
-        canvas[dots] = (canvas[dots] * 0.55 + hair * 0.45).astype(np.uint8)
+        canvas[dots] = (canvas[dots] * 0.55 + head.hair * 0.45).astype(np.uint8)
 
+
+def _skin_light_and_pose(canvas: np.ndarray, head: Head, size: int, pose, rng: np.random.Generator) -> np.ndarray:
+    """Skin texture growing with age, a soft side light, the rough alignment of real crops (tilt, scale,
+    shift), and the shrink to `size`."""
+    s = head.s
     face = canvas.astype(np.float32)
-    # skin texture: fine blotches whose strength grows with age; children's skin stays smooth
     head_mask = np.zeros((s, s), np.float32)
-    _ellipse(head_mask, (cx, cy), (head_w, head_h), (1.0,))
+    _ellipse(head_mask, (head.cx, head.cy), (head.head_w, head.head_h), (1.0,))
     texture = cv2.GaussianBlur(rng.normal(0, 1, (s, s)).astype(np.float32), (0, 0), 2.0)
-    face += (texture * (3 + 22 * old) * head_mask)[..., None]
-    # soft side light gives the head volume
+    face += (texture * (3 + 22 * head.old) * head_mask)[..., None]  # children's skin stays smooth
     light_x = rng.uniform(-1, 1)
-    xs = np.linspace(-1, 1, s, dtype=np.float32)[None, :]
-    face *= (1 + 0.12 * light_x * xs)[..., None]
-    # real crops are aligned only roughly: tilt, scale and shift each face a little
-    warp = cv2.getRotationMatrix2D(
-        (s / 2, s / 2), rng.uniform(-1, 1) * pose.max_tilt_degrees, 1 + rng.uniform(-1, 1) * pose.max_scale_change
-    )
+    face *= (1 + 0.12 * light_x * np.linspace(-1, 1, s, dtype=np.float32)[None, :])[..., None]
+    warp = cv2.getRotationMatrix2D((s / 2, s / 2), rng.uniform(-1, 1) * pose.max_tilt_degrees, 1 + rng.uniform(-1, 1) * pose.max_scale_change)
     warp[:, 2] += rng.uniform(-1, 1, 2) * pose.max_shift_fraction * s
     face = cv2.warpAffine(np.clip(face, 0, 255), warp, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     face = cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA)
@@ -312,4 +339,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_script(main, "Generate the synthetic sample dataset.", "make_sample_dataset.yaml")
+    run_script(main, "Generate the synthetic sample dataset.", "make_sample_dataset.yaml", SampleConfig, [
+        "python make_sample_dataset.py", "python make_sample_dataset.py --set num_images=100 --set output_dir=/tmp/small_sample"])

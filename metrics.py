@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import create_model
 
 from config_models import Bounded, ExploreConfig, Section
-from face_analysis import FACE_COLUMNS, DetectorSettings, FaceDetector, face_geometry
+from face_detector import FACE_COLUMNS, DetectorSettings, FaceDetector, face_geometry
 from image_io import UnreadableImage, read_image
 
 FLOAT_DECIMALS = 4  # metric values are rounded so the CSV is readable and diffs are meaningful
@@ -165,7 +165,7 @@ def colourfulness(view: ImageView) -> float:
 
 @metric(columns=FACE_COLUMNS, min_score=Bounded(float, 0, 1), iou_threshold=Bounded(float, 0, 1), border_fraction=Bounded(float, 0, 1))
 def faces(view: ImageView, min_score: float, iou_threshold: float, border_fraction: float) -> dict:
-    """Faces found by BlazeFace (face_analysis.FaceDetector) and the geometry of the best one: its
+    """Faces found by BlazeFace (face_detector.FaceDetector) and the geometry of the best one: its
     box, score, share of the image, offset from the centre, roll and keypoints, in image pixels."""
     settings = DetectorSettings(min_score, iou_threshold, border_fraction)
     if settings not in _DETECTORS:

@@ -8,30 +8,37 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from age_groups import AgeGroups
 from config import validate_section
-from config_models import AgeGroupEdges, Bounded, Descriptor, Section
+from config_models import AgeGroupEdges, Bounded, Section
+from model_configs import Descriptor, FaceSearch
 from errors import ConfigError, UserError
 
+FACE_FEATURES, PIXELS = "face_features", "pixels"  # the backbone kinds (backbones.py)
 METADATA_ENTRY = "agepipe.json"  # stored inside the .keras zip, beside Keras' own files
 MAX_METADATA_BYTES = 10_000_000
 
 
 class SavedDescriptor(Descriptor):
-    """The descriptor settings saved in a model; models saved before the age network existed have no
-    age_network fields: they were made without it."""
+    """The descriptor settings saved in a model; models saved before the age network or the photo path
+    existed lack their fields: they were made without them."""
 
     age_network: bool = False
     age_probability_floor: Bounded(float, 1e-30, 1) = 1e-6
+    search: FaceSearch | None = None
+    crop_fill_fraction: Bounded(float, 0, 1) = 0.0
+    box_scale: Bounded(float, 0.5, 4) = 1.0
+    min_face_pixels: Bounded(int, 0, 100_000) = 0
 
 
 class ModelMetadata(Section):
-    """The metadata of a saved model (its age groups, its inputs, the training set's age mix and the
-    run record of the training that made it)."""
+    """The metadata of a saved model: its age groups, its backbone and that backbone's settings, the
+    training set's age mix, how its answers are read (rule, interval, calibration temperature), and the
+    run record of the training that made it."""
 
     age_group_edges: list[Bounded(int, 0, 150)] = Field(min_length=2)
     labels: list[str]
@@ -39,10 +46,25 @@ class ModelMetadata(Section):
     backbone: str
     descriptor: SavedDescriptor | None
     input_size: Bounded(int, 16, 512) | None
+    network: str | None = None
     training_group_shares: list[Bounded(float, 0, 1)]
+    answer_rule: Literal["group_first", "median", "mean"] = "group_first"
+    interval: Bounded(float, 0.05, 0.99) = 0.8
+    temperature: Bounded(float, 0.01, 100) = 1.0
     config: dict[str, Any]
     python: str
     packages: dict[str, str | None]
+
+    @model_validator(mode="before")
+    @classmethod
+    def legacy_backbone_names(cls, data: Any) -> Any:
+        """Models saved before the backbone factory named their network where the kind now stands."""
+        if isinstance(data, dict) and data.get("backbone") not in (FACE_FEATURES, PIXELS, None):
+            old = data["backbone"]
+            data = {**data, "backbone": FACE_FEATURES if old == "dlib_face_descriptor" else PIXELS}
+            if data["backbone"] == PIXELS:
+                data["network"] = old
+        return data
 
     @model_validator(mode="after")
     def consistent(self) -> "ModelMetadata":
@@ -51,8 +73,10 @@ class ModelMetadata(Section):
             raise ValueError(f"labels {self.labels} are not those of the edges {self.age_group_edges}")
         if len(self.training_group_shares) != len(self.labels):
             raise ValueError("training_group_shares: expected one share per age group")
-        if (self.descriptor is None) == (self.input_size is None):
-            raise ValueError("expected either descriptor settings or an input size")
+        if self.backbone not in (FACE_FEATURES, PIXELS):
+            raise ValueError(f"backbone: expected {FACE_FEATURES} or {PIXELS}")
+        if (self.backbone == FACE_FEATURES) != (self.descriptor is not None) or (self.backbone == PIXELS) != (self.input_size is not None):
+            raise ValueError("expected descriptor settings for face features, or an input size for pixels")
         return self
 
     @property

@@ -4,7 +4,7 @@ in flight either way so that memory does not grow with the number of items.
 
 A stage hands `parallel_map` a task function `task(state, item)` and the `state` every worker needs
 (settings, a loaded model): it reaches each worker process once, with the parent's output claims
-(outputs.claims), and OpenCV runs single-threaded there (the parallelism comes from the workers).
+(writes.claims), and OpenCV runs single-threaded there (the parallelism comes from the workers).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import BaseModel
 
-import outputs
+import writes
 from errors import UserError
 
 TaskFunction = Callable[[Any, Any], Any]
@@ -78,7 +78,7 @@ def _install(state: Any, token: str, claimed: tuple) -> None:
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the workers; OpenCV's own threads would oversubscribe
-    outputs.adopt(claimed)
+    writes.adopt(claimed)
     _state, _state_token = state, token
 
 
@@ -153,7 +153,7 @@ def parallel_map(
     """
     chunks = iter(items) if chunked else batched_lists(items, engine.chunk_files)
     wrap = progress or (lambda it: it)
-    setup = (state, os.urandom(8).hex(), outputs.claims())
+    setup = (state, os.urandom(8).hex(), writes.claims())
     if engine.scheduler != "local":
         yield from wrap(_dask_map(func, chunks, engine.scheduler, engine.scheduler_timeout, setup, on_failure))
         return

@@ -29,14 +29,15 @@ import pandas as pd
 
 from cli import run_script, setup_logging
 from config import config_fingerprint, load_config, validate_section
-from config_models import REPAIR_PARAMETERS, ExploreConfig, ProcessConfig
+from config_models import ExploreConfig, ProcessConfig
 from dataset import read_metadata_csv
 from errors import ConfigError, UserError
 from image_io import UnreadableImage, read_image
-from image_processor import ESCALATED_PARAMETER, REPAIR_ORDER, REPAIRS, ProcessStatus, encode_image, resize_square
-from image_reader import Check, Status, failing_checks, load_explore_config
+from image_processor import REPAIRS, ProcessStatus, encode_image, repair_order, resize_square
+from image_reader import Check, Status, exploration_keys, exploration_settings, failing_checks
 from metrics import SIZE_COLUMNS, ReaderSettings, measure_array, measured_columns
-from outputs import OutputFolder, OutputGuard, confined, copy_file, run_lock, write_bytes, write_csv, write_run_record
+from outputs import OutputFolder, OutputGuard, confined, run_lock
+from writes import copy_file, write_bytes, write_csv, write_run_record
 from parallel import Engine
 from resume import ResumableStage
 
@@ -45,27 +46,31 @@ log = logging.getLogger("agepipe.process")
 REQUIRED_COLUMNS = ["file", "path", "age", "age_group", "status", "failed_checks", "content_hash"]
 
 
-def load_process_config(path, overrides=()) -> tuple[ProcessConfig, ExploreConfig]:
-    """The processing config, and the exploration config whose metrics and checks it re-applies."""
-    config = load_config(ProcessConfig, path, overrides)
-    explore = load_explore_config(config.explore_config)
+def load_process_config(path, overrides=(), explore: ExploreConfig | None = None) -> tuple[ProcessConfig, ExploreConfig]:
+    """The processing config, and the settings of the exploration that wrote its input CSV (read from
+    its run record, image_reader.exploration_settings), whose metrics and checks it re-applies; a
+    library caller may give the exploration's settings itself."""
+    own, theirs = exploration_keys(overrides, ProcessConfig)
+    config = load_config(ProcessConfig, path, own)
+    explore = explore or exploration_settings(config.input_csv, theirs)
+    unused = [check for check in config.repairs if check not in explore.checks]
+    if unused:
+        log.info("repairs of checks the exploration did not run are unused: %s", ", ".join(unused))
     for check, operations in config.repairs.items():
-        if check not in explore.checks:
-            raise ConfigError(f"{path}: repairs.{check}: not a check of {config.explore_config} (checks: {', '.join(explore.checks)})")
         for operation, params in operations.items():
-            if operation not in REPAIR_PARAMETERS:
-                raise ConfigError(f"{path}: repairs.{check}.{operation}: unknown operation (known: {', '.join(REPAIR_PARAMETERS)})")
-            operations[operation] = validate_section(REPAIR_PARAMETERS[operation], params, f"repairs.{check}.{operation}").model_dump()
+            if operation not in REPAIRS:
+                raise ConfigError(f"{path}: repairs.{check}.{operation}: unknown repair (known: {', '.join(REPAIRS)})")
+            operations[operation] = validate_section(REPAIRS[operation].params, params, f"repairs.{check}.{operation}").model_dump()
     return config, explore
 
 
 def repair_plan(failed: list[str], repairs: dict) -> list[tuple[str, dict]]:
-    """The operations (with parameters) that repair these failed checks, each once, in REPAIR_ORDER."""
+    """The repairs (with parameters) of these failed checks, each once, in the order repairs run."""
     chosen: dict[str, dict] = {}
     for check in failed:
         for operation, params in repairs.get(check, {}).items():
             chosen.setdefault(operation, params)
-    return [(op, chosen[op]) for op in REPAIR_ORDER if op in chosen]
+    return [(op, chosen[op]) for op in repair_order() if op in chosen]
 
 
 def escalate(plan: list[tuple[str, dict]], attempt: int, factor: float) -> list[tuple[str, dict]]:
@@ -73,21 +78,24 @@ def escalate(plan: list[tuple[str, dict]], attempt: int, factor: float) -> list[
     stronger = []
     for operation, params in plan:
         params = dict(params)
-        key = ESCALATED_PARAMETER.get(operation)
+        key = REPAIRS[operation].escalated
         if key:
             params[key] = params[key] * factor**attempt
         stronger.append((operation, params))
     return stronger
 
 
-def apply_plan(bgr: np.ndarray, plan: list[tuple[str, dict]], noise_sigma: float) -> np.ndarray:
+def apply_plan(bgr: np.ndarray, plan: list[tuple[str, dict]], measurements: dict) -> np.ndarray:
+    """The image after each repair of the plan, in turn; a repair's measured parameters (Repair.measured)
+    come from the image's exploration `measurements` (0 when unmeasured)."""
     for operation, params in plan:
-        extra = {"noise_sigma": noise_sigma} if operation == "denoise" else {}
-        bgr = REPAIRS[operation](bgr, **params, **extra)
+        repair = REPAIRS[operation]
+        measured = {name: float(measurements.get(metric) or 0.0) for name, metric in repair.measured.items()}
+        bgr = repair.function(bgr, **params, **measured)
     return bgr
 
 
-def describe_plan(plan: list[tuple[str, dict]]) -> str:
+def plan_text(plan: list[tuple[str, dict]]) -> str:
     return "; ".join(f"{op}({', '.join(f'{k}={v:g}' for k, v in params.items())})" for op, params in plan)
 
 
@@ -150,19 +158,18 @@ class Processor:
             return {"status": ProcessStatus.REJECTED, "reason": f"no repair configured for {', '.join(failed_before)}"}
         if self.resize is not None:
             bgr = resize_square(bgr, self.resize)
-        noise_sigma = float(row.get("noise") or 0.0)
         for attempt in range(self.attempts):
             attempt_plan = escalate(plan, attempt, self.factor)
-            data, after = self.encode_and_measure(apply_plan(bgr, attempt_plan, noise_sigma), target.suffix)
+            data, after = self.encode_and_measure(apply_plan(bgr, attempt_plan, row), target.suffix)
             failed = failing_checks(after, self.checks)
             if not failed:
-                return {"status": ProcessStatus.REPAIRED, "reason": None, "operations": describe_plan(attempt_plan), "attempts": attempt + 1,
+                return {"status": ProcessStatus.REPAIRED, "reason": None, "operations": plan_text(attempt_plan), "attempts": attempt + 1,
                         "output_digest": write_bytes(data, target), "failed_checks_after": "", "after": after}
         broken = [c for c in failed if c not in failed_before]
         reason = f"still fails {', '.join(failed)} after {self.attempts} attempts"
         if broken:
             reason += f" (the repair broke {', '.join(broken)})"
-        return {"status": ProcessStatus.REJECTED, "reason": reason, "operations": describe_plan(attempt_plan), "attempts": self.attempts,
+        return {"status": ProcessStatus.REJECTED, "reason": reason, "operations": plan_text(attempt_plan), "attempts": self.attempts,
                 "failed_checks_after": ";".join(failed), "after": after}
 
 
@@ -272,4 +279,6 @@ def processed_table(frame: pd.DataFrame, results: pd.DataFrame, explore: Explore
 
 
 if __name__ == "__main__":
-    run_script(main, "Repair flagged images and write a clean copy of the dataset.", "process_images.yaml")
+    run_script(main, "Repair flagged images and write a clean copy of the dataset.", "process_images.yaml", ProcessConfig, [
+        "python process_images.py", "python process_images.py --set retry.attempts=5 --set resize=128",
+        "python process_images.py --set workspace=/tmp/agepipe-run"])

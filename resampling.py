@@ -24,7 +24,8 @@ from config_models import ResamplingAugmentation, ResamplingConfig
 from dataset import read_metadata_csv, read_table
 from errors import UserError
 from image_processor import TRAINABLE_STATUSES, encode_image, random_augmentation
-from outputs import OutputGuard, confined, copy_file, run_lock, write_bytes, write_csv, write_run_record
+from outputs import OutputGuard, confined, run_lock
+from writes import copy_file, write_bytes, write_csv, write_run_record
 from parallel import Engine
 from resume import ResumableStage
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from errors import UserError
-from outputs import atomic_write
+from writes import atomic_write
 
 log = logging.getLogger("agepipe")
 
@@ -265,7 +265,7 @@ class ResumableStage:
         self.journal = Journal(journal_path, fingerprint)
 
     def _changed(self, keys: list[str]) -> list[str]:
-        from outputs import file_digest
+        from manifest import file_digest
 
         recorded = self.journal.records(key for key in keys if key in self.journal.done)
         return [key for key, row in recorded.items()

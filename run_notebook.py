@@ -3,8 +3,9 @@
     python run_notebook.py resampling.ipynb [--config PATH] [--set key=value ...]
 
 Each notebook has a cell tagged `parameters` (`config_path`, `overrides`); --config and --set replace
-them, as papermill does. The executed copy, with its outputs, is saved to reports/notebooks/ (the
-notebook in the repository is left as it is). A failing cell stops the run with the cell's error and
+them, as papermill does. The executed copy, with its outputs, is saved to reports/notebooks/ in the
+workspace (`--set workspace=DIR`, as every stage takes it; the notebook in the repository is left as
+it is). A failing cell stops the run with the cell's error and
 exit status 1.
 """
 from __future__ import annotations
@@ -20,7 +21,21 @@ from pathlib import Path
 from cli import native_stderr_silenced
 from config import PROJECT_DIR
 from errors import UserError
-from outputs import OutputGuard, current_umask, file_digest
+from manifest import file_digest
+from outputs import OutputGuard
+from writes import current_umask
+
+
+def absolute_paths(assignment: str) -> str:
+    """A --set whose key is a path of the notebooks' config made absolute against the current folder: the
+    notebook's kernel runs in the project folder, and a path typed here is meant from here."""
+    from config import path_fields
+    from config_models import ResamplingConfig
+
+    key, _, value = assignment.partition("=")
+    if key in path_fields(ResamplingConfig) and value and not value.startswith("["):
+        return f"{key}={Path(value).expanduser().resolve()}"
+    return assignment
 
 
 def execute(notebook: Path, folder, target: Path, parameters: dict, timeout: int) -> None:
@@ -56,13 +71,16 @@ def main() -> None:
     parser.add_argument("notebook", type=Path)
     parser.add_argument("--config", help="config file for the notebook (default: its own)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--output-dir", type=Path, default=PROJECT_DIR / "reports" / "notebooks")
+    parser.add_argument("--output-dir", type=Path, help="where the executed copy goes (default: reports/notebooks in the workspace)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one cell may take")
     args = parser.parse_args()
     if not args.notebook.is_file():
         sys.exit(f"error: notebook {args.notebook} not found")
 
-    parameters = {"overrides": args.overrides}
+    if args.output_dir is None:
+        workspace = next((o.partition("=")[2] for o in reversed(args.overrides) if o.partition("=")[0] == "workspace"), None)
+        args.output_dir = (Path(workspace).expanduser().resolve() if workspace else PROJECT_DIR) / "reports" / "notebooks"
+    parameters = {"overrides": [absolute_paths(o) for o in args.overrides]}
     if args.config:
         parameters["config_path"] = str(Path(args.config).resolve())
     start = time.perf_counter()

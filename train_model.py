@@ -1,50 +1,55 @@
 """Training stage: an age classifier that is honest about how good it is.
 
-Reads a metadata CSV (default: the resampling stage's) and configs/train_model.yaml, and writes into
-output_dir: model.keras (with the age groups, the backbone and the resolved config inside),
-metrics.json, history.csv, training_curves.png, confusion_matrix.png, split.csv (each image's split),
-face_problems.csv (images whose face could not be described as configured) and test_predictions.csv.
+Reads a metadata CSV (default: the processing stage's) and configs/train_model.yaml, and writes into
+output_dir: model.keras (with the age groups, the backbone and its settings, how answers are read, and
+the resolved config inside), metrics.json, history.csv, training_curves.png, confusion_matrix.png,
+split.csv (each image's split), test_images.csv (the test split, for predict_age.py), face_problems.csv
+(images whose face could not be described as configured) and test_predictions.csv.
 
     python train_model.py
-    python train_model.py --set input_csv=csv/processed_metadata.csv --set training.epochs=30
+    python train_model.py --set input_csv=csv/resampled_metadata.csv --set training.epochs=30
 
 The story, top to bottom:
 1. split by source image, stratified by age group: an image and its augmented copies always share a
    split, and the test split holds original images only, or the reported accuracy would be a lie;
-2. describe every face once with the pretrained dlib descriptor and age network (cached by content,
-   in parallel), or, for pixel backbones, stream the images through tf.data;
+2. prepare every image once (backbones.py): find and describe its face with the pretrained networks
+   (cached by content, in parallel), or check that its pixels decode;
 3. train the network for a fixed number of epochs (warm-up + cosine decay: no early stopping on a
    noisy validation split) to predict a distribution over years of age;
-4. evaluate on the test split beside a majority-class baseline on the very same images, and save.
+4. calibrate the confidence on the validation split, evaluate on the test split beside a
+   majority-class baseline on the very same images, and save.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from age_groups import age_groups_from
+from age_estimates import answers, correct_prior, evaluate, fit_temperature, population_shares, tempered, year_targets
+from age_groups import AgeGroups, age_groups_from
+from backbones import backbone_for
 from cli import run_script, setup_logging
 from config import load_config
-from config_models import Distribution, TrainConfig, Training
-from dataset import read_metadata_csv
+from model_configs import Distribution, TrainConfig, Training
+from dataset import labelled_images, read_metadata_csv
 from errors import UserError
-from face_analysis import DESCRIPTOR_BACKBONE, MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
 from image_processor import TRAINABLE_STATUSES
 from image_visualizer import figure_png
-from outputs import OutputFolder, OutputGuard, run_record
+from outputs import OutputFolder, OutputGuard
+from writes import run_record
 from parallel import Engine
 
 log = logging.getLogger("agepipe.train")
+HEADLINE = ("accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "population_weighted_accuracy", "mae_years")
+
 
 # --------------------------------------------------------------------------------------------------
 # 1. Data and split
 # --------------------------------------------------------------------------------------------------
-def read_training_csv(path: str, groups, max_age: int) -> pd.DataFrame:
+def read_training_csv(path: str, groups: AgeGroups) -> pd.DataFrame:
     """Usable, labelled rows of any stage's CSV, with `source` (the original image) and `copy`.
     Ages must be whole, non-negative years: anything else is a labelling error, refused in one line.
     (Ages above max_age are fine: the model's last year stands for max_age and over.)"""
@@ -61,10 +66,15 @@ def read_training_csv(path: str, groups, max_age: int) -> pd.DataFrame:
     if "source" not in frame.columns:
         frame["source"], frame["copy"] = frame["file"], 0
     frame["age"] = ages.astype(int)
-    frame["group_index"] = [groups.index_of(a) for a in frame["age"]]
+    return with_groups(frame, groups, f"input CSV {path}")
+
+
+def with_groups(frame: pd.DataFrame, groups: AgeGroups, what: str) -> pd.DataFrame:
+    """`frame` with each row's age group index, its rows of no group left out."""
+    frame = frame.assign(group_index=[groups.index_of(a) for a in frame["age"]])
     frame = frame[frame["group_index"] >= 0]
     if frame.empty:
-        raise UserError(f"input CSV {path} has no usable labelled images")
+        raise UserError(f"{what} has no usable labelled images")
     return frame.reset_index(drop=True)
 
 
@@ -87,25 +97,41 @@ def split_by_source(frame: pd.DataFrame, validation: float, test: float, seed: i
     return split.where(~((split == "test") & (frame["copy"] > 0)), "unused")
 
 
-def read_test_folder(folder: str, groups) -> pd.DataFrame:
-    """A separate test set: every image under `folder` whose UTKFace name carries an age."""
-    from dataset import find_image_files, parse_utkface_name
-
-    if not Path(folder).is_dir():
-        raise UserError(f"test_dataset_dir {folder} does not exist")
-    rows = [{"file": f, "path": p, "age": parse_utkface_name(f)["age"]} for f, p in find_image_files(Path(folder))]
-    frame = pd.DataFrame(rows).dropna(subset=["age"])
-    if frame.empty:
-        raise UserError(f"test_dataset_dir {folder} holds no images with an age in their name")
-    frame["age"] = frame["age"].astype(int)
-    frame["group_index"] = [groups.index_of(a) for a in frame["age"]]
-    frame["source"], frame["copy"] = frame["file"], 0
-    return frame[frame["group_index"] >= 0].reset_index(drop=True)
+def split_sets(frame: pd.DataFrame, config: TrainConfig, groups: AgeGroups) -> dict[str, pd.DataFrame]:
+    """The train, validation and test sets: the test set is the test split, or `test_inputs` when given."""
+    frame["split"] = split_by_source(frame, config.split.validation, 0.0 if config.test_inputs else config.split.test, config.seed)
+    if config.test_inputs:
+        test = labelled_images(config.test_inputs, config.labels_csv, config.age_range)
+        test = with_groups(test[test["age"].notna()].assign(source=test["file"], copy=0), groups, "test_inputs")
+    else:
+        test = frame[frame["split"] == "test"]
+    sets = {"train": frame[frame["split"] == "train"], "validation": frame[frame["split"] == "validation"], "test": test}
+    overlap = set(sets["train"]["source"]) & (set(sets["validation"]["source"]) | set(sets["test"]["source"]))
+    assert not overlap, f"leak: {len(overlap)} sources in two splits"
+    return sets
 
 
 # --------------------------------------------------------------------------------------------------
-# 2-3. Devices, pipeline, model, training
+# 2-3. Inputs, devices, model, training
 # --------------------------------------------------------------------------------------------------
+def prepare(sets: dict[str, pd.DataFrame], backbone, engine: Engine, cache, folder: OutputFolder) -> dict[str, pd.DataFrame]:
+    """Each set's images prepared by the backbone (before TensorFlow starts: the worker pool forks);
+    images it cannot use are listed in face_problems.csv and left out."""
+    prepared = backbone.prepare(pd.concat([rows.assign(set=name) for name, rows in sets.items()], ignore_index=True), engine, cache)
+    folder.write_csv("face_problems.csv", prepared.loc[prepared["problem"].notna(), ["set", "file", "path", "problem"]])
+    unusable = prepared["inputs"].isna()
+    if unusable.any():
+        log.warning("%d images cannot be used and are left out (listed in %s/face_problems.csv)", int(unusable.sum()), folder.path)
+    fallbacks = int(prepared["problem"].notna().sum() - unusable.sum())
+    if fallbacks:
+        log.info("%d faces had no plausible landmarks and were described unaligned (on_no_landmarks: whole_image)", fallbacks)
+    sets = {name: prepared[(prepared["set"] == name) & ~unusable].reset_index(drop=True) for name in sets}
+    if sets["train"].empty or sets["test"].empty:
+        raise UserError(f"too few images to train and test: {len(sets['train'])} train, {len(sets['validation'])} validation, "
+                        f"{len(sets['test'])} test")
+    return sets
+
+
 def distribution_strategy(settings: Distribution):
     """The tf.distribute strategy of the config; must run before TensorFlow touches a device."""
     import tensorflow as tf
@@ -134,47 +160,50 @@ def learning_rate_schedule(training: Training, steps_per_epoch: int):
     )
 
 
-def describe(frame: pd.DataFrame, settings: DescriptorSettings, cache: Path, engine: Engine) -> pd.DataFrame:
-    """`frame` with each image's face descriptor (None where it could not be described) and problem."""
-    descriptors, problems = describe_files(list(frame["path"]), settings, cache, engine, MAX_PIXELS, MAX_FILE_BYTES)
-    return frame.assign(descriptor=descriptors, face_problem=problems)
+def fit(config: TrainConfig, backbone, sets: dict[str, pd.DataFrame], groups: AgeGroups, scratch: str, weights):
+    """The trained network, its history (one row per epoch) and the seconds it took."""
+    from age_model import group_accuracy_metric  # first: it quiets TensorFlow's start-up log before TensorFlow loads
+
+    strategy = distribution_strategy(config.distribution)
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    training, max_age = config.training, config.max_age
+    batch = training.batch_size * strategy.num_replicas_in_sync
+    targets = lambda ages: year_targets(ages, max_age, training.label_sigma_years)  # noqa: E731
+    data, steps = backbone.fit_data(sets["train"], sets["validation"], targets, weights, batch, config.seed, scratch, strategy.num_replicas_in_sync)
+    with strategy.scope():
+        model = backbone.build(sets["train"]["inputs"], max_age)
+        model.compile(optimizer=keras.optimizers.AdamW(learning_rate_schedule(training, steps), weight_decay=config.model.section.weight_decay),
+                      loss=keras.losses.KLDivergence(), metrics=[group_accuracy_metric(groups, max_age)])
+    log.info("model: %s, %s parameters, %d replicas", backbone.kind, f"{model.count_params():,}", strategy.num_replicas_in_sync)
+    start = time.perf_counter()
+    fitted = model.fit(**data, epochs=training.epochs, verbose=1 if os.isatty(2) else 0)
+    history = pd.DataFrame(fitted.history).rename_axis("epoch").reset_index()
+    return model, history, time.perf_counter() - start, strategy.num_replicas_in_sync
 
 
-def decodable_paths(rows: pd.DataFrame) -> set[str]:
-    """The paths among `rows` that decode (read_image's guards and decoder), for pixel backbones."""
-    from image_io import UnreadableImage, read_image
-
-    readable = set()
-    for path in rows["path"].unique():
-        try:
-            read_image(path, MAX_PIXELS, MAX_FILE_BYTES)
-            readable.add(path)
-        except UnreadableImage:
-            pass
-    return readable
-
-
-def plot_history(history: pd.DataFrame, folder: OutputFolder, name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+# --------------------------------------------------------------------------------------------------
+# 4. Calibration, evaluation, saving
+# --------------------------------------------------------------------------------------------------
+def plot_history(history: pd.DataFrame, folder: OutputFolder) -> None:
     import matplotlib.pyplot as plt
 
     figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for axes, metric, title in ((loss, "loss", "Loss (KL divergence to the age distribution)"), (accuracy, "group_accuracy", "Age-group accuracy")):
         axes.plot(history["epoch"] + 1, history[metric], label="training")
         if f"val_{metric}" in history.columns and history[f"val_{metric}"].notna().any():
-            axes.plot(history["epoch"] + 1, history[f"val_{metric}"], label="validation")
+            axes.plot(history["epoch"] + 1, history[f"val_{metric}"], label="validation (held out)")
         axes.set(title=title, xlabel="epoch")
         axes.grid(alpha=0.3)
         axes.legend()
-    folder.write_bytes(name, figure_png(figure))
+    folder.write_bytes("training_curves.png", figure_png(figure, dpi=100))
 
 
-def plot_confusion(confusion: np.ndarray, labels: list[str], folder: OutputFolder, name: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot_confusion(confusion: np.ndarray, labels: list[str], folder: OutputFolder, title: str) -> None:
     import matplotlib.pyplot as plt
 
     confusion = np.asarray(confusion)
@@ -187,199 +216,108 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], folder: OutputFolde
     axes.set_yticks(range(len(labels)), labels)
     axes.set(xlabel="predicted group", ylabel="true group", title=title)
     figure.colorbar(image, label="share of the true group")
-    folder.write_bytes(name, figure_png(figure))
+    folder.write_bytes("confusion_matrix.png", figure_png(figure, dpi=100))
+
+
+def calibrated(model, backbone, sets, config: TrainConfig, groups: AgeGroups, training_shares) -> tuple[np.ndarray, float, float]:
+    """The test set's year probabilities as the model will answer them (tempered by the temperature fitted
+    on the validation split, re-weighted to `evaluation.prior_csv`'s mix when given), the temperature,
+    and the images per second of prediction."""
+    flip, batch = config.evaluation.flip_test_time_augmentation, config.training.batch_size
+    temperature = 1.0
+    if config.evaluation.calibrate and len(sets["validation"]):
+        temperature = fit_temperature(backbone.predict(model, sets["validation"], flip, batch), sets["validation"]["age"], groups, config.max_age)
+    start = time.perf_counter()
+    probabilities = tempered(backbone.predict(model, sets["test"], flip, batch), temperature)
+    speed = len(sets["test"]) / max(time.perf_counter() - start, 1e-9)
+    prior = population_shares(config.evaluation.prior_csv, groups, "evaluation.prior_csv")
+    if prior is not None:
+        probabilities = correct_prior(probabilities, groups, config.max_age, training_shares, prior)
+    return probabilities, temperature, speed
+
+
+def test_predictions(test: pd.DataFrame, probabilities: np.ndarray, config: TrainConfig, groups: AgeGroups) -> pd.DataFrame:
+    answer = answers(probabilities, groups, config.max_age, config.evaluation.answer_rule, config.evaluation.interval)
+    table = test[["file", "path", "age"]].reset_index(drop=True).assign(
+        age_group=[groups.labels[i] for i in answer.group], age_group_confidence=np.round(answer.confidence, 4),
+        predicted_age=answer.age, age_low=answer.low, age_high=answer.high)
+    return pd.concat([table, pd.DataFrame(np.round(answer.group_probabilities, 4), columns=[f"p_{label}" for label in groups.labels])], axis=1)
 
 
 def main(args) -> None:
     config = load_config(TrainConfig, args.config, args.overrides)
     setup_logging(config.log_level)
-    frame = read_training_csv(config.input_csv, age_groups_from(config), config.max_age)
-    uses_descriptors = config.model.backbone == DESCRIPTOR_BACKBONE
-    guard = OutputGuard(inputs=[config.input_csv, config.test_dataset_dir, config.target_csv, config.evaluation.prior_csv,
-                                *sorted({os.path.dirname(p) for p in frame["path"]})])
-    folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
-    cache = guard.journal(config.descriptor_cache, "descriptor_cache") if uses_descriptors else None
-    with guard:
-        train_and_save(config, frame, folder, cache)
-
-
-def train_and_save(config: TrainConfig, frame: pd.DataFrame, folder: OutputFolder, cache: Path | None) -> None:
     groups = age_groups_from(config)
-    max_age, seed, model_config, split = config.max_age, config.seed, config.model, config.split
-    uses_descriptors = cache is not None
-
-    # 1. Split by source image, then check that the splits can support training and evaluation.
-    frame["split"] = split_by_source(frame, split.validation, 0.0 if config.test_dataset_dir else split.test, seed)
-    test = read_test_folder(config.test_dataset_dir, groups) if config.test_dataset_dir else frame[frame["split"] == "test"]
-    train, validation = frame[frame["split"] == "train"], frame[frame["split"] == "validation"]
-    overlap = set(train["source"]) & (set(validation["source"]) | set(test["source"]))
-    assert not overlap, f"leak: {len(overlap)} sources in two splits"
-
-    # 2. Describe every face once (before TensorFlow starts: the worker pool forks).
-    if uses_descriptors:
-        settings = DescriptorSettings(**model_config.descriptor.model_dump())
-        sets = pd.concat([train.assign(set="train"), validation.assign(set="validation"), test.assign(set="test")], ignore_index=True)
-        described = describe(sets, settings, cache, Engine.of(config))
-        folder.write_csv("face_problems.csv", described.loc[described["face_problem"].notna(), ["set", "file", "path", "face_problem"]])
-        missing = described["descriptor"].isna()
-        if missing.any():
-            log.warning("%d images have no face descriptor and are left out (listed in %s/face_problems.csv)", int(missing.sum()), folder.path)
-        fallbacks = int(described["face_problem"].notna().sum() - missing.sum())
-        if fallbacks:
-            log.info("%d faces had no plausible landmarks and were described whole (on_no_landmarks: whole_image)", fallbacks)
-        train, validation, test = (described[(described["set"] == name) & ~missing] for name in ("train", "validation", "test"))
-    else:  # pixels are decoded in TensorFlow's pipeline, where a bad file would stop training: check each once now
-        used = pd.concat([train, validation, test])
-        readable = decodable_paths(used)
-        dropped = sorted(set(used["path"]) - readable)
-        if dropped:
-            log.warning("%d images cannot be decoded and are left out, e.g. %s", len(dropped), dropped[0])
-        train, validation, test = (rows[rows["path"].isin(readable)] for rows in (train, validation, test))
-    if train.empty or test.empty:
-        raise UserError(f"too few images to train and test: {len(train)} train, {len(validation)} validation, {len(test)} test")
-    train_counts = np.bincount(train["group_index"], minlength=len(groups.labels))
-    for label, count in zip(groups.labels, train_counts):
-        if count == 0:
+    frame = read_training_csv(config.input_csv, groups)
+    backbone = backbone_for(config.model)
+    inputs = [config.input_csv, *config.test_inputs, config.labels_csv, config.target_csv, config.evaluation.prior_csv,
+              *sorted({os.path.dirname(p) for p in frame["path"]})]
+    with OutputGuard(inputs=inputs) as guard:
+        folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
+        cache = guard.journal(config.descriptor_cache, "descriptor_cache")
+        sets = prepare(split_sets(frame, config, groups), backbone, Engine.of(config), cache, folder)
+        train = sets["train"]
+        train_counts = np.bincount(train["group_index"], minlength=len(groups.labels))
+        for label in (label for label, count in zip(groups.labels, train_counts) if count == 0):
             log.warning("age group %s has no training images: the model cannot learn it", label)
-    log.info("split: %d train, %d validation, %d test images (%d augmented copies unused in test)",
-             len(train), len(validation), len(test), int((frame["split"] == "unused").sum()))
+        log.info("split: %d train, %d validation, %d test images (%d augmented copies unused in test)",
+                 len(train), len(sets["validation"]), len(sets["test"]), int((frame["split"] == "unused").sum()))
+        weights = (len(train) / (len(groups.labels) * np.maximum(train_counts, 1)))[train["group_index"]].astype(np.float32)
+        weights = weights if config.training.class_weighting else None
+        # the age mix the model learns as its prior: uniform when class weighting evens the groups out
+        training_shares = np.full(len(groups.labels), 1 / len(groups.labels)) if weights is not None else train_counts / train_counts.sum()
+        with folder.scratch() as scratch:
+            model, history, seconds, replicas = fit(config, backbone, sets, groups, scratch, weights)
+        probabilities, temperature, speed = calibrated(model, backbone, sets, config, groups, training_shares)
+        metrics = save(config, folder, backbone, model, frame, sets, history, probabilities, groups, training_shares, temperature,
+                       {"training_seconds": round(seconds, 1), "training_images_per_second": round(len(history) * len(train) / seconds, 1),
+                        "prediction_images_per_second": round(speed, 1), "replicas": replicas})
+    test, baseline = metrics["test"], metrics["majority_baseline"]
+    print(f"trained {backbone.kind} on {len(train)} images for {len(history)} epochs in {seconds:.0f}s; test on {test['images']} images:")
+    print(f"  accuracy {test['accuracy']:.1%} (majority baseline {baseline['accuracy']:.1%}), one-off {test['one_off_accuracy']:.1%}, "
+          f"macro-F1 {test['macro_f1']:.3f}, MAE {test['mae_years']:.1f} years (baseline {baseline['mae_years']:.1f}), "
+          f"calibration error {test['calibration_error']:.3f}")
+    print(f"wrote {folder.path}/model.keras, metrics.json, history.csv, training_curves.png, confusion_matrix.png, test_images.csv")
 
-    # 3. TensorFlow, devices, the model and a fixed-length training run.
-    from age_model import (  # first: it quiets TensorFlow's start-up log before TensorFlow loads
-        augmentation_layers,
-        build_descriptor_model,
-        build_pixel_model,
-        correct_prior,
-        evaluate,
-        group_accuracy_metric,
-        group_matrix,
-        pixel_dataset,
-        population_shares,
-        predict_years,
-        model_bytes,
-        year_targets,
-    )
 
-    strategy = distribution_strategy(config.distribution)
-    import keras
-    import tensorflow as tf
+def save(config: TrainConfig, folder: OutputFolder, backbone, model, frame, sets, history, probabilities, groups, training_shares,
+         temperature: float, timing: dict) -> dict:
+    """Write the model with its metadata, the metrics (beside the majority class of the training split,
+    on the very same test images), the splits, the test predictions and the plots; return the metrics."""
+    import matplotlib
 
-    keras.utils.set_random_seed(seed)
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    training, inputs = config.training, config.input
-    batch = inputs.batch_size * strategy.num_replicas_in_sync
-    sigma = training.label_sigma_years
-    group_weights = len(train) / (len(groups.labels) * np.maximum(train_counts, 1))
-    weights = group_weights[train["group_index"].to_numpy()].astype(np.float32) if training.class_weighting else None
-    # the age mix the model learns as its prior: uniform when class weighting evens the groups out
-    training_shares = np.full(len(groups.labels), 1 / len(groups.labels)) if weights is not None else train_counts / train_counts.sum()
-    flip = config.evaluation.flip_test_time_augmentation
+    from age_model import model_bytes
 
-    with folder.scratch() as cache_dir:
-        if uses_descriptors:
-            def views(rows):  # (images x views x 128) -> one array per view
-                stacked = np.stack(rows["descriptor"].to_list())
-                return [stacked[:, v] for v in range(stacked.shape[1])]
-
-            train_views = views(train)
-            x_train = np.concatenate(train_views)  # the mirror view is a second training sample
-            y_train = year_targets(np.tile(train["age"].to_numpy(), len(train_views)), max_age, sigma)
-            w_train = None if weights is None else np.tile(weights, len(train_views))
-            fit_data = dict(x=x_train, y=y_train, sample_weight=w_train, batch_size=batch, shuffle=True)
-            if len(validation):
-                fit_data["validation_data"] = (views(validation)[0], year_targets(validation["age"], max_age, sigma))
-            steps = int(np.ceil(len(x_train) / batch))
-
-            def predict(rows):
-                test_views = views(rows)
-                return predict_years(model, test_views[0], test_views[1] if flip and len(test_views) > 1 else None)
-        else:
-            size = inputs.image_size
-            augment = augmentation_layers(config.augmentation, seed) if config.augmentation.enabled else None
-            cache_to = {"disk": os.path.join(cache_dir, "train"), "memory": "", "none": None}[inputs.cache]
-            fit_data = dict(x=pixel_dataset(train["path"], size, batch, targets=year_targets(train["age"], max_age, sigma), weights=weights,
-                                            shuffle_buffer=inputs.shuffle_buffer, seed=seed, cache=cache_to, augment=augment),
-                            shuffle=False)  # the dataset shuffles itself, seeded
-            if len(validation):
-                fit_data["validation_data"] = pixel_dataset(validation["path"], size, batch, targets=year_targets(validation["age"], max_age, sigma))
-            steps = int(np.ceil(len(train) / batch))
-
-            def predict(rows):
-                return predict_years(model, pixel_dataset(rows["path"], size, batch), mirrored_inputs=flip)
-
-        with strategy.scope():
-            if uses_descriptors:
-                model = build_descriptor_model(model_config, max_age, x_train.mean(axis=0), x_train.var(axis=0) + 1e-6)
-            else:
-                model = build_pixel_model(model_config, inputs.image_size, max_age)
-            model.compile(
-                optimizer=keras.optimizers.AdamW(learning_rate_schedule(training, steps), weight_decay=model_config.weight_decay),
-                loss=keras.losses.KLDivergence(),
-                metrics=[group_accuracy_metric(groups, max_age)],
-            )
-        log.info("model: %s, %s parameters, %d replicas", model_config.backbone, f"{model.count_params():,}", strategy.num_replicas_in_sync)
-        start = time.perf_counter()
-        fitted = model.fit(**fit_data, epochs=training.epochs, verbose=1 if os.isatty(2) else 0)
-        train_seconds = time.perf_counter() - start
-        history = pd.DataFrame(fitted.history).rename_axis("epoch").reset_index()
-
-        # 4. Evaluate on the test split, beside the majority class of the training split.
-        start = time.perf_counter()
-        probabilities = predict(test)
-        predict_seconds = time.perf_counter() - start
-
-    prior = population_shares(config.evaluation.prior_csv, groups)
-    if prior is not None:
-        probabilities = correct_prior(probabilities, groups, max_age, training_shares, prior)
+    matplotlib.use("Agg")  # files only, no display needed
+    max_age, evaluation, test = config.max_age, config.evaluation, sets["test"]
     shares = population_shares(config.target_csv, groups)
-    metrics = evaluate(probabilities, test["age"].to_numpy(), groups, max_age, shares)
-    majority = int(np.argmax(train_counts))
-    majority_age = groups.bounds(max_age)[majority]
-    baseline = evaluate(year_targets(np.full(len(test), sum(majority_age) / 2), max_age, 0), test["age"].to_numpy(), groups, max_age, shares)
+    metrics = evaluate(probabilities, test["age"], groups, max_age, shares, evaluation.answer_rule, evaluation.interval)
     for label in metrics["groups_without_test_images"]:
         log.warning("age group %s has no test images: its recall is not measured", label)
-
-    metadata = {"age_group_edges": list(groups.edges), "labels": groups.labels, "max_age": max_age,
-                "backbone": model_config.backbone, "descriptor": model_config.descriptor.model_dump() if uses_descriptors else None,
-                "input_size": None if uses_descriptors else inputs.image_size, "training_group_shares": list(map(float, training_shares)),
-                **run_record(config)}
+    majority = int(np.argmax(np.bincount(sets["train"]["group_index"], minlength=len(groups.labels))))
+    baseline = evaluate(year_targets(np.full(len(test), sum(groups.bounds(max_age)[majority]) / 2), max_age, 0), test["age"], groups, max_age, shares)
+    metadata = {"age_group_edges": list(groups.edges), "labels": groups.labels, "max_age": max_age, **backbone.metadata(),
+                "training_group_shares": list(map(float, training_shares)), "answer_rule": evaluation.answer_rule,
+                "interval": evaluation.interval, "temperature": temperature, **run_record(config)}
     folder.write_bytes("model.keras", model_bytes(model, metadata, folder))
-    headline = ("accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "population_weighted_accuracy", "mae_years")
-    report = {
-        "test": metrics,
-        "majority_baseline": {"group": groups.labels[majority], **{k: baseline[k] for k in headline}},
-        "test_source": config.test_dataset_dir or "test split of " + config.input_csv,
-        "flip_test_time_augmentation": flip,
-        "prior_correction": config.evaluation.prior_csv,
-        "split_images": {"train": len(train), "validation": len(validation), "test": len(test)},
-        "epochs": int(len(history)),
-        "training_seconds": round(train_seconds, 1),
-        "training_images_per_second": round(len(history) * len(train) / train_seconds, 1),
-        "prediction_images_per_second": round(len(test) / max(predict_seconds, 1e-9), 1),
-        "replicas": strategy.num_replicas_in_sync,
-        "age_groups": groups.labels,
-        **run_record(config),
-    }
+    report = {"test": metrics, "majority_baseline": {"group": groups.labels[majority], **{k: baseline[k] for k in HEADLINE}},
+              "test_source": ", ".join(config.test_inputs) or "test split of " + config.input_csv, "temperature": temperature,
+              "flip_test_time_augmentation": evaluation.flip_test_time_augmentation, "prior_correction": evaluation.prior_csv,
+              "split_images": {name: len(rows) for name, rows in sets.items()}, "epochs": int(len(history)), **timing,
+              "age_groups": groups.labels, **run_record(config)}
     folder.write_json("metrics.json", report)
     folder.write_csv("history.csv", history)
     folder.write_csv("split.csv", frame[["file", "source", "copy", "age", "split"]])
-    group_probabilities = probabilities @ group_matrix(groups, max_age)
-    predictions = test[["file", "path", "age"]].reset_index(drop=True).assign(
-        predicted_group=[groups.labels[i] for i in group_probabilities.argmax(1)],
-        expected_age=np.round(probabilities @ np.arange(max_age + 1), 2))
-    predictions = pd.concat([predictions, pd.DataFrame(group_probabilities, columns=[f"p_{label}" for label in groups.labels])], axis=1)
-    folder.write_csv("test_predictions.csv", predictions)
-    plot_history(history, folder, "training_curves.png")
-    plot_confusion(metrics["confusion_matrix"], groups.labels, folder, "confusion_matrix.png",
-                   f"Test confusion matrix (accuracy {metrics['accuracy']:.1%})")
+    folder.write_csv("test_images.csv", test[[c for c in ("file", "path", "age", "gender", "race") if c in test.columns]])
+    folder.write_csv("test_predictions.csv", test_predictions(test, probabilities, config, groups))
+    plot_history(history, folder)
+    plot_confusion(metrics["confusion_matrix"], groups.labels, folder, f"Test confusion matrix (accuracy {metrics['accuracy']:.1%})")
     folder.finish()
-
-    print(f"trained {model_config.backbone} on {len(train)} images for {len(history)} epochs in {train_seconds:.0f}s; test on {len(test)} images:")
-    print(f"  accuracy {metrics['accuracy']:.1%} (majority baseline {baseline['accuracy']:.1%}), one-off {metrics['one_off_accuracy']:.1%}, "
-          f"macro-F1 {metrics['macro_f1']:.3f}, MAE {metrics['mae_years']:.1f} years (baseline {baseline['mae_years']:.1f})")
-    print(f"wrote {folder.path}/model.keras, metrics.json, history.csv, training_curves.png, confusion_matrix.png")
+    return report
 
 
 if __name__ == "__main__":
-    run_script(main, "Train the age classifier.", "train_model.yaml")
+    run_script(main, "Train the age classifier.", "train_model.yaml", TrainConfig, [
+        "python train_model.py", "python train_model.py --set training.epochs=30 --set model.face_features.head_units=[512,128]",
+        "python train_model.py --set input_csv=csv/resampled_metadata.csv --set output_dir=models/resampled",
+        "python train_model.py --set model.backbone=pixels --set model.pixels.network=cnn"])

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from image_reader import flag_column, load_explore_config
-from image_processor import REPAIR_ORDER
+from image_reader import exploration_keys, exploration_settings, flag_column
+from image_processor import repair_order
 from image_visualizer import (
     MissingColumn,
     before_after_grid,
@@ -67,7 +67,9 @@ def make_figures(config: VisualizeConfig, explore: ExploreConfig, exploration: p
     yield "age_distribution", "Labelled images per age group and per year of age.", plot_age_distribution(exploration, groups, size, dpi)
     for metric in config.distributions:
         marks = thresholds.get(metric, [])
-        caption = f"Distribution of {metric}" + (f"; dashed: thresholds of {', '.join(t['check'] for t in marks)}." if marks else ".")
+        flagged = [f"{t['check']} {'<' if t['side'] == 'below' else '>'} {t['value']:g}: {int(exploration[flag_column(t['check'])].sum())} images"
+                   for t in marks if flag_column(t["check"]) in exploration.columns]
+        caption = f"Distribution of {metric}" + (f"; dashed, the exploration's thresholds: {'; '.join(flagged)}." if flagged else ".")
         yield f"distribution_{metric}", caption, visualize_distribution(exploration, metric, marks, size, dpi, fig.bins, fig.log_scale_span)
     for metric in config.by_age_group:
         yield (f"by_age_group_{metric}", f"{metric} per age group; the percentages are the share flagged.",
@@ -82,7 +84,7 @@ def make_figures(config: VisualizeConfig, explore: ExploreConfig, exploration: p
                image_grid(exploration, check, metric, grids.columns, grids.rows, grids.thumbnail_pixels, fig.dpi))
     if processed is not None:
         pairs = config.before_after
-        for operation in REPAIR_ORDER:
+        for operation in repair_order():
             if processed["operations"].fillna("").str.contains(operation + "(", regex=False).any():
                 yield (f"before_after_{operation}", f"Images repaired with {operation}: original left, result right.",
                        before_after_grid(processed, operation, pairs.pairs, pairs.columns, grids.thumbnail_pixels, fig.dpi))
@@ -108,9 +110,10 @@ def main(args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
-    config = load_config(VisualizeConfig, args.config, args.overrides)
+    own, theirs = exploration_keys(args.overrides, VisualizeConfig)
+    config = load_config(VisualizeConfig, args.config, own)
     setup_logging(config.log_level)
-    explore = load_explore_config(config.explore_config)
+    explore = exploration_settings(config.exploration_csv, theirs)  # the thresholds the exploration ran with
     exploration = read_metadata(config.exploration_csv, "exploration CSV")
     sources = [config.exploration_csv]
     processed = None
@@ -133,4 +136,5 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    run_script(main, "Plot the quality metadata of a dataset.", "visualize_image_information.yaml")
+    run_script(main, "Plot the quality metadata of a dataset.", "visualize_image_information.yaml", VisualizeConfig, [
+        "python visualize_image_information.py", "python visualize_image_information.py --set formats=[png,svg] --set output_dir=reports/other"])

@@ -23,6 +23,7 @@ sys.path.insert(0, str(PROJECT))
 
 from image_processor import adjust_exposure, denoise, enhance_texture, sharpen, stretch_contrast  # noqa: E402
 from image_io import IMAGE_EXTENSIONS  # noqa: E402
+from image_reader import load_explore_config  # noqa: E402
 from metrics import measure_array  # noqa: E402
 from process_images import Processor, load_process_config  # noqa: E402
 
@@ -46,7 +47,7 @@ def main():
     parser.add_argument("dataset_dir", type=Path)
     parser.add_argument("--images", type=int, default=300, help="images per repair timing")
     args = parser.parse_args()
-    config, explore = load_process_config(PROJECT / "configs/process_images.yaml")
+    config, explore = load_process_config(PROJECT / "configs/process_images.yaml", explore=load_explore_config(PROJECT / "configs/explore_images.yaml"))
     repairs = config.repairs
 
     with tempfile.TemporaryDirectory() as tmp:

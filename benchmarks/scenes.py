@@ -45,6 +45,14 @@ def scene(pictures: list[np.ndarray], rng: np.random.Generator, width: int = 640
 class Pasted:
     photo: np.ndarray
     box: tuple[float, float, float, float]  # x, y, width, height of the pasted crop (before turning) in the photo
+    degrees: float  # how far the crop was turned, counter-clockwise
+
+    def to_photo(self, points: np.ndarray, crop_side: int) -> np.ndarray:
+        """Points (x, y rows) of the original crop, `crop_side` pixels square, where they lie in the photo."""
+        x, y, side, _ = self.box
+        turn = cv2.getRotationMatrix2D((side / 2, side / 2), self.degrees, 1.0)
+        scaled = np.asarray(points, float) * side / crop_side
+        return scaled @ turn[:, :2].T + turn[:, 2] + (x, y)
 
 
 def paste(face: np.ndarray, background: np.ndarray, side: int, degrees: float, x: int, y: int) -> Pasted:
@@ -56,9 +64,13 @@ def paste(face: np.ndarray, background: np.ndarray, side: int, degrees: float, x
     mask = cv2.warpAffine(np.full((side, side), 255, np.uint8), turn, (side, side), flags=cv2.INTER_LINEAR)
     mask = cv2.GaussianBlur(mask, (0, 0), 1.0)[..., None].astype(np.float32) / 255
     photo = background.copy()
-    region = photo[y:y + side, x:x + side].astype(np.float32)
-    photo[y:y + side, x:x + side] = np.round(turned * mask + region * (1 - mask)).astype(np.uint8)
-    return Pasted(photo, (float(x), float(y), float(side), float(side)))
+    height, width = photo.shape[:2]
+    top, left = max(0, -y), max(0, -x)  # a crop past the photo's edges is cut there
+    bottom, right = min(side, height - y), min(side, width - x)
+    region = photo[y + top:y + bottom, x + left:x + right].astype(np.float32)
+    visible = mask[top:bottom, left:right]
+    photo[y + top:y + bottom, x + left:x + right] = np.round(turned[top:bottom, left:right] * visible + region * (1 - visible)).astype(np.uint8)
+    return Pasted(photo, (float(x), float(y), float(side), float(side)), degrees)
 
 
 def photo_of(face: np.ndarray, pictures: list[np.ndarray], rng: np.random.Generator, sides=(110, 260), max_degrees: float = 12.0,

@@ -24,9 +24,9 @@ sys.path.insert(0, str(PROJECT))
 def claimed_tmp_path(tmp_path):
     """Library functions called in the test process may write below the test's own folder: it is
     claimed as the scripts claim their outputs (outputs.OutputGuard), so nothing else can be written."""
-    import outputs
+    import writes
 
-    outputs.adopt(((), (str(tmp_path.resolve()),)))
+    writes.adopt(((), (str(tmp_path.resolve()),)))
     return tmp_path
 
 

@@ -71,7 +71,7 @@ def test_explore_and_process_on_dask_give_the_local_rows_despite_a_killed_worker
 
 def test_an_unreachable_scheduler_is_one_line(sample, tmp_path):
     result = run("explore_images.py", f"dataset_dir={sample}", f"output_csv={tmp_path}/m.csv", f"summary_csv={tmp_path}/s.csv",
-                 "scheduler=tcp://127.0.0.1:9", check=False)
+                 "scheduler=tcp://127.0.0.1:9", "scheduler_timeout_seconds=2", check=False)
     assert result.returncode != 0 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
     result = run("explore_images.py", f"dataset_dir={sample}", "scheduler=my-cluster", check=False)

@@ -163,7 +163,7 @@ def test_labels_from_a_csv(small_sample, tmp_path):
         (["metrics.noise.flat_fraction=2"], "metrics.noise.flat_fraction: expected a value <= 1, got 2"),
         (["num_workers=-1"], "num_workers: expected a value >= 0, got -1"),
         (["age_groups.edges=[0, 20, 10]"], "age_groups.edges: expected the lower edges in increasing order"),
-        (["labels.source=database"], "labels.source: expected one of 'filename' or 'csv', got 'database'"),
+        (["labels.source=database"], "labels.source: expected one of 'auto', 'filename' or 'csv', got 'database'"),
         (["dataset_dir=/no/such/folder"], "dataset folder /no/such/folder does not exist"),
         (["output_csv=/etc/hostname/m.csv"], "/etc/hostname is not writable"),
         (["treshold=3"], "treshold: unknown key"),

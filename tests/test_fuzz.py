@@ -61,7 +61,7 @@ def test_the_whole_pipeline_survives_hostile_files(sample, tmp_path):
     common = sets(target_csv=f"{out}/t.csv", processed_csv=f"{out}/p.csv", output_dir=f"{out}/resampled", output_csv=f"{out}/r.csv")
     stage("run_notebook.py", "australian_population.ipynb", "--output-dir", str(out / "nb"), *common)
     stage("run_notebook.py", "resampling.ipynb", "--output-dir", str(out / "nb"), *common)
-    model = sets(output_dir=f"{out}/model", descriptor_cache=f"{out}/d.jsonl", training__epochs=2, model__descriptor__mirrored="false")
+    model = sets(output_dir=f"{out}/model", descriptor_cache=f"{out}/d.jsonl", training__epochs=2, model__face_features__descriptor__mirrored="false")
     # so few fuzzed files survive that training may refuse (one line); then train on them plus the sample
     trained = stage("train_model.py", *sets(input_csv=f"{out}/r.csv"), *model, may_refuse=True)
     if trained.returncode == 2:

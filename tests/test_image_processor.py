@@ -8,12 +8,12 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from conftest import PROJECT
 from image_processor import adjust_exposure, denoise, enhance_texture, resize_square, sharpen, stretch_contrast
 from config_models import Defects, Pose
-from image_reader import failing_checks
+from image_reader import failing_checks, load_explore_config
 from metrics import measure_array
 from make_sample_dataset import draw_face, plant_defect
 from process_images import Processor, load_process_config
 
-CONFIG, EXPLORE = load_process_config(PROJECT / "configs/process_images.yaml")
+CONFIG, EXPLORE = load_process_config(PROJECT / "configs/process_images.yaml", explore=load_explore_config(PROJECT / "configs/explore_images.yaml"))
 SAMPLE = {"skin_tones": [[236, 200, 178], [150, 102, 76], [232, 196, 160]], "hair": [[90, 60, 35], [20, 20, 22], [160, 120, 70]]}
 POSE = Pose(max_tilt_degrees=5, max_scale_change=0.05, max_shift_fraction=0.03)
 # One strength per defect, from inside the generator's planted ranges.

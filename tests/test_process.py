@@ -37,11 +37,11 @@ def test_planted_defects_are_mostly_repaired_and_the_rest_rejected_with_reasons(
 
 
 def test_repaired_images_pass_every_check_when_measured_again(processed_rows):
-    from image_reader import failing_checks
+    from image_reader import failing_checks, load_explore_config
     from metrics import measure_array
     from process_images import Processor, load_process_config
 
-    config, explore = load_process_config(PROJECT / "configs/process_images.yaml")
+    config, explore = load_process_config(PROJECT / "configs/process_images.yaml", explore=load_explore_config(PROJECT / "configs/explore_images.yaml"))
     processor = Processor(config, explore)
     repaired = processed_rows[processed_rows["status"] == "repaired"]
     assert len(repaired) > 100

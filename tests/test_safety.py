@@ -15,7 +15,8 @@ import pytest
 
 from conftest import PROJECT, kill_part_way, process, read_csv, run
 from errors import UserError
-from outputs import FOLDER_LOCK, MANIFEST, OutputGuard, run_lock
+from manifest import MANIFEST
+from outputs import FOLDER_LOCK, OutputGuard, run_lock
 from parallel import Engine, parallel_map
 
 
@@ -304,14 +305,14 @@ def test_resume_trusts_contents_not_sizes(explored, tmp_path):
 
 
 def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp_path):
-    from face_analysis import DescriptorSettings, describe_files
+    from face_features import DescriptorSettings, describe_files
     from parallel import Engine
     from resume import Journal
 
     settings = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, True, True, 1e-6)
     faces = [str(p) for p in sorted(sample.glob("*.chip.jpg"))[:4]]
     cache = tmp_path / "cache.jsonl"
-    clean, _ = describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)
+    clean = [image.first.vector for image in describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)]
     header = Journal.header(cache)
     keys = list(Journal(cache, header["fingerprint"]).done)
     with open(cache, "a", encoding="utf-8") as f:
@@ -319,7 +320,7 @@ def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp
             f.write(json.dumps({"_key": key, "descriptor": vector, "face_problem": None}) + "\n")
     with open(cache, "ab") as f:
         f.write(b"\xff\xfe not UTF-8\n")
-    again, problems = describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)
+    again = [image.first.vector for image in describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)]
     for before, after in zip(clean, again):
         np.testing.assert_allclose(before, after, atol=1e-5)
     assert all(np.isfinite(vector).all() for vector in again)

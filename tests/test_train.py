@@ -6,11 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from age_groups import AgeGroups
 from conftest import PROJECT, read_csv, run
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
 # Small pixel networks for the tests of the pixel backbones, quick on 2 cores.
-PIXELS = ["model.backbone=cnn", "input.image_size=32", "model.filters=[8, 16]", "input.batch_size=32", "training.epochs=1"]
+PIXELS = ["model.backbone=pixels", "model.pixels.image_size=32", "model.pixels.filters=[8, 16]", "training.batch_size=32", "training.epochs=1"]
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +42,9 @@ def test_training_beats_the_majority_baseline_clearly(trained):
     assert test["one_off_accuracy"] >= 0.9 and test["mae_years"] < baseline["mae_years"] - 10
     assert 0 < test["population_weighted_accuracy"] <= 1 and 0 < test["balanced_accuracy"] <= 1
     assert np.array(test["confusion_matrix"]).sum() == test["images"] == metrics["split_images"]["test"]
-    assert metrics["config"]["model"]["backbone"] == "dlib_face_descriptor"
-    for name in ("model.keras", "history.csv", "training_curves.png", "confusion_matrix.png", "face_problems.csv"):
+    assert metrics["config"]["model"]["backbone"] == "face_features" and 0 <= test["calibration_error"] < 0.2
+    assert 0.5 <= test["interval_coverage"] <= 1 and metrics["split_images"]["validation"] > 0
+    for name in ("model.keras", "history.csv", "training_curves.png", "confusion_matrix.png", "face_problems.csv", "test_images.csv"):
         assert (out / name).stat().st_size > 0
 
 
@@ -57,24 +59,27 @@ def test_no_source_image_in_two_splits_and_test_holds_originals_only(trained, re
     assert len(split) == len(read_csv(folder / "resampled.csv"))
     groups = split.assign(group=(split["age"] // 10).clip(upper=7))
     assert (groups.groupby("split")["group"].nunique().loc[["train", "test"]] == 8).all()
+    tested = read_csv(out / "test_images.csv")
+    assert set(tested["file"]) <= set(split.loc[split["split"] == "test", "file"]) and tested["age"].notna().all()
 
 
 def test_saved_model_reloads_with_its_metadata_and_predicts_the_same(trained, descriptor_cache):
-    from age_model import MAX_FILE_BYTES, MAX_PIXELS, group_matrix, load_with_metadata, predict_years
-    from face_analysis import DescriptorSettings, describe_files
+    from age_estimates import answers, tempered
+    from age_model import load_with_metadata
+    from backbones import saved_backbone
     from parallel import Engine
 
     out, _ = trained
     model, metadata = load_with_metadata(out / "model.keras")
     assert metadata.labels == ["0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
-    assert metadata.backbone == "dlib_face_descriptor" and metadata.config["seed"] == 7
+    assert metadata.backbone == "face_features" and metadata.config["seed"] == 7 and 0.1 < metadata.temperature < 10
     saved = read_csv(out / "test_predictions.csv")
-    descriptors, _ = describe_files(list(saved["path"]), DescriptorSettings(**metadata.descriptor.model_dump()), descriptor_cache, Engine(num_workers=1), MAX_PIXELS, MAX_FILE_BYTES)
-    stacked = np.stack(descriptors)
-    years = predict_years(model, stacked[:, 0], stacked[:, 1])
-    groups = years @ group_matrix(metadata.groups, metadata.max_age)
-    np.testing.assert_allclose(groups, saved[[f"p_{g}" for g in metadata.labels]].to_numpy(), atol=2e-4)
-    np.testing.assert_allclose(years @ np.arange(metadata.max_age + 1), saved["expected_age"], atol=0.01)
+    backbone = saved_backbone(metadata)
+    rows = backbone.prepare(saved, Engine(num_workers=1), descriptor_cache)
+    years = tempered(backbone.predict(model, rows, True, 64), metadata.temperature)
+    answer = answers(years, metadata.groups, metadata.max_age, metadata.answer_rule, metadata.interval)
+    np.testing.assert_allclose(answer.group_probabilities, saved[[f"p_{g}" for g in metadata.labels]].to_numpy(), atol=2e-4)
+    np.testing.assert_allclose(answer.age, saved["predicted_age"], atol=0.05)
 
 
 def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample, descriptor_cache, tmp_path):
@@ -87,11 +92,17 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     common = [f"model_path={out}/model.keras", f"inputs=[{folder}]", f"descriptor_cache={descriptor_cache}"]
     result = run("predict_age.py", *common, f"output_csv={tmp_path}/p.csv")
     rows = read_csv(tmp_path / "p.csv")
-    assert len(rows) == 21 and rows["error"].notna().sum() == 1 and "not an image" in rows["error"].dropna().iloc[0]
-    ok = rows[rows["error"].isna()]
+    assert len(rows) == 21 and rows["reason"].notna().sum() == 1 and "not an image" in rows["reason"].dropna().iloc[0]
+    ok = rows[rows["reason"].isna()]
     probabilities = ok[[c for c in ok.columns if c.startswith("p_")]].to_numpy()
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-3)
-    assert ok["expected_age"].between(0, 100).all() and "names carry ages: on 20 images" in result.stdout
+    assert ok["age"].between(0, 100).all() and "true ages known for 20 answered rows" in result.stdout
+    # one answer that never contradicts itself: the age lies in the group, the group is the likeliest
+    groups = AgeGroups((0, 10, 20, 30, 40, 50, 60, 70))
+    assert all(groups.label_of(age) == group for age, group in zip(ok["age"], ok["age_group"]))
+    assert (ok["age_low"] <= ok["age_high"]).all()
+    reported = [row[f"p_{group}"] for group, (_, row) in zip(ok["age_group"], ok.iterrows())]
+    assert np.allclose(ok["age_group_confidence"], reported, atol=1e-4)  # the confidence is the reported group's probability
 
     # a prior that makes 70+ a hundred times likelier than the training mix raises every p_70+
     groups = ["0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
@@ -105,9 +116,9 @@ def test_the_pixel_cnn_still_trains_and_predicts(resampled, descriptor_cache, tm
     folder, _, _ = resampled
     train(folder / "resampled.csv", tmp_path, descriptor_cache, *PIXELS)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["config"]["model"]["backbone"] == "cnn" and metrics["test"]["images"] > 50
+    assert metrics["config"]["model"]["backbone"] == "pixels" and metrics["test"]["images"] > 50
     run("predict_age.py", f"model_path={tmp_path}/model.keras", f"inputs=[{folder}/images]", f"output_csv={tmp_path}/p.csv")
-    assert read_csv(tmp_path / "p.csv")["predicted_group"].notna().all()
+    assert read_csv(tmp_path / "p.csv")["age_group"].notna().all()
 
 
 def test_mirrored_strategy_on_two_logical_cpus(resampled, descriptor_cache, tmp_path):
@@ -127,7 +138,7 @@ def test_a_keras_applications_backbone_trains_and_reloads_offline(resampled, des
     from age_model import load_with_metadata
 
     folder, _, _ = resampled
-    train(folder / "resampled.csv", tmp_path, descriptor_cache, *PIXELS, "model.backbone=MobileNetV3Small", "model.weights=null")
+    train(folder / "resampled.csv", tmp_path, descriptor_cache, *PIXELS, "model.pixels.network=MobileNetV3Small", "model.pixels.weights=null")
     model, metadata = load_with_metadata(tmp_path / "model.keras")
     assert metadata.input_size == 32 and model.output_shape == (None, 101)
 
@@ -172,8 +183,7 @@ def test_split_is_stratified_and_seeded():
 
 
 def test_year_distribution_targets_and_prior_correction():
-    from age_model import correct_prior, evaluate, expected_age, group_matrix, year_targets
-    from age_groups import AgeGroups
+    from age_estimates import correct_prior, evaluate, expected_age, group_matrix, year_targets
 
     groups = AgeGroups((0, 10, 70))
     targets = year_targets([0, 35, 100], 100, 4.0)
@@ -198,8 +208,50 @@ def test_images_that_no_longer_decode_are_left_out_before_training(resampled, de
     extra = rows.iloc[:1].assign(file=broken.name, path=str(broken), source=broken.name, copy=0, age=35)
     pd.concat([rows, extra]).to_csv(tmp_path / "with_broken.csv", index=False)
     pixels = train(tmp_path / "with_broken.csv", tmp_path / "pixels", descriptor_cache, *PIXELS)
-    assert "1 images cannot be decoded and are left out" in pixels.stderr and "Traceback" not in pixels.stderr
+    assert "1 images cannot be used and are left out" in pixels.stderr and "Traceback" not in pixels.stderr
     described = train(tmp_path / "with_broken.csv", tmp_path / "descriptors", descriptor_cache, "training.epochs=2")
-    assert "1 images have no face descriptor" in described.stderr and "Traceback" not in described.stderr
+    assert "images cannot be used and are left out" in described.stderr and "Traceback" not in described.stderr
     problems = read_csv(tmp_path / "descriptors" / "face_problems.csv").set_index("file")
-    assert problems.loc[broken.name, "face_problem"].startswith("unreadable: ")
+    assert problems.loc[broken.name, "problem"].startswith("unreadable: ")
+
+
+def test_predictions_on_ordinary_photos_find_the_face_or_say_why_not(trained, sample, manifest, descriptor_cache, tmp_path):
+    """A folder of what users bring: a photo with one planted face, scenes without any, a 6000x4000 phone
+    photo turned by EXIF, a panorama, a tiny face. Faces found are answered where they were planted;
+    images without one get a row with the reason and no age, never a guess."""
+    import sys
+
+    import cv2
+    from PIL import Image
+
+    sys.path.insert(0, str(PROJECT / "benchmarks"))
+    from scenes import paste, scene, scene_pictures
+
+    out, _ = trained
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng, pictures = np.random.default_rng(9), scene_pictures()
+    face = cv2.imread(str(sample / manifest.loc[manifest["defect"] == "none", "file"].iloc[0]))
+    planted = paste(face, scene(pictures, rng), 220, 6.0, 330, 120)
+    cv2.imwrite(str(folder / "photo.jpg"), planted.photo)
+    for index in range(3):
+        cv2.imwrite(str(folder / f"scene{index}.jpg"), scene(pictures, rng))
+    cv2.imwrite(str(folder / "tiny.jpg"), paste(face, scene(pictures, rng), 10, 0.0, 100, 100).photo)
+    cv2.imwrite(str(folder / "panorama.jpg"), paste(face, scene(pictures, rng, 4800, 600), 260, 0.0, 3000, 200).photo)
+    phone = Image.fromarray(cv2.resize(planted.photo, (6000, 4500))[..., ::-1]).rotate(90, expand=True)
+    exif = phone.getexif()
+    exif[0x0112] = 6
+    phone.save(folder / "phone.jpg", exif=exif.tobytes(), quality=80)
+    run("predict_age.py", f"model_path={out}/model.keras", f"inputs=[{folder}]", f"descriptor_cache={descriptor_cache}",
+        f"output_csv={tmp_path}/p.csv")
+    rows = read_csv(tmp_path / "p.csv").assign(name=lambda t: t["file"].map(lambda f: f.rsplit("/", 1)[-1])).set_index("name")
+    groups = AgeGroups((0, 10, 20, 30, 40, 50, 60, 70))
+    for name, scale in (("photo.jpg", 1.0), ("phone.jpg", 6000 / 640)):
+        row = rows.loc[name]
+        x, y, side, _ = (v * scale for v in planted.box)
+        assert row["faces_found"] >= 1 and x <= row["face_x"] + row["face_width"] / 2 <= x + side, name
+        assert groups.label_of(row["age"]) == row["age_group"] and pd.isna(row["reason"]), name
+    assert rows.loc["panorama.jpg", "faces_found"] >= 1 and pd.notna(rows.loc["panorama.jpg", "age"])
+    for name in ("scene0.jpg", "scene1.jpg", "scene2.jpg", "tiny.jpg"):
+        assert pd.isna(rows.loc[name, "age"]) and pd.isna(rows.loc[name, "age_group"]) and isinstance(rows.loc[name, "reason"], str), name
+    assert rows.loc["scene0.jpg", "reason"] == "no face found"

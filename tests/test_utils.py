@@ -10,7 +10,7 @@ from pydantic import Field
 from config_models import AgeRange, Bounded, Section
 from age_groups import AgeGroups
 from config import apply_override, validate_section
-from outputs import atomic_write
+from writes import atomic_write
 from parallel import Engine, parallel_map
 from errors import ConfigError, UserError
 from resume import Journal, PartStore, json_table
@@ -190,7 +190,7 @@ import os, warnings, matplotlib, matplotlib.pyplot, PIL.Image, cv2, numpy, panda
 state = lambda: (dict(matplotlib.rcParams), matplotlib.get_backend(), PIL.Image.MAX_IMAGE_PIXELS, dict(os.environ), list(warnings.filters))
 before = state()
 import errors, config, cli, outputs, parallel, resume, age_groups, model_files, dataset, metrics, duplicates
-import image_io, image_reader, image_processor, image_visualizer, face_analysis, resampling
+import image_io, image_reader, image_processor, image_visualizer, face_detector, face_features, resampling
 print(before == state())
 """
     result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, capture_output=True, text=True)

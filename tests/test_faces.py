@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT
-from face_analysis import (DescriptorSettings, DetectorSettings, FaceDescriber, FaceDetector, age_network_files, describe_files,
-                           detector_model_path, face_geometry, landmark_problem, require_dlib)
+from face_detector import DetectorSettings, FaceDetector, FinderSettings, detector_model_path, face_geometry
+from face_features import DescriptorSettings, FaceDescriber, age_network_files, describe_files, landmark_problem, require_dlib
 from errors import UserError
 from parallel import Engine
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
 SETTINGS = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, False)
 WITH_AGE = DescriptorSettings(**{**SETTINGS.__dict__, "age_network": True, "age_probability_floor": 1e-6})
+AUTO = DescriptorSettings(**{**SETTINGS.__dict__, "face_box": "auto", "search": FinderSettings(DetectorSettings(0.7, 0.3, 0.15), 1),
+                             "crop_fill_fraction": 0.25, "box_scale": 1.0, "min_face_pixels": 24})
 LIMITS = (100_000_000, 200_000_000)
 ONE_WORKER = Engine(num_workers=1)
 
@@ -97,6 +99,13 @@ def journal_lines(path):
     return path.read_text().count("\n")
 
 
+def vectors(described):
+    """Each image's first face's descriptor (None where none), and each image's problem."""
+    faces = [image.first for image in described]
+    return ([None if f is None else f.vector for f in faces],
+            [image.problem if f is None else f.problem for image, f in zip(described, faces)])
+
+
 def test_descriptors_are_cached_by_content_and_redone_when_content_changes(sample, tmp_path):
     faces = [tmp_path / p.name for p in sorted(sample.glob("*.chip.jpg"))[:4]]
     for face, source in zip(faces, sorted(sample.glob("*.chip.jpg"))[:4]):
@@ -105,41 +114,48 @@ def test_descriptors_are_cached_by_content_and_redone_when_content_changes(sampl
     shutil.copy(faces[0], copy)
     cache = tmp_path / "cache.jsonl"
     paths = [str(p) for p in faces + [copy]]
-    first, problems = describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS)
+    first, problems = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS))
     assert all(d is not None and d.shape == (1, 128) for d in first) and problems == [None] * 5
     assert journal_lines(cache) == 1 + 4  # header + four contents: the byte-identical copy is described once
     np.testing.assert_array_equal(first[0], first[4])
 
-    again, _ = describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS)
+    again, _ = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS))
     assert journal_lines(cache) == 5 and all(np.array_equal(a, b) for a, b in zip(first, again))
 
     shutil.copy(faces[2], faces[1])  # new content under an old name
-    changed, _ = describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS)
+    changed, _ = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS))
     np.testing.assert_array_equal(changed[1], first[2])
     mirrored = DescriptorSettings(**{**SETTINGS.__dict__, "mirrored": True})
-    both, _ = describe_files(paths[:1], mirrored, cache, ONE_WORKER, *LIMITS)  # other settings: the cache starts again
+    both, _ = vectors(describe_files(paths[:1], mirrored, cache, ONE_WORKER, *LIMITS))  # other settings: the cache starts again
     assert both[0].shape == (2, 128) and journal_lines(cache) == 2
     assert json.loads(cache.read_text().splitlines()[0])["fingerprint"]
 
 
-def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(tmp_path):
+def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample, tmp_path, monkeypatch):
     import cv2
 
-    blank = np.full((160, 140, 3), 127, np.uint8)
-    detector = DescriptorSettings("detector", "whole_image", 0.2, 40, 0.25, False)
-    vector, problem = FaceDescriber(detector).describe(blank)
-    assert vector.shape == (1, 128) and "no face found" in problem and "described the whole image" in problem
-    vector, problem = FaceDescriber(DescriptorSettings("detector", "skip", 0.2, 40, 0.25, False)).describe(blank)
-    assert vector is None and problem == "no face found by the detector"
+    import face_features
 
+    face = np.ascontiguousarray(cv2.imread(str(sorted(sample.glob("*.chip.jpg"))[0]))[..., ::-1])
+    monkeypatch.setattr(face_features, "landmark_problem", lambda points, width, settings: "landmarks implausible: planted")
+    described = FaceDescriber(SETTINGS).describe(face).first
+    assert described.vector.shape == (1, 128) and described.problem == "landmarks implausible: planted; described the face's square unaligned"
+    skip = DescriptorSettings(**{**SETTINGS.__dict__, "on_no_landmarks": "skip"})
+    described = FaceDescriber(skip).describe(face).first
+    assert described.vector is None and described.problem == "landmarks implausible: planted"
+    monkeypatch.undo()
+
+    blank = np.full((160, 140, 3), 127, np.uint8)
+    described = FaceDescriber(AUTO).describe(blank)  # searched for, and not found: no face, no description
+    assert described.found == 0 and described.faces == [] and described.problem == "no face found"
     cv2.imwrite(str(tmp_path / "blank.png"), blank)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    descriptors, problems = describe_files([str(tmp_path / "blank.png"), str(tmp_path / "broken.jpg")],
-                                           DescriptorSettings("detector", "skip", 0.2, 40, 0.25, False), tmp_path / "c.jsonl", ONE_WORKER, *LIMITS)
-    assert descriptors == [None, None] and problems[0].startswith("no face") and problems[1].startswith("unreadable")
+    descriptors, problems = vectors(describe_files([str(tmp_path / "blank.png"), str(tmp_path / "broken.jpg")], AUTO, tmp_path / "c.jsonl",
+                                                   ONE_WORKER, *LIMITS))
+    assert descriptors == [None, None] and problems[0] == "no face found" and problems[1].startswith("unreadable")
 
     os.mkfifo(tmp_path / "fifo.jpg")  # nothing hashable at all, into an empty cache
-    descriptors, problems = describe_files([str(tmp_path / "fifo.jpg")], SETTINGS, tmp_path / "empty.jsonl", ONE_WORKER, *LIMITS)
+    descriptors, problems = vectors(describe_files([str(tmp_path / "fifo.jpg")], SETTINGS, tmp_path / "empty.jsonl", ONE_WORKER, *LIMITS))
     assert descriptors == [None] and problems[0].startswith("unreadable")
 
 
@@ -149,19 +165,19 @@ def test_the_age_network_appends_log_probabilities_to_the_descriptor_and_its_fal
     classes = 81  # the age network's output: ages 0 to 80+
     face = sorted(sample.glob("*.chip.jpg"))[0]
     rgb = np.ascontiguousarray(cv2.imread(str(face))[..., ::-1])
-    plain, _ = FaceDescriber(SETTINGS).describe(rgb)
-    with_age, problem = FaceDescriber(WITH_AGE).describe(rgb)
+    plain = FaceDescriber(SETTINGS).describe(rgb).first.vector
+    described = FaceDescriber(WITH_AGE).describe(rgb).first
+    with_age, problem = described.vector, described.problem
     assert problem is None and with_age.shape == (1, 128 + classes)
     np.testing.assert_array_equal(with_age[:, :128], plain)  # the descriptor itself is untouched
     assert np.isclose(np.exp(with_age[0, 128:]).sum(), 1, atol=1e-3) and with_age[0, 128:].min() >= np.log(1e-6) - 1e-6
 
-    blank = np.full((160, 140, 3), 127, np.uint8)
-    vector, problem = FaceDescriber(DescriptorSettings(**{**WITH_AGE.__dict__, "face_box": "detector"})).describe(blank)
-    assert vector.shape == (1, 128 + classes) and "described the whole image" in problem
+    fallback = FaceDescriber(DescriptorSettings(**{**WITH_AGE.__dict__, "min_eye_distance": 0.99})).describe(rgb).first  # every face implausible
+    assert fallback.vector.shape == (1, 128 + classes) and "described the face's square unaligned" in fallback.problem
 
     cache = tmp_path / "cache.jsonl"
     describe_files([str(face)], SETTINGS, cache, ONE_WORKER, *LIMITS)
-    again, _ = describe_files([str(face)], WITH_AGE, cache, ONE_WORKER, *LIMITS)  # other settings: described again
+    again, _ = vectors(describe_files([str(face)], WITH_AGE, cache, ONE_WORKER, *LIMITS))  # other settings: described again
     assert again[0].shape == (1, 128 + classes)
 
 
@@ -188,7 +204,7 @@ def test_on_real_faces_the_age_network_ranks_faces_by_age():
     files = sorted(REAL_DATA.glob("*.jpg"))[::15][:200]
     ages = np.array([int(f.name.split("_")[0]) for f in files])
     describer = FaceDescriber(WITH_AGE)
-    expected = [np.exp(describer.describe(np.ascontiguousarray(cv2.imread(str(f))[..., ::-1]))[0][0, 128:]) @ np.arange(81)
+    expected = [np.exp(describer.describe(np.ascontiguousarray(cv2.imread(str(f))[..., ::-1])).first.vector[0, 128:]) @ np.arange(81)
                 for f in files]
     correlation = spearmanr(expected, ages).statistic
     print(f"\nage network on {len(files)} real faces: Spearman {correlation:.3f}")
@@ -217,22 +233,23 @@ def test_a_missing_package_is_one_line_naming_what_to_install(monkeypatch):
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real faces (../shared/data/utkface_sample) not present")
 def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
     """400 real UTKFace crops: train a head on 300, test on 100 it never saw."""
-    from age_model import build_descriptor_model, evaluate, year_targets
+    from age_estimates import evaluate, year_targets
     from age_groups import AgeGroups
+    from age_model import build_descriptor_model
 
     import keras
 
     files = sorted(REAL_DATA.glob("*.jpg"))[::7][:400]
     ages = np.array([int(f.name.split("_")[0]) for f in files])
-    descriptors, problems = describe_files([str(f) for f in files], SETTINGS, tmp_path / "c.jsonl", Engine(num_workers=0), *LIMITS)
+    descriptors, problems = vectors(describe_files([str(f) for f in files], SETTINGS, tmp_path / "c.jsonl", Engine(num_workers=0), *LIMITS))
     x = np.stack(descriptors)[:, 0]
     order = np.random.default_rng(0).permutation(len(files))
     train, test = order[:300], order[300:]
     keras.utils.set_random_seed(0)
-    from config_models import TrainConfig
+    from model_configs import TrainConfig
     from config import load_config
 
-    config = load_config(TrainConfig, PROJECT / "configs/train_model.yaml").model.model_copy(update={"ensemble": 1, "head_units": [128], "dropout": 0.3})
+    config = load_config(TrainConfig, PROJECT / "configs/train_model.yaml").model.face_features.model_copy(update={"ensemble": 1, "head_units": [128], "dropout": 0.3})
     model = build_descriptor_model(config, 100, x[train].mean(0), x[train].var(0) + 1e-6)
     model.compile(keras.optimizers.AdamW(1e-3, weight_decay=1e-3), loss=keras.losses.KLDivergence())
     model.fit(x[train], year_targets(np.minimum(ages[train], 100), 100, 4.0), epochs=80, batch_size=32, verbose=0)
@@ -245,7 +262,7 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
 
 
 def test_a_detector_that_fails_on_an_image_costs_that_row_only(sample, monkeypatch):
-    from face_analysis import FaceDetector
+    from face_detector import FaceDetector
     from metrics import ReaderSettings, measure_file
 
     def broken(self, bgr):

