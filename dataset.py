@@ -263,3 +263,12 @@ def _table_rows(path: Path) -> list[dict]:
                 row[column] = pd.to_numeric(table[column].iloc[position], errors="coerce")
         rows.append(row)
     return rows
+
+
+def without_suspected_labels(frame: pd.DataFrame, exclude: bool) -> tuple[pd.DataFrame, int]:
+    """`frame` without the rows check_labels.py suspects of a wrong age label (when `exclude` and the
+    frame has its column), and how many were left out."""
+    if not exclude or "suspected_label_error" not in frame.columns:
+        return frame, 0
+    suspected = frame["suspected_label_error"].astype(str).str.lower() == "true"
+    return frame[~suspected], int(suspected.sum())

@@ -267,6 +267,9 @@ def processed_table(frame: pd.DataFrame, results: pd.DataFrame, explore: Explore
             "source_path": frame["path"],
             "age": frame["age"],
             "age_group": frame["age_group"],
+            # carried for the model's report card (fairness per gender and race)
+            "gender": frame["gender"] if "gender" in frame.columns else None,
+            "race": frame["race"] if "race" in frame.columns else None,
             "status": results["status"],
             "reason": results["reason"],
             "failed_checks_before": frame["failed_checks"],

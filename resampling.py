@@ -21,7 +21,7 @@ import pandas as pd
 from age_groups import AgeGroups
 from config import config_fingerprint
 from config_models import ResamplingAugmentation, ResamplingConfig
-from dataset import read_metadata_csv, read_table
+from dataset import read_metadata_csv, read_table, without_suspected_labels
 from errors import UserError
 from image_processor import TRAINABLE_STATUSES, encode_image, random_augmentation
 from outputs import OutputGuard, confined, run_lock
@@ -184,7 +184,8 @@ def _augment_task(augmenter: Augmenter, task: tuple[str, dict]) -> tuple[str, di
 
 def execute_plan(selected: pd.DataFrame, config: ResamplingConfig, guard: OutputGuard) -> pd.DataFrame:
     """Write the selected originals and augmented copies into output_dir (resumable, atomic) and return
-    one row per output image: file, path, age, age_group, source, source_path, copy, augmentation.
+    one row per output image: file, path, age, age_group, gender and race (when known), source,
+    source_path, copy, augmentation.
 
     The output folder may not overlap the folders the images come from; names from the CSV must stay
     inside it; only files agepipe wrote there before are ever replaced or deleted (OutputFolder)."""
@@ -209,6 +210,7 @@ def execute_plan(selected: pd.DataFrame, config: ResamplingConfig, guard: Output
                 "path": [os.path.abspath(folder.path / f) for f in selected["output_file"]],
                 "age": selected["age"].to_numpy(),
                 "age_group": selected["age_group"].to_numpy(),
+                **{c: selected[c].to_numpy() for c in ("gender", "race") if c in selected.columns},  # for the report card's fairness table
                 "source": selected["file"].to_numpy(),
                 "source_path": selected["path"].to_numpy(),
                 "copy": selected["copy"].to_numpy(),
@@ -221,15 +223,16 @@ def execute_plan(selected: pd.DataFrame, config: ResamplingConfig, guard: Output
     return resampled
 
 
-def load_input(config: ResamplingConfig) -> pd.DataFrame:
-    """The usable images of the chosen stage's CSV, with metric columns under their plain names."""
+def load_input(config: ResamplingConfig) -> tuple[pd.DataFrame, int]:
+    """The usable images of the chosen stage's CSV, with metric columns under their plain names, and how
+    many the label check's suspicion left out (exclude_suspected_labels)."""
     required = ("file", "path", "age", "age_group", "status")
     if config.input == "processed":
         frame = read_metadata_csv(config.processed_csv, "processed CSV", "run process_images.py first", required)
         frame = frame.rename(columns=lambda c: c[len("after_"):] if c.startswith("after_") else c)
     else:
         frame = read_metadata_csv(config.exploration_csv, "exploration CSV", "run explore_images.py first", required)
-    frame = frame[frame["status"].isin(TRAINABLE_STATUSES)]
+    frame, suspected = without_suspected_labels(frame[frame["status"].isin(TRAINABLE_STATUSES)], config.exclude_suspected_labels)
     if config.quality_score.metric not in frame.columns:
         raise UserError(f"quality_score.metric: the {config.input} CSV has no metric {config.quality_score.metric!r}")
-    return frame.reset_index(drop=True)
+    return frame.reset_index(drop=True), suspected

@@ -28,19 +28,20 @@ import time
 import numpy as np
 import pandas as pd
 
-from age_estimates import answers, correct_prior, evaluate, fit_temperature, population_shares, tempered, year_targets
+from age_estimates import CALIBRATION_BINS, answers, correct_prior, evaluate, fairness, fit_temperature, population_shares, reliability, tempered, year_targets
 from age_groups import AgeGroups, age_groups_from
 from backbones import backbone_for
-from cli import run_script, setup_logging
+from cli import progress_bar, run_script, setup_logging
 from config import load_config
-from model_configs import Distribution, TrainConfig, Training
-from dataset import labelled_images, read_metadata_csv
+from model_configs import TrainConfig
+from dataset import labelled_images, read_metadata_csv, without_suspected_labels
 from errors import UserError
 from image_processor import TRAINABLE_STATUSES
-from image_visualizer import figure_png
+from model_report import write_report_card
 from outputs import OutputFolder, OutputGuard
 from writes import run_record
 from parallel import Engine
+from training import fit, out_of_fold, split_by_source
 
 log = logging.getLogger("agepipe.train")
 HEADLINE = ("accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "population_weighted_accuracy", "mae_years")
@@ -49,13 +50,15 @@ HEADLINE = ("accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "po
 # --------------------------------------------------------------------------------------------------
 # 1. Data and split
 # --------------------------------------------------------------------------------------------------
-def read_training_csv(path: str, groups: AgeGroups) -> pd.DataFrame:
-    """Usable, labelled rows of any stage's CSV, with `source` (the original image) and `copy`.
-    Ages must be whole, non-negative years: anything else is a labelling error, refused in one line.
-    (Ages above max_age are fine: the model's last year stands for max_age and over.)"""
+def read_training_csv(path: str, groups: AgeGroups, exclude_suspected: bool = True) -> tuple[pd.DataFrame, int]:
+    """Usable, labelled rows of any stage's CSV, with `source` (the original image) and `copy`, and how
+    many rows were left out because the label check suspects them (when `exclude_suspected`). Ages must be whole, non-negative years:
+    anything else is a labelling error, refused in one line. (Ages above max_age are fine: the model's
+    last year stands for max_age and over.)"""
     frame = read_metadata_csv(path, "input CSV", "run the earlier stages first", ("file", "path", "age"))
     if "status" in frame.columns:  # exploration or processing CSV: only the usable images
         frame = frame[frame["status"].isin(TRAINABLE_STATUSES)]
+    frame, suspected = without_suspected_labels(frame, exclude_suspected)
     frame = frame[frame["age"].notna() & frame["path"].notna()].copy()
     ages = pd.to_numeric(frame["age"], errors="coerce")
     bad = ages.isna() | (ages % 1 != 0) | (ages < 0)
@@ -64,9 +67,11 @@ def read_training_csv(path: str, groups: AgeGroups) -> pd.DataFrame:
         raise UserError(f"input CSV {path}: {int(bad.sum())} rows have an age that is not a whole number of years "
                         f"(first: {first['file']!r} with age {first['age']!r})")
     if "source" not in frame.columns:
-        frame["source"], frame["copy"] = frame["file"], 0
+        frame["source"] = frame["file"]
+    if "copy" not in frame.columns:
+        frame["copy"] = 0
     frame["age"] = ages.astype(int)
-    return with_groups(frame, groups, f"input CSV {path}")
+    return with_groups(frame, groups, f"input CSV {path}"), suspected
 
 
 def with_groups(frame: pd.DataFrame, groups: AgeGroups, what: str) -> pd.DataFrame:
@@ -78,27 +83,16 @@ def with_groups(frame: pd.DataFrame, groups: AgeGroups, what: str) -> pd.DataFra
     return frame.reset_index(drop=True)
 
 
-def split_by_source(frame: pd.DataFrame, validation: float, test: float, seed: int) -> pd.Series:
-    """'train', 'validation' or 'test' per row. Sources (original images) are shuffled within each age
-    group and cut by the fractions, so every split has each group in proportion; all copies of a
-    source follow it, and augmented copies are dropped from the test split ('unused')."""
-    rng = np.random.default_rng(seed)
-    sources = frame.groupby("source")["group_index"].first()
-    assignment = {}
-    for _, members in sources.groupby(sources):
-        names = members.index.to_numpy().copy()
-        rng.shuffle(names)
-        n_test, n_validation = round(len(names) * test), round(len(names) * validation)
-        if len(names) >= 3:  # every split gets at least one source of a group that has a few
-            n_test, n_validation = max(n_test, 1 if test > 0 else 0), max(n_validation, 1 if validation > 0 else 0)
-        for index, name in enumerate(names):
-            assignment[name] = "test" if index < n_test else "validation" if index < n_test + n_validation else "train"
-    split = frame["source"].map(assignment)
-    return split.where(~((split == "test") & (frame["copy"] > 0)), "unused")
+def cross_validating(config: TrainConfig) -> bool:
+    return config.split.method == "cross_validation" and not config.test_inputs
 
 
 def split_sets(frame: pd.DataFrame, config: TrainConfig, groups: AgeGroups) -> dict[str, pd.DataFrame]:
-    """The train, validation and test sets: the test set is the test split, or `test_inputs` when given."""
+    """The train, validation and test sets: the test set is the test split, or `test_inputs` when given.
+    Cross-validating, every row trains (each fold's network on the others) and the originals are tested."""
+    if cross_validating(config):
+        frame["split"] = "train"
+        return {"train": frame, "validation": frame.iloc[:0], "test": frame[frame["copy"] == 0]}
     frame["split"] = split_by_source(frame, config.split.validation, 0.0 if config.test_inputs else config.split.test, config.seed)
     if config.test_inputs:
         test = labelled_images(config.test_inputs, config.labels_csv, config.age_range)
@@ -112,7 +106,7 @@ def split_sets(frame: pd.DataFrame, config: TrainConfig, groups: AgeGroups) -> d
 
 
 # --------------------------------------------------------------------------------------------------
-# 2-3. Inputs, devices, model, training
+# 2. Inputs (3, the fitting itself, is training.fit)
 # --------------------------------------------------------------------------------------------------
 def prepare(sets: dict[str, pd.DataFrame], backbone, engine: Engine, cache, folder: OutputFolder) -> dict[str, pd.DataFrame]:
     """Each set's images prepared by the backbone (before TensorFlow starts: the worker pool forks);
@@ -132,108 +126,63 @@ def prepare(sets: dict[str, pd.DataFrame], backbone, engine: Engine, cache, fold
     return sets
 
 
-def distribution_strategy(settings: Distribution):
-    """The tf.distribute strategy of the config; must run before TensorFlow touches a device."""
-    import tensorflow as tf
-
-    if settings.strategy == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if settings.strategy == "mirrored":
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            return tf.distribute.MirroredStrategy()
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * settings.logical_cpus)
-        return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
-    return tf.distribute.get_strategy()
-
-
-def learning_rate_schedule(training: Training, steps_per_epoch: int):
-    """Linear warm-up, then cosine decay to zero over the remaining epochs."""
-    import keras
-
-    total = training.epochs * steps_per_epoch
-    warmup = min(training.warmup_epochs * steps_per_epoch, total - 1)
-    return keras.optimizers.schedules.CosineDecay(
-        0.0 if warmup else training.learning_rate, decay_steps=max(1, total - warmup),
-        warmup_target=training.learning_rate if warmup else None, warmup_steps=warmup,
-    )
-
-
-def fit(config: TrainConfig, backbone, sets: dict[str, pd.DataFrame], groups: AgeGroups, scratch: str, weights):
-    """The trained network, its history (one row per epoch) and the seconds it took."""
-    from age_model import group_accuracy_metric  # first: it quiets TensorFlow's start-up log before TensorFlow loads
-
-    strategy = distribution_strategy(config.distribution)
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    training, max_age = config.training, config.max_age
-    batch = training.batch_size * strategy.num_replicas_in_sync
-    targets = lambda ages: year_targets(ages, max_age, training.label_sigma_years)  # noqa: E731
-    data, steps = backbone.fit_data(sets["train"], sets["validation"], targets, weights, batch, config.seed, scratch, strategy.num_replicas_in_sync)
-    with strategy.scope():
-        model = backbone.build(sets["train"]["inputs"], max_age)
-        model.compile(optimizer=keras.optimizers.AdamW(learning_rate_schedule(training, steps), weight_decay=config.model.section.weight_decay),
-                      loss=keras.losses.KLDivergence(), metrics=[group_accuracy_metric(groups, max_age)])
-    log.info("model: %s, %s parameters, %d replicas", backbone.kind, f"{model.count_params():,}", strategy.num_replicas_in_sync)
-    start = time.perf_counter()
-    fitted = model.fit(**data, epochs=training.epochs, verbose=1 if os.isatty(2) else 0)
-    history = pd.DataFrame(fitted.history).rename_axis("epoch").reset_index()
-    return model, history, time.perf_counter() - start, strategy.num_replicas_in_sync
-
-
 # --------------------------------------------------------------------------------------------------
 # 4. Calibration, evaluation, saving
 # --------------------------------------------------------------------------------------------------
-def plot_history(history: pd.DataFrame, folder: OutputFolder) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for axes, metric, title in ((loss, "loss", "Loss (KL divergence to the age distribution)"), (accuracy, "group_accuracy", "Age-group accuracy")):
-        axes.plot(history["epoch"] + 1, history[metric], label="training")
-        if f"val_{metric}" in history.columns and history[f"val_{metric}"].notna().any():
-            axes.plot(history["epoch"] + 1, history[f"val_{metric}"], label="validation (held out)")
-        axes.set(title=title, xlabel="epoch")
-        axes.grid(alpha=0.3)
-        axes.legend()
-    folder.write_bytes("training_curves.png", figure_png(figure, dpi=100))
-
-
-def plot_confusion(confusion: np.ndarray, labels: list[str], folder: OutputFolder, title: str) -> None:
-    import matplotlib.pyplot as plt
-
-    confusion = np.asarray(confusion)
-    rates = confusion / np.maximum(1, confusion.sum(axis=1, keepdims=True))
-    figure, axes = plt.subplots(figsize=(7, 6), layout="constrained")
-    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), count in np.ndenumerate(confusion):
-        axes.text(j, i, str(count), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black", fontsize=9)
-    axes.set_xticks(range(len(labels)), labels, rotation=45)
-    axes.set_yticks(range(len(labels)), labels)
-    axes.set(xlabel="predicted group", ylabel="true group", title=title)
-    figure.colorbar(image, label="share of the true group")
-    folder.write_bytes("confusion_matrix.png", figure_png(figure, dpi=100))
-
-
-def calibrated(model, backbone, sets, config: TrainConfig, groups: AgeGroups, training_shares) -> tuple[np.ndarray, float, float]:
-    """The test set's year probabilities as the model will answer them (tempered by the temperature fitted
-    on the validation split, re-weighted to `evaluation.prior_csv`'s mix when given), the temperature,
-    and the images per second of prediction."""
-    flip, batch = config.evaluation.flip_test_time_augmentation, config.training.batch_size
-    temperature = 1.0
-    if config.evaluation.calibrate and len(sets["validation"]):
-        temperature = fit_temperature(backbone.predict(model, sets["validation"], flip, batch), sets["validation"]["age"], groups, config.max_age)
-    start = time.perf_counter()
-    probabilities = tempered(backbone.predict(model, sets["test"], flip, batch), temperature)
-    speed = len(sets["test"]) / max(time.perf_counter() - start, 1e-9)
+def answered(raw: np.ndarray, temperature: float, config: TrainConfig, groups: AgeGroups, training_shares) -> np.ndarray:
+    """Year probabilities as the model will answer them: tempered, and re-weighted to
+    `evaluation.prior_csv`'s age mix when given."""
+    probabilities = tempered(raw, temperature)
     prior = population_shares(config.evaluation.prior_csv, groups, "evaluation.prior_csv")
-    if prior is not None:
-        probabilities = correct_prior(probabilities, groups, config.max_age, training_shares, prior)
-    return probabilities, temperature, speed
+    return probabilities if prior is None else correct_prior(probabilities, groups, config.max_age, training_shares, prior)
+
+
+def temperature_for(raw: np.ndarray | None, ages, config: TrainConfig, groups: AgeGroups) -> float:
+    """The temperature that makes the confidences honest on these held-out predictions (1 without any,
+    or when calibration is off)."""
+    return fit_temperature(raw, ages, groups, config.max_age) if config.evaluation.calibrate and raw is not None else 1.0
+
+
+def trained_model(config: TrainConfig, backbone, train: pd.DataFrame, validation: pd.DataFrame, groups: AgeGroups, scratch: str):
+    """The network fitted on `train` (class-weighted when asked), its history, seconds, replicas, and
+    the age mix it learns as its prior (uniform when class weighting evens the groups out)."""
+    counts = np.bincount(train["group_index"], minlength=len(groups.labels))
+    for label in (label for label, count in zip(groups.labels, counts) if count == 0):
+        log.warning("age group %s has no training images: the model cannot learn it", label)
+    weights = None
+    shares = counts / counts.sum()
+    if config.training.class_weighting:
+        weights = (len(train) / (len(groups.labels) * np.maximum(counts, 1)))[train["group_index"]].astype(np.float32)
+        shares = np.full(len(groups.labels), 1 / len(groups.labels))
+    model, history, seconds, replicas = fit(config, backbone, train, validation, groups, scratch, weights)
+    log.info("trained %s on %d images for %d epochs in %.0f s on %d replicas", backbone.kind, len(train), len(history), seconds, replicas)
+    return model, history, {"training_seconds": round(seconds, 1), "training_images_per_second": round(len(history) * len(train) / seconds, 1),
+                            "replicas": replicas}, shares
+
+
+def held_out_run(config: TrainConfig, backbone, sets: dict, groups: AgeGroups, scratch: str):
+    """Train on the train split, calibrate on the validation split, answer the test set."""
+    model, history, timing, shares = trained_model(config, backbone, sets["train"], sets["validation"], groups, scratch)
+    flip, batch = config.evaluation.flip_test_time_augmentation, config.training.batch_size
+    validation = sets["validation"]
+    temperature = temperature_for(backbone.predict(model, validation, flip, batch) if len(validation) else None, validation["age"], config, groups)
+    start = time.perf_counter()
+    raw = backbone.predict(model, sets["test"], flip, batch)
+    timing["prediction_images_per_second"] = round(len(sets["test"]) / max(time.perf_counter() - start, 1e-9), 1)
+    return model, history, timing, shares, temperature, answered(raw, temperature, config, groups, shares)
+
+
+def cross_validated_run(config: TrainConfig, backbone, sets: dict, groups: AgeGroups, scratch: str):
+    """Every original image answered by a network trained on the other folds (k folds by source, seeded),
+    the temperature fitted on those answers, then the model fitted on every labelled image."""
+    rows = sets["train"]
+    sets["test"] = rows[rows["copy"] == 0].reset_index(drop=True)  # the originals, in the order of their answers
+    years = out_of_fold(config, backbone, rows, groups, config.split.folds, config.seed, scratch,
+                        progress=progress_bar(config.split.folds, "folds", "fold")(None))
+    raw = years[(rows["copy"] == 0).to_numpy()]
+    model, history, timing, shares = trained_model(config, backbone, rows, rows.iloc[:0], groups, scratch)
+    temperature = temperature_for(raw, sets["test"]["age"], config, groups)
+    return model, history, timing, shares, temperature, answered(raw, temperature, config, groups, shares)
 
 
 def test_predictions(test: pd.DataFrame, probabilities: np.ndarray, config: TrainConfig, groups: AgeGroups) -> pd.DataFrame:
@@ -248,7 +197,7 @@ def main(args) -> None:
     config = load_config(TrainConfig, args.config, args.overrides)
     setup_logging(config.log_level)
     groups = age_groups_from(config)
-    frame = read_training_csv(config.input_csv, groups)
+    frame, suspected = read_training_csv(config.input_csv, groups, config.exclude_suspected_labels)
     backbone = backbone_for(config.model)
     inputs = [config.input_csv, *config.test_inputs, config.labels_csv, config.target_csv, config.evaluation.prior_csv,
               *sorted({os.path.dirname(p) for p in frame["path"]})]
@@ -256,28 +205,35 @@ def main(args) -> None:
         folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
         cache = guard.journal(config.descriptor_cache, "descriptor_cache")
         sets = prepare(split_sets(frame, config, groups), backbone, Engine.of(config), cache, folder)
-        train = sets["train"]
-        train_counts = np.bincount(train["group_index"], minlength=len(groups.labels))
-        for label in (label for label, count in zip(groups.labels, train_counts) if count == 0):
-            log.warning("age group %s has no training images: the model cannot learn it", label)
         log.info("split: %d train, %d validation, %d test images (%d augmented copies unused in test)",
-                 len(train), len(sets["validation"]), len(sets["test"]), int((frame["split"] == "unused").sum()))
-        weights = (len(train) / (len(groups.labels) * np.maximum(train_counts, 1)))[train["group_index"]].astype(np.float32)
-        weights = weights if config.training.class_weighting else None
-        # the age mix the model learns as its prior: uniform when class weighting evens the groups out
-        training_shares = np.full(len(groups.labels), 1 / len(groups.labels)) if weights is not None else train_counts / train_counts.sum()
+                 len(sets["train"]), len(sets["validation"]), len(sets["test"]), int((frame["split"] == "unused").sum()))
+        run = cross_validated_run if cross_validating(config) else held_out_run
         with folder.scratch() as scratch:
-            model, history, seconds, replicas = fit(config, backbone, sets, groups, scratch, weights)
-        probabilities, temperature, speed = calibrated(model, backbone, sets, config, groups, training_shares)
-        metrics = save(config, folder, backbone, model, frame, sets, history, probabilities, groups, training_shares, temperature,
-                       {"training_seconds": round(seconds, 1), "training_images_per_second": round(len(history) * len(train) / seconds, 1),
-                        "prediction_images_per_second": round(speed, 1), "replicas": replicas})
+            model, history, timing, shares, temperature, probabilities = run(config, backbone, sets, groups, scratch)
+        metrics = save(config, folder, backbone, model, frame, sets, history, probabilities, groups, shares, temperature, timing)
     test, baseline = metrics["test"], metrics["majority_baseline"]
-    print(f"trained {backbone.kind} on {len(train)} images for {len(history)} epochs in {seconds:.0f}s; test on {test['images']} images:")
+    tested = f"out of fold ({config.split.folds} folds)" if cross_validating(config) else "test"
+    print(f"trained {backbone.kind} on {len(sets['train'])} images ({suspected} suspected label errors left out) for {len(history)} epochs "
+          f"in {metrics['training_seconds']:.0f}s; {tested} on {test['images']} images:")
     print(f"  accuracy {test['accuracy']:.1%} (majority baseline {baseline['accuracy']:.1%}), one-off {test['one_off_accuracy']:.1%}, "
           f"macro-F1 {test['macro_f1']:.3f}, MAE {test['mae_years']:.1f} years (baseline {baseline['mae_years']:.1f}), "
           f"calibration error {test['calibration_error']:.3f}")
-    print(f"wrote {folder.path}/model.keras, metrics.json, history.csv, training_curves.png, confusion_matrix.png, test_images.csv")
+    for column, table in test["fairness"].items():
+        if table["adjusted_accuracy_gap"] is not None:
+            print(f"  by {column}: age-mix-adjusted accuracy from {table['values'][table['worst']]['age_mix_adjusted_accuracy']:.1%} "
+                  f"({table['worst']}) to {table['values'][table['best']]['age_mix_adjusted_accuracy']:.1%} ({table['best']})")
+    print(f"wrote {folder.path}/model.keras, metrics.json and the report card {folder.path}/report.html")
+
+
+def card_figures(probabilities: np.ndarray, test: pd.DataFrame, config: TrainConfig, groups: AgeGroups) -> dict:
+    """The report card's reliability table, and its fairness table per demographic column the test rows carry."""
+    rule, interval = config.evaluation.answer_rule, config.evaluation.interval
+    answer = answers(probabilities, groups, config.max_age, rule, interval)
+    right = answer.group == np.array([groups.index_of(a) for a in test["age"]])
+    return {"reliability": reliability(answer.confidence, right).to_dict("records"),
+            "fairness": {column: fairness(probabilities, test["age"], test[column], names, groups, config.max_age, rule, interval,
+                                          config.fairness.min_images)
+                         for column, names in config.fairness.attributes.items() if column in test.columns and test[column].notna().any()}}
 
 
 def save(config: TrainConfig, folder: OutputFolder, backbone, model, frame, sets, history, probabilities, groups, training_shares,
@@ -294,6 +250,7 @@ def save(config: TrainConfig, folder: OutputFolder, backbone, model, frame, sets
     metrics = evaluate(probabilities, test["age"], groups, max_age, shares, evaluation.answer_rule, evaluation.interval)
     for label in metrics["groups_without_test_images"]:
         log.warning("age group %s has no test images: its recall is not measured", label)
+    metrics.update(card_figures(probabilities, test, config, groups))
     majority = int(np.argmax(np.bincount(sets["train"]["group_index"], minlength=len(groups.labels))))
     baseline = evaluate(year_targets(np.full(len(test), sum(groups.bounds(max_age)[majority]) / 2), max_age, 0), test["age"], groups, max_age, shares)
     metadata = {"age_group_edges": list(groups.edges), "labels": groups.labels, "max_age": max_age, **backbone.metadata(),
@@ -301,7 +258,8 @@ def save(config: TrainConfig, folder: OutputFolder, backbone, model, frame, sets
                 "interval": evaluation.interval, "temperature": temperature, **run_record(config)}
     folder.write_bytes("model.keras", model_bytes(model, metadata, folder))
     report = {"test": metrics, "majority_baseline": {"group": groups.labels[majority], **{k: baseline[k] for k in HEADLINE}},
-              "test_source": ", ".join(config.test_inputs) or "test split of " + config.input_csv, "temperature": temperature,
+              "test_source": ", ".join(config.test_inputs) or (f"out of fold: {config.split.folds} folds of " if cross_validating(config)
+                                                               else "test split of ") + config.input_csv, "temperature": temperature,
               "flip_test_time_augmentation": evaluation.flip_test_time_augmentation, "prior_correction": evaluation.prior_csv,
               "split_images": {name: len(rows) for name, rows in sets.items()}, "epochs": int(len(history)), **timing,
               "age_groups": groups.labels, **run_record(config)}
@@ -310,8 +268,7 @@ def save(config: TrainConfig, folder: OutputFolder, backbone, model, frame, sets
     folder.write_csv("split.csv", frame[["file", "source", "copy", "age", "split"]])
     folder.write_csv("test_images.csv", test[[c for c in ("file", "path", "age", "gender", "race") if c in test.columns]])
     folder.write_csv("test_predictions.csv", test_predictions(test, probabilities, config, groups))
-    plot_history(history, folder)
-    plot_confusion(metrics["confusion_matrix"], groups.labels, folder, f"Test confusion matrix (accuracy {metrics['accuracy']:.1%})")
+    write_report_card(folder, report, history, HEADLINE, CALIBRATION_BINS)
     folder.finish()
     return report
 

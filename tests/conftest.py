@@ -89,6 +89,12 @@ def processed(explored, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def descriptor_cache(tmp_path_factory):
+    """One descriptor cache for every training run of the session: each face is described once."""
+    return tmp_path_factory.mktemp("descriptors") / "face_descriptors.jsonl"
+
+
 def run_notebook(name, tmp, *overrides):
     command = [sys.executable, "run_notebook.py", name, "--output-dir", str(tmp)]
     for override in overrides:

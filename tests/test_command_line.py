@@ -82,6 +82,7 @@ def test_every_script_works_from_any_folder(sample, tmp_path):
     assert result.returncode == 0 and (tmp_path / "p.csv").is_file(), result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_your_own_folder_and_labels_csv_end_to_end_with_one_flag(sample, manifest, tmp_path):
     """Photos whose names carry no age, a labels CSV beside them, and --set workspace=DIR: every stage
     finds its inputs and writes its outputs in the workspace, nothing in the project."""
@@ -99,8 +100,11 @@ def test_your_own_folder_and_labels_csv_end_to_end_with_one_flag(sample, manifes
     workspace = f"workspace={tmp_path}/run"
     run("explore_images.py", workspace, f"dataset_dir={photos}", f"labels.csv_path={photos}/labels.csv")
     run("process_images.py", workspace)
+    run("check_labels.py", workspace, "folds=2", "training.epochs=2")
+    run("visualize_image_information.py", workspace)
     run("train_model.py", workspace, "training.epochs=3")
     result = run("predict_age.py", workspace)
     predictions = read_csv(tmp_path / "run" / "csv" / "predictions.csv")
     assert len(predictions) >= 5 and predictions["true_age"].notna().all() and "true ages known for" in result.stdout
+    assert (tmp_path / "run" / "reports" / "quality" / "index.html").exists() and (tmp_path / "run" / "csv" / "checked_metadata.csv").exists()
     assert subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=PROJECT, capture_output=True, text=True).stdout == git

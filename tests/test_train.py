@@ -14,12 +14,6 @@ REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
 PIXELS = ["model.backbone=pixels", "model.pixels.image_size=32", "model.pixels.filters=[8, 16]", "training.batch_size=32", "training.epochs=1"]
 
 
-@pytest.fixture(scope="session")
-def descriptor_cache(tmp_path_factory):
-    """One descriptor cache for every training run of the session: each face is described once."""
-    return tmp_path_factory.mktemp("descriptors") / "face_descriptors.jsonl"
-
-
 def train(input_csv, out, cache, *extra, check=True):
     return run("train_model.py", f"input_csv={input_csv}", f"output_dir={out}", f"descriptor_cache={cache}",
                "target_csv=null", *extra, check=check)
@@ -112,6 +106,20 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     assert (shifted["p_70+"][ok.index] >= ok["p_70+"] - 1e-4).all() and shifted["p_70+"].mean() > ok["p_70+"].mean() + 0.05
 
 
+@pytest.mark.slow
+def test_cross_validation_answers_every_original_out_of_fold_then_trains_on_all(resampled, descriptor_cache, tmp_path):
+    folder, _, _ = resampled
+    rows = read_csv(folder / "resampled.csv")
+    result = train(folder / "resampled.csv", tmp_path, descriptor_cache, "split.method=cross_validation", "split.folds=3", "training.epochs=3")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    answered = read_csv(tmp_path / "test_predictions.csv")
+    unusable = set(read_csv(tmp_path / "face_problems.csv")["file"])  # no face to describe
+    assert set(answered["file"]) == set(rows.loc[rows["copy"] == 0, "file"]) - unusable and metrics["test"]["images"] == len(answered)
+    assert metrics["split_images"]["train"] == (~rows["file"].isin(unusable)).sum() and metrics["test_source"].startswith("out of fold: 3 folds")
+    assert "out of fold (3 folds)" in result.stdout and metrics["test"]["accuracy"] > metrics["majority_baseline"]["accuracy"] + 0.2
+    assert (tmp_path / "model.keras").stat().st_size > 0
+
+
 def test_the_pixel_cnn_still_trains_and_predicts(resampled, descriptor_cache, tmp_path):
     folder, _, _ = resampled
     train(folder / "resampled.csv", tmp_path, descriptor_cache, *PIXELS)
@@ -134,6 +142,7 @@ def test_multi_worker_strategy_runs_as_one_local_worker_without_tf_config(resamp
     assert json.loads((tmp_path / "metrics.json").read_text())["replicas"] == 1
 
 
+@pytest.mark.slow
 def test_a_keras_applications_backbone_trains_and_reloads_offline(resampled, descriptor_cache, tmp_path):
     from age_model import load_with_metadata
 
@@ -170,7 +179,7 @@ def test_bad_inputs_give_clear_messages(tmp_path, sample, descriptor_cache):
 
 
 def test_split_is_stratified_and_seeded():
-    from train_model import split_by_source
+    from training import split_by_source
 
     frame = pd.DataFrame({"source": [f"s{i}" for i in range(100)] * 2, "copy": [0] * 100 + [1] * 100,
                           "group_index": [i % 4 for i in range(100)] * 2})
