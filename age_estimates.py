@@ -10,7 +10,9 @@ Gaussian around the true age, Gao et al. 2017). Here, without TensorFlow:
   time on faces the model never saw (Guo et al. 2017, temperature scaling);
 - `evaluate`: accuracy, one-off accuracy, macro-F1, balanced and population-weighted accuracy, MAE,
   per-group recall, the confusion matrix, the calibration error and the interval's coverage;
-- `correct_prior`: predictions re-weighted to another population's age mix.
+- `correct_prior`: predictions re-weighted to another population's age mix;
+- `reliability` (the calibration diagram's table) and `fairness` (the figures per gender or race,
+  adjusted to one common age mix).
 """
 from __future__ import annotations
 
@@ -103,22 +105,32 @@ def fit_temperature(year_probabilities: np.ndarray, true_ages, groups: AgeGroups
     return float(np.exp(minimize_scalar(loss, bounds=(np.log(0.1), np.log(10.0)), method="bounded").x))
 
 
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> pd.DataFrame:
+    """The reliability diagram's table: per equal-width confidence bin that holds answers, their number,
+    mean stated confidence and accuracy.
+
+    Examples
+    --------
+    >>> reliability(np.array([0.9, 0.9, 0.6, 0.6]), np.array([True, True, True, False])).to_dict("list")
+    {'bin': [6, 9], 'answers': [2, 2], 'confidence': [0.6, 0.9], 'accuracy': [0.5, 1.0]}
+    """
+    confidence, correct = np.asarray(confidence, float), np.asarray(correct, float)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    table = pd.DataFrame({"bin": which, "confidence": confidence, "accuracy": correct}).groupby("bin")
+    return table.agg(answers=("confidence", "size"), confidence=("confidence", "mean"), accuracy=("accuracy", "mean")).reset_index()
+
+
 def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
-    """Expected calibration error: the confidence-weighted gap between stated confidence and accuracy,
-    over equal-width confidence bins.
+    """Expected calibration error: the answer-weighted gap between stated confidence and accuracy, over
+    equal-width confidence bins (`reliability`).
 
     Examples
     --------
     >>> calibration_error(np.array([0.9, 0.9, 0.6, 0.6]), np.array([True, True, True, False]))
     0.1
     """
-    confidence, correct = np.asarray(confidence, float), np.asarray(correct, float)
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    error = 0.0
-    for b in np.unique(which):
-        members = which == b
-        error += members.mean() * abs(confidence[members].mean() - correct[members].mean())
-    return round(float(error), 6)
+    table = reliability(confidence, correct, bins)
+    return round(float((table["answers"] * (table["confidence"] - table["accuracy"]).abs()).sum() / max(1, table["answers"].sum())), 6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,6 +235,37 @@ def evaluate(year_probabilities: np.ndarray, true_ages, groups: AgeGroups, max_a
         "groups_without_test_images": [label for label, value in recall.items() if value is None],
         "confusion_matrix": confusion.tolist(),
     }
+
+
+def fairness(year_probabilities: np.ndarray, true_ages, attribute, names: dict, groups: AgeGroups, max_age: int,
+             rule: str, interval: float, min_images: int) -> dict:
+    """How the answers do for each value of one demographic attribute (such as gender or race, coded
+    as `names` says): images, accuracy, one-off accuracy, MAE, and the age-mix-adjusted accuracy, each
+    value's per-age-group recall weighted by one common age mix (that of all `true_ages`), so that a
+    value whose faces are mostly of an easy age does not look better for it; then the gap in adjusted
+    accuracy between the best and the worst value with at least `min_images` images.
+
+    Examples
+    --------
+    >>> years = year_targets(np.array([5, 5, 35, 35]), 100, 0)  # right about every face
+    >>> table = fairness(years, [5, 5, 35, 35], [0, 1, 0, 1], {0: "a", 1: "b"}, AgeGroups((0, 10, 20, 30)), 100, "median", 0.8, 1)
+    >>> table["values"]["a"]["age_mix_adjusted_accuracy"], table["adjusted_accuracy_gap"]
+    (1.0, 0.0)
+    """
+    true_ages, attribute = np.asarray(true_ages, float), pd.Series(attribute).to_numpy()
+    true_groups = [groups.index_of(a) for a in true_ages]
+    common = np.bincount(true_groups, minlength=len(groups.labels)) / max(1, len(true_groups))
+    values = {}
+    for code in pd.unique(attribute[pd.notna(attribute)]):
+        members = attribute == code
+        result = evaluate(year_probabilities[members], true_ages[members], groups, max_age, common, rule, interval)
+        values[str(names.get(code, names.get(str(code), code)))] = {
+            "images": result["images"], "accuracy": result["accuracy"], "one_off_accuracy": result["one_off_accuracy"],
+            "mae_years": result["mae_years"], "age_mix_adjusted_accuracy": result["population_weighted_accuracy"]}
+    ranked = sorted((v["age_mix_adjusted_accuracy"], name) for name, v in values.items() if v["images"] >= min_images)
+    gap = ranked[-1][0] - ranked[0][0] if len(ranked) >= 2 else None
+    return {"values": values, "min_images": min_images, "adjusted_accuracy_gap": gap,
+            "best": ranked[-1][1] if gap is not None else None, "worst": ranked[0][1] if gap is not None else None}
 
 
 def population_shares(target_csv: str | None, groups: AgeGroups, what: str = "target_csv") -> list[float] | None:

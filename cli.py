@@ -136,8 +136,9 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     # TensorFlow and matplotlib are chatty at INFO; the stages' own messages are what users need.
-    for noisy in ("matplotlib", "PIL", "tensorflow", "h5py", "distributed"):
+    for noisy in ("matplotlib", "PIL", "h5py", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # its retracing advice is for its developers, not the user
 
 
 # --------------------------------------------------------------------------------------------------

@@ -91,6 +91,8 @@ class Common(Section):
     """Seconds one image may take in a worker before it gets a row saying so."""
     descriptor_cache: WorkspacePath
     """Face descriptors cached by image content, shared by training, prediction and the label check."""
+    exclude_suspected_labels: bool
+    """Resampling and training leave out the rows check_labels.py suspects of a wrong age label."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
     """DEBUG, INFO, WARNING or ERROR."""
 
@@ -147,6 +149,8 @@ class CheckRule(Section):
     """Flag an image whose metric is below this (null: no lower limit)."""
     above: Bounded(float, 0) | None
     """Flag an image whose metric is above this (null: no upper limit)."""
+    informational: bool = False
+    """Flag and score only: a flagged image stays usable (its status is not low_quality)."""
 
     @model_validator(mode="after")
     def has_a_threshold(self) -> "CheckRule":
@@ -255,11 +259,20 @@ class BeforeAfter(Section):
     """Images per row."""
 
 
+class Site(Section):
+    gallery_page_size: Bounded(int, 10, 5000)
+    """Thumbnails per gallery page."""
+    thumbnail_pixels: Bounded(int, 32, 1024)
+    """Longest side of a gallery thumbnail."""
+
+
 class VisualizeConfig(Common):
     exploration_csv: WorkspacePath
     """The exploration CSV (its run record gives the thresholds drawn)."""
     processed_csv: WorkspacePath | None
     """The processed CSV, used when it exists (null: never)."""
+    checked_csv: WorkspacePath | None
+    """The label check's CSV (check_labels.py), used when it exists (null: never)."""
     output_dir: WorkspacePath
     """The report folder."""
     formats: list[Literal["png", "svg"]] = Field(min_length=1)
@@ -274,6 +287,10 @@ class VisualizeConfig(Common):
     """Grids of flagged images."""
     before_after: BeforeAfter
     """Repairs, original beside result."""
+    site: Site
+    """The galleries of every flagged image."""
+    model_report: WorkspacePath | None
+    """The model's report card, linked from the index when it exists."""
 
 
 # --------------------------------------------------------------------------------------------------

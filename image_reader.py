@@ -240,21 +240,22 @@ def apply_checks(frame: pd.DataFrame, checks: dict[str, CheckRule]) -> pd.DataFr
 
 
 def failing_checks(values: dict, checks: dict[str, CheckRule]) -> list[str]:
-    """Names of the checks one measured image fails."""
+    """Names of the checks one measured image fails (an informational check never fails it)."""
     flags = apply_checks(pd.DataFrame([values]), checks).iloc[0]
-    return [name for name in checks if flags[flag_column(name)]]
+    return [name for name, rule in checks.items() if flags[flag_column(name)] and not rule.informational]
 
 
 def check_images_quality(frame: pd.DataFrame, checks: dict[str, CheckRule], duplicates: pd.DataFrame | None = None) -> pd.DataFrame:
     """Apply the threshold checks, and the duplicate search's columns when given (see
     DuplicateGroups.columns); add flags, failed checks and a status per file.
 
-    Every check adds a boolean column `flag_<check>` (threshold checks also `score_<check>`). `failed_checks` lists the failed ones (";"),
+    Every check adds a boolean column `flag_<check>` (threshold checks also `score_<check>`).
+    `failed_checks` lists the failed ones (";"; an informational check flags without failing),
     `status` is one of ok, low_quality, unlabelled, unreadable (the first problem wins, in reverse
     order), and `reason` says why in words.
     """
     frame = pd.concat([frame, apply_checks(frame, checks)], axis=1)
-    names = list(checks)
+    names = [name for name, rule in checks.items() if not rule.informational]
     if duplicates is not None:
         frame = pd.concat([frame, duplicates], axis=1)
         frame[flag_column(Check.DUPLICATE)] = frame["duplicate_of"].notna()

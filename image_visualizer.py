@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 
@@ -85,18 +86,24 @@ def visualize_distribution(frame: pd.DataFrame, metric: str, thresholds: list[di
         axes.text(0.5, 0.5, f"no measured values of {metric}", ha="center", transform=axes.transAxes)
         return figure
     log = needs_log_scale(values, log_span)
+    counts = not log and (values == values.round()).all() and values.max() - values.min() <= bins
     if log:
         edges = np.geomspace(values[values > 0].min(), values.max() * 1.0001, bins + 1)
         axes.set_xscale("log")
+    elif counts:  # such as faces found: a bar per value, and a threshold drawn between the bars it separates
+        edges = np.arange(values.min() - 0.5, values.max() + 1.5)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     else:
         edges = np.linspace(values.min(), values.max() + 1e-9, bins + 1)
-    axes.hist(values, bins=edges, color=BAR_COLOUR, alpha=0.85)
+        axes.ticklabel_format(axis="x", useOffset=False)
+    axes.hist(values, bins=edges, color=BAR_COLOUR, alpha=0.85, rwidth=0.9 if counts else None)
     axes.set(xlabel=metric.replace("_", " ") + (" (log scale)" if log else ""), ylabel="images",
              title=f"{metric.replace('_', ' ').capitalize()} of {len(values):,} images")
     for threshold, colour in zip(thresholds, THRESHOLD_COLOURS):
         count = int(_beyond_one(values, threshold).sum())
         arrow = "<" if threshold["side"] == "below" else ">"
-        axes.axvline(threshold["value"], color=colour, linestyle="--", linewidth=2,
+        between = (-0.5 if threshold["side"] == "below" else 0.5) if counts and threshold["value"] == round(threshold["value"]) else 0
+        axes.axvline(threshold["value"] + between, color=colour, linestyle="--", linewidth=2,
                      label=f"{threshold['check']} {arrow} {threshold['value']:g}: {count:,} images ({count / len(values):.1%})")
     if thresholds:
         axes.legend(loc="best", framealpha=0.95, title="flagged by threshold")
@@ -213,10 +220,52 @@ def before_after_grid(frame: pd.DataFrame, operation: str, pairs: int, columns: 
     cells = []
     for _, row in repaired.iterrows():
         cells.append((row["source_path"], [_short(row["file"]), "before: " + row["failed_checks_before"].replace(";", ", ")], None))
-        cells.append((row["path"], ["after", _short(row["operations"].split("(")[0])], None))
+        operations = [step.split("(")[0].strip() for step in row["operations"].split(";")]
+        cells.append((row["path"], ["after"] + operations, None))
     return _grid(cells, f"Repairs using {operation}: before | after ({len(repaired)} of "
                  f"{int(((frame['status'] == ProcessStatus.REPAIRED) & frame['operations'].fillna('').str.contains(operation + '(', regex=False)).sum())})",
                  columns, thumb, dpi)
+
+
+def suspected_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a label check's CSV it suspects of a wrong age label, least likely label first."""
+    require(frame, "suspected_label_error", "label_quality", "predicted_age", "age", "path", "file")
+    suspected = frame[frame["suspected_label_error"].astype(str).str.lower() == "true"]
+    return suspected.sort_values(["label_quality", "file"], kind="stable")
+
+
+@styled
+def suspected_labels_grid(frame: pd.DataFrame, columns: int, rows: int, thumb: int, dpi: int):
+    """The faces check_labels.py suspects of a wrong age label, least likely label first, each with its
+    given and its predicted age: a person can tell at a glance which label is wrong."""
+    suspected = suspected_labels(frame)
+    shown = suspected.head(columns * rows)
+    captions = [[f, f"given {int(a)}, predicted {p:.0f}", f"label quality {q:.2g}"]
+                for f, a, p, q in zip(shown["file"], shown["age"], shown["predicted_age"], shown["label_quality"])]
+    checked = int(frame["label_quality"].notna().sum())
+    return _grid(list(zip(shown["path"], captions, face_overlays(shown))),
+                 f"Suspected label errors: {len(suspected):,} of {checked:,} checked faces, least likely label first", columns, thumb, dpi)
+
+
+@styled
+def plot_suspected_labels_by_age_group(frame: pd.DataFrame, groups: AgeGroups, size, dpi: int):
+    """The share of each given age group's checked faces that the label check suspects, with counts:
+    errors concentrated in one group bias the classifier there."""
+    suspected_labels(frame)  # the columns it needs
+    checked = frame[frame["label_quality"].notna()]
+    group = pd.Series([groups.label_of(a) for a in checked["age"]], index=checked.index, dtype=object)
+    flagged = checked["suspected_label_error"].astype(str).str.lower() == "true"
+    totals = group.value_counts().reindex(groups.labels, fill_value=0)
+    counts = group[flagged].value_counts().reindex(groups.labels, fill_value=0)
+    shares = counts / totals.clip(lower=1) * 100
+    figure = new_figure(size, dpi)
+    axes = figure.add_subplot()
+    bars = axes.bar(groups.labels, shares.values, color=FLAG_COLOUR)
+    axes.bar_label(bars, labels=[f"{c:,} of {t:,}" for c, t in zip(counts, totals)], padding=2, fontsize=8)
+    axes.set(xlabel="given age group", ylabel="suspected (% of checked faces)",
+             title=f"Suspected label errors per age group: {int(flagged.sum()):,} of {len(checked):,} checked faces")
+    axes.set_ylim(0, max(1.0, float(shares.max()) * 1.2))
+    return figure
 
 
 def _short(text: str, length: int = 20) -> str:

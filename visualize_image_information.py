@@ -1,16 +1,18 @@
 """Visualization stage: plots of the exploration (and processing) metadata, and an index page.
 
-Reads csv/image_metadata.csv, and csv/processed_metadata.csv when it exists, plus the thresholds of the
-explore config, and saves into reports/quality/: a histogram per metric with its thresholds and the
-number of images beyond them, the age distribution, metrics by age group, grids of the images each check
-flags (worst first), before/after pairs per repair, and a summary of every check and status.
-`index.html` shows them all with a one-line caption each.
+Reads csv/image_metadata.csv, and csv/processed_metadata.csv and the label check's
+csv/checked_metadata.csv when they exist, plus the thresholds the exploration ran with, and saves into
+reports/quality/: a histogram per metric with its thresholds and the number of images beyond them, the
+age distribution, metrics by age group, grids of the images each check
+flags (worst first), before/after pairs per repair, the faces whose age label is suspect (least likely
+first) and their share per age group, and a summary of every check and status. `index.html` opens
+with a table of contents and the summary tables (each check with a link to a gallery of every image it
+flags, worst first), then the figures in sections, with links to the CSVs and the model's report card.
 
     python visualize_image_information.py [--set output_dir=reports/other --set formats=[png,svg]]
 """
 from __future__ import annotations
 
-import html
 import logging
 import os
 from pathlib import Path
@@ -26,7 +28,9 @@ from image_visualizer import (
     plot_age_distribution,
     plot_metric_by_age_group,
     plot_summary,
+    plot_suspected_labels_by_age_group,
     save_figure,
+    suspected_labels_grid,
     visualize_distribution,
 )
 from config_models import ExploreConfig, VisualizeConfig
@@ -36,6 +40,8 @@ from config import load_config
 from dataset import read_metadata_csv
 from errors import UserError
 from outputs import OutputFolder, OutputGuard
+from quality_site import galleries, summary, write_gallery
+from report_pages import render
 
 log = logging.getLogger("agepipe.visualize")
 
@@ -56,7 +62,8 @@ def thresholds_by_metric(checks: dict) -> dict[str, list[dict]]:
     return found
 
 
-def make_figures(config: VisualizeConfig, explore: ExploreConfig, exploration: pd.DataFrame, processed: pd.DataFrame | None):
+def make_figures(config: VisualizeConfig, explore: ExploreConfig, exploration: pd.DataFrame, processed: pd.DataFrame | None,
+                 checked: pd.DataFrame | None):
     """Yield (name, caption, figure) for every plot the config asks for."""
     fig = config.figure
     size, dpi = (fig.width_inches, fig.height_inches), fig.dpi
@@ -78,6 +85,8 @@ def make_figures(config: VisualizeConfig, explore: ExploreConfig, exploration: p
     for check in grids.checks:
         if flag_column(check) not in exploration.columns:
             raise MissingColumn(f"column {flag_column(check)!r} is not in the CSV: grids.checks names a check the exploration did not run")
+        if not exploration[flag_column(check)].fillna(False).astype(bool).any():
+            continue  # the summary table says "none flagged"
         rule = explore.checks.get(check)
         metric = rule.metric if rule else "age"
         yield (f"grid_{check}", f"Images flagged {check}, worst first, with file names and {metric}.",
@@ -88,21 +97,41 @@ def make_figures(config: VisualizeConfig, explore: ExploreConfig, exploration: p
             if processed["operations"].fillna("").str.contains(operation + "(", regex=False).any():
                 yield (f"before_after_{operation}", f"Images repaired with {operation}: original left, result right.",
                        before_after_grid(processed, operation, pairs.pairs, pairs.columns, grids.thumbnail_pixels, fig.dpi))
+    if checked is not None:
+        yield ("suspected_labels", "Faces whose age label the label check suspects, least likely first, with given and predicted age.",
+               suspected_labels_grid(checked, grids.columns, grids.rows, grids.thumbnail_pixels, fig.dpi))
+        yield ("suspected_labels_by_age_group", "Share of each given age group's checked faces suspected of a wrong label.",
+               plot_suspected_labels_by_age_group(checked, groups, size, dpi))
 
 
-def write_index(folder: OutputFolder, entries: list[tuple[str, str]], sources: list[str]) -> Path:
-    items = "\n".join(
-        f'<figure><img src="{html.escape(name)}.png" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
-        for name, caption in entries
-    )
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>agepipe quality report</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
-figure{{margin:0 0 2.5em}}img{{max-width:100%;border:1px solid #ddd}}figcaption{{color:#555}}</style></head>
-<body><h1>Image quality report</h1><p>From {html.escape(', '.join(sources))}.</p>
-{items}
-</body></html>
-"""
+SECTIONS = (("overview", "Overview", ("summary", "age_distribution")), ("flagged", "Flagged images, worst first", ("grid_",)),
+            ("labels", "Label check", ("suspected_labels",)), ("repairs", "Repairs: before and after", ("before_after_",)),
+            ("distributions", "Metric distributions and thresholds", ("distribution_",)), ("by_age_group", "Metrics by age group", ("by_age_group_",)))
+
+
+def sections(entries: list[tuple[str, str]], gallery_pages: dict[str, str]) -> list[dict]:
+    """The index's sections in reading order, each with its figures (and a link to the gallery behind a grid)."""
+    found = []
+    for key, title, prefixes in SECTIONS:
+        figures = [{"name": name, "caption": caption, "gallery": gallery_pages.get(name.removeprefix("grid_"))}
+                   for name, caption in entries if name.startswith(prefixes)]
+        if figures:
+            found.append({"key": key, "title": title, "figures": figures})
+    return found
+
+
+def write_site(folder: OutputFolder, config: VisualizeConfig, entries, summary_tables: dict, gallery_list, sources: list[str]) -> Path:
+    """Every gallery's pages, then the index: the summary tables, the sections, links to the CSVs and the model's card."""
+    thumbnails: dict[str, str | None] = {}
+    gallery_pages = {}
+    for gallery in gallery_list:
+        write_gallery(folder, gallery, config.site.gallery_page_size, config.site.thumbnail_pixels, thumbnails)
+        gallery_pages[gallery.key] = gallery.page_name(1)
+    model_card = config.model_report if config.model_report and Path(config.model_report).is_file() else None
+    suspected = next((len(g.rows) for g in gallery_list if g.key == "suspected_labels"), 0)
+    page = render("quality_index.html", summary=summary_tables, sections=sections(entries, gallery_pages), gallery_pages=gallery_pages,
+                  suspected=suspected, sources=[{"name": s, "href": os.path.relpath(s, folder.path)} for s in sources],
+                  model_card=os.path.relpath(model_card, folder.path) if model_card else None)
     return folder.write_text("index.html", page)
 
 
@@ -116,23 +145,28 @@ def main(args) -> None:
     explore = exploration_settings(config.exploration_csv, theirs)  # the thresholds the exploration ran with
     exploration = read_metadata(config.exploration_csv, "exploration CSV")
     sources = [config.exploration_csv]
-    processed = None
-    if config.processed_csv and Path(config.processed_csv).exists():
-        processed = read_metadata(config.processed_csv, "processed CSV")
-        sources.append(config.processed_csv)
-    image_folders = {os.path.dirname(p) for frame in (exploration, processed) if frame is not None and "path" in frame for p in frame["path"].dropna()}
+    optional = {}
+    for name, path in (("processed", config.processed_csv), ("checked", config.checked_csv)):
+        optional[name] = read_metadata(path, f"{name} CSV") if path and Path(path).exists() else None
+        sources += [path] if optional[name] is not None else []
+    processed, checked = optional["processed"], optional["checked"]
+    image_folders = {os.path.dirname(p) for frame in (exploration, processed, checked) if frame is not None and "path" in frame
+                     for p in frame["path"].dropna()}
     with OutputGuard(inputs=[*sources, *sorted(image_folders)]) as guard:
         folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
         entries = []
         try:
-            for name, caption, figure in make_figures(config, explore, exploration, processed):
+            for name, caption, figure in make_figures(config, explore, exploration, processed, checked):
                 save_figure(figure, folder, name, config.formats)
                 entries.append((name, caption))
         except MissingColumn as exc:
             raise UserError(f"{exc} (is it an agepipe CSV?)") from None
-        index = write_index(folder, entries, sources)
+        gallery_list = galleries(exploration, explore.checks, checked)
+        index = write_site(folder, config, entries, summary(exploration, explore.checks, age_groups_from(config)), gallery_list, sources)
         folder.finish()
-    print(f"wrote {len(entries)} plots ({', '.join(config.formats)}) to {folder.path}/; open {index}")
+    shown = sum(len(g.rows) for g in gallery_list)
+    print(f"wrote {len(entries)} plots ({', '.join(config.formats)}) and {len(gallery_list)} galleries ({shown:,} flagged images) "
+          f"to {folder.path}/; open {index}")
 
 
 if __name__ == "__main__":

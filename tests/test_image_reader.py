@@ -233,7 +233,7 @@ def zoo(tmp_path_factory):
         ("150_0_0_too_old.jpg", "unlabelled", "age 150 outside 0-120"),
         ("27_0_0_with spaces in name.JPG", ("ok", "low_quality"), ""),
         ("nested/28_1_1_deep.jpeg", ("ok", "low_quality"), ""),
-        ("30_0_0_gray.png", "low_quality", "grayscale"),
+        ("30_0_0_gray.png", ("ok", "low_quality"), ""),  # grayscale is informational: flagged, still usable
         ("31_0_0_rgba.png", ("ok", "low_quality"), ""),
         ("32_0_0_sixteen.png", ("ok", "low_quality"), ""),
         ("33_0_0_cmyk.jpg", ("ok", "low_quality"), ""),
@@ -252,6 +252,7 @@ def test_every_bad_file_has_a_row_with_its_reason(zoo, file, status, reason):
 
 def test_image_kinds_are_described(zoo):
     assert (zoo.loc["30_0_0_gray.png", "channels"], zoo.loc["31_0_0_rgba.png", "channels"]) == (1, 4)
+    assert zoo.loc["30_0_0_gray.png", "flag_grayscale"] and "grayscale" not in str(zoo.loc["30_0_0_gray.png", "failed_checks"])
     assert zoo.loc["32_0_0_sixteen.png", "bit_depth"] == 16 and zoo.loc["33_0_0_cmyk.jpg", "color_mode"] == "CMYK"
     assert (zoo.loc["34_0_0_large.jpg", "width"], zoo.loc["34_0_0_large.jpg", "height"]) == (6000, 4000)
     assert zoo.loc["25_0_0_bomb.png", "width"] == 60000  # the header was read, the pixels were not

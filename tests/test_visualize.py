@@ -1,4 +1,11 @@
-"""The numbers drawn are the numbers in the data, and the PNG files are real, non-blank images."""
+"""The numbers drawn are the numbers in the data, the PNG files are real, non-blank images, and the
+report's site reaches every flagged image through links that resolve."""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import unquote
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -47,8 +54,44 @@ def test_flagged_share_per_age_group_in_tick_labels():
 def report(explored, processed, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     run("visualize_image_information.py", f"exploration_csv={explored}/image_metadata.csv",
-        f"processed_csv={processed}/processed.csv", f"output_dir={out}", "formats=[png, svg]")
+        f"processed_csv={processed}/processed.csv", f"output_dir={out}", "formats=[png, svg]", "site.gallery_page_size=10")
     return out
+
+
+def local_links(page: Path) -> list[Path]:
+    """The files a page's href and src attributes point at (links to other sites and anchors left out)."""
+    links = re.findall(r'(?:href|src)="([^"#]+)"', page.read_text())
+    return [(page.parent / unquote(link)).resolve() for link in links if "://" not in link]
+
+
+def test_every_flagged_image_is_two_clicks_from_the_index_and_every_link_resolves(report, explored):
+    index = report / "index.html"
+    text = index.read_text()
+    assert 'id="summary"' in text and "Contents" in text and text.index("Summary") < text.index("distribution_blurriness.png")
+    galleries = {link for link in local_links(index) if link.parent.name == "gallery"}
+    reached = set(galleries)
+    for first in galleries:  # one click: the gallery's first page; two: any other page of it
+        reached |= {link for link in local_links(first) if link.suffix == ".html" and link.parent.name == "gallery"}
+    for page in [index, *reached]:
+        missing = [link for link in local_links(page) if not link.exists()]
+        assert not missing, f"{page.name} links to missing {missing[:3]}"
+    shown = {}
+    for page in reached:
+        check = page.stem.rsplit("-", 1)[0]
+        shown.setdefault(check, set()).update(re.findall(r'alt="([^"]+)"', page.read_text()))
+    metadata = read_csv(explored / "image_metadata.csv")
+    for column in [c for c in metadata.columns if c.startswith("flag_")]:
+        flagged = set(metadata.loc[metadata[column].fillna(False).astype(bool), "file"])
+        assert shown.get(column.removeprefix("flag_"), set()) == flagged, column
+    assert len(shown["blurry"]) > 10 and (report / "gallery" / "blurry-2.html").exists()  # paged: 10 a page
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Chromium is not installed (apt install chromium)")
+def test_the_index_opens_in_headless_chromium(report):
+    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+               f"--user-data-dir={report.parent / 'chromium-profile'}", "--dump-dom", (report / "index.html").as_uri()]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    assert 'nav class="toc"' in dom and dom.count("<figure") >= 20 and "gallery/blurry-1.html" in dom
 
 
 def test_every_plot_is_a_valid_non_blank_png_of_the_configured_size(report):
