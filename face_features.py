@@ -66,6 +66,9 @@ class DescriptorSettings:
     max_roll_degrees : landmarks whose eye line tilts more than this are implausible.
     padding : margin around the aligned face chip, as a share of the face (dlib's default 0.25).
     mirrored : also describe the mirror image; the age model averages both views.
+    face_descriptor : "every_view" computes dlib's descriptor for each view; "first_view" for the
+        image only, the mirror view reusing it (dlib is most of the time; the age network still sees
+        both views); "none" leaves it out: the age network's log-probabilities alone (the fast profile).
     age_network : append the pretrained age network's log-probabilities over its 81 age classes.
     age_probability_floor : probabilities are floored at this before the log (their tails reach 1e-21:
         unfloored, a logarithm would let noise in the tails dominate).
@@ -90,6 +93,7 @@ class DescriptorSettings:
     box_scale: float = 1.0
     min_face_pixels: int = 0
     all_faces: bool = False
+    face_descriptor: str = "every_view"
 
     @classmethod
     def from_config(cls, section) -> "DescriptorSettings":
@@ -258,14 +262,20 @@ class FaceDescriber:
         views = [(rgb, square)]
         if self.settings.mirrored:
             views.append((np.ascontiguousarray(rgb[:, ::-1]), (width - x - w, y, w, h)))
-        described = [self._describe_view(view, box) for view, box in views]
+        described = []
+        for view, box in views:
+            first = described[0][0] if described and self.settings.face_descriptor == "first_view" else None
+            described.append(self._describe_view(view, box, None if first is None else first[:DESCRIPTOR_SIZE]))
         problems = [p for _, p in described if p]
         box = detected or square
         if any(v is None for v, _ in described):
             return FaceDescription(box, None, problems[0])
         return FaceDescription(box, np.stack([v for v, _ in described]).astype(np.float32), problems[0] if problems else None)
 
-    def _describe_view(self, rgb: np.ndarray, square: tuple[float, float, float, float]) -> tuple[np.ndarray | None, str | None]:
+    def _describe_view(self, rgb: np.ndarray, square: tuple[float, float, float, float],
+                       descriptor: np.ndarray | None = None) -> tuple[np.ndarray | None, str | None]:
+        """One view's numbers: dlib's descriptor (or the given one, or none, as `face_descriptor` says)
+        and the age network's; aligned by the landmarks found in `square`, else its square unaligned."""
         dlib, _, predictor, network, _ = self._load()
         x, y, w, h = square
         box = dlib.rectangle(round(x), round(y), round(x + w) - 1, round(y + h) - 1)
@@ -273,15 +283,21 @@ class FaceDescriber:
         points = np.array([(p.x, p.y) for p in shape.parts()], float)
         problem = landmark_problem(points, box.width(), self.settings)
         if problem is None:
-            descriptor = np.array(network.compute_face_descriptor(rgb, shape, 0, self.settings.padding))
+            compute = lambda: network.compute_face_descriptor(rgb, shape, 0, self.settings.padding)  # noqa: E731
             aligned = lambda files: dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape, files.chip_size, files.chip_padding))  # noqa: E731
-            return self._with_age(descriptor, aligned), None
+            return self._with_age(self._descriptor(compute, descriptor), aligned), None
         if self.settings.on_no_landmarks == "skip":
             return None, problem
         region = square_region(rgb, square)
-        descriptor = np.array(network.compute_face_descriptor(cv2.resize(region, (CHIP_SIZE, CHIP_SIZE), interpolation=cv2.INTER_AREA)))
+        compute = lambda: network.compute_face_descriptor(cv2.resize(region, (CHIP_SIZE, CHIP_SIZE), interpolation=cv2.INTER_AREA))  # noqa: E731
         whole = lambda files: cv2.resize(region, (files.chip_size, files.chip_size), interpolation=cv2.INTER_AREA)  # noqa: E731
-        return self._with_age(descriptor, whole), problem + "; described the face's square unaligned"
+        return self._with_age(self._descriptor(compute, descriptor), whole), problem + "; described the face's square unaligned"
+
+    def _descriptor(self, compute, given: np.ndarray | None) -> np.ndarray:
+        """dlib's descriptor of a view: `given` (the first view's), none, or computed now."""
+        if self.settings.face_descriptor == "none":
+            return np.zeros(0)
+        return given if given is not None else np.array(compute())
 
     def _with_age(self, descriptor: np.ndarray, age_chip) -> np.ndarray:
         """`descriptor`, followed by the age network's log-probabilities for the chip `age_chip(files)`
@@ -346,7 +362,10 @@ def _describe_task(state: tuple[FaceDescriber, tuple[int, int]], task: tuple[str
         bgr, _ = read_image(path, *limits)
     except UnreadableImage as exc:
         return key, cache_row(ImageFaces(None, [], f"unreadable: {exc}"))
-    return key, cache_row(describer.describe(np.ascontiguousarray(bgr[..., ::-1])))
+    try:
+        return key, cache_row(describer.describe(np.ascontiguousarray(bgr[..., ::-1])))
+    except Exception as exc:  # a decoder-made array the networks choke on: that image's row says so, the run goes on
+        return key, cache_row(ImageFaces(None, [], f"could not be described: {type(exc).__name__}"))
 
 
 def cache_row(described: ImageFaces) -> dict:
@@ -365,7 +384,7 @@ def from_cache_row(row: dict) -> ImageFaces:
 
 def descriptor_shape(settings: DescriptorSettings) -> tuple[int, int]:
     """(views, numbers per view) of a descriptor made with `settings`."""
-    return 1 + settings.mirrored, DESCRIPTOR_SIZE + AGE_CLASSES * settings.age_network
+    return 1 + settings.mirrored, DESCRIPTOR_SIZE * (settings.face_descriptor != "none") + AGE_CLASSES * settings.age_network
 
 
 def valid_cache_row(row: dict, shape: tuple[int, int]) -> bool:
@@ -411,7 +430,10 @@ def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: s
     require_dlib()  # fail with one line before starting workers
     age_model = age_network_files().model.name if settings.age_network else None
     hashes = [content_hash(p, max_file_bytes) for p in paths]
-    cache = Journal(cache_path, config_fingerprint(asdict(settings), LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model, CACHE_FORMAT))
+    fingerprinted = asdict(settings)
+    if fingerprinted["face_descriptor"] == "every_view":
+        del fingerprinted["face_descriptor"]  # the setting's default describes as before it existed: caches stay valid
+    cache = Journal(cache_path, config_fingerprint(fingerprinted, LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model, CACHE_FORMAT))
     shape = descriptor_shape(settings)
     unique = sorted({h for h in hashes if h})
     cached = {key: row for key, row in cache.records(unique).items() if valid_cache_row(row, shape)}

@@ -7,13 +7,17 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from config_models import Bounded, Common, Section, WorkspacePath
+from config_models import Bounded, Common, ProjectPath, Section, WorkspacePath
 
 
 # --------------------------------------------------------------------------------------------------
 # configs/train_model.yaml
 # --------------------------------------------------------------------------------------------------
 class Split(Section):
+    method: Literal["held_out", "cross_validation"]
+    """'held_out': test on a held-out split (or test_inputs); 'cross_validation': test every original out of fold, then train on all."""
+    folds: Bounded(int, 2, 50)
+    """cross_validation: the number of folds."""
     validation: Bounded(float, 0.0, 0.5)
     """Share of sources for validation: it calibrates the confidence and draws the held-out learning curve."""
     test: Bounded(float, 0.0, 0.5)
@@ -64,6 +68,8 @@ class Descriptor(Section):
     """Margin around the aligned face chip."""
     mirrored: bool
     """Also describe the mirror image: a second training view, averaged at test."""
+    face_descriptor: Literal["every_view", "first_view", "none"]
+    """dlib's descriptor on every view, on the first only (the mirror view reuses it), or none (the fast profile)."""
     age_network: bool
     """Append the pretrained age network's 81 log-probabilities."""
     age_probability_floor: Bounded(float, 1e-30, 1)
@@ -81,6 +87,8 @@ class Descriptor(Section):
     def auto_needs_a_search(self) -> "Descriptor":
         if self.face_box == "auto" and self.search is None:
             raise ValueError("face_box auto needs the search section")
+        if self.face_descriptor == "none" and not self.age_network:
+            raise ValueError("face_descriptor none needs age_network true: a face would be described by nothing")
         return self
 
 
@@ -166,6 +174,13 @@ class Evaluation(Section):
     """Fit a temperature on the validation split so that confidences are honest."""
 
 
+class Fairness(Section):
+    min_images: Bounded(int, 1)
+    """A value of an attribute with fewer test images is listed but not ranked."""
+    attributes: dict[str, dict[int, str]]
+    """Per demographic column of the test rows (from UTKFace names or a labels CSV), the name of each code."""
+
+
 class Distribution(Section):
     strategy: Literal["default", "mirrored", "multi_worker"]
     """'default' (one device), 'mirrored' (all GPUs, or logical_cpus CPU replicas) or 'multi_worker' (from TF_CONFIG)."""
@@ -198,6 +213,8 @@ class TrainConfig(Common):
     """The training schedule."""
     evaluation: Evaluation
     """How answers are read and scored."""
+    fairness: Fairness
+    """The report card's figures per gender and race."""
     distribution: Distribution
     """tf.distribute strategy."""
 
@@ -224,3 +241,38 @@ class PredictConfig(Common):
     """A target CSV (group, share): adjust to that population's age mix."""
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# configs/check_labels.yaml
+# --------------------------------------------------------------------------------------------------
+class LabelCheckTraining(Section):
+    epochs: Bounded(int, 1, 10000)
+    """Epochs of each fold's network (fewer than training's: the check ranks faces, it ships no model)."""
+    batch_size: Bounded(int, 1, 4096)
+    """Samples per step."""
+    ensemble: Bounded(int, 1, 20)
+    """Heads per fold's network."""
+
+
+class LabelCheckConfig(Common):
+    input_csv: WorkspacePath
+    """The processing stage's CSV (any stage's CSV with file, path and age works)."""
+    output_csv: WorkspacePath
+    """One row per input row, with predicted_age, label_quality and suspected_label_error."""
+    train_config: ProjectPath
+    """The training config whose backbone and head the check uses: the project's own face features."""
+    folds: Bounded(int, 2, 50)
+    """Out-of-fold predictions from this many folds, stratified by age group."""
+    seed: Bounded(int, 0)
+    """Seed of the folds and the networks."""
+    score: Literal["year_window", "cleanlab"]
+    """'year_window': the predicted probability that the age lies within window_years of the label; 'cleanlab': cleanlab's self-confidence of the given age group."""
+    window_years: Bounded(int, 0, 20)
+    """year_window: how many years either side of the given age count as agreeing with it."""
+    second_pass_leave_out: Bounded(float, 0, 0.5)
+    """The share of faces with the least likely labels left out of a second round of folds' training (0: one round)."""
+    threshold: Bounded(float, 0, 1)
+    """A label_quality below this is a suspected label error."""
+    training: LabelCheckTraining
+    """The folds' networks."""

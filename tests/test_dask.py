@@ -1,5 +1,6 @@
-"""Explore and process through a real Dask cluster (a LocalCluster of 2 worker processes started here):
-the same rows as the local pool, even when a worker is killed mid-run."""
+"""Explore, process and face description through a real Dask cluster (a LocalCluster of 2 worker
+processes started here): the same rows as the local pool, even when a worker is killed mid-run."""
+import json
 import os
 import signal
 import subprocess
@@ -32,29 +33,32 @@ def larger_sample(sample, tmp_path_factory):
     return folder
 
 
-def run_and_kill_a_worker(script: str, overrides: list[str], journal, client) -> None:
+def run_and_kill_a_worker(script: str, overrides: list[str], journal, client, after: int = 300) -> str:
     """Run a script on the cluster and SIGKILL one Dask worker once the journal (a file, or a folder of
-    part files) shows progress; the script must still finish with exit code 0."""
+    part files) records `after` items; the script must still finish with exit code 0. Returns its output."""
     command = [sys.executable, script] + [a for o in overrides for a in ("--set", o)]
     child = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and finished_items(journal) < 300:
+    while time.time() < deadline and finished_items(journal) < after:
         time.sleep(0.02)
     assert child.poll() is None, "the run ended before a worker could be killed"
     victim = next(iter(client.run(os.getpid).values()))
     os.kill(victim, signal.SIGKILL)
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err
-    assert "Dask cluster" in out and victim not in client.run(os.getpid).values()  # the nanny started a new worker
+    assert victim not in client.run(os.getpid).values()  # the nanny started a new worker
+    return out
 
 
+@pytest.mark.slow
 def test_explore_and_process_on_dask_give_the_local_rows_despite_a_killed_worker(cluster, larger_sample, tmp_path):
     address, client = cluster
     local, remote = tmp_path / "local", tmp_path / "dask"
     run("explore_images.py", f"dataset_dir={larger_sample}", f"output_csv={local}/m.csv", f"summary_csv={local}/s.csv")
     engine = [f"scheduler={address}", "chunk_files=40"]
-    run_and_kill_a_worker("explore_images.py", [f"dataset_dir={larger_sample}", f"output_csv={remote}/m.csv",
-                                                f"summary_csv={remote}/s.csv", *engine], remote / "m.csv.parts", client)
+    out = run_and_kill_a_worker("explore_images.py", [f"dataset_dir={larger_sample}", f"output_csv={remote}/m.csv",
+                                                      f"summary_csv={remote}/s.csv", *engine], remote / "m.csv.parts", client)
+    assert "Dask cluster" in out
     pd.testing.assert_frame_equal(read_csv(local / "m.csv"), read_csv(remote / "m.csv"))
     assert (local / "s.csv").read_bytes() == (remote / "s.csv").read_bytes()
 
@@ -76,3 +80,24 @@ def test_an_unreachable_scheduler_is_one_line(sample, tmp_path):
     assert "Traceback" not in result.stderr
     result = run("explore_images.py", f"dataset_dir={sample}", "scheduler=my-cluster", check=False)
     assert result.returncode == 2 and "scheduler: expected 'local' or a Dask scheduler address" in result.stderr
+
+
+def descriptor_rows(cache) -> dict[str, dict]:
+    """The descriptor cache's rows by content hash (the last row of a key wins, as the cache reads it)."""
+    lines = cache.read_text().splitlines()[1:]
+    return {row["_key"]: row for row in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_describing_faces_on_dask_gives_the_local_descriptors_despite_a_killed_worker(cluster, sample, manifest, tmp_path):
+    """The label check describes every face through the `scheduler` setting, as training and prediction
+    do; a worker killed mid-run costs no row, and the descriptors are those of the local pool."""
+    address, client = cluster
+    faces = manifest[manifest["broken"].isna() & manifest["age"].notna()].head(160)
+    faces.assign(path=[str(sample / f) for f in faces["file"]])[["file", "path", "age"]].to_csv(tmp_path / "faces.csv", index=False)
+    common = [f"input_csv={tmp_path}/faces.csv", "folds=2", "training.epochs=1"]
+    run("check_labels.py", *common, f"output_csv={tmp_path}/local.csv", f"descriptor_cache={tmp_path}/local.jsonl")
+    run_and_kill_a_worker("check_labels.py", [*common, f"output_csv={tmp_path}/dask.csv", f"descriptor_cache={tmp_path}/dask.jsonl",
+                                              f"scheduler={address}", "chunk_files=10"], tmp_path / "dask.jsonl", client, after=40)
+    local, remote = descriptor_rows(tmp_path / "local.jsonl"), descriptor_rows(tmp_path / "dask.jsonl")
+    assert len(local) >= 150 and local == remote

@@ -83,6 +83,7 @@ def test_a_missing_detector_package_is_one_line(monkeypatch):
         detector_model_path()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real faces (../shared/data/utkface_sample) not present")
 def test_on_real_crops_the_detector_finds_nearly_every_face_in_every_group():
     import cv2
@@ -129,6 +130,23 @@ def test_descriptors_are_cached_by_content_and_redone_when_content_changes(sampl
     both, _ = vectors(describe_files(paths[:1], mirrored, cache, ONE_WORKER, *LIMITS))  # other settings: the cache starts again
     assert both[0].shape == (2, 128) and journal_lines(cache) == 2
     assert json.loads(cache.read_text().splitlines()[0])["fingerprint"]
+
+
+def test_the_faster_descriptor_modes_are_the_full_one_with_less_computed(sample):
+    """first_view reuses the image's dlib descriptor for its mirror view; none keeps the age network's
+    numbers alone: the same numbers the full description holds, fewer computed."""
+    import cv2
+
+    both = {**WITH_AGE.__dict__, "mirrored": True}
+    faces = [np.ascontiguousarray(cv2.imread(str(p))[..., ::-1]) for p in sorted(sample.glob("*.chip.jpg"))[:3]]
+    for face in faces:
+        full, first, none = (FaceDescriber(DescriptorSettings(**{**both, "face_descriptor": mode})).describe(face).first.vector
+                             for mode in ("every_view", "first_view", "none"))
+        assert full.shape == first.shape == (2, 209) and none.shape == (2, 81)
+        np.testing.assert_array_equal(first[0], full[0])
+        np.testing.assert_array_equal(first[1, :128], full[0, :128])  # the mirror view reuses the image's descriptor
+        np.testing.assert_allclose(first[1, 128:], full[1, 128:], atol=1e-6)  # the age network still sees the mirror image
+        np.testing.assert_allclose(none, full[:, 128:], atol=1e-6)
 
 
 def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample, tmp_path, monkeypatch):
@@ -195,6 +213,7 @@ def test_a_missing_age_network_package_is_one_line(monkeypatch, tmp_path):
     assert not (tmp_path / "c.jsonl").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real faces (../shared/data/utkface_sample) not present")
 def test_on_real_faces_the_age_network_ranks_faces_by_age():
     """200 real crops across the ages: the age network's expected class follows the labels."""
@@ -230,6 +249,7 @@ def test_a_missing_package_is_one_line_naming_what_to_install(monkeypatch):
         require_dlib()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real faces (../shared/data/utkface_sample) not present")
 def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
     """400 real UTKFace crops: train a head on 300, test on 100 it never saw."""

