@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 REAL_DATA := ../shared/data/utkface_sample
 
-.PHONY: pipeline test smoke-real bench
+.PHONY: pipeline test test-slow smoke-real bench
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,7 @@ pipeline: $(STAMP)
 	$(if $(DATA),,$(PY) make_sample_dataset.py $(WORKSPACE_SET))
 	$(PY) explore_images.py $(WORKSPACE_SET) $(DATA_SET)
 	$(PY) process_images.py $(WORKSPACE_SET)
+	$(PY) check_labels.py $(WORKSPACE_SET)
 	$(PY) visualize_image_information.py $(WORKSPACE_SET)
 	$(PY) run_notebook.py australian_population.ipynb $(WORKSPACE_SET)
 	$(PY) run_notebook.py resampling.ipynb $(WORKSPACE_SET)
@@ -30,7 +31,11 @@ pipeline: $(STAMP)
 	$(PY) predict_age.py $(WORKSPACE_SET)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+# The long end-to-end and real-data tests (marked slow); CI runs them after `make test`.
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
 
 # Optional: explore, process and train on real UTKFace faces, when ../shared/data is present
 # (the model is tested on a held-out 15% of them). Everything goes to the workspace real_data/.
@@ -38,6 +43,7 @@ smoke-real: $(STAMP)
 	@if [ -d $(REAL_DATA) ]; then \
 		$(PY) explore_images.py --set workspace=real_data --set dataset_dir=$(REAL_DATA) && \
 		$(PY) process_images.py --set workspace=real_data && \
+		$(PY) check_labels.py --set workspace=real_data && \
 		$(PY) train_model.py --set workspace=real_data; \
 	else echo "skipping real-data smoke run: $(REAL_DATA) not found"; fi
 
@@ -47,3 +53,6 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_process.py $(REAL_DATA)
 	$(PY) benchmarks/bench_model.py $(REAL_DATA)
+	$(PY) benchmarks/bench_photos.py $(REAL_DATA)
+	$(PY) benchmarks/bench_labels.py $(REAL_DATA)
+	$(PY) benchmarks/bench_predict.py $(REAL_DATA)

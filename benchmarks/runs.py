@@ -1,4 +1,5 @@
-"""The exploration stage run as a user runs it, in a subprocess, with its wall time and peak memory."""
+"""The project's scripts run as a user runs them, in a subprocess: `run` and `script` stop the benchmark
+with the failing command's error; `explore_run` also measures the exploration's wall time and peak memory."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,19 @@ with open("/proc/self/status") as status:
 kids = resource.getrusage(resource.RUSAGE_CHILDREN)
 print("PEAK", json.dumps({"main_mb": main_kb / 1024, "worker_mb": kids.ru_maxrss / 1024}))
 """
+
+
+def run(*command, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command in the project folder; on failure, stop the benchmark with its error output."""
+    result = subprocess.run([str(c) for c in command], cwd=PROJECT, capture_output=True, text=True, **kwargs)
+    if result.returncode:
+        sys.exit(f"failed: {' '.join(map(str, command))}\n{result.stderr[-3000:]}")
+    return result
+
+
+def script(name: str, *overrides: str) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts with --set overrides."""
+    return run(sys.executable, name, *[a for o in overrides for a in ("--set", o)])
 
 
 def explore_run(dataset_dir: Path, out: Path, workers: int, scheduler: str = "local") -> dict:

@@ -96,7 +96,7 @@ def test_missing_or_foreign_csv_gives_a_clear_message(tmp_path):
 
 def test_unknown_repair_operation_names_the_key(explored, tmp_path):
     result = process(explored / "image_metadata.csv", tmp_path, "repairs.blurry={deblur: {}}", check=False)
-    assert result.returncode == 2 and "repairs.blurry.deblur: unknown operation" in result.stderr
+    assert result.returncode == 2 and "repairs.blurry.deblur: unknown repair" in result.stderr
 
 
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(explored, processed, tmp_path):
