@@ -22,6 +22,7 @@ log = logging.getLogger("agepipe.training")
 
 def distribution_strategy(settings: Distribution):
     """The tf.distribute strategy of the config; must run once, before TensorFlow touches a device."""
+    import age_model  # noqa: F401  first: it quiets TensorFlow's start-up log before TensorFlow loads
     import tensorflow as tf
 
     if settings.strategy == "multi_worker":

@@ -131,10 +131,13 @@ def training_figures(work: Path, checked: pd.DataFrame, truth: pd.DataFrame, gro
         folder.mkdir(exist_ok=True)
         train, test = table[fold_of != fold], table[fold_of == fold]
         train.drop(columns=["predicted_age", "label_quality", "suspected_label_error", "label_check"]).to_csv(folder / "train.csv", index=False)
-        test.assign(age=test["true_age"])[["file", "path", "age", "planted"]].to_csv(folder / "test.csv", index=False)
+        test_csv = test.assign(age=test["true_age"])[["file", "path", "age", "planted"]].to_csv(index=False)
         variants = (("all labels", "false"), ("without suspected labels", "true"))
-        done = all((folder / variant.replace(" ", "_") / "test_predictions.csv").exists() for variant, _ in variants)
-        if not done:  # a fold finished by an earlier run in the same --work-dir is read, not trained again
+        # a fold an earlier run in the same --work-dir finished on the same faces is read, not trained again
+        done = (folder / "test.csv").exists() and (folder / "test.csv").read_text() == test_csv and all(
+            (folder / variant.replace(" ", "_") / "test_predictions.csv").exists() for variant, _ in variants)
+        (folder / "test.csv").write_text(test_csv)
+        if not done:
             script("check_labels.py", f"workspace={work}", f"input_csv={folder}/train.csv", f"output_csv={folder}/train_checked.csv")
         for variant, exclude in variants:
             out = folder / variant.replace(" ", "_")
