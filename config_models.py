@@ -208,6 +208,13 @@ class Retry(Section):
     """Each retry multiplies every operation's main strength by this."""
 
 
+class NeverWorse(Section):
+    max_colourfulness_change: Bounded(float, 0, 10)
+    """A repair may change colourfulness by at most this share of the original's (no repair targets colour)."""
+    max_noise_increase: Bounded(float, 0, 100)
+    """A repair may raise the noise level (grey levels) by at most this much."""
+
+
 class ProcessConfig(Common):
     input_csv: WorkspacePath
     """The exploration CSV (its run record gives the thresholds)."""
@@ -223,6 +230,8 @@ class ProcessConfig(Common):
     """For each check, the operations that repair it, with their parameters."""
     retry: Retry
     """How often, and how much stronger, a repair is tried again."""
+    never_worse: NeverWorse
+    """What a repair may not make worse, beside passing every check."""
 
 
 # --------------------------------------------------------------------------------------------------

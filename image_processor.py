@@ -192,8 +192,10 @@ def exposure_gamma(gray_unit: np.ndarray, target_mean: float, iterations: int = 
 def adjust_exposure(image: np.ndarray, target_brightness: float) -> np.ndarray:
     """Gamma-correct lightness so the mean grey level becomes `target_brightness` (0-255 scale).
 
-    Each pixel's three channels are multiplied by the same factor (new luma / old luma), so hue and
-    saturation are kept; only pixels pushed past white are clipped. Gamma < 1 brightens, > 1 darkens.
+    Each pixel's three channels move by the same amount (new luma - old luma), so its colour
+    differences (chroma) are kept: darkening a washed-out face does not grey it, and brightening a dark
+    one does not multiply its colour, and its colour noise, into a saturated cast. Gamma < 1 brightens,
+    > 1 darkens.
 
     Parameters
     ----------
@@ -216,8 +218,8 @@ def adjust_exposure(image: np.ndarray, target_brightness: float) -> np.ndarray:
     unit, restore = to_unit_float(image)
     gray = luminance(unit)
     gamma = exposure_gamma(gray, float(target_brightness) / 255.0)
-    ratio = np.power(np.maximum(gray, 1e-4), gamma) / np.maximum(gray, 1e-4)
-    return restore(unit * (ratio if unit.ndim == 2 else ratio[..., None]))
+    shift = np.power(gray, gamma) - gray
+    return restore(unit + (shift if unit.ndim == 2 else shift[..., None]))
 
 
 @repair(order=30, escalated="target_contrast", target_contrast=Bounded(float, 1, 128))

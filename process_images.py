@@ -29,7 +29,7 @@ import pandas as pd
 
 from cli import run_script, setup_logging
 from config import config_fingerprint, load_config, validate_section
-from config_models import ExploreConfig, ProcessConfig
+from config_models import ExploreConfig, NeverWorse, ProcessConfig
 from dataset import read_metadata_csv
 from errors import ConfigError, UserError
 from image_io import UnreadableImage, read_image
@@ -113,6 +113,7 @@ class Processor:
         self.factor = config.retry.strength_factor
         self.resize = config.resize
         self.jpeg_quality = config.jpeg_quality
+        self.never_worse = config.never_worse
         self.output_dir = Path(config.output_dir)
 
     def __call__(self, row: dict) -> dict:
@@ -161,16 +162,36 @@ class Processor:
         for attempt in range(self.attempts):
             attempt_plan = escalate(plan, attempt, self.factor)
             data, after = self.encode_and_measure(apply_plan(bgr, attempt_plan, row), target.suffix)
-            failed = failing_checks(after, self.checks)
-            if not failed:
+            failed, worse = failing_checks(after, self.checks), made_worse(row, after, self.never_worse)
+            if not failed and not worse:
                 return {"status": ProcessStatus.REPAIRED, "reason": None, "operations": plan_text(attempt_plan), "attempts": attempt + 1,
                         "output_digest": write_bytes(data, target), "failed_checks_after": "", "after": after}
-        broken = [c for c in failed if c not in failed_before]
-        reason = f"still fails {', '.join(failed)} after {self.attempts} attempts"
-        if broken:
-            reason += f" (the repair broke {', '.join(broken)})"
+        if failed:
+            broken = [c for c in failed if c not in failed_before]
+            reason = f"still fails {', '.join(failed)} after {self.attempts} attempts"
+            if broken:
+                reason += f" (the repair broke {', '.join(broken)})"
+        else:
+            reason = f"every repair made it worse: {'; '.join(worse)}"
         return {"status": ProcessStatus.REJECTED, "reason": reason, "operations": plan_text(attempt_plan), "attempts": self.attempts,
                 "failed_checks_after": ";".join(failed), "after": after}
+
+
+def made_worse(before: dict, after: dict, limits: NeverWorse) -> list[str]:
+    """What a repair made worse beyond the limits, in words (empty when nothing; a metric the
+    exploration did not measure is not judged)."""
+    def values(metric):
+        pair = (pd.to_numeric(before.get(metric), errors="coerce"), pd.to_numeric(after.get(metric), errors="coerce"))
+        return None if pd.isna(pair[0]) or pd.isna(pair[1]) else tuple(map(float, pair))
+
+    problems = []
+    colour = values("colourfulness")
+    if colour and abs(colour[1] - colour[0]) > limits.max_colourfulness_change * max(colour[0], 1.0):
+        problems.append(f"colourfulness {colour[0]:.1f} -> {colour[1]:.1f}")
+    noise = values("noise")
+    if noise and noise[1] - noise[0] > limits.max_noise_increase:
+        problems.append(f"noise {noise[0]:.2f} -> {noise[1]:.2f}")
+    return problems
 
 
 def _process_task(processor: Processor, task: tuple[str, dict]) -> tuple[str, dict]:

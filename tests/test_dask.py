@@ -66,7 +66,7 @@ def test_explore_and_process_on_dask_give_the_local_rows_despite_a_killed_worker
     run_and_kill_a_worker("process_images.py", [f"input_csv={remote}/m.csv", f"output_dir={remote}/out", f"output_csv={remote}/p.csv",
                                                 *engine], remote / "p.journal.jsonl", client)
     # the same rows, each naming its own run's folder
-    mine, theirs = (read_csv(folder / "p.csv").map(lambda v: v.replace(str(folder), "<run>") if isinstance(v, str) else v)
+    mine, theirs = (read_csv(folder / "p.csv").map(lambda v, run=str(folder): v.replace(run, "<run>") if isinstance(v, str) else v)
                     for folder in (local, remote))
     pd.testing.assert_frame_equal(mine, theirs)
     written = sorted(p.relative_to(remote / "out") for p in (remote / "out").rglob("*.jpg"))

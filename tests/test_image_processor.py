@@ -67,6 +67,16 @@ def test_exposure_keeps_hue_and_hits_the_target():
     assert np.median(hue_shift) <= 2 and np.percentile(hue_shift, 95) <= 6
 
 
+def test_exposure_keeps_the_colour_differences_instead_of_multiplying_them():
+    """Multiplying a dark face's channels to brighten it multiplies its colour (a saturated cast) and
+    its colour noise; shifting them keeps each pixel's differences between channels."""
+    dark = plant_defect(clean_faces()[1], "dark", np.random.default_rng(0), Defects.model_construct(dark_gain=[0.3, 0.3]))
+    brightened = adjust_exposure(dark, 120)
+    unclipped = (brightened.max(axis=2) < 255) & (brightened.min(axis=2) > 0)
+    chroma = lambda image: image.astype(int) - image.astype(int).mean(axis=2, keepdims=True)  # noqa: E731
+    assert np.percentile(np.abs(chroma(brightened) - chroma(dark))[unclipped], 95) <= 2
+
+
 def test_lightness_operations_keep_colour():
     face = clean_faces()[0]
     for result in (stretch_contrast(face, 60), enhance_texture(face, 2.0, 4), sharpen(face, 1.5, 1.5)):
