@@ -3,9 +3,10 @@ training and shown in the report, and bad input gets one line."""
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
-from conftest import read_csv, run
+from conftest import PROJECT, read_csv, run
 
 FOLDS = "folds=3"
 
@@ -49,9 +50,12 @@ def test_planted_label_errors_rank_first_and_every_row_comes_back(planted):
     assert area_under_roc(-scored["label_quality"].to_numpy(), positive) >= 0.9
     top = scored.nsmallest(len(wrong), "label_quality")
     assert top.index.isin(list(wrong)).mean() >= 0.6
-    # the threshold is set for real faces; the sample's drawn faces give broader predictions, so fewer pass it
+    # the threshold is set for real faces (recall 0.82 there, benchmarks/README.md); the sample's drawn faces
+    # give broader predictions, so fewer pass it here: what it flags must still be the planted errors
+    threshold = yaml.safe_load((PROJECT / "configs" / "check_labels.yaml").read_text())["threshold"]
     flagged = checked["suspected_label_error"].astype(str) == "True"
-    assert flagged.sum() >= len(wrong) / 4 and flagged[flagged].index.isin(list(wrong)).mean() >= 0.8
+    assert (flagged == (checked["label_quality"] < threshold)).all()
+    assert flagged.sum() >= 5 and flagged[flagged].index.isin(list(wrong)).mean() >= 0.8
     assert f"{int(flagged.sum())} suspected label errors" in result.stdout
     assert "oneDNN" not in result.stderr and "cuda" not in result.stderr.lower()  # TensorFlow's start-up chatter stays hidden
 
