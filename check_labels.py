@@ -33,12 +33,12 @@ import time
 import numpy as np
 import pandas as pd
 
-from age_estimates import group_matrix
+from age_estimates import answers, group_matrix
 from age_groups import AgeGroups, age_groups_from
 from backbones import backbone_for
 from cli import progress_bar, run_script, setup_logging
 from config import load_config
-from dataset import read_metadata_csv
+from dataset import read_metadata_csv, unusable_ages
 from errors import UserError
 from image_processor import TRAINABLE_STATUSES
 from model_configs import LabelCheckConfig, TrainConfig
@@ -82,8 +82,7 @@ def checked_rows(frame: pd.DataFrame, groups: AgeGroups) -> pd.Series:
     reasons = pd.Series([None] * len(frame), index=frame.index, dtype=object)
     if "status" in frame.columns:
         reasons[~frame["status"].isin(TRAINABLE_STATUSES)] = "not checked: " + frame["status"].astype(str)
-    ages = pd.to_numeric(frame["age"], errors="coerce")
-    unlabelled = ages.isna() | (ages % 1 != 0) | (ages < 0) | frame["path"].isna()
+    unlabelled = unusable_ages(frame["age"]) | frame["path"].isna()
     reasons[reasons.isna() & unlabelled] = "not checked: no usable age label"
     return reasons
 
@@ -112,12 +111,11 @@ def check(config: LabelCheckConfig, train: TrainConfig, frame: pd.DataFrame, cac
             kept = quality > np.quantile(quality, config.second_pass_leave_out)
             years = out_of_fold(train, backbone, usable, groups, config.folds, config.seed, scratch, trained_on=kept, progress=bar)
             quality = label_quality(years, usable["age"], groups, train.max_age, config)
-    cumulative = np.cumsum(years, axis=1)
-    median = (cumulative < 0.5 * cumulative[:, -1:]).sum(axis=1)
+    answer = answers(years, groups, train.max_age, rule="median")
     result = frame.assign(predicted_age=np.nan, label_quality=np.nan, suspected_label_error=pd.NA, label_check=reasons,
                           **{f"oof_p_{label}": np.nan for label in groups.labels})
-    result.loc[usable["_row"], [f"oof_p_{label}" for label in groups.labels]] = np.round(years @ group_matrix(groups, train.max_age), 5)
-    result.loc[usable["_row"], "predicted_age"] = median
+    result.loc[usable["_row"], [f"oof_p_{label}" for label in groups.labels]] = np.round(answer.group_probabilities, 5)
+    result.loc[usable["_row"], "predicted_age"] = answer.age
     result.loc[usable["_row"], "label_quality"] = np.round(quality, 6)
     result.loc[usable["_row"], "suspected_label_error"] = quality < config.threshold
     return result

@@ -265,6 +265,18 @@ def _table_rows(path: Path) -> list[dict]:
     return rows
 
 
+def unusable_ages(ages: pd.Series) -> pd.Series:
+    """True where an age label cannot be used: missing, not a whole number of years, or negative.
+
+    Examples
+    --------
+    >>> unusable_ages(pd.Series([25, 25.5, -1, None, "x"])).tolist()
+    [False, True, True, True, True]
+    """
+    ages = pd.to_numeric(ages, errors="coerce")
+    return ages.isna() | (ages % 1 != 0) | (ages < 0)
+
+
 def without_suspected_labels(frame: pd.DataFrame, exclude: bool) -> tuple[pd.DataFrame, int]:
     """`frame` without the rows check_labels.py suspects of a wrong age label (when `exclude` and the
     frame has its column), and how many were left out."""

@@ -34,7 +34,7 @@ from backbones import backbone_for
 from cli import progress_bar, run_script, setup_logging
 from config import load_config
 from model_configs import TrainConfig
-from dataset import labelled_images, read_metadata_csv, without_suspected_labels
+from dataset import labelled_images, read_metadata_csv, unusable_ages, without_suspected_labels
 from errors import UserError
 from image_processor import TRAINABLE_STATUSES
 from model_report import write_report_card
@@ -60,8 +60,7 @@ def read_training_csv(path: str, groups: AgeGroups, exclude_suspected: bool = Tr
         frame = frame[frame["status"].isin(TRAINABLE_STATUSES)]
     frame, suspected = without_suspected_labels(frame, exclude_suspected)
     frame = frame[frame["age"].notna() & frame["path"].notna()].copy()
-    ages = pd.to_numeric(frame["age"], errors="coerce")
-    bad = ages.isna() | (ages % 1 != 0) | (ages < 0)
+    bad = unusable_ages(frame["age"])
     if bad.any():
         first = frame[bad].iloc[0]
         raise UserError(f"input CSV {path}: {int(bad.sum())} rows have an age that is not a whole number of years "
@@ -70,7 +69,7 @@ def read_training_csv(path: str, groups: AgeGroups, exclude_suspected: bool = Tr
         frame["source"] = frame["file"]
     if "copy" not in frame.columns:
         frame["copy"] = 0
-    frame["age"] = ages.astype(int)
+    frame["age"] = pd.to_numeric(frame["age"]).astype(int)
     return with_groups(frame, groups, f"input CSV {path}"), suspected
 
 

@@ -40,7 +40,7 @@ from config import load_config
 from dataset import read_metadata_csv
 from errors import UserError
 from outputs import OutputFolder, OutputGuard
-from quality_site import galleries, summary, write_gallery
+from quality_site import flagged_rows, galleries, summary, write_gallery
 from report_pages import render
 
 log = logging.getLogger("agepipe.visualize")
@@ -85,7 +85,7 @@ def make_figures(config: VisualizeConfig, explore: ExploreConfig, exploration: p
     for check in grids.checks:
         if flag_column(check) not in exploration.columns:
             raise MissingColumn(f"column {flag_column(check)!r} is not in the CSV: grids.checks names a check the exploration did not run")
-        if not exploration[flag_column(check)].fillna(False).astype(bool).any():
+        if not flagged_rows(exploration, check).any():
             continue  # the summary table says "none flagged"
         rule = explore.checks.get(check)
         metric = rule.metric if rule else "age"
