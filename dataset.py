@@ -277,10 +277,22 @@ def unusable_ages(ages: pd.Series) -> pd.Series:
     return ages.isna() | (ages % 1 != 0) | (ages < 0)
 
 
+def suspected_labels_mask(frame: pd.DataFrame) -> pd.Series:
+    """True for the rows check_labels.py suspects of a wrong age label (its column, read back from a CSV,
+    is text: "True", "False" or empty).
+
+    Examples
+    --------
+    >>> suspected_labels_mask(pd.DataFrame({"suspected_label_error": ["True", "False", None, True]})).tolist()
+    [True, False, False, True]
+    """
+    return frame["suspected_label_error"].astype(str).str.lower() == "true"
+
+
 def without_suspected_labels(frame: pd.DataFrame, exclude: bool) -> tuple[pd.DataFrame, int]:
     """`frame` without the rows check_labels.py suspects of a wrong age label (when `exclude` and the
     frame has its column), and how many were left out."""
     if not exclude or "suspected_label_error" not in frame.columns:
         return frame, 0
-    suspected = frame["suspected_label_error"].astype(str).str.lower() == "true"
+    suspected = suspected_labels_mask(frame)
     return frame[~suspected], int(suspected.sum())

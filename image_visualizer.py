@@ -21,6 +21,7 @@ from face_detector import KEYPOINTS
 from image_processor import TRAINABLE_STATUSES, ProcessStatus
 from image_reader import flag_column, score_column
 from age_groups import AgeGroups
+from dataset import suspected_labels_mask
 
 STYLE = {
     "figure.facecolor": "white",
@@ -230,7 +231,7 @@ def before_after_grid(frame: pd.DataFrame, operation: str, pairs: int, columns: 
 def suspected_labels(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of a label check's CSV it suspects of a wrong age label, least likely label first."""
     require(frame, "suspected_label_error", "label_quality", "predicted_age", "age", "path", "file")
-    suspected = frame[frame["suspected_label_error"].astype(str).str.lower() == "true"]
+    suspected = frame[suspected_labels_mask(frame)]
     return suspected.sort_values(["label_quality", "file"], kind="stable")
 
 
@@ -254,7 +255,7 @@ def plot_suspected_labels_by_age_group(frame: pd.DataFrame, groups: AgeGroups, s
     suspected_labels(frame)  # the columns it needs
     checked = frame[frame["label_quality"].notna()]
     group = pd.Series([groups.label_of(a) for a in checked["age"]], index=checked.index, dtype=object)
-    flagged = checked["suspected_label_error"].astype(str).str.lower() == "true"
+    flagged = suspected_labels_mask(checked)
     totals = group.value_counts().reindex(groups.labels, fill_value=0)
     counts = group[flagged].value_counts().reindex(groups.labels, fill_value=0)
     shares = counts / totals.clip(lower=1) * 100

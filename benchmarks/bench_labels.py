@@ -31,7 +31,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from age_groups import AgeGroups  # noqa: E402
-from dataset import parse_utkface_name  # noqa: E402
+from dataset import parse_utkface_name, suspected_labels_mask  # noqa: E402
 from training import stratified_folds  # noqa: E402
 from crops import configured_groups, labelled_crops  # noqa: E402
 from runs import script  # noqa: E402
@@ -83,7 +83,7 @@ def ranking_figures(checked: pd.DataFrame, truth: pd.DataFrame, groups: AgeGroup
         worst = np.argsort(quality, kind="stable")[:k]
         figures.append({"ranking": name, "faces": len(table), "planted": k, "auroc": auroc(-quality, positive),
                         "precision_at_k": float(positive[worst].mean())})
-    flagged = table["suspected_label_error"].astype(str).str.lower() == "true"
+    flagged = suspected_labels_mask(table)
     figures.append({"ranking": "suspected_label_error (threshold)", "faces": len(table), "planted": k, "flagged": int(flagged.sum()),
                     "precision": float(positive[flagged.to_numpy()].mean()) if flagged.any() else None,
                     "recall": float(flagged.to_numpy()[positive].mean())})
