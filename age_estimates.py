@@ -17,7 +17,7 @@ Gaussian around the true age, Gao et al. 2017). Here, without TensorFlow:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +148,17 @@ class Answers:
     high: np.ndarray
     group_probabilities: np.ndarray
 
+    def take(self, rows, probabilities: bool = True) -> "Answers":
+        """The answers of `rows` (a mask or indices); without `probabilities` the per-group
+        probabilities are left out (an empty column each), which is all evaluate needs."""
+        kept = self.group_probabilities[rows] if probabilities else np.empty((len(self.group[rows]), 0))
+        return Answers(self.group[rows], self.age[rows], self.confidence[rows], self.low[rows], self.high[rows], kept)
+
+    @staticmethod
+    def concatenate(parts: list["Answers"]) -> "Answers":
+        """The answers of `parts` (at least one), one after another."""
+        return Answers(*(np.concatenate([getattr(part, field.name) for part in parts]) for field in fields(Answers)))
+
 
 def answers(year_probabilities: np.ndarray, groups: AgeGroups, max_age: int, rule: str = "group_first", interval: float = 0.8) -> Answers:
     """The answer to read from each distribution over years, by `rule`:
@@ -201,10 +212,14 @@ def evaluate(year_probabilities: np.ndarray, true_ages, groups: AgeGroups, max_a
     that population), per-group recall (None for a group with no test images), the confusion matrix
     (rows: true), the MAE in years of the answered age, the calibration error of the confidence and
     the share of true ages inside the interval."""
+    return evaluate_answers(answers(year_probabilities, groups, max_age, rule, interval), true_ages, groups, max_age, population_shares)
+
+
+def evaluate_answers(answer: Answers, true_ages, groups: AgeGroups, max_age: int, population_shares=None) -> dict:
+    """evaluate's figures for answers already read from the distributions."""
     true_ages = np.asarray(true_ages, float)
     classes = len(groups.labels)
-    true_groups = np.array([groups.index_of(a) for a in true_ages])
-    answer = answers(year_probabilities, groups, max_age, rule, interval)
+    true_groups = np.array([groups.index_of(a) for a in true_ages], dtype=int)
     predicted = answer.group
     confusion = np.zeros((classes, classes), int)
     np.add.at(confusion, (true_groups, predicted), 1)

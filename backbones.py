@@ -14,15 +14,18 @@ other methods import age_model, and with it TensorFlow, when they are called.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 import pandas as pd
 
-from face_features import MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, describe_files
+from face_features import MAX_FILE_BYTES, MAX_PIXELS, DescriptorCache, DescriptorSettings, ImageFaces, content_hash, describe_files
 from image_io import UnreadableImage, read_image
 from model_files import FACE_FEATURES, PIXELS
-from parallel import Engine
+from parallel import Engine, batched_lists
+from resume import json_line, json_table
 
 BOX_COLUMNS = ["face_x", "face_y", "face_width", "face_height"]
 
@@ -40,17 +43,27 @@ class FaceFeatures:
         descriptor, views x numbers, or None), `problem`, `faces_found` and the face's box. An image
         without a face described keeps one row, with the reason."""
         settings = dataclasses.replace(self.descriptor, all_faces=all_faces)
-        described = describe_files(list(rows["path"]), settings, cache, engine, MAX_PIXELS, MAX_FILE_BYTES)
-        out = []
-        for position, image in enumerate(described):
-            faces = image.faces if all_faces else image.faces[:1]
-            for face_index, face in enumerate(faces or [None]):
-                box = (face.box if face is not None and face.box is not None else (None,) * 4)
-                out.append({"_row": position, "face": face_index if face is not None else None, "faces_found": image.found,
-                            "inputs": None if face is None else face.vector,
-                            "problem": (image.problem if face is None else face.problem), **dict(zip(BOX_COLUMNS, box))})
-        faces = pd.DataFrame(out)
-        return rows.iloc[faces["_row"]].reset_index(drop=True).assign(**faces.drop(columns="_row"))
+        return _face_rows(rows, describe_files(list(rows["path"]), settings, cache, engine, MAX_PIXELS, MAX_FILE_BYTES), all_faces)
+
+    def prepare_batches(self, images: Iterable[dict], engine: Engine, cache: Path, spool: TextIO, batch_rows: int,
+                        all_faces: bool = False) -> Iterator[pd.DataFrame]:
+        """`prepare`'s rows for a stream of images (dicts with `path`), `batch_rows` images at a time,
+        with memory that does not grow with their number: each image goes to `spool` (an empty
+        temporary file) with its content hash, every image not in the cache is described, and only
+        then, batch by batch, are the descriptions read back. Every image is described when this
+        returns (the pool has come and gone before TensorFlow is imported)."""
+        cached = DescriptorCache(cache, dataclasses.replace(self.descriptor, all_faces=all_faces))
+        todo = {}
+        for image in images:
+            digest = content_hash(image["path"], MAX_FILE_BYTES)
+            if digest and not cached.has(digest):
+                todo.setdefault(digest, image["path"])
+            spool.write(json_line({**image, DIGEST: digest}))
+        cached.describe(todo.items(), len(todo), engine, MAX_PIXELS, MAX_FILE_BYTES)
+        del todo
+        spool.seek(0)
+        return (_face_rows(rows.drop(columns=DIGEST), cached.images(list(rows[DIGEST])), all_faces)
+                for rows in (json_table([json.loads(line) for line in lines]) for lines in batched_lists(spool, batch_rows)))
 
     def build(self, train_inputs: np.ndarray, max_age: int):
         from age_model import build_descriptor_model
@@ -107,6 +120,11 @@ class Pixels:
         return rows.assign(inputs=[None if p in problems else p for p in rows["path"]], problem=[problems.get(p) for p in rows["path"]],
                            faces_found=None, **{column: None for column in BOX_COLUMNS}).reset_index(drop=True)
 
+    def prepare_batches(self, images: Iterable[dict], engine: Engine, cache: Path | None, spool: TextIO, batch_rows: int,
+                        all_faces: bool = False) -> Iterator[pd.DataFrame]:
+        """`prepare`'s rows for a stream of images, `batch_rows` at a time (nothing to describe first)."""
+        return (self.prepare(pd.DataFrame(batch), engine) for batch in batched_lists(images, batch_rows))
+
     def build(self, train_inputs, max_age: int):
         from age_model import build_pixel_model
 
@@ -156,6 +174,23 @@ class SavedPixels:
 
     network: str
     image_size: int
+
+
+def _face_rows(rows: pd.DataFrame, described: list[ImageFaces], all_faces: bool) -> pd.DataFrame:
+    """`rows` (one per image) as one row per described face (see FaceFeatures.prepare)."""
+    out = []
+    for position, image in enumerate(described):
+        faces = image.faces if all_faces else image.faces[:1]
+        for face_index, face in enumerate(faces or [None]):
+            box = (face.box if face is not None and face.box is not None else (None,) * 4)
+            out.append({"_row": position, "face": face_index if face is not None else None, "faces_found": image.found,
+                        "inputs": None if face is None else face.vector,
+                        "problem": (image.problem if face is None else face.problem), **dict(zip(BOX_COLUMNS, box))})
+    faces = pd.DataFrame(out)
+    return rows.iloc[faces["_row"]].reset_index(drop=True).assign(**faces.drop(columns="_row"))
+
+
+DIGEST = "_content_hash"  # a spooled image's content hash, its key in the descriptor cache
 
 
 def _views(inputs) -> list[np.ndarray]:

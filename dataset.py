@@ -204,13 +204,7 @@ def read_metadata_csv(path, what: str, hint: str = "", required=(), **read_optio
 
 
 def labelled_images(inputs: list[str], labels_csv: str | None, age_range: AgeRange) -> pd.DataFrame:
-    """Every image the `inputs` name, one row each: file (as shown), path, age (when known: NaN
-    otherwise), gender, race (when known), label_error.
-
-    An input is a folder (searched recursively), an image file, or a table of images (a CSV with a
-    `path` column, or a `file` column relative to the CSV's folder: an exploration, processed or
-    resampled CSV, a training split, a labels CSV beside its images). Ages come from the table's `age`
-    column, else from `labels_csv` (file relative to its input folder, age), else from UTKFace names.
+    """Every image the `inputs` name, one row each (iter_labelled_images), as a table.
 
     Examples
     --------
@@ -221,48 +215,68 @@ def labelled_images(inputs: list[str], labels_csv: str | None, age_range: AgeRan
     >>> labelled_images([folder], f"{folder}/labels.csv", AgeRange(min=0, max=120))[["age", "label_error"]].values.tolist()
     [[41, None]]
     """
+    return pd.DataFrame(iter_labelled_images(inputs, labels_csv, age_range))
+
+
+def iter_labelled_images(inputs: list[str], labels_csv: str | None, age_range: AgeRange) -> Iterator[dict]:
+    """Every image the `inputs` name, one row each, one at a time: file (as shown), path, age (when
+    known: None otherwise), gender, race (when known), label_error.
+
+    An input is a folder (searched recursively), an image file, or a table of images (a CSV with a
+    `path` column, or a `file` column relative to the CSV's folder: an exploration, processed or
+    resampled CSV, a training split, a labels CSV beside its images). Ages come from the table's `age`
+    column, else from `labels_csv` (file relative to its input folder, age), else from UTKFace names.
+    Every input is checked before the first row: a missing one is a UserError, as are inputs that
+    hold no image at all.
+    """
     labels = read_labels_csv(Path(labels_csv), "file", "age") if labels_csv else {}
-    rows = []
     for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            rows += [{"file": display_name(str(path / name)), "path": real, "relative": name} for name, real in find_image_files(path)]
-        elif path.is_file() and path.suffix.lower() == ".csv":
-            rows += _table_rows(path)
-        elif path.is_file():
-            rows.append({"file": display_name(str(path)), "path": str(path), "relative": path.name})
-        else:
-            raise UserError(f"input {path} does not exist")
-    if not rows:
-        raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {', '.join(map(str, inputs))}")
-    for row in rows:
+        if not (Path(item).is_dir() or Path(item).is_file()):
+            raise UserError(f"input {item} does not exist")
+    count = 0
+    for row in _input_rows(inputs):
         parsed = parse_utkface_name(row["relative"])
         age = row.get("age")
         if age is None or pd.isna(age):
             age = labels.get(row["relative"], parsed["age"])
         age, error = checked_age(float(age), age_range) if isinstance(age, numbers.Real) and not pd.isna(age) else (None, "no age known")
         row.update(age=age, label_error=error, gender=row.get("gender", parsed["gender"]), race=row.get("race", parsed["race"]))
-    return pd.DataFrame(rows).drop(columns="relative")
+        del row["relative"]
+        count += 1
+        yield row
+    if not count:
+        raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {', '.join(map(str, inputs))}")
 
 
-def _table_rows(path: Path) -> list[dict]:
-    """The images a CSV lists (see labelled_images), with the columns it has of age, gender and race."""
-    table = read_metadata_csv(path, "input table", dtype={"file": str, "path": str})
+def _input_rows(inputs: list[str]) -> Iterator[dict]:
+    """file, path and relative (the name a labels CSV or a UTKFace name is matched by) of each input image."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            yield from ({"file": display_name(str(path / name)), "path": real, "relative": name} for name, real in find_image_files(path))
+        elif path.suffix.lower() == ".csv":
+            yield from _table_rows(path)
+        else:
+            yield {"file": display_name(str(path)), "path": str(path), "relative": path.name}
+
+
+def _table_rows(path: Path) -> Iterator[dict]:
+    """The images a CSV lists (see iter_labelled_images), with the columns it has of age, gender and
+    race (only those columns are read: a wide exploration CSV costs little memory)."""
+    table = read_metadata_csv(path, "input table", dtype={"file": str, "path": str}, usecols=lambda column: column in TABLE_COLUMNS)
     if "path" not in table.columns and "file" not in table.columns:
         raise UserError(f"input table {path} lists no images: it needs a path or a file column")
     paths = table["path"] if "path" in table.columns else table["file"]
     names = table["file"] if "file" in table.columns else table["path"]
-    rows = []
+    known = {column: pd.to_numeric(table[column], errors="coerce") for column in ("age", "gender", "race") if column in table.columns}
     for position, (image, name) in enumerate(zip(paths, names)):
         if not isinstance(image, str) or not image:
             continue
         full = image if os.path.isabs(image) else str(path.parent / image)
-        row = {"file": display_name(str(name)), "path": full, "relative": str(name)}
-        for column in ("age", "gender", "race"):
-            if column in table.columns:
-                row[column] = pd.to_numeric(table[column].iloc[position], errors="coerce")
-        rows.append(row)
-    return rows
+        yield {"file": display_name(str(name)), "path": full, "relative": str(name), **{c: values.iloc[position] for c, values in known.items()}}
+
+
+TABLE_COLUMNS = {"path", "file", "age", "gender", "race"}
 
 
 def unusable_ages(ages: pd.Series) -> pd.Series:

@@ -24,6 +24,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 import cv2
 import numpy as np
@@ -418,39 +419,58 @@ def valid_cache_row(row: dict, shape: tuple[int, int]) -> bool:
     return described > 0 or isinstance(problem, str)
 
 
+class DescriptorCache:
+    """The descriptions of images made with one set of settings, in a journal keyed by each file's
+    content hash (a journal the caller claimed through its OutputGuard): an image is described once
+    however many stages, runs or copies of it there are, and an interrupted run continues where it
+    stopped. The journal is discarded when the settings change; a cached row that is not a valid
+    description for them (valid_cache_row) counts as not described. Only the hashes are held in
+    memory, never the descriptions."""
+
+    def __init__(self, cache_path: str | os.PathLike, settings: DescriptorSettings):
+        require_dlib()  # fail with one line before starting workers
+        age_model = age_network_files().model.name if settings.age_network else None
+        fingerprinted = asdict(settings)
+        if fingerprinted["face_descriptor"] == "every_view":
+            del fingerprinted["face_descriptor"]  # the setting's default describes as before it existed: caches stay valid
+        shape = descriptor_shape(settings)
+        self.settings, self.path = settings, cache_path
+        self.journal = Journal(cache_path, config_fingerprint(fingerprinted, LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model, CACHE_FORMAT),
+                               accept=lambda row: valid_cache_row(row, shape))
+
+    def has(self, digest: str) -> bool:
+        return digest in self.journal.done
+
+    def describe(self, todo: Iterable[tuple[str, str]], count: int, engine: Engine, max_pixels: int, max_file_bytes: int) -> None:
+        """Describe the files of `todo` ((content hash, path) pairs, `count` of them) into the cache."""
+        if not count:
+            return
+        log.info("describing %d images (others found in %s)", count, self.path)
+        with self.journal:
+            for key, row in parallel_map(_describe_task, todo, engine, state=(FaceDescriber(self.settings), (max_pixels, max_file_bytes)),
+                                         chunksize=8, progress=progress_bar(count, "describing faces"),
+                                         on_failure=lambda task, reason: (task[0], cache_row(ImageFaces(None, [], f"failed: {reason}")))):
+                self.journal.record(key, row)
+
+    def images(self, digests: list[str | None]) -> list[ImageFaces]:
+        """The description of each content hash, in order (None: a file that could not be read)."""
+        found = self.journal.records(d for d in digests if d)
+        unreadable = ImageFaces(None, [], "unreadable: not a readable regular file, or over the size limit")
+        return [from_cache_row(found[d]) if d in found else unreadable for d in digests]
+
+
 def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: str | os.PathLike, engine: Engine,
                    max_pixels: int, max_file_bytes: int) -> list[ImageFaces]:
-    """The faces of each of `paths`, described, in order (face_features.ImageFaces).
-
-    Each file is identified by its content hash: a result in the cache at `cache_path` (a journal the
-    caller claimed through its OutputGuard) is reused, so copies and re-runs cost nothing, and an
-    interrupted run continues where it stopped. The cache is discarded when the settings change; a
-    cached row that is not a valid description for them (valid_cache_row) is described again.
-    """
-    require_dlib()  # fail with one line before starting workers
-    age_model = age_network_files().model.name if settings.age_network else None
+    """The faces of each of `paths`, described, in order (face_features.ImageFaces), through the
+    DescriptorCache at `cache_path`."""
+    cache = DescriptorCache(cache_path, settings)
     hashes = [content_hash(p, max_file_bytes) for p in paths]
-    fingerprinted = asdict(settings)
-    if fingerprinted["face_descriptor"] == "every_view":
-        del fingerprinted["face_descriptor"]  # the setting's default describes as before it existed: caches stay valid
-    cache = Journal(cache_path, config_fingerprint(fingerprinted, LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model, CACHE_FORMAT))
-    shape = descriptor_shape(settings)
-    unique = sorted({h for h in hashes if h})
-    cached = {key: row for key, row in cache.records(unique).items() if valid_cache_row(row, shape)}
     todo = {}
     for digest, path in zip(hashes, paths):
-        if digest and digest not in cached:
+        if digest and not cache.has(digest):
             todo.setdefault(digest, path)
-    if todo:
-        log.info("describing %d images (%d found in %s)", len(todo), len(unique) - len(todo), cache_path)
-    with cache:
-        for key, row in () if not todo else parallel_map(_describe_task, list(todo.items()), engine, state=(FaceDescriber(settings), (max_pixels, max_file_bytes)),
-                                     chunksize=8, progress=progress_bar(len(todo), "describing faces"),
-                                     on_failure=lambda task, reason: (task[0], cache_row(ImageFaces(None, [], f"failed: {reason}")))):
-            cache.record(key, row)
-            cached[key] = row
-    unreadable = ImageFaces(None, [], "unreadable: not a readable regular file, or over the size limit")
-    return [from_cache_row(cached[digest]) if digest in cached else unreadable for digest in hashes]
+    cache.describe(todo.items(), len(todo), engine, max_pixels, max_file_bytes)
+    return cache.images(hashes)
 
 
 CACHE_FORMAT = 2  # the layout of a cache row: a row per image holding its faces

@@ -235,6 +235,8 @@ class PredictConfig(Common):
     """A row for every face found, not only the largest."""
     batch_size: Bounded(int, 1, 4096)
     """Faces predicted at once."""
+    images_per_chunk: Bounded(int, 1, 1_000_000)
+    """Images read back, predicted and written at a time: memory depends on this, not on the input's size."""
     flip_test_time_augmentation: bool
     """Average the image's and its mirror image's predictions."""
     prior_csv: WorkspacePath | None

@@ -21,18 +21,21 @@ Faces are described once and cached by content (`descriptor_cache`, shared with 
 from __future__ import annotations
 
 import logging
+import tempfile
+from dataclasses import dataclass, field
+
 import numpy as np
 import pandas as pd
 
-from age_estimates import answers, correct_prior, evaluate, population_shares, tempered
+from age_estimates import Answers, answers, correct_prior, evaluate_answers, population_shares, tempered
 from backbones import BOX_COLUMNS, saved_backbone
 from cli import run_script, setup_logging
 from config import load_config
 from model_configs import PredictConfig
-from dataset import labelled_images
+from dataset import iter_labelled_images
 from model_files import ModelMetadata, read_model_metadata
 from outputs import OutputGuard
-from writes import write_csv, write_run_record
+from writes import atomic_write, record_written, write_run_record
 from parallel import Engine
 
 log = logging.getLogger("agepipe.predict")
@@ -45,34 +48,63 @@ def main(args) -> None:
         output_csv = guard.file(config.output_csv, "output_csv")
         cache = guard.journal(config.descriptor_cache, "descriptor_cache")
         metadata = read_model_metadata(config.model_path)
-        images = labelled_images(config.inputs, config.labels_csv, config.age_range)
+        images = iter_labelled_images(config.inputs, config.labels_csv, config.age_range)
         backbone = saved_backbone(metadata)
-        rows = backbone.prepare(images, Engine.of(config), cache, all_faces=config.row_per_face)  # before TensorFlow: the pool forks
-        table, years = predicted(rows, backbone, metadata, config)
-        write_csv(table, output_csv)
+        with tempfile.TemporaryFile("w+", encoding="utf-8", dir=output_csv.parent) as spool:  # nameless: nothing to clash or leave behind
+            chunks = backbone.prepare_batches(images, Engine.of(config), cache, spool, config.images_per_chunk,
+                                              all_faces=config.row_per_face)  # describes every image before TensorFlow: the pool forks
+            tally = write_predictions(chunks, backbone, metadata, config, output_csv)
         write_run_record({"predict": config, "model": metadata.config}, output_csv)
-    answered = table["age"].notna()
-    print(f"predicted {int(answered.sum())} of {len(table)} {'faces' if config.row_per_face else 'images'} "
-          f"({int((~answered).sum())} without an answer, each with its reason); wrote {output_csv}")
-    labelled = answered & table["true_age"].notna()
-    if labelled.any():
-        scores = evaluate(years[labelled.to_numpy()], table.loc[labelled, "true_age"], metadata.groups, metadata.max_age,
-                          rule=metadata.answer_rule, interval=metadata.interval)
-        print(f"true ages known for {int(labelled.sum())} answered rows: accuracy {scores['accuracy']:.1%}, one-off "
+    print(f"predicted {tally.answered} of {tally.rows} {'faces' if config.row_per_face else 'images'} "
+          f"({tally.rows - tally.answered} without an answer, each with its reason); wrote {output_csv}")
+    if tally.scored:
+        true_ages = np.concatenate(tally.true_ages)
+        scores = evaluate_answers(Answers.concatenate(tally.scored), true_ages, metadata.groups, metadata.max_age)
+        print(f"true ages known for {len(true_ages)} answered rows: accuracy {scores['accuracy']:.1%}, one-off "
               f"{scores['one_off_accuracy']:.1%}, macro-F1 {scores['macro_f1']:.3f}, MAE {scores['mae_years']:.1f} years, "
               f"calibration error {scores['calibration_error']:.3f}, {metadata.interval:.0%} interval coverage {scores['interval_coverage']:.1%}")
 
 
-def predicted(rows: pd.DataFrame, backbone, metadata: ModelMetadata, config: PredictConfig) -> tuple[pd.DataFrame, np.ndarray]:
-    """The output table (the answer to each prepared face, or the reason there is none) and each row's
-    year probabilities (NaN where there is no answer)."""
-    from age_model import load_with_metadata
+@dataclass
+class Tally:
+    """What the chunks written so far add up to: rows, answered rows, and the answers whose true age
+    is known (without their per-group probabilities: a few numbers per row) with those ages."""
 
+    rows: int = 0
+    answered: int = 0
+    scored: list = field(default_factory=list)
+    true_ages: list = field(default_factory=list)
+
+
+def write_predictions(chunks, backbone, metadata: ModelMetadata, config: PredictConfig, output_csv) -> Tally:
+    """Predict each chunk of prepared rows and append it to the output CSV (written atomically). The
+    model is loaded, and TensorFlow imported, only when a chunk has a face to predict."""
+    tally, model = Tally(), None
+    with atomic_write(output_csv, newline="", encoding="utf-8") as out:
+        for rows in chunks:
+            if model is None and rows["inputs"].notna().any():
+                from age_model import load_with_metadata
+
+                model = load_with_metadata(config.model_path)[0]
+            table, answer = predicted(rows, backbone, metadata, config, model)
+            table.to_csv(out, header=tally.rows == 0, index=False)
+            answered = table["age"].notna().to_numpy()
+            labelled = answered & table["true_age"].notna().to_numpy()
+            tally.rows, tally.answered = tally.rows + len(table), tally.answered + int(answered.sum())
+            if labelled.any():
+                tally.scored.append(answer.take(labelled, probabilities=False))
+                tally.true_ages.append(table.loc[labelled, "true_age"].to_numpy(float))
+    record_written(output_csv)
+    return tally
+
+
+def predicted(rows: pd.DataFrame, backbone, metadata: ModelMetadata, config: PredictConfig, model) -> tuple[pd.DataFrame, Answers]:
+    """The output table (the answer to each prepared face, or the reason there is none) and the
+    answers read from each row's distribution over years (a flat one where there is no answer)."""
     groups, max_age = metadata.groups, metadata.max_age
     usable = rows["inputs"].notna().to_numpy()
     years = np.full((len(rows), max_age + 1), np.nan)
     if usable.any():
-        model, _ = load_with_metadata(config.model_path)
         years[usable] = tempered(backbone.predict(model, rows[usable], config.flip_test_time_augmentation, config.batch_size), metadata.temperature)
     finite = np.isfinite(years).all(axis=1)
     reasons = np.array(rows["problem"].where(~usable, None), dtype=object)
@@ -89,7 +121,7 @@ def predicted(rows: pd.DataFrame, backbone, metadata: ModelMetadata, config: Pre
         table[f"p_{label}"] = np.where(finite, np.round(answer.group_probabilities[:, index], 4), np.nan)
     table["true_age"] = rows["age"].astype("Int64") if "age" in rows else pd.array([pd.NA] * len(rows), "Int64")
     table["reason"] = reasons
-    return table, years
+    return table, answer
 
 
 if __name__ == "__main__":

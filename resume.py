@@ -13,7 +13,7 @@ import re
 import stat
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from errors import UserError
 from writes import atomic_write
@@ -32,14 +32,16 @@ class Journal:
     file whose first line is not a journal's is never touched: OutputGuard.journal refuses it). Each
     later line is one finished item (a flat row plus its key), flushed at least every FLUSH_SECONDS: a
     crash loses at most the last second of work. A torn last line is cut off when the journal is next
-    opened, and a damaged line elsewhere is skipped, so its item is done again. Only the keys are held
-    in memory; rows are read back by `records` and `rows`.
+    opened, and a damaged line elsewhere is skipped, so its item is done again, as is a row that
+    `accept` (when given) refuses. Only the keys are held in memory, each with where its last row
+    starts in the file (`done`): rows are read back by `records` and `rows`, one seek each.
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: str):
+    def __init__(self, path: str | os.PathLike, fingerprint: str, accept: Callable[[dict], bool] | None = None):
         self.path = Path(path)
         self.fingerprint = fingerprint
-        self.done: set[str] = set()
+        self.accept = accept
+        self.done: dict[str, int] = {}  # key -> byte offset of its last accepted row
         self._file = None
         if self.path.exists():
             self._load()
@@ -69,27 +71,26 @@ class Journal:
             self.path.unlink()
             return
         with open(self.path, "rb") as f:
-            f.readline()
-            good_end = f.tell()
+            good_end = len(f.readline())
             for line in f:
                 parsed = _parsed(line)
-                if parsed is not None:
-                    self.done.add(parsed[0])
-                    good_end = f.tell()
-                elif not line.endswith(b"\n"):
+                if parsed is None and not line.endswith(b"\n"):
                     break  # the torn last line of an interrupted write
-                else:
-                    good_end = f.tell()  # a damaged line: skipped, its item is done again
+                if parsed is not None and (self.accept is None or self.accept(parsed[1])):
+                    self.done[parsed[0]] = good_end
+                elif parsed is not None:
+                    self.done.pop(parsed[0], None)  # a later refused row: the item is done again
+                good_end += len(line)  # a damaged line is skipped: its item is done again
         if good_end < self.path.stat().st_size:
             os.truncate(self.path, good_end)
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.path.exists()
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab")
         self._flushed = time.monotonic()
         if fresh:
-            self._file.write(self._header_line())
+            self._file.write(self._header_line().encode())
             self._file.flush()
         return self
 
@@ -97,8 +98,8 @@ class Journal:
         return json.dumps({"written_by": "agepipe", "fingerprint": self.fingerprint}) + "\n"
 
     def record(self, key: str, row: dict) -> None:
-        self._file.write(json_line(row, key))
-        self.done.add(key)
+        self.done[key] = self._file.tell()
+        self._file.write(json_line(row, key).encode())
         now = time.monotonic()
         if now - self._flushed > FLUSH_SECONDS:  # bounds what a crash can lose without a syscall per row
             self._file.flush()
@@ -106,22 +107,28 @@ class Journal:
 
     def __exit__(self, exc_type, exc, tb):
         self._file.close()
+        self._file = None
 
     def forget(self, keys: Iterable[str]) -> None:
         """Treat these items as not done (their rows stay until a later record replaces them)."""
-        self.done -= set(keys)
+        for key in keys:
+            self.done.pop(key, None)
 
     def records(self, keys: Iterable[str]) -> dict[str, dict]:
-        """The last recorded row of each of `keys` that the journal holds, read one line at a time."""
-        wanted, found = set(keys), {}
-        if not self.path.exists():
+        """The last recorded row of each of `keys` that is done, one seek and one line each."""
+        offsets = {key: self.done[key] for key in keys if key in self.done}
+        if self._file is not None:
+            self._file.flush()
+        found = {}
+        if not offsets:
             return found
         with open(self.path, "rb") as f:
-            f.readline()
-            for line in f:
-                parsed = _parsed(line)
-                if parsed is not None and parsed[0] in wanted:
-                    found[parsed[0]] = parsed[1]
+            for key, offset in sorted(offsets.items(), key=lambda item: item[1]):
+                f.seek(offset)
+                parsed = _parsed(f.readline())
+                if parsed is None or parsed[0] != key:
+                    raise UserError(f"{self.path} changed while this run used it: delete it and re-run")
+                found[key] = parsed[1]
         return found
 
     def rows(self, keys: list[str], compact: bool = True):
@@ -139,10 +146,13 @@ class Journal:
 
     def compact(self, found: dict[str, dict]) -> None:
         """Rewrite the journal with only these rows (drops results of files no longer present)."""
-        with atomic_write(self.path, encoding="utf-8") as f:
-            f.write(self._header_line())
+        offsets = {}
+        with atomic_write(self.path, "wb") as f:
+            f.write(self._header_line().encode())
             for key, row in found.items():
-                f.write(json_line(row, key))
+                offsets[key] = f.tell()
+                f.write(json_line(row, key).encode())
+        self.done = offsets
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):

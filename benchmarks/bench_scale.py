@@ -1,12 +1,17 @@
-"""Benchmark how exploration scales with the number of files.
+"""Benchmark how the data stages scale with the number of files: time and peak memory.
 
     python benchmarks/bench_scale.py [--sizes 3000 30000 300000] [--hashes 1000000] [--workers 0]
+                                     [--model models/age_group_classifier/model.keras]
 
 1. For each size N: a synthetic dataset of N small JPEG files (distinct pixels: a face from the
    built-in sample, shifted and tinted per file), then the whole explore_images.py over it in a
    subprocess: images/s, near-duplicate search seconds (from a separate timing on its CSV) and peak
    memory of the main process and of its largest worker; then the same run through a Dask
-   LocalCluster of as many single-threaded workers (`scheduler` set to its address).
+   LocalCluster of as many single-threaded workers (`scheduler` set to its address); then
+   process_images.py on that exploration, and predict_age.py on the folder with --model (skipped
+   when there is none). Prediction's descriptor cache is filled first (fill_cache): describing
+   300,000 faces would take hours, and what prediction holds in memory does not depend on the
+   numbers a description holds.
 2. Near-duplicate search alone: `find_duplicates` on --hashes random 256-bit perceptual hashes (what
    `hash_side: 16` gives) with a few hundred planted pairs within the configured `max_hash_distance`;
    reports seconds, peak memory and how many planted pairs were found. It runs last: a child process
@@ -32,7 +37,11 @@ sys.path.insert(0, str(PROJECT))
 from config_models import Duplicates  # noqa: E402
 from duplicates import find_duplicates  # noqa: E402
 from image_reader import load_explore_config  # noqa: E402
-from runs import explore_run  # noqa: E402
+from backbones import saved_backbone  # noqa: E402
+from face_features import MAX_FILE_BYTES, MAX_PIXELS, DescriptorCache, content_hash, describe_files  # noqa: E402
+from model_files import read_model_metadata  # noqa: E402
+from parallel import Engine  # noqa: E402
+from runs import explore_run, measured_run  # noqa: E402
 
 
 
@@ -64,9 +73,12 @@ def near_duplicate_benchmark(count: int, rule: Duplicates) -> None:
           f"(<= {max_distance} bits) grouped, {int(result['duplicate_group'].notna().sum())} files in groups, peak memory {peak:.0f} MB")
 
 
+TEMPLATES = 50  # file i of make_dataset's datasets is template i % TEMPLATES, tinted and shifted
+
+
 def make_dataset(folder: Path, count: int, seed: int = 0) -> None:
     """`count` distinct small JPEG faces with UTKFace names, written in a few seconds per 10,000."""
-    faces = sorted((PROJECT / "sample_dataset").glob("*.chip.jpg"))[:50]
+    faces = sorted((PROJECT / "sample_dataset").glob("*.chip.jpg"))[:TEMPLATES]
     if not faces:
         sys.exit("run make_sample_dataset.py first (the faces of the built-in sample are the templates)")
     templates = [cv2.resize(cv2.imread(str(f)), (96, 96), interpolation=cv2.INTER_AREA) for f in faces]
@@ -91,12 +103,52 @@ def explore_benchmark(folder: Path, out: Path, workers: int, rule: Duplicates, s
     return {**stats, "search_seconds": time.perf_counter() - start}
 
 
+def dataset_files(folder: Path) -> list[Path]:
+    """make_dataset's files, in the order it made them."""
+    return sorted(folder.glob("part*/*.jpg"), key=lambda path: int(path.name.split("_")[3].split(".")[0]))
+
+
+def fill_cache(folder: Path, cache: Path, model: Path, workers: int) -> None:
+    """Describe the first TEMPLATES files for real with `model`'s settings, and give every other file
+    its template's description under its own content hash."""
+    settings = saved_backbone(read_model_metadata(model)).descriptor
+    files = dataset_files(folder)
+    templates = [str(f) for f in files[:TEMPLATES]]
+    describe_files(templates, settings, cache, Engine(workers), MAX_PIXELS, MAX_FILE_BYTES)
+    cached = DescriptorCache(cache, settings)
+    keys = [content_hash(f, MAX_FILE_BYTES) for f in templates]
+    found = cached.journal.records(keys)
+    rows = [found[key] for key in keys]
+    with cached.journal:
+        for index, path in enumerate(files[TEMPLATES:], TEMPLATES):
+            cached.journal.record(content_hash(str(path), MAX_FILE_BYTES), rows[index % TEMPLATES])
+
+
+def stage_benchmarks(folder: Path, explored: Path, out: Path, model: Path | None, workers: int) -> str:
+    """process_images.py on the exploration in `explored`, and predict_age.py on `folder` with `model`:
+    their line of the report."""
+    processed = measured_run("process_images.py", f"input_csv={explored}/m.csv", f"output_dir={out}/processed",
+                             f"output_csv={out}/processed.csv", f"num_workers={workers}", "log_level=WARNING")
+    line = f"process {processed['seconds']:6.0f} s, peak memory main {processed['main_mb']:.0f} MB, largest worker {processed['worker_mb']:.0f} MB"
+    if model is None:
+        return line
+    fill_cache(folder, out / "descriptors.jsonl", model, workers)
+    predicted = measured_run("predict_age.py", f"inputs=[{folder}]", f"model_path={model}", f"descriptor_cache={out}/descriptors.jsonl",
+                             f"output_csv={out}/p.csv", f"num_workers={workers}", "log_level=WARNING")
+    return line + f"; predict (descriptors cached) {predicted['seconds']:6.0f} s, peak memory {predicted['main_mb']:.0f} MB"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[3000, 30000, 300000])
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
+    parser.add_argument("--model", type=Path, default=PROJECT / "models/age_group_classifier/model.keras",
+                        help="the model prediction runs with (make pipeline trains this one)")
     args = parser.parse_args()
+    model = args.model if args.model.is_file() else None
+    if model is None:
+        print(f"no model at {args.model}: prediction is not measured")
     from distributed import LocalCluster
 
     from parallel import resolve_workers
@@ -116,6 +168,7 @@ def main():
                   f"(Dask LocalCluster of {workers}: {on_dask['files'] / on_dask['seconds']:5.0f} img/s); "
                   f"near-duplicate search {stats['search_seconds']:5.1f} s; peak memory main {stats['main_mb']:.0f} MB, "
                   f"largest worker {stats['worker_mb']:.0f} MB", flush=True)
+            print(f"N = {size:>7,}: " + stage_benchmarks(folder, Path(tmp) / f"out{size}", Path(tmp) / f"stages{size}", model, workers), flush=True)
             subprocess.run(["rm", "-rf", str(folder)], check=True)
     if args.hashes:
         near_duplicate_benchmark(args.hashes, rule)

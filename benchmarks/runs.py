@@ -1,5 +1,6 @@
 """The project's scripts run as a user runs them, in a subprocess: `run` and `script` stop the benchmark
-with the failing command's error; `explore_run` also measures the exploration's wall time and peak memory."""
+with the failing command's error; `measured_run` also measures a script's wall time and peak memory,
+and `explore_run` explores a folder that way."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 # report the benchmark's own size.
 CHILD = """
 import re, resource, runpy, sys, json
-sys.argv = ["explore_images.py"] + sys.argv[1:]
 sys.path.insert(0, ".")
-runpy.run_path("explore_images.py", run_name="__main__")
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
 with open("/proc/self/status") as status:
     main_kb = int(re.search(r"VmHWM:\\s*(\\d+)", status.read()).group(1))
 kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -37,17 +38,23 @@ def script(name: str, *overrides: str) -> subprocess.CompletedProcess:
     return run(sys.executable, name, *[a for o in overrides for a in ("--set", o)])
 
 
-def explore_run(dataset_dir: Path, out: Path, workers: int, scheduler: str = "local") -> dict:
-    """Explore `dataset_dir` into `out`/m.csv: files, seconds, images_per_s, main_mb and worker_mb."""
-    command = [sys.executable, "-c", CHILD, "--set", f"dataset_dir={dataset_dir}", "--set", f"output_csv={out}/m.csv",
-               "--set", f"summary_csv={out}/s.csv", "--set", f"num_workers={workers}", "--set", "log_level=WARNING",
-               "--set", f"scheduler={scheduler}"]
+def measured_run(name: str, *overrides: str) -> dict:
+    """Run one of the project's scripts with --set overrides: seconds, main_mb and worker_mb (peak
+    resident memory of the script's process and of its largest worker) and its stdout."""
+    command = [sys.executable, "-c", CHILD, name, *[a for o in overrides for a in ("--set", o)]]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
     if result.returncode:
-        sys.exit(f"explore_images.py failed:\n{result.stderr[-2000:]}")
+        sys.exit(f"{name} failed:\n{result.stderr[-2000:]}")
     elapsed = time.perf_counter() - start
-    peak = json.loads(result.stdout.split("PEAK", 1)[1])
+    output, peak = result.stdout.split("PEAK", 1)
+    return {"seconds": elapsed, **json.loads(peak), "stdout": output}
+
+
+def explore_run(dataset_dir: Path, out: Path, workers: int, scheduler: str = "local") -> dict:
+    """Explore `dataset_dir` into `out`/m.csv: files, seconds, images_per_s, main_mb and worker_mb."""
+    stats = measured_run("explore_images.py", f"dataset_dir={dataset_dir}", f"output_csv={out}/m.csv", f"summary_csv={out}/s.csv",
+                         f"num_workers={workers}", "log_level=WARNING", f"scheduler={scheduler}")
     with open(out / "m.csv") as csv:
         files = sum(1 for _ in csv) - 1
-    return {"files": files, "seconds": elapsed, "images_per_s": files / elapsed, **peak}
+    return {"files": files, "images_per_s": files / stats["seconds"], **stats}

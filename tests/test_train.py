@@ -86,6 +86,12 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     common = [f"model_path={out}/model.keras", f"inputs=[{folder}]", f"descriptor_cache={descriptor_cache}"]
     result = run("predict_age.py", *common, f"output_csv={tmp_path}/p.csv")
     rows = read_csv(tmp_path / "p.csv")
+    # read back, predicted and written 3 images at a time: the same file, the same scores, no file left behind
+    chunked = run("predict_age.py", *common, f"output_csv={tmp_path}/chunked.csv", "images_per_chunk=3")
+    assert (tmp_path / "chunked.csv").read_bytes() == (tmp_path / "p.csv").read_bytes()
+    assert chunked.stdout.splitlines()[-1] == result.stdout.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file() and "csv" in p.name) == [
+        "chunked.csv", "chunked.csv.run.json", "p.csv", "p.csv.run.json"]
     assert len(rows) == 21 and rows["reason"].notna().sum() == 1 and "not an image" in rows["reason"].dropna().iloc[0]
     ok = rows[rows["reason"].isna()]
     probabilities = ok[[c for c in ok.columns if c.startswith("p_")]].to_numpy()
