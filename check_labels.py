@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -142,7 +141,7 @@ def main(args) -> None:
     with OutputGuard(inputs=[config.input_csv, config.train_config, *image_folders]) as guard:
         output = guard.file(config.output_csv, "output_csv")
         cache = guard.journal(config.descriptor_cache, "descriptor_cache")
-        with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name[:32]}.", suffix=".tmp") as scratch:
+        with guard.scratch_beside(output) as scratch:
             result = check(config, train, frame, cache, scratch)
         write_csv(result, output)
         write_run_record({"check_labels": config, "train": train}, output)

@@ -4,6 +4,7 @@ labels CSV, and reading the CSVs the stages pass to each other.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -176,7 +177,30 @@ def read_table(path, what: str, hint: str = "", **read_options) -> pd.DataFrame:
     """A CSV table given by the user; a missing, empty, unreadable or not regular file (a FIFO would
     never end) raises UserError naming it (and `hint` on what to run when it is missing), never quoting
     its contents."""
-    path = Path(path)
+    _check_table_file(Path(path), what, hint)
+    with _table_errors(Path(path), what):
+        return pd.read_csv(path, **read_options)
+
+
+def read_metadata_csv(path, what: str, hint: str = "", required=(), **read_options) -> pd.DataFrame:
+    """Read one of the pipeline's CSVs (read_table); a missing required column raises UserError."""
+    frame = read_table(path, what, hint, keep_default_na=False, na_values=[""], **read_options)
+    _check_columns(frame, path, what, required)
+    return frame
+
+
+def read_metadata_chunks(path, what: str, hint: str, required, rows: int, **read_options) -> Iterator[pd.DataFrame]:
+    """read_metadata_csv, `rows` rows at a time (each chunk indexed from 0): memory depends on `rows`,
+    not on the table's length. Give `dtype` for every column whose type must not depend on the rows
+    a chunk happens to hold."""
+    _check_table_file(Path(path), what, hint)
+    with _table_errors(Path(path), what), pd.read_csv(path, chunksize=rows, keep_default_na=False, na_values=[""], **read_options) as reader:
+        for chunk in reader:
+            _check_columns(chunk, path, what, required)
+            yield chunk.reset_index(drop=True)
+
+
+def _check_table_file(path: Path, what: str, hint: str) -> None:
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise UserError(f"{what} {path} is not a regular file")
@@ -184,8 +208,13 @@ def read_table(path, what: str, hint: str = "", **read_options) -> pd.DataFrame:
         raise UserError(f"{what} {path} not found" + (f": {hint}" if hint else "")) from None
     except OSError as exc:
         raise UserError(f"{what} {path} cannot be read ({exc.strerror})") from None
+
+
+@contextlib.contextmanager
+def _table_errors(path: Path, what: str):
+    """pandas' errors on a user's table as one-line UserErrors that never quote its contents."""
     try:
-        return pd.read_csv(path, **read_options)
+        yield
     except pd.errors.EmptyDataError:
         raise UserError(f"{what} {path} is empty") from None
     except UnicodeDecodeError:
@@ -194,13 +223,10 @@ def read_table(path, what: str, hint: str = "", **read_options) -> pd.DataFrame:
         raise UserError(f"{what} {path} is not a table pandas can read ({(str(exc).splitlines() or [''])[0][:120]})") from None
 
 
-def read_metadata_csv(path, what: str, hint: str = "", required=(), **read_options) -> pd.DataFrame:
-    """Read one of the pipeline's CSVs (read_table); a missing required column raises UserError."""
-    frame = read_table(path, what, hint, keep_default_na=False, na_values=[""], **read_options)
+def _check_columns(frame: pd.DataFrame, path, what: str, required) -> None:
     missing = [column for column in required if column not in frame.columns]
     if missing:
         raise UserError(f"{what} {path} lacks column {missing[0]!r} (it has {len(frame.columns)} other columns): is it the right file?")
-    return frame
 
 
 def labelled_images(inputs: list[str], labels_csv: str | None, age_range: AgeRange) -> pd.DataFrame:

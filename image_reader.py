@@ -37,8 +37,8 @@ from dataset import iter_dataset
 from errors import SHOWN_CHARACTERS, ConfigError, UserError, shown
 from face_detector import detector_model_path
 from metrics import FLOAT_DECIMALS, METRICS, SIZE_COLUMNS, ReaderSettings, measure_file, measured_columns, unreadable_row
-from parallel import Engine, parallel_map
-from resume import PartStore, json_line, json_table
+from parallel import Engine
+from resume import PartStore, fill_parts, json_line, json_table
 
 log = logging.getLogger("agepipe.reader")
 
@@ -72,9 +72,8 @@ def score_column(check: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Listing and measuring, chunk by chunk
 # --------------------------------------------------------------------------------------------------
-def _measure_task(settings: ReaderSettings, task: tuple[int, int, str]) -> tuple[int, int, dict]:
-    chunk, position, path = task
-    return chunk, position, measure_file(path, settings)
+def _measure_task(settings: ReaderSettings, path: str) -> dict:
+    return measure_file(path, settings)
 
 
 def file_key(file: str, real_path: str) -> str:
@@ -191,24 +190,9 @@ def compute_images_quality_metrics(dataset: Dataset, settings: ReaderSettings, e
     reused = sum(chunk.files for chunk in chunks) - files
     if reused:
         log.info("re-using measurements of %d unchanged files", reused)
-    tasks = ([(index, position, row["_real_path"]) for position, row in enumerate(rows)]
-             for index, chunk, rows in dataset.chunk_rows() if chunk.part in missing)
-    pending: dict[int, list] = {}  # chunk index -> its rows so far
-    remaining: dict[int, int] = {}  # chunk index -> rows still to come
-    for index, position, row in parallel_map(
-        _measure_task,
-        tasks,
-        engine,
-        chunked=True,
-        state=settings,
-        progress=progress_bar(files, "measuring"),
-        on_failure=lambda task, reason: (task[0], task[1], unreadable_row(reason, settings)),
-    ):
-        pending.setdefault(index, [None] * chunks[index].files)[position] = row
-        remaining[index] = remaining.get(index, chunks[index].files) - 1
-        if not remaining[index]:
-            parts.write(chunks[index].part, pending.pop(index))
-            del remaining[index]
+    todo = ((chunk.part, [row["_real_path"] for row in rows]) for _, chunk, rows in dataset.chunk_rows() if chunk.part in missing)
+    fill_parts(parts, todo, _measure_task, engine, state=settings, progress=progress_bar(files, "measuring"),
+               on_failure=lambda path, reason: unreadable_row(reason, settings))
 
 
 # --------------------------------------------------------------------------------------------------

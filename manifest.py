@@ -108,6 +108,14 @@ class Manifest:
         """(name, digest) of the listed files another run wrote."""
         yield from self._open().execute("SELECT name, digest FROM files WHERE run IS NOT ? ORDER BY name", (run,))
 
+    def names(self) -> Iterator[str]:
+        """Every listed name, one at a time."""
+        yield from (row[0] for row in self._open().execute("SELECT name FROM files"))
+
+    def lists_name_starting(self, prefix: str) -> bool:
+        """Whether a listed name starts with `prefix` (one indexed lookup)."""
+        return self._open().execute("SELECT 1 FROM files WHERE name >= ? AND name < ? LIMIT 1", (prefix, prefix + "\U0010ffff")).fetchone() is not None
+
     def forget(self, names: Iterable[str]) -> None:
         with self.transaction() as db:
             db.executemany("DELETE FROM files WHERE name = ?", ((n,) for n in names))

@@ -22,13 +22,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable
 
 from config import PROJECT_DIR, plain
 from errors import UserError, shown
 from image_io import IMAGE_EXTENSIONS
 from manifest import Manifest, legacy_proof
-from writes import _claim, check_run_record, file_digest, remove_temporaries, run_record_path, write_bytes, write_text
+from writes import _claim, check_run_record, file_digest, remove_temporaries, run_record_path, temporary_starts, write_bytes, write_text
 
 FOLDER_LOCK = ".agepipe.lock"
 SCRATCH = "scratch"  # the name of a run's temporary working folder inside an output folder
@@ -139,10 +139,26 @@ class OutputGuard:
                             "move it away or choose another name")
         check_run_record(path)
         ensure_writable_dir(path.parent, f"the folder of {what}")
-        remove_temporaries(path.parent, [path.name, run_record_path(path).name])
+        remove_temporaries(path.parent, temporary_starts([path.name, run_record_path(path).name]))
         self.files[path.resolve()] = what
         _claim(path, folder=False)
         return path
+
+    def scratch_beside(self, path: Path) -> tempfile.TemporaryDirectory:
+        """A temporary folder beside a claimed file, named like that file's temporaries: what a killed
+        run leaves there is removed when the file is next claimed."""
+        self._require_claimed(path)
+        return tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name[:32]}.", suffix=".tmp")
+
+    def spool_beside(self, path: Path) -> IO[str]:
+        """A nameless temporary text file beside a claimed file (Linux's O_TMPFILE: it never has a name
+        that could clash with anything, and nothing is left behind)."""
+        self._require_claimed(path)
+        return tempfile.TemporaryFile("w+", encoding="utf-8", dir=path.parent)
+
+    def _require_claimed(self, path: Path) -> None:
+        if path.resolve() not in self.files:
+            raise RuntimeError(f"{path}: claim it through the output guard first")
 
     def journal(self, path: str | os.PathLike, what: str) -> Path:
         """Claim a file that proves it is agepipe's by its first line (see resume.Journal)."""
@@ -155,7 +171,7 @@ class OutputGuard:
         if path.is_symlink() or (path.exists() and not Journal.is_journal(path)):
             raise UserError(f"{what} {path} exists and is not one of agepipe's journals: move it away or choose another name")
         ensure_writable_dir(path.parent, f"the folder of {what}")
-        remove_temporaries(path.parent, [path.name])
+        remove_temporaries(path.parent, temporary_starts([path.name]))
         self.files[path.resolve()] = what
         _claim(path, folder=False)
         return path
@@ -181,6 +197,19 @@ class OutputGuard:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class ListedStarts:
+    """The first 32 characters of the names the manifest lists in one of the folder's folders (names
+    starting with `prefix`), and `also`, as a container asked one name at a time: what
+    writes.remove_temporaries matches a killed write's temporary file against, without a folder of
+    300,000 outputs costing a name each in memory."""
+
+    def __init__(self, manifest: Manifest, prefix: str, also: set[str]):
+        self.manifest, self.prefix, self.also = manifest, prefix, also
+
+    def __contains__(self, start: str) -> bool:
+        return start in self.also or (self.manifest.exists() and self.manifest.lists_name_starting(self.prefix + start))
 
 
 class OutputFolder:
@@ -212,8 +241,7 @@ class OutputFolder:
         except OSError:
             self._lock.close()
             raise UserError(f"another run is writing into {what} {path} right now; wait for it to finish") from None
-        owned = [name for name, _ in self.manifest.others("") if "/" not in name] if self.manifest.exists() else []
-        remove_temporaries(path, [SCRATCH] + owned)
+        remove_temporaries(path, self._listed_starts(path, {SCRATCH}))
 
     def scratch(self) -> tempfile.TemporaryDirectory:
         """A temporary folder inside this one for the run's working files (a killed run's is removed by
@@ -269,13 +297,13 @@ class OutputFolder:
         self.manifest.record([(name, self.written[name])], self.run)
 
     def finish(self, written: Iterable[tuple[str, str | None]] | None = None) -> int:
-        """List the files this run wrote (name, digest; by default those noted with `wrote`), then delete
-        the files earlier runs wrote here that this one did not, when they are as agepipe left them;
-        return how many were deleted."""
-        written = list(self.written.items() if written is None else written)
-        self.manifest.record(written, self.run)
+        """List the files this run wrote (name, digest; by default those noted with `wrote`; `record`
+        may have listed others already), then delete the files earlier runs wrote here that this one
+        did not, when they are as agepipe left them, and what killed writes left; return how many were
+        deleted. Nothing here holds a name per file in memory: the manifest is asked."""
+        self.manifest.record(self.written.items() if written is None else written, self.run)
         removed, gone = 0, []
-        earlier = list(self.manifest.others(self.run))
+        earlier = list(self.manifest.others(self.run))  # what this run did not write again: usually few
         for name, digest in earlier:
             target = self.path / name
             if not target.exists():
@@ -285,12 +313,13 @@ class OutputFolder:
                 gone.append(name)
                 removed += 1
         self.manifest.forget(gone)
-        folders = {}
-        for name, _ in written + earlier:
-            folders.setdefault((self.path / name).parent, []).append(Path(name).name)
-        for folder, names in folders.items():
-            removed += remove_temporaries(folder, names)
+        folders = {(self.path / name).parent for name in self.manifest.names()} | {(self.path / name).parent for name in gone}
+        for folder in folders:
+            removed += remove_temporaries(folder, self._listed_starts(folder, temporary_starts(gone)))
         return removed
+
+    def _listed_starts(self, folder: Path, also: set[str]) -> "ListedStarts":
+        return ListedStarts(self.manifest, "" if folder == self.path else f"{folder.relative_to(self.path).as_posix()}/", also)
 
     def record(self, written: Iterable[tuple[str, str | None]]) -> None:
         """List files this run wrote (the rest of the folder is left as it is)."""

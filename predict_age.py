@@ -21,7 +21,6 @@ Faces are described once and cached by content (`descriptor_cache`, shared with 
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +49,7 @@ def main(args) -> None:
         metadata = read_model_metadata(config.model_path)
         images = iter_labelled_images(config.inputs, config.labels_csv, config.age_range)
         backbone = saved_backbone(metadata)
-        with tempfile.TemporaryFile("w+", encoding="utf-8", dir=output_csv.parent) as spool:  # nameless: nothing to clash or leave behind
+        with guard.spool_beside(output_csv) as spool:
             chunks = backbone.prepare_batches(images, Engine.of(config), cache, spool, config.images_per_chunk,
                                               all_faces=config.row_per_face)  # describes every image before TensorFlow: the pool forks
             tally = write_predictions(chunks, backbone, metadata, config, output_csv)

@@ -11,8 +11,10 @@ csv/processed_metadata.csv with one row per input row:
               a duplicate or has conflicting age labels, or the file changed since exploration;
 - unreadable, unlabelled   as reported by exploration (or the file has vanished since).
 
-Originals are never modified, and the stage refuses to write into its input folder. Writes are atomic,
-and finished images are journalled: a killed run, re-run, continues where it stopped.
+Originals are never modified, and the stage refuses to write into its input folder. Writes are atomic.
+The exploration CSV is read `chunk_files` rows at a time, and each finished chunk's results go to a
+part file beside the output CSV: memory does not grow with the dataset, and a killed run, re-run,
+continues where it stopped (redoing any chunk whose outputs changed since).
 
     python process_images.py [--config configs/process_images.yaml] [--set retry.attempts=5]
 """
@@ -21,25 +23,28 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from cli import run_script, setup_logging
+from cli import progress_bar, run_script, setup_logging
 from config import config_fingerprint, load_config, validate_section
 from config_models import ExploreConfig, NeverWorse, ProcessConfig
-from dataset import read_metadata_csv
+from dataset import read_metadata_chunks
 from errors import ConfigError, UserError
 from image_io import UnreadableImage, read_image
 from image_processor import REPAIRS, ProcessStatus, encode_image, repair_order, resize_square
 from image_reader import Check, Status, exploration_keys, exploration_settings, failing_checks
 from metrics import SIZE_COLUMNS, ReaderSettings, measure_array, measured_columns
 from outputs import OutputFolder, OutputGuard, confined, run_lock
-from writes import copy_file, write_bytes, write_csv, write_run_record
+from manifest import file_digest
+from writes import atomic_write, copy_file, record_written, write_bytes, write_run_record
 from parallel import Engine
-from resume import ResumableStage
+from resume import PartStore, fill_parts, json_table
 
 log = logging.getLogger("agepipe.process")
 
@@ -194,30 +199,31 @@ def made_worse(before: dict, after: dict, limits: NeverWorse) -> list[str]:
     return problems
 
 
-def _process_task(processor: Processor, task: tuple[str, dict]) -> tuple[str, dict]:
-    key, row = task
+def _process_task(processor: Processor, row: dict) -> dict:
     result = processor(row)
     after = result.pop("after") or {}
-    return key, {**result, **{f"after_{k}": v for k, v in after.items()}}
+    return {**result, **{f"after_{k}": v for k, v in after.items()}}
 
 
-def failed_row(task: tuple[str, dict], reason: str) -> tuple[str, dict]:
+def failed_row(row: dict, reason: str) -> dict:
     """The result of an image whose worker timed out or died: rejected, with the reason."""
-    return task[0], {"status": ProcessStatus.REJECTED, "reason": f"processing failed: {reason}", "operations": None, "attempts": 0,
-                     "output_file": None, "output_digest": None, "failed_checks_after": None}
+    return {"status": ProcessStatus.REJECTED, "reason": f"processing failed: {reason}", "operations": None, "attempts": 0,
+            "output_file": None, "output_digest": None, "failed_checks_after": None}
 
 
 # --------------------------------------------------------------------------------------------------
-# The stage
+# The stage, chunk by chunk: the exploration CSV is read in passes, so memory does not grow with it
 # --------------------------------------------------------------------------------------------------
-def read_exploration_csv(path: str) -> pd.DataFrame:
-    frame = read_metadata_csv(path, "input CSV", "run explore_images.py first", REQUIRED_COLUMNS,
-                              dtype={"file": str, "path": str, "content_hash": str, "failed_checks": str})
-    nameless = frame["file"].isna() | frame["path"].isna()
-    if nameless.any():
-        raise UserError(f"input CSV {path}: row {int(nameless.to_numpy().argmax()) + 2} names no file; is it an exploration CSV?")
-    frame["failed_checks"] = frame["failed_checks"].fillna("")
-    return frame
+def exploration_chunks(path: str, rows: int) -> Iterator[pd.DataFrame]:
+    """The exploration CSV, `rows` rows at a time, as text: each value goes into the processed CSV
+    exactly as exploration wrote it, whatever else its chunk holds (empty cells are NaN)."""
+    for number, chunk in enumerate(read_metadata_chunks(path, "input CSV", "run explore_images.py first", REQUIRED_COLUMNS, rows, dtype=str)):
+        nameless = chunk["file"].isna() | chunk["path"].isna()
+        if nameless.any():
+            raise UserError(f"input CSV {path}: row {number * rows + int(nameless.to_numpy().argmax()) + 2} names no file; "
+                            "is it an exploration CSV?")
+        chunk["failed_checks"] = chunk["failed_checks"].fillna("")
+        yield chunk
 
 
 def dataset_roots(frame: pd.DataFrame) -> set[str]:
@@ -225,62 +231,102 @@ def dataset_roots(frame: pd.DataFrame) -> set[str]:
     return {path[: len(path) - len(file)] for path, file in zip(frame["path"], frame["file"])}
 
 
-def process_rows(frame: pd.DataFrame, config: ProcessConfig, explore: ExploreConfig, folder: OutputFolder, journal: Path) -> pd.DataFrame:
-    """Process every row, continuing an interrupted run from its journal, and return the results."""
-    processor = Processor(config, explore)
-    fingerprint = config_fingerprint(
-        config.model_dump(include={"repairs", "retry", "resize", "jpeg_quality"}), explore.metrics, explore.checks, str(folder.path.resolve())
-    )
-    stage = ResumableStage(folder, journal, fingerprint)
-    rows = frame.to_dict("records")
-    tasks = [(f"{r['file']}|{r['content_hash']}|{r['status']}", r) for r in rows]
-    results = stage.run(tasks, _process_task, Engine.of(config), state=processor, label="processing", chunksize=4, on_failure=failed_row)
-    return stage, results
+def part_name(parts: PartStore, frame: pd.DataFrame) -> str:
+    """The part file of a chunk: named by its rows' files, contents and statuses (and the settings)."""
+    return parts.part_name(f"{f}|{h}|{s}" for f, h, s in zip(frame["file"], frame["content_hash"], frame["status"]))
+
+
+def plan_chunks(chunks: Iterable[pd.DataFrame], folder: OutputFolder, parts: PartStore) -> list[tuple[str, int]]:
+    """Check that every output lands inside the folder and over no file of the user's, list the
+    outputs as planned, and return each chunk's part name and rows."""
+    plan = []
+    for frame in chunks:
+        candidates = frame.loc[frame["status"].isin([Status.OK, Status.LOW_QUALITY]), "file"]
+        for file in candidates:
+            folder.target(file)
+        folder.begin(candidates)
+        plan.append((part_name(parts, frame), len(frame)))
+    return plan
+
+
+def outputs_intact(parts: PartStore, name: str, folder: OutputFolder) -> bool:
+    """Whether every output a part lists is still in the folder as written: resuming trusts contents."""
+    return all(not isinstance(row.get("output_file"), str) or file_digest(folder.path / row["output_file"]) == row.get("output_digest")
+               for row in parts.rows(name))
+
+
+def process_chunks(chunks: Iterable[pd.DataFrame], plan: list[tuple[str, int]], parts: PartStore, processor: Processor,
+                   folder: OutputFolder, engine: Engine) -> None:
+    """Process the rows of every chunk whose part is missing, or lists an output gone or changed since."""
+    todo = [not parts.has(name) or not outputs_intact(parts, name, folder) for name, _ in plan]
+    rows = sum(count for (_, count), needed in zip(plan, todo) if needed)
+    if rows < sum(count for _, count in plan):
+        log.info("continuing: %d of %d rows were finished by an earlier run", sum(count for _, count in plan) - rows, sum(count for _, count in plan))
+    work = ((name, frame.to_dict("records")) for (name, _), needed, frame in zip(plan, todo, chunks) if needed)
+    fill_parts(parts, work, _process_task, engine, state=processor, chunksize=4, on_failure=failed_row,
+               progress=progress_bar(rows, "processing"))
+
+
+def write_processed(chunks: Iterable[pd.DataFrame], plan: list[tuple[str, int]], parts: PartStore, explore: ExploreConfig, folder: OutputFolder,
+                    output_csv: Path) -> Counter:
+    """Write the processed CSV chunk by chunk, list each chunk's outputs as written, and count the rows
+    per status."""
+    counts: Counter = Counter()
+    with atomic_write(output_csv, newline="", encoding="utf-8") as out:
+        for number, ((name, _), frame) in enumerate(zip(plan, chunks)):
+            results = json_table(list(parts.rows(name)))
+            if part_name(parts, frame) != name or len(results) != len(frame):
+                raise UserError("the input CSV changed while this run read it; re-run the same command")
+            output = processed_table(frame, results, explore, folder)
+            output.to_csv(out, header=number == 0, index=False)
+            written = results["output_file"].map(lambda v: isinstance(v, str)).to_numpy(bool)
+            folder.record(zip(results.loc[written, "output_file"], results.loc[written, "output_digest"]))
+            counts.update(output["status"])
+    record_written(output_csv)
+    return counts
 
 
 def main(args) -> None:
     config, explore = load_process_config(args.config, args.overrides)
     setup_logging(config.log_level)
-    frame = read_exploration_csv(config.input_csv)
-    roots = sorted(dataset_roots(frame))
+
+    def chunks() -> Iterator[pd.DataFrame]:
+        return exploration_chunks(config.input_csv, config.chunk_files)
+
+    roots = sorted(set().union(*map(dataset_roots, chunks())))
     start = time.perf_counter()
     with OutputGuard(inputs=[config.input_csv, *roots]) as guard:
         folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
         output_csv = guard.file(config.output_csv, "output_csv")
-        journal = guard.journal(output_csv.with_suffix(".journal.jsonl"), "the journal beside output_csv")
-        candidates = frame["status"].isin([Status.OK, Status.LOW_QUALITY])
-        for file in frame.loc[candidates, "file"]:
-            folder.target(file)
+        parts_folder = guard.folder(f"{output_csv}.parts", "the results beside output_csv", self_identifying=True)
+        fingerprint = config_fingerprint(config.model_dump(include={"repairs", "retry", "resize", "jpeg_quality", "never_worse"}),
+                                         explore.metrics, explore.checks, str(folder.path.resolve()))
+        parts = PartStore(parts_folder.path, fingerprint)
         with run_lock(output_csv):
-            folder.begin(frame.loc[candidates, "file"])
-            stage, results = process_rows(frame, config, explore, folder, journal)
-            output = processed_table(frame, results, explore, folder)
-            write_csv(output, output_csv)
+            plan = plan_chunks(chunks(), folder, parts)
+            process_chunks(chunks(), plan, parts, Processor(config, explore), folder, Engine.of(config))
+            counts = write_processed(chunks(), plan, parts, explore, folder, output_csv)
             write_run_record({"process": config, "explore": explore}, output_csv)
-            removed = stage.finish(results)
+            removed = folder.finish(())
+            parts.keep_only(set())  # a finished run leaves nothing to resume: a re-run processes again, as the files are now
             if removed:
                 log.info("removed %d files agepipe wrote in %s in earlier runs with other settings", removed, folder.path)
 
-    counts = output["status"].value_counts()
     elapsed = time.perf_counter() - start
-    print(
-        f"processed {len(output)} rows in {elapsed:.1f}s with {Engine.of(config).name}: "
-        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ProcessStatus)
-    )
-    print(f"wrote {int(output['path'].notna().sum())} images to {folder.path}/ and {output_csv}")
+    print(f"processed {sum(counts.values())} rows in {elapsed:.1f}s with {Engine.of(config).name}: "
+          + ", ".join(f"{counts.get(s, 0)} {s}" for s in ProcessStatus))
+    print(f"wrote {counts[ProcessStatus.KEPT] + counts[ProcessStatus.REPAIRED]} images to {folder.path}/ and {output_csv}")
 
 
 def processed_table(frame: pd.DataFrame, results: pd.DataFrame, explore: ExploreConfig, folder: OutputFolder) -> pd.DataFrame:
-    """The processed CSV: one row per exploration row, with what processing did, the metrics before and
-    (re-measured) after."""
+    """The processed CSV's rows of one chunk: one row per exploration row, with what processing did,
+    the metrics before and (re-measured) after."""
     metric_columns = SIZE_COLUMNS + measured_columns(explore.metrics)
     before = frame[metric_columns].add_prefix("before_")
-    for column in [f"after_{m}" for m in metric_columns]:
-        if column not in results.columns:
-            results[column] = np.nan
-    kept_copy = (results["status"] == ProcessStatus.KEPT) & results["operations"].isna()
-    for metric in metric_columns:  # a byte-for-byte copy measures what the original measured
-        results.loc[kept_copy, f"after_{metric}"] = frame.loc[kept_copy, metric]
+    after = pd.DataFrame({f"after_{m}": results[f"after_{m}"] if f"after_{m}" in results.columns else np.nan for m in metric_columns},
+                         index=results.index).astype(object)
+    kept_copy = ((results["status"] == ProcessStatus.KEPT) & results["operations"].isna()).to_numpy()
+    after.loc[kept_copy] = frame.loc[kept_copy, metric_columns].to_numpy()  # a byte-for-byte copy measures what the original measured
     output = pd.DataFrame(
         {
             "file": frame["file"],
@@ -299,7 +345,7 @@ def processed_table(frame: pd.DataFrame, results: pd.DataFrame, explore: Explore
             "attempts": results["attempts"].astype("Int64"),
         }
     )
-    return pd.concat([output, before, results[[f"after_{m}" for m in metric_columns]]], axis=1)
+    return pd.concat([output, before, after], axis=1)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ def json_table(rows: list[dict]):
     import pandas as pd
 
     columns = {}
-    for name in rows[0] if rows else []:
+    for name in dict.fromkeys(name for row in rows for name in row):  # every row's keys: a row may lack some
         values = [row.get(name) for row in rows]
         kinds = {type(v) for v in values if v is not None}
         if kinds == {int}:
@@ -251,6 +251,38 @@ class PartStore:
                 return json.loads(f.readline()).get("part")
         except (OSError, ValueError, AttributeError):
             return None
+
+
+def fill_parts(parts: PartStore, chunks: Iterable[tuple[str, list]], func, engine, *, state, progress, on_failure, chunksize: int = 64) -> None:
+    """Run func(state, item) on every item of each chunk ((its part's name, its items)) in parallel
+    (parallel.parallel_map), and write each chunk's results, in item order, to its part as soon as
+    its last item is done: memory holds the chunks in flight, and an interrupted run loses only
+    them. An item whose worker failed gets on_failure(item, reason)."""
+    from parallel import parallel_map
+
+    names: dict[int, str] = {}
+    pending: dict[int, list] = {}  # chunk index -> its results so far
+    remaining: dict[int, int] = {}  # chunk index -> results still to come
+
+    def tagged() -> Iterator[list]:
+        for index, (name, items) in enumerate(chunks):
+            names[index], pending[index], remaining[index] = name, [None] * len(items), len(items)
+            yield [(index, position, item) for position, item in enumerate(items)]
+
+    for index, position, result in parallel_map(_tagged_task, tagged(), engine, chunked=True, state=(func, state), chunksize=chunksize,
+                                                progress=progress,
+                                                on_failure=lambda task, reason: (task[0], task[1], on_failure(task[2], reason))):
+        pending[index][position] = result
+        remaining[index] -= 1
+        if not remaining[index]:
+            parts.write(names.pop(index), pending.pop(index))
+            del remaining[index]
+
+
+def _tagged_task(state: tuple, task: tuple) -> tuple:
+    func, inner = state
+    index, position, item = task
+    return index, position, func(inner, item)
 
 
 def _json_default(value):

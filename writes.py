@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Container, Iterable
 
 from config import plain
 from errors import UserError
@@ -51,10 +51,10 @@ def is_claimed(path: str | os.PathLike) -> bool:
     return str(resolved) in _claimed_files or any(str(parent) in _claimed_folders for parent in resolved.parents)
 
 
-def remove_temporaries(folder: Path, names: Iterable[str]) -> int:
-    """Delete the temporary files (and folders) a killed run left in `folder` for the targets `names`:
-    their names are "." + a target's first 32 characters + "." + 8 random characters + ".tmp"."""
-    starts = {name[:32] for name in names}
+def remove_temporaries(folder: Path, starts: Container[str]) -> int:
+    """Delete the temporary files (and folders) a killed run left in `folder` for the targets whose
+    first 32 characters are in `starts` (temporary_starts, or outputs.ListedStarts): their names are
+    "." + a target's first 32 characters + "." + 8 random characters + ".tmp"."""
     removed = 0
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
@@ -63,6 +63,11 @@ def remove_temporaries(folder: Path, names: Iterable[str]) -> int:
                 shutil.rmtree(entry.path) if entry.is_dir() else os.unlink(entry.path)
                 removed += 1
     return removed
+
+
+def temporary_starts(names: Iterable[str]) -> set[str]:
+    """What remove_temporaries matches the temporary files of these targets by."""
+    return {name[:32] for name in names}
 
 
 def current_umask() -> int:

@@ -143,6 +143,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="*", default=[3000, 30000, 300000])
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
+    parser.add_argument("--no-dask", action="store_true", help="skip the exploration through a Dask LocalCluster")
     parser.add_argument("--model", type=Path, default=PROJECT / "models/age_group_classifier/model.keras",
                         help="the model prediction runs with (make pipeline trains this one)")
     args = parser.parse_args()
@@ -163,10 +164,10 @@ def main():
             make_dataset(folder, size)
             made = time.perf_counter() - start
             stats = explore_benchmark(folder, Path(tmp) / f"out{size}", workers, rule)
-            on_dask = explore_benchmark(folder, Path(tmp) / f"dask{size}", workers, rule, cluster.scheduler_address)
-            print(f"N = {size:>7,}: made in {made:5.0f} s; explore {stats['seconds']:7.1f} s = {stats['files'] / stats['seconds']:5.0f} img/s "
-                  f"(Dask LocalCluster of {workers}: {on_dask['files'] / on_dask['seconds']:5.0f} img/s); "
-                  f"near-duplicate search {stats['search_seconds']:5.1f} s; peak memory main {stats['main_mb']:.0f} MB, "
+            dask = "" if args.no_dask else explore_benchmark(folder, Path(tmp) / f"dask{size}", workers, rule, cluster.scheduler_address)
+            print(f"N = {size:>7,}: made in {made:5.0f} s; explore {stats['seconds']:7.1f} s = {stats['files'] / stats['seconds']:5.0f} img/s"
+                  + (f" (Dask LocalCluster of {workers}: {dask['files'] / dask['seconds']:5.0f} img/s); " if dask else "; ")
+                  + f"near-duplicate search {stats['search_seconds']:5.1f} s; peak memory main {stats['main_mb']:.0f} MB, "
                   f"largest worker {stats['worker_mb']:.0f} MB", flush=True)
             print(f"N = {size:>7,}: " + stage_benchmarks(folder, Path(tmp) / f"out{size}", Path(tmp) / f"stages{size}", model, workers), flush=True)
             subprocess.run(["rm", "-rf", str(folder)], check=True)

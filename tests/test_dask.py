@@ -64,7 +64,7 @@ def test_explore_and_process_on_dask_give_the_local_rows_despite_a_killed_worker
 
     run("process_images.py", f"input_csv={local}/m.csv", f"output_dir={local}/out", f"output_csv={local}/p.csv")
     run_and_kill_a_worker("process_images.py", [f"input_csv={remote}/m.csv", f"output_dir={remote}/out", f"output_csv={remote}/p.csv",
-                                                *engine], remote / "p.journal.jsonl", client)
+                                                *engine], remote / "p.csv.parts", client)
     # the same rows, each naming its own run's folder
     mine, theirs = (read_csv(folder / "p.csv").map(lambda v, run=str(folder): v.replace(run, "<run>") if isinstance(v, str) else v)
                     for folder in (local, remote))

@@ -120,9 +120,9 @@ def test_unknown_repair_operation_names_the_key(explored, tmp_path):
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(explored, processed, tmp_path):
     out = tmp_path / "killed"
     kill_part_way("process_images.py", [f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={out}/images",
-                                         f"output_csv={out}/processed.csv", "num_workers=1"], out / "processed.journal.jsonl", lines=120)
+                                         f"output_csv={out}/processed.csv", "num_workers=1", "chunk_files=20"], out / "processed.csv.parts", lines=120)
     assert not (out / "processed.csv").exists()
-    resumed = process(explored / "image_metadata.csv", out)
+    resumed = process(explored / "image_metadata.csv", out, "chunk_files=20")
     assert "were finished by an earlier run" in resumed.stderr
     whole = read_csv(processed / "processed.csv")
     again = read_csv(out / "processed.csv")

@@ -93,9 +93,9 @@ def test_a_tampered_csv_cannot_make_a_stage_write_outside_its_folder(faces, tmp_
 def test_resume_redoes_outputs_deleted_since_the_journal_recorded_them(explored, tmp_path):
     out = tmp_path / "killed"
     kill_part_way("process_images.py", [f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={out}/images",
-                                         f"output_csv={out}/processed.csv", "num_workers=1"], out / "processed.journal.jsonl", lines=100)
+                                         f"output_csv={out}/processed.csv", "num_workers=1", "chunk_files=20"], out / "processed.csv.parts", lines=100)
     shutil.rmtree(out / "images")
-    process(explored / "image_metadata.csv", out)
+    process(explored / "image_metadata.csv", out, "chunk_files=20")
     rows = read_csv(out / "processed.csv")
     written = rows["path"].dropna()
     assert len(written) > 500 and all(os.path.isfile(p) for p in written)
@@ -250,11 +250,11 @@ def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):
 def test_resume_redoes_an_output_changed_since_the_journal_recorded_it(explored, tmp_path):
     out = tmp_path / "killed"
     kill_part_way("process_images.py", [f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={out}/images",
-                                         f"output_csv={out}/processed.csv", "num_workers=1"], out / "processed.journal.jsonl", lines=60)
+                                         f"output_csv={out}/processed.csv", "num_workers=1", "chunk_files=20"], out / "processed.csv.parts", lines=60)
     victim = sorted((out / "images").glob("*.jpg"))[0]
     original_size = victim.stat().st_size
     victim.write_bytes(b"truncated by a crash")
-    process(explored / "image_metadata.csv", out)
+    process(explored / "image_metadata.csv", out, "chunk_files=20")
     assert victim.stat().st_size == original_size and cv2.imread(str(victim)) is not None
 
 
@@ -294,13 +294,13 @@ def test_a_phone_photo_is_measured_the_way_it_is_shown(tmp_path):
 def test_resume_trusts_contents_not_sizes(explored, tmp_path):
     out = tmp_path / "killed"
     kill_part_way("process_images.py", [f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={out}/images",
-                                         f"output_csv={out}/processed.csv", "num_workers=1"], out / "processed.journal.jsonl", lines=60)
+                                         f"output_csv={out}/processed.csv", "num_workers=1", "chunk_files=20"], out / "processed.csv.parts", lines=60)
     victim = sorted((out / "images").glob("*.jpg"))[0]
     original = victim.read_bytes()
     edited = bytearray(original)
     edited[len(edited) // 2] ^= 0xFF  # the same size, other content
     victim.write_bytes(bytes(edited))
-    process(explored / "image_metadata.csv", out)
+    process(explored / "image_metadata.csv", out, "chunk_files=20")
     assert victim.read_bytes() == original
 
 

@@ -132,6 +132,21 @@ def test_a_damaged_journal_line_is_done_again_and_a_stranger_is_never_a_journal(
     assert notes.read_text() == "my notes\n"
 
 
+def test_journal_refuses_rows_its_rule_rejects_and_reads_each_key_by_one_seek(tmp_path):
+    path = tmp_path / "j.jsonl"
+    with Journal(path, "fp1") as journal:
+        journal.record("a", {"x": 1})
+        journal.record("b", {"x": -1})  # what a damaged cache row looks like to the rule below
+        journal.record("a", {"x": 3})  # the last row of a key wins
+    checked = Journal(path, "fp1", accept=lambda row: row["x"] > 0)
+    assert set(checked.done) == {"a"} and checked.records(["a", "b"]) == {"a": {"x": 3}}
+    with checked:
+        checked.record("b", {"x": 2})
+        assert checked.records(["b"]) == {"b": {"x": 2}}  # readable while the journal is open
+    checked.compact(checked.records(["a", "b"]))
+    assert checked.records(["b", "a"]) == {"a": {"x": 3}, "b": {"x": 2}} and len(path.read_text().splitlines()) == 3
+
+
 def test_journal_with_other_fingerprint_is_discarded(tmp_path):
     path = tmp_path / "j.jsonl"
     with Journal(path, "old-settings") as journal:
