@@ -148,11 +148,11 @@ class Answers:
     high: np.ndarray
     group_probabilities: np.ndarray
 
-    def take(self, rows, probabilities: bool = True) -> "Answers":
-        """The answers of `rows` (a mask or indices); without `probabilities` the per-group
-        probabilities are left out (an empty column each), which is all evaluate needs."""
-        kept = self.group_probabilities[rows] if probabilities else np.empty((len(self.group[rows]), 0))
-        return Answers(self.group[rows], self.age[rows], self.confidence[rows], self.low[rows], self.high[rows], kept)
+    def compact(self, rows) -> "Answers":
+        """The answers of `rows` (a mask or indices) with what evaluate needs, in 18 bytes a row: no
+        per-group probabilities (an empty column each), and narrow number types."""
+        return Answers(self.group[rows].astype(np.int16), self.age[rows].astype(np.float32), self.confidence[rows].astype(np.float32),
+                       self.low[rows].astype(np.int16), self.high[rows].astype(np.int16), np.empty((len(self.group[rows]), 0), np.float32))
 
     @staticmethod
     def concatenate(parts: list["Answers"]) -> "Answers":

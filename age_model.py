@@ -8,6 +8,8 @@ worker pools have forked (TensorFlow is not fork-safe), and its start-up chatter
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import zipfile
@@ -17,7 +19,7 @@ from model_configs import FaceFeaturesBackbone, PixelsBackbone, TrainingAugmenta
 from age_groups import AgeGroups
 from cli import native_stderr_silenced
 from errors import UserError
-from model_files import METADATA_ENTRY, ModelMetadata, read_model_metadata
+from model_files import LITE_HEAD_ENTRY, METADATA_ENTRY, ModelMetadata, read_model_metadata
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 with native_stderr_silenced():
@@ -165,16 +167,26 @@ def _application_module(name: str) -> str:
     return module
 
 
-def model_bytes(model: keras.Model, metadata: dict, folder) -> bytes:
+def model_bytes(model: keras.Model, metadata: dict, folder, lite: bool = False) -> bytes:
     """The model in the native .keras format with `metadata` (age groups, backbone and its settings,
-    input size, training age mix, the resolved config) inside the same file, saved through a scratch
-    folder of the output folder (outputs.OutputFolder.scratch): Keras writes only to a path."""
+    input size, training age mix, the resolved config) inside the same file, and with `lite` the
+    network converted to LiteRT too (model_files.LiteHead), saved through a scratch folder of the
+    output folder (outputs.OutputFolder.scratch): Keras writes only to a path."""
     with folder.scratch() as scratch:
         path = Path(scratch) / "model.keras"
         model.save(path)
         with zipfile.ZipFile(path, "a") as archive:
             archive.writestr(METADATA_ENTRY, json.dumps(metadata, indent=2, default=str))
+            if lite:
+                archive.writestr(LITE_HEAD_ENTRY, lite_bytes(model))
         return path.read_bytes()
+
+
+def lite_bytes(model: keras.Model) -> bytes:
+    """The network as a LiteRT flat buffer (float32, the same numbers to about 1e-6). The converter
+    prints where it saved its intermediate model and logs from C++: neither is for the user."""
+    with contextlib.redirect_stdout(io.StringIO()), native_stderr_silenced():
+        return tf.lite.TFLiteConverter.from_keras_model(model).convert()
 
 
 def load_with_metadata(path: str | os.PathLike) -> tuple[keras.Model, ModelMetadata]:
@@ -192,19 +204,14 @@ def load_with_metadata(path: str | os.PathLike) -> tuple[keras.Model, ModelMetad
     return model, metadata
 
 
-def predict_years(model: keras.Model, inputs, mirrored_inputs=None, batch_size: int = 256) -> np.ndarray:
-    """Year probabilities; averaged with those of the mirror images when given (test-time augmentation:
-    faces are nearly symmetric, so the two views' errors partly cancel). `inputs` is an array of
-    descriptors or a tf.data.Dataset of pixel batches (then the mirror view is made here)."""
-    if isinstance(inputs, tf.data.Dataset):
-        outputs = []
-        for images in inputs:
-            probabilities = model(images, training=False).numpy()
-            if mirrored_inputs:
-                probabilities = (probabilities + model(tf.reverse(images, axis=[2]), training=False).numpy()) / 2
-            outputs.append(probabilities)
-        return np.concatenate(outputs) if outputs else np.zeros((0, model.output_shape[-1]), np.float32)
-    probabilities = model.predict(inputs, batch_size=batch_size, verbose=0)
-    if mirrored_inputs is not None:
-        probabilities = (probabilities + model.predict(mirrored_inputs, batch_size=batch_size, verbose=0)) / 2
-    return probabilities
+def predict_years(model: keras.Model, images: tf.data.Dataset, mirrored: bool = False) -> np.ndarray:
+    """Year probabilities of a dataset of pixel batches; with `mirrored`, averaged with those of the
+    mirror images (test-time augmentation: faces are nearly symmetric, so the two views' errors
+    partly cancel)."""
+    outputs = []
+    for batch in images:
+        probabilities = model(batch, training=False).numpy()
+        if mirrored:
+            probabilities = (probabilities + model(tf.reverse(batch, axis=[2]), training=False).numpy()) / 2
+        outputs.append(probabilities)
+    return np.concatenate(outputs) if outputs else np.zeros((0, model.output_shape[-1]), np.float32)

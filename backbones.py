@@ -9,7 +9,8 @@ the kind (`backbone_for` makes the one a config or a saved model names):
   keras.applications model), with the same decoding (age_model.load_pixels) in training and prediction.
 
 `prepare` runs before TensorFlow is imported (it may start a worker pool, which must fork first); the
-other methods import age_model, and with it TensorFlow, when they are called.
+other methods import age_model, and with it TensorFlow, when they are called, except the face
+features' `load` and `predict` of a model holding a LiteRT copy of its head (model_files.LiteHead).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import pandas as pd
 
 from face_features import MAX_FILE_BYTES, MAX_PIXELS, DescriptorCache, DescriptorSettings, ImageFaces, content_hash, describe_files
 from image_io import UnreadableImage, read_image
-from model_files import FACE_FEATURES, PIXELS
+from model_files import FACE_FEATURES, PIXELS, lite_head
 from parallel import Engine, batched_lists
 from resume import json_line, json_table
 
@@ -34,6 +35,7 @@ class FaceFeatures:
     """Pretrained face descriptors and a Keras head on them (config section `model.face_features`)."""
 
     kind = FACE_FEATURES
+    lite = True  # train_model.py stores a LiteRT copy of the head: prediction runs without TensorFlow
 
     def __init__(self, descriptor: DescriptorSettings, head=None):
         self.descriptor, self.head = descriptor, head
@@ -90,10 +92,18 @@ class FaceFeatures:
         return data, int(np.ceil(even / batch))
 
     def predict(self, model, rows: pd.DataFrame, flip: bool, batch: int) -> np.ndarray:
-        from age_model import predict_years
-
+        """Year probabilities of each row's face, averaged over its views with `flip` (a Keras model
+        or a model_files.LiteHead: both `predict`)."""
         views = _views(rows["inputs"])
-        return predict_years(model, views[0], views[1] if flip and len(views) > 1 else None, batch)
+        probabilities = model.predict(views[0], batch_size=batch, verbose=0)
+        if flip and len(views) > 1:
+            probabilities = (probabilities + model.predict(views[1], batch_size=batch, verbose=0)) / 2
+        return probabilities
+
+    def load(self, path: Path, metadata):
+        """The saved model to predict with: its LiteRT copy when it holds one (no TensorFlow), else Keras."""
+        head = lite_head(path, metadata)
+        return head if head is not None else _keras_model(path)
 
     def metadata(self) -> dict:
         descriptor = {k: v for k, v in dataclasses.asdict(self.descriptor).items() if k != "all_faces"}
@@ -104,6 +114,7 @@ class Pixels:
     """A network on the image's pixels, trained here (config section `model.pixels`)."""
 
     kind = PIXELS
+    lite = False
 
     def __init__(self, settings):
         self.settings = settings
@@ -147,7 +158,10 @@ class Pixels:
     def predict(self, model, rows: pd.DataFrame, flip: bool, batch: int) -> np.ndarray:
         from age_model import pixel_dataset, predict_years
 
-        return predict_years(model, pixel_dataset(rows["inputs"], self.settings.image_size, batch), mirrored_inputs=flip)
+        return predict_years(model, pixel_dataset(rows["inputs"], self.settings.image_size, batch), mirrored=flip)
+
+    def load(self, path: Path, metadata):
+        return _keras_model(path)
 
     def metadata(self) -> dict:
         return {"backbone": self.kind, "descriptor": None, "input_size": self.settings.image_size, "network": self.settings.network}
@@ -174,6 +188,12 @@ class SavedPixels:
 
     network: str
     image_size: int
+
+
+def _keras_model(path: Path):
+    from age_model import load_with_metadata
+
+    return load_with_metadata(path)[0]
 
 
 def _face_rows(rows: pd.DataFrame, described: list[ImageFaces], all_faces: bool) -> pd.DataFrame:

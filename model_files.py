@@ -1,7 +1,8 @@
 """What train_model.py stores inside a .keras file beside Keras' own files, and reading it back without
 TensorFlow (prediction reads it before starting its worker pool, which must fork before TensorFlow
 loads). The metadata is validated like a config: a model file whose metadata was edited or damaged is
-one line naming the key, never a traceback."""
+one line naming the key, never a traceback. A face-features model also holds its head converted to
+LiteRT (`LiteHead`): prediction then never imports TensorFlow, whose start-up costs seconds."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ import os
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from pydantic import Field, model_validator
 
@@ -21,6 +24,8 @@ from errors import ConfigError, UserError
 FACE_FEATURES, PIXELS = "face_features", "pixels"  # the backbone kinds (backbones.py)
 METADATA_ENTRY = "agepipe.json"  # stored inside the .keras zip, beside Keras' own files
 MAX_METADATA_BYTES = 10_000_000
+LITE_HEAD_ENTRY = "agepipe_head.tflite"  # the same network as LiteRT runs it, beside it
+MAX_LITE_HEAD_BYTES = 500_000_000
 
 
 class SavedDescriptor(Descriptor):
@@ -100,3 +105,51 @@ def read_model_metadata(path: str | os.PathLike) -> ModelMetadata:
         return validate_section(ModelMetadata, data, "metadata")
     except ConfigError as exc:
         raise UserError(f"model file {path} has damaged metadata: {exc}") from None
+
+
+class LiteHead:
+    """A model's network as LiteRT runs it, with Keras' `predict` call (a 2-D float array in, the
+    output rows out), so that prediction can use either."""
+
+    def __init__(self, content: bytes, outputs: int, origin: Path):
+        from ai_edge_litert.interpreter import Interpreter
+
+        from cli import native_stderr_silenced
+
+        try:
+            with native_stderr_silenced():
+                self._interpreter = Interpreter(model_content=content)
+        except (ValueError, RuntimeError):
+            raise UserError(f"model file {origin} holds a damaged {LITE_HEAD_ENTRY}: it was edited or damaged") from None
+        self._input, self._output = self._interpreter.get_input_details()[0], self._interpreter.get_output_details()[0]
+        if tuple(self._output["shape"])[-1:] != (outputs,) or len(self._input["shape"]) != 2:
+            raise UserError(f"model file {origin}: its {LITE_HEAD_ENTRY} does not give the {outputs} outputs its metadata describes")
+
+    def predict(self, inputs: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
+        from cli import native_stderr_silenced
+
+        outputs = []
+        for start in range(0, len(inputs), batch_size):
+            batch = np.ascontiguousarray(inputs[start:start + batch_size], np.float32)
+            with native_stderr_silenced():  # LiteRT announces its XNNPACK delegate when it first runs
+                self._interpreter.resize_tensor_input(self._input["index"], batch.shape)
+                self._interpreter.allocate_tensors()
+                self._interpreter.set_tensor(self._input["index"], batch)
+                self._interpreter.invoke()
+            outputs.append(self._interpreter.get_tensor(self._output["index"]).copy())
+        return np.concatenate(outputs) if outputs else np.zeros((0, self._output["shape"][-1]), np.float32)
+
+
+def lite_head(path: str | os.PathLike, metadata: ModelMetadata) -> LiteHead | None:
+    """The LiteRT copy of the network a .keras file holds, or None when it holds none (models saved
+    before it existed, and pixel models, are run by Keras)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if LITE_HEAD_ENTRY not in archive.namelist():
+                return None
+            if archive.getinfo(LITE_HEAD_ENTRY).file_size > MAX_LITE_HEAD_BYTES:
+                raise UserError(f"model file {path} holds a {LITE_HEAD_ENTRY} of over {MAX_LITE_HEAD_BYTES:,} bytes")
+            content = archive.read(LITE_HEAD_ENTRY)
+    except (zipfile.BadZipFile, OSError):
+        raise UserError(f"model file {path} cannot be read as a .keras archive") from None
+    return LiteHead(content, metadata.max_age + 1, Path(path))

@@ -67,7 +67,7 @@ def main(args) -> None:
 @dataclass
 class Tally:
     """What the chunks written so far add up to: rows, answered rows, and the answers whose true age
-    is known (without their per-group probabilities: a few numbers per row) with those ages."""
+    is known (compact: 18 bytes a row) with those ages."""
 
     rows: int = 0
     answered: int = 0
@@ -77,22 +77,21 @@ class Tally:
 
 def write_predictions(chunks, backbone, metadata: ModelMetadata, config: PredictConfig, output_csv) -> Tally:
     """Predict each chunk of prepared rows and append it to the output CSV (written atomically). The
-    model is loaded, and TensorFlow imported, only when a chunk has a face to predict."""
+    model is loaded only when a chunk has a face to predict (TensorFlow only for a model without a
+    LiteRT copy of its network)."""
     tally, model = Tally(), None
     with atomic_write(output_csv, newline="", encoding="utf-8") as out:
         for rows in chunks:
             if model is None and rows["inputs"].notna().any():
-                from age_model import load_with_metadata
-
-                model = load_with_metadata(config.model_path)[0]
+                model = backbone.load(config.model_path, metadata)
             table, answer = predicted(rows, backbone, metadata, config, model)
             table.to_csv(out, header=tally.rows == 0, index=False)
             answered = table["age"].notna().to_numpy()
             labelled = answered & table["true_age"].notna().to_numpy()
             tally.rows, tally.answered = tally.rows + len(table), tally.answered + int(answered.sum())
             if labelled.any():
-                tally.scored.append(answer.take(labelled, probabilities=False))
-                tally.true_ages.append(table.loc[labelled, "true_age"].to_numpy(float))
+                tally.scored.append(answer.compact(labelled))
+                tally.true_ages.append(table.loc[labelled, "true_age"].to_numpy(np.float32))
     record_written(output_csv)
     return tally
 

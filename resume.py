@@ -3,6 +3,7 @@ JSON line each), and a `PartStore` of part files, each holding the finished rows
 """
 from __future__ import annotations
 
+import array
 import contextlib
 import hashlib
 import json
@@ -14,6 +15,8 @@ import stat
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+import numpy as np
 
 from errors import UserError
 from writes import atomic_write
@@ -33,15 +36,16 @@ class Journal:
     later line is one finished item (a flat row plus its key), flushed at least every FLUSH_SECONDS: a
     crash loses at most the last second of work. A torn last line is cut off when the journal is next
     opened, and a damaged line elsewhere is skipped, so its item is done again, as is a row that
-    `accept` (when given) refuses. Only the keys are held in memory, each with where its last row
-    starts in the file (`done`): rows are read back by `records` and `rows`, one seek each.
+    `accept` (when given) refuses. Memory holds where each key's last row starts in the file (`done`,
+    an OffsetIndex: 16 bytes a key), never the rows: they are read back by `records` and `rows`, one
+    seek each.
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: str, accept: Callable[[dict], bool] | None = None):
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.accept = accept
-        self.done: dict[str, int] = {}  # key -> byte offset of its last accepted row
+        self.done = OffsetIndex()
         self._file = None
         if self.path.exists():
             self._load()
@@ -70,17 +74,18 @@ class Journal:
             log.info("discarding %s: it was made with other settings", self.path)
             self.path.unlink()
             return
+        digests, offsets = array.array("Q"), array.array("q")
         with open(self.path, "rb") as f:
             good_end = len(f.readline())
             for line in f:
                 parsed = _parsed(line)
                 if parsed is None and not line.endswith(b"\n"):
                     break  # the torn last line of an interrupted write
-                if parsed is not None and (self.accept is None or self.accept(parsed[1])):
-                    self.done[parsed[0]] = good_end
-                elif parsed is not None:
-                    self.done.pop(parsed[0], None)  # a later refused row: the item is done again
+                if parsed is not None:  # a refused row (-1) undoes the key's earlier rows: the item is done again
+                    digests.append(OffsetIndex.digest(parsed[0]))
+                    offsets.append(good_end if self.accept is None or self.accept(parsed[1]) else -1)
                 good_end += len(line)  # a damaged line is skipped: its item is done again
+        self.done = OffsetIndex(np.frombuffer(digests, np.uint64), np.frombuffer(offsets, np.int64))
         if good_end < self.path.stat().st_size:
             os.truncate(self.path, good_end)
 
@@ -112,11 +117,17 @@ class Journal:
     def forget(self, keys: Iterable[str]) -> None:
         """Treat these items as not done (their rows stay until a later record replaces them)."""
         for key in keys:
-            self.done.pop(key, None)
+            self.done.forget(key)
+
+    def keys(self) -> Iterator[str]:
+        """The keys of the rows the journal holds, read from the file, in the order of their rows."""
+        with open(self.path, "rb") as f:
+            f.readline()
+            yield from (parsed[0] for parsed in map(_parsed, f) if parsed is not None)
 
     def records(self, keys: Iterable[str]) -> dict[str, dict]:
         """The last recorded row of each of `keys` that is done, one seek and one line each."""
-        offsets = {key: self.done[key] for key in keys if key in self.done}
+        offsets = {key: offset for key in keys if (offset := self.done.get(key)) is not None}
         if self._file is not None:
             self._file.flush()
         found = {}
@@ -126,9 +137,10 @@ class Journal:
             for key, offset in sorted(offsets.items(), key=lambda item: item[1]):
                 f.seek(offset)
                 parsed = _parsed(f.readline())
-                if parsed is None or parsed[0] != key:
+                if parsed is None:
                     raise UserError(f"{self.path} changed while this run used it: delete it and re-run")
-                found[key] = parsed[1]
+                if parsed[0] == key:  # another key sharing its digest (OffsetIndex) reads as not done
+                    found[key] = parsed[1]
         return found
 
     def rows(self, keys: list[str], compact: bool = True):
@@ -146,17 +158,66 @@ class Journal:
 
     def compact(self, found: dict[str, dict]) -> None:
         """Rewrite the journal with only these rows (drops results of files no longer present)."""
-        offsets = {}
+        self.done = OffsetIndex()
         with atomic_write(self.path, "wb") as f:
             f.write(self._header_line().encode())
             for key, row in found.items():
-                offsets[key] = f.tell()
+                self.done[key] = f.tell()
                 f.write(json_line(row, key).encode())
-        self.done = offsets
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+class OffsetIndex:
+    """Where the last row of each key of a journal starts in its file: a 64-bit digest of the key and
+    the byte offset, 16 bytes a key in sorted arrays (plus a dict of the keys recorded or forgotten
+    since), so that a journal of 300,000 rows costs megabytes of memory, not a string per key. Keys
+    sharing a digest (a chance in about 10^8 among 300,000 keys) are read back as not done: the
+    journal checks the key of each row it reads.
+
+    Built from parallel arrays of digests and offsets in file order: the last entry of a digest wins,
+    and an offset of -1 means the key is not done.
+    """
+
+    def __init__(self, digests: np.ndarray | None = None, offsets: np.ndarray | None = None):
+        digests = np.empty(0, np.uint64) if digests is None else digests
+        offsets = np.empty(0, np.int64) if offsets is None else offsets
+        order = np.lexsort((np.arange(len(digests)), digests))  # by digest, then file order
+        digests, offsets = digests[order], offsets[order]
+        last = np.append(digests[1:] != digests[:-1], True) if len(digests) else np.zeros(0, bool)
+        keep = last & (offsets >= 0)
+        self._digests, self._offsets = digests[keep], offsets[keep]
+        self._recent: dict[int, int] = {}  # digest -> offset (-1: forgotten), newer than the arrays
+
+    @staticmethod
+    def digest(key: str) -> int:
+        return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+    def get(self, key: str) -> int | None:
+        digest = self.digest(key)
+        offset = self._recent.get(digest)
+        if offset is None:
+            position = int(np.searchsorted(self._digests, np.uint64(digest)))
+            found = position < len(self._digests) and int(self._digests[position]) == digest
+            offset = int(self._offsets[position]) if found else -1
+        return offset if offset >= 0 else None
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def __setitem__(self, key: str, offset: int) -> None:
+        self._recent[self.digest(key)] = offset
+
+    def forget(self, key: str) -> None:
+        self._recent[self.digest(key)] = -1
+
+    def __len__(self) -> int:
+        recent = np.fromiter(self._recent, np.uint64, len(self._recent))
+        stored = np.isin(recent, self._digests)
+        done = np.fromiter(self._recent.values(), np.int64, len(self._recent)) >= 0
+        return len(self._digests) - int(stored.sum()) + int(done.sum())
 
 
 def _parsed(line: bytes) -> tuple[str, dict] | None:

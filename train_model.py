@@ -255,7 +255,7 @@ def save(config: TrainConfig, folder: OutputFolder, backbone, model, frame, sets
     metadata = {"age_group_edges": list(groups.edges), "labels": groups.labels, "max_age": max_age, **backbone.metadata(),
                 "training_group_shares": list(map(float, training_shares)), "answer_rule": evaluation.answer_rule,
                 "interval": evaluation.interval, "temperature": temperature, **run_record(config)}
-    folder.write_bytes("model.keras", model_bytes(model, metadata, folder))
+    folder.write_bytes("model.keras", model_bytes(model, metadata, folder, lite=backbone.lite))
     report = {"test": metrics, "majority_baseline": {"group": groups.labels[majority], **{k: baseline[k] for k in HEADLINE}},
               "test_source": ", ".join(config.test_inputs) or (f"out of fold: {config.split.folds} folds of " if cross_validating(config)
                                                                else "test split of ") + config.input_csv, "temperature": temperature,

@@ -1,7 +1,7 @@
 """Benchmark how the data stages scale with the number of files: time and peak memory.
 
     python benchmarks/bench_scale.py [--sizes 3000 30000 300000] [--hashes 1000000] [--workers 0]
-                                     [--model models/age_group_classifier/model.keras]
+                                     [--stages explore,dask,process,predict] [--model models/age_group_classifier/model.keras]
 
 1. For each size N: a synthetic dataset of N small JPEG files (distinct pixels: a face from the
    built-in sample, shifted and tinted per file), then the whole explore_images.py over it in a
@@ -9,7 +9,7 @@
    memory of the main process and of its largest worker; then the same run through a Dask
    LocalCluster of as many single-threaded workers (`scheduler` set to its address); then
    process_images.py on that exploration, and predict_age.py on the folder with --model (skipped
-   when there is none). Prediction's descriptor cache is filled first (fill_cache): describing
+   when there is none). `--stages` picks which of these run. Prediction's descriptor cache is filled first (fill_cache): describing
    300,000 faces would take hours, and what prediction holds in memory does not depend on the
    numbers a description holds.
 2. Near-duplicate search alone: `find_duplicates` on --hashes random 256-bit perceptual hashes (what
@@ -124,18 +124,19 @@ def fill_cache(folder: Path, cache: Path, model: Path, workers: int) -> None:
             cached.journal.record(content_hash(str(path), MAX_FILE_BYTES), rows[index % TEMPLATES])
 
 
-def stage_benchmarks(folder: Path, explored: Path, out: Path, model: Path | None, workers: int) -> str:
-    """process_images.py on the exploration in `explored`, and predict_age.py on `folder` with `model`:
-    their line of the report."""
+def process_benchmark(explored: Path, out: Path, workers: int) -> str:
+    """process_images.py on the exploration in `explored`: its part of the report."""
     processed = measured_run("process_images.py", f"input_csv={explored}/m.csv", f"output_dir={out}/processed",
                              f"output_csv={out}/processed.csv", f"num_workers={workers}", "log_level=WARNING")
-    line = f"process {processed['seconds']:6.0f} s, peak memory main {processed['main_mb']:.0f} MB, largest worker {processed['worker_mb']:.0f} MB"
-    if model is None:
-        return line
+    return f"process {processed['seconds']:6.0f} s, peak memory main {processed['main_mb']:.0f} MB, largest worker {processed['worker_mb']:.0f} MB"
+
+
+def prediction_benchmark(folder: Path, out: Path, model: Path, workers: int) -> str:
+    """predict_age.py on `folder` with `model`, its descriptor cache filled first: its part of the report."""
     fill_cache(folder, out / "descriptors.jsonl", model, workers)
     predicted = measured_run("predict_age.py", f"inputs=[{folder}]", f"model_path={model}", f"descriptor_cache={out}/descriptors.jsonl",
                              f"output_csv={out}/p.csv", f"num_workers={workers}", "log_level=WARNING")
-    return line + f"; predict (descriptors cached) {predicted['seconds']:6.0f} s, peak memory {predicted['main_mb']:.0f} MB"
+    return f"predict (descriptors cached) {predicted['seconds']:6.0f} s, peak memory {predicted['main_mb']:.0f} MB"
 
 
 def main():
@@ -143,12 +144,13 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="*", default=[3000, 30000, 300000])
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
-    parser.add_argument("--no-dask", action="store_true", help="skip the exploration through a Dask LocalCluster")
+    parser.add_argument("--stages", default="explore,dask,process,predict", help="which to measure (process needs explore)")
     parser.add_argument("--model", type=Path, default=PROJECT / "models/age_group_classifier/model.keras",
                         help="the model prediction runs with (make pipeline trains this one)")
     args = parser.parse_args()
-    model = args.model if args.model.is_file() else None
-    if model is None:
+    stages = set(args.stages.split(","))
+    if "predict" in stages and not args.model.is_file():
+        stages.discard("predict")
         print(f"no model at {args.model}: prediction is not measured")
     from distributed import LocalCluster
 
@@ -159,18 +161,24 @@ def main():
     with tempfile.TemporaryDirectory() as tmp, \
             LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster:
         for size in args.sizes:
-            folder = Path(tmp) / f"n{size}"
+            folder, explored = Path(tmp) / f"n{size}", Path(tmp) / f"out{size}"
             start = time.perf_counter()
             make_dataset(folder, size)
-            made = time.perf_counter() - start
-            stats = explore_benchmark(folder, Path(tmp) / f"out{size}", workers, rule)
-            dask = "" if args.no_dask else explore_benchmark(folder, Path(tmp) / f"dask{size}", workers, rule, cluster.scheduler_address)
-            print(f"N = {size:>7,}: made in {made:5.0f} s; explore {stats['seconds']:7.1f} s = {stats['files'] / stats['seconds']:5.0f} img/s"
-                  + (f" (Dask LocalCluster of {workers}: {dask['files'] / dask['seconds']:5.0f} img/s); " if dask else "; ")
-                  + f"near-duplicate search {stats['search_seconds']:5.1f} s; peak memory main {stats['main_mb']:.0f} MB, "
-                  f"largest worker {stats['worker_mb']:.0f} MB", flush=True)
-            print(f"N = {size:>7,}: " + stage_benchmarks(folder, Path(tmp) / f"out{size}", Path(tmp) / f"stages{size}", model, workers), flush=True)
-            subprocess.run(["rm", "-rf", str(folder)], check=True)
+            report = [f"made in {time.perf_counter() - start:5.0f} s"]
+            if "explore" in stages:
+                stats = explore_benchmark(folder, explored, workers, rule)
+                report.append(f"explore {stats['seconds']:7.1f} s = {stats['files'] / stats['seconds']:5.0f} img/s, near-duplicate "
+                              f"search {stats['search_seconds']:5.1f} s, peak memory main {stats['main_mb']:.0f} MB, largest worker "
+                              f"{stats['worker_mb']:.0f} MB")
+            if "dask" in stages:
+                dask = explore_benchmark(folder, Path(tmp) / f"dask{size}", workers, rule, cluster.scheduler_address)
+                report.append(f"explore on a Dask LocalCluster of {workers}: {dask['files'] / dask['seconds']:5.0f} img/s")
+            if "process" in stages:
+                report.append(process_benchmark(explored, Path(tmp) / f"processed{size}", workers))
+            if "predict" in stages:
+                report.append(prediction_benchmark(folder, Path(tmp) / f"predicted{size}", args.model, workers))
+            print(f"N = {size:>7,}: " + "; ".join(report), flush=True)
+            subprocess.run(["rm", "-rf", str(folder), str(explored)], check=True)
     if args.hashes:
         near_duplicate_benchmark(args.hashes, rule)
 

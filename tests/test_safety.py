@@ -314,7 +314,7 @@ def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp
     cache = tmp_path / "cache.jsonl"
     clean = [image.first.vector for image in describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)]
     header = Journal.header(cache)
-    keys = list(Journal(cache, header["fingerprint"]).done)
+    keys = list(Journal(cache, header["fingerprint"]).keys())
     with open(cache, "a", encoding="utf-8") as f:
         for key, vector in zip(keys, ([[float("nan")] * 209] * 2, [[1e30] * 209] * 2, [[0.5] * 128] * 2)):
             f.write(json.dumps({"_key": key, "descriptor": vector, "face_problem": None}) + "\n")

@@ -1,5 +1,7 @@
 """Training on the generated sample: it learns, it does not leak, it saves and reloads, it distributes."""
 import json
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -74,6 +76,10 @@ def test_saved_model_reloads_with_its_metadata_and_predicts_the_same(trained, de
     answer = answers(years, metadata.groups, metadata.max_age, metadata.answer_rule, metadata.interval)
     np.testing.assert_allclose(answer.group_probabilities, saved[[f"p_{g}" for g in metadata.labels]].to_numpy(), atol=2e-4)
     np.testing.assert_allclose(answer.age, saved["predicted_age"], atol=0.05)
+    # the LiteRT copy of the head inside the file gives the same numbers without TensorFlow
+    lite = backbone.load(out / "model.keras", metadata)
+    assert type(lite).__name__ == "LiteHead"
+    np.testing.assert_allclose(backbone.predict(lite, rows, True, 64), backbone.predict(model, rows, True, 64), atol=1e-5)
 
 
 def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample, descriptor_cache, tmp_path):
@@ -86,12 +92,20 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     common = [f"model_path={out}/model.keras", f"inputs=[{folder}]", f"descriptor_cache={descriptor_cache}"]
     result = run("predict_age.py", *common, f"output_csv={tmp_path}/p.csv")
     rows = read_csv(tmp_path / "p.csv")
+    assert "tensorflow" not in result.stdout + result.stderr.lower()
+    # the face-features model's head runs on LiteRT: prediction never imports TensorFlow
+    probe = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
+                            "runpy.run_path('predict_age.py', run_name='__main__'); print('TF', 'tensorflow' in sys.modules)",
+                            "predict_age.py", *[a for o in [*common, f"output_csv={tmp_path}/probe.csv"] for a in ("--set", o)]],
+                           cwd=PROJECT, capture_output=True, text=True)
+    assert probe.stdout.strip().endswith("TF False"), probe.stderr[-500:]
+    assert (tmp_path / "probe.csv").read_bytes() == (tmp_path / "p.csv").read_bytes()
     # read back, predicted and written 3 images at a time: the same file, the same scores, no file left behind
     chunked = run("predict_age.py", *common, f"output_csv={tmp_path}/chunked.csv", "images_per_chunk=3")
     assert (tmp_path / "chunked.csv").read_bytes() == (tmp_path / "p.csv").read_bytes()
     assert chunked.stdout.splitlines()[-1] == result.stdout.splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file() and "csv" in p.name) == [
-        "chunked.csv", "chunked.csv.run.json", "p.csv", "p.csv.run.json"]
+        "chunked.csv", "chunked.csv.run.json", "p.csv", "p.csv.run.json", "probe.csv", "probe.csv.run.json"]
     assert len(rows) == 21 and rows["reason"].notna().sum() == 1 and "not an image" in rows["reason"].dropna().iloc[0]
     ok = rows[rows["reason"].isna()]
     probabilities = ok[[c for c in ok.columns if c.startswith("p_")]].to_numpy()
