@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from face_features import MAX_FILE_BYTES, MAX_PIXELS, DescriptorCache, DescriptorSettings, ImageFaces, content_hash, describe_files
+from cli import progress_bar
 from image_io import UnreadableImage, read_image
 from model_files import FACE_FEATURES, PIXELS, lite_head
 from parallel import Engine, batched_lists
@@ -55,17 +56,19 @@ class FaceFeatures:
         then, batch by batch, are the descriptions read back. Every image is described when this
         returns (the pool has come and gone before TensorFlow is imported)."""
         cached = DescriptorCache(cache, dataclasses.replace(self.descriptor, all_faces=all_faces))
-        todo = {}
-        for image in images:
+        todo, count = {}, 0
+        for image in progress_bar(None, "listing images")(images):
             digest = content_hash(image["path"], MAX_FILE_BYTES)
             if digest and not cached.has(digest):
                 todo.setdefault(digest, image["path"])
             spool.write(json_line({**image, DIGEST: digest}))
+            count += 1
         cached.describe(todo.items(), len(todo), engine, MAX_PIXELS, MAX_FILE_BYTES)
         del todo
         spool.seek(0)
+        chunks = (json_table([json.loads(line) for line in lines]) for lines in batched_lists(spool, batch_rows))
         return (_face_rows(rows.drop(columns=DIGEST), cached.images(list(rows[DIGEST])), all_faces)
-                for rows in (json_table([json.loads(line) for line in lines]) for lines in batched_lists(spool, batch_rows)))
+                for rows in progress_bar(-(-count // batch_rows), "answering", unit="chunk")(chunks))
 
     def build(self, train_inputs: np.ndarray, max_age: int):
         from age_model import build_descriptor_model
