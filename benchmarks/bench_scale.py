@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import subprocess
 import sys
@@ -158,8 +159,8 @@ def main():
 
     rule = load_explore_config(PROJECT / "configs/explore_images.yaml").duplicates
     workers = resolve_workers(args.workers)
-    with tempfile.TemporaryDirectory() as tmp, \
-            LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster:
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) if "dask" in stages else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory() as tmp, cluster:
         for size in args.sizes:
             folder, explored = Path(tmp) / f"n{size}", Path(tmp) / f"out{size}"
             start = time.perf_counter()
