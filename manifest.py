@@ -116,9 +116,11 @@ class Manifest:
         """Whether a listed name starts with `prefix` (one indexed lookup)."""
         return self._open().execute("SELECT 1 FROM files WHERE name >= ? AND name < ? LIMIT 1", (prefix, prefix + "\U0010ffff")).fetchone() is not None
 
-    def forget(self, names: Iterable[str]) -> None:
+    def forget_others(self, run: str, keep: list[tuple[str, str | None]]) -> None:
+        """Forget every file another run wrote, except `keep` (name, digest)."""
         with self.transaction() as db:
-            db.executemany("DELETE FROM files WHERE name = ?", ((n,) for n in names))
+            db.execute("DELETE FROM files WHERE run IS NOT ?", (run,))
+            db.executemany("INSERT INTO files (name, digest, run) VALUES (?, ?, NULL)", keep)
 
     def close(self) -> None:
         if self._db is not None:

@@ -300,22 +300,23 @@ class OutputFolder:
         """List the files this run wrote (name, digest; by default those noted with `wrote`; `record`
         may have listed others already), then delete the files earlier runs wrote here that this one
         did not, when they are as agepipe left them, and what killed writes left; return how many were
-        deleted. Nothing here holds a name per file in memory: the manifest is asked."""
+        deleted. Nothing here holds a name per file in memory: the manifest is read as a stream."""
         self.manifest.record(self.written.items() if written is None else written, self.run)
-        removed, gone = 0, []
-        earlier = list(self.manifest.others(self.run))  # what this run did not write again: usually few
-        for name, digest in earlier:
+        removed, kept, folders = 0, [], {self.path}
+        for name, digest in self.manifest.others(self.run):
             target = self.path / name
+            folders.add(target.parent)
             if not target.exists():
-                gone.append(name)
-            elif is_inside(target, self.path) and not target.is_symlink() and target.is_file() and digest in (None, file_digest(target)):
+                continue
+            if is_inside(target, self.path) and not target.is_symlink() and target.is_file() and digest in (None, file_digest(target)):
                 target.unlink()
-                gone.append(name)
                 removed += 1
-        self.manifest.forget(gone)
-        folders = {(self.path / name).parent for name in self.manifest.names()} | {(self.path / name).parent for name in gone}
-        for folder in folders:
-            removed += remove_temporaries(folder, self._listed_starts(folder, temporary_starts(gone)))
+            else:
+                kept.append((name, digest))  # changed since agepipe wrote it: the user's now, never deleted
+        folders.update(self.path / os.path.dirname(name) for name in self.manifest.names())
+        for folder in folders:  # while the manifest still lists every name a temporary may belong to
+            removed += remove_temporaries(folder, self._listed_starts(folder, set()))
+        self.manifest.forget_others(self.run, kept)
         return removed
 
     def _listed_starts(self, folder: Path, also: set[str]) -> "ListedStarts":
