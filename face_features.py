@@ -453,8 +453,9 @@ class DescriptorCache:
                 self.journal.record(key, row)
 
     def images(self, digests: list[str | None]) -> list[ImageFaces]:
-        """The description of each content hash, in order (None: a file that could not be read)."""
-        found = self.journal.records(d for d in digests if d)
+        """The description of each content hash, in order (anything but a hash, such as None or NaN: a
+        file that could not be read)."""
+        found = self.journal.records(d for d in digests if isinstance(d, str))
         unreadable = ImageFaces(None, [], "unreadable: not a readable regular file, or over the size limit")
         return [from_cache_row(found[d]) if d in found else unreadable for d in digests]
 

@@ -1,5 +1,6 @@
 """Training on the generated sample: it learns, it does not leak, it saves and reloads, it distributes."""
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -89,9 +90,13 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     for face in sorted(sample.glob("*.chip.jpg"))[:20]:
         (folder / face.name).write_bytes(face.read_bytes())
     (folder / "33_0_0_broken.jpg").write_bytes(b"not a jpeg")
+    os.mkfifo(folder / "34_0_0_fifo.jpg")  # never read: no content hash, a row saying so
     common = [f"model_path={out}/model.keras", f"inputs=[{folder}]", f"descriptor_cache={descriptor_cache}"]
     result = run("predict_age.py", *common, f"output_csv={tmp_path}/p.csv")
     rows = read_csv(tmp_path / "p.csv")
+    fifo = rows["file"].str.endswith("fifo.jpg")
+    assert fifo.sum() == 1 and "not a readable regular file" in rows.loc[fifo, "reason"].iloc[0]
+    rows = rows[~fifo]
     assert "tensorflow" not in result.stdout + result.stderr.lower()
     # the face-features model's head runs on LiteRT: prediction never imports TensorFlow
     probe = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
