@@ -1,8 +1,8 @@
 """Describing faces for the age model: dlib's pretrained 128-D face descriptor and Cydral's pretrained age
 network, on faces aligned by dlib's 5-point landmarks.
 
-The descriptor is dlib's ResNet face-recognition network (`dlib_face_recognition_resnet_model_v1`),
-fed a face aligned by dlib's 5-point landmark model (`shape_predictor_5_face_landmarks`). Both model
+The descriptor is dlib's ResNet face-recognition network (`dlib_face_recognition_resnet_model_v1`,
+run on LiteRT by dlib_resnet.py), fed a face aligned by dlib's 5-point landmark model (`shape_predictor_5_face_landmarks`). Both model
 files ship inside the PyPI package `face-recognition-models` (nothing is downloaded at run time); dlib
 itself comes from `dlib-bin`. The package's 68-point landmark model is non-commercial and never used.
 The descriptor says who a face is more than how old; with `age_network`, each view's vector also holds
@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from cli import progress_bar
+from dlib_resnet import CHIP_SIDE, FaceDescriptorNetwork, read_weights
 from config import config_fingerprint
 from errors import UserError
 from face_detector import DetectorSettings, FaceDetector, FinderSettings, find_faces
@@ -40,7 +41,6 @@ from resume import Journal
 log = logging.getLogger("agepipe.faces")
 
 DESCRIPTOR_BACKBONE = "dlib_face_descriptor"  # the name of this backbone in the training config
-CHIP_SIZE = 150  # dlib's face-recognition network reads 150x150 aligned face chips
 DESCRIPTOR_SIZE, AGE_CLASSES = 128, 81  # numbers in dlib's descriptor, and the age network's classes
 # No number a descriptor holds comes near this (dlib's are about unit length, the age network's floored
 # log-probabilities above -70): a cached row beyond it was damaged or edited.
@@ -221,8 +221,8 @@ class FaceDescriber:
             dlib, paths = require_dlib()
             finder = FaceDetector(self.settings.search.detector) if self.settings.face_box == "auto" else None
             age_network = AgeNetwork(age_network_files(), self.settings.age_probability_floor) if self.settings.age_network else None
-            self._models = (dlib, finder, dlib.shape_predictor(str(paths[LANDMARK_MODEL])),
-                            dlib.face_recognition_model_v1(str(paths[DESCRIPTOR_MODEL])), age_network)
+            descriptor = FaceDescriptorNetwork(paths[DESCRIPTOR_MODEL]) if self.settings.face_descriptor != "none" else None
+            self._models = (dlib, finder, dlib.shape_predictor(str(paths[LANDMARK_MODEL])), descriptor, age_network)
         return self._models
 
     def describe(self, rgb: np.ndarray) -> ImageFaces:
@@ -284,13 +284,13 @@ class FaceDescriber:
         points = np.array([(p.x, p.y) for p in shape.parts()], float)
         problem = landmark_problem(points, box.width(), self.settings)
         if problem is None:
-            compute = lambda: network.compute_face_descriptor(rgb, shape, 0, self.settings.padding)  # noqa: E731
+            compute = lambda: network.describe(dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape, CHIP_SIDE, self.settings.padding)))  # noqa: E731
             aligned = lambda files: dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape, files.chip_size, files.chip_padding))  # noqa: E731
             return self._with_age(self._descriptor(compute, descriptor), aligned), None
         if self.settings.on_no_landmarks == "skip":
             return None, problem
         region = square_region(rgb, square)
-        compute = lambda: network.compute_face_descriptor(cv2.resize(region, (CHIP_SIZE, CHIP_SIZE), interpolation=cv2.INTER_AREA))  # noqa: E731
+        compute = lambda: network.describe(cv2.resize(region, (CHIP_SIDE, CHIP_SIDE), interpolation=cv2.INTER_AREA))  # noqa: E731
         whole = lambda files: cv2.resize(region, (files.chip_size, files.chip_size), interpolation=cv2.INTER_AREA)  # noqa: E731
         return self._with_age(self._descriptor(compute, descriptor), whole), problem + "; described the face's square unaligned"
 
@@ -428,7 +428,12 @@ class DescriptorCache:
     memory, never the descriptions."""
 
     def __init__(self, cache_path: str | os.PathLike, settings: DescriptorSettings):
-        require_dlib()  # fail with one line before starting workers
+        paths = require_dlib()[1]  # fail with one line before starting workers
+        if settings.face_descriptor != "none":
+            try:
+                read_weights(paths[DESCRIPTOR_MODEL])
+            except ValueError as exc:
+                raise UserError(f"{exc}: reinstall face-recognition-models") from None
         age_model = age_network_files().model.name if settings.age_network else None
         fingerprinted = asdict(settings)
         if fingerprinted["face_descriptor"] == "every_view":

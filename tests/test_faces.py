@@ -12,7 +12,9 @@ import pytest
 
 from conftest import PROJECT
 from face_detector import DetectorSettings, FaceDetector, FinderSettings, detector_model_path, face_geometry
-from face_features import DescriptorSettings, FaceDescriber, age_network_files, describe_files, landmark_problem, require_dlib
+from dlib_resnet import FaceDescriptorNetwork, read_weights
+from face_features import (DESCRIPTOR_MODEL, LANDMARK_MODEL, DescriptorSettings, FaceDescriber, age_network_files, describe_files,
+                           landmark_problem, require_dlib)
 from errors import UserError
 from parallel import Engine
 
@@ -147,6 +149,40 @@ def test_the_faster_descriptor_modes_are_the_full_one_with_less_computed(sample)
         np.testing.assert_array_equal(first[1, :128], full[0, :128])  # the mirror view reuses the image's descriptor
         np.testing.assert_allclose(first[1, 128:], full[1, 128:], atol=1e-6)  # the age network still sees the mirror image
         np.testing.assert_allclose(none, full[:, 128:], atol=1e-6)
+
+
+def test_the_litert_descriptor_is_dlibs_own_to_float_rounding(sample):
+    """dlib_resnet rebuilds dlib's network from its weight file: on aligned faces, an unaligned face and
+    noise, its descriptors are those of dlib's own face_recognition_model_v1."""
+    import cv2
+
+    dlib, paths = require_dlib()
+    reference = dlib.face_recognition_model_v1(str(paths[DESCRIPTOR_MODEL]))
+    network = FaceDescriptorNetwork(paths[DESCRIPTOR_MODEL])
+    faces = [cv2.imread(str(p))[..., ::-1] for p in sorted(sample.glob("*.jpg"))[:5]]
+    chips = [np.ascontiguousarray(cv2.resize(face, (150, 150), interpolation=cv2.INTER_AREA)) for face in faces]
+    chips.append(np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8))
+    for chip in chips:
+        expected = np.array(reference.compute_face_descriptor(chip))
+        assert np.linalg.norm(expected) > 0.5
+        np.testing.assert_allclose(network.describe(chip), expected, atol=1e-5)
+
+
+def test_a_weight_file_that_is_not_dlibs_face_network_is_refused(tmp_path, monkeypatch):
+    """Another dlib model, a copy cut short and noise are refused by name; describing says so in one line."""
+    import face_features
+
+    dlib, paths = require_dlib()
+    cut = tmp_path / "cut.dat"
+    cut.write_bytes(paths[DESCRIPTOR_MODEL].read_bytes()[:5_000_000])
+    noise = tmp_path / "noise.dat"
+    noise.write_bytes(np.random.default_rng(0).bytes(100_000))
+    for path in (paths[LANDMARK_MODEL], cut, noise):
+        with pytest.raises(ValueError, match="is not dlib's face-recognition ResNet"):
+            read_weights(path)
+    monkeypatch.setattr(face_features, "require_dlib", lambda: (dlib, {**paths, DESCRIPTOR_MODEL: cut}))
+    with pytest.raises(UserError, match="reinstall face-recognition-models"):
+        describe_files([], SETTINGS, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
 
 
 def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample, tmp_path, monkeypatch):
