@@ -28,7 +28,7 @@ from config import PROJECT_DIR, plain
 from errors import UserError, shown
 from image_io import IMAGE_EXTENSIONS
 from manifest import Manifest, legacy_proof
-from writes import _claim, check_run_record, file_digest, remove_temporaries, run_record_path, temporary_starts, write_bytes, write_text
+from writes import _claim, check_run_record, file_digest, remove_temporaries, run_record_path, temporary_affixes, temporary_starts, write_bytes, write_text
 
 FOLDER_LOCK = ".agepipe.lock"
 SCRATCH = "scratch"  # the name of a run's temporary working folder inside an output folder
@@ -148,7 +148,7 @@ class OutputGuard:
         """A temporary folder beside a claimed file, named like that file's temporaries: what a killed
         run leaves there is removed when the file is next claimed."""
         self._require_claimed(path)
-        return tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name[:32]}.", suffix=".tmp")
+        return tempfile.TemporaryDirectory(dir=path.parent, **temporary_affixes(path.name))
 
     def spool_beside(self, path: Path) -> IO[str]:
         """A nameless temporary text file beside a claimed file (Linux's O_TMPFILE: it never has a name
@@ -246,7 +246,7 @@ class OutputFolder:
     def scratch(self) -> tempfile.TemporaryDirectory:
         """A temporary folder inside this one for the run's working files (a killed run's is removed by
         the next run)."""
-        return tempfile.TemporaryDirectory(dir=self.path, prefix=f".{SCRATCH}.", suffix=".tmp")
+        return tempfile.TemporaryDirectory(dir=self.path, **temporary_affixes(SCRATCH))
 
     def target(self, relative: str) -> Path:
         """The path of an output named by a CSV: confined to this folder."""

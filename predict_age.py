@@ -47,12 +47,13 @@ def main(args) -> None:
         output_csv = guard.file(config.output_csv, "output_csv")
         cache = guard.journal(config.descriptor_cache, "descriptor_cache")
         metadata = read_model_metadata(config.model_path)
+        prior = population_shares(config.prior_csv, metadata.groups, "prior_csv")  # before any work: a bad prior is one line
         images = iter_labelled_images(config.inputs, config.labels_csv, config.age_range)
         backbone = saved_backbone(metadata)
         with guard.spool_beside(output_csv) as spool:
             chunks = backbone.prepare_batches(images, Engine.of(config), cache, spool, config.images_per_chunk,
                                               all_faces=config.row_per_face)  # describes every image before TensorFlow: the pool forks
-            tally = write_predictions(chunks, backbone, metadata, config, output_csv)
+            tally = write_predictions(chunks, backbone, metadata, config, prior, output_csv)
         write_run_record({"predict": config, "model": metadata.config}, output_csv)
     print(f"predicted {tally.answered} of {tally.rows} {'faces' if config.row_per_face else 'images'} "
           f"({tally.rows - tally.answered} without an answer, each with its reason); wrote {output_csv}")
@@ -75,16 +76,16 @@ class Tally:
     true_ages: list = field(default_factory=list)
 
 
-def write_predictions(chunks, backbone, metadata: ModelMetadata, config: PredictConfig, output_csv) -> Tally:
+def write_predictions(chunks, backbone, metadata: ModelMetadata, config: PredictConfig, prior: list[float] | None, output_csv) -> Tally:
     """Predict each chunk of prepared rows and append it to the output CSV (written atomically). The
     model is loaded only when a chunk has a face to predict (TensorFlow only for a model without a
-    LiteRT copy of its network)."""
+    LiteRT copy of its network). `prior`: the population's age-group shares to correct answers to, if any."""
     tally, model = Tally(), None
     with atomic_write(output_csv, newline="", encoding="utf-8") as out:
         for rows in chunks:
             if model is None and rows["inputs"].notna().any():
                 model = backbone.load(config.model_path, metadata)
-            table, answer = predicted(rows, backbone, metadata, config, model)
+            table, answer = predicted(rows, backbone, metadata, config, model, prior)
             table.to_csv(out, header=tally.rows == 0, index=False)
             answered = table["age"].notna().to_numpy()
             labelled = answered & table["true_age"].notna().to_numpy()
@@ -96,7 +97,8 @@ def write_predictions(chunks, backbone, metadata: ModelMetadata, config: Predict
     return tally
 
 
-def predicted(rows: pd.DataFrame, backbone, metadata: ModelMetadata, config: PredictConfig, model) -> tuple[pd.DataFrame, Answers]:
+def predicted(rows: pd.DataFrame, backbone, metadata: ModelMetadata, config: PredictConfig, model,
+              prior: list[float] | None) -> tuple[pd.DataFrame, Answers]:
     """The output table (the answer to each prepared face, or the reason there is none) and the
     answers read from each row's distribution over years (a flat one where there is no answer)."""
     groups, max_age = metadata.groups, metadata.max_age
@@ -107,7 +109,6 @@ def predicted(rows: pd.DataFrame, backbone, metadata: ModelMetadata, config: Pre
     finite = np.isfinite(years).all(axis=1)
     reasons = np.array(rows["problem"].where(~usable, None), dtype=object)
     reasons[usable & ~finite] = "the model gave no finite prediction for this image"
-    prior = population_shares(config.prior_csv, groups, "prior_csv")
     if prior is not None and finite.any():
         years[finite] = correct_prior(years[finite], groups, max_age, metadata.training_group_shares, prior)
     answer = answers(np.where(finite[:, None], years, 1.0 / (max_age + 1)), groups, max_age, metadata.answer_rule, metadata.interval)

@@ -259,9 +259,9 @@ def process_chunks(chunks: Iterable[pd.DataFrame], plan: list[tuple[str, int]], 
                    folder: OutputFolder, engine: Engine) -> None:
     """Process the rows of every chunk whose part is missing, or lists an output gone or changed since."""
     todo = [not parts.has(name) or not outputs_intact(parts, name, folder) for name, _ in plan]
-    rows = sum(count for (_, count), needed in zip(plan, todo) if needed)
-    if rows < sum(count for _, count in plan):
-        log.info("continuing: %d of %d rows were finished by an earlier run", sum(count for _, count in plan) - rows, sum(count for _, count in plan))
+    rows, total = sum(count for (_, count), needed in zip(plan, todo) if needed), sum(count for _, count in plan)
+    if rows < total:
+        log.info("continuing: %d of %d rows were finished by an earlier run", total - rows, total)
     work = ((name, frame.to_dict("records")) for (name, _), needed, frame in zip(plan, todo, chunks) if needed)
     fill_parts(parts, work, _process_task, engine, state=processor, chunksize=4, on_failure=failed_row,
                progress=progress_bar(rows, "processing"))

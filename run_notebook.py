@@ -23,7 +23,7 @@ from config import PROJECT_DIR
 from errors import UserError
 from manifest import file_digest
 from outputs import OutputGuard
-from writes import current_umask
+from writes import current_umask, temporary_affixes
 
 
 def absolute_paths(assignment: str) -> str:
@@ -45,7 +45,7 @@ def execute(notebook: Path, folder, target: Path, parameters: dict, timeout: int
     from papermill.exceptions import PapermillExecutionError
 
     with tempfile.TemporaryDirectory(prefix="agepipe-kernel-") as runtime, \
-            tempfile.NamedTemporaryFile(dir=folder.path, prefix=f".{target.name[:32]}.", suffix=".tmp", delete=False) as partial:
+            tempfile.NamedTemporaryFile(dir=folder.path, **temporary_affixes(target.name), delete=False) as partial:
         # the kernel's connection file goes to a temporary folder, never the repository
         os.environ["JUPYTER_RUNTIME_DIR"] = runtime
         try:

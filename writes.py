@@ -23,8 +23,11 @@ from config import plain
 from errors import UserError
 from manifest import Manifest, file_digest
 
-# What atomic_write leaves when killed: "." + the target's first 32 characters + "." + 8 random characters + ".tmp".
+# What a temporary of a target is named (so that a killed run's is found): "." + the target's first 32
+# characters (a 250-character name plus a suffix would exceed the file system's limit) + "." + tempfile's
+# 8 random characters + ".tmp".
 TEMPORARY = re.compile(r"\.(?P<start>.{1,32})\.[a-z0-9_]{8}\.tmp", re.DOTALL)
+TEMPORARY_START = 32
 
 
 _claimed_files: set[str] = set()
@@ -67,7 +70,12 @@ def remove_temporaries(folder: Path, starts: Container[str]) -> int:
 
 def temporary_starts(names: Iterable[str]) -> set[str]:
     """What remove_temporaries matches the temporary files of these targets by."""
-    return {name[:32] for name in names}
+    return {name[:TEMPORARY_START] for name in names}
+
+
+def temporary_affixes(target_name: str) -> dict[str, str]:
+    """The `prefix` and `suffix` tempfile gives a temporary of the target `target_name` (TEMPORARY)."""
+    return {"prefix": f".{target_name[:TEMPORARY_START]}.", "suffix": ".tmp"}
 
 
 def current_umask() -> int:
@@ -95,8 +103,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     if not is_claimed(path):
         raise RuntimeError(f"{path}: written without going through the output guard (outputs.OutputGuard)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the temporary name stays short: a 250-character name plus a suffix would exceed the file system's limit
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:32]}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, **temporary_affixes(path.name))
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; outputs get the usual permissions
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
