@@ -237,12 +237,13 @@ def find_faces(detector: FaceDetector, bgr: np.ndarray, tile_levels: int) -> Fac
     for _ in range(tile_levels):
         if side < MIN_TILE_SIDE:
             break
-        step = max(1, side // 2)
-        for y in _tile_starts(height, side, step):
-            for x in _tile_starts(width, side, step):
-                faces = detector.detect(bgr[y:y + side, x:x + side])
-                offset = np.array([x, y], np.float32)
-                found.append(Faces(faces.boxes + np.tile(offset, 2), faces.scores, faces.keypoints + offset))
+        if (side, side) != (height, width):  # a square image's first tile is the image itself, searched already
+            step = max(1, side // 2)
+            for y in _tile_starts(height, side, step):
+                for x in _tile_starts(width, side, step):
+                    faces = detector.detect(bgr[y:y + side, x:x + side])
+                    offset = np.array([x, y], np.float32)
+                    found.append(Faces(faces.boxes + np.tile(offset, 2), faces.scores, faces.keypoints + offset))
         side //= 2
     boxes = np.concatenate([f.boxes for f in found])
     scores = np.concatenate([f.scores for f in found])

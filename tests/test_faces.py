@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT
-from face_detector import DetectorSettings, FaceDetector, FinderSettings, detector_model_path, face_geometry
+from face_detector import DetectorSettings, FaceDetector, FinderSettings, detector_model_path, face_geometry, find_faces
 from dlib_resnet import FaceDescriptorNetwork, read_weights
 from face_features import (DESCRIPTOR_MODEL, LANDMARK_MODEL, DescriptorSettings, FaceDescriber, age_network_files, describe_files,
                            landmark_problem, require_dlib)
@@ -74,6 +74,23 @@ def test_planted_tilt_crowd_and_small_off_centre_face_are_measured(sample, manif
     canvas[10:110, 10:110] = cv2.resize(faces[2], (100, 100), interpolation=cv2.INTER_AREA)
     small = geometry(canvas)
     assert small["faces"] == 1 and small["face_area_fraction"] < 0.1 and small["face_offset"] > 0.25
+
+
+def test_a_square_image_is_searched_once_and_a_wide_one_in_its_tiles_too():
+    """The first tiles of a square image are the image itself: searching them again would find nothing new."""
+    searched = []
+
+    class Counting(FaceDetector):
+        def detect(self, bgr):
+            searched.append(bgr.shape[:2])
+            return super().detect(bgr)
+
+    counting = Counting(DetectorSettings(min_score=0.5, iou_threshold=0.3, border_fraction=0.25))
+    find_faces(counting, np.zeros((200, 200, 3), np.uint8), tile_levels=1)
+    assert searched == [(200, 200)]
+    searched.clear()
+    find_faces(counting, np.zeros((200, 400, 3), np.uint8), tile_levels=1)
+    assert searched == [(200, 400)] + [(200, 200)] * 3
 
 
 def test_a_missing_detector_package_is_one_line(monkeypatch):
