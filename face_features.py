@@ -66,10 +66,10 @@ class DescriptorSettings:
         are implausible (the predictor always answers, even on a blank image).
     max_roll_degrees : landmarks whose eye line tilts more than this are implausible.
     padding : margin around the aligned face chip, as a share of the face (dlib's default 0.25).
-    mirrored : also describe the mirror image; the age model averages both views.
+    mirrored : also describe the mirror image; the age model averages both views (false: the fast profile).
     face_descriptor : "every_view" computes dlib's descriptor for each view; "first_view" for the
-        image only, the mirror view reusing it (dlib is most of the time; the age network still sees
-        both views); "none" leaves it out: the age network's log-probabilities alone (the fast profile).
+        image only, the mirror view reusing it (the age network still sees both views); "none" leaves it
+        out: the age network's log-probabilities alone.
     age_network : append the pretrained age network's log-probabilities over its 81 age classes.
     age_probability_floor : probabilities are floored at this before the log (their tails reach 1e-21:
         unfloored, a logarithm would let noise in the tails dominate).

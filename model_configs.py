@@ -67,9 +67,9 @@ class Descriptor(Section):
     padding: Bounded(float, 0, 1)
     """Margin around the aligned face chip."""
     mirrored: bool
-    """Also describe the mirror image: a second training view, averaged at test."""
+    """Also describe the mirror image: a second training view, averaged at test (false: the fast profile)."""
     face_descriptor: Literal["every_view", "first_view", "none"]
-    """dlib's descriptor on every view, on the first only (the mirror view reuses it), or none (the fast profile)."""
+    """dlib's descriptor on every view, on the first only (the mirror view reuses it), or none (the age network alone)."""
     age_network: bool
     """Append the pretrained age network's 81 log-probabilities."""
     age_probability_floor: Bounded(float, 1e-30, 1)

