@@ -16,6 +16,7 @@ and nothing is converted or written.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cli import native_stderr_silenced
 
 CHIP_SIDE = 150  # the network reads 150x150 aligned RGB face chips
 BLOCKS, DESCRIPTOR_WIDTH = 14, 128
+INPUT_SCALE = np.float32(1 / 256)  # dlib's input layer scales each pixel's distance from the channel mean by this
 # The serialized names dlib gives the layers that hold weights, preceded by dlib's length prefix.
 _WEIGHT_LAYERS = re.compile(rb"\x01\x15input_rgb_image_sized|\x01\x05con_4|\x01\x07affine_|\x01\x04fc_2")
 
@@ -212,12 +214,25 @@ class _Graph:
         return bytes(builder.Output())
 
 
+@functools.lru_cache(maxsize=2)
+def lite_model_of(path: str) -> bytes:
+    """The LiteRT model of the weight file at `path`, built once per process: a stage builds it before
+    its worker pool forks (which checks the file too), so that every worker shares it."""
+    return lite_model(read_weights(path))
+
+
 def lite_model(weights: ResNetWeights) -> bytes:
-    """The network as a LiteRT flatbuffer: a (1, 150, 150, 3) float input, already less its mean and
-    divided by 256 as dlib's input layer does, and a (1, 128) descriptor out."""
+    """The network as a LiteRT flatbuffer: a (1, 150, 150, 3) float input of RGB values (0-255), a
+    (1, 128) descriptor out."""
     graph = _Graph()
     image = graph.tensor([1, CHIP_SIDE, CHIP_SIDE, 3])
     first, *pairs = weights.convolutions
+    if first.padding:
+        raise ValueError("its first convolution is padded: dlib's input layer cannot be folded into it")
+    # dlib's input layer, (value - channel mean) * INPUT_SCALE, folded into the first convolution: it has
+    # no padding, so every value it reads is a pixel's
+    scaled = first.weights * INPUT_SCALE
+    first = Convolution(scaled, first.bias - np.einsum("ohwi,i->o", scaled, weights.input_mean), first.stride, 0)
     x = graph.pool(graph.convolution(image, first, relu=True), schema.BuiltinOperator.MAX_POOL_2D, 3, 2)
     for block in range(BLOCKS):
         x = graph.residual_block(x, pairs[2 * block], pairs[2 * block + 1])
@@ -246,11 +261,9 @@ class FaceDescriptorNetwork:
     def __init__(self, weights_path: str | os.PathLike):
         from ai_edge_litert.interpreter import Interpreter
 
-        weights = read_weights(weights_path)
-        self._scale = np.float32(1 / 256)
-        self._mean = weights.input_mean
+        content = lite_model_of(str(weights_path))
         with native_stderr_silenced():  # LiteRT announces its XNNPACK delegate on stderr
-            self._interpreter = Interpreter(model_content=lite_model(weights), num_threads=1)
+            self._interpreter = Interpreter(model_content=content, num_threads=1)
             self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
@@ -259,7 +272,7 @@ class FaceDescriptorNetwork:
         """The descriptor of one (150, 150, 3) uint8 RGB chip."""
         if chip.shape != (CHIP_SIDE, CHIP_SIDE, 3):
             raise ValueError(f"a face chip must be {CHIP_SIDE}x{CHIP_SIDE} RGB, not {chip.shape}")
-        self._interpreter.set_tensor(self._input, ((chip.astype(np.float32) - self._mean) * self._scale)[None])
+        self._interpreter.set_tensor(self._input, chip[None].astype(np.float32))
         with native_stderr_silenced():
             self._interpreter.invoke()
         return self._interpreter.get_tensor(self._output)[0].copy()

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from cli import progress_bar
-from dlib_resnet import CHIP_SIDE, FaceDescriptorNetwork, read_weights
+from dlib_resnet import CHIP_SIDE, FaceDescriptorNetwork, lite_model_of
 from config import config_fingerprint
 from errors import UserError
 from face_detector import DetectorSettings, FaceDetector, FinderSettings, find_faces
@@ -431,7 +431,7 @@ class DescriptorCache:
         paths = require_dlib()[1]  # fail with one line before starting workers
         if settings.face_descriptor != "none":
             try:
-                read_weights(paths[DESCRIPTOR_MODEL])
+                lite_model_of(str(paths[DESCRIPTOR_MODEL]))  # built now, shared by the workers forked next
             except ValueError as exc:
                 raise UserError(f"{exc}: reinstall face-recognition-models") from None
         age_model = age_network_files().model.name if settings.age_network else None
