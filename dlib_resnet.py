@@ -83,7 +83,7 @@ class _Reader:
         count = int(np.prod([self.integer() for _ in range(4)]))
         values = np.frombuffer(self.data, "<f4", count, self.position)
         self.position += 4 * count
-        return values.astype(np.float32)
+        return values
 
 
 def read_weights(path: str | os.PathLike) -> ResNetWeights:
@@ -114,7 +114,7 @@ def _parse_weights(data: bytes) -> ResNetWeights:
         elif name == "affine_":
             scale, shift = np.split(reader.tensor(), 2)
             weights, bias, stride, padding = pending
-            convolutions.append(Convolution(weights * scale[:, None, None, None], bias * scale + shift, stride, padding))
+            convolutions.append(Convolution(np.ascontiguousarray(weights * scale[:, None, None, None]), bias * scale + shift, stride, padding))
         else:
             outputs, inputs = reader.integer(), reader.integer()
             linear = reader.tensor().reshape(inputs, outputs).T.copy()
@@ -136,7 +136,7 @@ class _Graph:
         tensor.buffer = 0
         if constant is not None:
             buffer = schema.BufferT()
-            buffer.data = np.frombuffer(np.ascontiguousarray(constant).tobytes(), np.uint8)
+            buffer.data = np.ascontiguousarray(constant).reshape(-1).view(np.uint8)
             self.buffers.append(buffer)
             tensor.buffer = len(self.buffers) - 1
         tensor.name = f"t{len(self.tensors)}".encode()
@@ -209,9 +209,10 @@ class _Graph:
             operator_code = schema.OperatorCodeT()
             operator_code.builtinCode, operator_code.deprecatedBuiltinCode, operator_code.version = code, min(code, 127), 1
             model.operatorCodes.append(operator_code)
-        builder = flatbuffers.Builder(1 << 20)
+        # room for every constant from the start: a builder that grows copies itself each time
+        builder = flatbuffers.Builder(sum(len(b.data) for b in self.buffers if b.data is not None) + (1 << 20))
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-        return bytes(builder.Output())
+        return bytes(memoryview(builder.Bytes)[builder.Head():])  # one copy (Output() makes two)
 
 
 @functools.lru_cache(maxsize=2)

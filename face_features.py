@@ -428,12 +428,7 @@ class DescriptorCache:
     memory, never the descriptions."""
 
     def __init__(self, cache_path: str | os.PathLike, settings: DescriptorSettings):
-        paths = require_dlib()[1]  # fail with one line before starting workers
-        if settings.face_descriptor != "none":
-            try:
-                lite_model_of(str(paths[DESCRIPTOR_MODEL]))  # built now, shared by the workers forked next
-            except ValueError as exc:
-                raise UserError(f"{exc}: reinstall face-recognition-models") from None
+        require_dlib()  # fail with one line before starting workers
         age_model = age_network_files().model.name if settings.age_network else None
         fingerprinted = asdict(settings)
         if fingerprinted["face_descriptor"] == "every_view":
@@ -450,6 +445,11 @@ class DescriptorCache:
         """Describe the files of `todo` ((content hash, path) pairs, `count` of them) into the cache."""
         if not count:
             return
+        if self.settings.face_descriptor != "none":
+            try:
+                lite_model_of(str(require_dlib()[1][DESCRIPTOR_MODEL]))  # built once now: the workers forked next share it
+            except ValueError as exc:
+                raise UserError(f"{exc}: reinstall face-recognition-models") from None
         log.info("describing %d images (others found in %s)", count, self.path)
         with self.journal:
             for key, row in parallel_map(_describe_task, todo, engine, state=(FaceDescriber(self.settings), (max_pixels, max_file_bytes)),

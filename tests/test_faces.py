@@ -185,7 +185,7 @@ def test_the_litert_descriptor_is_dlibs_own_to_float_rounding(sample):
         np.testing.assert_allclose(network.describe(chip), expected, atol=1e-5)
 
 
-def test_a_weight_file_that_is_not_dlibs_face_network_is_refused(tmp_path, monkeypatch):
+def test_a_weight_file_that_is_not_dlibs_face_network_is_refused(sample, tmp_path, monkeypatch):
     """Another dlib model, a copy cut short and noise are refused by name; describing says so in one line."""
     import face_features
 
@@ -199,7 +199,7 @@ def test_a_weight_file_that_is_not_dlibs_face_network_is_refused(tmp_path, monke
             read_weights(path)
     monkeypatch.setattr(face_features, "require_dlib", lambda: (dlib, {**paths, DESCRIPTOR_MODEL: cut}))
     with pytest.raises(UserError, match="reinstall face-recognition-models"):
-        describe_files([], SETTINGS, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
+        describe_files([str(next(sample.glob("*.jpg")))], SETTINGS, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
 
 
 def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample, tmp_path, monkeypatch):
