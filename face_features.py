@@ -277,36 +277,40 @@ class FaceDescriber:
                        descriptor: np.ndarray | None = None) -> tuple[np.ndarray | None, str | None]:
         """One view's numbers: dlib's descriptor (or the given one, or none, as `face_descriptor` says)
         and the age network's; aligned by the landmarks found in `square`, else its square unaligned."""
-        dlib, _, predictor, network, _ = self._load()
+        dlib, _, predictor, _, _ = self._load()
         x, y, w, h = square
         box = dlib.rectangle(round(x), round(y), round(x + w) - 1, round(y + h) - 1)
         shape = predictor(rgb, box)
         points = np.array([(p.x, p.y) for p in shape.parts()], float)
         problem = landmark_problem(points, box.width(), self.settings)
         if problem is None:
-            compute = lambda: network.describe(dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape, CHIP_SIDE, self.settings.padding)))  # noqa: E731
-            aligned = lambda files: dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape, files.chip_size, files.chip_padding))  # noqa: E731
-            return self._with_age(self._descriptor(compute, descriptor), aligned), None
-        if self.settings.on_no_landmarks == "skip":
+            def chip(side: int, padding: float) -> np.ndarray:  # the face aligned by its landmarks
+                return dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape, side, padding))
+        elif self.settings.on_no_landmarks == "skip":
             return None, problem
-        region = square_region(rgb, square)
-        compute = lambda: network.describe(cv2.resize(region, (CHIP_SIDE, CHIP_SIDE), interpolation=cv2.INTER_AREA))  # noqa: E731
-        whole = lambda files: cv2.resize(region, (files.chip_size, files.chip_size), interpolation=cv2.INTER_AREA)  # noqa: E731
-        return self._with_age(self._descriptor(compute, descriptor), whole), problem + "; described the face's square unaligned"
+        else:
+            region = square_region(rgb, square)
 
-    def _descriptor(self, compute, given: np.ndarray | None) -> np.ndarray:
-        """dlib's descriptor of a view: `given` (the first view's), none, or computed now."""
+            def chip(side: int, padding: float) -> np.ndarray:  # the face's square, unaligned
+                return cv2.resize(region, (side, side), interpolation=cv2.INTER_AREA)
+        vector = self._with_age(self._descriptor(chip, descriptor), chip)
+        return vector, None if problem is None else problem + "; described the face's square unaligned"
+
+    def _descriptor(self, chip, given: np.ndarray | None) -> np.ndarray:
+        """dlib's descriptor of a view (whose face `chip(side, padding)` cuts): `given` (the first
+        view's), none, or computed now."""
         if self.settings.face_descriptor == "none":
             return np.zeros(0)
-        return given if given is not None else np.array(compute())
+        return given if given is not None else self._load()[3].describe(chip(CHIP_SIDE, self.settings.padding))
 
-    def _with_age(self, descriptor: np.ndarray, age_chip) -> np.ndarray:
-        """`descriptor`, followed by the age network's log-probabilities for the chip `age_chip(files)`
-        cuts when the settings ask for them."""
+    def _with_age(self, descriptor: np.ndarray, chip) -> np.ndarray:
+        """`descriptor`, followed by the age network's log-probabilities for the view's face
+        (`chip(side, padding)` cuts it) when the settings ask for them."""
         age_network = self._load()[-1]
         if age_network is None:
             return descriptor
-        return np.concatenate([descriptor, age_network.log_probabilities(np.asarray(age_chip(age_network.files)))])
+        files = age_network.files
+        return np.concatenate([descriptor, age_network.log_probabilities(np.asarray(chip(files.chip_size, files.chip_padding)))])
 
 
 def box_area_inside(box: tuple[float, float, float, float], width: int, height: int) -> float:

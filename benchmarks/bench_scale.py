@@ -10,7 +10,7 @@
    LocalCluster of as many single-threaded workers (`scheduler` set to its address); then
    process_images.py on that exploration, and predict_age.py on the folder with --model (skipped
    when there is none). `--stages` picks which of these run. Prediction's descriptor cache is filled first (fill_cache): describing
-   300,000 faces would take hours, and what prediction holds in memory does not depend on the
+   300,000 faces would take over an hour here, and what prediction holds in memory does not depend on the
    numbers a description holds.
 2. Near-duplicate search alone: `find_duplicates` on --hashes random 256-bit perceptual hashes (what
    `hash_side: 16` gives) with a few hundred planted pairs within the configured `max_hash_distance`;
