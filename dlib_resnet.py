@@ -20,6 +20,7 @@ import functools
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import flatbuffers
 import numpy as np
@@ -93,7 +94,7 @@ def read_weights(path: str | os.PathLike) -> ResNetWeights:
     layers holding numbers are read. Raises ValueError when the file is not that network.
     """
     try:
-        return _parse_weights(open(path, "rb").read())
+        return _parse_weights(Path(path).read_bytes())
     except (IndexError, ValueError, TypeError, UnicodeDecodeError):
         raise ValueError(f"{path} is not dlib's face-recognition ResNet") from None
 
@@ -215,7 +216,7 @@ class _Graph:
         return bytes(memoryview(builder.Bytes)[builder.Head():])  # one copy (Output() makes two)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def lite_model_of(path: str) -> bytes:
     """The LiteRT model of the weight file at `path`, built once per process: a stage builds it before
     its worker pool forks (which checks the file too), so that every worker shares it."""
@@ -263,7 +264,7 @@ class FaceDescriptorNetwork:
         from ai_edge_litert.interpreter import Interpreter
 
         content = lite_model_of(str(weights_path))
-        with native_stderr_silenced():  # LiteRT announces its XNNPACK delegate on stderr
+        with native_stderr_silenced():  # LiteRT announces its XNNPACK delegate on stderr when tensors are allocated
             self._interpreter = Interpreter(model_content=content, num_threads=1)
             self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]["index"]
@@ -274,6 +275,5 @@ class FaceDescriptorNetwork:
         if chip.shape != (CHIP_SIDE, CHIP_SIDE, 3):
             raise ValueError(f"a face chip must be {CHIP_SIDE}x{CHIP_SIDE} RGB, not {chip.shape}")
         self._interpreter.set_tensor(self._input, chip[None].astype(np.float32))
-        with native_stderr_silenced():
-            self._interpreter.invoke()
+        self._interpreter.invoke()
         return self._interpreter.get_tensor(self._output)[0].copy()

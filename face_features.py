@@ -302,7 +302,10 @@ class FaceDescriber:
         view's), none, or computed now."""
         if self.settings.face_descriptor == "none":
             return np.zeros(0)
-        return given if given is not None else self._load()[3].describe(chip(CHIP_SIDE, self.settings.padding))
+        if given is not None:
+            return given
+        _, _, _, network, _ = self._load()
+        return network.describe(chip(CHIP_SIDE, self.settings.padding))
 
     def _with_age(self, descriptor: np.ndarray, chip) -> np.ndarray:
         """`descriptor`, followed by the age network's log-probabilities for the view's face
