@@ -302,10 +302,9 @@ class OutputFolder:
         did not, when they are as agepipe left them, and what killed writes left; return how many were
         deleted. Nothing here holds a name per file in memory: the manifest is read as a stream."""
         self.manifest.record(self.written.items() if written is None else written, self.run)
-        removed, kept, folders = 0, [], {self.path}
+        removed, kept = 0, []
         for name, digest in self.manifest.others(self.run):
             target = self.path / name
-            folders.add(target.parent)
             if not target.exists():
                 continue
             if is_inside(target, self.path) and not target.is_symlink() and target.is_file() and digest in (None, file_digest(target)):
@@ -313,7 +312,7 @@ class OutputFolder:
                 removed += 1
             else:
                 kept.append((name, digest))  # changed since agepipe wrote it: the user's now, never deleted
-        folders.update(self.path / os.path.dirname(name) for name in self.manifest.names())
+        folders = {self.path} | {self.path / os.path.dirname(name) for name in self.manifest.names()}  # every name: this run's and the others'
         for folder in folders:  # while the manifest still lists every name a temporary may belong to
             removed += remove_temporaries(folder, self._listed_starts(folder, set()))
         self.manifest.forget_others(self.run, kept)

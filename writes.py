@@ -26,8 +26,8 @@ from manifest import Manifest, file_digest
 # What a temporary of a target is named (so that a killed run's is found): "." + the target's first 32
 # characters (a 250-character name plus a suffix would exceed the file system's limit) + "." + tempfile's
 # 8 random characters + ".tmp".
-TEMPORARY = re.compile(r"\.(?P<start>.{1,32})\.[a-z0-9_]{8}\.tmp", re.DOTALL)
 TEMPORARY_START = 32
+TEMPORARY = re.compile(rf"\.(?P<start>.{{1,{TEMPORARY_START}}})\.[a-z0-9_]{{8}}\.tmp", re.DOTALL)
 
 
 _claimed_files: set[str] = set()
