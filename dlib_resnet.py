@@ -225,7 +225,7 @@ def lite_model_of(path: str) -> bytes:
 
 def lite_model(weights: ResNetWeights) -> bytes:
     """The network as a LiteRT flatbuffer: a (1, 150, 150, 3) float input of RGB values (0-255), a
-    (1, 128) descriptor out."""
+    (1, 128) descriptor out (or n of each, the input resized)."""
     graph = _Graph()
     image = graph.tensor([1, CHIP_SIDE, CHIP_SIDE, 3])
     first, *pairs = weights.convolutions
@@ -250,30 +250,51 @@ def lite_model(weights: ResNetWeights) -> bytes:
 
 
 class FaceDescriptorNetwork:
-    """dlib's 128-D face descriptor of 150x150 aligned RGB chips, computed by LiteRT on one thread.
+    """dlib's 128-D face descriptor of 150x150 aligned RGB chips, computed by LiteRT on one thread,
+    `batch` chips at a time where there are that many (XNNPACK runs a batch of 8 in three quarters of
+    the time per chip), the rest one at a time.
 
     Examples
     --------
     >>> from face_features import require_dlib, DESCRIPTOR_MODEL
-    >>> network = FaceDescriptorNetwork(require_dlib()[1][DESCRIPTOR_MODEL])
+    >>> network = FaceDescriptorNetwork(require_dlib()[1][DESCRIPTOR_MODEL], batch=4)
     >>> network.describe(np.full((150, 150, 3), 128, np.uint8)).shape
     (128,)
+    >>> network.describe_many(np.zeros((6, 150, 150, 3), np.uint8)).shape
+    (6, 128)
     """
 
-    def __init__(self, weights_path: str | os.PathLike):
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, weights_path: str | os.PathLike, batch: int = 1):
+        self._content, self.batch = lite_model_of(str(weights_path)), batch
+        self._interpreters: dict = {}  # by batch size, made on first use: each holds its own packed weights
 
-        content = lite_model_of(str(weights_path))
-        with native_stderr_silenced():  # LiteRT announces its XNNPACK delegate on stderr when tensors are allocated
-            self._interpreter = Interpreter(model_content=content, num_threads=1)
-            self._interpreter.allocate_tensors()
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
+    def _interpreter(self, size: int) -> tuple:
+        """The interpreter for `size` chips at once, with its input and output tensors' indices."""
+        if size not in self._interpreters:
+            from ai_edge_litert.interpreter import Interpreter
+
+            with native_stderr_silenced():  # LiteRT announces its XNNPACK delegate on stderr when tensors are allocated
+                interpreter = Interpreter(model_content=self._content, num_threads=1)
+                image = interpreter.get_input_details()[0]["index"]
+                interpreter.resize_tensor_input(image, [size, CHIP_SIDE, CHIP_SIDE, 3])
+                interpreter.allocate_tensors()
+            self._interpreters[size] = (interpreter, image, interpreter.get_output_details()[0]["index"])
+        return self._interpreters[size]
 
     def describe(self, chip: np.ndarray) -> np.ndarray:
         """The descriptor of one (150, 150, 3) uint8 RGB chip."""
-        if chip.shape != (CHIP_SIDE, CHIP_SIDE, 3):
-            raise ValueError(f"a face chip must be {CHIP_SIDE}x{CHIP_SIDE} RGB, not {chip.shape}")
-        self._interpreter.set_tensor(self._input, chip[None].astype(np.float32))
-        self._interpreter.invoke()
-        return self._interpreter.get_tensor(self._output)[0].copy()
+        return self.describe_many(chip[None])[0]
+
+    def describe_many(self, chips: np.ndarray) -> np.ndarray:
+        """The descriptors, (n, 128), of n (150, 150, 3) uint8 RGB chips."""
+        if chips.shape[1:] != (CHIP_SIDE, CHIP_SIDE, 3):
+            raise ValueError(f"a face chip must be {CHIP_SIDE}x{CHIP_SIDE} RGB, not {chips.shape[1:]}")
+        whole = len(chips) - len(chips) % self.batch
+        groups = [chips[i:i + self.batch] for i in range(0, whole, self.batch)] + [chips[i:i + 1] for i in range(whole, len(chips))]
+        return np.concatenate([self._run(group) for group in groups]) if groups else np.zeros((0, DESCRIPTOR_WIDTH), np.float32)
+
+    def _run(self, chips: np.ndarray) -> np.ndarray:
+        interpreter, image, descriptor = self._interpreter(len(chips))
+        interpreter.set_tensor(image, chips.astype(np.float32))
+        interpreter.invoke()
+        return interpreter.get_tensor(descriptor).copy()

@@ -2,13 +2,15 @@
 survives killed and hanging workers, or the workers of a Dask cluster, with a bounded number of items
 in flight either way so that memory does not grow with the number of items.
 
-A stage hands `parallel_map` a task function `task(state, item)` and the `state` every worker needs
-(settings, a loaded model): it reaches each worker process once, with the parent's output claims
-(writes.claims), and OpenCV runs single-threaded there (the parallelism comes from the workers).
+A stage hands `parallel_map` a task function `task(state, item)` (or `task(state, items)`, batched)
+and the `state` every worker needs (settings, a loaded model): it reaches each worker process once,
+with the parent's output claims (writes.claims), and OpenCV runs single-threaded there (the
+parallelism comes from the workers).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import multiprocessing
 import os
@@ -93,34 +95,50 @@ def _start_worker(state: Any, token: str, claimed: tuple) -> None:
     _install(state, token, claimed)
 
 
-def _run_chunk(func: TaskFunction, chunk: list, timeout: float | None) -> list[tuple[bool, Any]]:
-    """Run func(state, item) on each item of a chunk inside a worker: (True, result) or (False, reason)
-    per item. A time limit interrupts even a blocking read (the alarm's exception stops the system call)."""
-    import signal
-
+def _run_chunk(func: TaskFunction, chunk: list, timeout: float | None, batch: int = 0) -> list[tuple[bool, Any]]:
+    """Run func(state, item) on each item of a chunk inside a worker, or with `batch`, func(state, items)
+    on consecutive lists of `batch` items: (True, result) or (False, reason) per item. A batch that runs
+    out of time or memory runs again an item at a time, so that only its culprit fails."""
+    if not batch:
+        return [_guarded(functools.partial(func, _state, item), timeout) for item in chunk]
     results = []
-    for item in chunk:
-        if timeout:
-            signal.signal(signal.SIGALRM, _on_alarm)
-            signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            results.append((True, func(_state, item)))
-        except TaskTimeout:
-            results.append((False, f"took longer than task_timeout_seconds ({timeout:g} s)"))
-        except MemoryError:
-            results.append((False, "out of memory"))
-        finally:
-            if timeout:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+    for start in range(0, len(chunk), batch):
+        items = chunk[start:start + batch]
+        ok, value = _guarded(functools.partial(func, _state, items), timeout and timeout * len(items))
+        if ok:
+            results.extend((True, result) for result in value)
+        elif len(items) == 1:
+            results.append((ok, value))
+        else:
+            results.extend(_run_chunk(func, [item], timeout, batch)[0] for item in items)
     return results
 
 
-def _run_dask_chunk(func: TaskFunction, chunk: list, state: Any, token: str, claimed: tuple) -> list[tuple[bool, Any]]:
+def _guarded(call: Callable[[], Any], timeout: float | None) -> tuple[bool, Any]:
+    """(True, call()) or (False, why it failed): out of time (a time limit interrupts even a blocking
+    read: the alarm's exception stops the system call) or out of memory."""
+    import signal
+
+    if timeout:
+        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        return True, call()
+    except TaskTimeout:
+        return False, f"took longer than task_timeout_seconds ({timeout:g} s)"
+    except MemoryError:
+        return False, "out of memory"
+    finally:
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _run_dask_chunk(func: TaskFunction, chunk: list, batch: int, state: Any, token: str, claimed: tuple) -> list[tuple[bool, Any]]:
     """A chunk on a Dask worker: the state is installed once per worker process and run, as in the
     local pool. No per-item time limit: the alarm signal only works in a main thread."""
     if _state_token != token:
         _install(state, token, claimed)
-    return _run_chunk(func, chunk, None)
+    return _run_chunk(func, chunk, None, batch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,6 +154,7 @@ def parallel_map(
     progress: Callable[[Iterator], Iterator] | None = None,
     on_failure: Callable[[Any, str], Any] | None = None,
     chunked: bool = False,
+    batched: bool = False,
 ) -> Iterator:
     """Yield func(state, item) for every item, as results finish (not in order), over the `engine`'s
     workers.
@@ -150,14 +169,17 @@ def parallel_map(
     Items go out in chunks: `chunked` says `items` yields them as lists already, else they are cut
     into lists of `engine.chunk_files`. On the local pool each chunk is split further, for balance,
     into pieces of at most `chunksize` items; on a Dask cluster each chunk is one task (`_dask_map`).
+    With `batched`, func(state, items) takes a list of at most `chunksize` items and returns their
+    results in order (a network that runs faster on several inputs at once).
     """
     chunks = iter(items) if chunked else batched_lists(items, engine.chunk_files)
     wrap = progress or (lambda it: it)
     setup = (state, os.urandom(8).hex(), writes.claims())
+    batch = chunksize if batched else 0
     if engine.scheduler != "local":
-        yield from wrap(_dask_map(func, chunks, engine.scheduler, engine.scheduler_timeout, setup, on_failure))
+        yield from wrap(_dask_map(func, chunks, batch, engine.scheduler, engine.scheduler_timeout, setup, on_failure))
         return
-    yield from wrap(_pool_map(func, chunks, resolve_workers(engine.num_workers), setup, chunksize, on_failure, engine.task_timeout))
+    yield from wrap(_pool_map(func, chunks, resolve_workers(engine.num_workers), setup, chunksize, batch, on_failure, engine.task_timeout))
 
 
 def batched_lists(items: Iterable, size: int) -> Iterator[list]:
@@ -179,7 +201,7 @@ def _outcomes(chunk: list, results: list[tuple[bool, Any]], on_failure) -> Itera
         yield value if ok else _failed(item, value, on_failure)
 
 
-def _dask_map(func, chunks, address: str, connect_timeout: float, setup: tuple, on_failure) -> Iterator:
+def _dask_map(func, chunks, batch: int, address: str, connect_timeout: float, setup: tuple, on_failure) -> Iterator:
     """Chunks of items over the workers of the Dask cluster at `address`, one task per chunk, two
     tasks per worker thread in flight.
 
@@ -201,7 +223,7 @@ def _dask_map(func, chunks, address: str, connect_timeout: float, setup: tuple, 
         def submit_next() -> None:
             chunk = next(chunks, None)
             if chunk is not None:
-                future = client.submit(_run_dask_chunk, func, chunk, *setup, pure=False)
+                future = client.submit(_run_dask_chunk, func, chunk, batch, *setup, pure=False)
                 running[future] = chunk
                 finished.add(future)
 
@@ -218,7 +240,7 @@ def _dask_map(func, chunks, address: str, connect_timeout: float, setup: tuple, 
             yield from _outcomes(chunk, results, on_failure)
 
 
-def _pool_map(func, chunks, workers: int, setup: tuple, chunksize: int, on_failure, timeout) -> Iterator:
+def _pool_map(func, chunks, workers: int, setup: tuple, chunksize: int, batch: int, on_failure, timeout) -> Iterator:
     # fork is fastest on Linux, and a forked worker dies with its parent (PR_SET_PDEATHSIG: a killed run
     # leaves no worker writing behind it). TensorFlow is not fork-safe, so the scripts that use it start
     # their pools before importing it; OpenCV's thread pool is paused while workers fork (below).
@@ -226,8 +248,8 @@ def _pool_map(func, chunks, workers: int, setup: tuple, chunksize: int, on_failu
     pieces = _pieces(chunks, chunksize, workers)
     with opencv_threads_stopped():
         while True:
-            suspects, exhausted = yield from _pool_until_broken(func, pieces, workers, context, setup, timeout, on_failure)
-            yield from _retry_alone(func, suspects, context, setup, timeout, on_failure)
+            suspects, exhausted = yield from _pool_until_broken(func, pieces, workers, context, setup, batch, timeout, on_failure)
+            yield from _retry_alone(func, suspects, context, setup, batch, timeout, on_failure)
             if exhausted:
                 return
 
@@ -255,7 +277,7 @@ def opencv_threads_stopped():
             opencv.setNumThreads(threads)
 
 
-def _pool_until_broken(func, pieces: Iterator[list], workers: int, context, setup: tuple, timeout, on_failure):
+def _pool_until_broken(func, pieces: Iterator[list], workers: int, context, setup: tuple, batch: int, timeout, on_failure):
     """Run pieces through one pool, a few in flight, until they run out or a worker dies. Yields the
     outcomes; returns (the items a dead worker may have held, whether the pieces ran out)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -266,7 +288,7 @@ def _pool_until_broken(func, pieces: Iterator[list], workers: int, context, setu
         try:
             while True:
                 while len(running) < workers * 2 and (piece := next(pieces, None)) is not None:  # few in flight: memory stays flat
-                    running[pool.submit(_run_chunk, func, piece, timeout)] = piece
+                    running[pool.submit(_run_chunk, func, piece, timeout, batch)] = piece
                 if not running:
                     return [], True
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -277,7 +299,7 @@ def _pool_until_broken(func, pieces: Iterator[list], workers: int, context, setu
             return [item for piece in running.values() for item in piece], False
 
 
-def _retry_alone(func, suspects: list, context, setup: tuple, timeout, on_failure) -> Iterator:
+def _retry_alone(func, suspects: list, context, setup: tuple, batch: int, timeout, on_failure) -> Iterator:
     """After a worker died: each item it may have held in a pool of its own, so only the culprit fails."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -285,6 +307,6 @@ def _retry_alone(func, suspects: list, context, setup: tuple, timeout, on_failur
     for item in suspects:
         try:
             with ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker, initargs=setup) as single:
-                yield from _outcomes([item], single.submit(_run_chunk, func, [item], timeout).result(), on_failure)
+                yield from _outcomes([item], single.submit(_run_chunk, func, [item], timeout, batch).result(), on_failure)
         except BrokenProcessPool:
             yield _failed(item, "its worker process died (out of memory or a crash in a decoder)", on_failure)

@@ -168,6 +168,24 @@ def test_the_faster_descriptor_modes_are_the_full_one_with_less_computed(sample)
         np.testing.assert_allclose(none, full[:, 128:], atol=1e-6)
 
 
+def test_faces_described_together_are_described_as_each_alone(sample):
+    """A worker puts the faces of several images through the networks at once (locate, then finish):
+    each image gets the description it gets alone, images without a face among them."""
+    import cv2
+
+    settings = DescriptorSettings(**{**AUTO.__dict__, "age_network": True, "age_probability_floor": 1e-6, "mirrored": True,
+                                     "face_descriptor": "first_view"})
+    faces = [np.ascontiguousarray(cv2.imread(str(p))[..., ::-1]) for p in sorted(sample.glob("*.chip.jpg"))[:5]]
+    images = faces[:2] + [np.full((90, 90, 3), 127, np.uint8)] + faces[2:]
+    together = FaceDescriber(settings, batch=2).finish([FaceDescriber(settings).locate(image) for image in images])
+    alone = [FaceDescriber(settings).describe(image) for image in images]
+    assert [image.problem for image in together] == [image.problem for image in alone] == [None, None, "no face found", None, None, None]
+    for batched, single in zip(together, alone):
+        assert [face.box for face in batched.faces] == [face.box for face in single.faces]
+        for a, b in zip(batched.faces, single.faces):
+            np.testing.assert_allclose(a.vector, b.vector, atol=1e-6)
+
+
 def test_the_litert_descriptor_is_dlibs_own_to_float_rounding(sample):
     """dlib_resnet rebuilds dlib's network from its weight file: on aligned faces, an unaligned face and
     noise, its descriptors are those of dlib's own face_recognition_model_v1."""
@@ -175,14 +193,16 @@ def test_the_litert_descriptor_is_dlibs_own_to_float_rounding(sample):
 
     dlib, paths = require_dlib()
     reference = dlib.face_recognition_model_v1(str(paths[DESCRIPTOR_MODEL]))
-    network = FaceDescriptorNetwork(paths[DESCRIPTOR_MODEL])
+    network = FaceDescriptorNetwork(paths[DESCRIPTOR_MODEL], batch=4)
     faces = [cv2.imread(str(p))[..., ::-1] for p in sorted(sample.glob("*.jpg"))[:5]]
     chips = [np.ascontiguousarray(cv2.resize(face, (150, 150), interpolation=cv2.INTER_AREA)) for face in faces]
     chips.append(np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8))
-    for chip in chips:
+    together = network.describe_many(np.stack(chips))  # a batch of four, then two alone
+    for chip, batched in zip(chips, together, strict=True):
         expected = np.array(reference.compute_face_descriptor(chip))
         assert np.linalg.norm(expected) > 0.5
         np.testing.assert_allclose(network.describe(chip), expected, atol=1e-5)
+        np.testing.assert_allclose(batched, expected, atol=1e-5)
 
 
 def test_a_weight_file_that_is_not_dlibs_face_network_is_refused(sample, tmp_path, monkeypatch):

@@ -162,11 +162,18 @@ def _die_on_thirteen(state, item):
     return x * 2
 
 
-def test_a_killed_worker_or_a_hang_costs_one_item_not_the_run(tmp_path):
+def _die_on_thirteen_in_a_batch(state, items):
+    return [_die_on_thirteen(state, item) for item in items]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_killed_worker_or_a_hang_costs_one_item_not_the_run(tmp_path, batched):
+    """Also when the task function takes its items four at a time: the batch holding a culprit is run
+    again an item at a time."""
     os.mkfifo(tmp_path / "fifo")
     items = [(x, str(tmp_path / "fifo")) for x in range(30)]
-    results = list(parallel_map(_die_on_thirteen, items, Engine(num_workers=2, task_timeout=2), chunksize=4,
-                                on_failure=lambda item, why: (item[0], why)))
+    results = list(parallel_map(_die_on_thirteen_in_a_batch if batched else _die_on_thirteen, items, Engine(num_workers=2, task_timeout=2),
+                                chunksize=4, batched=batched, on_failure=lambda item, why: (item[0], why)))
     failures = dict(r for r in results if isinstance(r, tuple))
     assert sorted(r for r in results if not isinstance(r, tuple)) == [x * 2 for x in range(30) if x not in (7, 13)]
     assert "worker process died" in failures[13] and "took longer than task_timeout_seconds (2 s)" in failures[7]
