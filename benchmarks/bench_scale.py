@@ -39,7 +39,8 @@ from config_models import Duplicates  # noqa: E402
 from duplicates import find_duplicates  # noqa: E402
 from image_reader import load_explore_config  # noqa: E402
 from backbones import saved_backbone  # noqa: E402
-from face_features import MAX_FILE_BYTES, MAX_PIXELS, DescriptorCache, content_hash, describe_files  # noqa: E402
+from descriptor_cache import DescriptorCache, content_hash, describe_files  # noqa: E402
+from face_features import MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
 from model_files import read_model_metadata  # noqa: E402
 from parallel import Engine  # noqa: E402
 from runs import explore_run, measured_run  # noqa: E402

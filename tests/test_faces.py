@@ -14,8 +14,9 @@ import pytest
 from conftest import PROJECT
 from face_detector import DetectorSettings, FaceDetector, FinderSettings, detector_model_path, face_geometry, find_faces
 from dlib_resnet import FaceDescriptorNetwork, read_weights
+from descriptor_cache import describe_files
 from face_features import (DESCRIPTOR_MODEL, LANDMARK_MODEL, AgeNetwork, DescriptorSettings, FaceDescriber, age_network_files,
-                           describe_files, landmark_problem, require_dlib)
+                           landmark_problem, require_dlib)
 from errors import UserError
 from parallel import Engine
 

@@ -312,7 +312,8 @@ def test_resume_trusts_contents_not_sizes(explored, tmp_path):
 
 
 def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp_path):
-    from face_features import DescriptorSettings, describe_files
+    from descriptor_cache import describe_files
+    from face_features import DescriptorSettings
     from parallel import Engine
     from resume import Journal
 
