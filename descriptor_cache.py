@@ -16,19 +16,8 @@ import numpy as np
 
 from cli import progress_bar
 from config import config_fingerprint
-from face_features import (
-    AGE_CLASSES,
-    DESCRIPTOR_MODEL,
-    DESCRIPTOR_SIZE,
-    LANDMARK_MODEL,
-    DescriptorSettings,
-    FaceDescriber,
-    FaceDescription,
-    ImageFaces,
-    age_network_files,
-    build_networks,
-    require_dlib,
-)
+from face_features import (AGE_CLASSES, DESCRIPTOR_MODEL, DESCRIPTOR_SIZE, LANDMARK_MODEL, DescriptorSettings, FaceDescriber, FaceDescription,
+                           ImageFaces, age_network_files, build_networks, require_dlib)
 from image_io import UnreadableImage, content_digest, read_image
 from parallel import Engine, parallel_map
 from resume import Journal

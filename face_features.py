@@ -25,13 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dlib_resnet import (
-    CHIP_SIDE,
-    FaceDescriptorNetwork,
-    LiteResNet,
-    lite_exported_model_of,
-    lite_model_of,
-)
+from dlib_resnet import CHIP_SIDE, FaceDescriptorNetwork, LiteResNet, lite_exported_model_of, lite_model_of
 from errors import UserError
 from face_detector import DetectorSettings, FaceDetector, FinderSettings, find_faces
 
@@ -185,7 +179,7 @@ def age_network_files() -> AgeNetworkFiles:
 class AgeNetwork:
     """Log-probabilities over the pretrained age network's classes for aligned RGB chips, the network
     run on LiteRT (dlib_resnet.read_exported_weights: the same numbers as OpenCV's run of its ONNX
-    file, tested; a third faster), `batch` chips at a time where there are that many."""
+    file, tested, in about half the time), `batch` chips at a time where there are that many."""
 
     def __init__(self, files: AgeNetworkFiles, probability_floor: float, batch: int = 1):
         self.files, self.probability_floor = files, probability_floor
@@ -230,8 +224,8 @@ class FaceDescriber:
     """The faces of an RGB uint8 image, described: dlib's 128-D descriptor of each, with the age
     network's log-probabilities appended when `settings.age_network` is set. In two steps, so that the
     networks see the faces of many images at once: `locate` finds an image's faces and cuts their
-    chips, `finish` runs the networks over the chips of many located images (dlib's descriptor
-    `batch` at a time). Models load on first use."""
+    chips, `finish` runs the networks over the chips of many located images (`batch` at a time).
+    Models load on first use."""
 
     def __init__(self, settings: DescriptorSettings, batch: int = 1):
         self.settings, self.batch = settings, batch
