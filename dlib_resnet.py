@@ -163,6 +163,11 @@ def read_exported_weights(path: str | os.PathLike, input_mean, input_scale: floa
     return ResNetWeights(np.asarray(input_mean, np.float32), np.float32(input_scale), convolutions, *linear)
 
 
+def _unpadded(length: int, window: int, stride: int) -> int:
+    """The output length of an unpadded (VALID) window sliding over `length` by `stride`."""
+    return (length - window) // stride + 1
+
+
 class _Graph:
     """A LiteRT subgraph being built: tensors, constant buffers and operators, float32 throughout."""
 
@@ -204,7 +209,7 @@ class _Graph:
         options.dilationHFactor = options.dilationWFactor = 1
         options.fusedActivationFunction = schema.ActivationFunctionType.RELU if relu else schema.ActivationFunctionType.NONE
         if layer.padding == 0:
-            options.padding, out = schema.Padding.VALID, ((height - rows) // layer.stride + 1, (width - cols) // layer.stride + 1)
+            options.padding, out = schema.Padding.VALID, (_unpadded(height, rows, layer.stride), _unpadded(width, cols, layer.stride))
         elif layer.stride == 1 and layer.padding == rows // 2 == cols // 2:
             options.padding, out = schema.Padding.SAME, (height, width)
         else:
@@ -216,7 +221,7 @@ class _Graph:
         _, height, width, channels = self.shape(x)
         options = schema.Pool2DOptionsT()
         options.padding, options.strideH, options.strideW, options.filterHeight, options.filterWidth = schema.Padding.VALID, stride, stride, side, side
-        out = [1, (height - side) // stride + 1, (width - side) // stride + 1, channels]
+        out = [1, _unpadded(height, side, stride), _unpadded(width, side, stride), channels]
         return self.operator(code, [x], out, schema.BuiltinOptions.Pool2DOptions, options)
 
     def zero_pad(self, x: int, rows: int, channels: int) -> int:
