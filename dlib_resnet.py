@@ -2,8 +2,8 @@
 descriptors of dlib's `face_recognition_model_v1.compute_face_descriptor`, equal to float rounding
 (tested), about ten times faster (dlib-bin's build runs the network without BLAS: 90-180 ms a face on
 one core here; LiteRT's XNNPACK 8-9 ms). And Cydral's age network, a dlib ResNet-10 exported to ONNX,
-read through OpenCV's ONNX importer: OpenCV's own run of it to float rounding (tested), in about half
-the time (2.4 ms a 64x64 chip on a core against 5).
+read through OpenCV's ONNX importer: OpenCV's own run of it to float rounding (tested, and checked on
+a probe chip each time it is built), in about half the time (2.4 ms a 64x64 chip on a core against 5).
 
 The network, as dlib's `dnn_face_recognition_ex.cpp` defines it: a 7x7 stride-2 convolution and a 3x3
 stride-2 max pool, then 14 residual blocks of two 3x3 convolutions (3 of 32 filters, 4 of 64, 3 of 128,
@@ -34,6 +34,9 @@ from cli import native_stderr_silenced
 
 CHIP_SIDE = 150  # the network reads 150x150 aligned RGB face chips
 BLOCKS, DESCRIPTOR_WIDTH = 14, 128
+# An exported network read right gives OpenCV's probabilities to float rounding (1.5e-6 measured here);
+# one read wrongly is off by far more.
+PROBE_TOLERANCE = 1e-4
 INPUT_SCALE = np.float32(1 / 256)  # dlib's input layer scales each pixel's distance from the channel mean by this
 # The serialized names dlib gives the layers that hold weights, preceded by dlib's length prefix.
 _WEIGHT_LAYERS = re.compile(rb"\x01\x15input_rgb_image_sized|\x01\x05con_4|\x01\x07affine_|\x01\x04fc_2")
@@ -130,17 +133,11 @@ def _parse_weights(data: bytes) -> ResNetWeights:
     return ResNetWeights(input_mean, INPUT_SCALE, convolutions, linear)
 
 
-def read_exported_weights(path: str | os.PathLike, input_mean, input_scale: float) -> ResNetWeights:
-    """The weights of a dlib ResNet exported to ONNX with dlib's layer names (Cydral's age network), read
-    through OpenCV's ONNX importer: each convolution followed by its affine layer's scale and offset, a
-    linear layer with a bias last. The block convolutions that widen the network halve its size (dlib's
-    `ares_down`). Raises ValueError when the file is not such a network."""
-    import cv2
-
-    try:
-        network = cv2.dnn.readNetFromONNX(str(path))
-    except cv2.error:
-        raise ValueError(f"{path} is not an ONNX file OpenCV reads") from None
+def read_exported_weights(network, path: str | os.PathLike, input_mean, input_scale: float) -> ResNetWeights:
+    """The weights of a dlib ResNet exported to ONNX with dlib's layer names (Cydral's age network), from
+    OpenCV's import of the file at `path` (`network`): each convolution followed by its affine layer's
+    scale and offset, a linear layer with a bias last. The block convolutions that widen the network
+    halve its size (dlib's `ares_down`). Raises ValueError when the file is not such a network."""
     layers = [network.getLayer(name) for name in network.getLayerNames()]
     convolutions, linear = [], None
     for index, layer in enumerate(layers):
@@ -270,8 +267,29 @@ def lite_model_of(path: str) -> bytes:
 @functools.lru_cache(maxsize=1)
 def lite_exported_model_of(path: str, input_mean: tuple, input_scale: float, side: int) -> bytes:
     """The LiteRT model of a dlib ResNet exported to ONNX (read_exported_weights), built once per
-    process, as lite_model_of."""
-    return lite_model(read_exported_weights(path, input_mean, input_scale), side)
+    process, as lite_model_of. The reader assumes dlib's layout, so the model is checked against
+    OpenCV's own run of the file on a probe chip: a file exported otherwise is refused (ValueError),
+    never run wrongly. The model's output is the linear layer's (the file's ends in a softmax)."""
+    import cv2
+
+    try:
+        network = cv2.dnn.readNetFromONNX(path)
+    except cv2.error:
+        raise ValueError(f"{path} is not an ONNX file OpenCV reads") from None
+    content = lite_model(read_exported_weights(network, path, input_mean, input_scale), side)
+    probe = np.random.default_rng(0).integers(0, 256, (1, side, side, 3), dtype=np.uint8)
+    logits = LiteResNet(content, side).describe_many(probe)
+    probabilities = np.exp(logits - logits.max())
+    network.setInput(((probe - np.float32(input_mean)) * np.float32(input_scale)).astype(np.float32).transpose(0, 3, 1, 2))
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # no OpenCV thread pool in a process about to fork its workers
+    try:
+        expected = network.forward()
+    finally:
+        cv2.setNumThreads(threads)
+    if expected.shape != logits.shape or not np.allclose(probabilities / probabilities.sum(), expected, atol=PROBE_TOLERANCE):
+        raise ValueError(f"{path}, read as a dlib ResNet, does not give OpenCV's outputs on a probe chip")
+    return content
 
 
 def lite_model(weights: ResNetWeights, side: int) -> bytes:

