@@ -142,11 +142,11 @@ def read_exported_weights(network, path: str | os.PathLike, input_mean, input_sc
     convolutions, linear = [], None
     for index, layer in enumerate(layers):
         if layer.type == "Convolution":
-            scale, offset = ([other for other in layers[index + 1:index + 5] if other.type == "Const"] + [layer, layer])[:2]
-            if not (scale.name.endswith("_scale") and offset.name.endswith("_offset")):
+            constants = [other for other in layers[index + 1:index + 5] if other.type == "Const"][:2]
+            if [constant.name.rsplit("_", 1)[-1] for constant in constants] != ["scale", "offset"]:
                 raise ValueError(f"{path}: convolution {layer.name} is not followed by dlib's affine layer")
             weights, bias = (blob.astype(np.float32) for blob in layer.blobs)
-            scale, offset = (constant.blobs[0].reshape(-1) for constant in (scale, offset))
+            scale, offset = (constant.blobs[0].reshape(-1) for constant in constants)
             filters, channels = weights.shape[:2]
             first_of_block = len(convolutions) % 2 == 1
             stride, padding = (2, 0) if not convolutions or (first_of_block and filters != channels) else (1, weights.shape[2] // 2)
@@ -267,19 +267,18 @@ def lite_model_of(path: str) -> bytes:
 @functools.lru_cache(maxsize=1)
 def lite_exported_model_of(path: str, input_mean: tuple, input_scale: float, side: int) -> bytes:
     """The LiteRT model of a dlib ResNet exported to ONNX (read_exported_weights), built once per
-    process, as lite_model_of. The reader assumes dlib's layout, so the model is checked against
-    OpenCV's own run of the file on a probe chip: a file exported otherwise is refused (ValueError),
-    never run wrongly. The model's output is the linear layer's (the file's ends in a softmax)."""
+    process, as lite_model_of, ending in a softmax as the file's network does. The reader assumes
+    dlib's layout, so the model is checked against OpenCV's own run of the file on a probe chip: a file
+    exported otherwise is refused (ValueError), never run wrongly."""
     import cv2
 
     try:
         network = cv2.dnn.readNetFromONNX(path)
     except cv2.error:
         raise ValueError(f"{path} is not an ONNX file OpenCV reads") from None
-    content = lite_model(read_exported_weights(network, path, input_mean, input_scale), side)
+    content = lite_model(read_exported_weights(network, path, input_mean, input_scale), side, softmax=True)
     probe = np.random.default_rng(0).integers(0, 256, (1, side, side, 3), dtype=np.uint8)
-    logits = LiteResNet(content, side).describe_many(probe)
-    probabilities = np.exp(logits - logits.max())
+    probabilities = LiteResNet(content, side).describe_many(probe)
     network.setInput(((probe - np.float32(input_mean)) * np.float32(input_scale)).astype(np.float32).transpose(0, 3, 1, 2))
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # no OpenCV thread pool in a process about to fork its workers
@@ -287,14 +286,14 @@ def lite_exported_model_of(path: str, input_mean: tuple, input_scale: float, sid
         expected = network.forward()
     finally:
         cv2.setNumThreads(threads)
-    if expected.shape != logits.shape or not np.allclose(probabilities / probabilities.sum(), expected, atol=PROBE_TOLERANCE):
+    if expected.shape != probabilities.shape or not np.allclose(probabilities, expected, atol=PROBE_TOLERANCE):
         raise ValueError(f"{path}, read as a dlib ResNet, does not give OpenCV's outputs on a probe chip")
     return content
 
 
-def lite_model(weights: ResNetWeights, side: int) -> bytes:
+def lite_model(weights: ResNetWeights, side: int, softmax: bool = False) -> bytes:
     """The network as a LiteRT flatbuffer: a (1, side, side, 3) float input of RGB values (0-255), its
-    (1, outputs) linear layer out (or n of each, the input resized)."""
+    (1, outputs) linear layer out, through a softmax with `softmax` (or n of each, the input resized)."""
     graph = _Graph()
     image = graph.tensor([1, side, side, 3])
     first, *pairs = weights.convolutions
@@ -316,6 +315,10 @@ def lite_model(weights: ResNetWeights, side: int) -> bytes:
     out = graph.operator(schema.BuiltinOperator.FULLY_CONNECTED,
                          [x, graph.tensor(linear.shape, linear), -1 if bias is None else graph.tensor(bias.shape, bias)], [1, linear.shape[0]],
                          schema.BuiltinOptions.FullyConnectedOptions, schema.FullyConnectedOptionsT())
+    if softmax:
+        options = schema.SoftmaxOptionsT()
+        options.beta = 1.0
+        out = graph.operator(schema.BuiltinOperator.SOFTMAX, [out], graph.shape(out), schema.BuiltinOptions.SoftmaxOptions, options)
     return graph.model(image, out)
 
 

@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -191,9 +192,7 @@ class AgeNetwork:
 
     def log_probabilities_many(self, chips: np.ndarray) -> np.ndarray:
         """n chips in, (n, classes) log-probabilities out."""
-        logits = self._network.describe_many(chips)
-        exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return np.log(np.maximum(exponentials / exponentials.sum(axis=1, keepdims=True), self.probability_floor))
+        return np.log(np.maximum(self._network.describe_many(chips), self.probability_floor))
 
 
 def age_lite_model(files: AgeNetworkFiles) -> bytes:
@@ -326,23 +325,23 @@ class FaceDescriber:
         descriptors = iter(network.describe_many(np.stack(own)) if own else [])
         age_chips = [view.age for view in views if view.age is not None]
         ages = iter(age_network.log_probabilities_many(np.stack(age_chips)) if age_chips else [])
-        described = []
-        for image in images:
-            faces = []
-            for face in image.faces:
-                if face.chips is None:
-                    faces.append(face)
-                    continue
-                vectors = []
-                for view in face.chips:
-                    if view.descriptor is not None:
-                        descriptor = next(descriptors)
-                    else:  # the first view's, or none
-                        descriptor = vectors[0][:DESCRIPTOR_SIZE] if self.settings.face_descriptor == "first_view" else np.zeros(0, np.float32)
-                    vectors.append(np.concatenate([descriptor, next(ages) if view.age is not None else np.zeros(0, np.float32)]))
-                faces.append(FaceDescription(face.box, np.stack(vectors).astype(np.float32), face.problem))
-            described.append(ImageFaces(image.found, faces, image.problem))
-        return described
+
+        def described(face: FaceDescription) -> FaceDescription:
+            return face if face.chips is None else FaceDescription(face.box, self._vector(face.chips, descriptors, ages), face.problem)
+
+        return [ImageFaces(image.found, [described(face) for face in image.faces], image.problem) for image in images]
+
+    def _vector(self, chips: list[ViewChips], descriptors: Iterator[np.ndarray], ages: Iterator[np.ndarray]) -> np.ndarray:
+        """A face's vector, a row per view, from the networks' outputs for its chips, taken in turn from
+        `descriptors` and `ages`."""
+        vectors = []
+        for view in chips:
+            if view.descriptor is not None:
+                descriptor = next(descriptors)
+            else:  # the first view's, or none
+                descriptor = vectors[0][:DESCRIPTOR_SIZE] if self.settings.face_descriptor == "first_view" else np.zeros(0, np.float32)
+            vectors.append(np.concatenate([descriptor, next(ages) if view.age is not None else np.zeros(0, np.float32)]))
+        return np.stack(vectors).astype(np.float32)
 
 
 def box_area_inside(box: tuple[float, float, float, float], width: int, height: int) -> float:
