@@ -32,19 +32,20 @@ import time
 import numpy as np
 import pandas as pd
 
-from age_estimates import answers, group_matrix
-from age_groups import AgeGroups, age_groups_from
-from backbones import backbone_for
-from cli import progress_bar, run_script, setup_logging
-from config import load_config
-from dataset import read_metadata_csv, unusable_ages
-from errors import UserError
-from image_processor import TRAINABLE_STATUSES
-from model_configs import LabelCheckConfig, TrainConfig
-from outputs import OutputGuard
-from parallel import Engine
-from training import out_of_fold
-from writes import write_csv, write_run_record
+from agepipe.config.loading import load_config
+from agepipe.config.model_stages import LabelCheckConfig, TrainConfig
+from agepipe.data.age_groups import AgeGroups, age_groups_from
+from agepipe.data.datasets import read_metadata_csv, unusable_ages
+from agepipe.data.vocabulary import TRAINABLE_STATUSES
+from agepipe.errors import UserError
+from agepipe.model.backbones import backbone_for
+from agepipe.model.estimates import answers, group_matrix
+from agepipe.model.training import out_of_fold
+from agepipe.running.console import progress_bar
+from agepipe.running.output_guard import OutputGuard
+from agepipe.running.parallel import Engine
+from agepipe.running.writes import write_csv, write_run_record
+from utils import run_script, setup_logging
 
 log = logging.getLogger("agepipe.labels")
 

@@ -20,19 +20,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from age_groups import AgeGroups, age_groups_from
-from cli import run_script, setup_logging
-from config import config_fingerprint
-from config_models import ExploreConfig
-from dataset import LABEL_COLUMNS
-from duplicates import duplicate_groups
-from image_reader import (Check, Status, check_images_quality, compute_images_quality_metrics, flag_column, load_dataset,
-                          load_explore_config, score_column)
-from metrics import ReaderSettings
-from outputs import OutputGuard, run_lock
-from writes import atomic_write, record_written, write_csv, write_run_record
-from parallel import Engine
-from resume import PartStore
+from agepipe.config.data_stages import ExploreConfig
+from agepipe.config.loading import config_fingerprint
+from agepipe.data.age_groups import AgeGroups, age_groups_from
+from agepipe.data.datasets import LABEL_COLUMNS
+from agepipe.data.vocabulary import Check, Status, flag_column, score_column
+from agepipe.quality.duplicates import duplicate_groups
+from agepipe.quality.image_metrics import ReaderSettings
+from agepipe.running.output_guard import OutputGuard, run_lock
+from agepipe.running.parallel import Engine
+from agepipe.running.resume import PartStore
+from agepipe.running.writes import atomic_write, record_written, write_csv, write_run_record
+from image_reader import check_images_quality, compute_images_quality_metrics, load_dataset, load_explore_config
+from utils import run_script, setup_logging
 
 log = logging.getLogger("agepipe.explore")
 

@@ -10,31 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Callable
 
 import cv2
 import numpy as np
+from pydantic import create_model
 from skimage.util import img_as_float32
 
-from pydantic import create_model
-
-from config_models import Bounded, ResamplingAugmentation, Section
-from image_reader import Status
-
-
-class ProcessStatus(StrEnum):
-    """What processing did with an image (its `status` column in the processed CSV)."""
-
-    KEPT = "kept"  # passed every check: copied (or only resized)
-    REPAIRED = "repaired"  # failed checks, repaired, re-measured, now passes them all
-    REJECTED = "rejected"  # not repairable, or still failing after the repairs; `reason` says why
-    UNREADABLE = "unreadable"
-    UNLABELLED = "unlabelled"
-
-
-# The statuses, of any stage's CSV, whose images are fit to train on: the one definition.
-TRAINABLE_STATUSES = (Status.OK, ProcessStatus.KEPT, ProcessStatus.REPAIRED)
+from agepipe.config.data_stages import ResamplingAugmentation
+from agepipe.config.schema import Bounded, Section
 
 # --------------------------------------------------------------------------------------------------
 # dtype handling
@@ -110,7 +94,7 @@ REPAIRS: dict[str, Repair] = {}
 
 def repair(order: int, escalated: str | None = None, measured: dict[str, str] | None = None, **params: Any):
     """Register `function(image, **params)` as a repair that configs/process_images.yaml may name, each
-    parameter given as its type with its bounds (config_models.Bounded). `order` places it among the
+    parameter given as its type with its bounds (schema.Bounded). `order` places it among the
     repairs, `escalated` names the parameter a retry makes stronger, `measured` the parameters that come
     from the image's own measurements (e.g. noise_sigma from the noise metric)."""
 

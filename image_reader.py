@@ -1,10 +1,10 @@
 """The exploration stage's public API: the images of a face dataset listed, measured and checked, all
 streaming, so that memory does not grow with the dataset.
 
-- `load_dataset` lists every image file under a folder with its age label (dataset.py), one row per
+- `load_dataset` lists every image file under a folder with its age label (datasets.py), one row per
   file, unlabelled ones too, into a spool, cut into chunks.
 - `compute_images_quality_metrics` decodes each image once, in parallel, and measures it with every
-  configured metric (metrics.py), chunk by chunk into part files: an interrupted run continues.
+  configured metric (image_metrics.py), chunk by chunk into part files: an interrupted run continues.
 - `check_images_quality` applies the named threshold rules (`checks` in the YAML) and the duplicate
   search's columns (duplicates.py), adding `flag_<check>` and `score_<check>` columns, the failed
   checks, a status and a reason per file.
@@ -21,7 +21,6 @@ import os
 import tempfile
 import zlib
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
@@ -29,44 +28,20 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
-from age_groups import AgeGroups
-from cli import progress_bar
-from config import CONFIG_DIR, apply_override, load_config, validate_section
-from config_models import AgeRange, CheckRule, ExploreConfig, Labels
-from dataset import iter_dataset
-from errors import SHOWN_CHARACTERS, ConfigError, UserError, shown
-from face_detector import detector_model_path
-from metrics import FLOAT_DECIMALS, METRICS, SIZE_COLUMNS, ReaderSettings, measure_file, measured_columns, unreadable_row
-from parallel import Engine
-from resume import PartStore, fill_parts, json_line, json_table
+from agepipe.config.data_stages import CheckRule, ExploreConfig, Labels
+from agepipe.config.loading import CONFIG_DIR, apply_override, load_config, validate_section
+from agepipe.config.schema import AgeRange
+from agepipe.data.age_groups import AgeGroups
+from agepipe.data.datasets import iter_dataset
+from agepipe.data.vocabulary import Check, Status, flag_column, score_column
+from agepipe.errors import SHOWN_CHARACTERS, ConfigError, UserError, shown
+from agepipe.faces.detector import detector_model_path
+from agepipe.quality.image_metrics import FLOAT_DECIMALS, METRICS, SIZE_COLUMNS, ReaderSettings, measure_file, measured_columns, unreadable_row
+from agepipe.running.console import progress_bar
+from agepipe.running.parallel import Engine
+from agepipe.running.resume import PartStore, fill_parts, json_line, json_table
 
 log = logging.getLogger("agepipe.reader")
-
-
-class Status(StrEnum):
-    """What exploration says of a file (its `status` column); the first problem found wins."""
-
-    OK = "ok"
-    LOW_QUALITY = "low_quality"  # fails at least one check
-    UNLABELLED = "unlabelled"  # no usable age
-    UNREADABLE = "unreadable"  # not a decodable image; `reason` says why
-
-
-class Check(StrEnum):
-    """The checks computed in code rather than configured as thresholds in `checks:`."""
-
-    DUPLICATE = "duplicate"  # a copy (exact or near) of an earlier file
-    AGE_CONFLICT = "age_conflict"  # in a duplicate group whose ages disagree
-
-
-def flag_column(check: str) -> str:
-    """The boolean column saying whether a file fails `check`."""
-    return f"flag_{check}"
-
-
-def score_column(check: str) -> str:
-    """The numeric column of a threshold check's margin: negative when failed, lowest is worst."""
-    return f"score_{check}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,13 +108,14 @@ TABLE_ROWS = 500
 @contextlib.contextmanager
 def load_dataset(dataset_dir, labels: Labels, age_range: AgeRange, groups: AgeGroups, parts: PartStore,
                  chunk_files: int) -> Iterator[Dataset]:
-    """List and label every image file under `dataset_dir` (dataset.iter_dataset), one row per file,
+    """List and label every image file under `dataset_dir` (datasets.iter_dataset), one row per file,
     into a spool beside the part files, cut into chunks of about `chunk_files` files (plan_chunks).
 
     Examples
     --------
     >>> import tempfile, cv2, numpy as np
-    >>> from config_models import AgeRange, Labels
+    >>> from agepipe.config.data_stages import Labels
+    >>> from agepipe.config.schema import AgeRange
     >>> folder = tempfile.mkdtemp()
     >>> _ = cv2.imwrite(f"{folder}/25_1_3_face.jpg", np.full((64, 64, 3), 128, np.uint8))
     >>> parts = PartStore(f"{folder}/parts", "settings")

@@ -7,21 +7,19 @@ the house style applies inside each plot function only, so importing this module
 from __future__ import annotations
 
 import functools
-import io
 import math
 from pathlib import Path
 
 import cv2
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
-from face_detector import KEYPOINTS
-from image_processor import TRAINABLE_STATUSES, ProcessStatus
-from image_reader import flag_column, score_column
-from age_groups import AgeGroups
-from dataset import suspected_labels_mask
+from agepipe.data.age_groups import AgeGroups
+from agepipe.data.datasets import require, suspected_labels, suspected_labels_mask
+from agepipe.data.vocabulary import TRAINABLE_STATUSES, ProcessStatus, flag_column, score_column
+from agepipe.faces.detector import KEYPOINTS
 
 STYLE = {
     "figure.facecolor": "white",
@@ -47,16 +45,6 @@ def styled(plot):
             return plot(*args, **kwargs)
 
     return draw
-
-
-class MissingColumn(ValueError):
-    """The data frame lacks a column a plot needs; the message names it."""
-
-
-def require(frame: pd.DataFrame, *columns: str) -> None:
-    for column in columns:
-        if column not in frame.columns:
-            raise MissingColumn(f"column {column!r} is not in the CSV (columns: {', '.join(map(str, frame.columns[:12]))}...)")
 
 
 def new_figure(size: tuple[float, float], dpi: int):
@@ -228,13 +216,6 @@ def before_after_grid(frame: pd.DataFrame, operation: str, pairs: int, columns: 
                  columns, thumb, dpi)
 
 
-def suspected_labels(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of a label check's CSV it suspects of a wrong age label, least likely label first."""
-    require(frame, "suspected_label_error", "label_quality", "predicted_age", "age", "path", "file")
-    suspected = frame[suspected_labels_mask(frame)]
-    return suspected.sort_values(["label_quality", "file"], kind="stable")
-
-
 @styled
 def suspected_labels_grid(frame: pd.DataFrame, columns: int, rows: int, thumb: int, dpi: int):
     """The faces check_labels.py suspects of a wrong age label, least likely label first, each with its
@@ -317,23 +298,3 @@ def plot_summary(exploration: pd.DataFrame, processed: pd.DataFrame | None, size
     return figure
 
 
-def figure_bytes(figure, extension: str = "png", dpi: int | None = None) -> bytes:
-    """A figure saved as `extension` (png, svg), as bytes."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=extension, dpi=dpi or "figure")
-    return buffer.getvalue()
-
-
-def figure_png(figure, dpi: int | None = None) -> bytes:
-    """A figure as PNG bytes; the figure is closed."""
-    data = figure_bytes(figure, "png", dpi)
-    plt.close(figure)
-    return data
-
-
-def save_figure(figure, folder, name: str, formats: list[str]) -> list[Path]:
-    """Write the figure into an output folder (outputs.OutputFolder) as `name` + each format's suffix;
-    close it."""
-    written = [folder.write_bytes(f"{name}.{extension}", figure_bytes(figure, extension)) for extension in formats]
-    plt.close(figure)
-    return written

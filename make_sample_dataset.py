@@ -15,18 +15,18 @@ Everything is drawn from one seeded generator, so the same config gives byte-ide
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from config_models import Defects, SampleConfig
-from cli import run_script, setup_logging
-from config import load_config
-from errors import UserError
-from outputs import OutputGuard
+from agepipe.config.data_stages import Defects, SampleConfig
+from agepipe.config.loading import load_config
+from agepipe.errors import UserError
+from agepipe.running.output_guard import OutputGuard
+from utils import run_script, setup_logging
 
 log = logging.getLogger("agepipe.sample")
 

@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from age_estimates import Answers, answers, correct_prior, evaluate_answers, population_shares, tempered
-from backbones import BOX_COLUMNS, saved_backbone
-from cli import run_script, setup_logging
-from config import load_config
-from model_configs import PredictConfig
-from dataset import iter_labelled_images
-from model_files import ModelMetadata, read_model_metadata
-from outputs import OutputGuard
-from writes import atomic_write, record_written, write_run_record
-from parallel import Engine
+from agepipe.config.loading import load_config
+from agepipe.config.model_stages import PredictConfig
+from agepipe.data.datasets import iter_labelled_images
+from agepipe.model.backbones import BOX_COLUMNS, saved_backbone
+from agepipe.model.estimates import Answers, answers, correct_prior, evaluate_answers, population_shares, tempered
+from agepipe.model.saved_models import ModelMetadata, read_model_metadata
+from agepipe.running.output_guard import OutputGuard
+from agepipe.running.parallel import Engine
+from agepipe.running.writes import atomic_write, record_written, write_run_record
+from utils import run_script, setup_logging
 
 log = logging.getLogger("agepipe.predict")
 

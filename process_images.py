@@ -31,20 +31,22 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from cli import progress_bar, run_script, setup_logging
-from config import config_fingerprint, load_config, validate_section
-from config_models import ExploreConfig, NeverWorse, ProcessConfig
-from dataset import read_metadata_chunks
-from errors import ConfigError, UserError
-from image_io import UnreadableImage, read_image
-from image_processor import REPAIRS, ProcessStatus, encode_image, repair_order, resize_square
-from image_reader import Check, Status, exploration_keys, exploration_settings, failing_checks
-from metrics import SIZE_COLUMNS, ReaderSettings, measure_array, measured_columns
-from outputs import OutputFolder, OutputGuard, confined, run_lock
-from manifest import file_digest
-from writes import atomic_write, copy_file, record_written, write_bytes, write_run_record
-from parallel import Engine
-from resume import PartStore, fill_parts, json_table
+from agepipe.config.data_stages import ExploreConfig, NeverWorse, ProcessConfig
+from agepipe.config.loading import config_fingerprint, load_config, validate_section
+from agepipe.data.datasets import read_metadata_chunks
+from agepipe.data.image_files import UnreadableImage, read_image
+from agepipe.data.vocabulary import Check, ProcessStatus, Status
+from agepipe.errors import ConfigError, UserError
+from agepipe.quality.image_metrics import SIZE_COLUMNS, ReaderSettings, measure_array, measured_columns
+from agepipe.running.console import progress_bar
+from agepipe.running.manifest import file_digest
+from agepipe.running.output_guard import OutputFolder, OutputGuard, confined, run_lock
+from agepipe.running.parallel import Engine
+from agepipe.running.resume import PartStore, fill_parts, json_table
+from agepipe.running.writes import atomic_write, copy_file, record_written, write_bytes, write_run_record
+from image_processor import REPAIRS, encode_image, repair_order, resize_square
+from image_reader import exploration_keys, exploration_settings, failing_checks
+from utils import run_script, setup_logging
 
 log = logging.getLogger("agepipe.process")
 

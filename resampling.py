@@ -18,16 +18,17 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from age_groups import AgeGroups
-from config import config_fingerprint
-from config_models import ResamplingAugmentation, ResamplingConfig
-from dataset import read_metadata_csv, read_table, without_suspected_labels
-from errors import UserError
-from image_processor import TRAINABLE_STATUSES, encode_image, random_augmentation
-from outputs import OutputGuard, confined, run_lock
-from writes import copy_file, write_bytes, write_csv, write_run_record
-from parallel import Engine
-from resume import ResumableStage
+from agepipe.config.data_stages import ResamplingAugmentation, ResamplingConfig
+from agepipe.config.loading import config_fingerprint
+from agepipe.data.age_groups import AgeGroups
+from agepipe.data.datasets import read_metadata_csv, read_table, without_suspected_labels
+from agepipe.data.vocabulary import TRAINABLE_STATUSES
+from agepipe.errors import UserError
+from agepipe.running.output_guard import OutputGuard, confined, run_lock
+from agepipe.running.parallel import Engine
+from agepipe.running.resume import ResumableStage
+from agepipe.running.writes import copy_file, write_bytes, write_csv, write_run_record
+from image_processor import encode_image, random_augmentation
 
 log = logging.getLogger("agepipe.resampling")
 

@@ -18,19 +18,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli import native_stderr_silenced
-from config import PROJECT_DIR
-from errors import UserError
-from manifest import file_digest
-from outputs import OutputGuard
-from writes import current_umask, temporary_affixes
+from agepipe.config.loading import PROJECT_DIR
+from agepipe.errors import UserError
+from agepipe.running.console import native_stderr_silenced
+from agepipe.running.manifest import file_digest
+from agepipe.running.output_guard import OutputGuard
+from agepipe.running.writes import current_umask, temporary_affixes
 
 
 def absolute_paths(assignment: str) -> str:
     """A --set whose key is a path of the notebooks' config made absolute against the current folder: the
     notebook's kernel runs in the project folder, and a path typed here is meant from here."""
-    from config import path_fields
-    from config_models import ResamplingConfig
+    from agepipe.config.data_stages import ResamplingConfig
+    from agepipe.config.loading import path_fields
 
     key, _, value = assignment.partition("=")
     if key in path_fields(ResamplingConfig) and value and not value.startswith("["):

@@ -28,20 +28,21 @@ import time
 import numpy as np
 import pandas as pd
 
-from age_estimates import CALIBRATION_BINS, answers, correct_prior, evaluate, fairness, fit_temperature, population_shares, reliability, tempered, year_targets
-from age_groups import AgeGroups, age_groups_from
-from backbones import backbone_for
-from cli import progress_bar, run_script, setup_logging
-from config import load_config
-from model_configs import TrainConfig
-from dataset import labelled_images, read_metadata_csv, unusable_ages, without_suspected_labels
-from errors import UserError
-from image_processor import TRAINABLE_STATUSES
-from model_report import write_report_card
-from outputs import OutputFolder, OutputGuard
-from writes import run_record
-from parallel import Engine
-from training import fit, out_of_fold, split_by_source
+from agepipe.config.loading import load_config
+from agepipe.config.model_stages import TrainConfig
+from agepipe.data.age_groups import AgeGroups, age_groups_from
+from agepipe.data.datasets import labelled_images, read_metadata_csv, unusable_ages, without_suspected_labels
+from agepipe.data.vocabulary import TRAINABLE_STATUSES
+from agepipe.errors import UserError
+from agepipe.model.backbones import backbone_for
+from agepipe.model.estimates import CALIBRATION_BINS, answers, correct_prior, evaluate, fairness, fit_temperature, population_shares, reliability, tempered, year_targets
+from agepipe.model.training import fit, out_of_fold, split_by_source
+from agepipe.report.model_card import write_report_card
+from agepipe.running.console import progress_bar
+from agepipe.running.output_guard import OutputFolder, OutputGuard
+from agepipe.running.parallel import Engine
+from agepipe.running.writes import run_record
+from utils import run_script, setup_logging
 
 log = logging.getLogger("agepipe.train")
 HEADLINE = ("accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "population_weighted_accuracy", "mae_years")
@@ -241,7 +242,7 @@ def save(config: TrainConfig, folder: OutputFolder, backbone, model, frame, sets
     on the very same test images), the splits, the test predictions and the plots; return the metrics."""
     import matplotlib
 
-    from age_model import model_bytes
+    from agepipe.model.keras_networks import model_bytes
 
     matplotlib.use("Agg")  # files only, no display needed
     max_age, evaluation, test = config.max_age, config.evaluation, sets["test"]

@@ -19,29 +19,29 @@ from pathlib import Path
 
 import pandas as pd
 
-from image_reader import exploration_keys, exploration_settings, flag_column
+from agepipe.config.data_stages import ExploreConfig, VisualizeConfig
+from agepipe.config.loading import load_config
+from agepipe.data.age_groups import age_groups_from
+from agepipe.data.datasets import MissingColumn, read_metadata_csv
+from agepipe.data.vocabulary import flag_column
+from agepipe.errors import UserError
+from agepipe.report.figures import save_figure
+from agepipe.report.pages import render
+from agepipe.report.quality_site import flagged_rows, galleries, summary, write_gallery
+from agepipe.running.output_guard import OutputFolder, OutputGuard
 from image_processor import repair_order
+from image_reader import exploration_keys, exploration_settings
 from image_visualizer import (
-    MissingColumn,
     before_after_grid,
     image_grid,
     plot_age_distribution,
     plot_metric_by_age_group,
     plot_summary,
     plot_suspected_labels_by_age_group,
-    save_figure,
     suspected_labels_grid,
     visualize_distribution,
 )
-from config_models import ExploreConfig, VisualizeConfig
-from age_groups import age_groups_from
-from cli import run_script, setup_logging
-from config import load_config
-from dataset import read_metadata_csv
-from errors import UserError
-from outputs import OutputFolder, OutputGuard
-from quality_site import flagged_rows, galleries, summary, write_gallery
-from report_pages import render
+from utils import run_script, setup_logging
 
 log = logging.getLogger("agepipe.visualize")
 

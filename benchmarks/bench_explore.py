@@ -29,15 +29,15 @@ import cv2
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from dataset import iter_dataset  # noqa: E402
-from image_reader import Dataset, compute_images_quality_metrics, load_explore_config, plan_chunks  # noqa: E402
-from metrics import ReaderSettings  # noqa: E402
 from peers import peer_python  # noqa: E402
 from runs import explore_run  # noqa: E402
-from age_groups import AgeGroups  # noqa: E402
-from parallel import resolve_workers  # noqa: E402
-from resume import PartStore  # noqa: E402
 
+from agepipe.data.age_groups import AgeGroups  # noqa: E402
+from agepipe.data.datasets import iter_dataset  # noqa: E402
+from agepipe.quality.image_metrics import ReaderSettings  # noqa: E402
+from agepipe.running.parallel import resolve_workers  # noqa: E402
+from agepipe.running.resume import PartStore  # noqa: E402
+from image_reader import Dataset, compute_images_quality_metrics, load_explore_config, plan_chunks  # noqa: E402
 
 PEER_SCRIPT = """
 import json, sys, time

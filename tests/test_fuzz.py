@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import PROJECT, read_csv
 from fuzz_images import write_fuzz
 

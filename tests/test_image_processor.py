@@ -3,13 +3,13 @@ to the clean original than the degraded image was. Plus colour, dtype and shape 
 import cv2
 import numpy as np
 import pytest
+from conftest import PROJECT
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from conftest import PROJECT
+from agepipe.config.data_stages import Defects, Pose
+from agepipe.quality.image_metrics import measure_array
 from image_processor import adjust_exposure, denoise, enhance_texture, resize_square, sharpen, stretch_contrast
-from config_models import Defects, Pose
 from image_reader import failing_checks, load_explore_config
-from metrics import measure_array
 from make_sample_dataset import draw_face, plant_defect
 from process_images import Processor, load_process_config
 

@@ -5,16 +5,16 @@ import zlib
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
+from conftest import read_csv, run
 from PIL import Image
 
-from conftest import read_csv, run
-from image_io import read_image
-from config_models import Duplicates
-from dataset import parse_utkface_name
-from duplicates import find_duplicates
-from metrics import METRICS, ImageView
-import pandas as pd
+from agepipe.config.data_stages import Duplicates
+from agepipe.data.datasets import parse_utkface_name
+from agepipe.data.image_files import read_image
+from agepipe.quality.duplicates import find_duplicates
+from agepipe.quality.image_metrics import METRICS, ImageView
 
 
 def face_like(seed=0, size=200) -> np.ndarray:
@@ -115,7 +115,7 @@ def exhaustive_distances(codes):
 
 
 def test_near_pairs_by_multi_index_hashing_are_exactly_those_of_an_exhaustive_search():
-    from duplicates import near_pairs
+    from agepipe.quality.duplicates import near_pairs
 
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 256, (2000, 32), dtype=np.uint8)  # 256-bit hashes, as hash_side 16 gives
@@ -141,7 +141,7 @@ def test_groups_of_clustered_hashes_are_the_components_of_the_exhaustive_pair_gr
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from duplicates import Components, near_pairs
+    from agepipe.quality.duplicates import Components, near_pairs
 
     rng = np.random.default_rng(1)
     centres = rng.integers(0, 256, (15, 32), dtype=np.uint8)

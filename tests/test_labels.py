@@ -4,9 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import PROJECT, read_csv, run
+from PIL import Image
 
 FOLDS = "folds=3"
 
@@ -94,7 +93,7 @@ def test_the_report_shows_the_suspects_worst_first(planted, explored, tmp_path):
         assert pixels.std() > 20, name  # drawn, not blank
         assert f'src="{name}.png"' in (tmp_path / "report" / "index.html").read_text()
 
-    from image_visualizer import suspected_labels
+    from agepipe.data.datasets import suspected_labels
 
     checked = read_csv(folder / "checked.csv")
     order = suspected_labels(checked)["label_quality"].to_numpy()

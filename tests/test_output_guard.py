@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import PROJECT, read_csv, run
 
 
@@ -131,7 +130,7 @@ def test_model_and_report_folders_go_through_the_guard(faces, tmp_path):
 
 
 def test_one_run_at_a_time_per_output_folder(faces, tmp_path):
-    from outputs import OutputGuard
+    from agepipe.running.output_guard import OutputGuard
 
     with OutputGuard() as guard:
         guard.folder(tmp_path / "out", "output_dir")

@@ -7,16 +7,15 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import PROJECT
+from PIL import Image
 
 sys.path.insert(0, str(PROJECT / "benchmarks"))
 from scenes import paste, scene, scene_pictures  # noqa: E402
 
-from face_detector import DetectorSettings, FinderSettings  # noqa: E402
-from face_features import DescriptorSettings, FaceDescriber  # noqa: E402
-from image_io import read_image  # noqa: E402
+from agepipe.data.image_files import read_image  # noqa: E402
+from agepipe.faces.describer import DescriptorSettings, FaceDescriber  # noqa: E402
+from agepipe.faces.detector import DetectorSettings, FinderSettings  # noqa: E402
 
 AUTO = DescriptorSettings("auto", "whole_image", 0.2, 40, 0.25, True, True, 1e-6, FinderSettings(DetectorSettings(0.7, 0.3, 0.15), 1),
                           0.25, 1.0, 24)

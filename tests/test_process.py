@@ -5,7 +5,6 @@ import shutil
 import cv2
 import pandas as pd
 import pytest
-
 from conftest import PROJECT, kill_part_way, process, read_csv, run
 
 
@@ -37,8 +36,8 @@ def test_planted_defects_are_mostly_repaired_and_the_rest_rejected_with_reasons(
 
 
 def test_repaired_images_pass_every_check_when_measured_again(processed_rows):
+    from agepipe.quality.image_metrics import measure_array
     from image_reader import failing_checks, load_explore_config
-    from metrics import measure_array
     from process_images import Processor, load_process_config
 
     config, explore = load_process_config(PROJECT / "configs/process_images.yaml", explore=load_explore_config(PROJECT / "configs/explore_images.yaml"))

@@ -5,9 +5,10 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import PROJECT, notebook_text, read_csv, run_notebook
-from config_models import ResamplingAugmentation
+
+from agepipe.config.data_stages import ResamplingAugmentation
+from agepipe.data.age_groups import AgeGroups
 from image_processor import random_augmentation
 from resampling import (
     largest_remainder,
@@ -19,7 +20,6 @@ from resampling import (
     target_distribution,
     total_variation_distance,
 )
-from age_groups import AgeGroups
 
 BANDS = pd.DataFrame({"age_lower": [0, 5, 10], "age_upper": [4, 9, np.nan], "population": [500.0, 1000.0, 600.0]})
 RANGES = ResamplingAugmentation(flip_probability=0.5, max_rotation_degrees=10, max_scale_change=0.1, max_shift_fraction=0.05,

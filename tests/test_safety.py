@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import PROJECT, kill_part_way, process, read_csv, run
-from errors import UserError
-from manifest import MANIFEST
-from outputs import FOLDER_LOCK, OutputGuard, run_lock
-from parallel import Engine, parallel_map
+
+from agepipe.errors import UserError
+from agepipe.running.manifest import MANIFEST
+from agepipe.running.output_guard import FOLDER_LOCK, OutputGuard, run_lock
+from agepipe.running.parallel import Engine, parallel_map
 
 
 def snapshot(folder):
@@ -242,7 +242,7 @@ def test_negative_thresholds_and_impossible_detector_settings_are_config_errors(
 def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):
     import errno
 
-    from cli import run_script
+    from utils import run_script
 
     def main(args):
         raise OSError(errno.ENOSPC, "No space left on device", "csv/image_metadata.csv")
@@ -285,7 +285,7 @@ def test_a_jpeg_cut_short_with_an_end_marker_appended_is_unreadable(sample, tmp_
 def test_a_phone_photo_is_measured_the_way_it_is_shown(tmp_path):
     from PIL import Image
 
-    from image_io import read_image
+    from agepipe.data.image_files import read_image
 
     stored = np.zeros((60, 120, 3), np.uint8)
     stored[:, :30] = 255  # a white band on the left, as stored
@@ -312,10 +312,10 @@ def test_resume_trusts_contents_not_sizes(explored, tmp_path):
 
 
 def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp_path):
-    from descriptor_cache import describe_files
-    from face_features import DescriptorSettings
-    from parallel import Engine
-    from resume import Journal
+    from agepipe.faces.describer import DescriptorSettings
+    from agepipe.faces.descriptor_cache import describe_files
+    from agepipe.running.parallel import Engine
+    from agepipe.running.resume import Journal
 
     settings = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, True, True, 1e-6)
     faces = [str(p) for p in sorted(sample.glob("*.chip.jpg"))[:4]]
@@ -396,8 +396,8 @@ def test_a_file_is_never_quoted_in_its_reason(tmp_path):
 
 
 def test_an_image_that_takes_too_long_says_so(tmp_path):
-    from metrics import METRICS, ReaderSettings, metric
-    from parallel import Engine
+    from agepipe.quality.image_metrics import METRICS, ReaderSettings, metric
+    from agepipe.running.parallel import Engine
 
     @metric()
     def slow_in_tests(view):
@@ -418,7 +418,7 @@ def test_an_image_that_takes_too_long_says_so(tmp_path):
 
 
 def _measure_reason(state, item):
-    from metrics import measure_file
+    from agepipe.quality.image_metrics import measure_file
 
     path, settings = item
     return (measure_file(path, settings)["error"],)

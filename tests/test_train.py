@@ -8,9 +8,9 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-
-from age_groups import AgeGroups
 from conftest import PROJECT, read_csv, run
+
+from agepipe.data.age_groups import AgeGroups
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
 # Small pixel networks for the tests of the pixel backbones, quick on 2 cores.
@@ -61,10 +61,10 @@ def test_no_source_image_in_two_splits_and_test_holds_originals_only(trained, re
 
 
 def test_saved_model_reloads_with_its_metadata_and_predicts_the_same(trained, descriptor_cache):
-    from age_estimates import answers, tempered
-    from age_model import load_with_metadata
-    from backbones import saved_backbone
-    from parallel import Engine
+    from agepipe.model.backbones import saved_backbone
+    from agepipe.model.estimates import answers, tempered
+    from agepipe.model.keras_networks import load_with_metadata
+    from agepipe.running.parallel import Engine
 
     out, _ = trained
     model, metadata = load_with_metadata(out / "model.keras")
@@ -169,7 +169,7 @@ def test_multi_worker_strategy_runs_as_one_local_worker_without_tf_config(resamp
 
 @pytest.mark.slow
 def test_a_keras_applications_backbone_trains_and_reloads_offline(resampled, descriptor_cache, tmp_path):
-    from age_model import load_with_metadata
+    from agepipe.model.keras_networks import load_with_metadata
 
     folder, _, _ = resampled
     train(folder / "resampled.csv", tmp_path, descriptor_cache, *PIXELS, "model.pixels.network=MobileNetV3Small", "model.pixels.weights=null")
@@ -204,7 +204,7 @@ def test_bad_inputs_give_clear_messages(tmp_path, sample, descriptor_cache):
 
 
 def test_split_is_stratified_and_seeded():
-    from training import split_by_source
+    from agepipe.model.training import split_by_source
 
     frame = pd.DataFrame({"source": [f"s{i}" for i in range(100)] * 2, "copy": [0] * 100 + [1] * 100,
                           "group_index": [i % 4 for i in range(100)] * 2})
@@ -217,7 +217,7 @@ def test_split_is_stratified_and_seeded():
 
 
 def test_year_distribution_targets_and_prior_correction():
-    from age_estimates import correct_prior, evaluate, expected_age, group_matrix, year_targets
+    from agepipe.model.estimates import correct_prior, evaluate, expected_age, group_matrix, year_targets
 
     groups = AgeGroups((0, 10, 70))
     targets = year_targets([0, 35, 100], 100, 4.0)

@@ -9,11 +9,11 @@ from urllib.parse import unquote
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import read_csv, run
 from PIL import Image
 
-from conftest import read_csv, run
+from agepipe.data.age_groups import AgeGroups
 from image_visualizer import plot_age_distribution, plot_metric_by_age_group, visualize_distribution
-from age_groups import AgeGroups
 
 GROUPS = AgeGroups((0, 10, 20, 30, 40, 50, 60, 70))
 

@@ -1,0 +1,100 @@
+"""What every config model is made of, and the settings every stage shares (configs/common.yaml).
+
+Unknown keys are errors (a typo in a threshold's name must not leave the real threshold at its old
+value), types are strict (`true` is not a number, "5" is not an integer), bounds sit beside each
+field, and rules that join fields are validators beside them. `agepipe.config.loading.load_config`
+reads the common settings, the script's file and the `--set` overrides, validates them against a
+model, and turns the first problem into one line naming the key path and what was wrong.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agepipe.config.loading import PROJECT, WORKSPACE
+
+
+class Section(BaseModel):
+    """A config section: exactly its fields, strictly typed, no NaN or infinity."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True)
+
+
+def Bounded(kind: type, ge: float | None = None, le: float | None = None) -> Any:
+    """An int or float with inclusive bounds."""
+    return Annotated[kind, Field(ge=ge, le=le)]
+
+
+Byte = Bounded(int, 0, 255)
+# A file or folder: relative in a config file, to the workspace (the project folder unless `workspace`
+# is set); typed on the command line, to the current folder (loading.resolve_paths).
+WorkspacePath = Annotated[str, WORKSPACE]
+# One of the project's own data files: relative to the project folder.
+ProjectPath = Annotated[str, PROJECT]
+
+
+# --------------------------------------------------------------------------------------------------
+# configs/common.yaml: the settings every script shares
+# --------------------------------------------------------------------------------------------------
+class AgeGroupEdges(Section):
+    edges: list[Bounded(int, 0, 150)] = Field(min_length=2)
+    """Lower edge of each age group; the last group is open: [0, 10, 70] gives 0-9, 10-69, 70+."""
+
+    @field_validator("edges")
+    @classmethod
+    def increasing(cls, edges: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError("expected the lower edges in increasing order")
+        return edges
+
+
+class OrderedRange(Section):
+    """A section with `min` and `max` fields (declared by each subclass, with its bounds): min < max."""
+
+    @model_validator(mode="after")
+    def ordered(self):
+        if self.min >= self.max:
+            raise ValueError(f"expected min < max, got min {self.min} and max {self.max}")
+        return self
+
+
+class AgeRange(OrderedRange):
+    min: Bounded(int, 0, 150)
+    """The youngest age that is a plausible label."""
+    max: Bounded(int, 0, 150)
+    """The oldest age that is a plausible label; ages outside min-max are labelling errors (the row is kept, unlabelled)."""
+
+
+class Common(Section):
+    workspace: WorkspacePath | None
+    """Where every stage writes, and where relative paths in config files point (null: the project folder)."""
+    age_groups: AgeGroupEdges
+    """The age groups of every stage."""
+    age_range: AgeRange
+    """Plausible ages."""
+    num_workers: Bounded(int, 0)
+    """Worker processes for image work; 0: every core."""
+    scheduler: str
+    """Where image work runs: 'local' (this machine's process pool) or a Dask scheduler address (tcp://host:8786)."""
+    scheduler_timeout_seconds: Bounded(float, 0.1)
+    """Seconds to wait for the Dask scheduler before stopping with one line."""
+    overwrite_output: bool
+    """Allow writing into a non-empty output folder agepipe did not create (nothing of yours is ever replaced)."""
+    chunk_files: Bounded(int, 1)
+    """Files per chunk, the unit of work: one Dask task; in exploration also one part file of measurements."""
+    task_timeout_seconds: Bounded(float, 0.1)
+    """Seconds one image may take in a worker before it gets a row saying so."""
+    descriptor_cache: WorkspacePath
+    """Face descriptors cached by image content, shared by training, prediction and the label check."""
+    exclude_suspected_labels: bool
+    """Resampling and training leave out the rows check_labels.py suspects of a wrong age label."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+    """DEBUG, INFO, WARNING or ERROR."""
+
+    @field_validator("scheduler")
+    @classmethod
+    def local_or_address(cls, scheduler: str) -> str:
+        if scheduler != "local" and "://" not in scheduler:
+            raise ValueError("expected 'local' or a Dask scheduler address such as tcp://host:8786")
+        return scheduler

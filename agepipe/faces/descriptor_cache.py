@@ -1,0 +1,196 @@
+"""Describing many image files in parallel, each description cached by the file's content hash in a
+resumable journal, so that an image is described once however many stages, runs or copies of it there
+are. A worker takes IMAGES_PER_BATCH images at a time and puts their faces through the networks
+together (describer.FaceDescriber.locate, then finish).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import stat
+from dataclasses import asdict
+from typing import Iterable
+
+import numpy as np
+
+from agepipe.config.loading import config_fingerprint
+from agepipe.data.image_files import UnreadableImage, content_digest, read_image
+from agepipe.faces.describer import (
+    AGE_CLASSES,
+    DESCRIPTOR_MODEL,
+    DESCRIPTOR_SIZE,
+    LANDMARK_MODEL,
+    DescriptorSettings,
+    FaceDescriber,
+    FaceDescription,
+    ImageFaces,
+    age_network_files,
+    build_networks,
+    require_dlib,
+)
+from agepipe.running.console import progress_bar
+from agepipe.running.parallel import Engine, parallel_map
+from agepipe.running.resume import Journal
+
+log = logging.getLogger("agepipe.faces")
+
+# Images a worker describes at a time, their faces through the networks together (a batch of 8 costs
+# dlib's descriptor 6.6 ms a face on a core here, against 9 one at a time; more gains little).
+IMAGES_PER_BATCH = 8
+# No number a descriptor holds comes near this (dlib's are about unit length, the age network's floored
+# log-probabilities above -70): a cached row beyond it was damaged or edited.
+MAX_DESCRIPTOR_MAGNITUDE = 1000.0
+CACHE_FORMAT = 2  # the layout of a cache row: a row per image holding its faces
+
+
+def content_hash(path: str, max_bytes: int) -> str | None:
+    """BLAKE2 of a regular file's bytes (the exploration stage's content_hash), or None for anything
+    that is not a readable regular file of at most `max_bytes` (a FIFO or /dev/zero would never end)."""
+    try:
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode) or status.st_size > max_bytes:
+            return None
+        with open(path, "rb") as f:
+            return content_digest(f.read(max_bytes + 1))
+    except (OSError, UnicodeEncodeError):
+        return None
+
+
+def _describe_batch(state: tuple[FaceDescriber, tuple[int, int]], tasks: list[tuple[str, str]]) -> list[tuple[str, dict]]:
+    """Each task's (content hash, path) image as its cache row, the faces of all of them through the
+    networks together."""
+    describer, limits = state
+    located = []
+    for _, path in tasks:
+        try:
+            bgr, _ = read_image(path, *limits)
+            located.append(describer.locate(np.ascontiguousarray(bgr[..., ::-1]), bgr))
+        except UnreadableImage as exc:
+            located.append(ImageFaces(None, [], f"unreadable: {exc}"))
+        except Exception as exc:  # a decoder-made array the detector or landmarks choke on: that image's row says so, the run goes on
+            located.append(_not_described(exc))
+    try:
+        described = describer.finish(located)
+    except Exception:  # chips the networks choke on: each image alone, so that only the culprit's row says so
+        described = [_finished_alone(describer, image) for image in located]
+    return [(key, cache_row(image)) for (key, _), image in zip(tasks, described)]
+
+
+def _finished_alone(describer: FaceDescriber, image: ImageFaces) -> ImageFaces:
+    try:
+        return describer.finish([image])[0]
+    except Exception as exc:
+        return _not_described(exc)
+
+
+def _not_described(exc: Exception) -> ImageFaces:
+    return ImageFaces(None, [], f"could not be described: {type(exc).__name__}")
+
+
+def cache_row(described: ImageFaces) -> dict:
+    """An image's description as one row of the cache (JSON: six decimals are plenty)."""
+    return {"found": described.found, "problem": described.problem,
+            "faces": [{"box": None if face.box is None else [round(v, 2) for v in face.box],
+                       "descriptor": None if face.vector is None else np.round(face.vector, 6).tolist(), "problem": face.problem}
+                      for face in described.faces]}
+
+
+def from_cache_row(row: dict) -> ImageFaces:
+    return ImageFaces(row["found"], [FaceDescription(None if face["box"] is None else tuple(face["box"]),
+                                                     None if face["descriptor"] is None else np.asarray(face["descriptor"], np.float32),
+                                                     face["problem"]) for face in row["faces"]], row["problem"])
+
+
+def descriptor_shape(settings: DescriptorSettings) -> tuple[int, int]:
+    """(views, numbers per view) of a descriptor made with `settings`."""
+    return 1 + settings.mirrored, DESCRIPTOR_SIZE * (settings.face_descriptor != "none") + AGE_CLASSES * settings.age_network
+
+
+def valid_cache_row(row: dict, shape: tuple[int, int]) -> bool:
+    """Whether a cached row is one describe_files could have written with these settings: faces each
+    with a box and either a problem or a descriptor of the right views and size whose numbers are all
+    plausible, and a problem when no face has a descriptor. A cache edited, truncated or damaged on
+    disk fails, and its rows are described again."""
+    try:
+        found, faces, problem = row["found"], row["faces"], row["problem"]
+        if not (found is None or (isinstance(found, int) and found >= 0)) or not isinstance(faces, list):
+            return False
+        if not (problem is None or isinstance(problem, str)):
+            return False
+        described = 0
+        for face in faces:
+            vector, box = face["descriptor"], face["box"]
+            if not (face["problem"] is None or isinstance(face["problem"], str)):
+                return False
+            if box is not None and (len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+                return False
+            if vector is None:
+                if not isinstance(face["problem"], str):
+                    return False
+                continue
+            array = np.asarray(vector, np.float64)
+            if array.shape != shape or not (np.abs(array) <= MAX_DESCRIPTOR_MAGNITUDE).all():
+                return False
+            described += 1
+    except (KeyError, TypeError, ValueError):
+        return False
+    return described > 0 or isinstance(problem, str)
+
+
+class DescriptorCache:
+    """The descriptions of images made with one set of settings, in a journal keyed by each file's
+    content hash (a journal the caller claimed through its OutputGuard): an image is described once
+    however many stages, runs or copies of it there are, and an interrupted run continues where it
+    stopped. The journal is discarded when the settings change; a cached row that is not a valid
+    description for them (valid_cache_row) counts as not described. Only the hashes are held in
+    memory, never the descriptions."""
+
+    def __init__(self, cache_path: str | os.PathLike, settings: DescriptorSettings):
+        require_dlib()  # fail with one line before starting workers
+        age_model = age_network_files().model.name if settings.age_network else None
+        fingerprinted = asdict(settings)
+        if fingerprinted["face_descriptor"] == "every_view":
+            del fingerprinted["face_descriptor"]  # the setting's default describes as before it existed: caches stay valid
+        shape = descriptor_shape(settings)
+        self.settings, self.path = settings, cache_path
+        self.journal = Journal(cache_path, config_fingerprint(fingerprinted, LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model, CACHE_FORMAT),
+                               accept=lambda row: valid_cache_row(row, shape))
+
+    def has(self, digest: str) -> bool:
+        return digest in self.journal.done
+
+    def describe(self, todo: Iterable[tuple[str, str]], count: int, engine: Engine, max_pixels: int, max_file_bytes: int) -> None:
+        """Describe the files of `todo` ((content hash, path) pairs, `count` of them) into the cache."""
+        if not count:
+            return
+        build_networks(self.settings)
+        log.info("describing %d images (others found in %s)", count, self.path)
+        with self.journal:
+            describer = FaceDescriber(self.settings, IMAGES_PER_BATCH)
+            for key, row in parallel_map(_describe_batch, todo, engine, state=(describer, (max_pixels, max_file_bytes)), batched=True,
+                                         chunksize=IMAGES_PER_BATCH, progress=progress_bar(count, "describing faces"),
+                                         on_failure=lambda task, reason: (task[0], cache_row(ImageFaces(None, [], f"failed: {reason}")))):
+                self.journal.record(key, row)
+
+    def images(self, digests: list[str | None]) -> list[ImageFaces]:
+        """The description of each content hash, in order (anything but a hash, such as None or NaN: a
+        file that could not be read)."""
+        found = self.journal.records(d for d in digests if isinstance(d, str))
+        unreadable = ImageFaces(None, [], "unreadable: not a readable regular file, or over the size limit")
+        return [from_cache_row(found[d]) if d in found else unreadable for d in digests]
+
+
+def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: str | os.PathLike, engine: Engine,
+                   max_pixels: int, max_file_bytes: int) -> list[ImageFaces]:
+    """The faces of each of `paths`, described, in order (describer.ImageFaces), through the
+    DescriptorCache at `cache_path`."""
+    cache = DescriptorCache(cache_path, settings)
+    hashes = [content_hash(p, max_file_bytes) for p in paths]
+    todo = {}
+    for digest, path in zip(hashes, paths):
+        if digest and not cache.has(digest):
+            todo.setdefault(digest, path)
+    cache.describe(todo.items(), len(todo), engine, max_pixels, max_file_bytes)
+    return cache.images(hashes)
+
