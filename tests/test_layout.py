@@ -3,7 +3,6 @@ root, reading top to bottom over a library below them that never imports them.""
 import ast
 
 import pytest
-
 from conftest import PACKAGE, PROJECT, root_modules, scripts
 
 MAX_ROOT_MODULES, MAX_MODULE_LINES, MAX_FUNCTION_LINES = 16, 500, 60

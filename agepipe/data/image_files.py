@@ -66,6 +66,24 @@ def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio
     OpenCV (libjpeg-turbo), the fastest decoder here. Grayscale, alpha, palette, 16-bit and CMYK images
     are all converted to 8-bit BGR; the original mode, channel count and bit depth are reported.
     """
+    check_name(path)
+    data = file_bytes(path, max_file_bytes)
+    info = {"file_size": len(data), "content_hash": content_digest(data)}
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)", info)
+    orientation = read_header(data, info)
+    check_dimensions(info, max_pixels, max_aspect_ratio)
+    if info["format"] == "JPEG":
+        bgr = decode_jpeg(data, orientation, info)
+    else:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # applies an EXIF orientation itself
+    if bgr is None or bgr.size == 0:
+        raise UnreadableImage(f"{info['format']} data could not be decoded (corrupt file)", info)
+    return bgr, info
+
+
+def check_name(path: str) -> None:
+    """Refuse a file name that later stages could not open from a UTF-8 CSV line."""
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
@@ -73,6 +91,10 @@ def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio
         raise UnreadableImage("file name is not valid UTF-8; rename the file") from None
     if CONTROL_CHARACTERS.search(path):
         raise UnreadableImage("file name holds control characters (newline, tab...); rename the file")
+
+
+def file_bytes(path: str, max_file_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_file_bytes`, read once (never a FIFO, device or socket)."""
     try:
         status = os.stat(path)
         if stat.S_ISDIR(status.st_mode):
@@ -83,13 +105,16 @@ def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio
             raise UnreadableImage(f"file is {status.st_size / 1e6:.0f} MB, over images.max_file_mb", {"file_size": status.st_size})
         with open(path, "rb") as f:
             data = f.read(max_file_bytes + 1)  # the file may have grown since
-        if len(data) > max_file_bytes:
-            raise UnreadableImage("file grew over images.max_file_mb while being read", {"file_size": len(data)})
     except OSError as exc:
         raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from None
-    info = {"file_size": len(data), "content_hash": content_digest(data)}
-    if not data:
-        raise UnreadableImage("empty file (0 bytes)", info)
+    if len(data) > max_file_bytes:
+        raise UnreadableImage("file grew over images.max_file_mb while being read", {"file_size": len(data)})
+    return data
+
+
+def read_header(data: bytes, info: dict) -> int:
+    """Fill `info` with what the header says (format, mode, size as shown, channels, bit depth), decoding
+    no pixel; return the EXIF orientation (1: as stored)."""
     try:
         with pillow_size_check_off(), Image.open(io.BytesIO(data)) as header:
             mode = header.mode
@@ -103,21 +128,20 @@ def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio
     info["bit_depth"] = bit_depth(info["format"], mode, data)
     if orientation in TRANSPOSED:  # the size as the image is shown: turned a quarter by its EXIF orientation
         info["width"], info["height"] = info["height"], info["width"]
+    info["min_side"] = min(info["width"], info["height"])
+    return orientation
+
+
+def check_dimensions(info: dict, max_pixels: int, max_aspect_ratio: float) -> None:
+    """Refuse, before decoding, an image of no pixels, of more than `max_pixels` (a decompression bomb) or
+    more elongated than `max_aspect_ratio`."""
     width, height = info["width"], info["height"]
-    info["min_side"] = min(width, height)
     if width == 0 or height == 0:
         raise UnreadableImage(f"zero-pixel image ({width}x{height})", info)
     if width * height > max_pixels:
         raise UnreadableImage(f"refused: {width}x{height} pixels is over images.max_pixels (decompression bomb guard)", info)
     if max(width, height) > max_aspect_ratio * min(width, height):
         raise UnreadableImage(f"refused: {width}x{height} pixels is more elongated than images.max_aspect_ratio", info)
-    if info["format"] == "JPEG":
-        bgr = decode_jpeg(data, orientation, info)
-    else:
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # applies an EXIF orientation itself
-    if bgr is None or bgr.size == 0:
-        raise UnreadableImage(f"{info['format']} data could not be decoded (corrupt file)", info)
-    return bgr, info
 
 
 EXIF_ORIENTATION = 0x0112
