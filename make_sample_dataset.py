@@ -211,7 +211,7 @@ def _skin_light_and_pose(canvas: np.ndarray, head: Head, size: int, pose, rng: n
     face += (texture * (3 + 22 * head.old) * head_mask)[..., None]  # children's skin stays smooth
     light_x = rng.uniform(-1, 1)
     face *= (1 + 0.12 * light_x * np.linspace(-1, 1, s, dtype=np.float32)[None, :])[..., None]
-    warp = cv2.getRotationMatrix2D((s / 2, s / 2), rng.uniform(-1, 1) * pose.max_tilt_degrees, 1 + rng.uniform(-1, 1) * pose.max_scale_change)
+    warp = cv2.getRotationMatrix2D((s / 2, s / 2), rng.uniform(-1, 1) * pose.max_rotation_degrees, 1 + rng.uniform(-1, 1) * pose.max_scale_change)
     warp[:, 2] += rng.uniform(-1, 1, 2) * pose.max_shift_fraction * s
     face = cv2.warpAffine(np.clip(face, 0, 255), warp, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     face = cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA)

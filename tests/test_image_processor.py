@@ -6,7 +6,8 @@ import pytest
 from conftest import PROJECT
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from agepipe.config.data_stages import Defects, Pose
+from agepipe.config.data_stages import Defects
+from agepipe.config.schema import PoseJitter
 from agepipe.quality.image_metrics import measure_array
 from image_processor import adjust_exposure, denoise, enhance_texture, resize_square, sharpen, stretch_contrast
 from image_reader import failing_checks, load_explore_config
@@ -15,7 +16,7 @@ from process_images import Processor, load_process_config
 
 CONFIG, EXPLORE = load_process_config(PROJECT / "configs/process_images.yaml", explore=load_explore_config(PROJECT / "configs/explore_images.yaml"))
 SAMPLE = {"skin_tones": [[236, 200, 178], [150, 102, 76], [232, 196, 160]], "hair": [[90, 60, 35], [20, 20, 22], [160, 120, 70]]}
-POSE = Pose(max_tilt_degrees=5, max_scale_change=0.05, max_shift_fraction=0.03)
+POSE = PoseJitter(max_rotation_degrees=5, max_scale_change=0.05, max_shift_fraction=0.03)
 # One strength per defect, from inside the generator's planted ranges.
 DEFECTS = {
     "blur": ("blurry", Defects.model_construct(blur_sigma=[3.0, 3.0])),

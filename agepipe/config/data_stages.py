@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agepipe.config.schema import Bounded, Byte, Common, OrderedRange, ProjectPath, Section, WorkspacePath
+from agepipe.config.schema import Bounded, Byte, Common, Jitter, OrderedRange, PoseJitter, ProjectPath, Section, WorkspacePath
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ class ExploreConfig(Common):
     images: ImageLimits
     """Limits on what is decoded."""
     metrics: dict[str, dict[str, Any] | None]  # name -> parameters, checked against each metric's own model
-    """The metrics to compute, each with its parameters (image_reader/metrics.py registers them)."""
+    """The metrics to compute, each with its parameters (agepipe/quality/image_metrics.py registers them)."""
     checks: dict[str, CheckRule]
     """Named threshold rules, each a flag_<name> and a score_<name> column."""
     duplicates: Duplicates
@@ -222,19 +222,9 @@ class QualityScore(Section):
     """Whether a higher value of it is better."""
 
 
-class ResamplingAugmentation(Section):
+class ResamplingAugmentation(Jitter):
     flip_probability: Bounded(float, 0, 1)
     """Chance of a mirror image."""
-    max_rotation_degrees: Bounded(float, 0, 30)
-    """Largest rotation either way."""
-    max_scale_change: Bounded(float, 0, 0.5)
-    """Largest zoom in or out, as a share."""
-    max_shift_fraction: Bounded(float, 0, 0.3)
-    """Largest shift, as a share of width and height."""
-    max_brightness_shift: Bounded(float, 0, 0.5)
-    """Largest brightness change, as a share of the full range."""
-    max_contrast_change: Bounded(float, 0, 0.9)
-    """Largest contrast change, as a share."""
     max_gamma_change: Bounded(float, 0, 0.9)
     """Largest gamma change, as a share."""
     blur_probability: Bounded(float, 0, 1)
@@ -300,15 +290,6 @@ class Ages(OrderedRange):
     """Relative frequency of each decade."""
 
 
-class Pose(Section):
-    max_tilt_degrees: Bounded(float, 0, 45)
-    """Largest tilt."""
-    max_scale_change: Bounded(float, 0, 0.5)
-    """Largest scale change."""
-    max_shift_fraction: Bounded(float, 0, 0.3)
-    """Largest shift."""
-
-
 class Defects(Section):
     fraction: Bounded(float, 0, 1)
     """Share of faces with one planted defect."""
@@ -345,7 +326,7 @@ class SampleConfig(Common):
     """RGB hair colours."""
     camera_noise_sigma: Bounded(float, 0)
     """Gaussian sensor noise on every image."""
-    pose: Pose
+    pose: PoseJitter
     """Tilt, scale and shift."""
     defects: Defects
     """Planted defects."""

@@ -7,7 +7,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from agepipe.config.schema import Bounded, Common, ProjectPath, Section, WorkspacePath
+from agepipe.config.schema import Bounded, Common, Jitter, ProjectPath, Section, WorkspacePath
+
+# The age a row reports: the median within the likeliest group, the distribution's median, or its mean.
+AnswerRule = Literal["group_first", "median", "mean"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -24,19 +27,9 @@ class Split(Section):
     """Share of sources held out for the test (ignored with test_inputs)."""
 
 
-class TrainingAugmentation(Section):
+class TrainingAugmentation(Jitter):
     enabled: bool
     """Augment pixel inputs on the fly (training only)."""
-    max_rotation_degrees: Bounded(float, 0, 30)
-    """Largest rotation."""
-    max_zoom: Bounded(float, 0, 0.5)
-    """Largest zoom, as a share."""
-    max_shift: Bounded(float, 0, 0.3)
-    """Largest shift, as a share."""
-    max_brightness: Bounded(float, 0, 1)
-    """Largest brightness change."""
-    max_contrast: Bounded(float, 0, 1)
-    """Largest contrast change."""
 
 
 class DetectorParameters(Section):
@@ -166,7 +159,7 @@ class Evaluation(Section):
     """Average the image's and its mirror image's predictions."""
     prior_csv: WorkspacePath | None
     """A target CSV (group, share): predictions re-weighted to that population's age mix."""
-    answer_rule: Literal["group_first", "median", "mean"]
+    answer_rule: AnswerRule
     """The age a row reports: 'group_first' (median within the likeliest group), 'median' or 'mean'."""
     interval: Bounded(float, 0.05, 0.99)
     """The age interval holds this share of the probability."""

@@ -66,6 +66,27 @@ class AgeRange(OrderedRange):
     """The oldest age that is a plausible label; ages outside min-max are labelling errors (the row is kept, unlabelled)."""
 
 
+class PoseJitter(Section):
+    """Random changes of a face's pose, each drawn uniformly up to its maximum either way: one model, and
+    one set of names, for the sample generator's faces and every augmentation."""
+
+    max_rotation_degrees: Bounded(float, 0, 30)
+    """Largest rotation either way."""
+    max_scale_change: Bounded(float, 0, 0.5)
+    """Largest zoom in or out, as a share."""
+    max_shift_fraction: Bounded(float, 0, 0.3)
+    """Largest shift, as a share of width and height."""
+
+
+class Jitter(PoseJitter):
+    """Random changes of pose and tone, each drawn uniformly up to its maximum either way."""
+
+    max_brightness_shift: Bounded(float, 0, 0.5)
+    """Largest brightness change, as a share of the full range."""
+    max_contrast_change: Bounded(float, 0, 0.9)
+    """Largest contrast change, as a share."""
+
+
 class Common(Section):
     workspace: WorkspacePath | None
     """Where every stage writes, and where relative paths in config files point (null: the project folder)."""

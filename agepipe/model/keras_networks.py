@@ -95,10 +95,10 @@ def augmentation_layers(config: TrainingAugmentation, seed: int) -> keras.Sequen
         [
             keras.layers.RandomFlip("horizontal", seed=seed),
             keras.layers.RandomRotation(config.max_rotation_degrees / 360.0, fill_mode="reflect", seed=seed + 1),
-            keras.layers.RandomZoom(config.max_zoom, fill_mode="reflect", seed=seed + 2),
-            keras.layers.RandomTranslation(config.max_shift, config.max_shift, fill_mode="reflect", seed=seed + 3),
-            keras.layers.RandomBrightness(config.max_brightness, value_range=(0, 255), seed=seed + 4),
-            keras.layers.RandomContrast(config.max_contrast, seed=seed + 5),
+            keras.layers.RandomZoom(config.max_scale_change, fill_mode="reflect", seed=seed + 2),
+            keras.layers.RandomTranslation(config.max_shift_fraction, config.max_shift_fraction, fill_mode="reflect", seed=seed + 3),
+            keras.layers.RandomBrightness(config.max_brightness_shift, value_range=(0, 255), seed=seed + 4),
+            keras.layers.RandomContrast(config.max_contrast_change, seed=seed + 5),
         ],
         name="augmentation",
     )
