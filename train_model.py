@@ -15,15 +15,16 @@ The story, top to bottom:
 2. prepare every image once (backbones.py): find and describe its face with the pretrained networks
    (cached by content, in parallel), or check that its pixels decode;
 3. train the network for a fixed number of epochs (warm-up + cosine decay: no early stopping on a
-   noisy validation split) to predict a distribution over years of age;
-4. calibrate the confidence on the validation split, evaluate on the test split beside a
-   majority-class baseline on the very same images, and save.
+   noisy validation split) to predict a distribution over years of age (agepipe.model.training.fit),
+   calibrate its confidence on the validation split and answer the test set;
+4. evaluate those answers beside a majority-class baseline on the very same images, and save.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -101,12 +102,13 @@ def split_sets(frame: pd.DataFrame, config: TrainConfig, groups: AgeGroups) -> d
         test = frame[frame["split"] == "test"]
     sets = {"train": frame[frame["split"] == "train"], "validation": frame[frame["split"] == "validation"], "test": test}
     overlap = set(sets["train"]["source"]) & (set(sets["validation"]["source"]) | set(sets["test"]["source"]))
-    assert not overlap, f"leak: {len(overlap)} sources in two splits"
+    if overlap:  # a source in two splits would make the reported accuracy a lie: never go on
+        raise RuntimeError(f"leak: {len(overlap)} sources in two splits")
     return sets
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. Inputs (3, the fitting itself, is training.fit)
+# 2. Inputs
 # --------------------------------------------------------------------------------------------------
 def prepare(sets: dict[str, pd.DataFrame], backbone, engine: Engine, cache, folder: OutputFolder) -> dict[str, pd.DataFrame]:
     """Each set's images prepared by the backbone (before TensorFlow starts: the worker pool forks);
@@ -127,8 +129,21 @@ def prepare(sets: dict[str, pd.DataFrame], backbone, engine: Engine, cache, fold
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Calibration, evaluation, saving
+# 3. Training and answering the test set
 # --------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What training gave: the network, its history (a row per epoch), its timings, the age mix it learnt
+    as its prior, the calibration temperature, and its answers (year probabilities) for the test set."""
+
+    model: object
+    history: pd.DataFrame
+    timing: dict
+    training_shares: np.ndarray
+    temperature: float
+    probabilities: np.ndarray
+
+
 def answered(raw: np.ndarray, temperature: float, config: TrainConfig, groups: AgeGroups, training_shares) -> np.ndarray:
     """Year probabilities as the model will answer them: tempered, and re-weighted to
     `evaluation.prior_csv`'s age mix when given."""
@@ -144,8 +159,8 @@ def temperature_for(raw: np.ndarray | None, ages, config: TrainConfig, groups: A
 
 
 def trained_model(config: TrainConfig, backbone, train: pd.DataFrame, validation: pd.DataFrame, groups: AgeGroups, scratch: str):
-    """The network fitted on `train` (class-weighted when asked), its history, seconds, replicas, and
-    the age mix it learns as its prior (uniform when class weighting evens the groups out)."""
+    """The network fitted on `train` (class-weighted when asked), its history, timings, and the age mix
+    it learns as its prior (uniform when class weighting evens the groups out)."""
     counts = np.bincount(train["group_index"], minlength=len(groups.labels))
     for label in (label for label, count in zip(groups.labels, counts) if count == 0):
         log.warning("age group %s has no training images: the model cannot learn it", label)
@@ -160,7 +175,7 @@ def trained_model(config: TrainConfig, backbone, train: pd.DataFrame, validation
                             "replicas": replicas}, shares
 
 
-def held_out_run(config: TrainConfig, backbone, sets: dict, groups: AgeGroups, scratch: str):
+def held_out_run(config: TrainConfig, backbone, sets: dict, groups: AgeGroups, scratch: str) -> Run:
     """Train on the train split, calibrate on the validation split, answer the test set."""
     model, history, timing, shares = trained_model(config, backbone, sets["train"], sets["validation"], groups, scratch)
     flip, batch = config.evaluation.flip_test_time_augmentation, config.training.batch_size
@@ -169,10 +184,10 @@ def held_out_run(config: TrainConfig, backbone, sets: dict, groups: AgeGroups, s
     start = time.perf_counter()
     raw = backbone.predict(model, sets["test"], flip, batch)
     timing["prediction_images_per_second"] = round(len(sets["test"]) / max(time.perf_counter() - start, 1e-9), 1)
-    return model, history, timing, shares, temperature, answered(raw, temperature, config, groups, shares)
+    return Run(model, history, timing, shares, temperature, answered(raw, temperature, config, groups, shares))
 
 
-def cross_validated_run(config: TrainConfig, backbone, sets: dict, groups: AgeGroups, scratch: str):
+def cross_validated_run(config: TrainConfig, backbone, sets: dict, groups: AgeGroups, scratch: str) -> Run:
     """Every original image answered by a network trained on the other folds (k folds by source, seeded),
     the temperature fitted on those answers, then the model fitted on every labelled image."""
     rows = sets["train"]
@@ -182,15 +197,91 @@ def cross_validated_run(config: TrainConfig, backbone, sets: dict, groups: AgeGr
     raw = years[(rows["copy"] == 0).to_numpy()]
     model, history, timing, shares = trained_model(config, backbone, rows, rows.iloc[:0], groups, scratch)
     temperature = temperature_for(raw, sets["test"]["age"], config, groups)
-    return model, history, timing, shares, temperature, answered(raw, temperature, config, groups, shares)
+    return Run(model, history, timing, shares, temperature, answered(raw, temperature, config, groups, shares))
 
 
-def test_predictions(test: pd.DataFrame, probabilities: np.ndarray, config: TrainConfig, groups: AgeGroups) -> pd.DataFrame:
+# --------------------------------------------------------------------------------------------------
+# 4. Evaluation and saving
+# --------------------------------------------------------------------------------------------------
+def answers_table(test: pd.DataFrame, probabilities: np.ndarray, config: TrainConfig, groups: AgeGroups) -> pd.DataFrame:
+    """Each test image's label beside the model's answer: age group, confidence, age, interval, each
+    group's probability (test_predictions.csv)."""
     answer = answers(probabilities, groups, config.max_age, config.evaluation.answer_rule, config.evaluation.interval)
     table = test[["file", "path", "age"]].reset_index(drop=True).assign(
         age_group=[groups.labels[i] for i in answer.group], age_group_confidence=np.round(answer.confidence, 4),
         predicted_age=answer.age, age_low=answer.low, age_high=answer.high)
     return pd.concat([table, pd.DataFrame(np.round(answer.group_probabilities, 4), columns=[f"p_{label}" for label in groups.labels])], axis=1)
+
+
+def card_figures(probabilities: np.ndarray, test: pd.DataFrame, config: TrainConfig, groups: AgeGroups) -> dict:
+    """The report card's reliability table, and its fairness table per demographic column the test rows carry."""
+    rule, interval = config.evaluation.answer_rule, config.evaluation.interval
+    answer = answers(probabilities, groups, config.max_age, rule, interval)
+    right = answer.group == np.array([groups.index_of(a) for a in test["age"]])
+    return {"reliability": reliability(answer.confidence, right).to_dict("records"),
+            "fairness": {column: fairness(probabilities, test["age"], test[column], names, groups, config.max_age, rule, interval,
+                                          config.fairness.min_images)
+                         for column, names in config.fairness.attributes.items() if column in test.columns and test[column].notna().any()}}
+
+
+def scored(config: TrainConfig, sets: dict, run: Run, groups: AgeGroups) -> dict:
+    """The report: the test metrics beside the majority class of the training split on the very same
+    test images, the card's figures, and what the run was."""
+    max_age, evaluation, test = config.max_age, config.evaluation, sets["test"]
+    shares = population_shares(config.target_csv, groups)
+    metrics = evaluate(run.probabilities, test["age"], groups, max_age, shares, evaluation.answer_rule, evaluation.interval)
+    for label in metrics["groups_without_test_images"]:
+        log.warning("age group %s has no test images: its recall is not measured", label)
+    metrics.update(card_figures(run.probabilities, test, config, groups))
+    majority = int(np.argmax(np.bincount(sets["train"]["group_index"], minlength=len(groups.labels))))
+    baseline = evaluate(year_targets(np.full(len(test), sum(groups.bounds(max_age)[majority]) / 2), max_age, 0), test["age"], groups, max_age, shares)
+    tested = (f"out of fold: {config.split.folds} folds of " if cross_validating(config) else "test split of ") + config.input_csv
+    return {"test": metrics, "majority_baseline": {"group": groups.labels[majority], **{k: baseline[k] for k in HEADLINE}},
+            "test_source": ", ".join(config.test_inputs) or tested, "temperature": run.temperature,
+            "flip_test_time_augmentation": evaluation.flip_test_time_augmentation, "prior_correction": evaluation.prior_csv,
+            "split_images": {name: len(rows) for name, rows in sets.items()}, "epochs": int(len(run.history)), **run.timing,
+            "age_groups": groups.labels, **run_record(config)}
+
+
+def save(config: TrainConfig, folder: OutputFolder, backbone, frame: pd.DataFrame, sets: dict, run: Run, groups: AgeGroups) -> dict:
+    """Write the model with its metadata, the metrics, the splits, the test answers and the report card;
+    return the metrics."""
+    import matplotlib
+
+    from agepipe.model.keras_networks import model_bytes
+
+    matplotlib.use("Agg")  # files only, no display needed
+    report = scored(config, sets, run, groups)
+    evaluation = config.evaluation
+    metadata = {"age_group_edges": list(groups.edges), "labels": groups.labels, "max_age": config.max_age, **backbone.metadata(),
+                "training_group_shares": list(map(float, run.training_shares)), "answer_rule": evaluation.answer_rule,
+                "interval": evaluation.interval, "temperature": run.temperature, **run_record(config)}
+    folder.write_bytes("model.keras", model_bytes(run.model, metadata, folder, lite=backbone.lite))
+    folder.write_json("metrics.json", report)
+    folder.write_csv("history.csv", run.history)
+    folder.write_csv("split.csv", frame[["file", "source", "copy", "age", "split"]])
+    test = sets["test"]
+    folder.write_csv("test_images.csv", test[[c for c in ("file", "path", "age", "gender", "race") if c in test.columns]])
+    folder.write_csv("test_predictions.csv", answers_table(test, run.probabilities, config, groups))
+    write_report_card(folder, report, run.history, HEADLINE, CALIBRATION_BINS)
+    folder.finish()
+    return report
+
+
+def summary_lines(report: dict, config: TrainConfig, backbone, trained: int, suspected: int) -> list[str]:
+    """What the run did and how good the model is, for the terminal."""
+    test, baseline = report["test"], report["majority_baseline"]
+    tested = f"out of fold ({config.split.folds} folds)" if cross_validating(config) else "test"
+    lines = [f"trained {backbone.kind} on {trained} images ({suspected} suspected label errors left out) for {report['epochs']} epochs "
+             f"in {report['training_seconds']:.0f}s; {tested} on {test['images']} images:",
+             f"  accuracy {test['accuracy']:.1%} (majority baseline {baseline['accuracy']:.1%}), one-off {test['one_off_accuracy']:.1%}, "
+             f"macro-F1 {test['macro_f1']:.3f}, MAE {test['mae_years']:.1f} years (baseline {baseline['mae_years']:.1f}), "
+             f"calibration error {test['calibration_error']:.3f}"]
+    for column, table in test["fairness"].items():
+        if table["adjusted_accuracy_gap"] is not None:
+            lines.append(f"  by {column}: age-mix-adjusted accuracy from {table['values'][table['worst']]['age_mix_adjusted_accuracy']:.1%} "
+                         f"({table['worst']}) to {table['values'][table['best']]['age_mix_adjusted_accuracy']:.1%} ({table['best']})")
+    return lines
 
 
 def main(args) -> None:
@@ -207,70 +298,12 @@ def main(args) -> None:
         sets = prepare(split_sets(frame, config, groups), backbone, Engine.of(config), cache, folder)
         log.info("split: %d train, %d validation, %d test images (%d augmented copies unused in test)",
                  len(sets["train"]), len(sets["validation"]), len(sets["test"]), int((frame["split"] == "unused").sum()))
-        run = cross_validated_run if cross_validating(config) else held_out_run
+        train_and_answer = cross_validated_run if cross_validating(config) else held_out_run
         with folder.scratch() as scratch:
-            model, history, timing, shares, temperature, probabilities = run(config, backbone, sets, groups, scratch)
-        metrics = save(config, folder, backbone, model, frame, sets, history, probabilities, groups, shares, temperature, timing)
-    test, baseline = metrics["test"], metrics["majority_baseline"]
-    tested = f"out of fold ({config.split.folds} folds)" if cross_validating(config) else "test"
-    print(f"trained {backbone.kind} on {len(sets['train'])} images ({suspected} suspected label errors left out) for {len(history)} epochs "
-          f"in {metrics['training_seconds']:.0f}s; {tested} on {test['images']} images:")
-    print(f"  accuracy {test['accuracy']:.1%} (majority baseline {baseline['accuracy']:.1%}), one-off {test['one_off_accuracy']:.1%}, "
-          f"macro-F1 {test['macro_f1']:.3f}, MAE {test['mae_years']:.1f} years (baseline {baseline['mae_years']:.1f}), "
-          f"calibration error {test['calibration_error']:.3f}")
-    for column, table in test["fairness"].items():
-        if table["adjusted_accuracy_gap"] is not None:
-            print(f"  by {column}: age-mix-adjusted accuracy from {table['values'][table['worst']]['age_mix_adjusted_accuracy']:.1%} "
-                  f"({table['worst']}) to {table['values'][table['best']]['age_mix_adjusted_accuracy']:.1%} ({table['best']})")
+            run = train_and_answer(config, backbone, sets, groups, scratch)
+        report = save(config, folder, backbone, frame, sets, run, groups)
+    print("\n".join(summary_lines(report, config, backbone, len(sets["train"]), suspected)))
     print(f"wrote {folder.path}/model.keras, metrics.json and the report card {folder.path}/report.html")
-
-
-def card_figures(probabilities: np.ndarray, test: pd.DataFrame, config: TrainConfig, groups: AgeGroups) -> dict:
-    """The report card's reliability table, and its fairness table per demographic column the test rows carry."""
-    rule, interval = config.evaluation.answer_rule, config.evaluation.interval
-    answer = answers(probabilities, groups, config.max_age, rule, interval)
-    right = answer.group == np.array([groups.index_of(a) for a in test["age"]])
-    return {"reliability": reliability(answer.confidence, right).to_dict("records"),
-            "fairness": {column: fairness(probabilities, test["age"], test[column], names, groups, config.max_age, rule, interval,
-                                          config.fairness.min_images)
-                         for column, names in config.fairness.attributes.items() if column in test.columns and test[column].notna().any()}}
-
-
-def save(config: TrainConfig, folder: OutputFolder, backbone, model, frame, sets, history, probabilities, groups, training_shares,
-         temperature: float, timing: dict) -> dict:
-    """Write the model with its metadata, the metrics (beside the majority class of the training split,
-    on the very same test images), the splits, the test predictions and the plots; return the metrics."""
-    import matplotlib
-
-    from agepipe.model.keras_networks import model_bytes
-
-    matplotlib.use("Agg")  # files only, no display needed
-    max_age, evaluation, test = config.max_age, config.evaluation, sets["test"]
-    shares = population_shares(config.target_csv, groups)
-    metrics = evaluate(probabilities, test["age"], groups, max_age, shares, evaluation.answer_rule, evaluation.interval)
-    for label in metrics["groups_without_test_images"]:
-        log.warning("age group %s has no test images: its recall is not measured", label)
-    metrics.update(card_figures(probabilities, test, config, groups))
-    majority = int(np.argmax(np.bincount(sets["train"]["group_index"], minlength=len(groups.labels))))
-    baseline = evaluate(year_targets(np.full(len(test), sum(groups.bounds(max_age)[majority]) / 2), max_age, 0), test["age"], groups, max_age, shares)
-    metadata = {"age_group_edges": list(groups.edges), "labels": groups.labels, "max_age": max_age, **backbone.metadata(),
-                "training_group_shares": list(map(float, training_shares)), "answer_rule": evaluation.answer_rule,
-                "interval": evaluation.interval, "temperature": temperature, **run_record(config)}
-    folder.write_bytes("model.keras", model_bytes(model, metadata, folder, lite=backbone.lite))
-    report = {"test": metrics, "majority_baseline": {"group": groups.labels[majority], **{k: baseline[k] for k in HEADLINE}},
-              "test_source": ", ".join(config.test_inputs) or (f"out of fold: {config.split.folds} folds of " if cross_validating(config)
-                                                               else "test split of ") + config.input_csv, "temperature": temperature,
-              "flip_test_time_augmentation": evaluation.flip_test_time_augmentation, "prior_correction": evaluation.prior_csv,
-              "split_images": {name: len(rows) for name, rows in sets.items()}, "epochs": int(len(history)), **timing,
-              "age_groups": groups.labels, **run_record(config)}
-    folder.write_json("metrics.json", report)
-    folder.write_csv("history.csv", history)
-    folder.write_csv("split.csv", frame[["file", "source", "copy", "age", "split"]])
-    folder.write_csv("test_images.csv", test[[c for c in ("file", "path", "age", "gender", "race") if c in test.columns]])
-    folder.write_csv("test_predictions.csv", test_predictions(test, probabilities, config, groups))
-    write_report_card(folder, report, history, HEADLINE, CALIBRATION_BINS)
-    folder.finish()
-    return report
 
 
 if __name__ == "__main__":

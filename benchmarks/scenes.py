@@ -47,13 +47,6 @@ class Pasted:
     box: tuple[float, float, float, float]  # x, y, width, height of the pasted crop (before turning) in the photo
     degrees: float  # how far the crop was turned, counter-clockwise
 
-    def to_photo(self, points: np.ndarray, crop_side: int) -> np.ndarray:
-        """Points (x, y rows) of the original crop, `crop_side` pixels square, where they lie in the photo."""
-        x, y, side, _ = self.box
-        turn = cv2.getRotationMatrix2D((side / 2, side / 2), self.degrees, 1.0)
-        scaled = np.asarray(points, float) * side / crop_side
-        return scaled @ turn[:, :2].T + turn[:, 2] + (x, y)
-
 
 def paste(face: np.ndarray, background: np.ndarray, side: int, degrees: float, x: int, y: int) -> Pasted:
     """`face` scaled to `side` pixels square, turned by `degrees` about its centre, pasted with its top

@@ -33,9 +33,6 @@ class AgeGroups:
         index = self.index_of(age)
         return None if index < 0 else self.labels[index]
 
-    def midpoints(self, max_age: int) -> list[float]:
-        return [(lo + hi + 1) / 2 for lo, hi in self.bounds(max_age)]
-
 
 def age_groups_from(config: BaseModel) -> AgeGroups:
     """The age groups of any config (every config has the common `age_groups`)."""

@@ -11,6 +11,7 @@ import numbers
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -96,20 +97,46 @@ def parse_utkface_name(name: str) -> dict:
     return {"age": int(match["age"]), "gender": to_int(match["gender"]), "race": to_int(match["race"])}
 
 
-def read_labels_csv(path: Path, file_column: str, age_column: str) -> dict[str, object]:
-    """Map relative file path -> age (or an error string) from a labels CSV."""
+@dataclass
+class LabelTable:
+    """The ages a labels CSV gives, by image path relative to its folder: a file listed twice with
+    different ages has none, and says so."""
+
+    path: Path
+    ages: dict[str, float]  # NaN where the CSV's age is not a number
+    conflicting: set[str]
+
+    def __len__(self) -> int:
+        return len(self.ages) + len(self.conflicting)
+
+    def __contains__(self, file: str) -> bool:
+        return file in self.ages or file in self.conflicting
+
+    def age_of(self, file: str) -> tuple[float | None, str | None]:
+        """(the age the CSV gives `file`, None), or (None, why it gives none)."""
+        if file in self.conflicting:
+            return None, f"listed more than once in {self.path.name} with different ages"
+        if file not in self.ages:
+            return None, "not listed in the labels CSV"
+        age = self.ages[file]
+        return (None, "age in the labels CSV is not a number") if math.isnan(age) else (age, None)
+
+
+def read_labels_csv(path: Path, file_column: str, age_column: str) -> LabelTable:
+    """The ages of a labels CSV: a `file_column` of image paths relative to its folder, an `age_column`."""
     labels = read_table(path, "labels CSV", dtype={file_column: str}, keep_default_na=False)
     for column in (file_column, age_column):
         if column not in labels.columns:
             raise UserError(f"labels CSV {path} has no column {column!r} (it has {len(labels.columns)} columns)")
-    mapping: dict[str, object] = {}
-    for file, age in zip(labels[file_column].str.replace("\\", "/"), labels[age_column]):
-        value = pd.to_numeric(age, errors="coerce")
-        if file in mapping and mapping[file] != value:
-            mapping[file] = f"listed more than once in {path.name} with different ages"
-        else:
-            mapping[file] = value
-    return mapping
+    table = LabelTable(Path(path), {}, set())
+    for file, age in zip(labels[file_column].str.replace("\\", "/"), pd.to_numeric(labels[age_column], errors="coerce")):
+        age = float(age)
+        if file in table.ages and not (table.ages[file] == age or math.isnan(table.ages[file]) and math.isnan(age)):
+            del table.ages[file]
+            table.conflicting.add(file)
+        elif file not in table.conflicting:
+            table.ages[file] = age
+    return table
 
 
 def checked_age(age: float, age_range: AgeRange) -> tuple[int | None, str | None]:
@@ -142,19 +169,15 @@ def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: A
     from_csv = labels.from_csv
     if from_csv:
         csv_path = Path(labels.csv_path)
-        csv_ages = read_labels_csv(csv_path, labels.file_column, labels.age_column)
+        table = read_labels_csv(csv_path, labels.file_column, labels.age_column)
     files = matched = 0
     for file, real in find_image_files(dataset_dir):
         files += 1
         parsed = parse_utkface_name(file)
         age, error = parsed["age"], None
         if from_csv:
-            matched += file in csv_ages
-            age = csv_ages.get(file, "not listed in the labels CSV")
-            if isinstance(age, str):
-                age, error = None, age
-            elif pd.isna(age):
-                age, error = None, "age in the labels CSV is not a number"
+            matched += file in table
+            age, error = table.age_of(file)
         elif age is None:
             error = "no age in the file name (expected age_gender_race_date.jpg)"
         age, error = checked_age(age, age_range) if age is not None else (None, error)
@@ -170,8 +193,8 @@ def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: A
         }
     if not files:
         raise UserError(f"dataset folder {dataset_dir} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    if from_csv and matched < len(csv_ages):
-        log.warning("%d rows of %s name files that are not in %s", len(csv_ages) - matched, csv_path, dataset_dir)
+    if from_csv and matched < len(table):
+        log.warning("%d rows of %s name files that are not in %s", len(table) - matched, csv_path, dataset_dir)
 
 
 def read_table(path, what: str, hint: str = "", **read_options) -> pd.DataFrame:
@@ -256,17 +279,17 @@ def iter_labelled_images(inputs: list[str], labels_csv: str | None, age_range: A
     Every input is checked before the first row: a missing one is a UserError, as are inputs that
     hold no image at all.
     """
-    labels = read_labels_csv(Path(labels_csv), "file", "age") if labels_csv else {}
+    labels = read_labels_csv(Path(labels_csv), "file", "age") if labels_csv else None
     for item in inputs:
         if not (Path(item).is_dir() or Path(item).is_file()):
             raise UserError(f"input {item} does not exist")
     count = 0
     for row in _input_rows(inputs):
         parsed = parse_utkface_name(row["relative"])
-        age = row.get("age")
+        age, error = row.get("age"), None
         if age is None or pd.isna(age):
-            age = labels.get(row["relative"], parsed["age"])
-        age, error = checked_age(float(age), age_range) if isinstance(age, numbers.Real) and not pd.isna(age) else (None, "no age known")
+            age, error = labels.age_of(row["relative"]) if labels is not None and row["relative"] in labels else (parsed["age"], None)
+        age, error = checked_age(float(age), age_range) if isinstance(age, numbers.Real) and not pd.isna(age) else (None, error or "no age known")
         row.update(age=age, label_error=error, gender=row.get("gender", parsed["gender"]), race=row.get("race", parsed["race"]))
         del row["relative"]
         count += 1

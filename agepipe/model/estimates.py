@@ -29,7 +29,6 @@ from agepipe.errors import UserError
 
 log = logging.getLogger("agepipe.estimates")
 
-RULES = ("group_first", "median", "mean")
 CALIBRATION_BINS = 10
 
 

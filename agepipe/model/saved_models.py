@@ -9,13 +9,13 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from agepipe.config.loading import validate_section
-from agepipe.config.model_stages import Descriptor, FaceSearch
+from agepipe.config.model_stages import AnswerRule, Descriptor, FaceSearch
 from agepipe.config.schema import AgeGroupEdges, Bounded, Section
 from agepipe.data.age_groups import AgeGroups
 from agepipe.errors import ConfigError, UserError
@@ -52,7 +52,7 @@ class ModelMetadata(Section):
     input_size: Bounded(int, 16, 512) | None
     network: str | None = None
     training_group_shares: list[Bounded(float, 0, 1)]
-    answer_rule: Literal["group_first", "median", "mean"] = "group_first"
+    answer_rule: AnswerRule = "group_first"
     interval: Bounded(float, 0.05, 0.99) = 0.8
     temperature: Bounded(float, 0.01, 100) = 1.0
     config: dict[str, Any]
