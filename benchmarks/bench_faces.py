@@ -2,6 +2,7 @@
 non-face images, and speed on one core beside plain decoding.
 
     python benchmarks/bench_faces.py DIR [--non-faces 300]
+    python benchmarks/bench_faces.py --tiny      # a check that it runs: generated faces, 10 non-faces
 
 DIR holds face crops with UTKFace names (age_gender_race_...), every one of which shows a face. The
 non-face set is built offline from scikit-image's bundled pictures: the 100 non-face patches of its
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
+from runs import add_dataset_arguments, dataset_of  # noqa: E402
 from scenes import non_face_images  # noqa: E402
 
 from agepipe.faces.detector import DetectorSettings, FaceDetector  # noqa: E402
@@ -72,22 +75,29 @@ def timed_counts(count, images) -> tuple[np.ndarray, float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("dataset_dir", type=Path)
+    add_dataset_arguments(parser)
     parser.add_argument("--non-faces", type=int, default=300)
     args = parser.parse_args()
+    if args.tiny:
+        args.non_faces = 10
+    with tempfile.TemporaryDirectory(prefix="bench-faces-") as work:
+        benchmark(dataset_of(args, parser, Path(work)), args.non_faces)
+
+
+def benchmark(dataset_dir: Path, non_faces: int) -> None:
     cv2.setNumThreads(1)
     faces_config = load_explore_config(PROJECT / "configs/explore_images.yaml").metrics["faces"]
     settings = DetectorSettings(**faces_config)
 
-    files = sorted(p for p in args.dataset_dir.iterdir() if p.name.split("_")[0].isdigit() and p.suffix.lower() in (".jpg", ".png"))
+    files = sorted(p for p in dataset_dir.iterdir() if p.name.split("_")[0].isdigit() and p.suffix.lower() in (".jpg", ".png"))
     start = time.perf_counter()
     images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in files]
     decode_rate = len(files) / (time.perf_counter() - start)
     kept = [i for i, image in enumerate(images) if image is not None]
     images = [images[i] for i in kept]
     races = np.array([files[i].name.split("_")[2] if files[i].name.count("_") >= 3 else "?" for i in kept])
-    others = non_face_images(args.non_faces)
-    print(f"{len(images)} face crops in {args.dataset_dir}, {len(others)} non-face images; one thread; "
+    others = non_face_images(non_faces)
+    print(f"{len(images)} face crops in {dataset_dir}, {len(others)} non-face images; one thread; "
           f"plain cv2.imread {decode_rate:.0f} img/s")
     print(f"blazeface settings: {faces_config}")
 

@@ -3,6 +3,7 @@ same out-of-fold predictions; then a model trained without the suspected labels 
 all, on faces never seen.
 
     python benchmarks/bench_labels.py DIR [--share 0.05] [--min-shift 15] [--folds 5] [--work-dir W] [--no-training]
+    python benchmarks/bench_labels.py --tiny      # a check that it runs: generated faces, 2 folds, a few epochs
 
 DIR holds face crops with UTKFace names. A copy of it is made (links, renamed) in which `--share` of the
 faces, chosen at random (seeded), carry an age moved by at least `--min-shift` years; the rest keep
@@ -31,7 +32,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from crops import configured_groups, labelled_crops  # noqa: E402
-from runs import script  # noqa: E402
+from runs import TINY_LABEL_CHECK, TINY_TRAINING, add_dataset_arguments, dataset_of, script  # noqa: E402
 
 from agepipe.data.age_groups import AgeGroups  # noqa: E402
 from agepipe.data.datasets import parse_utkface_name, suspected_labels_mask  # noqa: E402
@@ -92,7 +93,7 @@ def ranking_figures(checked: pd.DataFrame, truth: pd.DataFrame, groups: AgeGroup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("dataset_dir", type=Path)
+    add_dataset_arguments(parser)
     parser.add_argument("--share", type=float, default=0.05)
     parser.add_argument("--min-shift", type=int, default=15)
     parser.add_argument("--folds", type=int, default=5)
@@ -100,28 +101,34 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path)
     parser.add_argument("--no-training", action="store_true")
     args = parser.parse_args()
+    if args.tiny:
+        args.share, args.folds = 0.1, 2
+    check, train = (TINY_LABEL_CHECK, TINY_TRAINING) if args.tiny else ([], [])
     groups = configured_groups()
     with tempfile.TemporaryDirectory(prefix="bench-labels-") as temporary:
         work = (args.work_dir or Path(temporary)).resolve()
-        truth = planted_copy(args.dataset_dir, work / "data", args.share, args.min_shift, args.seed)
+        truth = planted_copy(dataset_of(args, parser, work), work / "data", args.share, args.min_shift, args.seed)
         ws = f"workspace={work}"
         start = time.perf_counter()
         script("explore_images.py", ws, f"dataset_dir={work}/data")
         script("process_images.py", ws)
         explored = time.perf_counter()
-        script("check_labels.py", ws)
+        script("check_labels.py", ws, *check)
         print(f"explored and processed in {explored - start:.0f} s; the label check took {time.perf_counter() - explored:.0f} s "
               "(describing every face included, on an empty descriptor cache)", flush=True)
         checked = pd.read_csv(work / "csv" / "checked_metadata.csv", keep_default_na=False, na_values=[""])
         pd.set_option("display.width", 200)
         print(pd.DataFrame(ranking_figures(checked, truth, groups)).round(3).to_string(index=False), flush=True)
         if not args.no_training:
-            print(pd.DataFrame(training_figures(work, checked, truth, groups, args.folds, args.seed)).round(3).to_string(index=False))
+            figures = training_figures(work, checked, truth, groups, args.folds, args.seed, check, train)
+            print(pd.DataFrame(figures).round(3).to_string(index=False))
 
 
-def training_figures(work: Path, checked: pd.DataFrame, truth: pd.DataFrame, groups: AgeGroups, folds: int, seed: int) -> list[dict]:
+def training_figures(work: Path, checked: pd.DataFrame, truth: pd.DataFrame, groups: AgeGroups, folds: int, seed: int,
+                     check: list[str], train_settings: list[str]) -> list[dict]:
     """Per variant (all labels, without the suspected ones): means over the folds of accuracy and MAE on
-    the held-out faces' true ages, over all of them and over those whose label was planted wrong."""
+    the held-out faces' true ages, over all of them and over those whose label was planted wrong (the
+    label check and training with `check` and `train_settings` beside their defaults)."""
     table = checked[checked["label_check"].isna()].merge(truth[["file", "true_age", "planted"]], on="file")
     table = table.assign(source=table["file"], group_index=[groups.index_of(a) for a in table["age"]])
     fold_of = stratified_folds(table, folds, seed)
@@ -138,12 +145,12 @@ def training_figures(work: Path, checked: pd.DataFrame, truth: pd.DataFrame, gro
             (folder / variant.replace(" ", "_") / "test_predictions.csv").exists() for variant, _ in variants)
         (folder / "test.csv").write_text(test_csv)
         if not done:
-            script("check_labels.py", f"workspace={work}", f"input_csv={folder}/train.csv", f"output_csv={folder}/train_checked.csv")
+            script("check_labels.py", f"workspace={work}", f"input_csv={folder}/train.csv", f"output_csv={folder}/train_checked.csv", *check)
         for variant, exclude in variants:
             out = folder / variant.replace(" ", "_")
             if not done:
                 script("train_model.py", f"workspace={work}", f"input_csv={folder}/train_checked.csv", f"test_inputs=[{folder}/test.csv]",
-                       f"output_dir={out}", "target_csv=null", f"exclude_suspected_labels={exclude}")
+                       f"output_dir={out}", "target_csv=null", f"exclude_suspected_labels={exclude}", *train_settings)
             predictions = pd.read_csv(out / "test_predictions.csv").merge(test[["file", "planted"]], on="file", how="left")
             for subset, rows in (("all held-out faces", predictions), ("faces planted wrong", predictions[predictions["planted"] == True])):  # noqa: E712
                 results.append({"variant": variant, "test faces": subset, "fold": fold, "faces": len(rows),

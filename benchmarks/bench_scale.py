@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py [--sizes 3000 30000 300000] [--hashes 1000000] [--workers 0]
                                      [--stages explore,dask,process,predict] [--model models/age_group_classifier/model.keras]
+    python benchmarks/bench_scale.py --tiny      # a check that it runs: 60 and 120 files, 2,000 hashes, no prediction
 
 1. For each size N: a synthetic dataset of N small JPEG files (distinct pixels: a face from the
    built-in sample, shifted and tinted per file), then the whole explore_images.py over it in a
@@ -35,7 +36,7 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from runs import explore_run, measured_run  # noqa: E402
+from runs import explore_run, measured_run, tiny_faces  # noqa: E402
 
 from agepipe.config.data_stages import Duplicates  # noqa: E402
 from agepipe.faces.describer import MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
@@ -78,12 +79,14 @@ def near_duplicate_benchmark(count: int, rule: Duplicates) -> None:
 TEMPLATES = 50  # file i of make_dataset's datasets is template i % TEMPLATES, tinted and shifted
 
 
-def make_dataset(folder: Path, count: int, seed: int = 0) -> None:
-    """`count` distinct small JPEG faces with UTKFace names, written in a few seconds per 10,000."""
-    faces = sorted((PROJECT / "sample_dataset").glob("*.chip.jpg"))[:TEMPLATES]
+def make_dataset(folder: Path, count: int, templates_dir: Path, seed: int = 0) -> None:
+    """`count` distinct small JPEG faces with UTKFace names, written in a few seconds per 10,000, made
+    from the faces of a sample dataset in `templates_dir`."""
+    faces = sorted(templates_dir.glob("*.chip.jpg"))[:TEMPLATES]
     if not faces:
-        sys.exit("run make_sample_dataset.py first (the faces of the built-in sample are the templates)")
-    templates = [cv2.resize(cv2.imread(str(f)), (96, 96), interpolation=cv2.INTER_AREA) for f in faces]
+        sys.exit(f"no faces in {templates_dir}: run make_sample_dataset.py first (the faces of the built-in sample are the templates)")
+    decoded = [image for image in map(cv2.imread, map(str, faces)) if image is not None]  # a sample's broken files are no template
+    templates = [cv2.resize(image, (96, 96), interpolation=cv2.INTER_AREA) for image in decoded]
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     for i in range(count):
@@ -149,7 +152,10 @@ def main():
     parser.add_argument("--stages", default="explore,dask,process,predict", help="which to measure (process needs explore)")
     parser.add_argument("--model", type=Path, default=PROJECT / "models/age_group_classifier/model.keras",
                         help="the model prediction runs with (make pipeline trains this one)")
+    parser.add_argument("--tiny", action="store_true", help="a check that it runs: small sizes, no prediction (the tests run this)")
     args = parser.parse_args()
+    if args.tiny:
+        args.sizes, args.hashes, args.stages = [60, 120], 2000, "explore,dask,process"
     stages = set(args.stages.split(","))
     if "predict" in stages and not args.model.is_file():
         stages.discard("predict")
@@ -162,10 +168,11 @@ def main():
     workers = resolve_workers(args.workers)
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) if "dask" in stages else contextlib.nullcontext()
     with tempfile.TemporaryDirectory() as tmp, cluster:
+        templates = tiny_faces(Path(tmp)) if args.tiny else PROJECT / "sample_dataset"
         for size in args.sizes:
             folder, explored = Path(tmp) / f"n{size}", Path(tmp) / f"out{size}"
             start = time.perf_counter()
-            make_dataset(folder, size)
+            make_dataset(folder, size, templates)
             report = [f"made in {time.perf_counter() - start:5.0f} s"]
             if "explore" in stages:
                 stats = explore_benchmark(folder, explored, workers, rule)

@@ -58,3 +58,37 @@ def explore_run(dataset_dir: Path, out: Path, workers: int, scheduler: str = "lo
     with open(out / "m.csv") as csv:
         files = sum(1 for _ in csv) - 1
     return {"files": files, "images_per_s": files / stats["seconds"], **stats}
+
+
+# --------------------------------------------------------------------------------------------------
+# --tiny: every benchmark also runs on a few dozen generated faces, with small counts and no peer, so
+# that a benchmark that breaks fails the tests (tests/test_benchmarks.py) instead of rotting.
+# --------------------------------------------------------------------------------------------------
+TINY_FACES = 40
+# train_model.py's and check_labels.py's settings in a tiny run: a few epochs, one head
+TINY_TRAINING = ["training.epochs=3", "model.face_features.ensemble=1"]
+TINY_LABEL_CHECK = ["training.epochs=3", "folds=2", "second_pass_leave_out=0"]
+
+
+def add_dataset_arguments(parser, what: str = "a folder of face crops with UTKFace names") -> None:
+    """DIR (`what`), and --tiny, which needs no DIR."""
+    parser.add_argument("dataset_dir", type=Path, nargs="?", help=f"{what} (with --tiny: generated faces when not given)")
+    parser.add_argument("--tiny", action="store_true", help="a check that the benchmark runs: a few dozen generated faces, small counts, "
+                                                            "no peer (the tests run this)")
+
+
+def dataset_of(args, parser, work: Path) -> Path:
+    """The benchmark's DIR: the one given, or with --tiny a few dozen faces drawn by make_sample_dataset.py."""
+    if args.dataset_dir is not None:
+        return args.dataset_dir.resolve()
+    if not args.tiny:
+        parser.error("give DIR, or --tiny")
+    return tiny_faces(work)
+
+
+def tiny_faces(work: Path) -> Path:
+    """TINY_FACES faces drawn by make_sample_dataset.py (UTKFace names, planted defects and broken files included)."""
+    folder = work / "tiny_faces"
+    if not folder.is_dir():
+        script("make_sample_dataset.py", f"output_dir={folder}", f"num_images={TINY_FACES}")
+    return folder
