@@ -23,6 +23,7 @@ and the quality report shows them.
     python check_labels.py
     python check_labels.py --set threshold=0.05 --set folds=10
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,10 +64,14 @@ def year_window_quality(year_probabilities: np.ndarray, ages, window: int) -> np
     ages = np.clip(np.asarray(ages, int), 0, year_probabilities.shape[1] - 1)
     cumulative = np.concatenate([np.zeros((len(ages), 1)), np.cumsum(year_probabilities, axis=1)], axis=1)
     rows, last = np.arange(len(ages)), year_probabilities.shape[1]
-    return np.clip(cumulative[rows, np.minimum(ages + window + 1, last)] - cumulative[rows, np.maximum(ages - window, 0)], 0, 1)
+    return np.clip(
+        cumulative[rows, np.minimum(ages + window + 1, last)] - cumulative[rows, np.maximum(ages - window, 0)], 0, 1
+    )
 
 
-def label_quality(year_probabilities: np.ndarray, ages, groups: AgeGroups, max_age: int, config: LabelCheckConfig) -> np.ndarray:
+def label_quality(
+    year_probabilities: np.ndarray, ages, groups: AgeGroups, max_age: int, config: LabelCheckConfig
+) -> np.ndarray:
     """Each face's label_quality by the config's `score` (see the module's docstring)."""
     if config.score == "year_window":
         return year_window_quality(year_probabilities, ages, config.window_years)
@@ -91,29 +96,48 @@ def check(config: LabelCheckConfig, train: TrainConfig, frame: pd.DataFrame, cac
     """The output table: `frame` with predicted_age, label_quality, suspected_label_error and label_check."""
     groups = age_groups_from(train)
     reasons = checked_rows(frame, groups)
-    candidates = frame[reasons.isna()].assign(age=lambda t: pd.to_numeric(t["age"]).astype(int), source=lambda t: t["file"])
+    candidates = frame[reasons.isna()].assign(
+        age=lambda t: pd.to_numeric(t["age"]).astype(int), source=lambda t: t["file"]
+    )
     candidates = candidates.assign(group_index=[groups.index_of(a) for a in candidates["age"]])
     backbone = backbone_for(train.model)
     rows = backbone.prepare(candidates.reset_index(names="_row"), Engine.of(config), cache)
     usable = rows[rows["inputs"].notna()].reset_index(drop=True)
-    reasons[rows.loc[rows["inputs"].isna(), "_row"].to_numpy()] = "not checked: " + rows.loc[rows["inputs"].isna(), "problem"].astype(str)
+    reasons[rows.loc[rows["inputs"].isna(), "_row"].to_numpy()] = "not checked: " + rows.loc[
+        rows["inputs"].isna(), "problem"
+    ].astype(str)
     if len(usable) < 2 * config.folds:
-        raise UserError(f"too few usable labelled faces ({len(usable)}) for {config.folds} folds: give fewer folds (--set folds=2) or more faces")
+        raise UserError(
+            f"too few usable labelled faces ({len(usable)}) for {config.folds} folds: give fewer folds (--set "
+            "folds=2) or more faces"
+        )
     counts = np.bincount(usable["group_index"], minlength=len(groups.labels))
     for label, count in zip(groups.labels, counts):
         if 0 < count < config.folds:
-            log.warning("age group %s has %d faces, fewer than the %d folds: some folds' networks never saw it", label, count, config.folds)
+            log.warning(
+                "age group %s has %d faces, fewer than the %d folds: some folds' networks never saw it",
+                label,
+                count,
+                config.folds,
+            )
     passes = 2 if config.second_pass_leave_out else 1
     with progress_bar(passes * config.folds, "folds", "fold")(None) as bar:  # a bar updated by hand
         years = out_of_fold(train, backbone, usable, groups, config.folds, config.seed, scratch, progress=bar)
         quality = label_quality(years, usable["age"], groups, train.max_age, config)
         if passes == 2:  # the networks learn the wrong labels too: train again without the likeliest ones
             kept = quality > np.quantile(quality, config.second_pass_leave_out)
-            years = out_of_fold(train, backbone, usable, groups, config.folds, config.seed, scratch, trained_on=kept, progress=bar)
+            years = out_of_fold(
+                train, backbone, usable, groups, config.folds, config.seed, scratch, trained_on=kept, progress=bar
+            )
             quality = label_quality(years, usable["age"], groups, train.max_age, config)
     answer = answers(years, groups, train.max_age, rule="median")
-    result = frame.assign(predicted_age=np.nan, label_quality=np.nan, suspected_label_error=pd.NA, label_check=reasons,
-                          **{f"oof_p_{label}": np.nan for label in groups.labels})
+    result = frame.assign(
+        predicted_age=np.nan,
+        label_quality=np.nan,
+        suspected_label_error=pd.NA,
+        label_check=reasons,
+        **{f"oof_p_{label}": np.nan for label in groups.labels},
+    )
     result.loc[usable["_row"], [f"oof_p_{label}" for label in groups.labels]] = np.round(answer.group_probabilities, 5)
     result.loc[usable["_row"], "predicted_age"] = answer.age
     result.loc[usable["_row"], "label_quality"] = np.round(quality, 6)
@@ -124,20 +148,40 @@ def check(config: LabelCheckConfig, train: TrainConfig, frame: pd.DataFrame, cac
 def with_check_training(train: TrainConfig, config: LabelCheckConfig) -> TrainConfig:
     """The training config with the check's lighter schedule for the folds' networks."""
     features = train.model.face_features.model_copy(update={"ensemble": config.training.ensemble})
-    schedule = train.training.model_copy(update={"epochs": config.training.epochs, "batch_size": config.training.batch_size})
+    schedule = train.training.model_copy(
+        update={"epochs": config.training.epochs, "batch_size": config.training.batch_size}
+    )
     # deterministic: a run killed mid-way, run again, gives the same rows
-    return train.model_copy(update={"model": train.model.model_copy(update={"face_features": features}), "training": schedule,
-                                    "deterministic": True})
+    return train.model_copy(
+        update={
+            "model": train.model.model_copy(update={"face_features": features}),
+            "training": schedule,
+            "deterministic": True,
+        }
+    )
 
 
 def main(args) -> None:
     config = load_config(LabelCheckConfig, args.config, args.overrides)
     setup_logging(config.log_level)
-    common = [f"{key}={value}" for key, value in (("workspace", config.workspace), ("descriptor_cache", config.descriptor_cache),
-                                                  ("num_workers", config.num_workers)) if value is not None]
+    common = [
+        f"{key}={value}"
+        for key, value in (
+            ("workspace", config.workspace),
+            ("descriptor_cache", config.descriptor_cache),
+            ("num_workers", config.num_workers),
+        )
+        if value is not None
+    ]
     train = with_check_training(load_config(TrainConfig, config.train_config, common), config)
     start = time.perf_counter()
-    frame = read_metadata_csv(config.input_csv, "input CSV", "run process_images.py first", ("file", "path", "age"), dtype={"file": str, "path": str})
+    frame = read_metadata_csv(
+        config.input_csv,
+        "input CSV",
+        "run process_images.py first",
+        ("file", "path", "age"),
+        dtype={"file": str, "path": str},
+    )
     image_folders = sorted({os.path.dirname(p) for p in frame["path"].dropna()})
     with OutputGuard(inputs=[config.input_csv, config.train_config, *image_folders]) as guard:
         output = guard.file(config.output_csv, "output_csv")
@@ -148,11 +192,22 @@ def main(args) -> None:
         write_run_record({"check_labels": config, "train": train}, output)
     checked = result["label_quality"].notna()
     suspected = int(result["suspected_label_error"].fillna(False).astype(bool).sum())
-    print(f"checked {int(checked.sum())} labelled faces with {config.folds} folds in {time.perf_counter() - start:.0f}s: "
-          f"{suspected} suspected label errors ({suspected / max(1, checked.sum()):.1%}), {int((~checked).sum())} rows not checked; wrote {output}")
+    print(
+        f"checked {int(checked.sum())} labelled faces with {config.folds} folds in {time.perf_counter() - start:.0f}s: "
+        f"{suspected} suspected label errors ({suspected / max(1, checked.sum()):.1%}), {int((~checked).sum())} rows "
+        f"not checked; wrote {output}"
+    )
 
 
 if __name__ == "__main__":
-    run_script(main, "Find the faces whose age label is likely wrong.", "check_labels.yaml", LabelCheckConfig, [
-        "python check_labels.py", "python check_labels.py --set threshold=0.05 --set folds=10",
-        "python check_labels.py --set score=cleanlab --set output_csv=/tmp/checked.csv"])
+    run_script(
+        main,
+        "Find the faces whose age label is likely wrong.",
+        "check_labels.yaml",
+        LabelCheckConfig,
+        [
+            "python check_labels.py",
+            "python check_labels.py --set threshold=0.05 --set folds=10",
+            "python check_labels.py --set score=cleanlab --set output_csv=/tmp/checked.csv",
+        ],
+    )

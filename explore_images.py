@@ -12,6 +12,7 @@ name + ".parts"), keyed by the files' names, sizes and modification times and by
 settings: an interrupted run continues where it stopped, and re-running after editing a threshold takes
 seconds. Memory stays flat however many files there are.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,6 +37,7 @@ from utils import run_script, setup_logging
 
 log = logging.getLogger("agepipe.explore")
 
+
 def summarise(frame: pd.DataFrame, checks: list[str], groups: AgeGroups) -> pd.DataFrame:
     """Counts per status, per failed check and per age group (all labelled, and ok only). The counts of
     a whole table are the sums of those of its chunks."""
@@ -57,7 +59,9 @@ def column_order(frame: pd.DataFrame, checks: list[str]) -> list[str]:
     return leading + [c for c in frame.columns if c not in leading + trailing] + trailing
 
 
-def explore(config: ExploreConfig, groups: AgeGroups, output: Path, summary_csv: Path, parts: PartStore) -> pd.DataFrame:
+def explore(
+    config: ExploreConfig, groups: AgeGroups, output: Path, summary_csv: Path, parts: PartStore
+) -> pd.DataFrame:
     """Find, measure and check every image; write the CSV and its summary; return the summary.
 
     The files go through in chunks, in three passes over a spool of the labelled file list: measure
@@ -67,10 +71,14 @@ def explore(config: ExploreConfig, groups: AgeGroups, output: Path, summary_csv:
     """
     settings = ReaderSettings.from_config(config)
     checks = list(config.checks) + ([Check.DUPLICATE, Check.AGE_CONFLICT] if config.duplicates.enabled else [])
-    with load_dataset(config.dataset_dir, config.labels, config.age_range, groups, parts, config.chunk_files) as dataset:
+    with load_dataset(
+        config.dataset_dir, config.labels, config.age_range, groups, parts, config.chunk_files
+    ) as dataset:
         log.info("found %d image files in %s", dataset.files, config.dataset_dir)
         compute_images_quality_metrics(dataset, settings, Engine.of(config))
-        duplicates = duplicate_groups(dataset.tables(), dataset.files, config.duplicates) if config.duplicates.enabled else None
+        duplicates = (
+            duplicate_groups(dataset.tables(), dataset.files, config.duplicates) if config.duplicates.enabled else None
+        )
 
         summary, root_names, start = None, {}, 0
         with atomic_write(output, newline="", encoding="utf-8") as csv:
@@ -98,10 +106,18 @@ def main(args) -> None:
         summary_csv = guard.file(config.summary_csv, "summary_csv")
         parts = guard.folder(f"{output}.parts", "the measurements beside output_csv", self_identifying=True)
         with run_lock(output):
-            summary = explore(config, groups, output, summary_csv, PartStore(parts.path, config_fingerprint(config.metrics, config.images)))
+            summary = explore(
+                config,
+                groups,
+                output,
+                summary_csv,
+                PartStore(parts.path, config_fingerprint(config.metrics, config.images)),
+            )
 
     elapsed = time.perf_counter() - start
-    counts = dict(zip(summary["name"][summary["section"] == "status"], summary["images"][summary["section"] == "status"]))
+    counts = dict(
+        zip(summary["name"][summary["section"] == "status"], summary["images"][summary["section"] == "status"])
+    )
     files = int(summary["images"][summary["section"] == "total"].iloc[0])
     failed = summary[(summary["section"] == "check") & (summary["images"] > 0)]
     print(
@@ -114,8 +130,15 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    run_script(main, "Measure and check the quality of every image in a face dataset.", "explore_images.yaml", ExploreConfig, [
-        "python explore_images.py",
-        "python explore_images.py --set dataset_dir=../shared/data/utkface_sample --set checks.blurry.below=10 --set num_workers=1",
-        "python explore_images.py --set workspace=/tmp/agepipe-run --set dataset_dir=sample_dataset",
-    ])
+    run_script(
+        main,
+        "Measure and check the quality of every image in a face dataset.",
+        "explore_images.yaml",
+        ExploreConfig,
+        [
+            "python explore_images.py",
+            "python explore_images.py --set dataset_dir=../shared/data/utkface_sample --set checks.blurry.below=10 "
+            "--set num_workers=1",
+            "python explore_images.py --set workspace=/tmp/agepipe-run --set dataset_dir=sample_dataset",
+        ],
+    )

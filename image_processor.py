@@ -6,6 +6,7 @@ modified. Operations that change lightness leave colour alone: exposure scales t
 pixel by one common factor (hue and saturation unchanged), and contrast, texture and sharpening act on
 the lightness channel of CIELAB only.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,7 +100,9 @@ def repair(order: int, escalated: str | None = None, measured: dict[str, str] | 
     from the image's own measurements (e.g. noise_sigma from the noise metric)."""
 
     def register(function):
-        model = create_model(f"{function.__name__}_parameters", __base__=Section, **{name: (kind, ...) for name, kind in params.items()})
+        model = create_model(
+            f"{function.__name__}_parameters", __base__=Section, **{name: (kind, ...) for name, kind in params.items()}
+        )
         REPAIRS[function.__name__] = Repair(function, model, order, escalated, measured or {})
         return function
 
@@ -112,9 +115,17 @@ def repair_order() -> list[str]:
     return sorted(REPAIRS, key=lambda name: REPAIRS[name].order)
 
 
-@repair(order=10, escalated="strength", measured={"noise_sigma": "noise"}, strength=Bounded(float, 0.01, 20),
-        template_window=Bounded(int, 3, 21), search_window=Bounded(int, 3, 51))
-def denoise(image: np.ndarray, noise_sigma: float, strength: float, template_window: int, search_window: int) -> np.ndarray:
+@repair(
+    order=10,
+    escalated="strength",
+    measured={"noise_sigma": "noise"},
+    strength=Bounded(float, 0.01, 20),
+    template_window=Bounded(int, 3, 21),
+    search_window=Bounded(int, 3, 51),
+)
+def denoise(
+    image: np.ndarray, noise_sigma: float, strength: float, template_window: int, search_window: int
+) -> np.ndarray:
     """Non-local means denoising with filter strength h = `strength` x the measured noise sigma.
 
     Non-local means works on 8-bit data, so 16-bit and float images are denoised at 8-bit precision.
@@ -326,7 +337,7 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
     resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    result = resized[top:top + size, left:left + size]
+    result = resized[top : top + size, left : left + size]
     # cubic interpolation overshoots; OpenCV saturates integer results itself, floats need clipping
     return np.clip(result, 0, 1) if image.dtype == np.float32 else result
 
@@ -379,7 +390,9 @@ def add_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.n
     return restore(unit + rng.normal(0.0, float(sigma) / 255.0, unit.shape).astype(np.float32))
 
 
-def random_augmentation(image: np.ndarray, rng: np.random.Generator, ranges: ResamplingAugmentation) -> tuple[np.ndarray, str]:
+def random_augmentation(
+    image: np.ndarray, rng: np.random.Generator, ranges: ResamplingAugmentation
+) -> tuple[np.ndarray, str]:
     """One random face-safe variant of `image` drawn from `rng` within `ranges` (the `augmentation`
     section of configs/resampling.yaml), and a description of what was applied."""
     steps = []

@@ -9,6 +9,7 @@ streaming, so that memory does not grow with the dataset.
   search's columns (duplicates.py), adding `flag_<check>` and `score_<check>` columns, the failed
   checks, a status and a reason per file.
 """
+
 from __future__ import annotations
 
 import collections
@@ -36,7 +37,15 @@ from agepipe.data.datasets import iter_dataset
 from agepipe.data.vocabulary import Check, Status, flag_column, score_column
 from agepipe.errors import SHOWN_CHARACTERS, ConfigError, UserError, shown
 from agepipe.faces.detector import detector_model_path
-from agepipe.quality.image_metrics import FLOAT_DECIMALS, METRICS, SIZE_COLUMNS, ReaderSettings, measure_file, measured_columns, unreadable_row
+from agepipe.quality.image_metrics import (
+    FLOAT_DECIMALS,
+    METRICS,
+    SIZE_COLUMNS,
+    ReaderSettings,
+    measure_file,
+    measured_columns,
+    unreadable_row,
+)
 from agepipe.running.console import progress_bar
 from agepipe.running.parallel import Engine
 from agepipe.running.resume import PartStore, fill_parts, json_line, json_table
@@ -96,9 +105,13 @@ class Dataset:
             for start in range(0, chunk.files, TABLE_ROWS):
                 labels = json_table(list(itertools.islice(rows, TABLE_ROWS))).drop(columns=["_key", "_real_path"])
                 values = list(itertools.islice(measured, len(labels)))
-                if len(values) < len(labels) or (start + len(labels) == chunk.files and next(measured, None) is not None):
+                if len(values) < len(labels) or (
+                    start + len(labels) == chunk.files and next(measured, None) is not None
+                ):
                     # only a part edited by hand can get here: each is written whole
-                    raise UserError(f"{self.parts.folder / chunk.part} does not hold {chunk.files} rows: delete it and re-run")
+                    raise UserError(
+                        f"{self.parts.folder / chunk.part} does not hold {chunk.files} rows: delete it and re-run"
+                    )
                 yield pd.concat([labels, json_table(values).set_axis(labels.index)], axis=1)
 
 
@@ -106,8 +119,9 @@ TABLE_ROWS = 500
 
 
 @contextlib.contextmanager
-def load_dataset(dataset_dir, labels: Labels, age_range: AgeRange, groups: AgeGroups, parts: PartStore,
-                 chunk_files: int) -> Iterator[Dataset]:
+def load_dataset(
+    dataset_dir, labels: Labels, age_range: AgeRange, groups: AgeGroups, parts: PartStore, chunk_files: int
+) -> Iterator[Dataset]:
     """List and label every image file under `dataset_dir` (datasets.iter_dataset), one row per file,
     into a spool beside the part files, cut into chunks of about `chunk_files` files (plan_chunks).
 
@@ -126,7 +140,9 @@ def load_dataset(dataset_dir, labels: Labels, age_range: AgeRange, groups: AgeGr
     (1, '25_1_3_face.jpg', 25, '20-39')
     """
     with tempfile.TemporaryFile("w+", encoding="utf-8", dir=parts.folder) as spool:
-        yield Dataset(spool, plan_chunks(iter_dataset(dataset_dir, labels, age_range, groups), spool, parts, chunk_files), parts)
+        yield Dataset(
+            spool, plan_chunks(iter_dataset(dataset_dir, labels, age_range, groups), spool, parts, chunk_files), parts
+        )
 
 
 def plan_chunks(rows: Iterator[dict], spool: TextIO, parts: PartStore, chunk_files: int) -> list[Chunk]:
@@ -142,7 +158,10 @@ def plan_chunks(rows: Iterator[dict], spool: TextIO, parts: PartStore, chunk_fil
         row["_key"] = file_key(row["file"], row["_real_path"])
         spool.write(json_line(row))
         keys.append(row["_key"])
-        if zlib.crc32(row["file"].encode("utf-8", "surrogatepass")) % chunk_files == 0 or len(keys) >= MAX_CHUNK_FACTOR * chunk_files:
+        if (
+            zlib.crc32(row["file"].encode("utf-8", "surrogatepass")) % chunk_files == 0
+            or len(keys) >= MAX_CHUNK_FACTOR * chunk_files
+        ):
             chunks.append(Chunk(parts.part_name(keys), len(keys)))
             keys = []
     if keys:
@@ -166,9 +185,20 @@ def compute_images_quality_metrics(dataset: Dataset, settings: ReaderSettings, e
     reused = sum(chunk.files for chunk in chunks) - files
     if reused:
         log.info("re-using measurements of %d unchanged files", reused)
-    todo = ((chunk.part, [row["_real_path"] for row in rows]) for _, chunk, rows in dataset.chunk_rows() if chunk.part in missing)
-    fill_parts(parts, todo, _measure_task, engine, state=settings, progress=progress_bar(files, "measuring"),
-               on_failure=lambda path, reason: unreadable_row(reason, settings))
+    todo = (
+        (chunk.part, [row["_real_path"] for row in rows])
+        for _, chunk, rows in dataset.chunk_rows()
+        if chunk.part in missing
+    )
+    fill_parts(
+        parts,
+        todo,
+        _measure_task,
+        engine,
+        state=settings,
+        progress=progress_bar(files, "measuring"),
+        on_failure=lambda path, reason: unreadable_row(reason, settings),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +235,9 @@ def failing_checks(values: dict, checks: dict[str, CheckRule]) -> list[str]:
     return [name for name, rule in checks.items() if flags[flag_column(name)] and not rule.informational]
 
 
-def check_images_quality(frame: pd.DataFrame, checks: dict[str, CheckRule], duplicates: pd.DataFrame | None = None) -> pd.DataFrame:
+def check_images_quality(
+    frame: pd.DataFrame, checks: dict[str, CheckRule], duplicates: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Apply the threshold checks, and the duplicate search's columns when given (see
     DuplicateGroups.columns); add flags, failed checks and a status per file.
 
@@ -226,7 +258,9 @@ def check_images_quality(frame: pd.DataFrame, checks: dict[str, CheckRule], dupl
 
     unreadable, unlabelled = frame["error"].notna(), frame["label_error"].notna()
     low_quality = frame["failed_checks"] != ""
-    frame["status"] = np.select([unreadable, unlabelled, low_quality], [Status.UNREADABLE, Status.UNLABELLED, Status.LOW_QUALITY], Status.OK)
+    frame["status"] = np.select(
+        [unreadable, unlabelled, low_quality], [Status.UNREADABLE, Status.UNLABELLED, Status.LOW_QUALITY], Status.OK
+    )
     frame["reason"] = np.select(
         [unreadable, unlabelled, low_quality],
         [frame["error"], frame["label_error"], "failed: " + frame["failed_checks"].str.replace(";", ", ")],
@@ -265,8 +299,12 @@ def validated_exploration(config: ExploreConfig) -> ExploreConfig:
 
 def exploration_keys(overrides: Iterable[str], own: type[BaseModel]) -> tuple[list[str], list[str]]:
     """The overrides split into a later stage's own keys (in its model `own`) and the exploration's."""
-    others = [o for o in overrides if o.partition("=")[0].split(".")[0] not in own.model_fields
-              and o.partition("=")[0].split(".")[0] in ExploreConfig.model_fields]
+    others = [
+        o
+        for o in overrides
+        if o.partition("=")[0].split(".")[0] not in own.model_fields
+        and o.partition("=")[0].split(".")[0] in ExploreConfig.model_fields
+    ]
     return [o for o in overrides if o not in others], others
 
 
@@ -282,8 +320,12 @@ def exploration_settings(exploration_csv: str | os.PathLike, overrides: Iterable
             recorded = json.loads(f.read(MAX_RECORD_CHARACTERS))["config"]
         base = validated_exploration(validate_section(ExploreConfig, recorded))
     except FileNotFoundError:
-        log.warning("%s has no run record (%s): judging it by the thresholds of %s as they are now", exploration_csv, record.name,
-                    EXPLORE_CONFIG)
+        log.warning(
+            "%s has no run record (%s): judging it by the thresholds of %s as they are now",
+            exploration_csv,
+            record.name,
+            EXPLORE_CONFIG,
+        )
         return load_explore_config(EXPLORE_CONFIG, overrides)
     except (OSError, ValueError, KeyError, TypeError, ConfigError):
         raise ConfigError(f"{record} is not the run record of an exploration: re-run explore_images.py") from None
@@ -294,9 +336,13 @@ def exploration_settings(exploration_csv: str | os.PathLike, overrides: Iterable
             node = recorded
             for part in key.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
-            recorded_value = f"{node:g}" if isinstance(node, (int, float)) and not isinstance(node, bool) else shown(node)
-            raise ConfigError(f"--set {key}: the exploration ran with {recorded_value} ({record}), this command says "
-                              f"{assignment.partition('=')[2][:SHOWN_CHARACTERS]}; re-run explore_images.py with the value you want")
+            recorded_value = (
+                f"{node:g}" if isinstance(node, (int, float)) and not isinstance(node, bool) else shown(node)
+            )
+            raise ConfigError(
+                f"--set {key}: the exploration ran with {recorded_value} ({record}), this command says "
+                f"{assignment.partition('=')[2][:SHOWN_CHARACTERS]}; re-run explore_images.py with the value you want"
+            )
     return base
 
 

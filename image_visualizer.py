@@ -4,6 +4,7 @@ The entry script chooses the non-interactive Agg backend, so everything runs on 
 the house style applies inside each plot function only, so importing this module changes no global state.
 `save_figure` writes a figure to PNG (and optionally SVG) atomically.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,7 +62,9 @@ def needs_log_scale(values: pd.Series, span: float) -> bool:
 
 
 @styled
-def visualize_distribution(frame: pd.DataFrame, metric: str, thresholds: list[dict], size, dpi: int, bins: int, log_span: float):
+def visualize_distribution(
+    frame: pd.DataFrame, metric: str, thresholds: list[dict], size, dpi: int, bins: int, log_span: float
+):
     """Histogram of one metric with each threshold drawn, and the number and share of images beyond it.
 
     `thresholds`: dicts with `check` (name), `value`, and `side` ("below" or "above"). A metric whose
@@ -86,14 +89,26 @@ def visualize_distribution(frame: pd.DataFrame, metric: str, thresholds: list[di
         edges = np.linspace(values.min(), values.max() + 1e-9, bins + 1)
         axes.ticklabel_format(axis="x", useOffset=False)
     axes.hist(values, bins=edges, color=BAR_COLOUR, alpha=0.85, rwidth=0.9 if counts else None)
-    axes.set(xlabel=metric.replace("_", " ") + (" (log scale)" if log else ""), ylabel="images",
-             title=f"{metric.replace('_', ' ').capitalize()} of {len(values):,} images")
+    axes.set(
+        xlabel=metric.replace("_", " ") + (" (log scale)" if log else ""),
+        ylabel="images",
+        title=f"{metric.replace('_', ' ').capitalize()} of {len(values):,} images",
+    )
     for threshold, colour in zip(thresholds, THRESHOLD_COLOURS):
         count = int(_beyond_one(values, threshold).sum())
         arrow = "<" if threshold["side"] == "below" else ">"
-        between = (-0.5 if threshold["side"] == "below" else 0.5) if counts and threshold["value"] == round(threshold["value"]) else 0
-        axes.axvline(threshold["value"] + between, color=colour, linestyle="--", linewidth=2,
-                     label=f"{threshold['check']} {arrow} {threshold['value']:g}: {count:,} images ({count / len(values):.1%})")
+        between = (
+            (-0.5 if threshold["side"] == "below" else 0.5)
+            if counts and threshold["value"] == round(threshold["value"])
+            else 0
+        )
+        axes.axvline(
+            threshold["value"] + between,
+            color=colour,
+            linestyle="--",
+            linewidth=2,
+            label=f"{threshold['check']} {arrow} {threshold['value']:g}: {count:,} images ({count / len(values):.1%})",
+        )
     if thresholds:
         axes.legend(loc="best", framealpha=0.95, title="flagged by threshold")
     return figure
@@ -125,7 +140,9 @@ def plot_age_distribution(frame: pd.DataFrame, groups: AgeGroups, size, dpi: int
 
 
 @styled
-def plot_metric_by_age_group(frame: pd.DataFrame, metric: str, groups: AgeGroups, thresholds: list[dict], size, dpi: int, log_span: float):
+def plot_metric_by_age_group(
+    frame: pd.DataFrame, metric: str, groups: AgeGroups, thresholds: list[dict], size, dpi: int, log_span: float
+):
     """One metric per age group, with the share of each group flagged by the metric's thresholds in the
     tick labels: a quality problem concentrated in one group biases a classifier. Box plots for
     continuous metrics; for counts with few values (such as faces found), the mean per group as bars."""
@@ -133,7 +150,10 @@ def plot_metric_by_age_group(frame: pd.DataFrame, metric: str, groups: AgeGroups
     values = pd.to_numeric(frame[metric], errors="coerce")
     present = [g for g in groups.labels if ((frame["age_group"] == g) & values.notna()).any()]
     data = [values[(frame["age_group"] == g) & values.notna()] for g in present]
-    ticks = [g + (f"\n{_flagged_share(d, thresholds):.1%} flagged" if thresholds else "") + f"\nn={len(d):,}" for g, d in zip(present, data)]
+    ticks = [
+        g + (f"\n{_flagged_share(d, thresholds):.1%} flagged" if thresholds else "") + f"\nn={len(d):,}"
+        for g, d in zip(present, data)
+    ]
     figure = new_figure(size, dpi)
     axes = figure.add_subplot()
     if values.nunique() <= 5:
@@ -141,13 +161,21 @@ def plot_metric_by_age_group(frame: pd.DataFrame, metric: str, groups: AgeGroups
         axes.bar_label(bars, fmt="%.2f", padding=2)
         axes.set_ylabel(f"mean {metric.replace('_', ' ')}")
     else:
-        axes.boxplot(data, tick_labels=ticks, flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": FLAG_COLOUR})
+        axes.boxplot(
+            data, tick_labels=ticks, flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": FLAG_COLOUR}
+        )
         axes.set_ylabel(metric.replace("_", " "))
         if needs_log_scale(values.dropna(), log_span):
             axes.set_yscale("log")
     for threshold, colour in zip(thresholds, THRESHOLD_COLOURS):
         arrow = "<" if threshold["side"] == "below" else ">"
-        axes.axhline(threshold["value"], color=colour, linestyle="--", linewidth=1.5, label=f"{threshold['check']} {arrow} {threshold['value']:g}")
+        axes.axhline(
+            threshold["value"],
+            color=colour,
+            linestyle="--",
+            linewidth=1.5,
+            label=f"{threshold['check']} {arrow} {threshold['value']:g}",
+        )
     if thresholds:
         axes.legend(loc="best", framealpha=0.95)
     axes.set(xlabel="age group", title=f"{metric.replace('_', ' ').capitalize()} by age group")
@@ -182,7 +210,9 @@ def face_overlays(frame: pd.DataFrame) -> list[dict | None]:
     for _, row in frame.iterrows():
         box = pd.to_numeric(row[box_columns], errors="coerce").to_numpy(float)
         points = [(row[p + "_x"], row[p + "_y"]) for p in point_columns]
-        overlays.append({"box": box, "points": np.array(points, float).reshape(-1, 2)} if np.isfinite(box).all() else None)
+        overlays.append(
+            {"box": box, "points": np.array(points, float).reshape(-1, 2)} if np.isfinite(box).all() else None
+        )
     return overlays
 
 
@@ -196,24 +226,40 @@ def image_grid(frame: pd.DataFrame, check: str, metric: str, columns: int, rows:
     order = score_column(check) if score_column(check) in frame.columns else metric
     flagged = flagged.sort_values(order).head(columns * rows)
     captions = [[f, f"{metric} {v:.3g}"] for f, v in zip(flagged["file"], flagged[metric])]
-    return _grid(list(zip(flagged["path"], captions, face_overlays(flagged))),
-                 f"{check}: {int(frame[flag_column(check)].sum()):,} images flagged, worst first", columns, thumb, dpi)
+    return _grid(
+        list(zip(flagged["path"], captions, face_overlays(flagged))),
+        f"{check}: {int(frame[flag_column(check)].sum()):,} images flagged, worst first",
+        columns,
+        thumb,
+        dpi,
+    )
 
 
 @styled
 def before_after_grid(frame: pd.DataFrame, operation: str, pairs: int, columns: int, thumb: int, dpi: int):
     """Original and repaired image side by side, for the repaired images whose plan used `operation`."""
     require(frame, "status", "operations", "source_path", "path")
-    repaired = frame[(frame["status"] == ProcessStatus.REPAIRED) & frame["operations"].fillna("").str.contains(operation + "(", regex=False)]
-    repaired = repaired.head(pairs)
+    with_operation = frame["operations"].fillna("").str.contains(operation + "(", regex=False)
+    used = with_operation & (frame["status"] == ProcessStatus.REPAIRED)
+    repaired = frame[used].head(pairs)
     cells = []
     for _, row in repaired.iterrows():
-        cells.append((row["source_path"], [_short(row["file"]), "before: " + row["failed_checks_before"].replace(";", ", ")], None))
+        cells.append(
+            (
+                row["source_path"],
+                [_short(row["file"]), "before: " + row["failed_checks_before"].replace(";", ", ")],
+                None,
+            )
+        )
         operations = [step.split("(")[0].strip() for step in row["operations"].split(";")]
         cells.append((row["path"], ["after"] + operations, None))
-    return _grid(cells, f"Repairs using {operation}: before | after ({len(repaired)} of "
-                 f"{int(((frame['status'] == ProcessStatus.REPAIRED) & frame['operations'].fillna('').str.contains(operation + '(', regex=False)).sum())})",
-                 columns, thumb, dpi)
+    return _grid(
+        cells,
+        f"Repairs using {operation}: before | after ({len(repaired)} of {int(used.sum())})",
+        columns,
+        thumb,
+        dpi,
+    )
 
 
 @styled
@@ -222,11 +268,18 @@ def suspected_labels_grid(frame: pd.DataFrame, columns: int, rows: int, thumb: i
     given and its predicted age: a person can tell at a glance which label is wrong."""
     suspected = suspected_labels(frame)
     shown = suspected.head(columns * rows)
-    captions = [[f, f"given {int(a)}, predicted {p:.0f}", f"label quality {q:.2g}"]
-                for f, a, p, q in zip(shown["file"], shown["age"], shown["predicted_age"], shown["label_quality"])]
+    captions = [
+        [f, f"given {int(a)}, predicted {p:.0f}", f"label quality {q:.2g}"]
+        for f, a, p, q in zip(shown["file"], shown["age"], shown["predicted_age"], shown["label_quality"])
+    ]
     checked = int(frame["label_quality"].notna().sum())
-    return _grid(list(zip(shown["path"], captions, face_overlays(shown))),
-                 f"Suspected label errors: {len(suspected):,} of {checked:,} checked faces, least likely label first", columns, thumb, dpi)
+    return _grid(
+        list(zip(shown["path"], captions, face_overlays(shown))),
+        f"Suspected label errors: {len(suspected):,} of {checked:,} checked faces, least likely label first",
+        columns,
+        thumb,
+        dpi,
+    )
 
 
 @styled
@@ -244,8 +297,11 @@ def plot_suspected_labels_by_age_group(frame: pd.DataFrame, groups: AgeGroups, s
     axes = figure.add_subplot()
     bars = axes.bar(groups.labels, shares.values, color=FLAG_COLOUR)
     axes.bar_label(bars, labels=[f"{c:,} of {t:,}" for c, t in zip(counts, totals)], padding=2, fontsize=8)
-    axes.set(xlabel="given age group", ylabel="suspected (% of checked faces)",
-             title=f"Suspected label errors per age group: {int(flagged.sum()):,} of {len(checked):,} checked faces")
+    axes.set(
+        xlabel="given age group",
+        ylabel="suspected (% of checked faces)",
+        title=f"Suspected label errors per age group: {int(flagged.sum()):,} of {len(checked):,} checked faces",
+    )
     axes.set_ylim(0, max(1.0, float(shares.max()) * 1.2))
     return figure
 
@@ -269,7 +325,9 @@ def _grid(cells: list[tuple[str, list[str], dict | None]], title: str, columns: 
         axes.imshow(image)
         if face is not None:
             x, y, width, height = face["box"]
-            axes.add_patch(plt.Rectangle((x * sx, y * sy), width * sx, height * sy, fill=False, edgecolor=OK_COLOUR, linewidth=1.2))
+            axes.add_patch(
+                plt.Rectangle((x * sx, y * sy), width * sx, height * sy, fill=False, edgecolor=OK_COLOUR, linewidth=1.2)
+            )
             axes.scatter(face["points"][:, 0] * sx, face["points"][:, 1] * sy, s=4, color=FLAG_COLOUR, zorder=3)
             axes.set(xlim=(0, thumb), ylim=(thumb, 0))  # a box beyond a tight crop must not rescale the thumbnail
         axes.set_axis_off()
@@ -282,8 +340,10 @@ def plot_summary(exploration: pd.DataFrame, processed: pd.DataFrame | None, size
     """Counts of every status and every failed check, as horizontal bars with their numbers."""
     require(exploration, "status")
     flags = [c for c in exploration.columns if c.startswith(flag_column(""))]
-    panels = [("Exploration", exploration["status"].value_counts()),
-              ("Failed checks", exploration[flags].astype(bool).sum().rename(lambda c: c[5:]).sort_values())]
+    panels = [
+        ("Exploration", exploration["status"].value_counts()),
+        ("Failed checks", exploration[flags].astype(bool).sum().rename(lambda c: c[5:]).sort_values()),
+    ]
     if processed is not None:
         require(processed, "status")
         panels.append(("Processing", processed["status"].value_counts()))
@@ -296,5 +356,3 @@ def plot_summary(exploration: pd.DataFrame, processed: pd.DataFrame | None, size
         axes.margins(x=0.2)
     figure.suptitle(f"Status of {len(exploration):,} files (an image may fail several checks)", fontweight="bold")
     return figure
-
-

@@ -12,6 +12,7 @@ Everything is drawn from one seeded generator, so the same config gives byte-ide
 
     python make_sample_dataset.py [--config configs/make_sample_dataset.yaml] [--set num_images=100]
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,7 +77,9 @@ class Head:
     head_h: float
 
 
-def draw_face(rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_rgb, size: int, pose: dict) -> np.ndarray:
+def draw_face(
+    rng: np.random.Generator, age: int, female: bool, skin_rgb, hair_rgb, size: int, pose: dict
+) -> np.ndarray:
     """Draw one face as a BGR uint8 image of `size` x `size` pixels.
 
     Proportions follow the facial-growth cues used by age-estimation research: in children the
@@ -121,8 +124,15 @@ def _draw_head_and_hair(canvas: np.ndarray, head: Head, rng: np.random.Generator
         forehead = cy - head_h * 0.3
         for k in range(int(1 + 4 * head.old)):
             y = forehead - k * head_h * 0.07
-            _ellipse(canvas, (cx, y + head_w * 0.4), (head_w * 0.45, head_w * 0.4), _wrinkle(head), start=235, end=305,
-                     thickness=max(1, int(s * 0.005 * (0.5 + head.old))))
+            _ellipse(
+                canvas,
+                (cx, y + head_w * 0.4),
+                (head_w * 0.45, head_w * 0.4),
+                _wrinkle(head),
+                start=235,
+                end=305,
+                thickness=max(1, int(s * 0.005 * (0.5 + head.old))),
+            )
     if not bald:  # fringe and hairline: recedes with age in men
         recede = 0.25 * head.old if not head.female else 0.0
         hairline = cy - head_h * (0.55 + recede - 0.05 * head.child)
@@ -135,7 +145,9 @@ def _wrinkle(head: Head) -> np.ndarray:
     return head.skin * (0.62 - 0.05 * head.old)
 
 
-def _draw_eyes(canvas: np.ndarray, head: Head, brow: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float, float]:
+def _draw_eyes(
+    canvas: np.ndarray, head: Head, brow: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, float, float]:
     """Shaded sockets, eyes, brows, crow's feet and under-eye bags; returns the canvas, the eyes' height
     and half-height."""
     s, cx, head_w, skin, old = head.s, head.cx, head.head_w, head.skin, head.old
@@ -158,27 +170,46 @@ def _draw_eyes(canvas: np.ndarray, head: Head, brow: np.ndarray, rng: np.random.
         _ellipse(canvas, (ex - eye_ry * 0.3, eye_y - eye_ry * 0.3), (eye_ry * 0.15, eye_ry * 0.15), (250, 250, 250))
         _ellipse(canvas, (ex, eye_y), (eye_rx, eye_ry), skin * 0.45, start=180, end=360, thickness=int(s * 0.008))
         brow_y = eye_y - eye_ry * (2.2 + 0.4 * head.child)
-        brow_pts = [(ex - side * eye_rx * 1.1, brow_y + eye_ry * 0.4), (ex, brow_y - eye_ry * 0.2), (ex + side * eye_rx * 1.2, brow_y + eye_ry * 0.1)]
+        brow_pts = [
+            (ex - side * eye_rx * 1.1, brow_y + eye_ry * 0.4),
+            (ex, brow_y - eye_ry * 0.2),
+            (ex + side * eye_rx * 1.2, brow_y + eye_ry * 0.1),
+        ]
         _polyline(canvas, brow_pts, brow, s * (0.022 - 0.008 * old) * (0.8 if head.female else 1.1))
         if old > 0:  # crow's feet and under-eye bags
             for k in range(int(2 + 3 * old)):
                 a = (k - 1.5) * 0.35
                 x0 = ex + side * eye_rx * 1.15
-                _polyline(canvas, [(x0, eye_y), (x0 + side * eye_rx * 0.5 * np.cos(a), eye_y + eye_rx * 0.5 * np.sin(a))], _wrinkle(head),
-                          s * 0.004 * (0.5 + old))
-            _ellipse(canvas, (ex, eye_y + eye_ry * 1.5), (eye_rx * 0.8, eye_ry * 0.7), _wrinkle(head), start=20, end=160,
-                     thickness=int(s * 0.004 * (1 + 2 * old)))
+                _polyline(
+                    canvas,
+                    [(x0, eye_y), (x0 + side * eye_rx * 0.5 * np.cos(a), eye_y + eye_rx * 0.5 * np.sin(a))],
+                    _wrinkle(head),
+                    s * 0.004 * (0.5 + old),
+                )
+            _ellipse(
+                canvas,
+                (ex, eye_y + eye_ry * 1.5),
+                (eye_rx * 0.8, eye_ry * 0.7),
+                _wrinkle(head),
+                start=20,
+                end=160,
+                thickness=int(s * 0.004 * (1 + 2 * old)),
+            )
     return canvas, eye_y, eye_ry
 
 
-def _draw_nose_mouth_and_beard(canvas: np.ndarray, head: Head, eye_y: float, eye_ry: float, rng: np.random.Generator) -> None:
+def _draw_nose_mouth_and_beard(
+    canvas: np.ndarray, head: Head, eye_y: float, eye_ry: float, rng: np.random.Generator
+) -> None:
     """The nose, the mouth, nasolabial folds with age, and stubble on some grown men."""
     s, cx, head_w, head_h, skin, old, child = head.s, head.cx, head.head_w, head.head_h, head.skin, head.old, head.child
     nose_top = eye_y + eye_ry
     nose_len = head_h * (0.22 + 0.12 * (1 - child) + 0.05 * old)
     nose_w = head_w * (0.16 + 0.04 * old)
     nose_y = nose_top + nose_len
-    _polyline(canvas, [(cx - nose_w * 0.2, nose_top), (cx - nose_w * 0.35, nose_y - nose_len * 0.2)], skin * 0.78, s * 0.006)
+    _polyline(
+        canvas, [(cx - nose_w * 0.2, nose_top), (cx - nose_w * 0.35, nose_y - nose_len * 0.2)], skin * 0.78, s * 0.006
+    )
     _ellipse(canvas, (cx, nose_y), (nose_w, nose_w * 0.45), skin * 0.72, start=0, end=180, thickness=int(s * 0.007))
     for side in (-1, 1):
         _ellipse(canvas, (cx + side * nose_w * 0.45, nose_y), (nose_w * 0.2, nose_w * 0.13), skin * 0.35)
@@ -187,11 +218,16 @@ def _draw_nose_mouth_and_beard(canvas: np.ndarray, head: Head, eye_y: float, eye
     lip = _mix(skin, (90, 80, 190) if head.female else (110, 100, 170), 0.35 + 0.15 * head.female) * (0.85 - 0.1 * old)
     lip_h = mouth_w * (0.22 - 0.1 * old)
     _ellipse(canvas, (cx, mouth_y), (mouth_w, lip_h), lip)
-    _polyline(canvas, [(cx - mouth_w, mouth_y), (cx, mouth_y + lip_h * 0.15), (cx + mouth_w, mouth_y)], skin * 0.3, s * 0.006)
+    _polyline(
+        canvas, [(cx - mouth_w, mouth_y), (cx, mouth_y + lip_h * 0.15), (cx + mouth_w, mouth_y)], skin * 0.3, s * 0.006
+    )
     if old > 0:  # nasolabial folds deepen with age
         for side in (-1, 1):
-            pts = [(cx + side * nose_w * 1.2, nose_y - nose_len * 0.2), (cx + side * (mouth_w + nose_w * 0.4), mouth_y + lip_h * 0.5),
-                   (cx + side * mouth_w * 1.05, mouth_y + head_h * 0.12)]
+            pts = [
+                (cx + side * nose_w * 1.2, nose_y - nose_len * 0.2),
+                (cx + side * (mouth_w + nose_w * 0.4), mouth_y + lip_h * 0.5),
+                (cx + side * mouth_w * 1.05, mouth_y + head_h * 0.12),
+            ]
             _polyline(canvas, pts, _wrinkle(head), s * 0.006 * (0.4 + 1.6 * old))
     if not head.female and 18 <= head.age and rng.random() < 0.35:  # stubble
         beard_mask = np.zeros((s, s), np.uint8)
@@ -211,7 +247,9 @@ def _skin_light_and_pose(canvas: np.ndarray, head: Head, size: int, pose, rng: n
     face += (texture * (3 + 22 * head.old) * head_mask)[..., None]  # children's skin stays smooth
     light_x = rng.uniform(-1, 1)
     face *= (1 + 0.12 * light_x * np.linspace(-1, 1, s, dtype=np.float32)[None, :])[..., None]
-    warp = cv2.getRotationMatrix2D((s / 2, s / 2), rng.uniform(-1, 1) * pose.max_rotation_degrees, 1 + rng.uniform(-1, 1) * pose.max_scale_change)
+    warp = cv2.getRotationMatrix2D(
+        (s / 2, s / 2), rng.uniform(-1, 1) * pose.max_rotation_degrees, 1 + rng.uniform(-1, 1) * pose.max_scale_change
+    )
     warp[:, 2] += rng.uniform(-1, 1, 2) * pose.max_shift_fraction * s
     face = cv2.warpAffine(np.clip(face, 0, 255), warp, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     face = cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA)
@@ -223,6 +261,7 @@ def _skin_light_and_pose(canvas: np.ndarray, head: Head, size: int, pose, rng: n
 # --------------------------------------------------------------------------------------------------
 def plant_defect(image: np.ndarray, defect: str, rng: np.random.Generator, settings: Defects) -> np.ndarray:
     """Degrade a clean image in one known way; `settings` holds the [low, high] strength ranges."""
+
     def draw(key):
         low, high = getattr(settings, key)
         return rng.uniform(low, high)
@@ -271,6 +310,21 @@ def utk_name(age: int, gender: int, race: int, index: int) -> str:
 def generate(config: SampleConfig) -> pd.DataFrame:
     """Write the sample into config.output_dir and return the manifest (one row per file)."""
     rng = np.random.default_rng(config.seed)
+    rows, encoded = drawn_faces(config, rng)
+    add_broken_files(rows, encoded, config, rng)
+    with OutputGuard() as guard:
+        folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
+        folder.begin(list(encoded) + ["manifest.csv"])
+        for name, data in encoded.items():
+            folder.write_bytes(name, data)
+        manifest = pd.DataFrame(rows).sort_values("file").reset_index(drop=True)
+        folder.write_csv("manifest.csv", manifest)
+        folder.finish()
+    return manifest
+
+
+def drawn_faces(config: SampleConfig, rng: np.random.Generator) -> tuple[list[dict], dict[str, bytes]]:
+    """The faces, a share of them with one planted defect: their manifest rows and their JPEG bytes by name."""
     n, size, quality = config.num_images, config.image_size, config.jpeg_quality
     ages = sample_ages(rng, n, config.ages)
     defect_count = int(round(n * config.defects.fraction))
@@ -290,7 +344,15 @@ def generate(config: SampleConfig) -> pd.DataFrame:
         name = utk_name(int(ages[i]), gender, race, i)
         encoded[name] = encode_jpeg(image, quality)
         rows.append({"file": name, "age": int(ages[i]), "defect": defect_of[i], "broken": "", "source": ""})
+    return rows, encoded
 
+
+def add_broken_files(
+    rows: list[dict], encoded: dict[str, bytes], config: SampleConfig, rng: np.random.Generator
+) -> None:
+    """Add to `rows` and `encoded` the files every stage must cope with: an exact duplicate, a near
+    duplicate labelled another age, an empty, a truncated and a non-image file, a face with no age."""
+    n, size, quality = config.num_images, config.image_size, config.jpeg_quality
     clean = [r for r in rows if r["defect"] == "none"]
     original, twin = clean[0], clean[1]
 
@@ -298,27 +360,29 @@ def generate(config: SampleConfig) -> pd.DataFrame:
         encoded[name] = data
         rows.append({"file": name, "age": age, "defect": "none", "broken": broken, "source": source})
 
-    add(utk_name(original["age"], 0, 0, n + 1), encoded[original["file"]], original["age"], "exact_duplicate", original["file"])
+    add(
+        utk_name(original["age"], 0, 0, n + 1),
+        encoded[original["file"]],
+        original["age"],
+        "exact_duplicate",
+        original["file"],
+    )
     shifted = cv2.imdecode(np.frombuffer(encoded[twin["file"]], np.uint8), cv2.IMREAD_COLOR)
     shifted = cv2.add(shifted, np.full_like(shifted, config.near_duplicate_brightness_shift))
     other_age = (twin["age"] + 30) % config.ages.max + 1
-    add(utk_name(other_age, 0, 0, n + 2), encode_jpeg(shifted, quality - 5), other_age, "near_duplicate_other_age", twin["file"])
+    add(
+        utk_name(other_age, 0, 0, n + 2),
+        encode_jpeg(shifted, quality - 5),
+        other_age,
+        "near_duplicate_other_age",
+        twin["file"],
+    )
     add(utk_name(30, 0, 0, n + 3), b"", 30, "empty")
     truncated = encoded[clean[2]["file"]]
     add(utk_name(clean[2]["age"], 0, 0, n + 4), truncated[: len(truncated) // 2], clean[2]["age"], "truncated")
     add(utk_name(40, 1, 0, n + 5), b"this is a text file, not a JPEG image\n", 40, "not_an_image")
     unnamed = draw_face(rng, 35, False, config.skin_tones[0], config.hair_colours[0], size, config.pose)
     add("portrait_without_age.jpg", encode_jpeg(unnamed, quality), None, "no_age_in_name")
-
-    with OutputGuard() as guard:
-        folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
-        folder.begin(list(encoded) + ["manifest.csv"])
-        for name, data in encoded.items():
-            folder.write_bytes(name, data)
-        manifest = pd.DataFrame(rows).sort_values("file").reset_index(drop=True)
-        folder.write_csv("manifest.csv", manifest)
-        folder.finish()
-    return manifest
 
 
 def main(args):
@@ -339,5 +403,13 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_script(main, "Generate the synthetic sample dataset.", "make_sample_dataset.yaml", SampleConfig, [
-        "python make_sample_dataset.py", "python make_sample_dataset.py --set num_images=100 --set output_dir=/tmp/small_sample"])
+    run_script(
+        main,
+        "Generate the synthetic sample dataset.",
+        "make_sample_dataset.yaml",
+        SampleConfig,
+        [
+            "python make_sample_dataset.py",
+            "python make_sample_dataset.py --set num_images=100 --set output_dir=/tmp/small_sample",
+        ],
+    )

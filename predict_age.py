@@ -18,6 +18,7 @@ never saw.
 
 Faces are described once and cached by content (`descriptor_cache`, shared with training).
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,22 +48,31 @@ def main(args) -> None:
         output_csv = guard.file(config.output_csv, "output_csv")
         cache = guard.journal(config.descriptor_cache, "descriptor_cache")
         metadata = read_model_metadata(config.model_path)
-        prior = population_shares(config.prior_csv, metadata.groups, "prior_csv")  # before any work: a bad prior is one line
+        prior = population_shares(
+            config.prior_csv, metadata.groups, "prior_csv"
+        )  # before any work: a bad prior is one line
         images = iter_labelled_images(config.inputs, config.labels_csv, config.age_range)
         backbone = saved_backbone(metadata)
         with guard.spool_beside(output_csv) as spool:
-            chunks = backbone.prepare_batches(images, Engine.of(config), cache, spool, config.images_per_chunk,
-                                              all_faces=config.row_per_face)  # describes every image before TensorFlow: the pool forks
+            chunks = backbone.prepare_batches(
+                images, Engine.of(config), cache, spool, config.images_per_chunk, all_faces=config.row_per_face
+            )  # describes every image before TensorFlow: the pool forks
             tally = write_predictions(chunks, backbone, metadata, config, prior, output_csv)
         write_run_record({"predict": config, "model": metadata.config}, output_csv)
-    print(f"predicted {tally.answered} of {tally.rows} {'faces' if config.row_per_face else 'images'} "
-          f"({tally.rows - tally.answered} without an answer, each with its reason); wrote {output_csv}")
+    print(
+        f"predicted {tally.answered} of {tally.rows} {'faces' if config.row_per_face else 'images'} "
+        f"({tally.rows - tally.answered} without an answer, each with its reason); wrote {output_csv}"
+    )
     if tally.scored:
         true_ages = np.concatenate(tally.true_ages)
         scores = evaluate_answers(Answers.concatenate(tally.scored), true_ages, metadata.groups, metadata.max_age)
-        print(f"true ages known for {len(true_ages)} answered rows: accuracy {scores['accuracy']:.1%}, one-off "
-              f"{scores['one_off_accuracy']:.1%}, macro-F1 {scores['macro_f1']:.3f}, MAE {scores['mae_years']:.1f} years, "
-              f"calibration error {scores['calibration_error']:.3f}, {metadata.interval:.0%} interval coverage {scores['interval_coverage']:.1%}")
+        print(
+            f"true ages known for {len(true_ages)} answered rows: accuracy {scores['accuracy']:.1%}, one-off "
+            f"{scores['one_off_accuracy']:.1%}, macro-F1 {scores['macro_f1']:.3f}, MAE {scores['mae_years']:.1f} "
+            "years, "
+            f"calibration error {scores['calibration_error']:.3f}, {metadata.interval:.0%} interval coverage "
+            f"{scores['interval_coverage']:.1%}"
+        )
 
 
 @dataclass
@@ -76,7 +86,9 @@ class Tally:
     true_ages: list = field(default_factory=list)
 
 
-def write_predictions(chunks, backbone, metadata: ModelMetadata, config: PredictConfig, prior: list[float] | None, output_csv) -> Tally:
+def write_predictions(
+    chunks, backbone, metadata: ModelMetadata, config: PredictConfig, prior: list[float] | None, output_csv
+) -> Tally:
     """Predict each chunk of prepared rows and append it to the output CSV (written atomically). The
     model is loaded only when a chunk has a face to predict (TensorFlow only for a model without a
     LiteRT copy of its network). `prior`: the population's age-group shares to correct answers to, if any."""
@@ -97,25 +109,35 @@ def write_predictions(chunks, backbone, metadata: ModelMetadata, config: Predict
     return tally
 
 
-def predicted(rows: pd.DataFrame, backbone, metadata: ModelMetadata, config: PredictConfig, model,
-              prior: list[float] | None) -> tuple[pd.DataFrame, Answers]:
+def predicted(
+    rows: pd.DataFrame, backbone, metadata: ModelMetadata, config: PredictConfig, model, prior: list[float] | None
+) -> tuple[pd.DataFrame, Answers]:
     """The output table (the answer to each prepared face, or the reason there is none) and the
     answers read from each row's distribution over years (a flat one where there is no answer)."""
     groups, max_age = metadata.groups, metadata.max_age
     usable = rows["inputs"].notna().to_numpy()
     years = np.full((len(rows), max_age + 1), np.nan)
     if usable.any():
-        years[usable] = tempered(backbone.predict(model, rows[usable], config.flip_test_time_augmentation, config.batch_size), metadata.temperature)
+        years[usable] = tempered(
+            backbone.predict(model, rows[usable], config.flip_test_time_augmentation, config.batch_size),
+            metadata.temperature,
+        )
     finite = np.isfinite(years).all(axis=1)
     reasons = np.array(rows["problem"].where(~usable, None), dtype=object)
     reasons[usable & ~finite] = "the model gave no finite prediction for this image"
     if prior is not None and finite.any():
         years[finite] = correct_prior(years[finite], groups, max_age, metadata.training_group_shares, prior)
-    answer = answers(np.where(finite[:, None], years, 1.0 / (max_age + 1)), groups, max_age, metadata.answer_rule, metadata.interval)
+    answer = answers(
+        np.where(finite[:, None], years, 1.0 / (max_age + 1)), groups, max_age, metadata.answer_rule, metadata.interval
+    )
     table = rows[["file", "faces_found", *BOX_COLUMNS]].assign(
-        faces_found=rows["faces_found"].astype("Int64"), age_group=np.where(finite, [groups.labels[g] for g in answer.group], None),
-        age_group_confidence=np.where(finite, np.round(answer.confidence, 4), np.nan), age=np.where(finite, answer.age, np.nan),
-        age_low=np.where(finite, answer.low, np.nan), age_high=np.where(finite, answer.high, np.nan))
+        faces_found=rows["faces_found"].astype("Int64"),
+        age_group=np.where(finite, [groups.labels[g] for g in answer.group], None),
+        age_group_confidence=np.where(finite, np.round(answer.confidence, 4), np.nan),
+        age=np.where(finite, answer.age, np.nan),
+        age_low=np.where(finite, answer.low, np.nan),
+        age_high=np.where(finite, answer.high, np.nan),
+    )
     for index, label in enumerate(groups.labels):
         table[f"p_{label}"] = np.where(finite, np.round(answer.group_probabilities[:, index], 4), np.nan)
     table["true_age"] = rows["age"].astype("Int64") if "age" in rows else pd.array([pd.NA] * len(rows), "Int64")
@@ -124,8 +146,16 @@ def predicted(rows: pd.DataFrame, backbone, metadata: ModelMetadata, config: Pre
 
 
 if __name__ == "__main__":
-    run_script(main, "Find faces and predict their age group and age with a saved model.", "predict_age.yaml", PredictConfig, [
-        "python predict_age.py",
-        "python predict_age.py --set inputs=[sample_dataset] --set row_per_face=true --set output_csv=/tmp/faces.csv",
-        "python predict_age.py --set inputs=[sample_dataset,csv/processed_metadata.csv] --set output_csv=/tmp/predictions.csv",
-    ])
+    run_script(
+        main,
+        "Find faces and predict their age group and age with a saved model.",
+        "predict_age.yaml",
+        PredictConfig,
+        [
+            "python predict_age.py",
+            "python predict_age.py --set inputs=[sample_dataset] --set row_per_face=true --set "
+            "output_csv=/tmp/faces.csv",
+            "python predict_age.py --set inputs=[sample_dataset,csv/processed_metadata.csv] --set "
+            "output_csv=/tmp/predictions.csv",
+        ],
+    )

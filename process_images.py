@@ -18,6 +18,7 @@ continues where it stopped (redoing any chunk whose outputs changed since).
 
     python process_images.py [--config configs/process_images.yaml] [--set retry.attempts=5]
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,9 @@ log = logging.getLogger("agepipe.process")
 REQUIRED_COLUMNS = ["file", "path", "age", "age_group", "status", "failed_checks", "content_hash"]
 
 
-def load_process_config(path, overrides=(), explore: ExploreConfig | None = None) -> tuple[ProcessConfig, ExploreConfig]:
+def load_process_config(
+    path, overrides=(), explore: ExploreConfig | None = None
+) -> tuple[ProcessConfig, ExploreConfig]:
     """The processing config, and the settings of the exploration that wrote its input CSV (read from
     its run record, image_reader.exploration_settings), whose metrics and checks it re-applies; a
     library caller may give the exploration's settings itself."""
@@ -67,7 +70,9 @@ def load_process_config(path, overrides=(), explore: ExploreConfig | None = None
         for operation, params in operations.items():
             if operation not in REPAIRS:
                 raise ConfigError(f"{path}: repairs.{check}.{operation}: unknown repair (known: {', '.join(REPAIRS)})")
-            operations[operation] = validate_section(REPAIRS[operation].params, params, f"repairs.{check}.{operation}").model_dump()
+            operations[operation] = validate_section(
+                REPAIRS[operation].params, params, f"repairs.{check}.{operation}"
+            ).model_dump()
     return config, explore
 
 
@@ -124,18 +129,32 @@ class Processor:
         self.output_dir = Path(config.output_dir)
 
     def __call__(self, row: dict) -> dict:
-        result = {"status": row["status"], "reason": row.get("reason"), "operations": None, "attempts": 0,
-                  "output_file": None, "output_digest": None, "failed_checks_after": None, "after": None}
+        result = {
+            "status": row["status"],
+            "reason": row.get("reason"),
+            "operations": None,
+            "attempts": 0,
+            "output_file": None,
+            "output_digest": None,
+            "failed_checks_after": None,
+            "after": None,
+        }
         if row["status"] in (Status.UNREADABLE, Status.UNLABELLED):
             return result
         if not os.path.exists(row["path"]):
             return {**result, "status": ProcessStatus.UNREADABLE, "reason": "file vanished since exploration"}
         try:
-            bgr, info = read_image(row["path"], self.settings.max_pixels, self.settings.max_file_bytes, self.settings.max_aspect_ratio)
+            bgr, info = read_image(
+                row["path"], self.settings.max_pixels, self.settings.max_file_bytes, self.settings.max_aspect_ratio
+            )
         except UnreadableImage as exc:
             return {**result, "status": ProcessStatus.UNREADABLE, "reason": f"since exploration: {exc}"}
         if info["content_hash"] != row["content_hash"]:
-            return {**result, "status": ProcessStatus.REJECTED, "reason": "file changed since exploration; re-run explore_images.py"}
+            return {
+                **result,
+                "status": ProcessStatus.REJECTED,
+                "reason": "file changed since exploration; re-run explore_images.py",
+            }
         target = confined(self.output_dir, row["file"])
         try:
             result.update((self.keep if row["status"] == Status.OK else self.repair)(row, bgr, target))
@@ -145,11 +164,22 @@ class Processor:
 
     def keep(self, row: dict, bgr: np.ndarray, target: Path) -> dict:
         if self.resize is None:
-            return {"status": ProcessStatus.KEPT, "reason": None, "output_digest": copy_file(row["path"], target), "failed_checks_after": ""}
+            return {
+                "status": ProcessStatus.KEPT,
+                "reason": None,
+                "output_digest": copy_file(row["path"], target),
+                "failed_checks_after": "",
+            }
         data, after = self.encode_and_measure(resize_square(bgr, self.resize), target.suffix)
         failed = failing_checks(after, self.checks)
-        return {"status": ProcessStatus.KEPT, "reason": None, "operations": f"resize_square(size={self.resize})",
-                "output_digest": write_bytes(data, target), "failed_checks_after": ";".join(failed), "after": after}
+        return {
+            "status": ProcessStatus.KEPT,
+            "reason": None,
+            "operations": f"resize_square(size={self.resize})",
+            "output_digest": write_bytes(data, target),
+            "failed_checks_after": ";".join(failed),
+            "after": after,
+        }
 
     def encode_and_measure(self, bgr: np.ndarray, suffix: str) -> tuple[bytes, dict]:
         """Encode as it will be written, and measure the decoded result: what is judged is the file."""
@@ -160,7 +190,10 @@ class Processor:
         failed_before = [c for c in str(row["failed_checks"]).split(";") if c]
         dataset_level = [c for c in failed_before if c in (Check.DUPLICATE, Check.AGE_CONFLICT)]
         if dataset_level:
-            return {"status": ProcessStatus.REJECTED, "reason": f"{' and '.join(dataset_level).replace('_', ' ')}: not repairable"}
+            return {
+                "status": ProcessStatus.REJECTED,
+                "reason": f"{' and '.join(dataset_level).replace('_', ' ')}: not repairable",
+            }
         plan = repair_plan(failed_before, self.repairs)
         if not plan:
             return {"status": ProcessStatus.REJECTED, "reason": f"no repair configured for {', '.join(failed_before)}"}
@@ -171,8 +204,15 @@ class Processor:
             data, after = self.encode_and_measure(apply_plan(bgr, attempt_plan, row), target.suffix)
             failed, worse = failing_checks(after, self.checks), made_worse(row, after, self.never_worse)
             if not failed and not worse:
-                return {"status": ProcessStatus.REPAIRED, "reason": None, "operations": plan_text(attempt_plan), "attempts": attempt + 1,
-                        "output_digest": write_bytes(data, target), "failed_checks_after": "", "after": after}
+                return {
+                    "status": ProcessStatus.REPAIRED,
+                    "reason": None,
+                    "operations": plan_text(attempt_plan),
+                    "attempts": attempt + 1,
+                    "output_digest": write_bytes(data, target),
+                    "failed_checks_after": "",
+                    "after": after,
+                }
         if failed:
             broken = [c for c in failed if c not in failed_before]
             reason = f"still fails {', '.join(failed)} after {self.attempts} attempts"
@@ -180,13 +220,20 @@ class Processor:
                 reason += f" (the repair broke {', '.join(broken)})"
         else:
             reason = f"every repair made it worse: {'; '.join(worse)}"
-        return {"status": ProcessStatus.REJECTED, "reason": reason, "operations": plan_text(attempt_plan), "attempts": self.attempts,
-                "failed_checks_after": ";".join(failed), "after": after}
+        return {
+            "status": ProcessStatus.REJECTED,
+            "reason": reason,
+            "operations": plan_text(attempt_plan),
+            "attempts": self.attempts,
+            "failed_checks_after": ";".join(failed),
+            "after": after,
+        }
 
 
 def made_worse(before: dict, after: dict, limits: NeverWorse) -> list[str]:
     """What a repair made worse beyond the limits, in words (empty when nothing; a metric the
     exploration did not measure is not judged)."""
+
     def values(metric):
         pair = (pd.to_numeric(before.get(metric), errors="coerce"), pd.to_numeric(after.get(metric), errors="coerce"))
         return None if pd.isna(pair[0]) or pd.isna(pair[1]) else tuple(map(float, pair))
@@ -209,8 +256,15 @@ def _process_task(processor: Processor, row: dict) -> dict:
 
 def failed_row(row: dict, reason: str) -> dict:
     """The result of an image whose worker timed out or died: rejected, with the reason."""
-    return {"status": ProcessStatus.REJECTED, "reason": f"processing failed: {reason}", "operations": None, "attempts": 0,
-            "output_file": None, "output_digest": None, "failed_checks_after": None}
+    return {
+        "status": ProcessStatus.REJECTED,
+        "reason": f"processing failed: {reason}",
+        "operations": None,
+        "attempts": 0,
+        "output_file": None,
+        "output_digest": None,
+        "failed_checks_after": None,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,11 +273,15 @@ def failed_row(row: dict, reason: str) -> dict:
 def exploration_chunks(path: str, rows: int) -> Iterator[pd.DataFrame]:
     """The exploration CSV, `rows` rows at a time, as text: each value goes into the processed CSV
     exactly as exploration wrote it, whatever else its chunk holds (empty cells are NaN)."""
-    for number, chunk in enumerate(read_metadata_chunks(path, "input CSV", "run explore_images.py first", REQUIRED_COLUMNS, rows, dtype=str)):
+    for number, chunk in enumerate(
+        read_metadata_chunks(path, "input CSV", "run explore_images.py first", REQUIRED_COLUMNS, rows, dtype=str)
+    ):
         nameless = chunk["file"].isna() | chunk["path"].isna()
         if nameless.any():
-            raise UserError(f"input CSV {path}: row {number * rows + int(nameless.to_numpy().argmax()) + 2} names no file; "
-                            "is it an exploration CSV?")
+            raise UserError(
+                f"input CSV {path}: row {number * rows + int(nameless.to_numpy().argmax()) + 2} names no file; "
+                "is it an exploration CSV?"
+            )
         chunk["failed_checks"] = chunk["failed_checks"].fillna("")
         yield chunk
 
@@ -253,24 +311,47 @@ def plan_chunks(chunks: Iterable[pd.DataFrame], folder: OutputFolder, parts: Par
 
 def outputs_intact(parts: PartStore, name: str, folder: OutputFolder) -> bool:
     """Whether every output a part lists is still in the folder as written: resuming trusts contents."""
-    return all(not isinstance(row.get("output_file"), str) or file_digest(folder.path / row["output_file"]) == row.get("output_digest")
-               for row in parts.rows(name))
+    return all(
+        not isinstance(row.get("output_file"), str)
+        or file_digest(folder.path / row["output_file"]) == row.get("output_digest")
+        for row in parts.rows(name)
+    )
 
 
-def process_chunks(chunks: Iterable[pd.DataFrame], plan: list[tuple[str, int]], parts: PartStore, processor: Processor,
-                   folder: OutputFolder, engine: Engine) -> None:
+def process_chunks(
+    chunks: Iterable[pd.DataFrame],
+    plan: list[tuple[str, int]],
+    parts: PartStore,
+    processor: Processor,
+    folder: OutputFolder,
+    engine: Engine,
+) -> None:
     """Process the rows of every chunk whose part is missing, or lists an output gone or changed since."""
     todo = [not parts.has(name) or not outputs_intact(parts, name, folder) for name, _ in plan]
     rows, total = sum(count for (_, count), needed in zip(plan, todo) if needed), sum(count for _, count in plan)
     if rows < total:
         log.info("continuing: %d of %d rows were finished by an earlier run", total - rows, total)
     work = ((name, frame.to_dict("records")) for (name, _), needed, frame in zip(plan, todo, chunks) if needed)
-    fill_parts(parts, work, _process_task, engine, state=processor, chunksize=4, on_failure=failed_row,
-               progress=progress_bar(rows, "processing"))
+    fill_parts(
+        parts,
+        work,
+        _process_task,
+        engine,
+        state=processor,
+        chunksize=4,
+        on_failure=failed_row,
+        progress=progress_bar(rows, "processing"),
+    )
 
 
-def write_processed(chunks: Iterable[pd.DataFrame], plan: list[tuple[str, int]], parts: PartStore, explore: ExploreConfig, folder: OutputFolder,
-                    output_csv: Path) -> Counter:
+def write_processed(
+    chunks: Iterable[pd.DataFrame],
+    plan: list[tuple[str, int]],
+    parts: PartStore,
+    explore: ExploreConfig,
+    folder: OutputFolder,
+    output_csv: Path,
+) -> Counter:
     """Write the processed CSV chunk by chunk, list each chunk's outputs as written, and count the rows
     per status."""
     counts: Counter = Counter()
@@ -301,8 +382,12 @@ def main(args) -> None:
         folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
         output_csv = guard.file(config.output_csv, "output_csv")
         parts_folder = guard.folder(f"{output_csv}.parts", "the results beside output_csv", self_identifying=True)
-        fingerprint = config_fingerprint(config.model_dump(include={"repairs", "retry", "resize", "jpeg_quality", "never_worse"}),
-                                         explore.metrics, explore.checks, str(folder.path.resolve()))
+        fingerprint = config_fingerprint(
+            config.model_dump(include={"repairs", "retry", "resize", "jpeg_quality", "never_worse"}),
+            explore.metrics,
+            explore.checks,
+            str(folder.path.resolve()),
+        )
         parts = PartStore(parts_folder.path, fingerprint)
         with run_lock(output_csv):
             plan = plan_chunks(chunks(), folder, parts)
@@ -310,25 +395,39 @@ def main(args) -> None:
             counts = write_processed(chunks(), plan, parts, explore, folder, output_csv)
             write_run_record({"process": config, "explore": explore}, output_csv)
             removed = folder.finish(())
-            parts.keep_only(set())  # a finished run leaves nothing to resume: a re-run processes again, as the files are now
+            parts.keep_only(
+                set()
+            )  # a finished run leaves nothing to resume: a re-run processes again, as the files are now
             if removed:
-                log.info("removed %d files agepipe wrote in %s in earlier runs with other settings", removed, folder.path)
+                log.info(
+                    "removed %d files agepipe wrote in %s in earlier runs with other settings", removed, folder.path
+                )
 
     elapsed = time.perf_counter() - start
-    print(f"processed {sum(counts.values())} rows in {elapsed:.1f}s with {Engine.of(config).name}: "
-          + ", ".join(f"{counts.get(s, 0)} {s}" for s in ProcessStatus))
-    print(f"wrote {counts[ProcessStatus.KEPT] + counts[ProcessStatus.REPAIRED]} images to {folder.path}/ and {output_csv}")
+    print(
+        f"processed {sum(counts.values())} rows in {elapsed:.1f}s with {Engine.of(config).name}: "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ProcessStatus)
+    )
+    print(
+        f"wrote {counts[ProcessStatus.KEPT] + counts[ProcessStatus.REPAIRED]} images to {folder.path}/ and {output_csv}"
+    )
 
 
-def processed_table(frame: pd.DataFrame, results: pd.DataFrame, explore: ExploreConfig, folder: OutputFolder) -> pd.DataFrame:
+def processed_table(
+    frame: pd.DataFrame, results: pd.DataFrame, explore: ExploreConfig, folder: OutputFolder
+) -> pd.DataFrame:
     """The processed CSV's rows of one chunk: one row per exploration row, with what processing did,
     the metrics before and (re-measured) after."""
     metric_columns = SIZE_COLUMNS + measured_columns(explore.metrics)
     before = frame[metric_columns].add_prefix("before_")
-    after = pd.DataFrame({f"after_{m}": results[f"after_{m}"] if f"after_{m}" in results.columns else np.nan for m in metric_columns},
-                         index=results.index).astype(object)
+    after = pd.DataFrame(
+        {f"after_{m}": results[f"after_{m}"] if f"after_{m}" in results.columns else np.nan for m in metric_columns},
+        index=results.index,
+    ).astype(object)
     kept_copy = ((results["status"] == ProcessStatus.KEPT) & results["operations"].isna()).to_numpy()
-    after.loc[kept_copy] = frame.loc[kept_copy, metric_columns].to_numpy()  # a byte-for-byte copy measures what the original measured
+    after.loc[kept_copy] = frame.loc[
+        kept_copy, metric_columns
+    ].to_numpy()  # a byte-for-byte copy measures what the original measured
     output = pd.DataFrame(
         {
             "file": frame["file"],
@@ -351,6 +450,14 @@ def processed_table(frame: pd.DataFrame, results: pd.DataFrame, explore: Explore
 
 
 if __name__ == "__main__":
-    run_script(main, "Repair flagged images and write a clean copy of the dataset.", "process_images.yaml", ProcessConfig, [
-        "python process_images.py", "python process_images.py --set retry.attempts=5 --set resize=128",
-        "python process_images.py --set workspace=/tmp/agepipe-run"])
+    run_script(
+        main,
+        "Repair flagged images and write a clean copy of the dataset.",
+        "process_images.yaml",
+        ProcessConfig,
+        [
+            "python process_images.py",
+            "python process_images.py --set retry.attempts=5 --set resize=128",
+            "python process_images.py --set workspace=/tmp/agepipe-run",
+        ],
+    )

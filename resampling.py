@@ -7,6 +7,7 @@
 - `select_images` / `execute_plan`: pick the images (best quality first when down-sampling, seeded) and
   write the resampled dataset with one CSV row per output image, tracing every copy to its source.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,6 +33,7 @@ from image_processor import encode_image, random_augmentation
 
 log = logging.getLogger("agepipe.resampling")
 
+
 # --------------------------------------------------------------------------------------------------
 # Target distribution
 # --------------------------------------------------------------------------------------------------
@@ -41,7 +43,9 @@ def read_population(path: str | os.PathLike, year: int) -> pd.DataFrame:
     if str(year) not in table.columns:
         years = [c for c in table.columns if c.isdigit()]
         raise ValueError(f"{path} has no figures for {year} (years: {', '.join(years)})")
-    return pd.DataFrame({"age_lower": table["age_lower"], "age_upper": table["age_upper"], "population": table[str(year)].astype(float)})
+    return pd.DataFrame(
+        {"age_lower": table["age_lower"], "age_upper": table["age_upper"], "population": table[str(year)].astype(float)}
+    )
 
 
 def split_open_band(bands: pd.DataFrame, detail: pd.DataFrame) -> pd.DataFrame:
@@ -65,7 +69,9 @@ def single_years(bands: pd.DataFrame, max_age: int) -> pd.Series:
     return pd.Series(years).sort_index()
 
 
-def target_distribution(bands: pd.DataFrame, detail: pd.DataFrame | None, groups: AgeGroups, max_age: int) -> pd.DataFrame:
+def target_distribution(
+    bands: pd.DataFrame, detail: pd.DataFrame | None, groups: AgeGroups, max_age: int
+) -> pd.DataFrame:
     """Population and share of each configured age group: group, lower_age, upper_age, population, share.
 
     Bands that a group edge cuts are shared evenly across their single years. When an edge falls inside
@@ -74,12 +80,16 @@ def target_distribution(bands: pd.DataFrame, detail: pd.DataFrame | None, groups
     open_lower = bands.loc[bands["age_upper"].isna(), "age_lower"]
     if len(open_lower) and any(edge > open_lower.iloc[0] for edge in groups.edges):
         if detail is None:
-            raise ValueError(f"age groups split the open band {int(open_lower.iloc[0])}+ but no detailed table was given")
+            raise ValueError(
+                f"age groups split the open band {int(open_lower.iloc[0])}+ but no detailed table was given"
+            )
         bands = split_open_band(bands, detail)
     per_year = single_years(bands, max_age)
     rows = []
     for label, (lower, upper) in zip(groups.labels, groups.bounds(max_age)):
-        rows.append({"group": label, "lower_age": lower, "upper_age": upper, "population": per_year.loc[lower:upper].sum()})
+        rows.append(
+            {"group": label, "lower_age": lower, "upper_age": upper, "population": per_year.loc[lower:upper].sum()}
+        )
     table = pd.DataFrame(rows)
     table["share"] = table["population"] / table["population"].sum()
     return table
@@ -128,7 +138,9 @@ def stable_seed(seed: int, *parts) -> np.random.SeedSequence:
     return np.random.SeedSequence([seed] + [zlib.crc32(str(p).encode()) for p in parts])
 
 
-def select_images(frame: pd.DataFrame, plan: pd.DataFrame, score: str, higher_is_better: bool, seed: int) -> pd.DataFrame:
+def select_images(
+    frame: pd.DataFrame, plan: pd.DataFrame, score: str, higher_is_better: bool, seed: int
+) -> pd.DataFrame:
     """The output rows: for each group, the originals kept (best `score` first, seeded ties) and the
     augmented copies spread evenly over that group's originals, each with a copy number."""
     outputs = []
@@ -137,7 +149,9 @@ def select_images(frame: pd.DataFrame, plan: pd.DataFrame, score: str, higher_is
         if members.empty:
             continue
         jitter = np.random.default_rng(stable_seed(seed, "ties", row.group)).random(len(members))
-        scores = pd.to_numeric(members[score], errors="coerce").fillna(-np.inf if higher_is_better else np.inf).to_numpy()
+        scores = (
+            pd.to_numeric(members[score], errors="coerce").fillna(-np.inf if higher_is_better else np.inf).to_numpy()
+        )
         order = np.lexsort((jitter, -scores if higher_is_better else scores))
         kept = members.iloc[order[: row.kept]]
         outputs.append(kept.assign(copy=0))
@@ -168,7 +182,11 @@ class Augmenter:
     def __call__(self, row: dict) -> dict:
         target = confined(self.output_dir, row["output_file"])
         if row["copy"] == 0:
-            return {"augmentation": None, "output_file": row["output_file"], "output_digest": copy_file(row["path"], target)}
+            return {
+                "augmentation": None,
+                "output_file": row["output_file"],
+                "output_digest": copy_file(row["path"], target),
+            }
         image = cv2.imread(row["path"], cv2.IMREAD_COLOR)
         if image is None:
             raise RuntimeError(f"{row['path']}: cannot be decoded any more")
@@ -197,27 +215,37 @@ def execute_plan(selected: pd.DataFrame, config: ResamplingConfig, guard: Output
     selected = selected.assign(output_file=[output_name(f, c) for f, c in zip(selected["file"], selected["copy"])])
     for file in selected["output_file"]:
         folder.target(file)
-    fingerprint = config_fingerprint(config.model_dump(include={"seed", "augmentation", "jpeg_quality"}), str(folder.path.resolve()))
+    fingerprint = config_fingerprint(
+        config.model_dump(include={"seed", "augmentation", "jpeg_quality"}), str(folder.path.resolve())
+    )
     with run_lock(output_csv):
         folder.begin(selected["output_file"])
         stage = ResumableStage(folder, journal, fingerprint)
         rows = selected[["file", "path", "copy", "output_file"]].to_dict("records")
         tasks = [(f"{r['output_file']}|{r['path']}", r) for r in rows]
         augmenter = Augmenter(folder.path, config.seed, config.augmentation, config.jpeg_quality)
-        done = stage.run(tasks, _augment_task, Engine.of(config), state=augmenter, label="resampling", chunksize=8, on_failure=None)
-        resampled = pd.DataFrame(
-            {
-                "file": selected["output_file"].to_numpy(),
-                "path": [os.path.abspath(folder.path / f) for f in selected["output_file"]],
-                "age": selected["age"].to_numpy(),
-                "age_group": selected["age_group"].to_numpy(),
-                **{c: selected[c].to_numpy() for c in ("gender", "race") if c in selected.columns},  # for the report card's fairness table
-                "source": selected["file"].to_numpy(),
-                "source_path": selected["path"].to_numpy(),
-                "copy": selected["copy"].to_numpy(),
-                "augmentation": done["augmentation"].to_numpy() if len(done) else [],
-            }
-        ).sort_values(["age_group", "file"], kind="stable").reset_index(drop=True)
+        done = stage.run(
+            tasks, _augment_task, Engine.of(config), state=augmenter, label="resampling", chunksize=8, on_failure=None
+        )
+        resampled = (
+            pd.DataFrame(
+                {
+                    "file": selected["output_file"].to_numpy(),
+                    "path": [os.path.abspath(folder.path / f) for f in selected["output_file"]],
+                    "age": selected["age"].to_numpy(),
+                    "age_group": selected["age_group"].to_numpy(),
+                    **{
+                        c: selected[c].to_numpy() for c in ("gender", "race") if c in selected.columns
+                    },  # for the report card's fairness table
+                    "source": selected["file"].to_numpy(),
+                    "source_path": selected["path"].to_numpy(),
+                    "copy": selected["copy"].to_numpy(),
+                    "augmentation": done["augmentation"].to_numpy() if len(done) else [],
+                }
+            )
+            .sort_values(["age_group", "file"], kind="stable")
+            .reset_index(drop=True)
+        )
         write_csv(resampled, output_csv)
         write_run_record(config, output_csv)
         stage.finish(done if len(done) else pd.DataFrame({"output_file": [], "output_digest": []}))
@@ -230,10 +258,12 @@ def load_input(config: ResamplingConfig) -> tuple[pd.DataFrame, int]:
     required = ("file", "path", "age", "age_group", "status")
     if config.input == "processed":
         frame = read_metadata_csv(config.processed_csv, "processed CSV", "run process_images.py first", required)
-        frame = frame.rename(columns=lambda c: c[len("after_"):] if c.startswith("after_") else c)
+        frame = frame.rename(columns=lambda c: c[len("after_") :] if c.startswith("after_") else c)
     else:
         frame = read_metadata_csv(config.exploration_csv, "exploration CSV", "run explore_images.py first", required)
-    frame, suspected = without_suspected_labels(frame[frame["status"].isin(TRAINABLE_STATUSES)], config.exclude_suspected_labels)
+    frame, suspected = without_suspected_labels(
+        frame[frame["status"].isin(TRAINABLE_STATUSES)], config.exclude_suspected_labels
+    )
     if config.quality_score.metric not in frame.columns:
         raise UserError(f"quality_score.metric: the {config.input} CSV has no metric {config.quality_score.metric!r}")
     return frame.reset_index(drop=True), suspected

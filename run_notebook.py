@@ -8,6 +8,7 @@ workspace (`--set workspace=DIR`, as every stage takes it; the notebook in the r
 it is). A failing cell stops the run with the cell's error and
 exit status 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,16 +45,26 @@ def execute(notebook: Path, folder, target: Path, parameters: dict, timeout: int
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    with tempfile.TemporaryDirectory(prefix="agepipe-kernel-") as runtime, \
-            tempfile.NamedTemporaryFile(dir=folder.path, **temporary_affixes(target.name), delete=False) as partial:
+    with (
+        tempfile.TemporaryDirectory(prefix="agepipe-kernel-") as runtime,
+        tempfile.NamedTemporaryFile(dir=folder.path, **temporary_affixes(target.name), delete=False) as partial,
+    ):
         # the kernel's connection file goes to a temporary folder, never the repository
         os.environ["JUPYTER_RUNTIME_DIR"] = runtime
         try:
             # the kernel's own stderr ("Parent appears to have exited" at shutdown) is not the user's
             # business: a cell's error is in the exception and in the saved notebook
             with native_stderr_silenced():
-                papermill.execute_notebook(str(notebook), partial.name, parameters=parameters, cwd=str(PROJECT_DIR),
-                                           kernel_name="python3", progress_bar=False, log_output=False, execution_timeout=timeout)
+                papermill.execute_notebook(
+                    str(notebook),
+                    partial.name,
+                    parameters=parameters,
+                    cwd=str(PROJECT_DIR),
+                    kernel_name="python3",
+                    progress_bar=False,
+                    log_output=False,
+                    execution_timeout=timeout,
+                )
         except PapermillExecutionError as exc:
             error = re.sub(r"\x1b\[[0-9;]*m", "", f"{exc.ename}: {exc.evalue}")  # no terminal colours
             print(f"error: {notebook} failed: {error}", file=sys.stderr)
@@ -71,15 +82,21 @@ def main() -> None:
     parser.add_argument("notebook", type=Path)
     parser.add_argument("--config", help="config file for the notebook (default: its own)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--output-dir", type=Path, help="where the executed copy goes (default: reports/notebooks in the workspace)")
+    parser.add_argument(
+        "--output-dir", type=Path, help="where the executed copy goes (default: reports/notebooks in the workspace)"
+    )
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one cell may take")
     args = parser.parse_args()
     if not args.notebook.is_file():
         sys.exit(f"error: notebook {args.notebook} not found")
 
     if args.output_dir is None:
-        workspace = next((o.partition("=")[2] for o in reversed(args.overrides) if o.partition("=")[0] == "workspace"), None)
-        args.output_dir = (Path(workspace).expanduser().resolve() if workspace else PROJECT_DIR) / "reports" / "notebooks"
+        workspace = next(
+            (o.partition("=")[2] for o in reversed(args.overrides) if o.partition("=")[0] == "workspace"), None
+        )
+        args.output_dir = (
+            (Path(workspace).expanduser().resolve() if workspace else PROJECT_DIR) / "reports" / "notebooks"
+        )
     parameters = {"overrides": [absolute_paths(o) for o in args.overrides]}
     if args.config:
         parameters["config_path"] = str(Path(args.config).resolve())

@@ -19,6 +19,7 @@ The story, top to bottom:
    calibrate its confidence on the validation split and answer the test set;
 4. evaluate those answers beside a majority-class baseline on the very same images, and save.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,7 +37,18 @@ from agepipe.data.datasets import labelled_images, read_metadata_csv, unusable_a
 from agepipe.data.vocabulary import TRAINABLE_STATUSES
 from agepipe.errors import UserError
 from agepipe.model.backbones import backbone_for
-from agepipe.model.estimates import CALIBRATION_BINS, answers, correct_prior, evaluate, fairness, fit_temperature, population_shares, reliability, tempered, year_targets
+from agepipe.model.estimates import (
+    CALIBRATION_BINS,
+    answers,
+    correct_prior,
+    evaluate,
+    fairness,
+    fit_temperature,
+    population_shares,
+    reliability,
+    tempered,
+    year_targets,
+)
 from agepipe.model.training import fit, out_of_fold, split_by_source
 from agepipe.report.model_card import write_report_card
 from agepipe.running.console import progress_bar
@@ -46,7 +58,14 @@ from agepipe.running.writes import run_record
 from utils import run_script, setup_logging
 
 log = logging.getLogger("agepipe.train")
-HEADLINE = ("accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "population_weighted_accuracy", "mae_years")
+HEADLINE = (
+    "accuracy",
+    "one_off_accuracy",
+    "macro_f1",
+    "balanced_accuracy",
+    "population_weighted_accuracy",
+    "mae_years",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,7 +73,8 @@ HEADLINE = ("accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "po
 # --------------------------------------------------------------------------------------------------
 def read_training_csv(path: str, groups: AgeGroups, exclude_suspected: bool = True) -> tuple[pd.DataFrame, int]:
     """Usable, labelled rows of any stage's CSV, with `source` (the original image) and `copy`, and how
-    many rows were left out because the label check suspects them (when `exclude_suspected`). Ages must be whole, non-negative years:
+    many rows were left out because the label check suspects them (when `exclude_suspected`). Ages must be
+    whole, non-negative years:
     anything else is a labelling error, refused in one line. (Ages above max_age are fine: the model's
     last year stands for max_age and over.)"""
     frame = read_metadata_csv(path, "input CSV", "run the earlier stages first", ("file", "path", "age"))
@@ -65,8 +85,10 @@ def read_training_csv(path: str, groups: AgeGroups, exclude_suspected: bool = Tr
     bad = unusable_ages(frame["age"])
     if bad.any():
         first = frame[bad].iloc[0]
-        raise UserError(f"input CSV {path}: {int(bad.sum())} rows have an age that is not a whole number of years "
-                        f"(first: {first['file']!r} with age {first['age']!r})")
+        raise UserError(
+            f"input CSV {path}: {int(bad.sum())} rows have an age that is not a whole number of years "
+            f"(first: {first['file']!r} with age {first['age']!r})"
+        )
     if "source" not in frame.columns:
         frame["source"] = frame["file"]
     if "copy" not in frame.columns:
@@ -94,13 +116,19 @@ def split_sets(frame: pd.DataFrame, config: TrainConfig, groups: AgeGroups) -> d
     if cross_validating(config):
         frame["split"] = "train"
         return {"train": frame, "validation": frame.iloc[:0], "test": frame[frame["copy"] == 0]}
-    frame["split"] = split_by_source(frame, config.split.validation, 0.0 if config.test_inputs else config.split.test, config.seed)
+    frame["split"] = split_by_source(
+        frame, config.split.validation, 0.0 if config.test_inputs else config.split.test, config.seed
+    )
     if config.test_inputs:
         test = labelled_images(config.test_inputs, config.labels_csv, config.age_range)
         test = with_groups(test[test["age"].notna()].assign(source=test["file"], copy=0), groups, "test_inputs")
     else:
         test = frame[frame["split"] == "test"]
-    sets = {"train": frame[frame["split"] == "train"], "validation": frame[frame["split"] == "validation"], "test": test}
+    sets = {
+        "train": frame[frame["split"] == "train"],
+        "validation": frame[frame["split"] == "validation"],
+        "test": test,
+    }
     overlap = set(sets["train"]["source"]) & (set(sets["validation"]["source"]) | set(sets["test"]["source"]))
     if overlap:  # a source in two splits would make the reported accuracy a lie: never go on
         raise RuntimeError(f"leak: {len(overlap)} sources in two splits")
@@ -110,21 +138,33 @@ def split_sets(frame: pd.DataFrame, config: TrainConfig, groups: AgeGroups) -> d
 # --------------------------------------------------------------------------------------------------
 # 2. Inputs
 # --------------------------------------------------------------------------------------------------
-def prepare(sets: dict[str, pd.DataFrame], backbone, engine: Engine, cache, folder: OutputFolder) -> dict[str, pd.DataFrame]:
+def prepare(
+    sets: dict[str, pd.DataFrame], backbone, engine: Engine, cache, folder: OutputFolder
+) -> dict[str, pd.DataFrame]:
     """Each set's images prepared by the backbone (before TensorFlow starts: the worker pool forks);
     images it cannot use are listed in face_problems.csv and left out."""
-    prepared = backbone.prepare(pd.concat([rows.assign(set=name) for name, rows in sets.items()], ignore_index=True), engine, cache)
+    prepared = backbone.prepare(
+        pd.concat([rows.assign(set=name) for name, rows in sets.items()], ignore_index=True), engine, cache
+    )
     folder.write_csv("face_problems.csv", prepared.loc[prepared["problem"].notna(), ["set", "file", "path", "problem"]])
     unusable = prepared["inputs"].isna()
     if unusable.any():
-        log.warning("%d images cannot be used and are left out (listed in %s/face_problems.csv)", int(unusable.sum()), folder.path)
+        log.warning(
+            "%d images cannot be used and are left out (listed in %s/face_problems.csv)",
+            int(unusable.sum()),
+            folder.path,
+        )
     fallbacks = int(prepared["problem"].notna().sum() - unusable.sum())
     if fallbacks:
-        log.info("%d faces had no plausible landmarks and were described unaligned (on_no_landmarks: whole_image)", fallbacks)
+        log.info(
+            "%d faces had no plausible landmarks and were described unaligned (on_no_landmarks: whole_image)", fallbacks
+        )
     sets = {name: prepared[(prepared["set"] == name) & ~unusable].reset_index(drop=True) for name in sets}
     if sets["train"].empty or sets["test"].empty:
-        raise UserError(f"too few images to train and test: {len(sets['train'])} train, {len(sets['validation'])} validation, "
-                        f"{len(sets['test'])} test")
+        raise UserError(
+            f"too few images to train and test: {len(sets['train'])} train, {len(sets['validation'])} validation, "
+            f"{len(sets['test'])} test"
+        )
     return sets
 
 
@@ -144,21 +184,29 @@ class Run:
     probabilities: np.ndarray
 
 
-def answered(raw: np.ndarray, temperature: float, config: TrainConfig, groups: AgeGroups, training_shares) -> np.ndarray:
+def answered(
+    raw: np.ndarray, temperature: float, config: TrainConfig, groups: AgeGroups, training_shares
+) -> np.ndarray:
     """Year probabilities as the model will answer them: tempered, and re-weighted to
     `evaluation.prior_csv`'s age mix when given."""
     probabilities = tempered(raw, temperature)
     prior = population_shares(config.evaluation.prior_csv, groups, "evaluation.prior_csv")
-    return probabilities if prior is None else correct_prior(probabilities, groups, config.max_age, training_shares, prior)
+    return (
+        probabilities if prior is None else correct_prior(probabilities, groups, config.max_age, training_shares, prior)
+    )
 
 
 def temperature_for(raw: np.ndarray | None, ages, config: TrainConfig, groups: AgeGroups) -> float:
     """The temperature that makes the confidences honest on these held-out predictions (1 without any,
     or when calibration is off)."""
-    return fit_temperature(raw, ages, groups, config.max_age) if config.evaluation.calibrate and raw is not None else 1.0
+    return (
+        fit_temperature(raw, ages, groups, config.max_age) if config.evaluation.calibrate and raw is not None else 1.0
+    )
 
 
-def trained_model(config: TrainConfig, backbone, train: pd.DataFrame, validation: pd.DataFrame, groups: AgeGroups, scratch: str):
+def trained_model(
+    config: TrainConfig, backbone, train: pd.DataFrame, validation: pd.DataFrame, groups: AgeGroups, scratch: str
+):
     """The network fitted on `train` (class-weighted when asked), its history, timings, and the age mix
     it learns as its prior (uniform when class weighting evens the groups out)."""
     counts = np.bincount(train["group_index"], minlength=len(groups.labels))
@@ -170,9 +218,24 @@ def trained_model(config: TrainConfig, backbone, train: pd.DataFrame, validation
         weights = (len(train) / (len(groups.labels) * np.maximum(counts, 1)))[train["group_index"]].astype(np.float32)
         shares = np.full(len(groups.labels), 1 / len(groups.labels))
     model, history, seconds, replicas = fit(config, backbone, train, validation, groups, scratch, weights)
-    log.info("trained %s on %d images for %d epochs in %.0f s on %d replicas", backbone.kind, len(train), len(history), seconds, replicas)
-    return model, history, {"training_seconds": round(seconds, 1), "training_images_per_second": round(len(history) * len(train) / seconds, 1),
-                            "replicas": replicas}, shares
+    log.info(
+        "trained %s on %d images for %d epochs in %.0f s on %d replicas",
+        backbone.kind,
+        len(train),
+        len(history),
+        seconds,
+        replicas,
+    )
+    return (
+        model,
+        history,
+        {
+            "training_seconds": round(seconds, 1),
+            "training_images_per_second": round(len(history) * len(train) / seconds, 1),
+            "replicas": replicas,
+        },
+        shares,
+    )
 
 
 def held_out_run(config: TrainConfig, backbone, sets: dict, groups: AgeGroups, scratch: str) -> Run:
@@ -180,7 +243,9 @@ def held_out_run(config: TrainConfig, backbone, sets: dict, groups: AgeGroups, s
     model, history, timing, shares = trained_model(config, backbone, sets["train"], sets["validation"], groups, scratch)
     flip, batch = config.evaluation.flip_test_time_augmentation, config.training.batch_size
     validation = sets["validation"]
-    temperature = temperature_for(backbone.predict(model, validation, flip, batch) if len(validation) else None, validation["age"], config, groups)
+    temperature = temperature_for(
+        backbone.predict(model, validation, flip, batch) if len(validation) else None, validation["age"], config, groups
+    )
     start = time.perf_counter()
     raw = backbone.predict(model, sets["test"], flip, batch)
     timing["prediction_images_per_second"] = round(len(sets["test"]) / max(time.perf_counter() - start, 1e-9), 1)
@@ -192,8 +257,16 @@ def cross_validated_run(config: TrainConfig, backbone, sets: dict, groups: AgeGr
     the temperature fitted on those answers, then the model fitted on every labelled image."""
     rows = sets["train"]
     sets["test"] = rows[rows["copy"] == 0].reset_index(drop=True)  # the originals, in the order of their answers
-    years = out_of_fold(config, backbone, rows, groups, config.split.folds, config.seed, scratch,
-                        progress=progress_bar(config.split.folds, "folds", "fold")(None))
+    years = out_of_fold(
+        config,
+        backbone,
+        rows,
+        groups,
+        config.split.folds,
+        config.seed,
+        scratch,
+        progress=progress_bar(config.split.folds, "folds", "fold")(None),
+    )
     raw = years[(rows["copy"] == 0).to_numpy()]
     model, history, timing, shares = trained_model(config, backbone, rows, rows.iloc[:0], groups, scratch)
     temperature = temperature_for(raw, sets["test"]["age"], config, groups)
@@ -203,14 +276,30 @@ def cross_validated_run(config: TrainConfig, backbone, sets: dict, groups: AgeGr
 # --------------------------------------------------------------------------------------------------
 # 4. Evaluation and saving
 # --------------------------------------------------------------------------------------------------
-def answers_table(test: pd.DataFrame, probabilities: np.ndarray, config: TrainConfig, groups: AgeGroups) -> pd.DataFrame:
+def answers_table(
+    test: pd.DataFrame, probabilities: np.ndarray, config: TrainConfig, groups: AgeGroups
+) -> pd.DataFrame:
     """Each test image's label beside the model's answer: age group, confidence, age, interval, each
     group's probability (test_predictions.csv)."""
     answer = answers(probabilities, groups, config.max_age, config.evaluation.answer_rule, config.evaluation.interval)
-    table = test[["file", "path", "age"]].reset_index(drop=True).assign(
-        age_group=[groups.labels[i] for i in answer.group], age_group_confidence=np.round(answer.confidence, 4),
-        predicted_age=answer.age, age_low=answer.low, age_high=answer.high)
-    return pd.concat([table, pd.DataFrame(np.round(answer.group_probabilities, 4), columns=[f"p_{label}" for label in groups.labels])], axis=1)
+    table = (
+        test[["file", "path", "age"]]
+        .reset_index(drop=True)
+        .assign(
+            age_group=[groups.labels[i] for i in answer.group],
+            age_group_confidence=np.round(answer.confidence, 4),
+            predicted_age=answer.age,
+            age_low=answer.low,
+            age_high=answer.high,
+        )
+    )
+    return pd.concat(
+        [
+            table,
+            pd.DataFrame(np.round(answer.group_probabilities, 4), columns=[f"p_{label}" for label in groups.labels]),
+        ],
+        axis=1,
+    )
 
 
 def card_figures(probabilities: np.ndarray, test: pd.DataFrame, config: TrainConfig, groups: AgeGroups) -> dict:
@@ -218,10 +307,24 @@ def card_figures(probabilities: np.ndarray, test: pd.DataFrame, config: TrainCon
     rule, interval = config.evaluation.answer_rule, config.evaluation.interval
     answer = answers(probabilities, groups, config.max_age, rule, interval)
     right = answer.group == np.array([groups.index_of(a) for a in test["age"]])
-    return {"reliability": reliability(answer.confidence, right).to_dict("records"),
-            "fairness": {column: fairness(probabilities, test["age"], test[column], names, groups, config.max_age, rule, interval,
-                                          config.fairness.min_images)
-                         for column, names in config.fairness.attributes.items() if column in test.columns and test[column].notna().any()}}
+    return {
+        "reliability": reliability(answer.confidence, right).to_dict("records"),
+        "fairness": {
+            column: fairness(
+                probabilities,
+                test["age"],
+                test[column],
+                names,
+                groups,
+                config.max_age,
+                rule,
+                interval,
+                config.fairness.min_images,
+            )
+            for column, names in config.fairness.attributes.items()
+            if column in test.columns and test[column].notna().any()
+        },
+    }
 
 
 def scored(config: TrainConfig, sets: dict, run: Run, groups: AgeGroups) -> dict:
@@ -229,21 +332,41 @@ def scored(config: TrainConfig, sets: dict, run: Run, groups: AgeGroups) -> dict
     test images, the card's figures, and what the run was."""
     max_age, evaluation, test = config.max_age, config.evaluation, sets["test"]
     shares = population_shares(config.target_csv, groups)
-    metrics = evaluate(run.probabilities, test["age"], groups, max_age, shares, evaluation.answer_rule, evaluation.interval)
+    metrics = evaluate(
+        run.probabilities, test["age"], groups, max_age, shares, evaluation.answer_rule, evaluation.interval
+    )
     for label in metrics["groups_without_test_images"]:
         log.warning("age group %s has no test images: its recall is not measured", label)
     metrics.update(card_figures(run.probabilities, test, config, groups))
     majority = int(np.argmax(np.bincount(sets["train"]["group_index"], minlength=len(groups.labels))))
-    baseline = evaluate(year_targets(np.full(len(test), sum(groups.bounds(max_age)[majority]) / 2), max_age, 0), test["age"], groups, max_age, shares)
-    tested = (f"out of fold: {config.split.folds} folds of " if cross_validating(config) else "test split of ") + config.input_csv
-    return {"test": metrics, "majority_baseline": {"group": groups.labels[majority], **{k: baseline[k] for k in HEADLINE}},
-            "test_source": ", ".join(config.test_inputs) or tested, "temperature": run.temperature,
-            "flip_test_time_augmentation": evaluation.flip_test_time_augmentation, "prior_correction": evaluation.prior_csv,
-            "split_images": {name: len(rows) for name, rows in sets.items()}, "epochs": int(len(run.history)), **run.timing,
-            "age_groups": groups.labels, **run_record(config)}
+    baseline = evaluate(
+        year_targets(np.full(len(test), sum(groups.bounds(max_age)[majority]) / 2), max_age, 0),
+        test["age"],
+        groups,
+        max_age,
+        shares,
+    )
+    tested = (
+        f"out of fold: {config.split.folds} folds of " if cross_validating(config) else "test split of "
+    ) + config.input_csv
+    return {
+        "test": metrics,
+        "majority_baseline": {"group": groups.labels[majority], **{k: baseline[k] for k in HEADLINE}},
+        "test_source": ", ".join(config.test_inputs) or tested,
+        "temperature": run.temperature,
+        "flip_test_time_augmentation": evaluation.flip_test_time_augmentation,
+        "prior_correction": evaluation.prior_csv,
+        "split_images": {name: len(rows) for name, rows in sets.items()},
+        "epochs": int(len(run.history)),
+        **run.timing,
+        "age_groups": groups.labels,
+        **run_record(config),
+    }
 
 
-def save(config: TrainConfig, folder: OutputFolder, backbone, frame: pd.DataFrame, sets: dict, run: Run, groups: AgeGroups) -> dict:
+def save(
+    config: TrainConfig, folder: OutputFolder, backbone, frame: pd.DataFrame, sets: dict, run: Run, groups: AgeGroups
+) -> dict:
     """Write the model with its metadata, the metrics, the splits, the test answers and the report card;
     return the metrics."""
     import matplotlib
@@ -253,15 +376,25 @@ def save(config: TrainConfig, folder: OutputFolder, backbone, frame: pd.DataFram
     matplotlib.use("Agg")  # files only, no display needed
     report = scored(config, sets, run, groups)
     evaluation = config.evaluation
-    metadata = {"age_group_edges": list(groups.edges), "labels": groups.labels, "max_age": config.max_age, **backbone.metadata(),
-                "training_group_shares": list(map(float, run.training_shares)), "answer_rule": evaluation.answer_rule,
-                "interval": evaluation.interval, "temperature": run.temperature, **run_record(config)}
+    metadata = {
+        "age_group_edges": list(groups.edges),
+        "labels": groups.labels,
+        "max_age": config.max_age,
+        **backbone.metadata(),
+        "training_group_shares": list(map(float, run.training_shares)),
+        "answer_rule": evaluation.answer_rule,
+        "interval": evaluation.interval,
+        "temperature": run.temperature,
+        **run_record(config),
+    }
     folder.write_bytes("model.keras", model_bytes(run.model, metadata, folder, lite=backbone.lite))
     folder.write_json("metrics.json", report)
     folder.write_csv("history.csv", run.history)
     folder.write_csv("split.csv", frame[["file", "source", "copy", "age", "split"]])
     test = sets["test"]
-    folder.write_csv("test_images.csv", test[[c for c in ("file", "path", "age", "gender", "race") if c in test.columns]])
+    folder.write_csv(
+        "test_images.csv", test[[c for c in ("file", "path", "age", "gender", "race") if c in test.columns]]
+    )
     folder.write_csv("test_predictions.csv", answers_table(test, run.probabilities, config, groups))
     write_report_card(folder, report, run.history, HEADLINE, CALIBRATION_BINS)
     folder.finish()
@@ -272,15 +405,23 @@ def summary_lines(report: dict, config: TrainConfig, backbone, trained: int, sus
     """What the run did and how good the model is, for the terminal."""
     test, baseline = report["test"], report["majority_baseline"]
     tested = f"out of fold ({config.split.folds} folds)" if cross_validating(config) else "test"
-    lines = [f"trained {backbone.kind} on {trained} images ({suspected} suspected label errors left out) for {report['epochs']} epochs "
-             f"in {report['training_seconds']:.0f}s; {tested} on {test['images']} images:",
-             f"  accuracy {test['accuracy']:.1%} (majority baseline {baseline['accuracy']:.1%}), one-off {test['one_off_accuracy']:.1%}, "
-             f"macro-F1 {test['macro_f1']:.3f}, MAE {test['mae_years']:.1f} years (baseline {baseline['mae_years']:.1f}), "
-             f"calibration error {test['calibration_error']:.3f}"]
+    lines = [
+        f"trained {backbone.kind} on {trained} images ({suspected} suspected label errors left out) for "
+        f"{report['epochs']} epochs "
+        f"in {report['training_seconds']:.0f}s; {tested} on {test['images']} images:",
+        f"  accuracy {test['accuracy']:.1%} (majority baseline {baseline['accuracy']:.1%}), one-off "
+        f"{test['one_off_accuracy']:.1%}, "
+        f"macro-F1 {test['macro_f1']:.3f}, MAE {test['mae_years']:.1f} years (baseline {baseline['mae_years']:.1f}), "
+        f"calibration error {test['calibration_error']:.3f}",
+    ]
     for column, table in test["fairness"].items():
         if table["adjusted_accuracy_gap"] is not None:
-            lines.append(f"  by {column}: age-mix-adjusted accuracy from {table['values'][table['worst']]['age_mix_adjusted_accuracy']:.1%} "
-                         f"({table['worst']}) to {table['values'][table['best']]['age_mix_adjusted_accuracy']:.1%} ({table['best']})")
+            lines.append(
+                f"  by {column}: age-mix-adjusted accuracy from "
+                f"{table['values'][table['worst']]['age_mix_adjusted_accuracy']:.1%} "
+                f"({table['worst']}) to {table['values'][table['best']]['age_mix_adjusted_accuracy']:.1%} "
+                f"({table['best']})"
+            )
     return lines
 
 
@@ -290,14 +431,25 @@ def main(args) -> None:
     groups = age_groups_from(config)
     frame, suspected = read_training_csv(config.input_csv, groups, config.exclude_suspected_labels)
     backbone = backbone_for(config.model)
-    inputs = [config.input_csv, *config.test_inputs, config.labels_csv, config.target_csv, config.evaluation.prior_csv,
-              *sorted({os.path.dirname(p) for p in frame["path"]})]
+    inputs = [
+        config.input_csv,
+        *config.test_inputs,
+        config.labels_csv,
+        config.target_csv,
+        config.evaluation.prior_csv,
+        *sorted({os.path.dirname(p) for p in frame["path"]}),
+    ]
     with OutputGuard(inputs=inputs) as guard:
         folder = guard.folder(config.output_dir, "output_dir", overwrite=config.overwrite_output)
         cache = guard.journal(config.descriptor_cache, "descriptor_cache")
         sets = prepare(split_sets(frame, config, groups), backbone, Engine.of(config), cache, folder)
-        log.info("split: %d train, %d validation, %d test images (%d augmented copies unused in test)",
-                 len(sets["train"]), len(sets["validation"]), len(sets["test"]), int((frame["split"] == "unused").sum()))
+        log.info(
+            "split: %d train, %d validation, %d test images (%d augmented copies unused in test)",
+            len(sets["train"]),
+            len(sets["validation"]),
+            len(sets["test"]),
+            int((frame["split"] == "unused").sum()),
+        )
         train_and_answer = cross_validated_run if cross_validating(config) else held_out_run
         with folder.scratch() as scratch:
             run = train_and_answer(config, backbone, sets, groups, scratch)
@@ -307,7 +459,15 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    run_script(main, "Train the age classifier.", "train_model.yaml", TrainConfig, [
-        "python train_model.py", "python train_model.py --set training.epochs=30 --set model.face_features.head_units=[512,128]",
-        "python train_model.py --set input_csv=csv/resampled_metadata.csv --set output_dir=models/resampled",
-        "python train_model.py --set model.backbone=pixels --set model.pixels.network=cnn"])
+    run_script(
+        main,
+        "Train the age classifier.",
+        "train_model.yaml",
+        TrainConfig,
+        [
+            "python train_model.py",
+            "python train_model.py --set training.epochs=30 --set model.face_features.head_units=[512,128]",
+            "python train_model.py --set input_csv=csv/resampled_metadata.csv --set output_dir=models/resampled",
+            "python train_model.py --set model.backbone=pixels --set model.pixels.network=cnn",
+        ],
+    )

@@ -5,6 +5,7 @@ instead of a traceback.
 
     from utils import load_config, run_script, setup_logging
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,13 +24,24 @@ from agepipe.errors import ConfigError, UserError
 __all__ = ["load_config", "notebook_config", "one_line", "parse_args", "run_script", "settings_help", "setup_logging"]
 
 
-def parse_args(description: str, default_config: str, model: type[BaseModel] | None = None, examples: Iterable[str] = (),
-               argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    description: str,
+    default_config: str,
+    model: type[BaseModel] | None = None,
+    examples: Iterable[str] = (),
+    argv: list[str] | None = None,
+) -> argparse.Namespace:
     """--config and --set; --help also lists every setting of `model` with its value in the config files
     and its meaning, and `examples` (commands that run as written)."""
     argv = sys.argv[1:] if argv is None else argv
-    epilog = settings_help(model, CONFIG_DIR / default_config, examples) if model and ({"-h", "--help"} & set(argv)) else None
-    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = (
+        settings_help(model, CONFIG_DIR / default_config, examples)
+        if model and ({"-h", "--help"} & set(argv))
+        else None
+    )
+    parser = argparse.ArgumentParser(
+        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--config", default=str(CONFIG_DIR / default_config), help="YAML config file (default: %(default)s)"
     )
@@ -40,7 +52,7 @@ def parse_args(description: str, default_config: str, model: type[BaseModel] | N
         default=[],
         metavar="KEY=VALUE",
         help="change one setting (repeatable): dotted keys reach nested ones, values are YAML: "
-             "--set num_workers=1 --set checks.blurry.below=10 --set inputs=[photos,more/photos]",
+        "--set num_workers=1 --set checks.blurry.below=10 --set inputs=[photos,more/photos]",
     )
     return parser.parse_args(argv)
 
@@ -51,8 +63,10 @@ def settings_help(model: type[BaseModel], config_path, examples: Iterable[str]) 
         values = read_settings(config_path)
     except ConfigError as exc:
         return f"settings: cannot be listed ({exc})"
-    lines = [f"settings ({config_path} and {CONFIG_DIR / 'common.yaml'}; relative paths in them are relative to the "
-             "workspace, paths typed with --set to the current folder):"]
+    lines = [
+        f"settings ({config_path} and {CONFIG_DIR / 'common.yaml'}; relative paths in them are relative to the "
+        "workspace, paths typed with --set to the current folder):"
+    ]
     lines += _setting_lines(model, values, "")
     if examples:
         lines += ["", "examples:"] + [f"  {example}" for example in examples]
@@ -63,8 +77,14 @@ def _setting_lines(model: type[BaseModel], values: Any, prefix: str) -> list[str
     lines = []
     for name, field in model.model_fields.items():
         key, value = prefix + name, values.get(name) if isinstance(values, dict) else None
-        sections = [a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if get_origin(field.annotation) is dict and isinstance(value, dict):  # named entries (checks, repairs): one line each
+        sections = [
+            a
+            for a in (field.annotation, *get_args(field.annotation))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if get_origin(field.annotation) is dict and isinstance(
+            value, dict
+        ):  # named entries (checks, repairs): one line each
             lines.append(f"  {key}: {field.description or ''}")
             lines += [f"  {key}.{entry} = {_flow(entry_value)}" for entry, entry_value in value.items()]
             continue
@@ -86,8 +106,13 @@ def _flow(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
-def run_script(main: Callable[[argparse.Namespace], None], description: str, default_config: str,
-               model: type[BaseModel] | None = None, examples: Iterable[str] = ()):
+def run_script(
+    main: Callable[[argparse.Namespace], None],
+    description: str,
+    default_config: str,
+    model: type[BaseModel] | None = None,
+    examples: Iterable[str] = (),
+):
     """Entry point shared by the scripts: parse arguments, run, turn user errors into one line."""
     args = parse_args(description, default_config, model, examples)
     try:
@@ -102,7 +127,10 @@ def run_script(main: Callable[[argparse.Namespace], None], description: str, def
         if exc.errno not in FILE_SYSTEM_ERRORS:
             raise
         # a full disk or a read-only folder: what was written stays whole (atomic writes), re-run after fixing
-        print(one_line(f"error: {exc.strerror}: {exc.filename or 'while writing'}; re-run the same command once fixed"), file=sys.stderr)
+        print(
+            one_line(f"error: {exc.strerror}: {exc.filename or 'while writing'}; re-run the same command once fixed"),
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
@@ -129,7 +157,6 @@ def setup_logging(level: str) -> None:
     for noisy in ("matplotlib", "PIL", "h5py", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # its retracing advice is for its developers, not the user
-
 
 
 def notebook_config(model: type[ModelT], path: str | os.PathLike, overrides: Iterable[str] = ()) -> ModelT:

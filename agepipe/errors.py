@@ -1,6 +1,7 @@
 """The two kinds of error a user sees as one line (`error: ...`, exit status 2), and how a user's value
 is shown in them: never more than one line, never more than SHOWN_CHARACTERS of it, never a file's
 contents. Every other module raises these; `utils.run_script` prints them."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -13,6 +13,7 @@ Peak memory that stays flat between the two sizes shows that images are streamed
 would pick instead, cleanvision (installed into a temporary venv), finds its default issues in the same
 files on all cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,6 @@ import cv2
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from peers import peer_python  # noqa: E402
-from runs import add_dataset_arguments, dataset_of, explore_run  # noqa: E402
-
 from agepipe.data.age_groups import AgeGroups  # noqa: E402
 from agepipe.data.datasets import iter_dataset  # noqa: E402
 from agepipe.quality.image_metrics import ReaderSettings  # noqa: E402
@@ -40,6 +38,8 @@ from agepipe.running import writes  # noqa: E402
 from agepipe.running.parallel import Engine, resolve_workers  # noqa: E402
 from agepipe.running.resume import PartStore  # noqa: E402
 from image_reader import Dataset, compute_images_quality_metrics, load_explore_config, plan_chunks  # noqa: E402
+from peers import peer_python  # noqa: E402
+from runs import add_dataset_arguments, dataset_of, explore_run  # noqa: E402
 
 PEER_SCRIPT = """
 import json, sys, time
@@ -56,7 +56,9 @@ def cleanvision_rate(paths: list[str], work: Path) -> float:
     python = peer_python(work, "cleanvision")
     (work / "paths.json").write_text(json.dumps(paths))
     (work / "peer.py").write_text(PEER_SCRIPT)
-    result = subprocess.run([str(python), str(work / "peer.py"), str(work / "paths.json")], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [str(python), str(work / "peer.py"), str(work / "paths.json")], capture_output=True, text=True, check=True
+    )
     return len(paths) / json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
 
 
@@ -97,7 +99,9 @@ def main():
 
 def benchmark(args, dataset_dir: Path, tmp: Path) -> None:
     config = load_explore_config(PROJECT / "configs/explore_images.yaml")
-    dataset = list(iter_dataset(dataset_dir, config.labels, config.age_range, AgeGroups(tuple(config.age_groups.edges))))
+    dataset = list(
+        iter_dataset(dataset_dir, config.labels, config.age_range, AgeGroups(tuple(config.age_groups.edges)))
+    )
     paths = [row["_real_path"] for row in dataset]
     workers = resolve_workers(args.workers)
     for path in paths:  # warm the page cache so no pass pays for the disk
@@ -112,8 +116,10 @@ def benchmark(args, dataset_dir: Path, tmp: Path) -> None:
         rates.append(measure_rate(dataset, config, False, workers))
     reference, rate = statistics.median(references), statistics.median(rates)
     print(f"plain cv2.imread, 1 core:                 {reference:8.0f} images/s   (reference, median of {args.rounds})")
-    print(f"all metrics but face detection, {workers} workers: {rate:8.0f} images/s   ratio {rate / reference:.2f}"
-          f"   (per round: {', '.join(f'{r / f:.2f}' for r, f in zip(rates, references))})")
+    print(
+        f"all metrics but face detection, {workers} workers: {rate:8.0f} images/s   ratio {rate / reference:.2f}"
+        f"   (per round: {', '.join(f'{r / f:.2f}' for r, f in zip(rates, references))})"
+    )
     rate = measure_rate(dataset, config, True, workers)
     print(f"all metrics with face detection, {workers} workers:{rate:8.0f} images/s   ratio {rate / reference:.2f}")
 
@@ -134,8 +140,11 @@ def benchmark(args, dataset_dir: Path, tmp: Path) -> None:
             script_rate = stats["images_per_s"]
     if not args.no_peer:
         peer = cleanvision_rate(paths, tmp)
-        print(f"cleanvision (default checks, all cores) {len(paths):6d} files {len(paths) / peer:7.1f} s {peer:6.0f} images/s"
-              f"   explore_images.py with faces: {script_rate / peer:.2f}x cleanvision")
+        print(
+            f"cleanvision (default checks, all cores) {len(paths):6d} files {len(paths) / peer:7.1f} s {peer:6.0f} "
+            "images/s"
+            f"   explore_images.py with faces: {script_rate / peer:.2f}x cleanvision"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Detectors, each given the same decoded images on one thread:
   and the 250 random crops of a 600-image non-face set of another size; its rate on the odd-numbered
   crops is printed apart.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,22 +31,26 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
+from agepipe.faces.detector import DetectorSettings, FaceDetector  # noqa: E402
+from image_reader import load_explore_config  # noqa: E402
 from runs import add_dataset_arguments, dataset_of  # noqa: E402
 from scenes import non_face_images  # noqa: E402
 
-from agepipe.faces.detector import DetectorSettings, FaceDetector  # noqa: E402
-from image_reader import load_explore_config  # noqa: E402
-
 RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Other"}
+
+
 def haar_detector():
     cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_alt2.xml"))
 
     def count(bgr):  # the explore stage's former settings: 100 px, 25% replicated border, faces >= 25 px
         gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
         scale = 100 / min(gray.shape)
-        gray = cv2.resize(gray, (round(gray.shape[1] * scale), round(gray.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        gray = cv2.resize(
+            gray, (round(gray.shape[1] * scale), round(gray.shape[0] * scale)), interpolation=cv2.INTER_AREA
+        )
         gray = cv2.copyMakeBorder(gray, 25, 25, 25, 25, cv2.BORDER_REPLICATE)
         return len(cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=3, minSize=(25, 25)))
+
     return count
 
 
@@ -58,6 +63,7 @@ def dlib_hog_detector():
         pad = min(bgr.shape[:2]) // 4
         rgb = cv2.cvtColor(cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_REPLICATE), cv2.COLOR_BGR2RGB)
         return len(detector(rgb, 0))
+
     return count
 
 
@@ -89,7 +95,9 @@ def benchmark(dataset_dir: Path, non_faces: int) -> None:
     faces_config = load_explore_config(PROJECT / "configs/explore_images.yaml").metrics["faces"]
     settings = DetectorSettings(**faces_config)
 
-    files = sorted(p for p in dataset_dir.iterdir() if p.name.split("_")[0].isdigit() and p.suffix.lower() in (".jpg", ".png"))
+    files = sorted(
+        p for p in dataset_dir.iterdir() if p.name.split("_")[0].isdigit() and p.suffix.lower() in (".jpg", ".png")
+    )
     start = time.perf_counter()
     images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in files]
     decode_rate = len(files) / (time.perf_counter() - start)
@@ -97,27 +105,43 @@ def benchmark(dataset_dir: Path, non_faces: int) -> None:
     images = [images[i] for i in kept]
     races = np.array([files[i].name.split("_")[2] if files[i].name.count("_") >= 3 else "?" for i in kept])
     others = non_face_images(non_faces)
-    print(f"{len(images)} face crops in {dataset_dir}, {len(others)} non-face images; one thread; "
-          f"plain cv2.imread {decode_rate:.0f} img/s")
+    print(
+        f"{len(images)} face crops in {dataset_dir}, {len(others)} non-face images; one thread; "
+        f"plain cv2.imread {decode_rate:.0f} img/s"
+    )
     print(f"blazeface settings: {faces_config}")
 
     detectors = {"haar": haar_detector(), "dlib_hog": dlib_hog_detector(), "blazeface": blazeface_detector(settings)}
-    header = f"{'detector':10s} {'found':>7s}  " + " ".join(f"{r:>7s}" for r in RACES.values()) + f"  {'false':>9s} {'img/s':>7s} {'vs haar':>8s} {'vs imread':>9s}"
+    header = (
+        f"{'detector':10s} {'found':>7s}  "
+        + " ".join(f"{r:>7s}" for r in RACES.values())
+        + f"  {'false':>9s} {'img/s':>7s} {'vs haar':>8s} {'vs imread':>9s}"
+    )
     print(header)
     haar_rate = None
     for name, count in detectors.items():
         found, rate = timed_counts(count, images)
         false, _ = timed_counts(count, others)
         haar_rate = haar_rate or rate
-        per_race = " ".join(f"{(found[races == code] > 0).mean():7.2%}" if (races == code).any() else f"{'-':>7s}" for code in RACES)
-        print(f"{name:10s} {(found > 0).mean():7.2%}  {per_race}  {int((false > 0).sum()):4d}/{len(others):<4d} {rate:7.0f} "
-              f"{rate / haar_rate:7.2f}x {rate / decode_rate:8.2f}x")
+        per_race = " ".join(
+            f"{(found[races == code] > 0).mean():7.2%}" if (races == code).any() else f"{'-':>7s}" for code in RACES
+        )
+        print(
+            f"{name:10s} {(found > 0).mean():7.2%}  {per_race}  {int((false > 0).sum()):4d}/{len(others):<4d} "
+            f"{rate:7.0f} "
+            f"{rate / haar_rate:7.2f}x {rate / decode_rate:8.2f}x"
+        )
         if name == "blazeface":
             # min_score and border_fraction were chosen on the even-numbered crops: the odd ones are unseen
             unseen, unseen_races = found[1::2] > 0, races[1::2]
-            worst = min((unseen[unseen_races == code].mean(), RACES[code]) for code in RACES if (unseen_races == code).any())
-            print(f"  on the {len(unseen)} odd-numbered crops, not used to choose its settings: found {unseen.mean():.2%}, "
-                  f"worst group {worst[1]} {worst[0]:.2%}")
+            worst = min(
+                (unseen[unseen_races == code].mean(), RACES[code]) for code in RACES if (unseen_races == code).any()
+            )
+            print(
+                f"  on the {len(unseen)} odd-numbered crops, not used to choose its settings: found "
+                f"{unseen.mean():.2%}, "
+                f"worst group {worst[1]} {worst[0]:.2%}"
+            )
             print("  missed: " + ", ".join(files[kept[i]].name for i in np.flatnonzero(found == 0)[:10]))
 
 

@@ -17,6 +17,7 @@ runs on the other folds only, train_model.py trains on them with every label and
 ones, and both models predict the fold's faces, scored against their true (unplanted) ages: over all of
 them, and over those whose label was planted wrong.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,11 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from crops import configured_groups, labelled_crops  # noqa: E402
-from runs import TINY_LABEL_CHECK, TINY_TRAINING, add_dataset_arguments, dataset_of, script  # noqa: E402
-
 from agepipe.data.age_groups import AgeGroups  # noqa: E402
 from agepipe.data.datasets import parse_utkface_name, suspected_labels_mask  # noqa: E402
 from agepipe.model.training import stratified_folds  # noqa: E402
+from crops import configured_groups, labelled_crops  # noqa: E402
+from runs import TINY_LABEL_CHECK, TINY_TRAINING, add_dataset_arguments, dataset_of, script  # noqa: E402
 
 
 def planted_copy(dataset: Path, folder: Path, share: float, min_shift: int, seed: int) -> pd.DataFrame:
@@ -80,14 +80,31 @@ def ranking_figures(checked: pd.DataFrame, truth: pd.DataFrame, groups: AgeGroup
     labels = np.array([groups.index_of(a) for a in table["age"]])
     cleanlab = get_label_quality_scores(labels, probabilities / probabilities.sum(axis=1, keepdims=True))
     figures = []
-    for name, quality in (("agepipe year_window (the check's label_quality)", table["label_quality"].to_numpy()), ("cleanlab self-confidence", cleanlab)):
+    for name, quality in (
+        ("agepipe year_window (the check's label_quality)", table["label_quality"].to_numpy()),
+        ("cleanlab self-confidence", cleanlab),
+    ):
         worst = np.argsort(quality, kind="stable")[:k]
-        figures.append({"ranking": name, "faces": len(table), "planted": k, "auroc": auroc(-quality, positive),
-                        "precision_at_k": float(positive[worst].mean())})
+        figures.append(
+            {
+                "ranking": name,
+                "faces": len(table),
+                "planted": k,
+                "auroc": auroc(-quality, positive),
+                "precision_at_k": float(positive[worst].mean()),
+            }
+        )
     flagged = suspected_labels_mask(table)
-    figures.append({"ranking": "suspected_label_error (threshold)", "faces": len(table), "planted": k, "flagged": int(flagged.sum()),
-                    "precision": float(positive[flagged.to_numpy()].mean()) if flagged.any() else None,
-                    "recall": float(flagged.to_numpy()[positive].mean())})
+    figures.append(
+        {
+            "ranking": "suspected_label_error (threshold)",
+            "faces": len(table),
+            "planted": k,
+            "flagged": int(flagged.sum()),
+            "precision": float(positive[flagged.to_numpy()].mean()) if flagged.any() else None,
+            "recall": float(flagged.to_numpy()[positive].mean()),
+        }
+    )
     return figures
 
 
@@ -114,8 +131,12 @@ def main() -> None:
         script("process_images.py", ws)
         explored = time.perf_counter()
         script("check_labels.py", ws, *check)
-        print(f"explored and processed in {explored - start:.0f} s; the label check took {time.perf_counter() - explored:.0f} s "
-              "(describing every face included, on an empty descriptor cache)", flush=True)
+        print(
+            f"explored and processed in {explored - start:.0f} s; the label check took "
+            f"{time.perf_counter() - explored:.0f} s "
+            "(describing every face included, on an empty descriptor cache)",
+            flush=True,
+        )
         checked = pd.read_csv(work / "csv" / "checked_metadata.csv", keep_default_na=False, na_values=[""])
         pd.set_option("display.width", 200)
         print(pd.DataFrame(ranking_figures(checked, truth, groups)).round(3).to_string(index=False), flush=True)
@@ -124,8 +145,16 @@ def main() -> None:
             print(pd.DataFrame(figures).round(3).to_string(index=False))
 
 
-def training_figures(work: Path, checked: pd.DataFrame, truth: pd.DataFrame, groups: AgeGroups, folds: int, seed: int,
-                     check: list[str], train_settings: list[str]) -> list[dict]:
+def training_figures(
+    work: Path,
+    checked: pd.DataFrame,
+    truth: pd.DataFrame,
+    groups: AgeGroups,
+    folds: int,
+    seed: int,
+    check: list[str],
+    train_settings: list[str],
+) -> list[dict]:
     """Per variant (all labels, without the suspected ones): means over the folds of accuracy and MAE on
     the held-out faces' true ages, over all of them and over those whose label was planted wrong (the
     label check and training with `check` and `train_settings` beside their defaults)."""
@@ -137,28 +166,64 @@ def training_figures(work: Path, checked: pd.DataFrame, truth: pd.DataFrame, gro
         folder = work / f"fold{fold}"
         folder.mkdir(exist_ok=True)
         train, test = table[fold_of != fold], table[fold_of == fold]
-        train.drop(columns=["predicted_age", "label_quality", "suspected_label_error", "label_check"]).to_csv(folder / "train.csv", index=False)
+        train.drop(columns=["predicted_age", "label_quality", "suspected_label_error", "label_check"]).to_csv(
+            folder / "train.csv", index=False
+        )
         test_csv = test.assign(age=test["true_age"])[["file", "path", "age", "planted"]].to_csv(index=False)
         variants = (("all labels", "false"), ("without suspected labels", "true"))
         # a fold an earlier run in the same --work-dir finished on the same faces is read, not trained again
-        done = (folder / "test.csv").exists() and (folder / "test.csv").read_text() == test_csv and all(
-            (folder / variant.replace(" ", "_") / "test_predictions.csv").exists() for variant, _ in variants)
+        done = (
+            (folder / "test.csv").exists()
+            and (folder / "test.csv").read_text() == test_csv
+            and all((folder / variant.replace(" ", "_") / "test_predictions.csv").exists() for variant, _ in variants)
+        )
         (folder / "test.csv").write_text(test_csv)
         if not done:
-            script("check_labels.py", f"workspace={work}", f"input_csv={folder}/train.csv", f"output_csv={folder}/train_checked.csv", *check)
+            script(
+                "check_labels.py",
+                f"workspace={work}",
+                f"input_csv={folder}/train.csv",
+                f"output_csv={folder}/train_checked.csv",
+                *check,
+            )
         for variant, exclude in variants:
             out = folder / variant.replace(" ", "_")
             if not done:
-                script("train_model.py", f"workspace={work}", f"input_csv={folder}/train_checked.csv", f"test_inputs=[{folder}/test.csv]",
-                       f"output_dir={out}", "target_csv=null", f"exclude_suspected_labels={exclude}", *train_settings)
-            predictions = pd.read_csv(out / "test_predictions.csv").merge(test[["file", "planted"]], on="file", how="left")
-            for subset, rows in (("all held-out faces", predictions), ("faces planted wrong", predictions[predictions["planted"] == True])):  # noqa: E712
-                results.append({"variant": variant, "test faces": subset, "fold": fold, "faces": len(rows),
-                                "accuracy": float((rows["age_group"] == rows["age"].map(groups.label_of)).mean()),
-                                "mae_years": float((rows["predicted_age"] - rows["age"]).abs().mean())})
+                script(
+                    "train_model.py",
+                    f"workspace={work}",
+                    f"input_csv={folder}/train_checked.csv",
+                    f"test_inputs=[{folder}/test.csv]",
+                    f"output_dir={out}",
+                    "target_csv=null",
+                    f"exclude_suspected_labels={exclude}",
+                    *train_settings,
+                )
+            predictions = pd.read_csv(out / "test_predictions.csv").merge(
+                test[["file", "planted"]], on="file", how="left"
+            )
+            for subset, rows in (
+                ("all held-out faces", predictions),
+                ("faces planted wrong", predictions[predictions["planted"] == True]),  # noqa: E712
+            ):
+                results.append(
+                    {
+                        "variant": variant,
+                        "test faces": subset,
+                        "fold": fold,
+                        "faces": len(rows),
+                        "accuracy": float((rows["age_group"] == rows["age"].map(groups.label_of)).mean()),
+                        "mae_years": float((rows["predicted_age"] - rows["age"]).abs().mean()),
+                    }
+                )
         print(f"fold {fold} done", flush=True)
     frame = pd.DataFrame(results)
-    return frame.groupby(["variant", "test faces"]).agg(faces=("faces", "sum"), accuracy=("accuracy", "mean"), mae_years=("mae_years", "mean")).reset_index().to_dict("records")
+    return (
+        frame.groupby(["variant", "test faces"])
+        .agg(faces=("faces", "sum"), accuracy=("accuracy", "mean"), mae_years=("mae_years", "mean"))
+        .reset_index()
+        .to_dict("records")
+    )
 
 
 if __name__ == "__main__":

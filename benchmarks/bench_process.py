@@ -7,6 +7,7 @@ In one run: explores DIR (or re-uses the cached measurements), times process_ima
 with the default config, then times each repair operation alone on --images decoded images of DIR, and
 plain cv2.imread of the same images as the reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,13 +23,12 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from runs import add_dataset_arguments, dataset_of  # noqa: E402
-
 from agepipe.data.image_files import IMAGE_EXTENSIONS  # noqa: E402
 from agepipe.quality.image_metrics import measure_array  # noqa: E402
 from image_processor import adjust_exposure, denoise, enhance_texture, sharpen, stretch_contrast  # noqa: E402
 from image_reader import load_explore_config  # noqa: E402
 from process_images import Processor, load_process_config  # noqa: E402
+from runs import add_dataset_arguments, dataset_of  # noqa: E402
 
 
 def script(name: str, *overrides: str) -> float:
@@ -50,29 +50,47 @@ def main():
     add_dataset_arguments(parser, "a folder of images")
     parser.add_argument("--images", type=int, default=300, help="images per repair timing")
     args = parser.parse_args()
-    config, explore = load_process_config(PROJECT / "configs/process_images.yaml", explore=load_explore_config(PROJECT / "configs/explore_images.yaml"))
+    config, explore = load_process_config(
+        PROJECT / "configs/process_images.yaml", explore=load_explore_config(PROJECT / "configs/explore_images.yaml")
+    )
     repairs = config.repairs
 
     with tempfile.TemporaryDirectory() as tmp:
         args.dataset_dir = dataset_of(args, parser, Path(tmp))
-        script("explore_images.py", f"dataset_dir={args.dataset_dir}", f"output_csv={tmp}/m.csv", f"summary_csv={tmp}/s.csv")
-        seconds = script("process_images.py", f"input_csv={tmp}/m.csv", f"output_dir={tmp}/out", f"output_csv={tmp}/p.csv")
+        script(
+            "explore_images.py",
+            f"dataset_dir={args.dataset_dir}",
+            f"output_csv={tmp}/m.csv",
+            f"summary_csv={tmp}/s.csv",
+        )
+        seconds = script(
+            "process_images.py", f"input_csv={tmp}/m.csv", f"output_dir={tmp}/out", f"output_csv={tmp}/p.csv"
+        )
         result = pd.read_csv(f"{tmp}/p.csv")
         counts = result["status"].value_counts().to_dict()
-        print(f"process_images.py on {len(result)} images: {seconds:.1f} s, {len(result) / seconds:.0f} images/s (all cores); {counts}")
+        print(
+            f"process_images.py on {len(result)} images: {seconds:.1f} s, {len(result) / seconds:.0f} images/s (all "
+            f"cores); {counts}"
+        )
 
         paths = sorted(p for p in args.dataset_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[: args.images]
         cv2.setNumThreads(1)
         reference = per_image_ms(lambda p: cv2.imread(str(p)), paths)
-        images = [image for image in map(cv2.imread, map(str, paths)) if image is not None]  # broken files have no pixels to repair
+        images = [
+            image for image in map(cv2.imread, map(str, paths)) if image is not None
+        ]  # broken files have no pixels to repair
         settings = Processor(config, explore).settings
         timings = {
             "plain cv2.imread (reference)": reference,
             "re-measure (all metrics)": per_image_ms(lambda i: measure_array(i, settings), images),
             "denoise (h = 1.2 x 10)": per_image_ms(lambda i: denoise(i, 10.0, **repairs["noisy"]["denoise"]), images),
             "adjust_exposure": per_image_ms(lambda i: adjust_exposure(i, **repairs["dark"]["adjust_exposure"]), images),
-            "stretch_contrast": per_image_ms(lambda i: stretch_contrast(i, **repairs["low_contrast"]["stretch_contrast"]), images),
-            "enhance_texture (CLAHE)": per_image_ms(lambda i: enhance_texture(i, **repairs["low_contrast"]["enhance_texture"]), images),
+            "stretch_contrast": per_image_ms(
+                lambda i: stretch_contrast(i, **repairs["low_contrast"]["stretch_contrast"]), images
+            ),
+            "enhance_texture (CLAHE)": per_image_ms(
+                lambda i: enhance_texture(i, **repairs["low_contrast"]["enhance_texture"]), images
+            ),
             "sharpen": per_image_ms(lambda i: sharpen(i, **repairs["blurry"]["sharpen"]), images),
         }
         print(f"per image, one core, {len(images)} images of {args.dataset_dir}:")

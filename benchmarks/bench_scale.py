@@ -1,7 +1,8 @@
 """Benchmark how the data stages scale with the number of files: time and peak memory.
 
     python benchmarks/bench_scale.py [--sizes 3000 30000 300000] [--hashes 1000000] [--workers 0]
-                                     [--stages explore,dask,process,predict] [--model models/age_group_classifier/model.keras]
+                                     [--stages explore,dask,process,predict]
+                                     [--model models/age_group_classifier/model.keras]
     python benchmarks/bench_scale.py --tiny      # a check that it runs: 60 and 120 files, 2,000 hashes, no prediction
 
 1. For each size N: a synthetic dataset of N small JPEG files (distinct pixels: a face from the
@@ -10,7 +11,8 @@
    memory of the main process and of its largest worker; then the same run through a Dask
    LocalCluster of as many single-threaded workers (`scheduler` set to its address); then
    process_images.py on that exploration, and predict_age.py on the folder with --model (skipped
-   when there is none). `--stages` picks which of these run. Prediction's descriptor cache is filled first (fill_cache): describing
+   when there is none). `--stages` picks which of these run. Prediction's descriptor cache is filled first
+   (fill_cache): describing
    300,000 faces would take over an hour here, and what prediction holds in memory does not depend on the
    numbers a description holds.
 2. Near-duplicate search alone: `find_duplicates` on --hashes random 256-bit perceptual hashes (what
@@ -18,6 +20,7 @@
    reports seconds, peak memory and how many planted pairs were found. It runs last: a child process
    started afterwards would inherit its peak memory figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +39,6 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from runs import explore_run, measured_run, tiny_faces  # noqa: E402
-
 from agepipe.config.data_stages import Duplicates  # noqa: E402
 from agepipe.faces.describer import MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
 from agepipe.faces.descriptor_cache import DescriptorCache, content_hash, describe_files  # noqa: E402
@@ -46,6 +47,7 @@ from agepipe.model.saved_models import read_model_metadata  # noqa: E402
 from agepipe.quality.duplicates import find_duplicates  # noqa: E402
 from agepipe.running.parallel import Engine  # noqa: E402
 from image_reader import load_explore_config  # noqa: E402
+from runs import explore_run, measured_run, tiny_faces  # noqa: E402
 
 
 def planted_hashes(count: int, pairs: int, max_distance: int, seed: int = 0) -> tuple[pd.DataFrame, set]:
@@ -58,8 +60,14 @@ def planted_hashes(count: int, pairs: int, max_distance: int, seed: int = 0) -> 
         bits[rng.choice(256, rng.integers(0, max_distance + 1), replace=False)] ^= 1
         codes[b] = np.packbits(bits)
         planted.add((min(a, b), max(a, b)))
-    frame = pd.DataFrame({"file": [f"{i}.jpg" for i in range(count)], "age": rng.integers(1, 90, count),
-                          "content_hash": [f"c{i}" for i in range(count)], "phash": [c.tobytes().hex() for c in codes]})
+    frame = pd.DataFrame(
+        {
+            "file": [f"{i}.jpg" for i in range(count)],
+            "age": rng.integers(1, 90, count),
+            "content_hash": [f"c{i}" for i in range(count)],
+            "phash": [c.tobytes().hex() for c in codes],
+        }
+    )
     return frame, planted
 
 
@@ -72,8 +80,11 @@ def near_duplicate_benchmark(count: int, rule: Duplicates) -> None:
     group = result["duplicate_group"].to_numpy()
     found = sum(1 for a, b in planted if not pd.isna(group[a]) and group[a] == group[b])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"find_duplicates on {count:,} random 256-bit hashes: {seconds:.1f} s, {found}/{len(planted)} planted pairs "
-          f"(<= {max_distance} bits) grouped, {int(result['duplicate_group'].notna().sum())} files in groups, peak memory {peak:.0f} MB")
+    print(
+        f"find_duplicates on {count:,} random 256-bit hashes: {seconds:.1f} s, {found}/{len(planted)} planted pairs "
+        f"(<= {max_distance} bits) grouped, {int(result['duplicate_group'].notna().sum())} files in groups, peak "
+        f"memory {peak:.0f} MB"
+    )
 
 
 TEMPLATES = 50  # file i of make_dataset's datasets is template i % TEMPLATES, tinted and shifted
@@ -84,8 +95,13 @@ def make_dataset(folder: Path, count: int, templates_dir: Path, seed: int = 0) -
     from the faces of a sample dataset in `templates_dir`."""
     faces = sorted(templates_dir.glob("*.chip.jpg"))[:TEMPLATES]
     if not faces:
-        sys.exit(f"no faces in {templates_dir}: run make_sample_dataset.py first (the faces of the built-in sample are the templates)")
-    decoded = [image for image in map(cv2.imread, map(str, faces)) if image is not None]  # a sample's broken files are no template
+        sys.exit(
+            f"no faces in {templates_dir}: run make_sample_dataset.py first (the faces of the built-in sample are "
+            "the templates)"
+        )
+    decoded = [
+        image for image in map(cv2.imread, map(str, faces)) if image is not None
+    ]  # a sample's broken files are no template
     templates = [cv2.resize(image, (96, 96), interpolation=cv2.INTER_AREA) for image in decoded]
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
@@ -131,16 +147,32 @@ def fill_cache(folder: Path, cache: Path, model: Path, workers: int) -> None:
 
 def process_benchmark(explored: Path, out: Path, workers: int) -> str:
     """process_images.py on the exploration in `explored`: its part of the report."""
-    processed = measured_run("process_images.py", f"input_csv={explored}/m.csv", f"output_dir={out}/processed",
-                             f"output_csv={out}/processed.csv", f"num_workers={workers}", "log_level=WARNING")
-    return f"process {processed['seconds']:6.0f} s, peak memory main {processed['main_mb']:.0f} MB, largest worker {processed['worker_mb']:.0f} MB"
+    processed = measured_run(
+        "process_images.py",
+        f"input_csv={explored}/m.csv",
+        f"output_dir={out}/processed",
+        f"output_csv={out}/processed.csv",
+        f"num_workers={workers}",
+        "log_level=WARNING",
+    )
+    return (
+        f"process {processed['seconds']:6.0f} s, peak memory main {processed['main_mb']:.0f} MB, "
+        f"largest worker {processed['worker_mb']:.0f} MB"
+    )
 
 
 def prediction_benchmark(folder: Path, out: Path, model: Path, workers: int) -> str:
     """predict_age.py on `folder` with `model`, its descriptor cache filled first: its part of the report."""
     fill_cache(folder, out / "descriptors.jsonl", model, workers)
-    predicted = measured_run("predict_age.py", f"inputs=[{folder}]", f"model_path={model}", f"descriptor_cache={out}/descriptors.jsonl",
-                             f"output_csv={out}/p.csv", f"num_workers={workers}", "log_level=WARNING")
+    predicted = measured_run(
+        "predict_age.py",
+        f"inputs=[{folder}]",
+        f"model_path={model}",
+        f"descriptor_cache={out}/descriptors.jsonl",
+        f"output_csv={out}/p.csv",
+        f"num_workers={workers}",
+        "log_level=WARNING",
+    )
     return f"predict (descriptors cached) {predicted['seconds']:6.0f} s, peak memory {predicted['main_mb']:.0f} MB"
 
 
@@ -149,10 +181,18 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="*", default=[3000, 30000, 300000])
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=0, help="0 = all cores")
-    parser.add_argument("--stages", default="explore,dask,process,predict", help="which to measure (process needs explore)")
-    parser.add_argument("--model", type=Path, default=PROJECT / "models/age_group_classifier/model.keras",
-                        help="the model prediction runs with (make pipeline trains this one)")
-    parser.add_argument("--tiny", action="store_true", help="a check that it runs: small sizes, no prediction (the tests run this)")
+    parser.add_argument(
+        "--stages", default="explore,dask,process,predict", help="which to measure (process needs explore)"
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=PROJECT / "models/age_group_classifier/model.keras",
+        help="the model prediction runs with (make pipeline trains this one)",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a check that it runs: small sizes, no prediction (the tests run this)"
+    )
     args = parser.parse_args()
     if args.tiny:
         args.sizes, args.hashes, args.stages = [60, 120], 2000, "explore,dask,process"
@@ -166,7 +206,11 @@ def main():
 
     rule = load_explore_config(PROJECT / "configs/explore_images.yaml").duplicates
     workers = resolve_workers(args.workers)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) if "dask" in stages else contextlib.nullcontext()
+    cluster = (
+        LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+        if "dask" in stages
+        else contextlib.nullcontext()
+    )
     with tempfile.TemporaryDirectory() as tmp, cluster:
         templates = tiny_faces(Path(tmp)) if args.tiny else PROJECT / "sample_dataset"
         for size in args.sizes:
@@ -176,12 +220,18 @@ def main():
             report = [f"made in {time.perf_counter() - start:5.0f} s"]
             if "explore" in stages:
                 stats = explore_benchmark(folder, explored, workers, rule)
-                report.append(f"explore {stats['seconds']:7.1f} s = {stats['files'] / stats['seconds']:5.0f} img/s, near-duplicate "
-                              f"search {stats['search_seconds']:5.1f} s, peak memory main {stats['main_mb']:.0f} MB, largest worker "
-                              f"{stats['worker_mb']:.0f} MB")
+                report.append(
+                    f"explore {stats['seconds']:7.1f} s = {stats['files'] / stats['seconds']:5.0f} img/s, "
+                    "near-duplicate "
+                    f"search {stats['search_seconds']:5.1f} s, peak memory main {stats['main_mb']:.0f} MB, largest "
+                    "worker "
+                    f"{stats['worker_mb']:.0f} MB"
+                )
             if "dask" in stages:
                 dask = explore_benchmark(folder, Path(tmp) / f"dask{size}", workers, rule, cluster.scheduler_address)
-                report.append(f"explore on a Dask LocalCluster of {workers}: {dask['files'] / dask['seconds']:5.0f} img/s")
+                report.append(
+                    f"explore on a Dask LocalCluster of {workers}: {dask['files'] / dask['seconds']:5.0f} img/s"
+                )
             if "process" in stages:
                 report.append(process_benchmark(explored, Path(tmp) / f"processed{size}", workers))
             if "predict" in stages:

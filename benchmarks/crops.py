@@ -1,6 +1,7 @@
 """The benchmarks' data: the labelled crops of a folder, the configured age groups, which crops are
 held out (each age group in proportion, seeded) and folders of links to them (the crops themselves
 are never copied or changed)."""
+
 from __future__ import annotations
 
 import sys
@@ -35,7 +36,7 @@ def held_out(files: list[str], groups: AgeGroups, count: int, seed: int) -> set[
     for group in np.unique(index):
         members = np.flatnonzero(index == group)
         rng.shuffle(members)
-        chosen += members[:round(count * len(members) / len(files))].tolist()
+        chosen += members[: round(count * len(members) / len(files))].tolist()
     return {files[i] for i in chosen}
 
 

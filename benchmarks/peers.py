@@ -1,5 +1,6 @@
 """The peers a user would pick instead of agepipe, each installed by a benchmark into its own temporary
 virtual environment: they are measured beside the project in the same run, never its dependencies."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,7 +15,9 @@ def peer_python(work: Path, package: str) -> Path:
     python = environment / "bin" / "python"
     if not python.exists():
         venv.create(environment, with_pip=True)
-        result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", package], capture_output=True, text=True)
+        result = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", package], capture_output=True, text=True
+        )
         if result.returncode:
             sys.exit(f"could not install the peer {package}:\n{result.stderr[-2000:]}")
     return python

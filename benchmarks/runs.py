@@ -1,6 +1,7 @@
 """The project's scripts run as a user runs them, in a subprocess: `run` and `script` stop the benchmark
 with the failing command's error; `measured_run` also measures a script's wall time and peak memory,
 and `explore_run` explores a folder that way."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,15 @@ def measured_run(name: str, *overrides: str) -> dict:
 
 def explore_run(dataset_dir: Path, out: Path, workers: int, scheduler: str = "local") -> dict:
     """Explore `dataset_dir` into `out`/m.csv: files, seconds, images_per_s, main_mb and worker_mb."""
-    stats = measured_run("explore_images.py", f"dataset_dir={dataset_dir}", f"output_csv={out}/m.csv", f"summary_csv={out}/s.csv",
-                         f"num_workers={workers}", "log_level=WARNING", f"scheduler={scheduler}")
+    stats = measured_run(
+        "explore_images.py",
+        f"dataset_dir={dataset_dir}",
+        f"output_csv={out}/m.csv",
+        f"summary_csv={out}/s.csv",
+        f"num_workers={workers}",
+        "log_level=WARNING",
+        f"scheduler={scheduler}",
+    )
     with open(out / "m.csv") as csv:
         files = sum(1 for _ in csv) - 1
     return {"files": files, "images_per_s": files / stats["seconds"], **stats}
@@ -72,9 +80,14 @@ TINY_LABEL_CHECK = ["training.epochs=3", "folds=2", "second_pass_leave_out=0"]
 
 def add_dataset_arguments(parser, what: str = "a folder of face crops with UTKFace names") -> None:
     """DIR (`what`), and --tiny, which needs no DIR."""
-    parser.add_argument("dataset_dir", type=Path, nargs="?", help=f"{what} (with --tiny: generated faces when not given)")
-    parser.add_argument("--tiny", action="store_true", help="a check that the benchmark runs: a few dozen generated faces, small counts, "
-                                                            "no peer (the tests run this)")
+    parser.add_argument(
+        "dataset_dir", type=Path, nargs="?", help=f"{what} (with --tiny: generated faces when not given)"
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a check that the benchmark runs: a few dozen generated faces, small counts, no peer (the tests run this)",
+    )
 
 
 def dataset_of(args, parser, work: Path) -> Path:

@@ -4,6 +4,7 @@ nothing is downloaded; the same seed gives the same photos.
 
 Used by benchmarks/bench_photos.py and bench_faces.py, and by the tests of the photo path.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,8 +14,28 @@ import cv2
 import numpy as np
 
 # scikit-image's bundled photographs without a person in them
-NON_FACE_PICTURES = ["brick", "cell", "chelsea", "coffee", "coins", "color", "grass", "gravel", "horse", "hubble_deep_field",
-                     "ihc", "logo", "microaneurysms", "moon", "motorcycle_left", "page", "retina", "rocket", "text", "clock_motion"]
+NON_FACE_PICTURES = [
+    "brick",
+    "cell",
+    "chelsea",
+    "coffee",
+    "coins",
+    "color",
+    "grass",
+    "gravel",
+    "horse",
+    "hubble_deep_field",
+    "ihc",
+    "logo",
+    "microaneurysms",
+    "moon",
+    "motorcycle_left",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+    "clock_motion",
+]
 
 
 def scene_pictures() -> list[np.ndarray]:
@@ -36,9 +57,11 @@ def scene(pictures: list[np.ndarray], rng: np.random.Generator, width: int = 640
     picture = pictures[rng.integers(len(pictures))]
     ph, pw = picture.shape[:2]
     scale = max(width / pw, height / ph) * rng.uniform(1.0, 1.6)
-    big = cv2.resize(picture, (max(width, round(pw * scale)), max(height, round(ph * scale))), interpolation=cv2.INTER_LINEAR)
+    big = cv2.resize(
+        picture, (max(width, round(pw * scale)), max(height, round(ph * scale))), interpolation=cv2.INTER_LINEAR
+    )
     y, x = rng.integers(0, big.shape[0] - height + 1), rng.integers(0, big.shape[1] - width + 1)
-    return np.ascontiguousarray(big[y:y + height, x:x + width])
+    return np.ascontiguousarray(big[y : y + height, x : x + width])
 
 
 @dataclass
@@ -60,14 +83,23 @@ def paste(face: np.ndarray, background: np.ndarray, side: int, degrees: float, x
     height, width = photo.shape[:2]
     top, left = max(0, -y), max(0, -x)  # a crop past the photo's edges is cut there
     bottom, right = min(side, height - y), min(side, width - x)
-    region = photo[y + top:y + bottom, x + left:x + right].astype(np.float32)
+    region = photo[y + top : y + bottom, x + left : x + right].astype(np.float32)
     visible = mask[top:bottom, left:right]
-    photo[y + top:y + bottom, x + left:x + right] = np.round(turned[top:bottom, left:right] * visible + region * (1 - visible)).astype(np.uint8)
+    photo[y + top : y + bottom, x + left : x + right] = np.round(
+        turned[top:bottom, left:right] * visible + region * (1 - visible)
+    ).astype(np.uint8)
     return Pasted(photo, (float(x), float(y), float(side), float(side)), degrees)
 
 
-def photo_of(face: np.ndarray, pictures: list[np.ndarray], rng: np.random.Generator, sides=(110, 260), max_degrees: float = 12.0,
-             width: int = 640, height: int = 480) -> Pasted:
+def photo_of(
+    face: np.ndarray,
+    pictures: list[np.ndarray],
+    rng: np.random.Generator,
+    sides=(110, 260),
+    max_degrees: float = 12.0,
+    width: int = 640,
+    height: int = 480,
+) -> Pasted:
     """An ordinary photo of one face: the crop at a random size, turn and place in a random scene."""
     side = int(rng.integers(sides[0], sides[1] + 1))
     x, y = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
@@ -89,5 +121,5 @@ def non_face_images(count: int, seed: int = 0) -> list[np.ndarray]:
         height, width = picture.shape[:2]
         side = int(rng.uniform(0.3, 1.0) * min(height, width))
         y, x = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
-        images.append(cv2.resize(picture[y:y + side, x:x + side], (200, 200), interpolation=cv2.INTER_AREA))
+        images.append(cv2.resize(picture[y : y + side, x : x + side], (200, 200), interpolation=cv2.INTER_AREA))
     return images[:count]

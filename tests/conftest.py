@@ -3,6 +3,7 @@
 Scripts are run as users run them (python SCRIPT.py --set ...) in a subprocess, with every output
 redirected into a temporary folder, so tests never touch the project's own csv/ or datasets.
 """
+
 from __future__ import annotations
 
 import signal
@@ -27,12 +28,20 @@ def root_modules() -> dict[str, Path]:
 
 def scripts() -> list[str]:
     """The top-level modules a user runs: those with a `__main__` block."""
-    return [name for name, path in root_modules().items() if 'if __name__ == "__main__":' in path.read_text(encoding="utf-8")]
+    return [
+        name
+        for name, path in root_modules().items()
+        if 'if __name__ == "__main__":' in path.read_text(encoding="utf-8")
+    ]
 
 
 def library_modules() -> list[str]:
     """Every module of the library, importable by name: the package's, then the top-level helpers."""
-    package = [".".join(path.relative_to(PROJECT).with_suffix("").parts) for path in sorted(PACKAGE.rglob("*.py")) if path.stem != "__init__"]
+    package = [
+        ".".join(path.relative_to(PROJECT).with_suffix("").parts)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.stem != "__init__"
+    ]
     return package + [name for name in root_modules() if name not in scripts()]
 
 
@@ -80,7 +89,12 @@ def manifest(sample) -> pd.DataFrame:
 def explored(sample, tmp_path_factory) -> Path:
     """csv folder of one exploration run over the sample, with the default thresholds."""
     out = tmp_path_factory.mktemp("explored")
-    run("explore_images.py", f"dataset_dir={sample}", f"output_csv={out}/image_metadata.csv", f"summary_csv={out}/summary.csv")
+    run(
+        "explore_images.py",
+        f"dataset_dir={sample}",
+        f"output_csv={out}/image_metadata.csv",
+        f"summary_csv={out}/summary.csv",
+    )
     return out
 
 
@@ -93,8 +107,14 @@ def metadata(explored, manifest) -> pd.DataFrame:
 
 def process(input_csv, out, *extra, check=True):
     """Run the processing stage on an exploration CSV, writing into the folder `out`."""
-    return run("process_images.py", f"input_csv={input_csv}", f"output_dir={out}/images",
-               f"output_csv={out}/processed.csv", *extra, check=check)
+    return run(
+        "process_images.py",
+        f"input_csv={input_csv}",
+        f"output_dir={out}/images",
+        f"output_csv={out}/processed.csv",
+        *extra,
+        check=check,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -127,8 +147,12 @@ def notebook_text(notebook) -> str:
 @pytest.fixture(scope="session")
 def resampled(processed, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resampled")
-    common = [f"target_csv={tmp}/target.csv", f"processed_csv={processed}/processed.csv",
-              f"output_dir={tmp}/images", f"output_csv={tmp}/resampled.csv"]
+    common = [
+        f"target_csv={tmp}/target.csv",
+        f"processed_csv={processed}/processed.csv",
+        f"output_dir={tmp}/images",
+        f"output_csv={tmp}/resampled.csv",
+    ]
     population = run_notebook("australian_population.ipynb", tmp, *common)
     notebook = run_notebook("resampling.ipynb", tmp, *common)
     return tmp, population, notebook

@@ -9,6 +9,7 @@ animated images, FIFOs, symbolic links (to a face, to /dev/zero, dangling, a loo
 (spaces, Unicode, newlines, a leading dash, 200+ characters, a name that is only dots). Seeded: the
 same arguments write the same files.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,13 @@ from PIL import Image
 def png_bomb(width: int, height: int) -> bytes:
     """A PNG whose header declares width x height pixels, with a valid CRC and almost no data."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def pillow_bytes(image: Image.Image, fmt: str, **options) -> bytes:
@@ -64,8 +70,14 @@ def mutations(face: np.ndarray, jpeg: bytes, rng: np.random.Generator):
     yield ".jpg", jpeg  # an intact face under an odd name
     yield ".jpg", jpeg[: int(len(jpeg) * rng.uniform(0.6, 0.95))] + b"\xff\xd9"  # cut short, an end marker appended
     yield ".jpg", b"P6 SECRETPASSWORD 640 480\n255\n" + rng.bytes(64)  # a header that quotes its own bytes in errors
-    yield ".jpg", with_orientation(rgb, int(rng.choice([3, 6, 8, 99])))  # a phone photo turned by EXIF (99: no such turn)
-    yield ".png", png_bomb(64, 64)[:20] + bytes([png_bomb(64, 64)[20] ^ 0xFF]) + png_bomb(64, 64)[21:]  # a header with a bad CRC
+    yield (
+        ".jpg",
+        with_orientation(rgb, int(rng.choice([3, 6, 8, 99]))),
+    )  # a phone photo turned by EXIF (99: no such turn)
+    yield (
+        ".png",
+        png_bomb(64, 64)[:20] + bytes([png_bomb(64, 64)[20] ^ 0xFF]) + png_bomb(64, 64)[21:],
+    )  # a header with a bad CRC
     yield ".jpg", "fifo"
     yield ".jpg", "link_to_face"
     yield ".jpg", "link_to_dev_zero"

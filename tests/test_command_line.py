@@ -1,14 +1,22 @@
 """The command line every script shares: --help lists every setting with its value and meaning, and its
 examples are valid commands; a stage reads the settings the stage before it ran with."""
+
 import shlex
 import subprocess
 import sys
 
 import pytest
+
 from conftest import PROJECT, read_csv, run
 
-SCRIPTS = {"explore_images.py": "ExploreConfig", "process_images.py": "ProcessConfig", "visualize_image_information.py": "VisualizeConfig",
-           "train_model.py": "TrainConfig", "predict_age.py": "PredictConfig", "make_sample_dataset.py": "SampleConfig"}
+SCRIPTS = {
+    "explore_images.py": "ExploreConfig",
+    "process_images.py": "ProcessConfig",
+    "visualize_image_information.py": "VisualizeConfig",
+    "train_model.py": "TrainConfig",
+    "predict_age.py": "PredictConfig",
+    "make_sample_dataset.py": "SampleConfig",
+}
 
 
 def leaf_keys(model, prefix=""):
@@ -18,7 +26,11 @@ def leaf_keys(model, prefix=""):
 
     keys = []
     for name, field in model.model_fields.items():
-        sections = [a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        sections = [
+            a
+            for a in (field.annotation, *get_args(field.annotation))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if sections and get_origin(field.annotation) is not dict:
             keys += leaf_keys(sections[0], f"{prefix}{name}.")
         else:
@@ -51,32 +63,90 @@ def test_help_lists_every_setting_with_its_meaning_and_valid_examples(script, mo
 def test_later_stages_use_the_thresholds_the_exploration_ran_with(sample, tmp_path):
     """Explore with a changed threshold, then process and visualize with no other flag: the same images
     are flagged in all three; a different value for it on their command line is one line naming both."""
-    run("explore_images.py", f"dataset_dir={sample}", f"output_csv={tmp_path}/m.csv", f"summary_csv={tmp_path}/s.csv", "checks.blurry.below=20")
+    run(
+        "explore_images.py",
+        f"dataset_dir={sample}",
+        f"output_csv={tmp_path}/m.csv",
+        f"summary_csv={tmp_path}/s.csv",
+        "checks.blurry.below=20",
+    )
     explored = read_csv(tmp_path / "m.csv")
     blurry = set(explored.loc[explored["flag_blurry"], "file"])
     assert blurry and (explored.loc[explored["flag_blurry"], "blurriness"] < 20).all()
-    run("process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={tmp_path}/out", f"output_csv={tmp_path}/p.csv")
+    run(
+        "process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={tmp_path}/out", f"output_csv={tmp_path}/p.csv"
+    )
     processed = read_csv(tmp_path / "p.csv")
     assert set(processed.loc[processed["failed_checks_before"].fillna("").str.contains("blurry"), "file"]) == blurry
     kept = processed["status"].isin(["kept", "repaired"])
     assert (processed.loc[kept, "after_blurriness"] >= 20).all()  # judged by the exploration's 20, not the YAML's 8
-    run("visualize_image_information.py", f"exploration_csv={tmp_path}/m.csv", f"processed_csv={tmp_path}/p.csv", f"output_dir={tmp_path}/report")
+    run(
+        "visualize_image_information.py",
+        f"exploration_csv={tmp_path}/m.csv",
+        f"processed_csv={tmp_path}/p.csv",
+        f"output_dir={tmp_path}/report",
+    )
     assert f"blurry &lt; 20: {len(blurry)} images" in (tmp_path / "report" / "index.html").read_text()
-    for script, place in (("process_images.py", f"input_csv={tmp_path}/m.csv"), ("visualize_image_information.py", f"exploration_csv={tmp_path}/m.csv")):
-        result = run(script, place, f"output_dir={tmp_path}/other", f"output_csv={tmp_path}/other.csv", "checks.blurry.below=8", check=False) \
-            if script == "process_images.py" else run(script, place, f"output_dir={tmp_path}/other", "checks.blurry.below=8", check=False)
-        assert result.returncode == 2 and "the exploration ran with 20" in result.stderr and "this command says 8" in result.stderr
-    same = run("process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={tmp_path}/out", f"output_csv={tmp_path}/p.csv", "checks.blurry.below=20")
+    for script, place in (
+        ("process_images.py", f"input_csv={tmp_path}/m.csv"),
+        ("visualize_image_information.py", f"exploration_csv={tmp_path}/m.csv"),
+    ):
+        result = (
+            run(
+                script,
+                place,
+                f"output_dir={tmp_path}/other",
+                f"output_csv={tmp_path}/other.csv",
+                "checks.blurry.below=8",
+                check=False,
+            )
+            if script == "process_images.py"
+            else run(script, place, f"output_dir={tmp_path}/other", "checks.blurry.below=8", check=False)
+        )
+        assert (
+            result.returncode == 2
+            and "the exploration ran with 20" in result.stderr
+            and "this command says 8" in result.stderr
+        )
+    same = run(
+        "process_images.py",
+        f"input_csv={tmp_path}/m.csv",
+        f"output_dir={tmp_path}/out",
+        f"output_csv={tmp_path}/p.csv",
+        "checks.blurry.below=20",
+    )
     assert same.returncode == 0
 
 
 def test_every_script_works_from_any_folder(sample, tmp_path):
-    command = [sys.executable, str(PROJECT / "explore_images.py"), "--set", f"dataset_dir={sample}", "--set", "output_csv=m.csv", "--set", "summary_csv=s.csv"]
+    command = [
+        sys.executable,
+        str(PROJECT / "explore_images.py"),
+        "--set",
+        f"dataset_dir={sample}",
+        "--set",
+        "output_csv=m.csv",
+        "--set",
+        "summary_csv=s.csv",
+    ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "m.csv").is_file()  # a path typed on the command line is relative to the current folder
-    result = subprocess.run([sys.executable, str(PROJECT / "process_images.py"), "--set", "input_csv=m.csv", "--set", "output_dir=out",
-                             "--set", "output_csv=p.csv"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT / "process_images.py"),
+            "--set",
+            "input_csv=m.csv",
+            "--set",
+            "output_dir=out",
+            "--set",
+            "output_csv=p.csv",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0 and (tmp_path / "p.csv").is_file(), result.stderr[-2000:]
 
 
@@ -94,7 +164,9 @@ def test_your_own_folder_and_labels_csv_end_to_end_with_one_flag(sample, manifes
         shutil.copy(sample / row.file, photos / f"IMG_{index:04d}.jpg")
         lines.append(f"IMG_{index:04d}.jpg,{int(row.age)}")
     (photos / "labels.csv").write_text("\n".join(lines) + "\n")
-    git = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=PROJECT, capture_output=True, text=True).stdout
+    git = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored"], cwd=PROJECT, capture_output=True, text=True
+    ).stdout
     workspace = f"workspace={tmp_path}/run"
     run("explore_images.py", workspace, f"dataset_dir={photos}", f"labels.csv_path={photos}/labels.csv")
     run("process_images.py", workspace)
@@ -104,5 +176,12 @@ def test_your_own_folder_and_labels_csv_end_to_end_with_one_flag(sample, manifes
     result = run("predict_age.py", workspace)
     predictions = read_csv(tmp_path / "run" / "csv" / "predictions.csv")
     assert len(predictions) >= 5 and predictions["true_age"].notna().all() and "true ages known for" in result.stdout
-    assert (tmp_path / "run" / "reports" / "quality" / "index.html").exists() and (tmp_path / "run" / "csv" / "checked_metadata.csv").exists()
-    assert subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=PROJECT, capture_output=True, text=True).stdout == git
+    assert (tmp_path / "run" / "reports" / "quality" / "index.html").exists() and (
+        tmp_path / "run" / "csv" / "checked_metadata.csv"
+    ).exists()
+    assert (
+        subprocess.run(
+            ["git", "status", "--porcelain", "--ignored"], cwd=PROJECT, capture_output=True, text=True
+        ).stdout
+        == git
+    )

@@ -1,5 +1,6 @@
 """Explore, process and face description through a real Dask cluster (a LocalCluster of 2 worker
 processes started here): the same rows as the local pool, even when a worker is killed mid-run."""
+
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 
 import pandas as pd
 import pytest
+
 from conftest import PROJECT, finished_items, read_csv, run
 
 COPIES = 4  # the sample 4 times over (links): enough chunks for a kill to land mid-run
@@ -17,8 +19,10 @@ COPIES = 4  # the sample 4 times over (links): enough chunks for a kill to land 
 @pytest.fixture(scope="module")
 def cluster():
     distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local, \
-            distributed.Client(local) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local,
+        distributed.Client(local) as client,
+    ):
         yield local.scheduler_address, client
 
 
@@ -55,26 +59,43 @@ def test_explore_and_process_on_dask_give_the_local_rows_despite_a_killed_worker
     local, remote = tmp_path / "local", tmp_path / "dask"
     run("explore_images.py", f"dataset_dir={larger_sample}", f"output_csv={local}/m.csv", f"summary_csv={local}/s.csv")
     engine = [f"scheduler={address}", "chunk_files=40"]
-    out = run_and_kill_a_worker("explore_images.py", [f"dataset_dir={larger_sample}", f"output_csv={remote}/m.csv",
-                                                      f"summary_csv={remote}/s.csv", *engine], remote / "m.csv.parts", client)
+    out = run_and_kill_a_worker(
+        "explore_images.py",
+        [f"dataset_dir={larger_sample}", f"output_csv={remote}/m.csv", f"summary_csv={remote}/s.csv", *engine],
+        remote / "m.csv.parts",
+        client,
+    )
     assert "Dask cluster" in out
     pd.testing.assert_frame_equal(read_csv(local / "m.csv"), read_csv(remote / "m.csv"))
     assert (local / "s.csv").read_bytes() == (remote / "s.csv").read_bytes()
 
     run("process_images.py", f"input_csv={local}/m.csv", f"output_dir={local}/out", f"output_csv={local}/p.csv")
-    run_and_kill_a_worker("process_images.py", [f"input_csv={remote}/m.csv", f"output_dir={remote}/out", f"output_csv={remote}/p.csv",
-                                                *engine], remote / "p.csv.parts", client)
+    run_and_kill_a_worker(
+        "process_images.py",
+        [f"input_csv={remote}/m.csv", f"output_dir={remote}/out", f"output_csv={remote}/p.csv", *engine],
+        remote / "p.csv.parts",
+        client,
+    )
     # the same rows, each naming its own run's folder
-    mine, theirs = (read_csv(folder / "p.csv").map(lambda v, run=str(folder): v.replace(run, "<run>") if isinstance(v, str) else v)
-                    for folder in (local, remote))
+    mine, theirs = (
+        read_csv(folder / "p.csv").map(lambda v, run=str(folder): v.replace(run, "<run>") if isinstance(v, str) else v)
+        for folder in (local, remote)
+    )
     pd.testing.assert_frame_equal(mine, theirs)
     written = sorted(p.relative_to(remote / "out") for p in (remote / "out").rglob("*.jpg"))
     assert written == sorted(p.relative_to(local / "out") for p in (local / "out").rglob("*.jpg")) and written
 
 
 def test_an_unreachable_scheduler_is_one_line(sample, tmp_path):
-    result = run("explore_images.py", f"dataset_dir={sample}", f"output_csv={tmp_path}/m.csv", f"summary_csv={tmp_path}/s.csv",
-                 "scheduler=tcp://127.0.0.1:9", "scheduler_timeout_seconds=2", check=False)
+    result = run(
+        "explore_images.py",
+        f"dataset_dir={sample}",
+        f"output_csv={tmp_path}/m.csv",
+        f"summary_csv={tmp_path}/s.csv",
+        "scheduler=tcp://127.0.0.1:9",
+        "scheduler_timeout_seconds=2",
+        check=False,
+    )
     assert result.returncode != 0 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
     result = run("explore_images.py", f"dataset_dir={sample}", "scheduler=my-cluster", check=False)
@@ -88,15 +109,30 @@ def descriptor_rows(cache) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_describing_faces_on_dask_gives_the_local_descriptors_despite_a_killed_worker(cluster, sample, manifest, tmp_path):
+def test_describing_faces_on_dask_gives_the_local_descriptors_despite_a_killed_worker(
+    cluster, sample, manifest, tmp_path
+):
     """The label check describes every face through the `scheduler` setting, as training and prediction
     do; a worker killed mid-run costs no row, and the descriptors are those of the local pool."""
     address, client = cluster
     faces = manifest[manifest["broken"].isna() & manifest["age"].notna()].head(160)
-    faces.assign(path=[str(sample / f) for f in faces["file"]])[["file", "path", "age"]].to_csv(tmp_path / "faces.csv", index=False)
+    faces.assign(path=[str(sample / f) for f in faces["file"]])[["file", "path", "age"]].to_csv(
+        tmp_path / "faces.csv", index=False
+    )
     common = [f"input_csv={tmp_path}/faces.csv", "folds=2", "training.epochs=1"]
     run("check_labels.py", *common, f"output_csv={tmp_path}/local.csv", f"descriptor_cache={tmp_path}/local.jsonl")
-    run_and_kill_a_worker("check_labels.py", [*common, f"output_csv={tmp_path}/dask.csv", f"descriptor_cache={tmp_path}/dask.jsonl",
-                                              f"scheduler={address}", "chunk_files=10"], tmp_path / "dask.jsonl", client, after=40)
+    run_and_kill_a_worker(
+        "check_labels.py",
+        [
+            *common,
+            f"output_csv={tmp_path}/dask.csv",
+            f"descriptor_cache={tmp_path}/dask.jsonl",
+            f"scheduler={address}",
+            "chunk_files=10",
+        ],
+        tmp_path / "dask.jsonl",
+        client,
+        after=40,
+    )
     local, remote = descriptor_rows(tmp_path / "local.jsonl"), descriptor_rows(tmp_path / "dask.jsonl")
     assert len(local) >= 150 and local == remote

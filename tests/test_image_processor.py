@@ -1,21 +1,27 @@
 """Repair oracles: degrade a clean face in a known way, repair it, and check it passes and is closer
 to the clean original than the degraded image was. Plus colour, dtype and shape preservation."""
+
 import cv2
 import numpy as np
 import pytest
-from conftest import PROJECT
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from agepipe.config.data_stages import Defects
 from agepipe.config.schema import PoseJitter
 from agepipe.quality.image_metrics import measure_array
+from conftest import PROJECT
 from image_processor import adjust_exposure, denoise, enhance_texture, resize_square, sharpen, stretch_contrast
 from image_reader import failing_checks, load_explore_config
 from make_sample_dataset import draw_face, plant_defect
 from process_images import Processor, load_process_config
 
-CONFIG, EXPLORE = load_process_config(PROJECT / "configs/process_images.yaml", explore=load_explore_config(PROJECT / "configs/explore_images.yaml"))
-SAMPLE = {"skin_tones": [[236, 200, 178], [150, 102, 76], [232, 196, 160]], "hair": [[90, 60, 35], [20, 20, 22], [160, 120, 70]]}
+CONFIG, EXPLORE = load_process_config(
+    PROJECT / "configs/process_images.yaml", explore=load_explore_config(PROJECT / "configs/explore_images.yaml")
+)
+SAMPLE = {
+    "skin_tones": [[236, 200, 178], [150, 102, 76], [232, 196, 160]],
+    "hair": [[90, 60, 35], [20, 20, 22], [160, 120, 70]],
+}
 POSE = PoseJitter(max_rotation_degrees=5, max_scale_change=0.05, max_shift_fraction=0.03)
 # One strength per defect, from inside the generator's planted ranges.
 DEFECTS = {
@@ -29,8 +35,10 @@ DEFECTS = {
 
 def clean_faces():
     rng = np.random.default_rng(11)
-    return [draw_face(rng, age, female, skin, hair, 200, POSE)
-            for age, female, skin, hair in zip((8, 34, 67), (True, False, True), SAMPLE["skin_tones"], SAMPLE["hair"])]
+    return [
+        draw_face(rng, age, female, skin, hair, 200, POSE)
+        for age, female, skin, hair in zip((8, 34, 67), (True, False, True), SAMPLE["skin_tones"], SAMPLE["hair"])
+    ]
 
 
 def similarity(reference, image):
@@ -53,7 +61,10 @@ def test_repair_passes_the_failed_check_and_moves_toward_the_original(defect, tm
         assert check not in failing_checks(measure_array(repaired, processor.settings), processor.checks)
         psnr_before, ssim_before = similarity(clean, degraded)
         psnr_after, ssim_after = similarity(clean, repaired)
-        print(f"{defect:13s} face {index}: PSNR {psnr_before:5.1f} -> {psnr_after:5.1f} dB, SSIM {ssim_before:.3f} -> {ssim_after:.3f}  ({result['operations']})")
+        print(
+            f"{defect:13s} face {index}: PSNR {psnr_before:5.1f} -> {psnr_after:5.1f} dB, SSIM {ssim_before:.3f} -> "
+            f"{ssim_after:.3f}  ({result['operations']})"
+        )
         assert psnr_after > psnr_before or ssim_after > ssim_before + 0.01
 
 
@@ -71,7 +82,9 @@ def test_exposure_keeps_hue_and_hits_the_target():
 def test_exposure_keeps_the_colour_differences_instead_of_multiplying_them():
     """Multiplying a dark face's channels to brighten it multiplies its colour (a saturated cast) and
     its colour noise; shifting them keeps each pixel's differences between channels."""
-    dark = plant_defect(clean_faces()[1], "dark", np.random.default_rng(0), Defects.model_construct(dark_gain=[0.3, 0.3]))
+    dark = plant_defect(
+        clean_faces()[1], "dark", np.random.default_rng(0), Defects.model_construct(dark_gain=[0.3, 0.3])
+    )
     brightened = adjust_exposure(dark, 120)
     unclipped = (brightened.max(axis=2) < 255) & (brightened.min(axis=2) > 0)
     chroma = lambda image: image.astype(int) - image.astype(int).mean(axis=2, keepdims=True)  # noqa: E731

@@ -1,4 +1,5 @@
 """Metric oracles on generated images, and every kind of bad input recorded with its reason."""
+
 import os
 import struct
 import zlib
@@ -7,7 +8,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import read_csv, run
 from PIL import Image
 
 from agepipe.config.data_stages import Duplicates
@@ -15,6 +15,7 @@ from agepipe.data.datasets import parse_utkface_name
 from agepipe.data.image_files import read_image
 from agepipe.quality.duplicates import find_duplicates
 from agepipe.quality.image_metrics import METRICS, ImageView
+from conftest import read_csv, run
 
 
 def face_like(seed=0, size=200) -> np.ndarray:
@@ -93,7 +94,10 @@ def test_find_duplicates_groups_exact_and_near_copies_and_age_conflicts():
         }
     )
     result = find_duplicates(frame, Duplicates(enabled=True, max_hash_distance=2, max_age_difference=0))
-    assert result["duplicate_group"].tolist()[:3] == [1, 1, 1] and result["duplicate_group"].isna().tolist()[3:5] == [True, True]
+    assert result["duplicate_group"].tolist()[:3] == [1, 1, 1] and result["duplicate_group"].isna().tolist()[3:5] == [
+        True,
+        True,
+    ]
     assert result["duplicate_group"].tolist()[5:] == [2, 2]
     assert result["duplicate_of"].fillna("").tolist() == ["", "a.jpg", "a.jpg", "", "", "", "f.png"]
     assert result["age_conflict"].tolist() == [True, True, True, False, False, False, False]
@@ -102,8 +106,14 @@ def test_find_duplicates_groups_exact_and_near_copies_and_age_conflicts():
 def test_duplicates_after_files_without_a_perceptual_hash_are_still_found():
     """Files without a perceptual hash shift the hashes' rows against the files' positions: the
     search must still tell which files it has already grouped."""
-    frame = pd.DataFrame({"file": ["a.png", "b.png", "c.jpg", "d.jpg"], "age": [5, 5, 40, 40],
-                          "content_hash": ["h1", "h1", "h2", "h3"], "phash": [None, None, "ff00", "ff00"]})
+    frame = pd.DataFrame(
+        {
+            "file": ["a.png", "b.png", "c.jpg", "d.jpg"],
+            "age": [5, 5, 40, 40],
+            "content_hash": ["h1", "h1", "h2", "h3"],
+            "phash": [None, None, "ff00", "ff00"],
+        }
+    )
     result = find_duplicates(frame, Duplicates(enabled=True, max_hash_distance=2, max_age_difference=0))
     assert result["duplicate_group"].tolist() == [1, 1, 2, 2]
     assert result["duplicate_of"].fillna("").tolist() == ["", "a.png", "", "c.jpg"]
@@ -119,7 +129,9 @@ def test_near_pairs_by_multi_index_hashing_are_exactly_those_of_an_exhaustive_se
 
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 256, (2000, 32), dtype=np.uint8)  # 256-bit hashes, as hash_side 16 gives
-    for k, distance in enumerate(list(range(0, 13)) * 4 + [13, 14, 20]):  # planted pairs, the last three beyond the radius
+    for k, distance in enumerate(
+        list(range(0, 13)) * 4 + [13, 14, 20]
+    ):  # planted pairs, the last three beyond the radius
         a, b = 2 * k, 2 * k + 1
         codes[b] = codes[a]
         bits = np.unpackbits(codes[b])
@@ -130,9 +142,14 @@ def test_near_pairs_by_multi_index_hashing_are_exactly_those_of_an_exhaustive_se
     for window in (16_384, 7):  # the sorted codes at once, or a few runs at a time
         found = {tuple(p) for batch in near_pairs(codes, 12, window=window) for p in batch.tolist()}
         assert found == expected and len(expected) >= 52
-    short = {tuple(p) for batch in near_pairs(codes[:300, :2], 3) for p in batch.tolist()}  # 16-bit codes, 4-bit substrings
-    assert short == {(i, j) for i, j in zip(*np.nonzero(np.bitwise_count(
-        codes[:300, None, :2] ^ codes[None, :300, :2]).sum(axis=2) <= 3)) if i < j}
+    short = {
+        tuple(p) for batch in near_pairs(codes[:300, :2], 3) for p in batch.tolist()
+    }  # 16-bit codes, 4-bit substrings
+    assert short == {
+        (i, j)
+        for i, j in zip(*np.nonzero(np.bitwise_count(codes[:300, None, :2] ^ codes[None, :300, :2]).sum(axis=2) <= 3))
+        if i < j
+    }
 
 
 def test_groups_of_clustered_hashes_are_the_components_of_the_exhaustive_pair_graph():
@@ -146,7 +163,9 @@ def test_groups_of_clustered_hashes_are_the_components_of_the_exhaustive_pair_gr
     rng = np.random.default_rng(1)
     centres = rng.integers(0, 256, (15, 32), dtype=np.uint8)
     bits = np.unpackbits(centres[rng.integers(0, 15, 2500)], axis=1)
-    bits ^= rng.random(bits.shape) < rng.choice([0.005, 0.02, 0.04], (len(bits), 1))  # tight, loose and scattered members
+    bits ^= rng.random(bits.shape) < rng.choice(
+        [0.005, 0.02, 0.04], (len(bits), 1)
+    )  # tight, loose and scattered members
     codes = np.packbits(bits, axis=1)
     _, expected = connected_components(csr_matrix(exhaustive_distances(codes) <= 12), directed=False)
     for window in (16_384, 50):  # with 50, runs of a cluster's many members come alone, larger than the window
@@ -154,7 +173,11 @@ def test_groups_of_clustered_hashes_are_the_components_of_the_exhaustive_pair_gr
         for pairs in near_pairs(codes, 12, graph, window=window):
             graph.add(pairs)
         graph.merge()
-        assert len(set(zip(expected.tolist(), graph.root.tolist()))) == len(set(expected.tolist())) == len(set(graph.root.tolist()))
+        assert (
+            len(set(zip(expected.tolist(), graph.root.tolist())))
+            == len(set(expected.tolist()))
+            == len(set(graph.root.tolist()))
+        )
     assert 15 < len(set(expected.tolist())) < 2000  # neither all apart nor one blob
 
 
@@ -176,8 +199,10 @@ def test_utkface_names(name, expected):
 # --------------------------------------------------------------------------------------------------
 def png_header_only(width, height) -> bytes:
     """A PNG that claims huge dimensions but holds almost no data: a decompression bomb's header."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -195,7 +220,9 @@ def zoo(tmp_path_factory):
         "21_0_0_truncated.jpg": jpeg[: len(jpeg) // 2],
         "22_0_0_empty.jpg": b"",
         "23_0_0_text.jpg": b"just some text\n",
-        "24_0_0_corrupt.jpg": jpeg[:200] + bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)) + b"\xff\xd9",
+        "24_0_0_corrupt.jpg": jpeg[:200]
+        + bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8))
+        + b"\xff\xd9",
         "25_0_0_bomb.png": png_header_only(60000, 60000),
         "26_0_0_zero.png": png_header_only(0, 10),
         "150_0_0_too_old.jpg": jpeg,
@@ -216,7 +243,13 @@ def zoo(tmp_path_factory):
         f.write(jpeg)
     (folder / "notes.txt").write_text("not an image extension: ignored")
     out = tmp_path_factory.mktemp("zoo_out")
-    run("explore_images.py", f"dataset_dir={folder}", f"output_csv={out}/meta.csv", f"summary_csv={out}/sum.csv", "num_workers=2")
+    run(
+        "explore_images.py",
+        f"dataset_dir={folder}",
+        f"output_csv={out}/meta.csv",
+        f"summary_csv={out}/sum.csv",
+        "num_workers=2",
+    )
     return read_csv(out / "meta.csv").set_index("file")
 
 
@@ -252,7 +285,9 @@ def test_every_bad_file_has_a_row_with_its_reason(zoo, file, status, reason):
 
 def test_image_kinds_are_described(zoo):
     assert (zoo.loc["30_0_0_gray.png", "channels"], zoo.loc["31_0_0_rgba.png", "channels"]) == (1, 4)
-    assert zoo.loc["30_0_0_gray.png", "flag_grayscale"] and "grayscale" not in str(zoo.loc["30_0_0_gray.png", "failed_checks"])
+    assert zoo.loc["30_0_0_gray.png", "flag_grayscale"] and "grayscale" not in str(
+        zoo.loc["30_0_0_gray.png", "failed_checks"]
+    )
     assert zoo.loc["32_0_0_sixteen.png", "bit_depth"] == 16 and zoo.loc["33_0_0_cmyk.jpg", "color_mode"] == "CMYK"
     assert (zoo.loc["34_0_0_large.jpg", "width"], zoo.loc["34_0_0_large.jpg", "height"]) == (6000, 4000)
     assert zoo.loc["25_0_0_bomb.png", "width"] == 60000  # the header was read, the pixels were not

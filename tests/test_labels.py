@@ -1,18 +1,27 @@
 """The label check: planted label errors are found, every row comes back, the suspects are left out of
 training and shown in the report, and bad input gets one line."""
+
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import PROJECT, read_csv, run
 from PIL import Image
+
+from conftest import PROJECT, read_csv, run
 
 FOLDS = "folds=3"
 
 
 def check(input_csv, output_csv, cache, *extra, check=True):
-    return run("check_labels.py", f"input_csv={input_csv}", f"output_csv={output_csv}", f"descriptor_cache={cache}", FOLDS, *extra,
-               check=check)
+    return run(
+        "check_labels.py",
+        f"input_csv={input_csv}",
+        f"output_csv={output_csv}",
+        f"descriptor_cache={cache}",
+        FOLDS,
+        *extra,
+        check=check,
+    )
 
 
 def area_under_roc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -56,13 +65,20 @@ def test_planted_label_errors_rank_first_and_every_row_comes_back(planted):
     assert (flagged == (checked["label_quality"] < threshold)).all()
     assert flagged.sum() >= 5 and flagged[flagged].index.isin(list(wrong)).mean() >= 0.8
     assert f"{int(flagged.sum())} suspected label errors" in result.stdout
-    assert "oneDNN" not in result.stderr and "cuda" not in result.stderr.lower()  # TensorFlow's start-up chatter stays hidden
+    assert (
+        "oneDNN" not in result.stderr and "cuda" not in result.stderr.lower()
+    )  # TensorFlow's start-up chatter stays hidden
 
     # rows that cannot be checked pass through, with their reason, and are never suspected
     unchecked = checked[checked["label_quality"].isna()]
-    assert unchecked["label_check"].notna().all() and not (unchecked["suspected_label_error"].astype(str) == "True").any()
+    assert (
+        unchecked["label_check"].notna().all() and not (unchecked["suspected_label_error"].astype(str) == "True").any()
+    )
     assert "not checked: no usable age label" in set(unchecked["label_check"])
-    assert unchecked["label_check"].str.startswith("not checked: ").all() and len(unchecked) >= 1 + (frame["status"] == "rejected").sum()
+    assert (
+        unchecked["label_check"].str.startswith("not checked: ").all()
+        and len(unchecked) >= 1 + (frame["status"] == "rejected").sum()
+    )
 
 
 @pytest.mark.slow
@@ -75,7 +91,12 @@ def test_a_second_run_gives_the_same_rows(planted, descriptor_cache):
 def test_training_leaves_the_suspects_out_and_says_how_many(planted, descriptor_cache, tmp_path):
     folder, _, _, _ = planted
     suspected = int((read_csv(folder / "checked.csv")["suspected_label_error"].astype(str) == "True").sum())
-    common = [f"input_csv={folder}/checked.csv", f"descriptor_cache={descriptor_cache}", "target_csv=null", "training.epochs=2"]
+    common = [
+        f"input_csv={folder}/checked.csv",
+        f"descriptor_cache={descriptor_cache}",
+        "target_csv=null",
+        "training.epochs=2",
+    ]
     result = run("train_model.py", *common, f"output_dir={tmp_path}/without")
     assert f"({suspected} suspected label errors left out)" in result.stdout
     split = read_csv(tmp_path / "without" / "split.csv")
@@ -86,8 +107,16 @@ def test_training_leaves_the_suspects_out_and_says_how_many(planted, descriptor_
 
 def test_the_report_shows_the_suspects_worst_first(planted, explored, tmp_path):
     folder, _, _, _ = planted
-    run("visualize_image_information.py", f"exploration_csv={explored}/image_metadata.csv", "processed_csv=null",
-        f"checked_csv={folder}/checked.csv", f"output_dir={tmp_path}/report", "grids.checks=[]", "distributions=[]", "by_age_group=[]")
+    run(
+        "visualize_image_information.py",
+        f"exploration_csv={explored}/image_metadata.csv",
+        "processed_csv=null",
+        f"checked_csv={folder}/checked.csv",
+        f"output_dir={tmp_path}/report",
+        "grids.checks=[]",
+        "distributions=[]",
+        "by_age_group=[]",
+    )
     for name in ("suspected_labels", "suspected_labels_by_age_group"):
         pixels = np.asarray(Image.open(tmp_path / "report" / f"{name}.png").convert("L"), float)
         assert pixels.std() > 20, name  # drawn, not blank
@@ -104,7 +133,11 @@ def test_bad_inputs_get_one_line(planted, descriptor_cache, tmp_path):
     folder, frame, _, _ = planted
     frame.head(4).to_csv(tmp_path / "few.csv", index=False)  # fewer than 2 faces a fold
     result = check(tmp_path / "few.csv", tmp_path / "out.csv", descriptor_cache, check=False)
-    assert result.returncode == 2 and "too few usable labelled faces" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (
+        result.returncode == 2
+        and "too few usable labelled faces" in result.stderr
+        and len(result.stderr.strip().splitlines()) == 1
+    )
     assert not (tmp_path / "out.csv").exists()
     result = check(folder / "planted.csv", tmp_path / "out.csv", descriptor_cache, "folds=1", check=False)
     assert result.returncode == 2 and "folds" in result.stderr and "Traceback" not in result.stderr

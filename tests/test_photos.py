@@ -2,23 +2,36 @@
 at known places and sizes; the oracle is where they were planted, and that a scene without a face gets
 no description, never a guess. Awkward photos (a crowd, a tiny face, a face cut by the border, grayscale,
 CMYK, a 6000x4000 phone photo turned by EXIF, a panorama) each get an answer or a reason."""
+
 import sys
 
 import cv2
 import numpy as np
 import pytest
-from conftest import PROJECT
 from PIL import Image
 
-sys.path.insert(0, str(PROJECT / "benchmarks"))
-from scenes import paste, scene, scene_pictures  # noqa: E402
+from conftest import PROJECT
 
+sys.path.insert(0, str(PROJECT / "benchmarks"))
 from agepipe.data.image_files import read_image  # noqa: E402
 from agepipe.faces.describer import DescriptorSettings, FaceDescriber  # noqa: E402
 from agepipe.faces.detector import DetectorSettings, FinderSettings  # noqa: E402
+from scenes import paste, scene, scene_pictures  # noqa: E402
 
-AUTO = DescriptorSettings("auto", "whole_image", 0.2, 40, 0.25, True, True, 1e-6, FinderSettings(DetectorSettings(0.7, 0.3, 0.15), 1),
-                          0.25, 1.0, 24)
+AUTO = DescriptorSettings(
+    "auto",
+    "whole_image",
+    0.2,
+    40,
+    0.25,
+    True,
+    True,
+    1e-6,
+    FinderSettings(DetectorSettings(0.7, 0.3, 0.15), 1),
+    0.25,
+    1.0,
+    24,
+)
 DESCRIBER = FaceDescriber(AUTO)
 
 
@@ -72,11 +85,15 @@ def test_a_crowd_gives_its_largest_face_or_every_face(faces, pictures):
     rng = np.random.default_rng(5)
     photo = scene(pictures, rng, 1600, 1000)
     for index in range(29):  # 29 small faces, most too small for the search to find ...
-        photo = paste(faces[index % len(faces)], photo, 90, 0.0, 20 + (index % 10) * 155, 30 + (index // 10) * 320).photo
+        photo = paste(
+            faces[index % len(faces)], photo, 90, 0.0, 20 + (index % 10) * 155, 30 + (index // 10) * 320
+        ).photo
     largest = paste(faces[5], photo, 420, 0.0, 600, 560)  # ... and one large: the row is about it
     result = described(largest.photo)
     assert result.found >= 1 and centre_inside(result.first.box, largest.box) and result.first.vector is not None
-    every = FaceDescriber(DescriptorSettings(**{**AUTO.__dict__, "all_faces": True})).describe(np.ascontiguousarray(largest.photo[..., ::-1]))
+    every = FaceDescriber(DescriptorSettings(**{**AUTO.__dict__, "all_faces": True})).describe(
+        np.ascontiguousarray(largest.photo[..., ::-1])
+    )
     assert len(every.faces) == every.found and every.faces[0].box == result.first.box
 
 
@@ -106,7 +123,11 @@ def test_grayscale_cmyk_and_a_turned_phone_photo_are_read_as_shown(faces, pictur
         result = described(bgr)
         scale = bgr.shape[1] / 1200
         expected = tuple(v * scale for v in planted.box)
-        assert result.found >= 1 and centre_inside(result.first.box, expected), (name, result.first and result.first.box, expected)
+        assert result.found >= 1 and centre_inside(result.first.box, expected), (
+            name,
+            result.first and result.first.box,
+            expected,
+        )
         assert result.first.vector is not None
 
 

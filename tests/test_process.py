@@ -1,10 +1,12 @@
 """The processing stage on the generated sample: what it repairs, rejects and leaves alone."""
+
 import hashlib
 import shutil
 
 import cv2
 import pandas as pd
 import pytest
+
 from conftest import PROJECT, kill_part_way, process, read_csv, run
 
 
@@ -40,7 +42,9 @@ def test_repaired_images_pass_every_check_when_measured_again(processed_rows):
     from image_reader import failing_checks, load_explore_config
     from process_images import Processor, load_process_config
 
-    config, explore = load_process_config(PROJECT / "configs/process_images.yaml", explore=load_explore_config(PROJECT / "configs/explore_images.yaml"))
+    config, explore = load_process_config(
+        PROJECT / "configs/process_images.yaml", explore=load_explore_config(PROJECT / "configs/explore_images.yaml")
+    )
     processor = Processor(config, explore)
     repaired = processed_rows[processed_rows["status"] == "repaired"]
     assert len(repaired) > 100
@@ -54,16 +58,26 @@ def test_no_repair_changes_colour_or_raises_noise_beyond_the_limits(processed_ro
     moves either is; with the default limits, every repaired image stays within them."""
     before = metadata.set_index("file")[["colourfulness", "noise"]]
     repaired = processed_rows[processed_rows["status"] == "repaired"].join(before, on="file")
-    assert ((repaired["after_colourfulness"] - repaired["colourfulness"]).abs() <= 0.25 * repaired["colourfulness"].clip(lower=1)).all()
+    assert (
+        (repaired["after_colourfulness"] - repaired["colourfulness"]).abs()
+        <= 0.25 * repaired["colourfulness"].clip(lower=1)
+    ).all()
     assert (repaired["after_noise"] - repaired["noise"] <= 1.0).all()
 
-    process(explored / "image_metadata.csv", tmp_path, "never_worse.max_colourfulness_change=0", "never_worse.max_noise_increase=0")
+    process(
+        explored / "image_metadata.csv",
+        tmp_path,
+        "never_worse.max_colourfulness_change=0",
+        "never_worse.max_noise_increase=0",
+    )
     strict = read_csv(tmp_path / "processed.csv").join(before, on="file")
     worse = strict[strict["reason"].fillna("").str.startswith("every repair made it worse: ")]
     assert len(worse) >= len(repaired) / 2
     assert worse["reason"].str.contains(r"(?:colourfulness|noise) [\d.]+ -> [\d.]+").all()
     still = strict[strict["status"] == "repaired"]
-    assert (still["after_noise"] <= still["noise"]).all() and (still["after_colourfulness"] == still["colourfulness"]).all()
+    assert (still["after_noise"] <= still["noise"]).all() and (
+        still["after_colourfulness"] == still["colourfulness"]
+    ).all()
 
 
 def test_images_that_passed_are_copied_unchanged_and_originals_untouched(processed_rows, sample, manifest):
@@ -72,12 +86,16 @@ def test_images_that_passed_are_copied_unchanged_and_originals_untouched(process
     for source, output in zip(kept["source_path"], kept["path"]):
         assert digest(source) == digest(output)
     # the sample folder holds exactly what the generator wrote: nothing added, nothing changed
-    assert sorted(p.name for p in sample.iterdir() if not p.name.startswith(".agepipe")) == sorted(list(manifest["file"]) + ["manifest.csv"])
+    assert sorted(p.name for p in sample.iterdir() if not p.name.startswith(".agepipe")) == sorted(
+        list(manifest["file"]) + ["manifest.csv"]
+    )
 
 
 def test_output_folder_mirrors_the_csv_exactly(processed, processed_rows):
     written = processed_rows[processed_rows["path"].notna()]
-    on_disk = sorted(str(p) for p in (processed / "images").rglob("*") if p.is_file() and not p.name.startswith(".agepipe"))
+    on_disk = sorted(
+        str(p) for p in (processed / "images").rglob("*") if p.is_file() and not p.name.startswith(".agepipe")
+    )
     assert on_disk == sorted(written["path"]) and set(written["status"]) == {"kept", "repaired"}
     assert (written["age"].notna()).all() and written["file"].str.match(r"^\d+_").all()  # labels survive
 
@@ -94,12 +112,17 @@ def test_vanished_and_changed_files_are_reported_not_fatal(sample, tmp_path):
     process(tmp_path / "m.csv", tmp_path / "out")
     rows = read_csv(tmp_path / "out/processed.csv").set_index("file")
     assert rows.loc[faces[0].name, "status"] == "unreadable" and "vanished" in rows.loc[faces[0].name, "reason"]
-    assert rows.loc[faces[1].name, "status"] == "rejected" and "changed since exploration" in rows.loc[faces[1].name, "reason"]
+    assert (
+        rows.loc[faces[1].name, "status"] == "rejected"
+        and "changed since exploration" in rows.loc[faces[1].name, "reason"]
+    )
     assert rows["status"].isin(["kept", "repaired", "rejected"]).sum() == 11
 
 
 def test_refuses_to_write_into_the_input_dataset(explored, sample):
-    result = run("process_images.py", f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={sample}/cleaned", check=False)
+    result = run(
+        "process_images.py", f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={sample}/cleaned", check=False
+    )
     assert result.returncode == 2 and "overlaps the input folder" in result.stderr
 
 
@@ -118,8 +141,18 @@ def test_unknown_repair_operation_names_the_key(explored, tmp_path):
 
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(explored, processed, tmp_path):
     out = tmp_path / "killed"
-    kill_part_way("process_images.py", [f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={out}/images",
-                                         f"output_csv={out}/processed.csv", "num_workers=1", "chunk_files=20"], out / "processed.csv.parts", lines=120)
+    kill_part_way(
+        "process_images.py",
+        [
+            f"input_csv={explored / 'image_metadata.csv'}",
+            f"output_dir={out}/images",
+            f"output_csv={out}/processed.csv",
+            "num_workers=1",
+            "chunk_files=20",
+        ],
+        out / "processed.csv.parts",
+        lines=120,
+    )
     assert not (out / "processed.csv").exists()
     resumed = process(explored / "image_metadata.csv", out, "chunk_files=20")
     assert "were finished by an earlier run" in resumed.stderr

@@ -5,10 +5,10 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PROJECT, notebook_text, read_csv, run_notebook
 
 from agepipe.config.data_stages import ResamplingAugmentation
 from agepipe.data.age_groups import AgeGroups
+from conftest import PROJECT, notebook_text, read_csv, run_notebook
 from image_processor import random_augmentation
 from resampling import (
     largest_remainder,
@@ -22,9 +22,19 @@ from resampling import (
 )
 
 BANDS = pd.DataFrame({"age_lower": [0, 5, 10], "age_upper": [4, 9, np.nan], "population": [500.0, 1000.0, 600.0]})
-RANGES = ResamplingAugmentation(flip_probability=0.5, max_rotation_degrees=10, max_scale_change=0.1, max_shift_fraction=0.05,
-                                max_brightness_shift=0.08, max_contrast_change=0.15, max_gamma_change=0.15,
-                                blur_probability=0.3, max_blur_sigma=1.0, noise_probability=0.3, max_noise_sigma=4.0)
+RANGES = ResamplingAugmentation(
+    flip_probability=0.5,
+    max_rotation_degrees=10,
+    max_scale_change=0.1,
+    max_shift_fraction=0.05,
+    max_brightness_shift=0.08,
+    max_contrast_change=0.15,
+    max_gamma_change=0.15,
+    blur_probability=0.3,
+    max_blur_sigma=1.0,
+    noise_probability=0.3,
+    max_noise_sigma=4.0,
+)
 
 
 def test_bands_are_shared_evenly_across_single_years():
@@ -36,7 +46,9 @@ def test_bands_are_shared_evenly_across_single_years():
 
 
 def test_open_band_is_split_with_the_detailed_table_only_when_needed():
-    detail = pd.DataFrame({"age_lower": [0, 5, 10, 15], "age_upper": [4, 9, 14, np.nan], "population": [1.0, 1.0, 30.0, 10.0]})
+    detail = pd.DataFrame(
+        {"age_lower": [0, 5, 10, 15], "age_upper": [4, 9, 14, np.nan], "population": [1.0, 1.0, 30.0, 10.0]}
+    )
     target = target_distribution(BANDS, detail, AgeGroups((0, 10, 15)), max_age=19)
     # 10+ (600) splits 3:1 like the detail's 10-14 : 15+
     assert target["population"].tolist() == [1500.0, 450.0, 150.0]
@@ -64,14 +76,25 @@ def test_plan_caps_copies_and_reports_shortfalls():
     target = pd.DataFrame({"group": ["a", "b", "c"], "share": [0.5, 0.3, 0.2]})
     plan = plan_resampling(pd.Series({"a": 100, "b": 5}), target, size=100, max_copies=3).set_index("group")
     assert plan.loc["a", ["target", "kept", "augmented", "shortfall"]].tolist() == [50, 50, 0, 0]  # down-sampled
-    assert plan.loc["b", ["target", "kept", "augmented", "achieved", "shortfall"]].tolist() == [30, 5, 15, 20, 10]  # capped
+    assert plan.loc["b", ["target", "kept", "augmented", "achieved", "shortfall"]].tolist() == [
+        30,
+        5,
+        15,
+        20,
+        10,
+    ]  # capped
     assert plan.loc["c", ["available", "achieved", "shortfall"]].tolist() == [0, 0, 20]  # empty group
     assert plan.loc["b", "factor"] == 4.0
 
 
 def test_selection_keeps_the_best_and_is_seeded():
-    frame = pd.DataFrame({"file": [f"{i}.jpg" for i in range(10)], "age_group": ["a"] * 8 + ["b"] * 2,
-                          "score": [5, 9, 1, 7, 7, 3, 8, 2, 4, 6]})
+    frame = pd.DataFrame(
+        {
+            "file": [f"{i}.jpg" for i in range(10)],
+            "age_group": ["a"] * 8 + ["b"] * 2,
+            "score": [5, 9, 1, 7, 7, 3, 8, 2, 4, 6],
+        }
+    )
     plan = pd.DataFrame({"group": ["a", "b"], "kept": [3, 2], "augmented": [0, 5]})
     first = select_images(frame, plan, "score", True, seed=1)
     best = set(first.loc[first["age_group"] == "a", "file"])
@@ -112,7 +135,13 @@ def test_population_notebook_writes_the_target(resampled):
     target = read_csv(tmp / "target.csv")
     assert target["group"].tolist() == ["0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
     assert target["share"].sum() == pytest.approx(1.0)
-    images = [o for c in population.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    images = [
+        o
+        for c in population.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
     assert len(images) == 2  # the age structure and the target, drawn
 
 
@@ -135,7 +164,10 @@ def test_every_output_image_exists_decodes_and_traces_to_a_real_source(resampled
     assert rows["file"].is_unique and rows["source"].isin(usable.index).all()
     assert (rows["source_path"] == usable.loc[rows["source"], "path"].to_numpy()).all()
     assert (rows["age"] == usable.loc[rows["source"], "age"].to_numpy()).all()
-    assert rows.loc[rows["copy"] > 0, "augmentation"].notna().all() and rows.loc[rows["copy"] == 0, "augmentation"].isna().all()
+    assert (
+        rows.loc[rows["copy"] > 0, "augmentation"].notna().all()
+        and rows.loc[rows["copy"] == 0, "augmentation"].isna().all()
+    )
     assert rows.groupby("source")["copy"].max().max() <= 3
     for path in rows["path"]:
         assert cv2.imread(path) is not None, path
@@ -144,8 +176,12 @@ def test_every_output_image_exists_decodes_and_traces_to_a_real_source(resampled
 
 
 def test_a_target_beyond_the_cap_reports_the_shortfall(processed, tmp_path):
-    common = [f"target_csv={tmp_path}/target.csv", f"processed_csv={processed}/processed.csv",
-              f"output_dir={tmp_path}/images", f"output_csv={tmp_path}/resampled.csv"]
+    common = [
+        f"target_csv={tmp_path}/target.csv",
+        f"processed_csv={processed}/processed.csv",
+        f"output_dir={tmp_path}/images",
+        f"output_csv={tmp_path}/resampled.csv",
+    ]
     run_notebook("australian_population.ipynb", tmp_path, *common)
     notebook = run_notebook("resampling.ipynb", tmp_path, *common, "target_size=3000", "max_copies_per_image=1")
     text = notebook_text(notebook)

@@ -1,5 +1,6 @@
 """Data safety and hostile input: a run never touches what it did not write, never hangs, and gives every
 file a row. Each test plants the danger (a user's files, a tampered CSV, a FIFO...) and checks the oracle."""
+
 import hashlib
 import json
 import os
@@ -12,18 +13,21 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PROJECT, kill_part_way, process, read_csv, run
 
 from agepipe.errors import UserError
 from agepipe.running.manifest import MANIFEST
 from agepipe.running.output_guard import FOLDER_LOCK, OutputGuard, run_lock
 from agepipe.running.parallel import Engine, parallel_map
+from conftest import PROJECT, kill_part_way, process, read_csv, run
 
 
 def snapshot(folder):
     """Every file below folder with the hash of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 @pytest.fixture
@@ -43,40 +47,100 @@ def test_a_folder_of_the_users_files_is_refused_and_never_emptied(faces, tmp_pat
     (mine / "holiday.jpg").write_bytes(b"precious")
     (mine / "notes.txt").write_text("precious too")
     before = snapshot(mine)
-    result = run("process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={mine}", f"output_csv={tmp_path}/p.csv", check=False)
+    result = run(
+        "process_images.py",
+        f"input_csv={tmp_path}/m.csv",
+        f"output_dir={mine}",
+        f"output_csv={tmp_path}/p.csv",
+        check=False,
+    )
     assert result.returncode == 2 and "holds files agepipe did not write" in result.stderr and snapshot(mine) == before
     # with the user's explicit word the stage writes there, and still deletes nothing of theirs
-    run("process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={mine}", f"output_csv={tmp_path}/p.csv", "overwrite_output=true")
+    run(
+        "process_images.py",
+        f"input_csv={tmp_path}/m.csv",
+        f"output_dir={mine}",
+        f"output_csv={tmp_path}/p.csv",
+        "overwrite_output=true",
+    )
     after = snapshot(mine)
     assert all(after[name] == digest for name, digest in before.items()) and len(after) > len(before)
     # a second run with other settings deletes its own earlier outputs only
-    run("process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={mine}", f"output_csv={tmp_path}/p.csv", "resize=64")
+    run(
+        "process_images.py",
+        f"input_csv={tmp_path}/m.csv",
+        f"output_dir={mine}",
+        f"output_csv={tmp_path}/p.csv",
+        "resize=64",
+    )
     assert all(snapshot(mine)[name] == digest for name, digest in before.items())
 
 
-@pytest.mark.parametrize("output_dir, message", [(".", "holds the project itself"), (".git/x", "lies inside a .git folder"),
-                                                 ("..", "holds the project itself")])
+@pytest.mark.parametrize(
+    "output_dir, message",
+    [(".", "holds the project itself"), (".git/x", "lies inside a .git folder"), ("..", "holds the project itself")],
+)
 def test_the_project_and_its_git_are_never_an_output_folder(faces, tmp_path, output_dir, message):
     git = snapshot(PROJECT / ".git" / "refs")
-    result = run("process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={output_dir}", f"output_csv={tmp_path}/p.csv", check=False)
+    result = run(
+        "process_images.py",
+        f"input_csv={tmp_path}/m.csv",
+        f"output_dir={output_dir}",
+        f"output_csv={tmp_path}/p.csv",
+        check=False,
+    )
     assert result.returncode == 2 and message in result.stderr and snapshot(PROJECT / ".git" / "refs") == git
 
 
 def test_output_csvs_that_would_destroy_an_input_are_refused(faces, tmp_path):
     image = next(faces.iterdir())
     before = image.read_bytes()
-    result = run("explore_images.py", f"dataset_dir={faces}", f"output_csv={image}", f"summary_csv={tmp_path}/s.csv", check=False)
+    result = run(
+        "explore_images.py", f"dataset_dir={faces}", f"output_csv={image}", f"summary_csv={tmp_path}/s.csv", check=False
+    )
     assert result.returncode == 2 and "overlaps the input folder" in result.stderr and image.read_bytes() == before
-    result = run("explore_images.py", f"dataset_dir={faces}", f"output_csv={tmp_path}/photo.jpg", f"summary_csv={tmp_path}/s.csv", check=False)
+    result = run(
+        "explore_images.py",
+        f"dataset_dir={faces}",
+        f"output_csv={tmp_path}/photo.jpg",
+        f"summary_csv={tmp_path}/s.csv",
+        check=False,
+    )
     assert result.returncode == 2 and "image file's name" in result.stderr
-    result = run("explore_images.py", f"dataset_dir={faces}", f"output_csv={faces}/m.csv", f"summary_csv={tmp_path}/s.csv", check=False)
+    result = run(
+        "explore_images.py",
+        f"dataset_dir={faces}",
+        f"output_csv={faces}/m.csv",
+        f"summary_csv={tmp_path}/s.csv",
+        check=False,
+    )
     assert result.returncode == 2 and "overlaps the input folder" in result.stderr
-    result = run("explore_images.py", f"dataset_dir={faces}", f"output_csv={tmp_path}", f"summary_csv={tmp_path}/s.csv", check=False)
+    result = run(
+        "explore_images.py",
+        f"dataset_dir={faces}",
+        f"output_csv={tmp_path}",
+        f"summary_csv={tmp_path}/s.csv",
+        check=False,
+    )
     assert result.returncode == 2 and "is a folder" in result.stderr
     original = (tmp_path / "m.csv").read_bytes()
-    result = run("process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={tmp_path}/out", f"output_csv={tmp_path}/m.csv", check=False)
-    assert result.returncode == 2 and "would overwrite" in result.stderr and (tmp_path / "m.csv").read_bytes() == original
-    result = run("process_images.py", f"input_csv={tmp_path}/m.csv", f"output_dir={tmp_path}/out", f"output_csv={tmp_path}/out/p.csv", check=False)
+    result = run(
+        "process_images.py",
+        f"input_csv={tmp_path}/m.csv",
+        f"output_dir={tmp_path}/out",
+        f"output_csv={tmp_path}/m.csv",
+        check=False,
+    )
+    assert (
+        result.returncode == 2 and "would overwrite" in result.stderr and (tmp_path / "m.csv").read_bytes() == original
+    )
+    result = run(
+        "process_images.py",
+        f"input_csv={tmp_path}/m.csv",
+        f"output_dir={tmp_path}/out",
+        f"output_csv={tmp_path}/out/p.csv",
+        check=False,
+    )
     assert result.returncode == 2 and "overlaps the output folder" in result.stderr
 
 
@@ -85,15 +149,31 @@ def test_a_tampered_csv_cannot_make_a_stage_write_outside_its_folder(faces, tmp_
     frame = read_csv(tmp_path / "m.csv")
     frame.loc[0, "file"] = tampered
     frame.to_csv(tmp_path / "tampered.csv", index=False)
-    result = run("process_images.py", f"input_csv={tmp_path}/tampered.csv", f"output_dir={tmp_path}/out", f"output_csv={tmp_path}/p.csv", check=False)
+    result = run(
+        "process_images.py",
+        f"input_csv={tmp_path}/tampered.csv",
+        f"output_dir={tmp_path}/out",
+        f"output_csv={tmp_path}/p.csv",
+        check=False,
+    )
     assert result.returncode == 2 and "leads outside" in result.stderr
     assert not (tmp_path / "escaped.jpg").exists() and not os.path.exists("/tmp/agepipe-escaped.jpg")
 
 
 def test_resume_redoes_outputs_deleted_since_the_journal_recorded_them(explored, tmp_path):
     out = tmp_path / "killed"
-    kill_part_way("process_images.py", [f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={out}/images",
-                                         f"output_csv={out}/processed.csv", "num_workers=1", "chunk_files=20"], out / "processed.csv.parts", lines=100)
+    kill_part_way(
+        "process_images.py",
+        [
+            f"input_csv={explored / 'image_metadata.csv'}",
+            f"output_dir={out}/images",
+            f"output_csv={out}/processed.csv",
+            "num_workers=1",
+            "chunk_files=20",
+        ],
+        out / "processed.csv.parts",
+        lines=100,
+    )
     shutil.rmtree(out / "images")
     process(explored / "image_metadata.csv", out, "chunk_files=20")
     rows = read_csv(out / "processed.csv")
@@ -128,12 +208,27 @@ def write_hostile_files(folder):
 
 def test_hostile_files_each_get_a_row_with_the_reason_and_nothing_hangs(tmp_path):
     expected = write_hostile_files(tmp_path / "data")
-    command = [sys.executable, "explore_images.py", "--set", f"dataset_dir={tmp_path}/data", "--set", f"output_csv={tmp_path}/m.csv",
-               "--set", f"summary_csv={tmp_path}/s.csv", "--set", "checks={}", "--set", "duplicates.enabled=false"]
+    command = [
+        sys.executable,
+        "explore_images.py",
+        "--set",
+        f"dataset_dir={tmp_path}/data",
+        "--set",
+        f"output_csv={tmp_path}/m.csv",
+        "--set",
+        f"summary_csv={tmp_path}/s.csv",
+        "--set",
+        "checks={}",
+        "--set",
+        "duplicates.enabled=false",
+    ]
     result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     rows = read_csv(tmp_path / "m.csv").set_index("file")
-    assert sorted(rows.index) == sorted(expected) and len((tmp_path / "m.csv").read_text().splitlines()) == len(expected) + 1
+    assert (
+        sorted(rows.index) == sorted(expected)
+        and len((tmp_path / "m.csv").read_text().splitlines()) == len(expected) + 1
+    )
     for name, reason in expected.items():
         if reason in ("ok", "unlabelled"):
             assert rows.loc[name, "status"] == reason, name
@@ -172,8 +267,16 @@ def test_a_killed_worker_or_a_hang_costs_one_item_not_the_run(tmp_path, batched)
     again an item at a time."""
     os.mkfifo(tmp_path / "fifo")
     items = [(x, str(tmp_path / "fifo")) for x in range(30)]
-    results = list(parallel_map(_die_on_thirteen_in_a_batch if batched else _die_on_thirteen, items, Engine(num_workers=2, task_timeout=2),
-                                chunksize=4, batched=batched, on_failure=lambda item, why: (item[0], why)))
+    results = list(
+        parallel_map(
+            _die_on_thirteen_in_a_batch if batched else _die_on_thirteen,
+            items,
+            Engine(num_workers=2, task_timeout=2),
+            chunksize=4,
+            batched=batched,
+            on_failure=lambda item, why: (item[0], why),
+        )
+    )
     failures = dict(r for r in results if isinstance(r, tuple))
     assert sorted(r for r in results if not isinstance(r, tuple)) == [x * 2 for x in range(30) if x not in (7, 13)]
     assert "worker process died" in failures[13] and "took longer than task_timeout_seconds (2 s)" in failures[7]
@@ -181,7 +284,13 @@ def test_a_killed_worker_or_a_hang_costs_one_item_not_the_run(tmp_path, batched)
 
 def test_a_second_run_on_the_same_output_stops_with_one_line(faces, tmp_path):
     with run_lock(tmp_path / "m2.csv"):
-        result = run("explore_images.py", f"dataset_dir={faces}", f"output_csv={tmp_path}/m2.csv", f"summary_csv={tmp_path}/s2.csv", check=False)
+        result = run(
+            "explore_images.py",
+            f"dataset_dir={faces}",
+            f"output_csv={tmp_path}/m2.csv",
+            f"summary_csv={tmp_path}/s2.csv",
+            check=False,
+        )
     assert result.returncode == 2 and "another run is writing" in result.stderr
 
 
@@ -198,17 +307,30 @@ def test_output_folder_ownership_in_the_library(tmp_path):
         folder = guard.folder(tmp_path / "out", "output_dir")
         folder.write_bytes("a.jpg", b"ours again")
         assert folder.finish() == 1 and not (tmp_path / "out" / ".b.jpg.k1ll3d_x.tmp").exists()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([MANIFEST, FOLDER_LOCK, "a.jpg", "theirs.jpg", ".theirs.jpg.abcdefgh.tmp"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [MANIFEST, FOLDER_LOCK, "a.jpg", "theirs.jpg", ".theirs.jpg.abcdefgh.tmp"]
+    )
     with pytest.raises(UserError, match="overlaps the input folder"):
         OutputGuard(inputs=[tmp_path / "data"]).folder(tmp_path / "data" / "out", "output_dir")
 
 
-@pytest.mark.parametrize("make_config, message", [
-    (lambda tmp: tmp, "is a folder, not a config file"),
-    (lambda tmp: _write(tmp / "laughs.yaml", "a: &a [x, x, x]\n" + "".join(f"l{i}: &l{i} [*{'a' if i == 0 else f'l{i - 1}'}, "
-                                                                    f"*{'a' if i == 0 else f'l{i - 1}'}]\n" for i in range(60))),
-     "YAML aliases"),
-])
+@pytest.mark.parametrize(
+    "make_config, message",
+    [
+        (lambda tmp: tmp, "is a folder, not a config file"),
+        (
+            lambda tmp: _write(
+                tmp / "laughs.yaml",
+                "a: &a [x, x, x]\n"
+                + "".join(
+                    f"l{i}: &l{i} [*{'a' if i == 0 else f'l{i - 1}'}, *{'a' if i == 0 else f'l{i - 1}'}]\n"
+                    for i in range(60)
+                ),
+            ),
+            "YAML aliases",
+        ),
+    ],
+)
 def test_config_files_that_are_not_configs_give_one_line(tmp_path, make_config, message):
     result = run("explore_images.py", config=str(make_config(tmp_path)), check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
@@ -222,10 +344,23 @@ def _write(path, text):
 def test_errors_never_echo_a_files_contents(faces, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("root:SECRET-HASH:19000:0:99999:7:::\nother line\n")
-    result = run("explore_images.py", f"dataset_dir={faces}", f"output_csv={tmp_path}/m3.csv", f"summary_csv={tmp_path}/s3.csv",
-                 "labels.source=csv", f"labels.csv_path={secret}", check=False)
+    result = run(
+        "explore_images.py",
+        f"dataset_dir={faces}",
+        f"output_csv={tmp_path}/m3.csv",
+        f"summary_csv={tmp_path}/s3.csv",
+        "labels.source=csv",
+        f"labels.csv_path={secret}",
+        check=False,
+    )
     assert result.returncode == 2 and "SECRET" not in result.stderr + result.stdout
-    result = run("process_images.py", f"input_csv={secret}", f"output_dir={tmp_path}/o", f"output_csv={tmp_path}/p.csv", check=False)
+    result = run(
+        "process_images.py",
+        f"input_csv={secret}",
+        f"output_dir={tmp_path}/o",
+        f"output_csv={tmp_path}/p.csv",
+        check=False,
+    )
     assert result.returncode == 2 and "SECRET" not in result.stderr + result.stdout
 
 
@@ -251,13 +386,26 @@ def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         run_script(main, "test", "explore_images.yaml")
     assert stop.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: No space left on device: csv/image_metadata.csv; re-run the same command once fixed"
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: No space left on device: csv/image_metadata.csv; re-run the same command once fixed"
+    )
 
 
 def test_resume_redoes_an_output_changed_since_the_journal_recorded_it(explored, tmp_path):
     out = tmp_path / "killed"
-    kill_part_way("process_images.py", [f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={out}/images",
-                                         f"output_csv={out}/processed.csv", "num_workers=1", "chunk_files=20"], out / "processed.csv.parts", lines=60)
+    kill_part_way(
+        "process_images.py",
+        [
+            f"input_csv={explored / 'image_metadata.csv'}",
+            f"output_dir={out}/images",
+            f"output_csv={out}/processed.csv",
+            "num_workers=1",
+            "chunk_files=20",
+        ],
+        out / "processed.csv.parts",
+        lines=60,
+    )
     victim = sorted((out / "images").glob("*.jpg"))[0]
     original_size = victim.stat().st_size
     victim.write_bytes(b"truncated by a crash")
@@ -300,8 +448,18 @@ def test_a_phone_photo_is_measured_the_way_it_is_shown(tmp_path):
 
 def test_resume_trusts_contents_not_sizes(explored, tmp_path):
     out = tmp_path / "killed"
-    kill_part_way("process_images.py", [f"input_csv={explored / 'image_metadata.csv'}", f"output_dir={out}/images",
-                                         f"output_csv={out}/processed.csv", "num_workers=1", "chunk_files=20"], out / "processed.csv.parts", lines=60)
+    kill_part_way(
+        "process_images.py",
+        [
+            f"input_csv={explored / 'image_metadata.csv'}",
+            f"output_dir={out}/images",
+            f"output_csv={out}/processed.csv",
+            "num_workers=1",
+            "chunk_files=20",
+        ],
+        out / "processed.csv.parts",
+        lines=60,
+    )
     victim = sorted((out / "images").glob("*.jpg"))[0]
     original = victim.read_bytes()
     edited = bytearray(original)
@@ -320,7 +478,9 @@ def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp
     settings = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, True, True, 1e-6)
     faces = [str(p) for p in sorted(sample.glob("*.chip.jpg"))[:4]]
     cache = tmp_path / "cache.jsonl"
-    clean = [image.first.vector for image in describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)]
+    clean = [
+        image.first.vector for image in describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)
+    ]
     header = Journal.header(cache)
     keys = list(Journal(cache, header["fingerprint"]).keys())
     with open(cache, "a", encoding="utf-8") as f:
@@ -328,7 +488,9 @@ def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp
             f.write(json.dumps({"_key": key, "descriptor": vector, "face_problem": None}) + "\n")
     with open(cache, "ab") as f:
         f.write(b"\xff\xfe not UTF-8\n")
-    again = [image.first.vector for image in describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)]
+    again = [
+        image.first.vector for image in describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)
+    ]
     for before, after in zip(clean, again):
         np.testing.assert_allclose(before, after, atol=1e-5)
     assert all(np.isfinite(vector).all() for vector in again)
@@ -342,12 +504,22 @@ def test_exploration_names_what_is_wrong_with_each_label(sample, tmp_path):
         shutil.copy(face, data / face.name)
     ages = ["25.5", "1e23", "-3", "abc", "40"]
     (tmp_path / "labels.csv").write_text("file,age\n" + "".join(f"{f.name},{a}\n" for f, a in zip(faces, ages)))
-    run("explore_images.py", f"dataset_dir={data}", "labels.source=csv", f"labels.csv_path={tmp_path}/labels.csv",
-        f"output_csv={tmp_path}/m.csv", f"summary_csv={tmp_path}/s.csv")
+    run(
+        "explore_images.py",
+        f"dataset_dir={data}",
+        "labels.source=csv",
+        f"labels.csv_path={tmp_path}/labels.csv",
+        f"output_csv={tmp_path}/m.csv",
+        f"summary_csv={tmp_path}/s.csv",
+    )
     rows = read_csv(tmp_path / "m.csv").set_index("file")
     reasons = [rows.loc[f.name, "label_error"] for f in faces]
-    assert reasons[:4] == ["age 25.5 is not a whole number of years", "age 1e+23 outside 0-120", "age -3 outside 0-120",
-                           "age in the labels CSV is not a number"]
+    assert reasons[:4] == [
+        "age 25.5 is not a whole number of years",
+        "age 1e+23 outside 0-120",
+        "age -3 outside 0-120",
+        "age in the labels CSV is not a number",
+    ]
     assert rows.loc[faces[4].name, "age"] == 40 and pd.isna(reasons[4])
 
 
@@ -357,8 +529,12 @@ def test_deep_and_alias_bombed_configs_are_one_short_line_at_once(tmp_path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("checks: " + "[" * 100_000 + "]" * 100_000 + "\n")
     laughs = tmp_path / "laughs.yaml"
-    laughs.write_text("a: &a [x, x, x, x, x, x, x, x]\n" + "".join(f"l{i}: &l{i} [*{'a' if i == 0 else f'l{i - 1}'}, "
-                                                                     f"*{'a' if i == 0 else f'l{i - 1}'}]\n" for i in range(31)))
+    laughs.write_text(
+        "a: &a [x, x, x, x, x, x, x, x]\n"
+        + "".join(
+            f"l{i}: &l{i} [*{'a' if i == 0 else f'l{i - 1}'}, *{'a' if i == 0 else f'l{i - 1}'}]\n" for i in range(31)
+        )
+    )
     for config, words in ((deep, "nests deeper than"), (laughs, "aliases expand to more than")):
         start = time.perf_counter()
         result = run("explore_images.py", config=str(config), check=False)
@@ -371,18 +547,40 @@ def test_deep_and_alias_bombed_configs_are_one_short_line_at_once(tmp_path):
 def test_tampered_model_metadata_is_one_line(tmp_path):
     import zipfile
 
-    good = {"age_group_edges": [0, 10, 20], "labels": ["0-9", "10-19", "20+"], "max_age": 100, "backbone": "cnn", "descriptor": None,
-            "input_size": 32, "training_group_shares": [0.3, 0.3, 0.4], "config": {}, "python": "3.11", "packages": {}}
+    good = {
+        "age_group_edges": [0, 10, 20],
+        "labels": ["0-9", "10-19", "20+"],
+        "max_age": 100,
+        "backbone": "cnn",
+        "descriptor": None,
+        "input_size": 32,
+        "training_group_shares": [0.3, 0.3, 0.4],
+        "config": {},
+        "python": "3.11",
+        "packages": {},
+    }
     (tmp_path / "faces").mkdir()
     cv2.imwrite(str(tmp_path / "faces" / "30_0_0_face.jpg"), np.full((64, 64, 3), 128, np.uint8))
-    cases = {"extra key": {**good, "surprise": 1}, "string edges": {**good, "age_group_edges": ["0", "10", "20"]},
-             "negative input size": {**good, "input_size": -32}, "labels of other edges": {**good, "labels": ["a", "b", "c"]}}
+    cases = {
+        "extra key": {**good, "surprise": 1},
+        "string edges": {**good, "age_group_edges": ["0", "10", "20"]},
+        "negative input size": {**good, "input_size": -32},
+        "labels of other edges": {**good, "labels": ["a", "b", "c"]},
+    }
     for name, metadata in cases.items():
         model = tmp_path / f"{name}.keras"
         with zipfile.ZipFile(model, "w") as archive:
             archive.writestr("agepipe.json", json.dumps(metadata))
-        result = run("predict_age.py", f"model_path={model}", f"inputs=[{tmp_path}/faces]", f"output_csv={tmp_path}/p.csv", check=False)
-        assert result.returncode == 2 and "has damaged metadata" in result.stderr and "Traceback" not in result.stderr, name
+        result = run(
+            "predict_age.py",
+            f"model_path={model}",
+            f"inputs=[{tmp_path}/faces]",
+            f"output_csv={tmp_path}/p.csv",
+            check=False,
+        )
+        assert (
+            result.returncode == 2 and "has damaged metadata" in result.stderr and "Traceback" not in result.stderr
+        ), name
 
 
 def test_a_file_is_never_quoted_in_its_reason(tmp_path):
@@ -410,8 +608,14 @@ def test_an_image_that_takes_too_long_says_so(tmp_path):
         image = tmp_path / "1_0_0_face.png"
         cv2.imwrite(str(image), np.full((50, 50, 3), 128, np.uint8))
         settings = ReaderSettings({"slow_in_tests": {}}, 10**8, 10**9, 20, 200)
-        [(reason,)] = list(parallel_map(_measure_reason, [(str(image), settings)], Engine(num_workers=1, task_timeout=1),
-                                        on_failure=lambda item, why: (why,)))
+        [(reason,)] = list(
+            parallel_map(
+                _measure_reason,
+                [(str(image), settings)],
+                Engine(num_workers=1, task_timeout=1),
+                on_failure=lambda item, why: (why,),
+            )
+        )
         assert reason == "took longer than task_timeout_seconds (1 s)"
     finally:
         METRICS.pop("slow_in_tests")

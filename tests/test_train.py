@@ -1,4 +1,5 @@
 """Training on the generated sample: it learns, it does not leak, it saves and reloads, it distributes."""
+
 import json
 import os
 import subprocess
@@ -8,18 +9,31 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PROJECT, read_csv, run
 
 from agepipe.data.age_groups import AgeGroups
+from conftest import PROJECT, read_csv, run
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
 # Small pixel networks for the tests of the pixel backbones, quick on 2 cores.
-PIXELS = ["model.backbone=pixels", "model.pixels.image_size=32", "model.pixels.filters=[8, 16]", "training.batch_size=32", "training.epochs=1"]
+PIXELS = [
+    "model.backbone=pixels",
+    "model.pixels.image_size=32",
+    "model.pixels.filters=[8, 16]",
+    "training.batch_size=32",
+    "training.epochs=1",
+]
 
 
 def train(input_csv, out, cache, *extra, check=True):
-    return run("train_model.py", f"input_csv={input_csv}", f"output_dir={out}", f"descriptor_cache={cache}",
-               "target_csv=null", *extra, check=check)
+    return run(
+        "train_model.py",
+        f"input_csv={input_csv}",
+        f"output_dir={out}",
+        f"descriptor_cache={cache}",
+        "target_csv=null",
+        *extra,
+        check=check,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +55,14 @@ def test_training_beats_the_majority_baseline_clearly(trained):
     assert np.array(test["confusion_matrix"]).sum() == test["images"] == metrics["split_images"]["test"]
     assert metrics["config"]["model"]["backbone"] == "face_features" and 0 <= test["calibration_error"] < 0.2
     assert 0.5 <= test["interval_coverage"] <= 1 and metrics["split_images"]["validation"] > 0
-    for name in ("model.keras", "history.csv", "training_curves.png", "confusion_matrix.png", "face_problems.csv", "test_images.csv"):
+    for name in (
+        "model.keras",
+        "history.csv",
+        "training_curves.png",
+        "confusion_matrix.png",
+        "face_problems.csv",
+        "test_images.csv",
+    ):
         assert (out / name).stat().st_size > 0
 
 
@@ -75,12 +96,16 @@ def test_saved_model_reloads_with_its_metadata_and_predicts_the_same(trained, de
     rows = backbone.prepare(saved, Engine(num_workers=1), descriptor_cache)
     years = tempered(backbone.predict(model, rows, True, 64), metadata.temperature)
     answer = answers(years, metadata.groups, metadata.max_age, metadata.answer_rule, metadata.interval)
-    np.testing.assert_allclose(answer.group_probabilities, saved[[f"p_{g}" for g in metadata.labels]].to_numpy(), atol=2e-4)
+    np.testing.assert_allclose(
+        answer.group_probabilities, saved[[f"p_{g}" for g in metadata.labels]].to_numpy(), atol=2e-4
+    )
     np.testing.assert_allclose(answer.age, saved["predicted_age"], atol=0.05)
     # the LiteRT copy of the head inside the file gives the same numbers without TensorFlow
     lite = backbone.load(out / "model.keras", metadata)
     assert type(lite).__name__ == "LiteHead"
-    np.testing.assert_allclose(backbone.predict(lite, rows, True, 64), backbone.predict(model, rows, True, 64), atol=1e-5)
+    np.testing.assert_allclose(
+        backbone.predict(lite, rows, True, 64), backbone.predict(model, rows, True, 64), atol=1e-5
+    )
 
 
 def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample, descriptor_cache, tmp_path):
@@ -99,10 +124,19 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     rows = rows[~fifo]
     assert "tensorflow" not in result.stdout + result.stderr.lower()
     # the face-features model's head runs on LiteRT: prediction never imports TensorFlow
-    probe = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
-                            "runpy.run_path('predict_age.py', run_name='__main__'); print('TF', 'tensorflow' in sys.modules)",
-                            "predict_age.py", *[a for o in [*common, f"output_csv={tmp_path}/probe.csv"] for a in ("--set", o)]],
-                           cwd=PROJECT, capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import runpy, sys; sys.argv = sys.argv[1:]; "
+            "runpy.run_path('predict_age.py', run_name='__main__'); print('TF', 'tensorflow' in sys.modules)",
+            "predict_age.py",
+            *[a for o in [*common, f"output_csv={tmp_path}/probe.csv"] for a in ("--set", o)],
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+    )
     assert probe.stdout.strip().endswith("TF False"), probe.stderr[-500:]
     assert (tmp_path / "probe.csv").read_bytes() == (tmp_path / "p.csv").read_bytes()
     # read back, predicted and written 3 images at a time: the same file, the same scores, no file left behind
@@ -110,7 +144,13 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     assert (tmp_path / "chunked.csv").read_bytes() == (tmp_path / "p.csv").read_bytes()
     assert chunked.stdout.splitlines()[-1] == result.stdout.splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file() and "csv" in p.name) == [
-        "chunked.csv", "chunked.csv.run.json", "p.csv", "p.csv.run.json", "probe.csv", "probe.csv.run.json"]
+        "chunked.csv",
+        "chunked.csv.run.json",
+        "p.csv",
+        "p.csv.run.json",
+        "probe.csv",
+        "probe.csv.run.json",
+    ]
     assert len(rows) == 21 and rows["reason"].notna().sum() == 1 and "not an image" in rows["reason"].dropna().iloc[0]
     ok = rows[rows["reason"].isna()]
     probabilities = ok[[c for c in ok.columns if c.startswith("p_")]].to_numpy()
@@ -121,27 +161,45 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     assert all(groups.label_of(age) == group for age, group in zip(ok["age"], ok["age_group"]))
     assert (ok["age_low"] <= ok["age_high"]).all()
     reported = [row[f"p_{group}"] for group, (_, row) in zip(ok["age_group"], ok.iterrows())]
-    assert np.allclose(ok["age_group_confidence"], reported, atol=1e-4)  # the confidence is the reported group's probability
+    assert np.allclose(
+        ok["age_group_confidence"], reported, atol=1e-4
+    )  # the confidence is the reported group's probability
 
     # a prior that makes 70+ a hundred times likelier than the training mix raises every p_70+
     groups = ["0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
     pd.DataFrame({"group": groups, "share": [0.01] * 7 + [0.93]}).to_csv(tmp_path / "old.csv", index=False)
     run("predict_age.py", *common, f"output_csv={tmp_path}/q.csv", f"prior_csv={tmp_path}/old.csv")
     shifted = read_csv(tmp_path / "q.csv")
-    assert (shifted["p_70+"][ok.index] >= ok["p_70+"] - 1e-4).all() and shifted["p_70+"].mean() > ok["p_70+"].mean() + 0.05
+    assert (shifted["p_70+"][ok.index] >= ok["p_70+"] - 1e-4).all() and shifted["p_70+"].mean() > ok[
+        "p_70+"
+    ].mean() + 0.05
 
 
 @pytest.mark.slow
 def test_cross_validation_answers_every_original_out_of_fold_then_trains_on_all(resampled, descriptor_cache, tmp_path):
     folder, _, _ = resampled
     rows = read_csv(folder / "resampled.csv")
-    result = train(folder / "resampled.csv", tmp_path, descriptor_cache, "split.method=cross_validation", "split.folds=3", "training.epochs=3")
+    result = train(
+        folder / "resampled.csv",
+        tmp_path,
+        descriptor_cache,
+        "split.method=cross_validation",
+        "split.folds=3",
+        "training.epochs=3",
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     answered = read_csv(tmp_path / "test_predictions.csv")
     unusable = set(read_csv(tmp_path / "face_problems.csv")["file"])  # no face to describe
-    assert set(answered["file"]) == set(rows.loc[rows["copy"] == 0, "file"]) - unusable and metrics["test"]["images"] == len(answered)
-    assert metrics["split_images"]["train"] == (~rows["file"].isin(unusable)).sum() and metrics["test_source"].startswith("out of fold: 3 folds")
-    assert "out of fold (3 folds)" in result.stdout and metrics["test"]["accuracy"] > metrics["majority_baseline"]["accuracy"] + 0.2
+    assert set(answered["file"]) == set(rows.loc[rows["copy"] == 0, "file"]) - unusable and metrics["test"][
+        "images"
+    ] == len(answered)
+    assert metrics["split_images"]["train"] == (~rows["file"].isin(unusable)).sum() and metrics[
+        "test_source"
+    ].startswith("out of fold: 3 folds")
+    assert (
+        "out of fold (3 folds)" in result.stdout
+        and metrics["test"]["accuracy"] > metrics["majority_baseline"]["accuracy"] + 0.2
+    )
     assert (tmp_path / "model.keras").stat().st_size > 0
 
 
@@ -150,20 +208,36 @@ def test_the_pixel_cnn_still_trains_and_predicts(resampled, descriptor_cache, tm
     train(folder / "resampled.csv", tmp_path, descriptor_cache, *PIXELS)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["model"]["backbone"] == "pixels" and metrics["test"]["images"] > 50
-    run("predict_age.py", f"model_path={tmp_path}/model.keras", f"inputs=[{folder}/images]", f"output_csv={tmp_path}/p.csv")
+    run(
+        "predict_age.py",
+        f"model_path={tmp_path}/model.keras",
+        f"inputs=[{folder}/images]",
+        f"output_csv={tmp_path}/p.csv",
+    )
     assert read_csv(tmp_path / "p.csv")["age_group"].notna().all()
 
 
 def test_mirrored_strategy_on_two_logical_cpus(resampled, descriptor_cache, tmp_path):
     folder, _, _ = resampled
-    train(folder / "resampled.csv", tmp_path, descriptor_cache, "distribution.strategy=mirrored", "distribution.logical_cpus=2", "training.epochs=2")
+    train(
+        folder / "resampled.csv",
+        tmp_path,
+        descriptor_cache,
+        "distribution.strategy=mirrored",
+        "distribution.logical_cpus=2",
+        "training.epochs=2",
+    )
     assert json.loads((tmp_path / "metrics.json").read_text())["replicas"] == 2
 
 
-def test_multi_worker_strategy_runs_as_one_local_worker_without_tf_config(resampled, descriptor_cache, tmp_path, monkeypatch):
+def test_multi_worker_strategy_runs_as_one_local_worker_without_tf_config(
+    resampled, descriptor_cache, tmp_path, monkeypatch
+):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     folder, _, _ = resampled
-    train(folder / "resampled.csv", tmp_path, descriptor_cache, "distribution.strategy=multi_worker", "training.epochs=2")
+    train(
+        folder / "resampled.csv", tmp_path, descriptor_cache, "distribution.strategy=multi_worker", "training.epochs=2"
+    )
     assert json.loads((tmp_path / "metrics.json").read_text())["replicas"] == 1
 
 
@@ -172,16 +246,31 @@ def test_a_keras_applications_backbone_trains_and_reloads_offline(resampled, des
     from agepipe.model.keras_networks import load_with_metadata
 
     folder, _, _ = resampled
-    train(folder / "resampled.csv", tmp_path, descriptor_cache, *PIXELS, "model.pixels.network=MobileNetV3Small", "model.pixels.weights=null")
+    train(
+        folder / "resampled.csv",
+        tmp_path,
+        descriptor_cache,
+        *PIXELS,
+        "model.pixels.network=MobileNetV3Small",
+        "model.pixels.weights=null",
+    )
     model, metadata = load_with_metadata(tmp_path / "model.keras")
     assert metadata.input_size == 32 and model.output_shape == (None, 101)
 
 
 def test_a_group_without_images_is_reported_not_fatal(resampled, descriptor_cache, tmp_path):
     folder, _, _ = resampled
-    result = train(folder / "resampled.csv", tmp_path, descriptor_cache, "age_groups.edges=[0, 10, 20, 30, 40, 50, 60, 70, 95]", "training.epochs=2")
+    result = train(
+        folder / "resampled.csv",
+        tmp_path,
+        descriptor_cache,
+        "age_groups.edges=[0, 10, 20, 30, 40, 50, 60, 70, 95]",
+        "training.epochs=2",
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["test"]["groups_without_test_images"] == ["95+"] and metrics["test"]["per_group_recall"]["95+"] is None
+    assert (
+        metrics["test"]["groups_without_test_images"] == ["95+"] and metrics["test"]["per_group_recall"]["95+"] is None
+    )
     assert "age group 95+ has no training images" in result.stderr
 
 
@@ -193,7 +282,11 @@ def test_bad_inputs_give_clear_messages(tmp_path, sample, descriptor_cache):
     for age in ("25.7", "abc", "-3"):
         (tmp_path / "ages.csv").write_text(f"file,path,age\n30_0_0_face.jpg,{tmp_path}/30_0_0_face.jpg,{age}\n")
         result = train(tmp_path / "ages.csv", tmp_path, descriptor_cache, check=False)
-        assert result.returncode == 2 and "not a whole number of years" in result.stderr and "Traceback" not in result.stderr, age
+        assert (
+            result.returncode == 2
+            and "not a whole number of years" in result.stderr
+            and "Traceback" not in result.stderr
+        ), age
     with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
         archive.writestr("config.json", "{}")
     result = run("predict_age.py", f"model_path={tmp_path}/other.keras", f"inputs=[{tmp_path}]", check=False)
@@ -206,8 +299,13 @@ def test_bad_inputs_give_clear_messages(tmp_path, sample, descriptor_cache):
 def test_split_is_stratified_and_seeded():
     from agepipe.model.training import split_by_source
 
-    frame = pd.DataFrame({"source": [f"s{i}" for i in range(100)] * 2, "copy": [0] * 100 + [1] * 100,
-                          "group_index": [i % 4 for i in range(100)] * 2})
+    frame = pd.DataFrame(
+        {
+            "source": [f"s{i}" for i in range(100)] * 2,
+            "copy": [0] * 100 + [1] * 100,
+            "group_index": [i % 4 for i in range(100)] * 2,
+        }
+    )
     first, second = split_by_source(frame, 0.2, 0.2, seed=3), split_by_source(frame, 0.2, 0.2, seed=3)
     assert first.equals(second) and not first.equals(split_by_source(frame, 0.2, 0.2, seed=4))
     originals = first[:100]
@@ -230,7 +328,10 @@ def test_year_distribution_targets_and_prior_correction():
     corrected = correct_prior(flat, groups, 100, [10 / 101, 60 / 101, 31 / 101], [1 / 3, 1 / 3, 1 / 3]) @ matrix
     np.testing.assert_allclose(corrected, [[1 / 3, 1 / 3, 1 / 3]], atol=1e-6)
     perfect = evaluate(year_targets([5, 40, 80], 100, 0), [5, 40, 80], groups, 100, [0.2, 0.5, 0.3])
-    assert perfect["accuracy"] == perfect["population_weighted_accuracy"] == perfect["balanced_accuracy"] == 1 and perfect["mae_years"] == 0
+    assert (
+        perfect["accuracy"] == perfect["population_weighted_accuracy"] == perfect["balanced_accuracy"] == 1
+        and perfect["mae_years"] == 0
+    )
 
 
 def test_images_that_no_longer_decode_are_left_out_before_training(resampled, descriptor_cache, tmp_path):
@@ -249,7 +350,9 @@ def test_images_that_no_longer_decode_are_left_out_before_training(resampled, de
     assert problems.loc[broken.name, "problem"].startswith("unreadable: ")
 
 
-def test_predictions_on_ordinary_photos_find_the_face_or_say_why_not(trained, sample, manifest, descriptor_cache, tmp_path):
+def test_predictions_on_ordinary_photos_find_the_face_or_say_why_not(
+    trained, sample, manifest, descriptor_cache, tmp_path
+):
     """A folder of what users bring: a photo with one planted face, scenes without any, a 6000x4000 phone
     photo turned by EXIF, a panorama, a tiny face. Faces found are answered where they were planted;
     images without one get a row with the reason and no age, never a guess."""
@@ -276,9 +379,18 @@ def test_predictions_on_ordinary_photos_find_the_face_or_say_why_not(trained, sa
     exif = phone.getexif()
     exif[0x0112] = 6
     phone.save(folder / "phone.jpg", exif=exif.tobytes(), quality=80)
-    run("predict_age.py", f"model_path={out}/model.keras", f"inputs=[{folder}]", f"descriptor_cache={descriptor_cache}",
-        f"output_csv={tmp_path}/p.csv")
-    rows = read_csv(tmp_path / "p.csv").assign(name=lambda t: t["file"].map(lambda f: f.rsplit("/", 1)[-1])).set_index("name")
+    run(
+        "predict_age.py",
+        f"model_path={out}/model.keras",
+        f"inputs=[{folder}]",
+        f"descriptor_cache={descriptor_cache}",
+        f"output_csv={tmp_path}/p.csv",
+    )
+    rows = (
+        read_csv(tmp_path / "p.csv")
+        .assign(name=lambda t: t["file"].map(lambda f: f.rsplit("/", 1)[-1]))
+        .set_index("name")
+    )
     groups = AgeGroups((0, 10, 20, 30, 40, 50, 60, 70))
     for name, scale in (("photo.jpg", 1.0), ("phone.jpg", 6000 / 640)):
         row = rows.loc[name]
@@ -287,5 +399,9 @@ def test_predictions_on_ordinary_photos_find_the_face_or_say_why_not(trained, sa
         assert groups.label_of(row["age"]) == row["age_group"] and pd.isna(row["reason"]), name
     assert rows.loc["panorama.jpg", "faces_found"] >= 1 and pd.notna(rows.loc["panorama.jpg", "age"])
     for name in ("scene0.jpg", "scene1.jpg", "scene2.jpg", "tiny.jpg"):
-        assert pd.isna(rows.loc[name, "age"]) and pd.isna(rows.loc[name, "age_group"]) and isinstance(rows.loc[name, "reason"], str), name
+        assert (
+            pd.isna(rows.loc[name, "age"])
+            and pd.isna(rows.loc[name, "age_group"])
+            and isinstance(rows.loc[name, "reason"], str)
+        ), name
     assert rows.loc["scene0.jpg", "reason"] == "no face found"

@@ -1,4 +1,5 @@
 """Config validation, age groups, atomic writes, the resume journal, part files and the streaming pool map."""
+
 import json
 from typing import Literal
 
@@ -122,7 +123,12 @@ def test_a_damaged_journal_line_is_done_again_and_a_stranger_is_never_a_journal(
     with Journal(path, "fp1") as journal:
         journal.record("b", {"x": 2})
     resumed = Journal(path, "fp1")
-    assert len(resumed.done) == 2 and "a" in resumed.done and "b" in resumed.done and resumed.records(["a", "b"]) == {"a": {"x": 1}, "b": {"x": 2}}
+    assert (
+        len(resumed.done) == 2
+        and "a" in resumed.done
+        and "b" in resumed.done
+        and resumed.records(["a", "b"]) == {"a": {"x": 1}, "b": {"x": 2}}
+    )
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     assert not Journal.is_journal(notes) and not Journal.is_journal(tmp_path / "missing.jsonl")
@@ -160,11 +166,23 @@ def test_parts_keep_their_column_types_and_only_their_own_files_are_ever_deleted
     store = PartStore(tmp_path / "parts", "settings-1")
     first, second = store.part_name(["a|1|5", "b|2|6"]), store.part_name(["c|3|7"])
     assert first != second and first != PartStore(tmp_path / "parts", "settings-2").part_name(["a|1|5", "b|2|6"])
-    store.write(first, [{"width": 200, "score": 1.5, "hash": "ab"}, {"width": None, "score": float("nan"), "hash": None}])
-    store.write(second, [{"width": None, "score": 2.0, "hash": None}])  # a chunk where a whole-number column is all empty
+    store.write(
+        first, [{"width": 200, "score": 1.5, "hash": "ab"}, {"width": None, "score": float("nan"), "hash": None}]
+    )
+    store.write(
+        second, [{"width": None, "score": 2.0, "hash": None}]
+    )  # a chunk where a whole-number column is all empty
     table = json_table(list(store.rows(first)))
-    assert str(table["width"].dtype) == "Int64" and table["width"].tolist()[0] == 200 and table["width"].isna().tolist() == [False, True]
-    assert table["score"].tolist()[0] == 1.5 and table["hash"].tolist()[0] == "ab" and table["hash"].isna().tolist() == [False, True]
+    assert (
+        str(table["width"].dtype) == "Int64"
+        and table["width"].tolist()[0] == 200
+        and table["width"].isna().tolist() == [False, True]
+    )
+    assert (
+        table["score"].tolist()[0] == 1.5
+        and table["hash"].tolist()[0] == "ab"
+        and table["hash"].isna().tolist() == [False, True]
+    )
     looks_like_a_part = tmp_path / "parts" / ("0" * 32 + ".jsonl")
     looks_like_a_part.write_text('{"not": "a part"}\n')  # a part's name, but not its header
     killed_write = tmp_path / "parts" / f".{second[:32]}.k9x_2abc.tmp"
@@ -205,7 +223,8 @@ def test_importing_the_library_modules_changes_no_global_state():
     # before it loads is its purpose, and TensorFlow sets variables of its own.
     probe = """
 import os, warnings, matplotlib, matplotlib.pyplot, PIL.Image, cv2, numpy, pandas, scipy.sparse.csgraph, yaml, tqdm
-state = lambda: (dict(matplotlib.rcParams), matplotlib.get_backend(), PIL.Image.MAX_IMAGE_PIXELS, dict(os.environ), list(warnings.filters))
+state = lambda: (dict(matplotlib.rcParams), matplotlib.get_backend(), PIL.Image.MAX_IMAGE_PIXELS, dict(os.environ),
+                 list(warnings.filters))
 before = state()
 import importlib, pathlib
 for module in MODULES:

@@ -1,5 +1,6 @@
 """The numbers drawn are the numbers in the data, the PNG files are real, non-blank images, and the
 report's site reaches every flagged image through links that resolve."""
+
 import re
 import shutil
 import subprocess
@@ -9,10 +10,10 @@ from urllib.parse import unquote
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import read_csv, run
 from PIL import Image
 
 from agepipe.data.age_groups import AgeGroups
+from conftest import read_csv, run
 from image_visualizer import plot_age_distribution, plot_metric_by_age_group, visualize_distribution
 
 GROUPS = AgeGroups((0, 10, 20, 30, 40, 50, 60, 70))
@@ -25,7 +26,10 @@ def test_threshold_counts_written_on_the_histogram_match_the_rows(metadata):
     values = metadata["brightness"].dropna()
     dark, bright = int((values < 50).sum()), int((values > 205).sum())
     assert dark == 30 and bright == 30  # what the generator planted, as the exploration test also checks
-    assert legend == [f"dark < 50: {dark:,} images ({dark / len(values):.1%})", f"bright > 205: {bright:,} images ({bright / len(values):.1%})"]
+    assert legend == [
+        f"dark < 50: {dark:,} images ({dark / len(values):.1%})",
+        f"bright > 205: {bright:,} images ({bright / len(values):.1%})",
+    ]
 
 
 def test_skewed_metrics_get_a_log_axis(metadata):
@@ -45,7 +49,9 @@ def test_age_bars_sum_to_the_labelled_images(metadata):
 
 def test_flagged_share_per_age_group_in_tick_labels():
     frame = pd.DataFrame({"age_group": ["0-9"] * 4 + ["70+"] * 2, "faces": [1, 0, 1, 1, 0, 0]})
-    figure = plot_metric_by_age_group(frame, "faces", GROUPS, [{"check": "no_face", "value": 1, "side": "below"}], (6, 4), 80, 30)
+    figure = plot_metric_by_age_group(
+        frame, "faces", GROUPS, [{"check": "no_face", "value": 1, "side": "below"}], (6, 4), 80, 30
+    )
     ticks = [t.get_text() for t in figure.axes[0].get_xticklabels()]
     assert ticks == ["0-9\n25.0% flagged\nn=4", "70+\n100.0% flagged\nn=2"]
 
@@ -53,8 +59,14 @@ def test_flagged_share_per_age_group_in_tick_labels():
 @pytest.fixture(scope="module")
 def report(explored, processed, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    run("visualize_image_information.py", f"exploration_csv={explored}/image_metadata.csv",
-        f"processed_csv={processed}/processed.csv", f"output_dir={out}", "formats=[png, svg]", "site.gallery_page_size=10")
+    run(
+        "visualize_image_information.py",
+        f"exploration_csv={explored}/image_metadata.csv",
+        f"processed_csv={processed}/processed.csv",
+        f"output_dir={out}",
+        "formats=[png, svg]",
+        "site.gallery_page_size=10",
+    )
     return out
 
 
@@ -67,7 +79,11 @@ def local_links(page: Path) -> list[Path]:
 def test_every_flagged_image_is_two_clicks_from_the_index_and_every_link_resolves(report, explored):
     index = report / "index.html"
     text = index.read_text()
-    assert 'id="summary"' in text and "Contents" in text and text.index("Summary") < text.index("distribution_blurriness.png")
+    assert (
+        'id="summary"' in text
+        and "Contents" in text
+        and text.index("Summary") < text.index("distribution_blurriness.png")
+    )
     galleries = {link for link in local_links(index) if link.parent.name == "gallery"}
     reached = set(galleries)
     for first in galleries:  # one click: the gallery's first page; two: any other page of it
@@ -88,8 +104,17 @@ def test_every_flagged_image_is_two_clicks_from_the_index_and_every_link_resolve
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Chromium is not installed (apt install chromium)")
 def test_the_index_opens_in_headless_chromium(report):
-    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-               f"--user-data-dir={report.parent / 'chromium-profile'}", "--dump-dom", (report / "index.html").as_uri()]
+    command = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        f"--user-data-dir={report.parent / 'chromium-profile'}",
+        "--dump-dom",
+        (report / "index.html").as_uri(),
+    ]
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
     assert 'nav class="toc"' in dom and dom.count("<figure") >= 20 and "gallery/blurry-1.html" in dom
 
@@ -97,8 +122,15 @@ def test_the_index_opens_in_headless_chromium(report):
 def test_every_plot_is_a_valid_non_blank_png_of_the_configured_size(report):
     pngs = sorted(report.glob("*.png"))
     names = {p.stem for p in pngs}
-    assert {"summary", "age_distribution", "distribution_blurriness", "by_age_group_noise", "grid_blurry",
-            "before_after_denoise", "before_after_adjust_exposure"} <= names
+    assert {
+        "summary",
+        "age_distribution",
+        "distribution_blurriness",
+        "by_age_group_noise",
+        "grid_blurry",
+        "before_after_denoise",
+        "before_after_adjust_exposure",
+    } <= names
     for png in pngs:
         with Image.open(png) as image:
             image.verify()
@@ -112,8 +144,12 @@ def test_every_plot_is_a_valid_non_blank_png_of_the_configured_size(report):
 
 
 def test_exploration_csv_alone_is_enough(explored, tmp_path):
-    run("visualize_image_information.py", f"exploration_csv={explored}/image_metadata.csv",
-        f"processed_csv={tmp_path}/not_yet.csv", f"output_dir={tmp_path}/out")
+    run(
+        "visualize_image_information.py",
+        f"exploration_csv={explored}/image_metadata.csv",
+        f"processed_csv={tmp_path}/not_yet.csv",
+        f"output_dir={tmp_path}/out",
+    )
     assert (tmp_path / "out/summary.png").exists() and not list((tmp_path / "out").glob("before_after_*"))
 
 
@@ -127,14 +163,24 @@ def test_exploration_csv_alone_is_enough(explored, tmp_path):
 )
 def test_bad_csvs_give_a_clear_message(tmp_path, content, message):
     (tmp_path / "bad.csv").write_text(content)
-    result = run("visualize_image_information.py", f"exploration_csv={tmp_path}/bad.csv", "processed_csv=null",
-                 f"output_dir={tmp_path}/out", check=False)
+    result = run(
+        "visualize_image_information.py",
+        f"exploration_csv={tmp_path}/bad.csv",
+        "processed_csv=null",
+        f"output_dir={tmp_path}/out",
+        check=False,
+    )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_metric_column_is_named(explored, tmp_path):
     frame = read_csv(explored / "image_metadata.csv").drop(columns=["noise"])
     frame.to_csv(tmp_path / "m.csv", index=False)
-    result = run("visualize_image_information.py", f"exploration_csv={tmp_path}/m.csv", "processed_csv=null",
-                 f"output_dir={tmp_path}/out", check=False)
+    result = run(
+        "visualize_image_information.py",
+        f"exploration_csv={tmp_path}/m.csv",
+        "processed_csv=null",
+        f"output_dir={tmp_path}/out",
+        check=False,
+    )
     assert result.returncode == 2 and "column 'noise' is not in the CSV" in result.stderr

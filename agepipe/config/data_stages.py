@@ -5,13 +5,24 @@ agepipe.config.schema's parts and by its rules.
 Settings that depend on code registries (each metric's parameters, each repair's) are validated
 against those registries' own models when a stage loads its config.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agepipe.config.schema import Bounded, Byte, Common, Jitter, OrderedRange, PoseJitter, ProjectPath, Section, WorkspacePath
+from agepipe.config.schema import (
+    Bounded,
+    Byte,
+    Common,
+    Jitter,
+    OrderedRange,
+    PoseJitter,
+    ProjectPath,
+    Section,
+    WorkspacePath,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +147,9 @@ class ProcessConfig(Common):
     """Every output this many pixels square (null: sizes kept, passing images copied byte for byte)."""
     jpeg_quality: Bounded(int, 1, 100)
     """For repaired images written as JPEG."""
-    repairs: dict[str, dict[str, dict[str, Any]]]  # check -> repair -> parameters, checked against image_processor.REPAIRS
+    repairs: dict[
+        str, dict[str, dict[str, Any]]
+    ]  # check -> repair -> parameters, checked against image_processor.REPAIRS
     """For each check, the operations that repair it, with their parameters."""
     retry: Retry
     """How often, and how much stronger, a repair is tried again."""

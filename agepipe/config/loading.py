@@ -1,9 +1,11 @@
 """Reading the configs: `load_config` reads `configs/common.yaml` (settings every stage shares, such as
 the age groups), then the script's own file, then `--set dotted.key=value` overrides, and validates the
-result against the script's pydantic model (agepipe/config: data_stages.py, model_stages.py) before any work starts. A problem raises
+result against the script's pydantic model (agepipe/config: data_stages.py, model_stages.py) before any work
+starts. A problem raises
 ConfigError whose message names the key path and what was expected; `utils.run_script` turns it into one
 line on stderr and exit status 2.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,9 +39,18 @@ def validate_section(model: type[ModelT], data: Any, where: str = "") -> ModelT:
 
 
 # what a pydantic error type expects, in the words of a config file
-EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number", "bool_type": "true or false",
-            "string_type": "a string", "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
-            "model_attributes_type": "a mapping", "finite_number": "a finite number"}
+EXPECTED = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "finite_number": "a finite number",
+}
 
 
 def error_text(error: dict, where: str = "") -> str:
@@ -47,7 +58,8 @@ def error_text(error: dict, where: str = "") -> str:
 
     Examples
     --------
-    >>> error_text({"type": "greater_than_equal", "loc": ("edges", 1), "msg": "", "input": -2, "ctx": {"ge": 0}}, "age_groups")
+    >>> error = {"type": "greater_than_equal", "loc": ("edges", 1), "msg": "", "input": -2, "ctx": {"ge": 0}}
+    >>> error_text(error, "age_groups")
     'age_groups.edges[1]: expected a value >= 0, got -2'
     """
     keys = [where] if where else []
@@ -65,8 +77,10 @@ def error_text(error: dict, where: str = "") -> str:
     if kind == "value_error":
         return f"{key}: {context.get('error', error['msg'])}"
     expected = EXPECTED.get(kind) or {
-        "greater_than_equal": f"a value >= {context.get('ge', 0):g}", "less_than_equal": f"a value <= {context.get('le', 0):g}",
-        "literal_error": f"one of {context.get('expected')}", "too_short": f"at least {context.get('min_length')} items",
+        "greater_than_equal": f"a value >= {context.get('ge', 0):g}",
+        "less_than_equal": f"a value <= {context.get('le', 0):g}",
+        "literal_error": f"one of {context.get('expected')}",
+        "too_short": f"at least {context.get('min_length')} items",
         "too_long": f"at most {context.get('max_length')} items",
     }.get(kind, error["msg"][:1].lower() + error["msg"][1:])
     return f"{key}: expected {expected}, got {shown(error['input'])}"
@@ -96,7 +110,9 @@ def _bounded_yaml(text: str, where: str) -> Any:
     try:
         node = loader.get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
-            raise ConfigError(f"{where}: its YAML aliases expand to more than {MAX_YAML_VALUES:,} values; no config does")
+            raise ConfigError(
+                f"{where}: its YAML aliases expand to more than {MAX_YAML_VALUES:,} values; no config does"
+            )
         return None if node is None else loader.construct_document(node)
     finally:
         loader.dispose()
@@ -136,7 +152,9 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', None) or type(exc).__name__})") from None
+        raise ConfigError(
+            f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', None) or type(exc).__name__})"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -158,7 +176,7 @@ def apply_override(config: dict, assignment: str) -> str:
     for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {shown(key)}: {shown('.'.join(parts[:depth + 1]))} is not a config section")
+            raise ConfigError(f"--set {shown(key)}: {shown('.'.join(parts[: depth + 1]))} is not a config section")
         node = child
     node[parts[-1]] = value
     return key

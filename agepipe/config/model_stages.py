@@ -1,6 +1,7 @@
 """The models of configs/train_model.yaml and configs/predict_age.yaml: the age model's settings, a
 section per backbone kind (agepipe/model/backbones.py), built of schema.py's parts and by its rules (unknown keys
 are errors, strict types, bounds beside each field, one docstring of meaning under each)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -18,7 +19,7 @@ AnswerRule = Literal["group_first", "median", "mean"]
 # --------------------------------------------------------------------------------------------------
 class Split(Section):
     method: Literal["held_out", "cross_validation"]
-    """'held_out': test on a held-out split (or test_inputs); 'cross_validation': test every original out of fold, then train on all."""
+    """'held_out': test on a held-out split (or test_inputs); 'cross_validation': each original out of fold."""
     folds: Bounded(int, 2, 50)
     """cross_validation: the number of folds."""
     validation: Bounded(float, 0.0, 0.5)
@@ -62,7 +63,7 @@ class Descriptor(Section):
     mirrored: bool
     """Also describe the mirror image: a second training view, averaged at test (false: the fast profile)."""
     face_descriptor: Literal["every_view", "first_view", "none"]
-    """dlib's descriptor on every view, on the first only (the mirror view reuses it), or none (the age network alone)."""
+    """dlib's descriptor on every view, the first only (the mirror reuses it), or none (the age network alone)."""
     age_network: bool
     """Append the pretrained age network's 81 log-probabilities."""
     age_probability_floor: Bounded(float, 1e-30, 1)
@@ -176,7 +177,7 @@ class Fairness(Section):
 
 class Distribution(Section):
     strategy: Literal["default", "mirrored", "multi_worker"]
-    """'default' (one device), 'mirrored' (all GPUs, or logical_cpus CPU replicas) or 'multi_worker' (from TF_CONFIG)."""
+    """'default' (one device), 'mirrored' (all GPUs, or logical_cpus CPU replicas), 'multi_worker' (TF_CONFIG)."""
     logical_cpus: Bounded(int, 1, 64)
     """CPU replicas of 'mirrored' without a GPU."""
 
@@ -236,8 +237,6 @@ class PredictConfig(Common):
     """A target CSV (group, share): adjust to that population's age mix."""
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # configs/check_labels.yaml
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +261,7 @@ class LabelCheckConfig(Common):
     seed: Bounded(int, 0)
     """Seed of the folds and the networks."""
     score: Literal["year_window", "cleanlab"]
-    """'year_window': the predicted probability that the age lies within window_years of the label; 'cleanlab': cleanlab's self-confidence of the given age group."""
+    """'year_window': probability of an age within window_years of the label; 'cleanlab': its self-confidence."""
     window_years: Bounded(int, 0, 20)
     """year_window: how many years either side of the given age count as agreeing with it."""
     second_pass_leave_out: Bounded(float, 0, 0.5)

@@ -6,6 +6,7 @@ field, and rules that join fields are validators beside them. `agepipe.config.lo
 reads the common settings, the script's file and the `--set` overrides, validates them against a
 model, and turns the first problem into one line naming the key path and what was wrong.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -63,7 +64,7 @@ class AgeRange(OrderedRange):
     min: Bounded(int, 0, 150)
     """The youngest age that is a plausible label."""
     max: Bounded(int, 0, 150)
-    """The oldest age that is a plausible label; ages outside min-max are labelling errors (the row is kept, unlabelled)."""
+    """The oldest plausible label; ages outside min-max are labelling errors (the row is kept, unlabelled)."""
 
 
 class PoseJitter(Section):

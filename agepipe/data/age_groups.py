@@ -1,4 +1,5 @@
 """Age groups: binning ages into the configured groups (`age_groups.edges` in configs/common.yaml)."""
+
 from __future__ import annotations
 
 import math

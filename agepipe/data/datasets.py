@@ -2,6 +2,7 @@
 under a folder, one row per file (unlabelled ones too), reading its age from a UTKFace file name or a
 labels CSV, and reading the CSVs the stages pass to each other.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,7 +50,9 @@ def find_image_files(dataset_dir: Path) -> Iterator[tuple[str, str]]:
                 stack.append(iter(_sorted_entries(entry[1], entry[0])))
             except OSError:
                 yield entry[0], entry[1]
-        elif os.path.splitext(entry[0])[1].lower() in IMAGE_EXTENSIONS:  # not pathlib: Python 3.11's interns every name for good
+        elif (
+            os.path.splitext(entry[0])[1].lower() in IMAGE_EXTENSIONS
+        ):  # not pathlib: Python 3.11's interns every name for good
             yield entry[0], entry[1]
 
 
@@ -129,7 +132,9 @@ def read_labels_csv(path: Path, file_column: str, age_column: str) -> LabelTable
         if column not in labels.columns:
             raise UserError(f"labels CSV {path} has no column {column!r} (it has {len(labels.columns)} columns)")
     table = LabelTable(Path(path), {}, set())
-    for file, age in zip(labels[file_column].str.replace("\\", "/"), pd.to_numeric(labels[age_column], errors="coerce")):
+    for file, age in zip(
+        labels[file_column].str.replace("\\", "/"), pd.to_numeric(labels[age_column], errors="coerce")
+    ):
         age = float(age)
         if file in table.ages and not (table.ages[file] == age or math.isnan(table.ages[file]) and math.isnan(age)):
             del table.ages[file]
@@ -218,7 +223,10 @@ def read_metadata_chunks(path, what: str, hint: str, required, rows: int, **read
     not on the table's length. Give `dtype` for every column whose type must not depend on the rows
     a chunk happens to hold."""
     _check_table_file(Path(path), what, hint)
-    with _table_errors(Path(path), what), pd.read_csv(path, chunksize=rows, keep_default_na=False, na_values=[""], **read_options) as reader:
+    with (
+        _table_errors(Path(path), what),
+        pd.read_csv(path, chunksize=rows, keep_default_na=False, na_values=[""], **read_options) as reader,
+    ):
         for chunk in reader:
             _check_columns(chunk, path, what, required)
             yield chunk.reset_index(drop=True)
@@ -244,13 +252,18 @@ def _table_errors(path: Path, what: str):
     except UnicodeDecodeError:
         raise UserError(f"{what} {path} is not UTF-8 text") from None
     except (pd.errors.ParserError, ValueError, OSError) as exc:
-        raise UserError(f"{what} {path} is not a table pandas can read ({(str(exc).splitlines() or [''])[0][:120]})") from None
+        raise UserError(
+            f"{what} {path} is not a table pandas can read ({(str(exc).splitlines() or [''])[0][:120]})"
+        ) from None
 
 
 def _check_columns(frame: pd.DataFrame, path, what: str, required) -> None:
     missing = [column for column in required if column not in frame.columns]
     if missing:
-        raise UserError(f"{what} {path} lacks column {missing[0]!r} (it has {len(frame.columns)} other columns): is it the right file?")
+        raise UserError(
+            f"{what} {path} lacks column {missing[0]!r} (it has {len(frame.columns)} other columns): is it the right "
+            "file?"
+        )
 
 
 def labelled_images(inputs: list[str], labels_csv: str | None, age_range: AgeRange) -> pd.DataFrame:
@@ -262,7 +275,8 @@ def labelled_images(inputs: list[str], labels_csv: str | None, age_range: AgeRan
     >>> folder = tempfile.mkdtemp()
     >>> _ = cv2.imwrite(f"{folder}/photo.jpg", np.zeros((8, 8, 3), np.uint8))
     >>> _ = open(f"{folder}/labels.csv", "w").write("file,age\\nphoto.jpg,41\\n")
-    >>> labelled_images([folder], f"{folder}/labels.csv", AgeRange(min=0, max=120))[["age", "label_error"]].values.tolist()
+    >>> table = labelled_images([folder], f"{folder}/labels.csv", AgeRange(min=0, max=120))
+    >>> table[["age", "label_error"]].values.tolist()
     [[41, None]]
     """
     return pd.DataFrame(iter_labelled_images(inputs, labels_csv, age_range))
@@ -288,9 +302,19 @@ def iter_labelled_images(inputs: list[str], labels_csv: str | None, age_range: A
         parsed = parse_utkface_name(row["relative"])
         age, error = row.get("age"), None
         if age is None or pd.isna(age):
-            age, error = labels.age_of(row["relative"]) if labels is not None and row["relative"] in labels else (parsed["age"], None)
-        age, error = checked_age(float(age), age_range) if isinstance(age, numbers.Real) and not pd.isna(age) else (None, error or "no age known")
-        row.update(age=age, label_error=error, gender=row.get("gender", parsed["gender"]), race=row.get("race", parsed["race"]))
+            age, error = (
+                labels.age_of(row["relative"])
+                if labels is not None and row["relative"] in labels
+                else (parsed["age"], None)
+            )
+        age, error = (
+            checked_age(float(age), age_range)
+            if isinstance(age, numbers.Real) and not pd.isna(age)
+            else (None, error or "no age known")
+        )
+        row.update(
+            age=age, label_error=error, gender=row.get("gender", parsed["gender"]), race=row.get("race", parsed["race"])
+        )
         del row["relative"]
         count += 1
         yield row
@@ -303,7 +327,10 @@ def _input_rows(inputs: list[str]) -> Iterator[dict]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            yield from ({"file": display_name(str(path / name)), "path": real, "relative": name} for name, real in find_image_files(path))
+            yield from (
+                {"file": display_name(str(path / name)), "path": real, "relative": name}
+                for name, real in find_image_files(path)
+            )
         elif path.suffix.lower() == ".csv":
             yield from _table_rows(path)
         else:
@@ -313,17 +340,28 @@ def _input_rows(inputs: list[str]) -> Iterator[dict]:
 def _table_rows(path: Path) -> Iterator[dict]:
     """The images a CSV lists (see iter_labelled_images), with the columns it has of age, gender and
     race (only those columns are read: a wide exploration CSV costs little memory)."""
-    table = read_metadata_csv(path, "input table", dtype={"file": str, "path": str}, usecols=lambda column: column in TABLE_COLUMNS)
+    table = read_metadata_csv(
+        path, "input table", dtype={"file": str, "path": str}, usecols=lambda column: column in TABLE_COLUMNS
+    )
     if "path" not in table.columns and "file" not in table.columns:
         raise UserError(f"input table {path} lists no images: it needs a path or a file column")
     paths = table["path"] if "path" in table.columns else table["file"]
     names = table["file"] if "file" in table.columns else table["path"]
-    known = {column: pd.to_numeric(table[column], errors="coerce") for column in ("age", "gender", "race") if column in table.columns}
+    known = {
+        column: pd.to_numeric(table[column], errors="coerce")
+        for column in ("age", "gender", "race")
+        if column in table.columns
+    }
     for position, (image, name) in enumerate(zip(paths, names)):
         if not isinstance(image, str) or not image:
             continue
         full = image if os.path.isabs(image) else str(path.parent / image)
-        yield {"file": display_name(str(name)), "path": full, "relative": str(name), **{c: values.iloc[position] for c, values in known.items()}}
+        yield {
+            "file": display_name(str(name)),
+            "path": full,
+            "relative": str(name),
+            **{c: values.iloc[position] for c, values in known.items()},
+        }
 
 
 TABLE_COLUMNS = {"path", "file", "age", "gender", "race"}
@@ -360,7 +398,9 @@ class MissingColumn(ValueError):
 def require(frame: pd.DataFrame, *columns: str) -> None:
     for column in columns:
         if column not in frame.columns:
-            raise MissingColumn(f"column {column!r} is not in the CSV (columns: {', '.join(map(str, frame.columns[:12]))}...)")
+            raise MissingColumn(
+                f"column {column!r} is not in the CSV (columns: {', '.join(map(str, frame.columns[:12]))}...)"
+            )
 
 
 def suspected_labels(frame: pd.DataFrame) -> pd.DataFrame:

@@ -4,6 +4,7 @@
 absurd aspect ratio before any pixel memory is allocated, and names the reason in one line
 (`UnreadableImage`), which the stages write into their CSV rows.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,7 +57,9 @@ def pillow_size_check_off():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def read_image(path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio: float = math.inf) -> tuple[np.ndarray, dict]:
+def read_image(
+    path: str, max_pixels: int, max_file_bytes: int, max_aspect_ratio: float = math.inf
+) -> tuple[np.ndarray, dict]:
     """Decode an image file to 8-bit BGR and describe it, or raise UnreadableImage with the reason.
 
     Guards come before any decoding: only regular files are opened (a FIFO or a link to a device would
@@ -102,7 +105,9 @@ def file_bytes(path: str, max_file_bytes: int) -> bytes:
         if not stat.S_ISREG(status.st_mode):
             raise UnreadableImage("not a regular file (a FIFO, device or socket, or a link to one)")
         if status.st_size > max_file_bytes:
-            raise UnreadableImage(f"file is {status.st_size / 1e6:.0f} MB, over images.max_file_mb", {"file_size": status.st_size})
+            raise UnreadableImage(
+                f"file is {status.st_size / 1e6:.0f} MB, over images.max_file_mb", {"file_size": status.st_size}
+            )
         with open(path, "rb") as f:
             data = f.read(max_file_bytes + 1)  # the file may have grown since
     except OSError as exc:
@@ -139,7 +144,9 @@ def check_dimensions(info: dict, max_pixels: int, max_aspect_ratio: float) -> No
     if width == 0 or height == 0:
         raise UnreadableImage(f"zero-pixel image ({width}x{height})", info)
     if width * height > max_pixels:
-        raise UnreadableImage(f"refused: {width}x{height} pixels is over images.max_pixels (decompression bomb guard)", info)
+        raise UnreadableImage(
+            f"refused: {width}x{height} pixels is over images.max_pixels (decompression bomb guard)", info
+        )
     if max(width, height) > max_aspect_ratio * min(width, height):
         raise UnreadableImage(f"refused: {width}x{height} pixels is more elongated than images.max_aspect_ratio", info)
 
@@ -147,9 +154,15 @@ def check_dimensions(info: dict, max_pixels: int, max_aspect_ratio: float) -> No
 EXIF_ORIENTATION = 0x0112
 TRANSPOSED = {5, 6, 7, 8}  # orientations that turn the stored image a quarter
 # The EXIF orientation's turns and flips, as OpenCV operations applied in order.
-ORIENTATION_STEPS = {2: [("flip", 1)], 3: [("rotate", cv2.ROTATE_180)], 4: [("flip", 0)], 5: [("rotate", cv2.ROTATE_90_CLOCKWISE), ("flip", 1)],
-                     6: [("rotate", cv2.ROTATE_90_CLOCKWISE)], 7: [("rotate", cv2.ROTATE_90_COUNTERCLOCKWISE), ("flip", 1)],
-                     8: [("rotate", cv2.ROTATE_90_COUNTERCLOCKWISE)]}
+ORIENTATION_STEPS = {
+    2: [("flip", 1)],
+    3: [("rotate", cv2.ROTATE_180)],
+    4: [("flip", 0)],
+    5: [("rotate", cv2.ROTATE_90_CLOCKWISE), ("flip", 1)],
+    6: [("rotate", cv2.ROTATE_90_CLOCKWISE)],
+    7: [("rotate", cv2.ROTATE_90_COUNTERCLOCKWISE), ("flip", 1)],
+    8: [("rotate", cv2.ROTATE_90_COUNTERCLOCKWISE)],
+}
 
 
 def oriented(bgr: np.ndarray, orientation: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The words the pipeline's CSVs share: each stage's `status` values, the checks computed in code, the
 names of a check's flag and score columns, and which statuses are fit to train on. Every stage that
 writes or reads these columns takes them from here, so a name means one thing everywhere."""
+
 from __future__ import annotations
 
 from enum import StrEnum
@@ -32,7 +33,6 @@ def score_column(check: str) -> str:
     return f"score_{check}"
 
 
-
 class ProcessStatus(StrEnum):
     """What processing did with an image (its `status` column in the processed CSV)."""
 
@@ -45,4 +45,3 @@ class ProcessStatus(StrEnum):
 
 # The statuses, of any stage's CSV, whose images are fit to train on: the one definition.
 TRAINABLE_STATUSES = (Status.OK, ProcessStatus.KEPT, ProcessStatus.REPAIRED)
-

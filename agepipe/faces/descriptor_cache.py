@@ -3,6 +3,7 @@ resumable journal, so that an image is described once however many stages, runs 
 are. A worker takes IMAGES_PER_BATCH images at a time and puts their faces through the networks
 together (describer.FaceDescriber.locate, then finish).
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,7 +59,9 @@ def content_hash(path: str, max_bytes: int) -> str | None:
         return None
 
 
-def _describe_batch(state: tuple[FaceDescriber, tuple[int, int]], tasks: list[tuple[str, str]]) -> list[tuple[str, dict]]:
+def _describe_batch(
+    state: tuple[FaceDescriber, tuple[int, int]], tasks: list[tuple[str, str]]
+) -> list[tuple[str, dict]]:
     """Each task's (content hash, path) image as its cache row, the faces of all of them through the
     networks together."""
     describer, limits = state
@@ -69,7 +72,9 @@ def _describe_batch(state: tuple[FaceDescriber, tuple[int, int]], tasks: list[tu
             located.append(describer.locate(np.ascontiguousarray(bgr[..., ::-1]), bgr))
         except UnreadableImage as exc:
             located.append(ImageFaces(None, [], f"unreadable: {exc}"))
-        except Exception as exc:  # a decoder-made array the detector or landmarks choke on: that image's row says so, the run goes on
+        except (
+            Exception
+        ) as exc:  # a decoder-made array the detector or landmarks choke on: that image's row says so, the run goes on
             located.append(_not_described(exc))
     try:
         described = describer.finish(located)
@@ -91,21 +96,40 @@ def _not_described(exc: Exception) -> ImageFaces:
 
 def cache_row(described: ImageFaces) -> dict:
     """An image's description as one row of the cache (JSON: six decimals are plenty)."""
-    return {"found": described.found, "problem": described.problem,
-            "faces": [{"box": None if face.box is None else [round(v, 2) for v in face.box],
-                       "descriptor": None if face.vector is None else np.round(face.vector, 6).tolist(), "problem": face.problem}
-                      for face in described.faces]}
+    return {
+        "found": described.found,
+        "problem": described.problem,
+        "faces": [
+            {
+                "box": None if face.box is None else [round(v, 2) for v in face.box],
+                "descriptor": None if face.vector is None else np.round(face.vector, 6).tolist(),
+                "problem": face.problem,
+            }
+            for face in described.faces
+        ],
+    }
 
 
 def from_cache_row(row: dict) -> ImageFaces:
-    return ImageFaces(row["found"], [FaceDescription(None if face["box"] is None else tuple(face["box"]),
-                                                     None if face["descriptor"] is None else np.asarray(face["descriptor"], np.float32),
-                                                     face["problem"]) for face in row["faces"]], row["problem"])
+    return ImageFaces(
+        row["found"],
+        [
+            FaceDescription(
+                None if face["box"] is None else tuple(face["box"]),
+                None if face["descriptor"] is None else np.asarray(face["descriptor"], np.float32),
+                face["problem"],
+            )
+            for face in row["faces"]
+        ],
+        row["problem"],
+    )
 
 
 def descriptor_shape(settings: DescriptorSettings) -> tuple[int, int]:
     """(views, numbers per view) of a descriptor made with `settings`."""
-    return 1 + settings.mirrored, DESCRIPTOR_SIZE * (settings.face_descriptor != "none") + AGE_CLASSES * settings.age_network
+    return 1 + settings.mirrored, DESCRIPTOR_SIZE * (
+        settings.face_descriptor != "none"
+    ) + AGE_CLASSES * settings.age_network
 
 
 def valid_cache_row(row: dict, shape: tuple[int, int]) -> bool:
@@ -124,7 +148,9 @@ def valid_cache_row(row: dict, shape: tuple[int, int]) -> bool:
             vector, box = face["descriptor"], face["box"]
             if not (face["problem"] is None or isinstance(face["problem"], str)):
                 return False
-            if box is not None and (len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+            if box is not None and (
+                len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+            ):
                 return False
             if vector is None:
                 if not isinstance(face["problem"], str):
@@ -152,16 +178,23 @@ class DescriptorCache:
         age_model = age_network_files().model.name if settings.age_network else None
         fingerprinted = asdict(settings)
         if fingerprinted["face_descriptor"] == "every_view":
-            del fingerprinted["face_descriptor"]  # the setting's default describes as before it existed: caches stay valid
+            del fingerprinted[
+                "face_descriptor"
+            ]  # the setting's default describes as before it existed: caches stay valid
         shape = descriptor_shape(settings)
         self.settings, self.path = settings, cache_path
-        self.journal = Journal(cache_path, config_fingerprint(fingerprinted, LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model, CACHE_FORMAT),
-                               accept=lambda row: valid_cache_row(row, shape))
+        self.journal = Journal(
+            cache_path,
+            config_fingerprint(fingerprinted, LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model, CACHE_FORMAT),
+            accept=lambda row: valid_cache_row(row, shape),
+        )
 
     def has(self, digest: str) -> bool:
         return digest in self.journal.done
 
-    def describe(self, todo: Iterable[tuple[str, str]], count: int, engine: Engine, max_pixels: int, max_file_bytes: int) -> None:
+    def describe(
+        self, todo: Iterable[tuple[str, str]], count: int, engine: Engine, max_pixels: int, max_file_bytes: int
+    ) -> None:
         """Describe the files of `todo` ((content hash, path) pairs, `count` of them) into the cache."""
         if not count:
             return
@@ -169,9 +202,16 @@ class DescriptorCache:
         log.info("describing %d images (others found in %s)", count, self.path)
         with self.journal:
             describer = FaceDescriber(self.settings)
-            for key, row in parallel_map(_describe_batch, todo, engine, state=(describer, (max_pixels, max_file_bytes)), batched=True,
-                                         chunksize=IMAGES_PER_BATCH, progress=progress_bar(count, "describing faces"),
-                                         on_failure=lambda task, reason: (task[0], cache_row(ImageFaces(None, [], f"failed: {reason}")))):
+            for key, row in parallel_map(
+                _describe_batch,
+                todo,
+                engine,
+                state=(describer, (max_pixels, max_file_bytes)),
+                batched=True,
+                chunksize=IMAGES_PER_BATCH,
+                progress=progress_bar(count, "describing faces"),
+                on_failure=lambda task, reason: (task[0], cache_row(ImageFaces(None, [], f"failed: {reason}"))),
+            ):
                 self.journal.record(key, row)
 
     def images(self, digests: list[str | None]) -> list[ImageFaces]:
@@ -182,8 +222,14 @@ class DescriptorCache:
         return [from_cache_row(found[d]) if d in found else unreadable for d in digests]
 
 
-def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: str | os.PathLike, engine: Engine,
-                   max_pixels: int, max_file_bytes: int) -> list[ImageFaces]:
+def describe_files(
+    paths: list[str],
+    settings: DescriptorSettings,
+    cache_path: str | os.PathLike,
+    engine: Engine,
+    max_pixels: int,
+    max_file_bytes: int,
+) -> list[ImageFaces]:
     """The faces of each of `paths`, described, in order (describer.ImageFaces), through the
     DescriptorCache at `cache_path`."""
     cache = DescriptorCache(cache_path, settings)
@@ -194,4 +240,3 @@ def describe_files(paths: list[str], settings: DescriptorSettings, cache_path: s
             todo.setdefault(digest, path)
     cache.describe(todo.items(), len(todo), engine, max_pixels, max_file_bytes)
     return cache.images(hashes)
-

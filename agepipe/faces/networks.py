@@ -14,6 +14,7 @@ two branches disagree in size, dlib adds them over the larger, the smaller zero-
 and right. A global average and a 128-wide linear layer end it. Each convolution's affine (frozen
 batch-norm) layer is folded into it, and the input layer's scaling into the first.
 """
+
 from __future__ import annotations
 
 import functools
@@ -67,14 +68,14 @@ class _Reader:
     def integer(self) -> int:
         head = self.data[self.position]
         size = head & 0x0F
-        value = int.from_bytes(self.data[self.position + 1:self.position + 1 + size], "little")
+        value = int.from_bytes(self.data[self.position + 1 : self.position + 1 + size], "little")
         self.position += 1 + size
         return -value if head & 0x80 else value
 
     def string(self) -> str:
         size = self.integer()
         self.position += size
-        return self.data[self.position - size:self.position].decode("ascii")
+        return self.data[self.position - size : self.position].decode("ascii")
 
     def real(self) -> float:
         mantissa = self.integer()
@@ -111,16 +112,25 @@ def _parse_weights(data: bytes) -> ResNetWeights:
             params = reader.tensor()
             filters, rows, cols, stride, _, padding, _ = (reader.integer() for _ in range(7))
             channels = (params.size - filters) // (filters * rows * cols)
-            weights = params[:filters * channels * rows * cols].reshape(filters, channels, rows, cols)
+            weights = params[: filters * channels * rows * cols].reshape(filters, channels, rows, cols)
             pending = (weights, params[-filters:], stride, padding)
         elif name == "affine_":
             scale, shift = np.split(reader.tensor(), 2)
             weights, bias, stride, padding = pending
-            convolutions.append(Convolution(np.ascontiguousarray(weights * scale[:, None, None, None]), bias * scale + shift, stride, padding))
+            convolutions.append(
+                Convolution(
+                    np.ascontiguousarray(weights * scale[:, None, None, None]), bias * scale + shift, stride, padding
+                )
+            )
         else:
             outputs, inputs = reader.integer(), reader.integer()
             linear = reader.tensor().reshape(inputs, outputs).T.copy()
-    if input_mean is None or linear is None or len(convolutions) != 1 + 2 * BLOCKS or linear.shape[0] != DESCRIPTOR_WIDTH:
+    if (
+        input_mean is None
+        or linear is None
+        or len(convolutions) != 1 + 2 * BLOCKS
+        or linear.shape[0] != DESCRIPTOR_WIDTH
+    ):
         raise ValueError("not all of its layers were found")
     return ResNetWeights(input_mean, INPUT_SCALE, convolutions, linear)
 
@@ -158,15 +168,33 @@ class _Graph:
     def convolution(self, x: str, layer: Convolution, relu: bool) -> str:
         batch, _, height, width = self.shapes[x]
         filters, _, rows, cols = layer.weights.shape
-        out = [batch, filters, *(_unpadded(side + 2 * layer.padding, window, layer.stride) for side, window in ((height, rows), (width, cols)))]
-        y = self.node("Conv", [x, self.constant(layer.weights), self.constant(layer.bias.astype(np.float32))], out,
-                      strides=[layer.stride] * 2, pads=[layer.padding] * 4, kernel_shape=[rows, cols])
+        out = [
+            batch,
+            filters,
+            *(
+                _unpadded(side + 2 * layer.padding, window, layer.stride)
+                for side, window in ((height, rows), (width, cols))
+            ),
+        ]
+        y = self.node(
+            "Conv",
+            [x, self.constant(layer.weights), self.constant(layer.bias.astype(np.float32))],
+            out,
+            strides=[layer.stride] * 2,
+            pads=[layer.padding] * 4,
+            kernel_shape=[rows, cols],
+        )
         return self.node("Relu", [y], out) if relu else y
 
     def pool(self, x: str, operator: str, side: int, stride: int) -> str:
         batch, channels, height, width = self.shapes[x]
-        return self.node(operator, [x], [batch, channels, _unpadded(height, side, stride), _unpadded(width, side, stride)],
-                         kernel_shape=[side, side], strides=[stride, stride])
+        return self.node(
+            operator,
+            [x],
+            [batch, channels, _unpadded(height, side, stride), _unpadded(width, side, stride)],
+            kernel_shape=[side, side],
+            strides=[stride, stride],
+        )
 
     def zero_pad(self, x: str, rows: int, channels: int) -> str:
         """`x` with `rows` zero rows and columns after its last, and `channels` zero channels."""
@@ -198,16 +226,29 @@ def descriptor_graph(weights: ResNetWeights, side: int = CHIP_SIDE) -> bytes:
     scaled = first.weights * weights.input_scale
     first = Convolution(scaled, first.bias - np.einsum("oihw,i->o", scaled, weights.input_mean), first.stride, 0)
     image = graph.name(["n", side, side, 3])
-    x = graph.pool(graph.convolution(graph.node("Transpose", [image], ["n", 3, side, side], perm=[0, 3, 1, 2]), first, relu=True),
-                   "MaxPool", 3, 2)
+    x = graph.pool(
+        graph.convolution(graph.node("Transpose", [image], ["n", 3, side, side], perm=[0, 3, 1, 2]), first, relu=True),
+        "MaxPool",
+        3,
+        2,
+    )
     for block in range(len(pairs) // 2):
         x = graph.residual_block(x, pairs[2 * block], pairs[2 * block + 1])
-    pooled = graph.node("Flatten", [graph.node("GlobalAveragePool", [x], [*graph.shapes[x][:2], 1, 1])], graph.shapes[x][:2])
+    pooled = graph.node(
+        "Flatten", [graph.node("GlobalAveragePool", [x], [*graph.shapes[x][:2], 1, 1])], graph.shapes[x][:2]
+    )
     out = graph.node("Gemm", [pooled, graph.constant(weights.linear)], ["n", weights.linear.shape[0]], transB=1)
     model = helper.make_model(
-        helper.make_graph(graph.nodes, "dlib_face_recognition_resnet_model_v1", [helper.make_tensor_value_info(image, TensorProto.FLOAT, graph.shapes[image])],
-                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, graph.shapes[out])], graph.constants),
-        ir_version=ONNX_IR_VERSION, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+        helper.make_graph(
+            graph.nodes,
+            "dlib_face_recognition_resnet_model_v1",
+            [helper.make_tensor_value_info(image, TensorProto.FLOAT, graph.shapes[image])],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, graph.shapes[out])],
+            graph.constants,
+        ),
+        ir_version=ONNX_IR_VERSION,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+    )
     checker.check_model(model)
     return model.SerializeToString()
 
@@ -238,10 +279,14 @@ class OnnxNetwork:
             options.log_severity_level = 3  # errors only: its optimiser's notes are not for users
             try:
                 with native_stderr_silenced():
-                    self._session = onnxruntime.InferenceSession(self._model, options, providers=["CPUExecutionProvider"])
+                    self._session = onnxruntime.InferenceSession(
+                        self._model, options, providers=["CPUExecutionProvider"]
+                    )
             except Exception as exc:  # onnxruntime raises its own types for files it cannot load
-                raise ValueError(f"{self._model if isinstance(self._model, str) else 'the model'} is not a model onnxruntime runs "
-                                 f"({type(exc).__name__})") from None
+                raise ValueError(
+                    f"{self._model if isinstance(self._model, str) else 'the model'} is not a model onnxruntime runs "
+                    f"({type(exc).__name__})"
+                ) from None
         return self._session
 
     def describe(self, chip: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ the kind (`backbone_for` makes the one a config or a saved model names):
 other methods import age_model, and with it TensorFlow, when they are called, except the face
 features' `load` and `predict` of a model holding a LiteRT copy of its head (saved_models.LiteHead).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,10 +48,19 @@ class FaceFeatures:
         descriptor, views x numbers, or None), `problem`, `faces_found` and the face's box. An image
         without a face described keeps one row, with the reason."""
         settings = dataclasses.replace(self.descriptor, all_faces=all_faces)
-        return _face_rows(rows, describe_files(list(rows["path"]), settings, cache, engine, MAX_PIXELS, MAX_FILE_BYTES), all_faces)
+        return _face_rows(
+            rows, describe_files(list(rows["path"]), settings, cache, engine, MAX_PIXELS, MAX_FILE_BYTES), all_faces
+        )
 
-    def prepare_batches(self, images: Iterable[dict], engine: Engine, cache: Path, spool: TextIO, batch_rows: int,
-                        all_faces: bool = False) -> Iterator[pd.DataFrame]:
+    def prepare_batches(
+        self,
+        images: Iterable[dict],
+        engine: Engine,
+        cache: Path,
+        spool: TextIO,
+        batch_rows: int,
+        all_faces: bool = False,
+    ) -> Iterator[pd.DataFrame]:
         """`prepare`'s rows for a stream of images (dicts with `path`), `batch_rows` images at a time,
         with memory that does not grow with their number: each image goes to `spool` (an empty
         temporary file) with its content hash, every image not in the cache is described, and only
@@ -68,8 +78,10 @@ class FaceFeatures:
         del todo
         spool.seek(0)
         chunks = (json_table([json.loads(line) for line in lines]) for lines in batched_lists(spool, batch_rows))
-        return (_face_rows(rows.drop(columns=DIGEST), cached.images(list(rows[DIGEST])), all_faces)
-                for rows in progress_bar(-(-count // batch_rows), "answering", unit="chunk")(chunks))
+        return (
+            _face_rows(rows.drop(columns=DIGEST), cached.images(list(rows[DIGEST])), all_faces)
+            for rows in progress_bar(-(-count // batch_rows), "answering", unit="chunk")(chunks)
+        )
 
     def build(self, train_inputs: np.ndarray, max_age: int):
         from agepipe.model.keras_networks import build_descriptor_model
@@ -78,8 +90,17 @@ class FaceFeatures:
         stacked = np.concatenate(views)
         return build_descriptor_model(self.head, max_age, stacked.mean(axis=0), stacked.var(axis=0) + 1e-6)
 
-    def fit_data(self, train: pd.DataFrame, validation: pd.DataFrame, targets, weights, batch: int, seed: int, scratch: str,
-                 replicas: int = 1) -> tuple[dict, int]:
+    def fit_data(
+        self,
+        train: pd.DataFrame,
+        validation: pd.DataFrame,
+        targets,
+        weights,
+        batch: int,
+        seed: int,
+        scratch: str,
+        replicas: int = 1,
+    ) -> tuple[dict, int]:
         """model.fit's arguments and the steps per epoch: each view of a training face (the image and its
         mirror image) is a training sample. With several replicas, each array is cut to a multiple of
         their number (at most replicas - 1 samples): a last batch they cannot share evenly stops
@@ -89,10 +110,15 @@ class FaceFeatures:
         y = np.tile(targets(train["age"]), (len(views), 1))
         w = None if weights is None else np.tile(weights, len(views))
         even = len(x) - len(x) % replicas
-        data = dict(x=x[:even], y=y[:even], sample_weight=None if w is None else w[:even], batch_size=batch, shuffle=True)
+        data = dict(
+            x=x[:even], y=y[:even], sample_weight=None if w is None else w[:even], batch_size=batch, shuffle=True
+        )
         if len(validation):
             held_out = len(validation) - len(validation) % replicas
-            data["validation_data"] = (_views(validation["inputs"])[0][:held_out], targets(validation["age"])[:held_out])
+            data["validation_data"] = (
+                _views(validation["inputs"])[0][:held_out],
+                targets(validation["age"])[:held_out],
+            )
         return data, int(np.ceil(even / batch))
 
     def predict(self, model, rows: pd.DataFrame, flip: bool, batch: int) -> np.ndarray:
@@ -123,7 +149,9 @@ class Pixels:
     def __init__(self, settings):
         self.settings = settings
 
-    def prepare(self, rows: pd.DataFrame, engine: Engine, cache: Path | None = None, all_faces: bool = False) -> pd.DataFrame:
+    def prepare(
+        self, rows: pd.DataFrame, engine: Engine, cache: Path | None = None, all_faces: bool = False
+    ) -> pd.DataFrame:
         """`rows` with `inputs` (the path of each image that decodes, checked once now: a bad file inside
         TensorFlow's pipeline would stop it) and `problem`."""
         problems = {}
@@ -132,11 +160,22 @@ class Pixels:
                 read_image(path, MAX_PIXELS, MAX_FILE_BYTES)
             except UnreadableImage as exc:
                 problems[path] = f"unreadable: {exc}"
-        return rows.assign(inputs=[None if p in problems else p for p in rows["path"]], problem=[problems.get(p) for p in rows["path"]],
-                           faces_found=None, **{column: None for column in BOX_COLUMNS}).reset_index(drop=True)
+        return rows.assign(
+            inputs=[None if p in problems else p for p in rows["path"]],
+            problem=[problems.get(p) for p in rows["path"]],
+            faces_found=None,
+            **{column: None for column in BOX_COLUMNS},
+        ).reset_index(drop=True)
 
-    def prepare_batches(self, images: Iterable[dict], engine: Engine, cache: Path | None, spool: TextIO, batch_rows: int,
-                        all_faces: bool = False) -> Iterator[pd.DataFrame]:
+    def prepare_batches(
+        self,
+        images: Iterable[dict],
+        engine: Engine,
+        cache: Path | None,
+        spool: TextIO,
+        batch_rows: int,
+        all_faces: bool = False,
+    ) -> Iterator[pd.DataFrame]:
         """`prepare`'s rows for a stream of images, `batch_rows` at a time (nothing to describe first)."""
         return (self.prepare(pd.DataFrame(batch), engine) for batch in batched_lists(images, batch_rows))
 
@@ -145,18 +184,40 @@ class Pixels:
 
         return build_pixel_model(self.settings, max_age)
 
-    def fit_data(self, train: pd.DataFrame, validation: pd.DataFrame, targets, weights, batch: int, seed: int, scratch: str,
-                 replicas: int = 1) -> tuple[dict, int]:
+    def fit_data(
+        self,
+        train: pd.DataFrame,
+        validation: pd.DataFrame,
+        targets,
+        weights,
+        batch: int,
+        seed: int,
+        scratch: str,
+        replicas: int = 1,
+    ) -> tuple[dict, int]:
         from agepipe.model.keras_networks import augmentation_layers, pixel_dataset
 
         settings = self.settings
         augment = augmentation_layers(settings.augmentation, seed) if settings.augmentation.enabled else None
         cache_to = {"disk": str(Path(scratch) / "train"), "memory": "", "none": None}[settings.cache]
-        data = dict(x=pixel_dataset(train["inputs"], settings.image_size, batch, targets=targets(train["age"]), weights=weights,
-                                    shuffle_buffer=settings.shuffle_buffer, seed=seed, cache=cache_to, augment=augment),
-                    shuffle=False)  # the dataset shuffles itself, seeded
+        data = dict(
+            x=pixel_dataset(
+                train["inputs"],
+                settings.image_size,
+                batch,
+                targets=targets(train["age"]),
+                weights=weights,
+                shuffle_buffer=settings.shuffle_buffer,
+                seed=seed,
+                cache=cache_to,
+                augment=augment,
+            ),
+            shuffle=False,
+        )  # the dataset shuffles itself, seeded
         if len(validation):
-            data["validation_data"] = pixel_dataset(validation["inputs"], settings.image_size, batch, targets=targets(validation["age"]))
+            data["validation_data"] = pixel_dataset(
+                validation["inputs"], settings.image_size, batch, targets=targets(validation["age"])
+            )
         return data, int(np.ceil(len(train) / batch))
 
     def predict(self, model, rows: pd.DataFrame, flip: bool, batch: int) -> np.ndarray:
@@ -168,7 +229,12 @@ class Pixels:
         return _keras_model(path)
 
     def metadata(self) -> dict:
-        return {"backbone": self.kind, "descriptor": None, "input_size": self.settings.image_size, "network": self.settings.network}
+        return {
+            "backbone": self.kind,
+            "descriptor": None,
+            "input_size": self.settings.image_size,
+            "network": self.settings.network,
+        }
 
 
 def backbone_for(model_settings) -> FaceFeatures | Pixels:
@@ -206,10 +272,17 @@ def _face_rows(rows: pd.DataFrame, described: list[ImageFaces], all_faces: bool)
     for position, image in enumerate(described):
         faces = image.faces if all_faces else image.faces[:1]
         for face_index, face in enumerate(faces or [None]):
-            box = (face.box if face is not None and face.box is not None else (None,) * 4)
-            out.append({"_row": position, "face": face_index if face is not None else None, "faces_found": image.found,
-                        "inputs": None if face is None else face.vector,
-                        "problem": (image.problem if face is None else face.problem), **dict(zip(BOX_COLUMNS, box))})
+            box = face.box if face is not None and face.box is not None else (None,) * 4
+            out.append(
+                {
+                    "_row": position,
+                    "face": face_index if face is not None else None,
+                    "faces_found": image.found,
+                    "inputs": None if face is None else face.vector,
+                    "problem": (image.problem if face is None else face.problem),
+                    **dict(zip(BOX_COLUMNS, box)),
+                }
+            )
     faces = pd.DataFrame(out)
     return rows.iloc[faces["_row"]].reset_index(drop=True).assign(**faces.drop(columns="_row"))
 

@@ -14,6 +14,7 @@ Gaussian around the true age, Gao et al. 2017). Here, without TensorFlow:
 - `reliability` (the calibration diagram's table) and `fairness` (the figures per gender or race,
   adjusted to one common age mix).
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,7 +56,7 @@ def group_matrix(groups: AgeGroups, max_age: int) -> np.ndarray:
     """(max_age + 1, groups) 0/1 matrix: year probabilities @ this = group probabilities."""
     matrix = np.zeros((max_age + 1, len(groups.labels)), np.float32)
     for index, (lower, upper) in enumerate(groups.bounds(max_age)):
-        matrix[lower:upper + 1, index] = 1.0
+        matrix[lower : upper + 1, index] = 1.0
     return matrix
 
 
@@ -63,7 +64,9 @@ def expected_age(year_probabilities: np.ndarray) -> np.ndarray:
     return year_probabilities @ np.arange(year_probabilities.shape[1])
 
 
-def correct_prior(year_probabilities: np.ndarray, groups: AgeGroups, max_age: int, training_shares, target_shares) -> np.ndarray:
+def correct_prior(
+    year_probabilities: np.ndarray, groups: AgeGroups, max_age: int, training_shares, target_shares
+) -> np.ndarray:
     """Re-weight predictions learnt under the training set's age mix to another population's mix:
     p'(year) is proportional to p(year) x target share / training share of the year's group (Bayes' rule
     with a changed prior; Saerens et al. 2002)."""
@@ -116,7 +119,9 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRA
     confidence, correct = np.asarray(confidence, float), np.asarray(correct, float)
     which = np.minimum((confidence * bins).astype(int), bins - 1)
     table = pd.DataFrame({"bin": which, "confidence": confidence, "accuracy": correct}).groupby("bin")
-    return table.agg(answers=("confidence", "size"), confidence=("confidence", "mean"), accuracy=("accuracy", "mean")).reset_index()
+    return table.agg(
+        answers=("confidence", "size"), confidence=("confidence", "mean"), accuracy=("accuracy", "mean")
+    ).reset_index()
 
 
 def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
@@ -129,7 +134,12 @@ def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = C
     0.1
     """
     table = reliability(confidence, correct, bins)
-    return round(float((table["answers"] * (table["confidence"] - table["accuracy"]).abs()).sum() / max(1, table["answers"].sum())), 6)
+    return round(
+        float(
+            (table["answers"] * (table["confidence"] - table["accuracy"]).abs()).sum() / max(1, table["answers"].sum())
+        ),
+        6,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,8 +160,14 @@ class Answers:
     def compact(self, rows) -> "Answers":
         """The answers of `rows` (a mask or indices) with what evaluate needs, in 18 bytes a row: no
         per-group probabilities (an empty column each), and narrow number types."""
-        return Answers(self.group[rows].astype(np.int16), self.age[rows].astype(np.float32), self.confidence[rows].astype(np.float32),
-                       self.low[rows].astype(np.int16), self.high[rows].astype(np.int16), np.empty((len(self.group[rows]), 0), np.float32))
+        return Answers(
+            self.group[rows].astype(np.int16),
+            self.age[rows].astype(np.float32),
+            self.confidence[rows].astype(np.float32),
+            self.low[rows].astype(np.int16),
+            self.high[rows].astype(np.int16),
+            np.empty((len(self.group[rows]), 0), np.float32),
+        )
 
     @staticmethod
     def concatenate(parts: list["Answers"]) -> "Answers":
@@ -159,7 +175,9 @@ class Answers:
         return Answers(*(np.concatenate([getattr(part, field.name) for part in parts]) for field in fields(Answers)))
 
 
-def answers(year_probabilities: np.ndarray, groups: AgeGroups, max_age: int, rule: str = "group_first", interval: float = 0.8) -> Answers:
+def answers(
+    year_probabilities: np.ndarray, groups: AgeGroups, max_age: int, rule: str = "group_first", interval: float = 0.8
+) -> Answers:
     """The answer to read from each distribution over years, by `rule`:
 
     - "group_first": the most probable age group, and the median age within it;
@@ -173,8 +191,10 @@ def answers(year_probabilities: np.ndarray, groups: AgeGroups, max_age: int, rul
     --------
     >>> years = np.zeros((1, 101)); years[0, [8, 25, 26]] = [0.4, 0.3, 0.3]
     >>> answer = answers(years, AgeGroups((0, 10, 20, 30)), 100)
-    >>> int(answer.group[0]), float(answer.age[0]), round(float(answer.confidence[0]), 2), int(answer.low[0]), int(answer.high[0])
-    (2, 25.0, 0.6, 8, 26)
+    >>> int(answer.group[0]), float(answer.age[0]), round(float(answer.confidence[0]), 2)
+    (2, 25.0, 0.6)
+    >>> int(answer.low[0]), int(answer.high[0])
+    (8, 26)
     """
     matrix = group_matrix(groups, max_age)
     group_probabilities = year_probabilities @ matrix
@@ -191,8 +211,14 @@ def answers(year_probabilities: np.ndarray, groups: AgeGroups, max_age: int, rul
         group = np.array([groups.index_of(a) for a in np.floor(age)])
         age = np.clip(age, bounds[group, 0], bounds[group, 1])
     tail = (1 - interval) / 2
-    return Answers(group, np.round(age, 1), group_probabilities[np.arange(len(group)), group],
-                   _quantile(cumulative, tail * total), _quantile(cumulative, (1 - tail) * total), group_probabilities)
+    return Answers(
+        group,
+        np.round(age, 1),
+        group_probabilities[np.arange(len(group)), group],
+        _quantile(cumulative, tail * total),
+        _quantile(cumulative, (1 - tail) * total),
+        group_probabilities,
+    )
 
 
 def _quantile(cumulative: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -203,15 +229,24 @@ def _quantile(cumulative: np.ndarray, levels: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------
-def evaluate(year_probabilities: np.ndarray, true_ages, groups: AgeGroups, max_age: int, population_shares=None,
-             rule: str = "group_first", interval: float = 0.8) -> dict:
+def evaluate(
+    year_probabilities: np.ndarray,
+    true_ages,
+    groups: AgeGroups,
+    max_age: int,
+    population_shares=None,
+    rule: str = "group_first",
+    interval: float = 0.8,
+) -> dict:
     """How good the answers (`answers`, by `rule`) are against the true ages: accuracy, one-off accuracy
     (within one adjacent group), macro-F1 and balanced accuracy over the groups present, accuracy
     weighted by a population's group shares (when given: what accuracy would be on people drawn from
     that population), per-group recall (None for a group with no test images), the confusion matrix
     (rows: true), the MAE in years of the answered age, the calibration error of the confidence and
     the share of true ages inside the interval."""
-    return evaluate_answers(answers(year_probabilities, groups, max_age, rule, interval), true_ages, groups, max_age, population_shares)
+    return evaluate_answers(
+        answers(year_probabilities, groups, max_age, rule, interval), true_ages, groups, max_age, population_shares
+    )
 
 
 def evaluate_answers(answer: Answers, true_ages, groups: AgeGroups, max_age: int, population_shares=None) -> dict:
@@ -232,7 +267,9 @@ def evaluate_answers(answer: Answers, true_ages, groups: AgeGroups, max_age: int
     present = [r for r in recall.values() if r is not None]
     weighted = None
     if population_shares is not None:
-        shares = np.array([s if recall[label] is not None else 0.0 for label, s in zip(groups.labels, population_shares)])
+        shares = np.array(
+            [s if recall[label] is not None else 0.0 for label, s in zip(groups.labels, population_shares)]
+        )
         weighted = float(sum(s * (recall[label] or 0.0) for label, s in zip(groups.labels, shares)) / shares.sum())
     clipped = np.minimum(true_ages, max_age)
     return {
@@ -251,8 +288,17 @@ def evaluate_answers(answer: Answers, true_ages, groups: AgeGroups, max_age: int
     }
 
 
-def fairness(year_probabilities: np.ndarray, true_ages, attribute, names: dict, groups: AgeGroups, max_age: int,
-             rule: str, interval: float, min_images: int) -> dict:
+def fairness(
+    year_probabilities: np.ndarray,
+    true_ages,
+    attribute,
+    names: dict,
+    groups: AgeGroups,
+    max_age: int,
+    rule: str,
+    interval: float,
+    min_images: int,
+) -> dict:
     """How the answers do for each value of one demographic attribute (such as gender or race, coded
     as `names` says): images, accuracy, one-off accuracy, MAE, and the age-mix-adjusted accuracy, each
     value's per-age-group recall weighted by one common age mix (that of all `true_ages`), so that a
@@ -262,7 +308,8 @@ def fairness(year_probabilities: np.ndarray, true_ages, attribute, names: dict, 
     Examples
     --------
     >>> years = year_targets(np.array([5, 5, 35, 35]), 100, 0)  # right about every face
-    >>> table = fairness(years, [5, 5, 35, 35], [0, 1, 0, 1], {0: "a", 1: "b"}, AgeGroups((0, 10, 20, 30)), 100, "median", 0.8, 1)
+    >>> groups = AgeGroups((0, 10, 20, 30))
+    >>> table = fairness(years, [5, 5, 35, 35], [0, 1, 0, 1], {0: "a", 1: "b"}, groups, 100, "median", 0.8, 1)
     >>> table["values"]["a"]["age_mix_adjusted_accuracy"], table["adjusted_accuracy_gap"]
     (1.0, 0.0)
     """
@@ -274,12 +321,21 @@ def fairness(year_probabilities: np.ndarray, true_ages, attribute, names: dict, 
         members = attribute == code
         result = evaluate(year_probabilities[members], true_ages[members], groups, max_age, common, rule, interval)
         values[str(names.get(code, names.get(str(code), code)))] = {
-            "images": result["images"], "accuracy": result["accuracy"], "one_off_accuracy": result["one_off_accuracy"],
-            "mae_years": result["mae_years"], "age_mix_adjusted_accuracy": result["population_weighted_accuracy"]}
+            "images": result["images"],
+            "accuracy": result["accuracy"],
+            "one_off_accuracy": result["one_off_accuracy"],
+            "mae_years": result["mae_years"],
+            "age_mix_adjusted_accuracy": result["population_weighted_accuracy"],
+        }
     ranked = sorted((v["age_mix_adjusted_accuracy"], name) for name, v in values.items() if v["images"] >= min_images)
     gap = ranked[-1][0] - ranked[0][0] if len(ranked) >= 2 else None
-    return {"values": values, "min_images": min_images, "adjusted_accuracy_gap": gap,
-            "best": ranked[-1][1] if gap is not None else None, "worst": ranked[0][1] if gap is not None else None}
+    return {
+        "values": values,
+        "min_images": min_images,
+        "adjusted_accuracy_gap": gap,
+        "best": ranked[-1][1] if gap is not None else None,
+        "worst": ranked[0][1] if gap is not None else None,
+    }
 
 
 def population_shares(target_csv: str | None, groups: AgeGroups, what: str = "target_csv") -> list[float] | None:
@@ -288,7 +344,9 @@ def population_shares(target_csv: str | None, groups: AgeGroups, what: str = "ta
     if not target_csv:
         return None
     if not Path(target_csv).exists():
-        log.warning("%s %s not found (run australian_population.ipynb): no population-weighted figures", what, target_csv)
+        log.warning(
+            "%s %s not found (run australian_population.ipynb): no population-weighted figures", what, target_csv
+        )
         return None
     table = read_metadata_csv(target_csv, what, required=("group", "share"))
     shares = pd.to_numeric(table["share"], errors="coerce")

@@ -6,6 +6,7 @@ Every network predicts a distribution over single years 0..max_age; estimates.py
 the answers users read. TensorFlow loads when this module is imported: scripts import it after their
 worker pools have forked (TensorFlow is not fork-safe), and its start-up chatter is silenced.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,13 +45,24 @@ def load_pixels(path: str, size: int) -> np.ndarray:
     return np.ascontiguousarray(cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)[..., ::-1])
 
 
-def pixel_dataset(paths, size: int, batch_size: int, *, targets=None, weights=None, shuffle_buffer: int = 0, seed: int = 0,
-                  cache: str | None = None, augment: keras.Sequential | None = None) -> tf.data.Dataset:
+def pixel_dataset(
+    paths,
+    size: int,
+    batch_size: int,
+    *,
+    targets=None,
+    weights=None,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    cache: str | None = None,
+    augment: keras.Sequential | None = None,
+) -> tf.data.Dataset:
     """Images of `paths` decoded by `load_pixels` in parallel, batched as float32 0-255, with their
     `targets` (and sample `weights`) when given; shuffled with `shuffle_buffer`, augmented with `augment`.
 
     `cache`: a file path caches the small decoded images on disk, so memory stays flat however large the
     dataset; "" caches in memory; None not at all."""
+
     def decode(path):
         return load_pixels(path.decode(), size)
 
@@ -96,7 +108,9 @@ def augmentation_layers(config: TrainingAugmentation, seed: int) -> keras.Sequen
             keras.layers.RandomFlip("horizontal", seed=seed),
             keras.layers.RandomRotation(config.max_rotation_degrees / 360.0, fill_mode="reflect", seed=seed + 1),
             keras.layers.RandomZoom(config.max_scale_change, fill_mode="reflect", seed=seed + 2),
-            keras.layers.RandomTranslation(config.max_shift_fraction, config.max_shift_fraction, fill_mode="reflect", seed=seed + 3),
+            keras.layers.RandomTranslation(
+                config.max_shift_fraction, config.max_shift_fraction, fill_mode="reflect", seed=seed + 3
+            ),
             keras.layers.RandomBrightness(config.max_brightness_shift, value_range=(0, 255), seed=seed + 4),
             keras.layers.RandomContrast(config.max_contrast_change, seed=seed + 5),
         ],
@@ -107,7 +121,9 @@ def augmentation_layers(config: TrainingAugmentation, seed: int) -> keras.Sequen
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
-def build_descriptor_model(config: FaceFeaturesBackbone, max_age: int, mean: np.ndarray, variance: np.ndarray) -> keras.Model:
+def build_descriptor_model(
+    config: FaceFeaturesBackbone, max_age: int, mean: np.ndarray, variance: np.ndarray
+) -> keras.Model:
     """A Keras head on face descriptors: standardise, `head_units` dense layers with dropout, softmax
     over years. `ensemble` > 1 builds that many independently initialised heads and averages their
     outputs (one model, one file)."""
@@ -194,11 +210,18 @@ def load_with_metadata(path: str | os.PathLike) -> tuple[keras.Model, ModelMetad
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a damaged archive
-        raise UserError(f"model file {path} cannot be loaded: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}") from None
+        raise UserError(
+            f"model file {path} cannot be loaded: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"
+        ) from None
     expected_input = (metadata.input_size, metadata.input_size, 3) if metadata.input_size else None
-    if model.output_shape[-1] != metadata.max_age + 1 or (expected_input and tuple(model.input_shape[1:]) != expected_input):
-        raise UserError(f"model file {path}: its metadata (max_age {metadata.max_age}, input size {metadata.input_size}) does not "
-                        f"describe its network (input {model.input_shape[1:]}, output {model.output_shape[-1]}); it was edited or damaged")
+    if model.output_shape[-1] != metadata.max_age + 1 or (
+        expected_input and tuple(model.input_shape[1:]) != expected_input
+    ):
+        raise UserError(
+            f"model file {path}: its metadata (max_age {metadata.max_age}, input size {metadata.input_size}) does not "
+            f"describe its network (input {model.input_shape[1:]}, output {model.output_shape[-1]}); it was edited "
+            "or damaged"
+        )
     return model, metadata
 
 

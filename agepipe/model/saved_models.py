@@ -3,6 +3,7 @@ TensorFlow (prediction reads it before starting its worker pool, which must fork
 loads). The metadata is validated like a config: a model file whose metadata was edited or damaged is
 one line naming the key, never a traceback. A face-features model also holds its head converted to
 LiteRT (`LiteHead`): prediction then never imports TensorFlow, whose start-up costs seconds."""
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,9 @@ class ModelMetadata(Section):
             raise ValueError("training_group_shares: expected one share per age group")
         if self.backbone not in (FACE_FEATURES, PIXELS):
             raise ValueError(f"backbone: expected {FACE_FEATURES} or {PIXELS}")
-        if (self.backbone == FACE_FEATURES) != (self.descriptor is not None) or (self.backbone == PIXELS) != (self.input_size is not None):
+        if (self.backbone == FACE_FEATURES) != (self.descriptor is not None) or (self.backbone == PIXELS) != (
+            self.input_size is not None
+        ):
             raise ValueError("expected descriptor settings for face features, or an input size for pixels")
         return self
 
@@ -96,7 +99,10 @@ def read_model_metadata(path: str | os.PathLike) -> ModelMetadata:
     try:
         with zipfile.ZipFile(path) as archive:
             if archive.getinfo(METADATA_ENTRY).file_size > MAX_METADATA_BYTES:
-                raise UserError(f"model file {path} holds metadata of over {MAX_METADATA_BYTES:,} bytes: it was not saved by train_model.py")
+                raise UserError(
+                    f"model file {path} holds metadata of over {MAX_METADATA_BYTES:,} bytes: it was not saved by "
+                    "train_model.py"
+                )
             data = json.loads(archive.read(METADATA_ENTRY))
     except (zipfile.BadZipFile, KeyError, ValueError, OSError):
         raise UserError(f"model file {path} was not saved by train_model.py (no {METADATA_ENTRY} inside)") from None
@@ -119,17 +125,21 @@ class LiteHead:
             with native_stderr_silenced():
                 self._interpreter = Interpreter(model_content=content)
         except (ValueError, RuntimeError):
-            raise UserError(f"model file {origin} holds a damaged {LITE_HEAD_ENTRY}: it was edited or damaged") from None
+            raise UserError(
+                f"model file {origin} holds a damaged {LITE_HEAD_ENTRY}: it was edited or damaged"
+            ) from None
         self._input, self._output = self._interpreter.get_input_details()[0], self._interpreter.get_output_details()[0]
         if tuple(self._output["shape"])[-1:] != (outputs,) or len(self._input["shape"]) != 2:
-            raise UserError(f"model file {origin}: its {LITE_HEAD_ENTRY} does not give the {outputs} outputs its metadata describes")
+            raise UserError(
+                f"model file {origin}: its {LITE_HEAD_ENTRY} does not give the {outputs} outputs its metadata describes"
+            )
 
     def predict(self, inputs: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
         from agepipe.running.console import native_stderr_silenced
 
         outputs = []
         for start in range(0, len(inputs), batch_size):
-            batch = np.ascontiguousarray(inputs[start:start + batch_size], np.float32)
+            batch = np.ascontiguousarray(inputs[start : start + batch_size], np.float32)
             with native_stderr_silenced():  # LiteRT announces its XNNPACK delegate when it first runs
                 self._interpreter.resize_tensor_input(self._input["index"], batch.shape)
                 self._interpreter.allocate_tensors()

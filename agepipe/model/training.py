@@ -2,8 +2,10 @@
 (`split_by_source`, `stratified_folds`: each age group in proportion, an image's copies together), the
 tf.distribute strategy, the learning-rate schedule, `fit` (a network trained on rows a backbone
 prepared, backbones.py), and `out_of_fold` (every labelled face predicted by a network that never saw
-it: k folds, stratified by age group, seeded). TensorFlow is imported when these are called, after the worker pools have forked.
+it: k folds, stratified by age group, seeded). TensorFlow is imported when these are called, after the
+worker pools have forked.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +33,9 @@ def distribution_strategy(settings: Distribution):
         if gpus:
             return tf.distribute.MirroredStrategy()
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * settings.logical_cpus)
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * settings.logical_cpus
+        )
         return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
     return tf.distribute.get_strategy()
 
@@ -43,13 +47,24 @@ def learning_rate_schedule(training: Training, steps_per_epoch: int):
     total = training.epochs * steps_per_epoch
     warmup = min(training.warmup_epochs * steps_per_epoch, total - 1)
     return keras.optimizers.schedules.CosineDecay(
-        0.0 if warmup else training.learning_rate, decay_steps=max(1, total - warmup),
-        warmup_target=training.learning_rate if warmup else None, warmup_steps=warmup,
+        0.0 if warmup else training.learning_rate,
+        decay_steps=max(1, total - warmup),
+        warmup_target=training.learning_rate if warmup else None,
+        warmup_steps=warmup,
     )
 
 
-def fit(config: TrainConfig, backbone, train: pd.DataFrame, validation: pd.DataFrame, groups: AgeGroups, scratch: str,
-        weights=None, strategy=None, training: Training | None = None):
+def fit(
+    config: TrainConfig,
+    backbone,
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    groups: AgeGroups,
+    scratch: str,
+    weights=None,
+    strategy=None,
+    training: Training | None = None,
+):
     """A network trained on the prepared `train` rows (the learning curves also on `validation`), by the
     config's schedule (or `training`'s); returns the network, its history (a row per epoch), the seconds
     it took and the replicas it ran on."""
@@ -63,14 +78,23 @@ def fit(config: TrainConfig, backbone, train: pd.DataFrame, validation: pd.DataF
     training, max_age = training or config.training, config.max_age
     replicas = strategy.num_replicas_in_sync
     targets = lambda ages: year_targets(ages, max_age, training.label_sigma_years)  # noqa: E731
-    data, steps = backbone.fit_data(train, validation, targets, weights, training.batch_size * replicas, config.seed, scratch, replicas)
+    data, steps = backbone.fit_data(
+        train, validation, targets, weights, training.batch_size * replicas, config.seed, scratch, replicas
+    )
     with strategy.scope():
         model = backbone.build(train["inputs"], max_age)
-        model.compile(optimizer=keras.optimizers.AdamW(learning_rate_schedule(training, steps), weight_decay=config.model.section.weight_decay),
-                      loss=keras.losses.KLDivergence(), metrics=[group_accuracy_metric(groups, max_age)])
+        model.compile(
+            optimizer=keras.optimizers.AdamW(
+                learning_rate_schedule(training, steps), weight_decay=config.model.section.weight_decay
+            ),
+            loss=keras.losses.KLDivergence(),
+            metrics=[group_accuracy_metric(groups, max_age)],
+        )
     log.debug("model: %s, %s parameters, %d replicas", backbone.kind, f"{model.count_params():,}", replicas)
     start = time.perf_counter()
-    fitted = model.fit(**data, epochs=training.epochs, verbose=1 if os.isatty(2) and log.isEnabledFor(logging.INFO) else 0)
+    fitted = model.fit(
+        **data, epochs=training.epochs, verbose=1 if os.isatty(2) and log.isEnabledFor(logging.INFO) else 0
+    )
     return model, pd.DataFrame(fitted.history).rename_axis("epoch").reset_index(), time.perf_counter() - start, replicas
 
 
@@ -115,8 +139,18 @@ def stratified_folds(frame: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     return frame["source"].map(fold_of).to_numpy()
 
 
-def out_of_fold(config: TrainConfig, backbone, rows: pd.DataFrame, groups: AgeGroups, folds: int, seed: int, scratch: str,
-                training: Training | None = None, trained_on: np.ndarray | None = None, progress=None) -> np.ndarray:
+def out_of_fold(
+    config: TrainConfig,
+    backbone,
+    rows: pd.DataFrame,
+    groups: AgeGroups,
+    folds: int,
+    seed: int,
+    scratch: str,
+    training: Training | None = None,
+    trained_on: np.ndarray | None = None,
+    progress=None,
+) -> np.ndarray:
     """Year probabilities for every prepared row, each from a network trained on the other folds only
     (and of those, on the rows `trained_on` marks, when given)."""
     strategy = distribution_strategy(config.distribution)
@@ -126,7 +160,16 @@ def out_of_fold(config: TrainConfig, backbone, rows: pd.DataFrame, groups: AgeGr
     trained_on = np.ones(len(rows), bool) if trained_on is None else trained_on
     for k in range(folds):
         held_out = fold == k
-        model, _, _, _ = fit(config, backbone, rows[~held_out & trained_on], rows.iloc[:0], groups, scratch, strategy=strategy, training=training)
+        model, _, _, _ = fit(
+            config,
+            backbone,
+            rows[~held_out & trained_on],
+            rows.iloc[:0],
+            groups,
+            scratch,
+            strategy=strategy,
+            training=training,
+        )
         probabilities[held_out] = backbone.predict(model, rows[held_out], flip, batch)
         if progress is not None:
             progress.update(1)

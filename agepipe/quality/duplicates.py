@@ -2,6 +2,7 @@
 within a Hamming distance found by multi-index hashing over sorted arrays, and groups as the connected
 components of all such pairs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class Components:
     def add(self, pairs: np.ndarray) -> None:
         """Add edges (rows of two nodes)."""
         for start in range(0, len(pairs), MERGE_EDGES):
-            self._pending.append(pairs[start:start + MERGE_EDGES])
+            self._pending.append(pairs[start : start + MERGE_EDGES])
             self._edges += len(self._pending[-1])
             if self._edges >= MERGE_EDGES:
                 self.merge()
@@ -53,12 +54,14 @@ class Components:
         if len(edges):
             roots, local = np.unique(edges, return_inverse=True)  # sorted: a component's first root is its lowest
             local = local.reshape(-1, 2)
-            graph = coo_matrix((np.ones(len(local), np.int8), (local[:, 0], local[:, 1])), shape=(len(roots), len(roots)))
+            graph = coo_matrix(
+                (np.ones(len(local), np.int8), (local[:, 0], local[:, 1])), shape=(len(roots), len(roots))
+            )
             _, component = connected_components(graph, directed=False)
             _, first = np.unique(component, return_index=True)
             joined = roots[first][component]  # each touched root's new root
             for block in range(0, len(self.root), MERGE_EDGES):  # the nodes in blocks: working arrays stay small
-                nodes = self.root[block:block + MERGE_EDGES]
+                nodes = self.root[block : block + MERGE_EDGES]
                 at = np.minimum(np.searchsorted(roots, nodes), len(roots) - 1)
                 touched = roots[at] == nodes
                 nodes[touched] = joined[at[touched]]
@@ -76,7 +79,9 @@ def index_type(count: int) -> type:
 def hash_bytes(hex_hashes) -> np.ndarray:
     """Hex hashes of equal length as rows of bytes (one binary code per row)."""
     width = max(2, -(-max(len(h) for h in hex_hashes) // 2) * 2)
-    return np.frombuffer(b"".join(bytes.fromhex(h.rjust(width, "0")) for h in hex_hashes), np.uint8).reshape(len(hex_hashes), -1)
+    return np.frombuffer(b"".join(bytes.fromhex(h.rjust(width, "0")) for h in hex_hashes), np.uint8).reshape(
+        len(hex_hashes), -1
+    )
 
 
 def substring_keys(codes: np.ndarray, start: int, stop: int, rows: np.ndarray | None = None) -> np.ndarray:
@@ -100,8 +105,14 @@ VERIFY_BATCH = 16_384  # candidate pairs checked at once: bounds the memory of t
 SEARCH_WINDOW = 16_384  # sorted codes whose runs are searched at once: bounds the working arrays
 
 
-def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = None, nodes: np.ndarray | None = None,
-               subset: np.ndarray | None = None, window: int = SEARCH_WINDOW) -> Iterator[np.ndarray]:
+def near_pairs(
+    codes: np.ndarray,
+    max_distance: int,
+    graph: Components | None = None,
+    nodes: np.ndarray | None = None,
+    subset: np.ndarray | None = None,
+    window: int = SEARCH_WINDOW,
+) -> Iterator[np.ndarray]:
     """Batches of pairs (i < j) of binary codes (rows of bytes) at most `max_distance` bits apart, exactly.
 
     Multi-index hashing: the bits are cut into at least max_distance + 1 disjoint substrings, and two
@@ -138,12 +149,22 @@ def near_pairs(codes: np.ndarray, max_distance: int, graph: Components | None = 
         # windows of whole runs: run r is in window w when it starts in [w * window, (w + 1) * window)
         cuts = np.unique(np.searchsorted(run_bounds[:-1], np.arange(0, count + window, window)))
         for first_run, stop_run in zip(cuts[:-1], cuts[1:]):
-            yield from _pairs_in_runs(codes, subset, order, run_bounds[first_run:stop_run + 1], max_distance, graph, nodes)
+            yield from _pairs_in_runs(
+                codes, subset, order, run_bounds[first_run : stop_run + 1], max_distance, graph, nodes
+            )
 
 
-def _pairs_in_runs(codes: np.ndarray, subset: np.ndarray | None, order: np.ndarray, run_bounds: np.ndarray, max_distance: int,
-                   graph: Components | None, nodes: np.ndarray | None) -> Iterator[np.ndarray]:
+def _pairs_in_runs(
+    codes: np.ndarray,
+    subset: np.ndarray | None,
+    order: np.ndarray,
+    run_bounds: np.ndarray,
+    max_distance: int,
+    graph: Components | None,
+    nodes: np.ndarray | None,
+) -> Iterator[np.ndarray]:
     """near_pairs within the runs of sorted positions run_bounds[r]..run_bounds[r + 1] of one substring."""
+
     def root(code: np.ndarray) -> np.ndarray:
         return graph.root[code if nodes is None else nodes[code]]
 
@@ -151,7 +172,9 @@ def _pairs_in_runs(codes: np.ndarray, subset: np.ndarray | None, order: np.ndarr
         return codes[i if subset is None else subset[i]]
 
     run_start, run_length = run_bounds[:-1], np.diff(run_bounds)
-    active = run_start[0] + np.flatnonzero(np.repeat(run_length > 1, run_length)).astype(order.dtype)  # positions in runs of two or more
+    active = run_start[0] + np.flatnonzero(np.repeat(run_length > 1, run_length)).astype(
+        order.dtype
+    )  # positions in runs of two or more
     first = np.repeat(run_start, run_length)[active - run_start[0]]
     end = first + np.repeat(run_length, run_length)[active - run_start[0]]
     offset, pruned_at = 1, -1
@@ -170,8 +193,14 @@ def _pairs_in_runs(codes: np.ndarray, subset: np.ndarray | None, order: np.ndarr
         if graph is not None:
             apart = root(a) != root(b)
             a, b = a[apart], b[apart]
-        close = np.concatenate([np.bitwise_count(code(a[i:i + VERIFY_BATCH]) ^ code(b[i:i + VERIFY_BATCH])).sum(axis=1) <= max_distance
-                                for i in range(0, len(a), VERIFY_BATCH)] or [np.zeros(0, bool)])
+        close = np.concatenate(
+            [
+                np.bitwise_count(code(a[i : i + VERIFY_BATCH]) ^ code(b[i : i + VERIFY_BATCH])).sum(axis=1)
+                <= max_distance
+                for i in range(0, len(a), VERIFY_BATCH)
+            ]
+            or [np.zeros(0, bool)]
+        )
         if close.any():
             yield np.stack([np.minimum(a, b)[close], np.maximum(a, b)[close]], axis=1)
         offset += 1
@@ -197,17 +226,22 @@ def identical_codes(codes: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np
     same = np.zeros(len(order), bool)  # same[i]: the code at sorted position i is the one before it
     for start in range(1, len(order), VERIFY_BATCH):
         stop = min(start + VERIFY_BATCH, len(order))
-        same[start:stop] = (codes[order[start - 1:stop - 1]] == codes[order[start:stop]]).all(axis=1)
+        same[start:stop] = (codes[order[start - 1 : stop - 1]] == codes[order[start:stop]]).all(axis=1)
     return np.stack([rows[order[np.flatnonzero(same) - 1]], rows[order[same]]], axis=1), np.sort(order[~same])
 
 
-def _split_runs(order: np.ndarray, first: np.ndarray, end: np.ndarray, root: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def _split_runs(
+    order: np.ndarray, first: np.ndarray, end: np.ndarray, root: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
     """The first positions of the runs (given by each active position's run `first` and `end`, in
     sorted order `order`) whose codes are not all in one component (`root` of codes)."""
     runs, at = np.unique(first, return_index=True)
     lengths = end[at] - runs
     run_of_member = np.repeat(runs, lengths)
-    members = run_of_member + (np.arange(len(run_of_member), dtype=runs.dtype) - np.repeat(np.cumsum(lengths, dtype=runs.dtype) - lengths, lengths))
+    members = run_of_member + (
+        np.arange(len(run_of_member), dtype=runs.dtype)
+        - np.repeat(np.cumsum(lengths, dtype=runs.dtype) - lengths, lengths)
+    )
     return np.unique(run_of_member[root(order[members]) != root(order[run_of_member])])
 
 
@@ -247,7 +281,10 @@ class DuplicateGroups:
         return pd.DataFrame(
             {
                 "duplicate_group": pd.arrays.IntegerArray(number, number == 0),
-                "duplicate_of": [root_names[r] if n and r != p else None for r, n, p in zip(root.tolist(), number.tolist(), positions.tolist())],
+                "duplicate_of": [
+                    root_names[r] if n and r != p else None
+                    for r, n, p in zip(root.tolist(), number.tolist(), positions.tolist())
+                ],
                 "age_conflict": self.age_conflict[positions],
             },
             index=files.index,
@@ -289,7 +326,11 @@ def connected_duplicates(hashes: HashArrays, files: int, max_distance: int) -> n
     graph.add(pairs)
     graph.merge()
     # in (nearly) the codes' own order: close codes then meet as neighbours, and join early
-    distinct = distinct[np.argsort(substring_keys(hashes.codes, 0, min(hashes.codes.shape[1] * 8, MAX_SUBSTRING_BITS), distinct), kind="stable")]
+    distinct = distinct[
+        np.argsort(
+            substring_keys(hashes.codes, 0, min(hashes.codes.shape[1] * 8, MAX_SUBSTRING_BITS), distinct), kind="stable"
+        )
+    ]
     distinct_rows = hashes.code_rows[distinct]
     for pairs in near_pairs(hashes.codes, max_distance, graph, distinct_rows, distinct):
         graph.add(distinct_rows[pairs])
@@ -313,7 +354,7 @@ def gather_hashes(tables: Iterator[pd.DataFrame], files: int) -> tuple[HashArray
             found = end
         content.append(hashes.content)
         content_rows.append(hashes.content_rows)
-        ages[start:start + len(table)] = pd.to_numeric(table["age"], errors="coerce").to_numpy(np.float32)
+        ages[start : start + len(table)] = pd.to_numeric(table["age"], errors="coerce").to_numpy(np.float32)
         start += len(table)
     codes = codes[:found] if codes is not None else np.zeros((0, 0), np.uint8)
     return HashArrays(codes, code_rows[:found], np.concatenate(content), np.concatenate(content_rows)), ages

@@ -3,6 +3,7 @@ together with its parameters' model, so adding a metric is one function here plu
 configs/explore_images.yaml. `measure_file` reads a file safely and measures it; `measure_array`
 measures a decoded image (also the processing stage's re-measuring).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ def metric(columns: tuple[str, ...] = (), **params: Any):
     a dict of values for the named `columns`."""
 
     def register(function):
-        model = create_model(f"{function.__name__}_parameters", __base__=Section, **{name: (kind, ...) for name, kind in params.items()})
+        model = create_model(
+            f"{function.__name__}_parameters", __base__=Section, **{name: (kind, ...) for name, kind in params.items()}
+        )
         METRICS[function.__name__] = Metric(function, model, columns or (function.__name__,))
         return function
 
@@ -164,7 +167,12 @@ def colourfulness(view: ImageView) -> float:
     return float(math.hypot(rg_std[0], yb_std[0] / 2) + 0.3 * math.hypot(rg_mean[0], yb_mean[0] / 2))
 
 
-@metric(columns=FACE_COLUMNS, min_score=Bounded(float, 0, 1), iou_threshold=Bounded(float, 0, 1), border_fraction=Bounded(float, 0, 1))
+@metric(
+    columns=FACE_COLUMNS,
+    min_score=Bounded(float, 0, 1),
+    iou_threshold=Bounded(float, 0, 1),
+    border_fraction=Bounded(float, 0, 1),
+)
 def faces(view: ImageView, min_score: float, iou_threshold: float, border_fraction: float) -> dict:
     """Faces found by BlazeFace (detector.FaceDetector) and the geometry of the best one: its
     box, score, share of the image, offset from the centre, roll and keypoints, in image pixels."""
@@ -196,7 +204,17 @@ def phash(view: ImageView, hash_side: int, dct_side: int) -> str:
     return np.packbits(bits).tobytes().hex()
 
 
-BASIC_COLUMNS = ["file_size", "format", "color_mode", "width", "height", "min_side", "channels", "bit_depth", "content_hash"]
+BASIC_COLUMNS = [
+    "file_size",
+    "format",
+    "color_mode",
+    "width",
+    "height",
+    "min_side",
+    "channels",
+    "bit_depth",
+    "content_hash",
+]
 SIZE_COLUMNS = ["width", "height", "min_side"]  # measured again on every processed image
 
 
@@ -222,8 +240,13 @@ class ReaderSettings:
     def from_config(cls, explore: ExploreConfig, metrics: dict | None = None) -> "ReaderSettings":
         """The reader settings of a validated explore config (`metrics` replaces its metric list)."""
         images = explore.images
-        return cls(explore.metrics if metrics is None else metrics, images.max_pixels, int(images.max_file_mb * 1e6),
-                   images.max_aspect_ratio, images.analysis_side)
+        return cls(
+            explore.metrics if metrics is None else metrics,
+            images.max_pixels,
+            int(images.max_file_mb * 1e6),
+            images.max_aspect_ratio,
+            images.analysis_side,
+        )
 
 
 def unreadable_row(reason: str | None, settings: ReaderSettings) -> dict:
@@ -255,7 +278,9 @@ def measure_array(bgr: np.ndarray, settings: ReaderSettings) -> dict:
     for name, params in settings.metrics.items():
         try:
             value = METRICS[name].function(view, **params)
-        except Exception as exc:  # a decoder-made array a metric chokes on, a detector that fails: that image's row says so
+        except (
+            Exception
+        ) as exc:  # a decoder-made array a metric chokes on, a detector that fails: that image's row says so
             raise UnreadableImage(f"metric {name} failed: {type(exc).__name__}: {exc}") from None
         values.update(value if isinstance(value, dict) else {name: value})
     return {name: round(value, FLOAT_DECIMALS) if isinstance(value, float) else value for name, value in values.items()}

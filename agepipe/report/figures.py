@@ -1,5 +1,6 @@
 """What every figure of the reports shares: a matplotlib figure saved as PNG or SVG bytes, or written
 into an output folder, and closed."""
+
 from __future__ import annotations
 
 import io
@@ -28,4 +29,3 @@ def save_figure(figure, folder, name: str, formats: list[str]) -> list[Path]:
     written = [folder.write_bytes(f"{name}.{extension}", figure_bytes(figure, extension)) for extension in formats]
     plt.close(figure)
     return written
-

@@ -7,6 +7,7 @@ gender and race when the test rows carry them, adjusted to one common age mix
 (estimates.fairness). train_model.py calls `write_report_card` with the metrics it saves; the page
 is rendered from `templates/model_card.html` by Jinja2.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,9 +18,14 @@ from agepipe.report.pages import render
 from agepipe.running.output_guard import OutputFolder
 
 PLOT_DPI = 100
-FIGURE_NAMES = {"accuracy": "accuracy", "one_off_accuracy": "one-off accuracy (right or a neighbouring group)", "macro_f1": "macro-F1",
-                "balanced_accuracy": "balanced accuracy (mean recall of the groups)",
-                "population_weighted_accuracy": "accuracy weighted to the target population", "mae_years": "MAE of the age (years)"}
+FIGURE_NAMES = {
+    "accuracy": "accuracy",
+    "one_off_accuracy": "one-off accuracy (right or a neighbouring group)",
+    "macro_f1": "macro-F1",
+    "balanced_accuracy": "balanced accuracy (mean recall of the groups)",
+    "population_weighted_accuracy": "accuracy weighted to the target population",
+    "mae_years": "MAE of the age (years)",
+}
 
 
 def plot_history(history: pd.DataFrame, folder: OutputFolder) -> str:
@@ -27,7 +33,10 @@ def plot_history(history: pd.DataFrame, folder: OutputFolder) -> str:
     import matplotlib.pyplot as plt
 
     figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for axes, metric, title in ((loss, "loss", "Loss (KL divergence to the age distribution)"), (accuracy, "group_accuracy", "Age-group accuracy")):
+    for axes, metric, title in (
+        (loss, "loss", "Loss (KL divergence to the age distribution)"),
+        (accuracy, "group_accuracy", "Age-group accuracy"),
+    ):
         axes.plot(history["epoch"] + 1, history[metric], label="training")
         if f"val_{metric}" in history.columns and history[f"val_{metric}"].notna().any():
             axes.plot(history["epoch"] + 1, history[f"val_{metric}"], label="validation (held out)")
@@ -47,7 +56,9 @@ def plot_confusion(confusion, labels: list[str], folder: OutputFolder, title: st
     figure, axes = plt.subplots(figsize=(7, 6), layout="constrained")
     image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for (i, j), count in np.ndenumerate(confusion):
-        axes.text(j, i, str(count), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black", fontsize=9)
+        axes.text(
+            j, i, str(count), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black", fontsize=9
+        )
     axes.set_xticks(range(len(labels)), labels, rotation=45)
     axes.set_yticks(range(len(labels)), labels)
     axes.set(xlabel="predicted group", ylabel="true group", title=title)
@@ -65,27 +76,49 @@ def plot_reliability(table: list[dict], bins: int, calibration_error: float, fol
     axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="honest confidence")
     if len(frame):
         axes.bar((frame["bin"] + 0.5) / bins, frame["accuracy"], width=0.9 / bins, color="#4C72B0", alpha=0.35)
-        axes.scatter(frame["confidence"], frame["accuracy"], s=20 + 300 * frame["answers"] / frame["answers"].max(), color="#4C72B0",
-                     label="test answers (area: how many)", zorder=3)
-    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="stated confidence of the age group", ylabel="share right",
-             title=f"Reliability (calibration error {calibration_error:.3f})")
+        axes.scatter(
+            frame["confidence"],
+            frame["accuracy"],
+            s=20 + 300 * frame["answers"] / frame["answers"].max(),
+            color="#4C72B0",
+            label="test answers (area: how many)",
+            zorder=3,
+        )
+    axes.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="stated confidence of the age group",
+        ylabel="share right",
+        title=f"Reliability (calibration error {calibration_error:.3f})",
+    )
     axes.grid(alpha=0.3)
     axes.legend(loc="upper left")
     folder.write_bytes("reliability.png", figure_png(figure, dpi=PLOT_DPI))
     return "reliability.png"
 
 
-def write_report_card(folder: OutputFolder, report: dict, history: pd.DataFrame, headline: tuple[str, ...], bins: int) -> str:
+def write_report_card(
+    folder: OutputFolder, report: dict, history: pd.DataFrame, headline: tuple[str, ...], bins: int
+) -> str:
     """Draw the plots and write report.html from the metrics `report` train_model.py saves; return its name."""
     test = report["test"]
     labels = report["age_groups"]
     plots = {
-        "confusion": plot_confusion(test["confusion_matrix"], labels, folder, f"Confusion matrix (accuracy {test['accuracy']:.1%})"),
+        "confusion": plot_confusion(
+            test["confusion_matrix"], labels, folder, f"Confusion matrix (accuracy {test['accuracy']:.1%})"
+        ),
         "reliability": plot_reliability(test["reliability"], bins, test["calibration_error"], folder),
         "history": plot_history(history, folder),
     }
-    rows = [{"name": FIGURE_NAMES.get(name, name), "model": test[name], "baseline": report["majority_baseline"][name], "years": name.endswith("years")}
-            for name in headline]
+    rows = [
+        {
+            "name": FIGURE_NAMES.get(name, name),
+            "model": test[name],
+            "baseline": report["majority_baseline"][name],
+            "years": name.endswith("years"),
+        }
+        for name in headline
+    ]
     page = render("model_card.html", report=report, test=test, headline=rows, plots=plots, labels=labels)
     folder.write_text("report.html", page)
     return "report.html"

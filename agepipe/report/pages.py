@@ -5,6 +5,7 @@ to print figures are `percent` (0.123 -> "12.3%"), `number` (thousands separator
 `years` (one decimal). The quality report's site (visualize_image_information.py) and the model's report
 card (model_card.py) both go through here, so every page looks the same.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,7 +37,11 @@ def number(value) -> str:
     """
     if _missing(value):
         return MISSING
-    return f"{value:,}" if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1 else f"{float(value):.3g}"
+    return (
+        f"{value:,}"
+        if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1
+        else f"{float(value):.3g}"
+    )
 
 
 def years(value) -> str:
@@ -51,8 +56,13 @@ def _missing(value) -> bool:
 def environment():
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(default=True),
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=jinja2.select_autoescape(default=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(percent=percent, number=number, years=years)
     return env
 

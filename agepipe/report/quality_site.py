@@ -6,6 +6,7 @@ holding every image it flags, worst first, in pages of thumbnails.
 caption; `write_gallery` writes a gallery's pages and thumbnails into the report folder. The pages are
 rendered by pages.render; visualize_image_information.py puts it together.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,9 @@ from agepipe.data.vocabulary import TRAINABLE_STATUSES, Check, flag_column, scor
 from agepipe.report.pages import render
 from agepipe.running.output_guard import OutputFolder
 
-THUMBNAIL_MAX_PIXELS = 50_000_000  # an image larger than this is shown as unreadable rather than decoded for a thumbnail
+THUMBNAIL_MAX_PIXELS = (
+    50_000_000  # an image larger than this is shown as unreadable rather than decoded for a thumbnail
+)
 THUMBNAIL_MAX_BYTES = 200 * 2**20
 THUMBNAIL_QUALITY = 85
 
@@ -41,7 +44,10 @@ class Gallery:
         return f"gallery/{self.key}-{page}.html"
 
 
-DUPLICATE_CHECKS = {Check.DUPLICATE: "the same picture as an earlier file", Check.AGE_CONFLICT: "duplicates whose ages disagree"}
+DUPLICATE_CHECKS = {
+    Check.DUPLICATE: "the same picture as an earlier file",
+    Check.AGE_CONFLICT: "duplicates whose ages disagree",
+}
 
 
 def check_rules(checks: dict, exploration: pd.DataFrame) -> list[dict]:
@@ -49,15 +55,33 @@ def check_rules(checks: dict, exploration: pd.DataFrame) -> list[dict]:
     search's), and whether it only informs."""
     rules = []
     for name, rule in checks.items():
-        sides = [f"{rule.metric} {sign} {value:g}" for sign, value in (("<", rule.below), (">", rule.above)) if value is not None]
-        rules.append({"name": name, "rule": " or ".join(sides) + (" (informational)" if rule.informational else ""), "metric": rule.metric})
-    rules += [{"name": str(name), "rule": text, "metric": None} for name, text in DUPLICATE_CHECKS.items() if flag_column(name) in exploration]
+        sides = [
+            f"{rule.metric} {sign} {value:g}"
+            for sign, value in (("<", rule.below), (">", rule.above))
+            if value is not None
+        ]
+        rules.append(
+            {
+                "name": name,
+                "rule": " or ".join(sides) + (" (informational)" if rule.informational else ""),
+                "metric": rule.metric,
+            }
+        )
+    rules += [
+        {"name": str(name), "rule": text, "metric": None}
+        for name, text in DUPLICATE_CHECKS.items()
+        if flag_column(name) in exploration
+    ]
     return rules
 
 
 def flagged_rows(exploration: pd.DataFrame, check: str) -> pd.Series:
     column = flag_column(check)
-    return exploration[column].fillna(False).astype(bool) if column in exploration else pd.Series(False, index=exploration.index)
+    return (
+        exploration[column].fillna(False).astype(bool)
+        if column in exploration
+        else pd.Series(False, index=exploration.index)
+    )
 
 
 def summary(exploration: pd.DataFrame, checks: dict, groups: AgeGroups) -> dict:
@@ -75,10 +99,19 @@ def summary(exploration: pd.DataFrame, checks: dict, groups: AgeGroups) -> dict:
     group_of = pd.Series([groups.label_of(a) for a in ages.dropna()], index=labelled.index, dtype=object)
     for label in groups.labels:
         members = labelled[group_of == label]
-        by_group.append({"group": label, "files": len(members),
-                         "usable": (members["status"].isin(TRAINABLE_STATUSES).mean() if len(members) else None)})
-    return {"files": files, "statuses": [{"status": s, "files": int(n), "share": n / max(1, files)} for s, n in statuses.items()],
-            "checks": check_rows, "by_age_group": by_group}
+        by_group.append(
+            {
+                "group": label,
+                "files": len(members),
+                "usable": (members["status"].isin(TRAINABLE_STATUSES).mean() if len(members) else None),
+            }
+        )
+    return {
+        "files": files,
+        "statuses": [{"status": s, "files": int(n), "share": n / max(1, files)} for s, n in statuses.items()],
+        "checks": check_rows,
+        "by_age_group": by_group,
+    }
 
 
 def galleries(exploration: pd.DataFrame, checks: dict, checked: pd.DataFrame | None) -> list[Gallery]:
@@ -92,19 +125,33 @@ def galleries(exploration: pd.DataFrame, checks: dict, checked: pd.DataFrame | N
             continue
         if metric is None:  # the duplicate search's: shown with the file each one repeats
             flagged = flagged.sort_values(["duplicate_of", "file"], kind="stable", na_position="first")
-            captions = [[f"same as {other}" if isinstance(other, str) else "first of its group", f"age {age}"]
-                        for other, age in zip(flagged.get("duplicate_of", pd.Series(index=flagged.index)), flagged.get("age"))]
+            captions = [
+                [f"same as {other}" if isinstance(other, str) else "first of its group", f"age {age}"]
+                for other, age in zip(flagged.get("duplicate_of", pd.Series(index=flagged.index)), flagged.get("age"))
+            ]
         else:
-            flagged = flagged.sort_values([score_column(name) if score_column(name) in flagged else metric, "file"], kind="stable")
+            flagged = flagged.sort_values(
+                [score_column(name) if score_column(name) in flagged else metric, "file"], kind="stable"
+            )
             captions = [[f"{metric} {value:.4g}" if pd.notna(value) else metric] for value in flagged[metric]]
-        found.append(Gallery(name, f"{name}: {len(flagged):,} images flagged ({rule['rule']}), worst first", flagged, captions))
+        found.append(
+            Gallery(name, f"{name}: {len(flagged):,} images flagged ({rule['rule']}), worst first", flagged, captions)
+        )
     if checked is not None:
         suspects = suspected_labels(checked)
         if len(suspects):
-            captions = [[f"given {int(a)}, predicted {p:.0f}", f"label quality {q:.2g}"]
-                        for a, p, q in zip(suspects["age"], suspects["predicted_age"], suspects["label_quality"])]
-            found.append(Gallery("suspected_labels", f"Suspected label errors: {len(suspects):,} faces, least likely label first",
-                                 suspects, captions))
+            captions = [
+                [f"given {int(a)}, predicted {p:.0f}", f"label quality {q:.2g}"]
+                for a, p, q in zip(suspects["age"], suspects["predicted_age"], suspects["label_quality"])
+            ]
+            found.append(
+                Gallery(
+                    "suspected_labels",
+                    f"Suspected label errors: {len(suspects):,} faces, least likely label first",
+                    suspects,
+                    captions,
+                )
+            )
     return found
 
 
@@ -118,14 +165,20 @@ def thumbnail(path: str, side: int) -> bytes | None:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     scale = min(1.0, side / max(image.shape[:2]))
     if scale < 1:
-        image = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))), interpolation=cv2.INTER_AREA)
+        image = cv2.resize(
+            image,
+            (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
     if image.dtype != "uint8":
         image = cv2.convertScaleAbs(image, alpha=255.0 / max(1.0, float(image.max())))
     ok, data = cv2.imencode(".jpg", image[..., :3], [cv2.IMWRITE_JPEG_QUALITY, THUMBNAIL_QUALITY])
     return data.tobytes() if ok else None
 
 
-def write_gallery(folder: OutputFolder, gallery: Gallery, page_size: int, side: int, thumbnails: dict[str, str | None]) -> int:
+def write_gallery(
+    folder: OutputFolder, gallery: Gallery, page_size: int, side: int, thumbnails: dict[str, str | None]
+) -> int:
     """Write the gallery's pages (gallery/<key>-<n>.html) and the thumbnails they show (thumbs/, each
     image's once across galleries: `thumbnails` maps a path to its thumbnail's name, None when it
     cannot be read); return the number of pages."""
@@ -140,8 +193,24 @@ def write_gallery(folder: OutputFolder, gallery: Gallery, page_size: int, side: 
                 if data is not None:
                     folder.write_bytes(name, data)
                 thumbnails[path] = name if data is not None else None
-            items.append({"file": row["file"], "thumbnail": thumbnails.get(path) if isinstance(path, str) else None,
-                          "target": os.path.relpath(path, folder.path / "gallery") if isinstance(path, str) else None, "caption": caption})
-        folder.write_text(gallery.page_name(page), render("gallery.html", gallery=gallery, items=items, page=page, pages=pages,
-                                                          first=chunk.start + 1, last=min(chunk.stop, len(gallery.rows))))
+            items.append(
+                {
+                    "file": row["file"],
+                    "thumbnail": thumbnails.get(path) if isinstance(path, str) else None,
+                    "target": os.path.relpath(path, folder.path / "gallery") if isinstance(path, str) else None,
+                    "caption": caption,
+                }
+            )
+        folder.write_text(
+            gallery.page_name(page),
+            render(
+                "gallery.html",
+                gallery=gallery,
+                items=items,
+                page=page,
+                pages=pages,
+                first=chunk.start + 1,
+                last=min(chunk.stop, len(gallery.rows)),
+            ),
+        )
     return pages

@@ -1,6 +1,7 @@
 """What long work shows on the terminal, and what it keeps off it: a progress bar (tqdm), and the
 silencing of native libraries' start-up chatter (TensorFlow's, LiteRT's, onnxruntime's), which would
 bury a stage's own output."""
+
 from __future__ import annotations
 
 import contextlib
@@ -39,4 +40,3 @@ def progress_bar(total: int, description: str, unit: str = "img"):
         )
 
     return wrap
-

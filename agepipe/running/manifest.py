@@ -3,6 +3,7 @@
 Each folder agepipe writes into holds `.agepipe-outputs.sqlite`, listing the files it wrote there with a
 digest of each as written (output_guard.py's guard reads it; nothing else decides what is agepipe's).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +58,9 @@ class Manifest:
                 self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
                 self._db.execute("CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, digest TEXT, run TEXT)")
             except sqlite3.DatabaseError:
-                raise UserError(f"{self.path} is not agepipe's manifest (damaged, or another file): move it away") from None
+                raise UserError(
+                    f"{self.path} is not agepipe's manifest (damaged, or another file): move it away"
+                ) from None
             self._adopt_legacy()
         return self._db
 
@@ -100,9 +103,11 @@ class Manifest:
     def record(self, entries: Iterable[tuple[str, str | None]], run: str | None = None) -> None:
         """List files as written, with their digests (and the run that wrote them)."""
         with self.transaction() as db:
-            db.executemany("INSERT INTO files (name, digest, run) VALUES (?, ?, ?) "
-                           "ON CONFLICT(name) DO UPDATE SET digest = excluded.digest, run = excluded.run",
-                           ((name, digest, run) for name, digest in entries))
+            db.executemany(
+                "INSERT INTO files (name, digest, run) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET digest = excluded.digest, run = excluded.run",
+                ((name, digest, run) for name, digest in entries),
+            )
 
     def others(self, run: str) -> Iterator[tuple[str, str | None]]:
         """(name, digest) of the listed files another run wrote."""
@@ -114,7 +119,12 @@ class Manifest:
 
     def lists_name_starting(self, prefix: str) -> bool:
         """Whether a listed name starts with `prefix` (one indexed lookup)."""
-        return self._open().execute("SELECT 1 FROM files WHERE name >= ? AND name < ? LIMIT 1", (prefix, prefix + "\U0010ffff")).fetchone() is not None
+        return (
+            self._open()
+            .execute("SELECT 1 FROM files WHERE name >= ? AND name < ? LIMIT 1", (prefix, prefix + "\U0010ffff"))
+            .fetchone()
+            is not None
+        )
 
     def forget_others(self, run: str, keep: list[tuple[str, str | None]]) -> None:
         """Forget every file another run wrote, except `keep` (name, digest)."""

@@ -14,6 +14,7 @@ cache, lock, part file and run record of every script and notebook:
 
 The writing itself (atomic, only where claimed) is writes.py's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,17 @@ from agepipe.config.loading import PROJECT_DIR, plain
 from agepipe.data.image_files import IMAGE_EXTENSIONS
 from agepipe.errors import UserError, shown
 from agepipe.running.manifest import Manifest, legacy_proof
-from agepipe.running.writes import _claim, check_run_record, file_digest, remove_temporaries, run_record_path, temporary_affixes, temporary_starts, write_bytes, write_text
+from agepipe.running.writes import (
+    _claim,
+    check_run_record,
+    file_digest,
+    remove_temporaries,
+    run_record_path,
+    temporary_affixes,
+    temporary_starts,
+    write_bytes,
+    write_text,
+)
 
 FOLDER_LOCK = ".agepipe.lock"
 SCRATCH = "scratch"  # the name of a run's temporary working folder inside an output folder
@@ -134,9 +145,13 @@ class OutputGuard:
             raise UserError(f"{what} {path} has an image file's name; refusing to write a table there")
         if path.name.startswith(RESERVED_PREFIX):
             raise UserError(f"{what} {path} is a name agepipe keeps for its own bookkeeping")
-        if path.is_symlink() or (path.exists() and not Manifest(path.parent).owns(path.name) and not legacy_proof(path)):
-            raise UserError(f"{what} {path} exists and agepipe cannot prove it wrote it (or it was changed since): "
-                            "move it away or choose another name")
+        if path.is_symlink() or (
+            path.exists() and not Manifest(path.parent).owns(path.name) and not legacy_proof(path)
+        ):
+            raise UserError(
+                f"{what} {path} exists and agepipe cannot prove it wrote it (or it was changed since): "
+                "move it away or choose another name"
+            )
         check_run_record(path)
         ensure_writable_dir(path.parent, f"the folder of {what}")
         remove_temporaries(path.parent, temporary_starts([path.name, run_record_path(path).name]))
@@ -169,14 +184,18 @@ class OutputGuard:
             raise UserError(f"{what} {path} is a folder; give a file name")
         self._check_place(path, what)
         if path.is_symlink() or (path.exists() and not Journal.is_journal(path)):
-            raise UserError(f"{what} {path} exists and is not one of agepipe's journals: move it away or choose another name")
+            raise UserError(
+                f"{what} {path} exists and is not one of agepipe's journals: move it away or choose another name"
+            )
         ensure_writable_dir(path.parent, f"the folder of {what}")
         remove_temporaries(path.parent, temporary_starts([path.name]))
         self.files[path.resolve()] = what
         _claim(path, folder=False)
         return path
 
-    def folder(self, path: str | os.PathLike, what: str, overwrite: bool = False, self_identifying: bool = False) -> OutputFolder:
+    def folder(
+        self, path: str | os.PathLike, what: str, overwrite: bool = False, self_identifying: bool = False
+    ) -> OutputFolder:
         """Claim a folder of outputs and lock it for the run (see OutputFolder). `self_identifying`: its
         files prove they are agepipe's themselves (part files), so it needs no manifest."""
         path = Path(path).expanduser()
@@ -230,13 +249,16 @@ class OutputFolder:
         if path.is_dir() and not self_identifying and not self.manifest.exists() and not overwrite:
             strangers = [p.name for p in path.iterdir() if p.name not in (".gitkeep", FOLDER_LOCK)]
             if strangers:
-                raise UserError(f"{what} {path} holds files agepipe did not write ({shown(strangers[0])}, ...): "
-                                "choose an empty folder, or allow writing into it with --set overwrite_output=true")
+                raise UserError(
+                    f"{what} {path} holds files agepipe did not write ({shown(strangers[0])}, ...): "
+                    "choose an empty folder, or allow writing into it with --set overwrite_output=true"
+                )
         ensure_writable_dir(path, what)
         self.written: dict[str, str | None] = {}
         self._lock = open(path / FOLDER_LOCK, "a")
         try:
-            # a POSIX record lock: worker processes do not inherit it, so a killed run's orphans cannot keep the next run out
+            # a POSIX record lock: worker processes do not inherit it, so a killed run's orphans cannot keep the
+            # next run out
             fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock.close()
@@ -259,8 +281,10 @@ class OutputFolder:
         for name in planned:
             target = self.path / name
             if (target.exists() or target.is_symlink()) and not self.manifest.owns(name):
-                raise UserError(f"{self.what} {self.path} holds a file of yours named like an output, {shown(name)}: "
-                                "move it away or choose another folder (agepipe never replaces it)")
+                raise UserError(
+                    f"{self.what} {self.path} holds a file of yours named like an output, {shown(name)}: "
+                    "move it away or choose another folder (agepipe never replaces it)"
+                )
         self.manifest.plan(planned)
 
     def owns(self, name: str) -> bool:
@@ -270,8 +294,10 @@ class OutputFolder:
         """The path of an output this run writes here now: never over a file of the user's."""
         target = self.target(name)
         if (target.exists() or target.is_symlink()) and name not in self.written and not self.manifest.owns(name):
-            raise UserError(f"{self.what} {self.path} holds a file of yours named like an output, {shown(name)}: "
-                            "move it away or choose another folder (agepipe never replaces it)")
+            raise UserError(
+                f"{self.what} {self.path} holds a file of yours named like an output, {shown(name)}: "
+                "move it away or choose another folder (agepipe never replaces it)"
+            )
         return target
 
     def write_text(self, name: str, text: str) -> Path:
@@ -307,19 +333,28 @@ class OutputFolder:
             target = self.path / name
             if not target.exists():
                 continue
-            if is_inside(target, self.path) and not target.is_symlink() and target.is_file() and digest in (None, file_digest(target)):
+            if (
+                is_inside(target, self.path)
+                and not target.is_symlink()
+                and target.is_file()
+                and digest in (None, file_digest(target))
+            ):
                 target.unlink()
                 removed += 1
             else:
                 kept.append((name, digest))  # changed since agepipe wrote it: the user's now, never deleted
-        folders = {self.path} | {self.path / os.path.dirname(name) for name in self.manifest.names()}  # every name: this run's and the others'
+        folders = {self.path} | {
+            self.path / os.path.dirname(name) for name in self.manifest.names()
+        }  # every name: this run's and the others'
         for folder in folders:  # while the manifest still lists every name a temporary may belong to
             removed += remove_temporaries(folder, self._listed_starts(folder, set()))
         self.manifest.forget_others(self.run, kept)
         return removed
 
     def _listed_starts(self, folder: Path, also: set[str]) -> "ListedStarts":
-        return ListedStarts(self.manifest, "" if folder == self.path else f"{folder.relative_to(self.path).as_posix()}/", also)
+        return ListedStarts(
+            self.manifest, "" if folder == self.path else f"{folder.relative_to(self.path).as_posix()}/", also
+        )
 
     def record(self, written: Iterable[tuple[str, str | None]]) -> None:
         """List files this run wrote (the rest of the folder is left as it is)."""

@@ -7,6 +7,7 @@ and the `state` every worker needs (settings, a loaded model): it reaches each w
 with the parent's output claims (writes.claims), and OpenCV runs single-threaded there (the
 parallelism comes from the workers).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +49,13 @@ class Engine:
 
     @classmethod
     def of(cls, config: BaseModel) -> "Engine":
-        return cls(config.num_workers, config.scheduler, config.scheduler_timeout_seconds, config.chunk_files, config.task_timeout_seconds)
+        return cls(
+            config.num_workers,
+            config.scheduler,
+            config.scheduler_timeout_seconds,
+            config.chunk_files,
+            config.task_timeout_seconds,
+        )
 
     @property
     def name(self) -> str:
@@ -103,7 +110,7 @@ def _run_chunk(func: TaskFunction, chunk: list, timeout: float | None, batch: in
         return [_guarded(functools.partial(func, _state, item), timeout) for item in chunk]
     results = []
     for start in range(0, len(chunk), batch):
-        items = chunk[start:start + batch]
+        items = chunk[start : start + batch]
         ok, value = _guarded(functools.partial(func, _state, items), timeout and timeout * len(items))
         if ok:
             results.extend((True, result) for result in value)
@@ -133,7 +140,9 @@ def _guarded(call: Callable[[], Any], timeout: float | None) -> tuple[bool, Any]
             signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def _run_dask_chunk(func: TaskFunction, chunk: list, batch: int, state: Any, token: str, claimed: tuple) -> list[tuple[bool, Any]]:
+def _run_dask_chunk(
+    func: TaskFunction, chunk: list, batch: int, state: Any, token: str, claimed: tuple
+) -> list[tuple[bool, Any]]:
     """A chunk on a Dask worker: the state is installed once per worker process and run, as in the
     local pool. No per-item time limit: the alarm signal only works in a main thread."""
     if _state_token != token:
@@ -179,7 +188,11 @@ def parallel_map(
     if engine.scheduler != "local":
         yield from wrap(_dask_map(func, chunks, batch, engine.scheduler, engine.scheduler_timeout, setup, on_failure))
         return
-    yield from wrap(_pool_map(func, chunks, resolve_workers(engine.num_workers), setup, chunksize, batch, on_failure, engine.task_timeout))
+    yield from wrap(
+        _pool_map(
+            func, chunks, resolve_workers(engine.num_workers), setup, chunksize, batch, on_failure, engine.task_timeout
+        )
+    )
 
 
 def batched_lists(items: Iterable, size: int) -> Iterator[list]:
@@ -248,7 +261,9 @@ def _pool_map(func, chunks, workers: int, setup: tuple, chunksize: int, batch: i
     pieces = _pieces(chunks, chunksize, workers)
     with opencv_threads_stopped():
         while True:
-            suspects, exhausted = yield from _pool_until_broken(func, pieces, workers, context, setup, batch, timeout, on_failure)
+            suspects, exhausted = yield from _pool_until_broken(
+                func, pieces, workers, context, setup, batch, timeout, on_failure
+            )
             yield from _retry_alone(func, suspects, context, setup, batch, timeout, on_failure)
             if exhausted:
                 return
@@ -259,7 +274,7 @@ def _pieces(chunks: Iterator[list], chunksize: int, workers: int) -> Iterator[li
     a small chunk still keeps every worker busy."""
     for chunk in chunks:
         size = max(1, min(chunksize, -(-len(chunk) // (workers * 4))))
-        yield from (chunk[i:i + size] for i in range(0, len(chunk), size))
+        yield from (chunk[i : i + size] for i in range(0, len(chunk), size))
 
 
 @contextlib.contextmanager
@@ -277,7 +292,9 @@ def opencv_threads_stopped():
             opencv.setNumThreads(threads)
 
 
-def _pool_until_broken(func, pieces: Iterator[list], workers: int, context, setup: tuple, batch: int, timeout, on_failure):
+def _pool_until_broken(
+    func, pieces: Iterator[list], workers: int, context, setup: tuple, batch: int, timeout, on_failure
+):
     """Run pieces through one pool, a few in flight, until they run out or a worker dies. Yields the
     outcomes; returns (the items a dead worker may have held, whether the pieces ran out)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -287,7 +304,9 @@ def _pool_until_broken(func, pieces: Iterator[list], workers: int, context, setu
         running: dict = {}
         try:
             while True:
-                while len(running) < workers * 2 and (piece := next(pieces, None)) is not None:  # few in flight: memory stays flat
+                while (
+                    len(running) < workers * 2 and (piece := next(pieces, None)) is not None
+                ):  # few in flight: memory stays flat
                     running[pool.submit(_run_chunk, func, piece, timeout, batch)] = piece
                 if not running:
                     return [], True
@@ -307,6 +326,8 @@ def _retry_alone(func, suspects: list, context, setup: tuple, batch: int, timeou
     for item in suspects:
         try:
             with ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker, initargs=setup) as single:
-                yield from _outcomes([item], single.submit(_run_chunk, func, [item], timeout, batch).result(), on_failure)
+                yield from _outcomes(
+                    [item], single.submit(_run_chunk, func, [item], timeout, batch).result(), on_failure
+                )
         except BrokenProcessPool:
             yield _failed(item, "its worker process died (out of memory or a crash in a decoder)", on_failure)

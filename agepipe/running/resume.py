@@ -1,6 +1,7 @@
 """The two ways an interrupted stage continues where it stopped: a `Journal` of finished items (one
 JSON line each), and a `PartStore` of part files, each holding the finished rows of one chunk of work.
 """
+
 from __future__ import annotations
 
 import array
@@ -300,7 +301,9 @@ class PartStore:
         for entry in os.scandir(self.folder):
             if not entry.is_file(follow_symlinks=False) or entry.name in names:
                 continue
-            if self.TEMPORARY.fullmatch(entry.name) or (self.NAME.fullmatch(entry.name) and self._header(entry.path) == entry.name):
+            if self.TEMPORARY.fullmatch(entry.name) or (
+                self.NAME.fullmatch(entry.name) and self._header(entry.path) == entry.name
+            ):
                 os.unlink(entry.path)
                 removed += 1
         return removed
@@ -314,7 +317,17 @@ class PartStore:
             return None
 
 
-def fill_parts(parts: PartStore, chunks: Iterable[tuple[str, list]], func, engine, *, state, progress, on_failure, chunksize: int = 64) -> None:
+def fill_parts(
+    parts: PartStore,
+    chunks: Iterable[tuple[str, list]],
+    func,
+    engine,
+    *,
+    state,
+    progress,
+    on_failure,
+    chunksize: int = 64,
+) -> None:
     """Run func(state, item) on every item of each chunk ((its part's name, its items)) in parallel
     (parallel.parallel_map), and write each chunk's results, in item order, to its part as soon as
     its last item is done: memory holds the chunks in flight, and an interrupted run loses only
@@ -330,9 +343,16 @@ def fill_parts(parts: PartStore, chunks: Iterable[tuple[str, list]], func, engin
             names[index], pending[index], remaining[index] = name, [None] * len(items), len(items)
             yield [(index, position, item) for position, item in enumerate(items)]
 
-    for index, position, result in parallel_map(_tagged_task, tagged(), engine, chunked=True, state=(func, state), chunksize=chunksize,
-                                                progress=progress,
-                                                on_failure=lambda task, reason: (task[0], task[1], on_failure(task[2], reason))):
+    for index, position, result in parallel_map(
+        _tagged_task,
+        tagged(),
+        engine,
+        chunked=True,
+        state=(func, state),
+        chunksize=chunksize,
+        progress=progress,
+        on_failure=lambda task, reason: (task[0], task[1], on_failure(task[2], reason)),
+    ):
         pending[index][position] = result
         remaining[index] -= 1
         if not remaining[index]:
@@ -371,8 +391,12 @@ class ResumableStage:
         from agepipe.running.manifest import file_digest
 
         recorded = self.journal.records(key for key in keys if key in self.journal.done)
-        return [key for key, row in recorded.items()
-                if isinstance(row.get("output_file"), str) and file_digest(self.folder.path / row["output_file"]) != row.get("output_digest")]
+        return [
+            key
+            for key, row in recorded.items()
+            if isinstance(row.get("output_file"), str)
+            and file_digest(self.folder.path / row["output_file"]) != row.get("output_digest")
+        ]
 
     def run(self, tasks: list[tuple[str, dict]], func, engine, *, state, label: str, chunksize: int, on_failure):
         """Run every task not finished yet (func(state, (key, row)) -> (key, result)); return all results
@@ -384,23 +408,40 @@ class ResumableStage:
         for attempt in range(RESUME_PASSES):
             changed = self._changed(keys)
             if changed:
-                log.info("%d outputs listed by the journal are missing from %s or changed: redoing them", len(changed), self.folder.path)
+                log.info(
+                    "%d outputs listed by the journal are missing from %s or changed: redoing them",
+                    len(changed),
+                    self.folder.path,
+                )
                 self.journal.forget(changed)
             todo = [task for task in tasks if task[0] not in self.journal.done]
             if not todo:
                 return self.journal.rows(keys)
             if attempt == 0 and len(todo) < len(tasks):
-                log.info("continuing: %d of %d items were finished by an earlier run", len(tasks) - len(todo), len(tasks))
+                log.info(
+                    "continuing: %d of %d items were finished by an earlier run", len(tasks) - len(todo), len(tasks)
+                )
             with self.journal:
-                for key, result in parallel_map(func, todo, engine, state=state, chunksize=chunksize,
-                                                progress=progress_bar(len(todo), label), on_failure=on_failure):
+                for key, result in parallel_map(
+                    func,
+                    todo,
+                    engine,
+                    state=state,
+                    chunksize=chunksize,
+                    progress=progress_bar(len(todo), label),
+                    on_failure=on_failure,
+                ):
                     self.journal.record(key, result)
         raise UserError(f"outputs keep vanishing from {self.folder.path} while this run writes them")
 
     def finish(self, results) -> int:
         """List what the run wrote in the folder's manifest, delete what earlier runs wrote there and this
         one did not, and remove the journal; return how many files were deleted."""
-        written = [(name, digest) for name, digest in zip(results["output_file"], results["output_digest"]) if isinstance(name, str)]
+        written = [
+            (name, digest)
+            for name, digest in zip(results["output_file"], results["output_digest"])
+            if isinstance(name, str)
+        ]
         removed = self.folder.finish(written)
         self.journal.remove()
         return removed

