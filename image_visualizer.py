@@ -254,11 +254,7 @@ def before_after_grid(frame: pd.DataFrame, operation: str, pairs: int, columns: 
         operations = [step.split("(")[0].strip() for step in row["operations"].split(";")]
         cells.append((row["path"], ["after"] + operations, None))
     return _grid(
-        cells,
-        f"Repairs using {operation}: before | after ({len(repaired)} of {int(used.sum())})",
-        columns,
-        thumb,
-        dpi,
+        cells, f"Repairs using {operation}: before | after ({len(repaired)} of {int(used.sum())})", columns, thumb, dpi
     )
 
 

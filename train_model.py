@@ -39,6 +39,7 @@ from agepipe.errors import UserError
 from agepipe.model.backbones import backbone_for
 from agepipe.model.estimates import (
     CALIBRATION_BINS,
+    HEADLINE,
     answers,
     correct_prior,
     evaluate,
@@ -58,14 +59,6 @@ from agepipe.running.writes import run_record
 from utils import run_script, setup_logging
 
 log = logging.getLogger("agepipe.train")
-HEADLINE = (
-    "accuracy",
-    "one_off_accuracy",
-    "macro_f1",
-    "balanced_accuracy",
-    "population_weighted_accuracy",
-    "mae_years",
-)
 
 
 # --------------------------------------------------------------------------------------------------

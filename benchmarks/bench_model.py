@@ -41,6 +41,7 @@ sys.path.insert(0, str(PROJECT))
 
 from agepipe.data.age_groups import AgeGroups  # noqa: E402
 from agepipe.data.datasets import find_image_files, parse_utkface_name  # noqa: E402
+from agepipe.model.estimates import HEADLINE  # noqa: E402
 from agepipe.model.training import stratified_folds  # noqa: E402
 from crops import configured_groups, labelled_crops, link_folder  # noqa: E402
 from peers import peer_python  # noqa: E402
@@ -63,14 +64,6 @@ VARIANTS = {
         ],
     ),
 }
-HEADLINE = [
-    "accuracy",
-    "one_off_accuracy",
-    "macro_f1",
-    "balanced_accuracy",
-    "population_weighted_accuracy",
-    "mae_years",
-]
 PEER_SCRIPT = """
 import json, sys, time
 from PIL import Image

@@ -171,6 +171,18 @@ def kill_part_way(script: str, overrides: list[str], journal: Path, lines: int, 
     return finished_items(journal)
 
 
+def kill_processing_part_way(explored: Path, out: Path, lines: int) -> int:
+    """Kill process_images.py (one worker, chunks of 20) over an exploration into `out` once `lines` rows are done."""
+    overrides = [
+        f"input_csv={explored / 'image_metadata.csv'}",
+        f"output_dir={out}/images",
+        f"output_csv={out}/processed.csv",
+        "num_workers=1",
+        "chunk_files=20",
+    ]
+    return kill_part_way("process_images.py", overrides, out / "processed.csv.parts", lines)
+
+
 def finished_items(journal: Path) -> int:
     """Items a journal file or a folder of part files records (each begins with a header line)."""
     files = sorted(journal.glob("*.jsonl")) if journal.is_dir() else [journal] if journal.exists() else []

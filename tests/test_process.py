@@ -7,7 +7,7 @@ import cv2
 import pandas as pd
 import pytest
 
-from conftest import PROJECT, kill_part_way, process, read_csv, run
+from conftest import PROJECT, kill_processing_part_way, process, read_csv, run
 
 
 @pytest.fixture(scope="session")
@@ -141,18 +141,7 @@ def test_unknown_repair_operation_names_the_key(explored, tmp_path):
 
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(explored, processed, tmp_path):
     out = tmp_path / "killed"
-    kill_part_way(
-        "process_images.py",
-        [
-            f"input_csv={explored / 'image_metadata.csv'}",
-            f"output_dir={out}/images",
-            f"output_csv={out}/processed.csv",
-            "num_workers=1",
-            "chunk_files=20",
-        ],
-        out / "processed.csv.parts",
-        lines=120,
-    )
+    kill_processing_part_way(explored, out, lines=120)
     assert not (out / "processed.csv").exists()
     resumed = process(explored / "image_metadata.csv", out, "chunk_files=20")
     assert "were finished by an earlier run" in resumed.stderr

@@ -18,7 +18,7 @@ from agepipe.errors import UserError
 from agepipe.running.manifest import MANIFEST
 from agepipe.running.output_guard import FOLDER_LOCK, OutputGuard, run_lock
 from agepipe.running.parallel import Engine, parallel_map
-from conftest import PROJECT, kill_part_way, process, read_csv, run
+from conftest import PROJECT, kill_processing_part_way, process, read_csv, run
 
 
 def snapshot(folder):
@@ -95,34 +95,20 @@ def test_the_project_and_its_git_are_never_an_output_folder(faces, tmp_path, out
 def test_output_csvs_that_would_destroy_an_input_are_refused(faces, tmp_path):
     image = next(faces.iterdir())
     before = image.read_bytes()
-    result = run(
-        "explore_images.py", f"dataset_dir={faces}", f"output_csv={image}", f"summary_csv={tmp_path}/s.csv", check=False
-    )
-    assert result.returncode == 2 and "overlaps the input folder" in result.stderr and image.read_bytes() == before
-    result = run(
-        "explore_images.py",
-        f"dataset_dir={faces}",
-        f"output_csv={tmp_path}/photo.jpg",
-        f"summary_csv={tmp_path}/s.csv",
-        check=False,
-    )
-    assert result.returncode == 2 and "image file's name" in result.stderr
-    result = run(
-        "explore_images.py",
-        f"dataset_dir={faces}",
-        f"output_csv={faces}/m.csv",
-        f"summary_csv={tmp_path}/s.csv",
-        check=False,
-    )
-    assert result.returncode == 2 and "overlaps the input folder" in result.stderr
-    result = run(
-        "explore_images.py",
-        f"dataset_dir={faces}",
-        f"output_csv={tmp_path}",
-        f"summary_csv={tmp_path}/s.csv",
-        check=False,
-    )
-    assert result.returncode == 2 and "is a folder" in result.stderr
+    for output_csv, message in (
+        (image, "overlaps the input folder"),
+        (tmp_path / "photo.jpg", "image file's name"),
+        (faces / "m.csv", "overlaps the input folder"),
+        (tmp_path, "is a folder"),
+    ):
+        result = run(
+            "explore_images.py",
+            f"dataset_dir={faces}",
+            f"output_csv={output_csv}",
+            f"summary_csv={tmp_path}/s.csv",
+            check=False,
+        )
+        assert result.returncode == 2 and message in result.stderr and image.read_bytes() == before
     original = (tmp_path / "m.csv").read_bytes()
     result = run(
         "process_images.py",
@@ -162,18 +148,7 @@ def test_a_tampered_csv_cannot_make_a_stage_write_outside_its_folder(faces, tmp_
 
 def test_resume_redoes_outputs_deleted_since_the_journal_recorded_them(explored, tmp_path):
     out = tmp_path / "killed"
-    kill_part_way(
-        "process_images.py",
-        [
-            f"input_csv={explored / 'image_metadata.csv'}",
-            f"output_dir={out}/images",
-            f"output_csv={out}/processed.csv",
-            "num_workers=1",
-            "chunk_files=20",
-        ],
-        out / "processed.csv.parts",
-        lines=100,
-    )
+    kill_processing_part_way(explored, out, lines=100)
     shutil.rmtree(out / "images")
     process(explored / "image_metadata.csv", out, "chunk_files=20")
     rows = read_csv(out / "processed.csv")
@@ -394,18 +369,7 @@ def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):
 
 def test_resume_redoes_an_output_changed_since_the_journal_recorded_it(explored, tmp_path):
     out = tmp_path / "killed"
-    kill_part_way(
-        "process_images.py",
-        [
-            f"input_csv={explored / 'image_metadata.csv'}",
-            f"output_dir={out}/images",
-            f"output_csv={out}/processed.csv",
-            "num_workers=1",
-            "chunk_files=20",
-        ],
-        out / "processed.csv.parts",
-        lines=60,
-    )
+    kill_processing_part_way(explored, out, lines=60)
     victim = sorted((out / "images").glob("*.jpg"))[0]
     original_size = victim.stat().st_size
     victim.write_bytes(b"truncated by a crash")
@@ -448,18 +412,7 @@ def test_a_phone_photo_is_measured_the_way_it_is_shown(tmp_path):
 
 def test_resume_trusts_contents_not_sizes(explored, tmp_path):
     out = tmp_path / "killed"
-    kill_part_way(
-        "process_images.py",
-        [
-            f"input_csv={explored / 'image_metadata.csv'}",
-            f"output_dir={out}/images",
-            f"output_csv={out}/processed.csv",
-            "num_workers=1",
-            "chunk_files=20",
-        ],
-        out / "processed.csv.parts",
-        lines=60,
-    )
+    kill_processing_part_way(explored, out, lines=60)
     victim = sorted((out / "images").glob("*.jpg"))[0]
     original = victim.read_bytes()
     edited = bytearray(original)

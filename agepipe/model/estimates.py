@@ -31,6 +31,15 @@ from agepipe.errors import UserError
 log = logging.getLogger("agepipe.estimates")
 
 CALIBRATION_BINS = 10
+# The figures a model is judged by, in the order the report card and the benchmarks show them.
+HEADLINE = (
+    "accuracy",
+    "one_off_accuracy",
+    "macro_f1",
+    "balanced_accuracy",
+    "population_weighted_accuracy",
+    "mae_years",
+)
 
 
 def year_targets(ages, max_age: int, sigma_years: float) -> np.ndarray:
