@@ -100,8 +100,8 @@ def check(config: LabelCheckConfig, train: TrainConfig, frame: pd.DataFrame, cac
         age=lambda t: pd.to_numeric(t["age"]).astype(int), source=lambda t: t["file"]
     )
     candidates = candidates.assign(group_index=[groups.index_of(a) for a in candidates["age"]])
-    backbone = backbone_for(train.model)
-    rows = backbone.prepare(candidates.reset_index(names="_row"), Engine.of(config), cache)
+    backbone = backbone_for(train)
+    rows = backbone.prepare(candidates.reset_index(names="_row"), Engine.of(config), cache, training=True)
     usable = rows[rows["inputs"].notna()].reset_index(drop=True)
     reasons[rows.loc[rows["inputs"].isna(), "_row"].to_numpy()] = "not checked: " + rows.loc[
         rows["inputs"].isna(), "problem"

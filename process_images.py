@@ -4,7 +4,8 @@ Reads csv/image_metadata.csv (from explore_images.py) and configs/process_images
 copy of the dataset to processed_dataset/ (the input's relative paths, mirrored) plus
 csv/processed_metadata.csv with one row per input row:
 
-- kept        passed exploration: copied byte for byte (or only resized, if `resize` is set);
+- kept        passed exploration: written as its face, aligned and cropped (`output: faces`, the
+              default), or copied byte for byte (`output: images`; only resized, if `resize` is set);
 - repaired    failed checks that `repairs` maps to operations; after repairing, the image is measured
               with the exploration stage's own metrics and thresholds and passes every check;
 - rejected    could not be repaired within `retry.attempts`, a repair broke another check, the image is
@@ -38,6 +39,7 @@ from agepipe.data.datasets import read_metadata_chunks
 from agepipe.data.image_files import UnreadableImage, read_image
 from agepipe.data.vocabulary import Check, ProcessStatus, Status
 from agepipe.errors import ConfigError, UserError
+from agepipe.faces.alignment import FacePath, FaceSettings
 from agepipe.quality.image_metrics import SIZE_COLUMNS, ReaderSettings, measure_array, measured_columns
 from agepipe.running.console import progress_bar
 from agepipe.running.manifest import file_digest
@@ -127,6 +129,8 @@ class Processor:
         self.jpeg_quality = config.jpeg_quality
         self.never_worse = config.never_worse
         self.output_dir = Path(config.output_dir)
+        self.crop = config.face_crop if config.output == "faces" else None
+        self.face_path = FacePath(FaceSettings.from_config(explore.faces)) if self.crop else None
 
     def __call__(self, row: dict) -> dict:
         result = {
@@ -156,13 +160,44 @@ class Processor:
                 "reason": "file changed since exploration; re-run explore_images.py",
             }
         target = confined(self.output_dir, row["file"])
+        if self.crop:
+            bgr, problem = self.face_of(bgr)
+            if bgr is None:
+                return {**result, "status": ProcessStatus.REJECTED, "reason": problem}
         try:
             result.update((self.keep if row["status"] == Status.OK else self.repair)(row, bgr, target))
         except UnreadableImage as exc:  # re-measuring failed
             return {**result, "status": ProcessStatus.REJECTED, "reason": str(exc)}
         return {**result, "output_file": row["file"] if result["output_digest"] else None}
 
+    def face_of(self, bgr: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        """The image's largest face, aligned and cropped as `face_crop` says (its own resolution when
+        smaller), in BGR; or None and why there is none."""
+        found = self.face_path.find(bgr)
+        if not found.scores.size:
+            return None, "no face found to crop"
+        x0, y0, x1, y1 = found.boxes[0]
+        box = (float(x0), float(y0), float(x1 - x0), float(y1 - y0))
+        rgb = np.ascontiguousarray(bgr[..., ::-1])
+        face = self.face_path.align(rgb, box)
+        problem = self.face_path.too_small(box) or (None if self.face_path.usable(face) else face.problem)
+        if problem:
+            return None, problem
+        side = self.face_path.native_side(face, self.crop.side, self.crop.padding)
+        return np.ascontiguousarray(self.face_path.cut(rgb, face, side, self.crop.padding)[..., ::-1]), None
+
     def keep(self, row: dict, bgr: np.ndarray, target: Path) -> dict:
+        if self.crop:
+            data, after = self.encode_and_measure(bgr, target.suffix)
+            operations = f"face_crop(side={bgr.shape[0]}, padding={self.crop.padding:g})"
+            return {
+                "status": ProcessStatus.KEPT,
+                "reason": None,
+                "operations": operations,
+                "output_digest": write_bytes(data, target),
+                "failed_checks_after": ";".join(failing_checks(after, self.checks)),
+                "after": after,
+            }
         if self.resize is None:
             return {
                 "status": ProcessStatus.KEPT,
@@ -197,7 +232,7 @@ class Processor:
         plan = repair_plan(failed_before, self.repairs)
         if not plan:
             return {"status": ProcessStatus.REJECTED, "reason": f"no repair configured for {', '.join(failed_before)}"}
-        if self.resize is not None:
+        if self.resize is not None and not self.crop:
             bgr = resize_square(bgr, self.resize)
         for attempt in range(self.attempts):
             attempt_plan = escalate(plan, attempt, self.factor)
@@ -383,8 +418,11 @@ def main(args) -> None:
         output_csv = guard.file(config.output_csv, "output_csv")
         parts_folder = guard.folder(f"{output_csv}.parts", "the results beside output_csv", self_identifying=True)
         fingerprint = config_fingerprint(
-            config.model_dump(include={"repairs", "retry", "resize", "jpeg_quality", "never_worse"}),
+            config.model_dump(
+                include={"repairs", "retry", "resize", "jpeg_quality", "never_worse", "output", "face_crop"}
+            ),
             explore.metrics,
+            explore.faces,
             explore.checks,
             str(folder.path.resolve()),
         )
@@ -395,9 +433,8 @@ def main(args) -> None:
             counts = write_processed(chunks(), plan, parts, explore, folder, output_csv)
             write_run_record({"process": config, "explore": explore}, output_csv)
             removed = folder.finish(())
-            parts.keep_only(
-                set()
-            )  # a finished run leaves nothing to resume: a re-run processes again, as the files are now
+            # a finished run leaves nothing to resume: a re-run processes again, as the files are now
+            parts.keep_only(set())
             if removed:
                 log.info(
                     "removed %d files agepipe wrote in %s in earlier runs with other settings", removed, folder.path

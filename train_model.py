@@ -137,7 +137,10 @@ def prepare(
     """Each set's images prepared by the backbone (before TensorFlow starts: the worker pool forks);
     images it cannot use are listed in face_problems.csv and left out."""
     prepared = backbone.prepare(
-        pd.concat([rows.assign(set=name) for name, rows in sets.items()], ignore_index=True), engine, cache
+        pd.concat([rows.assign(set=name) for name, rows in sets.items()], ignore_index=True),
+        engine,
+        cache,
+        training=True,
     )
     folder.write_csv("face_problems.csv", prepared.loc[prepared["problem"].notna(), ["set", "file", "path", "problem"]])
     unusable = prepared["inputs"].isna()
@@ -423,7 +426,7 @@ def main(args) -> None:
     setup_logging(config.log_level)
     groups = age_groups_from(config)
     frame, suspected = read_training_csv(config.input_csv, groups, config.exclude_suspected_labels)
-    backbone = backbone_for(config.model)
+    backbone = backbone_for(config)
     inputs = [
         config.input_csv,
         *config.test_inputs,

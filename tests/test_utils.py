@@ -145,7 +145,7 @@ def test_journal_refuses_rows_its_rule_rejects_and_reads_each_key_by_one_seek(tm
         journal.record("a", {"x": 3})  # the last row of a key wins
         journal.record("c", {"x": 5})
         journal.record("c", {"x": -5})  # a refused row undoes the key's earlier ones
-    checked = Journal(path, "fp1", accept=lambda row: row["x"] > 0)
+    checked = Journal(path, "fp1", accept=lambda key, row: row["x"] > 0)
     assert len(checked.done) == 1 and "a" in checked.done and checked.records(["a", "b"]) == {"a": {"x": 3}}
     with checked:
         checked.record("b", {"x": 2})

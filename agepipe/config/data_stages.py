@@ -58,7 +58,9 @@ class ImageLimits(Section):
     max_aspect_ratio: Bounded(float, 1)
     """More elongated images are refused."""
     analysis_side: Bounded(int, 16, 4096)
-    """Pixel metrics are measured with the shorter side scaled to this, so they mean the same at any size."""
+    """Pixel metrics are measured with the shorter side scaled down to this, so they mean the same at any size."""
+    face_region_scale: Bounded(float, 1, 4)
+    """Where a face is found, pixel metrics judge a square this many times its box: the face, not the frame."""
 
 
 class CheckRule(Section):
@@ -136,6 +138,13 @@ class NeverWorse(Section):
     """A repair may raise the noise level (grey levels) by at most this much."""
 
 
+class FaceCrop(Section):
+    side: Bounded(int, 32, 2048)
+    """Side of a crop, in pixels; a smaller face is cut at its own resolution, never upscaled."""
+    padding: Bounded(float, 0, 2)
+    """Margin around the aligned face, as a share of it (dlib's convention: 0.25 is a tight chip)."""
+
+
 class ProcessConfig(Common):
     input_csv: WorkspacePath
     """The exploration CSV (its run record gives the thresholds)."""
@@ -143,8 +152,12 @@ class ProcessConfig(Common):
     """The clean copy of the dataset."""
     output_csv: WorkspacePath
     """One row per input row: what processing did."""
+    output: Literal["faces", "images"]
+    """'faces': each kept image is written as its face, aligned and cropped ('images': the whole image)."""
+    face_crop: FaceCrop
+    """The face crops of output 'faces'."""
     resize: Bounded(int, 16, 4096) | None
-    """Every output this many pixels square (null: sizes kept, passing images copied byte for byte)."""
+    """output 'images': every output this many pixels square (null: sizes kept, passing images copied byte for byte)."""
     jpeg_quality: Bounded(int, 1, 100)
     """For repaired images written as JPEG."""
     repairs: dict[

@@ -33,54 +33,25 @@ class TrainingAugmentation(Jitter):
     """Augment pixel inputs on the fly (training only)."""
 
 
-class DetectorParameters(Section):
-    min_score: Bounded(float, 0, 1)
-    """Detections scoring less are not faces."""
-    iou_threshold: Bounded(float, 0, 1)
-    """Overlapping detections beyond this are one face."""
-    border_fraction: Bounded(float, 0, 1)
-    """Margin added around the image, as a share of its longer side."""
-
-
-class FaceSearch(Section):
-    detector: DetectorParameters
-    """BlazeFace's settings."""
-    tile_levels: Bounded(int, 0, 4)
-    """Besides the whole image: squares of its shorter side (1), and of half that (2)..."""
+VIEW_NAMES = Literal["grey", "sepia", "blur", "jpeg", "colour_cast", "low_resolution"]
 
 
 class Descriptor(Section):
-    face_box: Literal["auto", "whole_image"]
-    """'auto': find the faces first; 'whole_image': every image is an aligned crop."""
-    on_no_landmarks: Literal["whole_image", "skip"]
-    """'whole_image': describe a face without plausible landmarks unaligned; 'skip': leave it out."""
-    min_eye_distance: Bounded(float, 0, 1)
-    """Landmarks with eyes closer than this share of the face width are implausible."""
-    max_roll_degrees: Bounded(float, 0, 90)
-    """Landmarks whose eye line tilts more than this are implausible."""
     padding: Bounded(float, 0, 1)
     """Margin around the aligned face chip."""
     mirrored: bool
     """Also describe the mirror image: a second training view, averaged at test (false: the fast profile)."""
     face_descriptor: Literal["every_view", "first_view", "none"]
-    """dlib's descriptor on every view, the first only (the mirror reuses it), or none (the age network alone)."""
+    """dlib's descriptor on every view, the image's only for its mirror view, or none (the age network alone)."""
     age_network: bool
     """Append the pretrained age network's 81 log-probabilities."""
     age_probability_floor: Bounded(float, 1e-30, 1)
     """Its probabilities are floored at this before the log."""
-    search: FaceSearch | None
-    """How 'auto' finds faces in a photo of any size."""
-    crop_fill_fraction: Bounded(float, 0, 1)
-    """A face box covering this share of the image: an aligned crop, described whole."""
-    box_scale: Bounded(float, 0.5, 4)
-    """Otherwise landmarks are searched in a square this many times the face box."""
-    min_face_pixels: Bounded(int, 0, 100_000)
-    """A face narrower than this is too small to judge."""
+    training_views: list[VIEW_NAMES]
+    """Training also describes each face in these views (faces/views.py), each one more training sample."""
 
     @model_validator(mode="after")
-    def auto_needs_a_search(self) -> "Descriptor":
-        if self.face_box == "auto" and self.search is None:
-            raise ValueError("face_box auto needs the search section")
+    def described_by_something(self) -> "Descriptor":
         if self.face_descriptor == "none" and not self.age_network:
             raise ValueError("face_descriptor none needs age_network true: a face would be described by nothing")
         return self

@@ -88,6 +88,36 @@ class Jitter(PoseJitter):
     """Largest contrast change, as a share."""
 
 
+class DetectorParameters(Section):
+    min_score: Bounded(float, 0, 1)
+    """Detections scoring less are not faces."""
+    iou_threshold: Bounded(float, 0, 1)
+    """Overlapping detections beyond this are one face."""
+    border_fraction: Bounded(float, 0, 1)
+    """Margin added around the image, as a share of its longer side."""
+
+
+class Faces(Section):
+    """How every stage finds and aligns a face (agepipe/faces/alignment.py)."""
+
+    detector: DetectorParameters
+    """BlazeFace's settings."""
+    tile_levels: Bounded(int, 0, 4)
+    """Besides the whole image: squares of its shorter side (1), and of half that (2)..."""
+    retry_border_fraction: Bounded(float, 0, 2)
+    """An image where nothing was found is searched again inside a margin of this share of its longer side."""
+    box_scale: Bounded(float, 0.5, 4)
+    """Landmarks are searched in a square this many times the detected face box."""
+    min_eye_distance: Bounded(float, 0, 1)
+    """Landmarks with eyes closer than this share of the face width are implausible."""
+    max_roll_degrees: Bounded(float, 0, 90)
+    """Landmarks whose eye line tilts more than this are implausible."""
+    on_no_landmarks: Literal["square", "skip"]
+    """'square': cut a face without plausible landmarks as its square, unaligned; 'skip': leave it out."""
+    min_face_pixels: Bounded(int, 0, 100_000)
+    """A face narrower than this is too small to judge."""
+
+
 class Common(Section):
     workspace: WorkspacePath | None
     """Where every stage writes, and where relative paths in config files point (null: the project folder)."""
@@ -111,6 +141,8 @@ class Common(Section):
     """Face descriptors cached by image content, shared by training, prediction and the label check."""
     exclude_suspected_labels: bool
     """Resampling and training leave out the rows check_labels.py suspects of a wrong age label."""
+    faces: Faces
+    """How every stage finds and aligns faces."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
     """DEBUG, INFO, WARNING or ERROR."""
 

@@ -17,11 +17,10 @@ import numpy as np
 
 from agepipe.config.loading import config_fingerprint
 from agepipe.data.image_files import UnreadableImage, content_digest, read_image
+from agepipe.faces.alignment import DESCRIPTOR_MODEL, LANDMARK_MODEL
 from agepipe.faces.describer import (
     AGE_CLASSES,
-    DESCRIPTOR_MODEL,
     DESCRIPTOR_SIZE,
-    LANDMARK_MODEL,
     DescriptorSettings,
     FaceDescriber,
     FaceDescription,
@@ -43,7 +42,7 @@ IMAGES_PER_BATCH = 8
 # No number a descriptor holds comes near this (dlib's are about unit length, the age network's floored
 # log-probabilities above -70): a cached row beyond it was damaged or edited.
 MAX_DESCRIPTOR_MAGNITUDE = 1000.0
-CACHE_FORMAT = 2  # the layout of a cache row: a row per image holding its faces
+CACHE_FORMAT = 3  # the layout: a row per image and settings, holding its faces
 
 
 def content_hash(path: str, max_bytes: int) -> str | None:
@@ -66,10 +65,10 @@ def _describe_batch(
     networks together."""
     describer, limits = state
     located = []
-    for _, path in tasks:
+    for key, path in tasks:
         try:
             bgr, _ = read_image(path, *limits)
-            located.append(describer.locate(np.ascontiguousarray(bgr[..., ::-1]), bgr))
+            located.append(describer.locate(np.ascontiguousarray(bgr[..., ::-1]), bgr, seed=view_seed(key)))
         except UnreadableImage as exc:
             located.append(ImageFaces(None, [], f"unreadable: {exc}"))
         except (
@@ -127,7 +126,7 @@ def from_cache_row(row: dict) -> ImageFaces:
 
 def descriptor_shape(settings: DescriptorSettings) -> tuple[int, int]:
     """(views, numbers per view) of a descriptor made with `settings`."""
-    return 1 + settings.mirrored, DESCRIPTOR_SIZE * (
+    return len(settings.views), DESCRIPTOR_SIZE * (
         settings.face_descriptor != "none"
     ) + AGE_CLASSES * settings.age_network
 
@@ -166,31 +165,31 @@ def valid_cache_row(row: dict, shape: tuple[int, int]) -> bool:
 
 
 class DescriptorCache:
-    """The descriptions of images made with one set of settings, in a journal keyed by each file's
-    content hash (a journal the caller claimed through its OutputGuard): an image is described once
-    however many stages, runs or copies of it there are, and an interrupted run continues where it
-    stopped. The journal is discarded when the settings change; a cached row that is not a valid
-    description for them (valid_cache_row) counts as not described. Only the hashes are held in
-    memory, never the descriptions."""
+    """The descriptions of images, in a journal keyed by each file's content hash and the settings that
+    described it (a journal the caller claimed through its OutputGuard): an image is described once
+    however many stages, runs or copies of it there are, the rows of several settings (training's views,
+    prediction's, a row per face, the fast profile) side by side, and an interrupted run continues where
+    it stopped. A cached row that is not a valid description for its settings (valid_cache_row) counts
+    as not described. Only the keys are held in memory, never the descriptions."""
 
     def __init__(self, cache_path: str | os.PathLike, settings: DescriptorSettings):
         require_dlib()  # fail with one line before starting workers
         age_model = age_network_files().model.name if settings.age_network else None
-        fingerprinted = asdict(settings)
-        if fingerprinted["face_descriptor"] == "every_view":
-            del fingerprinted[
-                "face_descriptor"
-            ]  # the setting's default describes as before it existed: caches stay valid
-        shape = descriptor_shape(settings)
         self.settings, self.path = settings, cache_path
+        self.suffix = "|" + config_fingerprint(asdict(settings), LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model)
+        shape = descriptor_shape(settings)
         self.journal = Journal(
             cache_path,
-            config_fingerprint(fingerprinted, LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model, CACHE_FORMAT),
-            accept=lambda row: valid_cache_row(row, shape),
+            f"descriptor-cache-{CACHE_FORMAT}",
+            accept=lambda key, row: not key.endswith(self.suffix) or valid_cache_row(row, shape),
         )
 
+    def key(self, digest: str) -> str:
+        """The cache key of a file's content hash with these settings."""
+        return digest + self.suffix
+
     def has(self, digest: str) -> bool:
-        return digest in self.journal.done
+        return self.key(digest) in self.journal.done
 
     def describe(
         self, todo: Iterable[tuple[str, str]], count: int, engine: Engine, max_pixels: int, max_file_bytes: int
@@ -202,7 +201,7 @@ class DescriptorCache:
         log.info("describing %d images (others found in %s)", count, self.path)
         with self.journal:
             describer = FaceDescriber(self.settings)
-            for key, row in parallel_map(
+            for digest, row in parallel_map(
                 _describe_batch,
                 todo,
                 engine,
@@ -212,14 +211,22 @@ class DescriptorCache:
                 progress=progress_bar(count, "describing faces"),
                 on_failure=lambda task, reason: (task[0], cache_row(ImageFaces(None, [], f"failed: {reason}"))),
             ):
-                self.journal.record(key, row)
+                self.journal.record(self.key(digest), row)
 
     def images(self, digests: list[str | None]) -> list[ImageFaces]:
         """The description of each content hash, in order (anything but a hash, such as None or NaN: a
         file that could not be read)."""
-        found = self.journal.records(d for d in digests if isinstance(d, str))
+        found = self.journal.records(self.key(d) for d in digests if isinstance(d, str))
         unreadable = ImageFaces(None, [], "unreadable: not a readable regular file, or over the size limit")
-        return [from_cache_row(found[d]) if d in found else unreadable for d in digests]
+        return [
+            from_cache_row(found[self.key(d)]) if isinstance(d, str) and self.key(d) in found else unreadable
+            for d in digests
+        ]
+
+
+def view_seed(digest: str) -> int:
+    """The seed a file's views are drawn with: its content hash, so a face gets the same views every run."""
+    return int(digest[:16], 16)
 
 
 def describe_files(

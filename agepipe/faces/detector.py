@@ -182,8 +182,9 @@ class FaceDetector:
             self._interpreter = interpreter
         return self._interpreter
 
-    def detect(self, bgr: np.ndarray) -> Faces:
-        """Faces in an 8-bit BGR image.
+    def detect(self, bgr: np.ndarray, border_fraction: float | None = None) -> Faces:
+        """Faces in an 8-bit BGR image, searched with a margin of `border_fraction` (default: the
+        settings') of its longer side around it.
 
         Examples
         --------
@@ -193,7 +194,8 @@ class FaceDetector:
         """
         interpreter = self._load()
         height, width = bgr.shape[:2]
-        target = DETECTOR_SIDE / ((1 + 2 * self.settings.border_fraction) * max(height, width))
+        border = self.settings.border_fraction if border_fraction is None else border_fraction
+        target = DETECTOR_SIDE / ((1 + 2 * border) * max(height, width))
         size = (max(1, round(width * target)), max(1, round(height * target)))
         factor = int(1 / target)
         if (
@@ -239,28 +241,43 @@ class FaceDetector:
 
 @dataclass(frozen=True)
 class FinderSettings:
-    """How faces are searched for in a photo of any size (the `face_search` section of the training
-    config): the detector's settings, and the tiles it looks at besides the whole image.
+    """How faces are searched for in a photo of any size (part of the common `faces` section): the
+    detector's settings, the tiles it looks at besides the whole image, and the second look.
 
     tile_levels : 0 looks at the whole image only; each level adds square tiles of half the previous
         side (the first level: squares of the image's shorter side), overlapping by half, so that a
         face small in a large photo or a panorama is seen at a size the detector knows.
+    retry_border_fraction : an image in which nothing was found is searched again inside a margin of
+        this share of its longer side: a face that fills its frame is too large for the detector.
     """
 
     detector: DetectorSettings
     tile_levels: int
+    retry_border_fraction: float
 
 
-def find_faces(detector: FaceDetector, bgr: np.ndarray, tile_levels: int) -> Faces:
+def find_faces(detector: FaceDetector, bgr: np.ndarray, search: FinderSettings) -> Faces:
     """Every face in an image of any size, largest first: the whole image and its tiles (FinderSettings)
-    each go through the detector, and a face found more than once keeps its best-scored detection.
+    each go through the detector, and a face found more than once keeps its best-scored detection. When
+    nothing is found, the whole image is searched once more inside a wider margin.
 
     Examples
     --------
     >>> detector = FaceDetector(DetectorSettings(min_score=0.75, iou_threshold=0.3, border_fraction=0.1))
-    >>> find_faces(detector, np.zeros((300, 1200, 3), np.uint8), tile_levels=2).scores.size
+    >>> search = FinderSettings(detector.settings, tile_levels=2, retry_border_fraction=0.5)
+    >>> find_faces(detector, np.zeros((300, 1200, 3), np.uint8), search).scores.size
     0
     """
+    found = _found_in_tiles(detector, bgr, search.tile_levels)
+    if not found.scores.size:
+        found = detector.detect(bgr, search.retry_border_fraction)
+    areas = np.prod(found.boxes[:, 2:] - found.boxes[:, :2], axis=1)
+    order = np.argsort(-areas, kind="stable")
+    return Faces(found.boxes[order], found.scores[order], found.keypoints[order])
+
+
+def _found_in_tiles(detector: FaceDetector, bgr: np.ndarray, tile_levels: int) -> Faces:
+    """The faces of the whole image and its tiles, each once."""
     height, width = bgr.shape[:2]
     found = [detector.detect(bgr)]
     side = min(height, width)
@@ -279,8 +296,6 @@ def find_faces(detector: FaceDetector, bgr: np.ndarray, tile_levels: int) -> Fac
     scores = np.concatenate([f.scores for f in found])
     points = np.concatenate([f.keypoints for f in found])
     keep = _best_per_face(boxes, scores, detector.settings.iou_threshold)
-    areas = np.prod(boxes[keep, 2:] - boxes[keep, :2], axis=1)
-    keep = keep[np.argsort(-areas, kind="stable")]
     return Faces(boxes[keep], scores[keep], points[keep])
 
 

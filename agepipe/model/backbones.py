@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from agepipe.data.image_files import UnreadableImage, read_image
+from agepipe.faces.alignment import FaceSettings
 from agepipe.faces.describer import MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, ImageFaces
 from agepipe.faces.descriptor_cache import DescriptorCache, content_hash, describe_files
 from agepipe.model.saved_models import FACE_FEATURES, PIXELS, lite_head
@@ -32,6 +33,7 @@ from agepipe.running.parallel import Engine, batched_lists
 from agepipe.running.resume import json_line, json_table
 
 BOX_COLUMNS = ["face_x", "face_y", "face_width", "face_height"]
+IMAGE, MIRROR = "image", "mirror"  # the views prediction describes a face in (faces/views.py)
 
 
 class FaceFeatures:
@@ -40,14 +42,18 @@ class FaceFeatures:
     kind = FACE_FEATURES
     lite = True  # train_model.py stores a LiteRT copy of the head: prediction runs without TensorFlow
 
-    def __init__(self, descriptor: DescriptorSettings, head=None):
-        self.descriptor, self.head = descriptor, head
+    def __init__(self, descriptor: DescriptorSettings, head=None, training_views: tuple[str, ...] = ()):
+        self.descriptor, self.head, self.training_views = descriptor, head, training_views
 
-    def prepare(self, rows: pd.DataFrame, engine: Engine, cache: Path, all_faces: bool = False) -> pd.DataFrame:
+    def prepare(
+        self, rows: pd.DataFrame, engine: Engine, cache: Path, all_faces: bool = False, training: bool = False
+    ) -> pd.DataFrame:
         """`rows` (one per image, with `path`) as one row per face described, with `inputs` (the
         descriptor, views x numbers, or None), `problem`, `faces_found` and the face's box. An image
-        without a face described keeps one row, with the reason."""
-        settings = dataclasses.replace(self.descriptor, all_faces=all_faces)
+        without a face described keeps one row, with the reason. In `training`, each face is also
+        described in the training views, after the views prediction uses."""
+        views = self.descriptor.views + (self.training_views if training else ())
+        settings = dataclasses.replace(self.descriptor, all_faces=all_faces, views=views)
         return _face_rows(
             rows, describe_files(list(rows["path"]), settings, cache, engine, MAX_PIXELS, MAX_FILE_BYTES), all_faces
         )
@@ -101,10 +107,10 @@ class FaceFeatures:
         scratch: str,
         replicas: int = 1,
     ) -> tuple[dict, int]:
-        """model.fit's arguments and the steps per epoch: each view of a training face (the image and its
-        mirror image) is a training sample. With several replicas, each array is cut to a multiple of
-        their number (at most replicas - 1 samples): a last batch they cannot share evenly stops
-        tf.distribute."""
+        """model.fit's arguments and the steps per epoch: each view of a training face (the image, its
+        mirror image, the training views) is a training sample. With several replicas, each array is cut
+        to a multiple of their number (at most replicas - 1 samples): a last batch they cannot share
+        evenly stops tf.distribute."""
         views = _views(train["inputs"])
         x = np.concatenate(views)
         y = np.tile(targets(train["age"]), (len(views), 1))
@@ -126,8 +132,9 @@ class FaceFeatures:
         or a saved_models.LiteHead: both `predict`)."""
         views = _views(rows["inputs"])
         probabilities = model.predict(views[0], batch_size=batch, verbose=0)
-        if flip and len(views) > 1:
-            probabilities = (probabilities + model.predict(views[1], batch_size=batch, verbose=0)) / 2
+        if flip and MIRROR in self.descriptor.views:
+            mirrored = model.predict(views[self.descriptor.views.index(MIRROR)], batch_size=batch, verbose=0)
+            probabilities = (probabilities + mirrored) / 2
         return probabilities
 
     def load(self, path: Path, metadata):
@@ -136,7 +143,16 @@ class FaceFeatures:
         return head if head is not None else _keras_model(path)
 
     def metadata(self) -> dict:
-        descriptor = {k: v for k, v in dataclasses.asdict(self.descriptor).items() if k != "all_faces"}
+        settings = self.descriptor
+        descriptor = {
+            "faces": settings.faces.as_config(),
+            "padding": settings.padding,
+            "mirrored": MIRROR in settings.views,
+            "face_descriptor": settings.face_descriptor,
+            "age_network": settings.age_network,
+            "age_probability_floor": settings.age_probability_floor,
+            "training_views": list(self.training_views),
+        }
         return {"backbone": self.kind, "descriptor": descriptor, "input_size": None, "network": None}
 
 
@@ -150,7 +166,12 @@ class Pixels:
         self.settings = settings
 
     def prepare(
-        self, rows: pd.DataFrame, engine: Engine, cache: Path | None = None, all_faces: bool = False
+        self,
+        rows: pd.DataFrame,
+        engine: Engine,
+        cache: Path | None = None,
+        all_faces: bool = False,
+        training: bool = False,
     ) -> pd.DataFrame:
         """`rows` with `inputs` (the path of each image that decodes, checked once now: a bad file inside
         TensorFlow's pipeline would stop it) and `problem`."""
@@ -237,18 +258,34 @@ class Pixels:
         }
 
 
-def backbone_for(model_settings) -> FaceFeatures | Pixels:
-    """The backbone a training config's `model` section names."""
-    if model_settings.backbone == FACE_FEATURES:
-        section = model_settings.face_features
-        return FaceFeatures(DescriptorSettings.from_config(section.descriptor), section)
-    return Pixels(model_settings.pixels)
+def descriptor_settings(descriptor, faces) -> DescriptorSettings:
+    """The settings prediction describes a face with: a `model.descriptor` config section (or a saved
+    model's copy) and the `faces` section it finds and aligns faces by."""
+    views = (IMAGE, MIRROR) if descriptor.mirrored else (IMAGE,)
+    return DescriptorSettings(
+        FaceSettings.from_config(faces),
+        descriptor.padding,
+        views,
+        descriptor.face_descriptor,
+        descriptor.age_network,
+        descriptor.age_probability_floor,
+    )
+
+
+def backbone_for(config) -> FaceFeatures | Pixels:
+    """The backbone a training config's `model` section names (its faces found by the config's `faces`)."""
+    if config.model.backbone == FACE_FEATURES:
+        section = config.model.face_features
+        return FaceFeatures(
+            descriptor_settings(section.descriptor, config.faces), section, tuple(section.descriptor.training_views)
+        )
+    return Pixels(config.model.pixels)
 
 
 def saved_backbone(metadata) -> FaceFeatures | Pixels:
     """The backbone a saved model was trained with (saved_models.ModelMetadata), for prediction."""
     if metadata.backbone == FACE_FEATURES:
-        return FaceFeatures(DescriptorSettings.from_config(metadata.descriptor))
+        return FaceFeatures(descriptor_settings(metadata.descriptor, metadata.descriptor.faces))
     return Pixels(SavedPixels(metadata.network, metadata.input_size))
 
 

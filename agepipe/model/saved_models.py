@@ -16,8 +16,8 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from agepipe.config.loading import validate_section
-from agepipe.config.model_stages import AnswerRule, Descriptor, FaceSearch
-from agepipe.config.schema import AgeGroupEdges, Bounded, Section
+from agepipe.config.model_stages import AnswerRule, Descriptor
+from agepipe.config.schema import AgeGroupEdges, Bounded, Faces, Section
 from agepipe.data.age_groups import AgeGroups
 from agepipe.errors import ConfigError, UserError
 
@@ -29,15 +29,16 @@ MAX_LITE_HEAD_BYTES = 500_000_000
 
 
 class SavedDescriptor(Descriptor):
-    """The descriptor settings saved in a model; models saved before the age network or the photo path
-    existed lack their fields: they were made without them."""
+    """The descriptor settings saved in a model, with the `faces` section its faces were found by."""
 
-    age_network: bool = False
-    age_probability_floor: Bounded(float, 1e-30, 1) = 1e-6
-    search: FaceSearch | None = None
-    crop_fill_fraction: Bounded(float, 0, 1) = 0.0
-    box_scale: Bounded(float, 0.5, 4) = 1.0
-    min_face_pixels: Bounded(int, 0, 100_000) = 0
+    faces: Faces
+
+    @model_validator(mode="before")
+    @classmethod
+    def current_face_path(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "faces" not in data:  # saved before one face path served every stage
+            raise ValueError("saved by an earlier agepipe, whose faces were found another way: train it again")
+        return data
 
 
 class ModelMetadata(Section):

@@ -18,9 +18,11 @@ from pydantic import create_model
 from agepipe.config.data_stages import ExploreConfig
 from agepipe.config.schema import Bounded, Section
 from agepipe.data.image_files import UnreadableImage, read_image
-from agepipe.faces.detector import FACE_COLUMNS, DetectorSettings, FaceDetector, face_geometry
+from agepipe.faces.alignment import FacePath, FaceSettings, square_about
+from agepipe.faces.detector import FACE_COLUMNS, Faces, face_geometry
 
 FLOAT_DECIMALS = 4  # metric values are rounded so the CSV is readable and diffs are meaningful
+MIN_JUDGED_SIDE = 8  # a face region thinner than this (a box off the image) is no region: the image is judged
 
 
 @dataclass
@@ -51,28 +53,51 @@ def metric(columns: tuple[str, ...] = (), **params: Any):
 class ImageView:
     """A decoded image and the derived arrays several metrics share, computed at most once.
 
-    Pixel metrics look at `gray`, the image scaled so its shorter side is `analysis_side` pixels:
-    sharpness and noise then mean the same thing for a 200 px crop and a 4000 px photo.
+    Quality is judged on the face: when `face_path` finds one, pixel metrics look at the face's own
+    pixels (`judged_bgr`: a square of `face_region_scale` times its box), else at the whole image; either
+    is scaled so its shorter side is at most `analysis_side` pixels (`gray`): sharpness and noise then
+    mean the same thing for a 200 px crop and a 4000 px photo, and a small face is never upscaled into
+    a blurrier one.
     """
 
-    def __init__(self, bgr: np.ndarray, analysis_side: int):
+    def __init__(
+        self, bgr: np.ndarray, analysis_side: int, face_path: FacePath | None = None, face_region_scale: float = 1.0
+    ):
         self.bgr = bgr
         self.analysis_side = analysis_side
+        self.face_path, self.face_region_scale = face_path, face_region_scale
+
+    @cached_property
+    def found(self) -> Faces | None:
+        """The image's faces, largest first (None without a face path)."""
+        return None if self.face_path is None else self.face_path.find(self.bgr)
+
+    @cached_property
+    def judged_bgr(self) -> np.ndarray:
+        """The pixels quality is judged on: the largest face's square, or the whole image without one."""
+        if self.found is None or not self.found.scores.size:
+            return self.bgr
+        x0, y0, x1, y1 = self.found.boxes[0]
+        x, y, side, _ = square_about((x0, y0, x1 - x0, y1 - y0), self.face_region_scale)
+        height, width = self.bgr.shape[:2]
+        # the square's part inside the image: a filled margin would be flat, and read as noise-free
+        left, top = max(0, round(x)), max(0, round(y))
+        inside = self.bgr[top : min(height, round(y + side)), left : min(width, round(x + side))]
+        return inside if min(inside.shape[:2]) >= MIN_JUDGED_SIDE else self.bgr
 
     @cached_property
     def analysis_scale(self) -> float:
-        """Size of the analysis copy relative to the image."""
-        return self.analysis_side / min(self.bgr.shape[:2])
+        """Size of the analysis copy relative to the judged pixels (at most 1)."""
+        return min(1.0, self.analysis_side / min(self.judged_bgr.shape[:2]))
 
     @cached_property
     def analysis_bgr(self) -> np.ndarray:
-        h, w = self.bgr.shape[:2]
+        h, w = self.judged_bgr.shape[:2]
         scale = self.analysis_scale
         if scale == 1:
-            return self.bgr
+            return self.judged_bgr
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        return cv2.resize(self.bgr, size, interpolation=interpolation)
+        return cv2.resize(self.judged_bgr, size, interpolation=cv2.INTER_AREA)
 
     @cached_property
     def gray(self) -> np.ndarray:
@@ -167,24 +192,16 @@ def colourfulness(view: ImageView) -> float:
     return float(math.hypot(rg_std[0], yb_std[0] / 2) + 0.3 * math.hypot(rg_mean[0], yb_mean[0] / 2))
 
 
-@metric(
-    columns=FACE_COLUMNS,
-    min_score=Bounded(float, 0, 1),
-    iou_threshold=Bounded(float, 0, 1),
-    border_fraction=Bounded(float, 0, 1),
-)
-def faces(view: ImageView, min_score: float, iou_threshold: float, border_fraction: float) -> dict:
-    """Faces found by BlazeFace (detector.FaceDetector) and the geometry of the best one: its
-    box, score, share of the image, offset from the centre, roll and keypoints, in image pixels."""
-    settings = DetectorSettings(min_score, iou_threshold, border_fraction)
-    if settings not in _DETECTORS:
-        _DETECTORS[settings] = FaceDetector(settings)
-    found = _DETECTORS[settings].detect(view.analysis_bgr)
+@metric(columns=(*FACE_COLUMNS, "rival_faces"), rival_size=Bounded(float, 0, 1))
+def faces(view: ImageView, rival_size: float) -> dict:
+    """Faces found by the one face path (alignment.FacePath) and the geometry of the largest: its box,
+    score, share of the image, offset from the centre, roll and keypoints, in image pixels; and how many
+    others are at least `rival_size` of its width (whose age would a label give?)."""
     height, width = view.bgr.shape[:2]
-    return face_geometry(found.scaled(1 / view.analysis_scale), width, height)
-
-
-_DETECTORS: dict[DetectorSettings, FaceDetector] = {}  # one per process and setting: loading costs ~10 ms
+    found = view.found
+    widths = found.boxes[:, 2] - found.boxes[:, 0]
+    rivals = int((widths[1:] >= rival_size * widths[0]).sum()) if widths.size else 0
+    return {**face_geometry(found, width, height), "rival_faces": rivals}
 
 
 @metric(hash_side=Bounded(int, 4, 16), dct_side=Bounded(int, 8, 128))
@@ -235,6 +252,8 @@ class ReaderSettings:
     max_file_bytes: int
     max_aspect_ratio: float
     analysis_side: int
+    faces: FaceSettings  # the common `faces` section: how the face quality is judged on is found
+    face_region_scale: float
 
     @classmethod
     def from_config(cls, explore: ExploreConfig, metrics: dict | None = None) -> "ReaderSettings":
@@ -246,7 +265,21 @@ class ReaderSettings:
             int(images.max_file_mb * 1e6),
             images.max_aspect_ratio,
             images.analysis_side,
+            FaceSettings.from_config(explore.faces),
+            images.face_region_scale,
         )
+
+    def face_path(self) -> FacePath | None:
+        """The face path of these settings (one per process: loading costs ~10 ms), or None when faces
+        are not measured."""
+        if "faces" not in self.metrics:
+            return None
+        if self.faces not in _FACE_PATHS:
+            _FACE_PATHS[self.faces] = FacePath(self.faces)
+        return _FACE_PATHS[self.faces]
+
+
+_FACE_PATHS: dict[FaceSettings, FacePath] = {}
 
 
 def unreadable_row(reason: str | None, settings: ReaderSettings) -> dict:
@@ -272,7 +305,7 @@ def measure_file(path: str, settings: ReaderSettings) -> dict:
 def measure_array(bgr: np.ndarray, settings: ReaderSettings) -> dict:
     """Every configured metric of a decoded BGR image (also used to re-measure processed images).
     A metric that fails raises UnreadableImage naming it and the error."""
-    view = ImageView(bgr, settings.analysis_side)
+    view = ImageView(bgr, settings.analysis_side, settings.face_path(), settings.face_region_scale)
     height, width = bgr.shape[:2]
     values = {"width": width, "height": height, "min_side": min(width, height)}
     for name, params in settings.metrics.items():

@@ -37,12 +37,12 @@ class Journal:
     later line is one finished item (a flat row plus its key), flushed at least every FLUSH_SECONDS: a
     crash loses at most the last second of work. A torn last line is cut off when the journal is next
     opened, and a damaged line elsewhere is skipped, so its item is done again, as is a row that
-    `accept` (when given) refuses. Memory holds where each key's last row starts in the file (`done`,
+    `accept(key, row)` (when given) refuses. Memory holds where each key's last row starts in the file (`done`,
     an OffsetIndex: 16 bytes a key), never the rows: they are read back by `records` and `rows`, one
     seek each.
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: str, accept: Callable[[dict], bool] | None = None):
+    def __init__(self, path: str | os.PathLike, fingerprint: str, accept: Callable[[str, dict], bool] | None = None):
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.accept = accept
@@ -84,7 +84,7 @@ class Journal:
                     break  # the torn last line of an interrupted write
                 if parsed is not None:  # a refused row (-1) undoes the key's earlier rows: the item is done again
                     digests.append(OffsetIndex.digest(parsed[0]))
-                    offsets.append(good_end if self.accept is None or self.accept(parsed[1]) else -1)
+                    offsets.append(good_end if self.accept is None or self.accept(*parsed) else -1)
                 good_end += len(line)  # a damaged line is skipped: its item is done again
         self.done = OffsetIndex(np.frombuffer(digests, np.uint64), np.frombuffer(offsets, np.int64))
         if good_end < self.path.stat().st_size:
