@@ -192,13 +192,23 @@ def sections(entries: list[tuple[str, str]], gallery_pages: dict[str, str]) -> l
 
 
 def write_site(
-    folder: OutputFolder, config: VisualizeConfig, entries, summary_tables: dict, gallery_list, sources: list[str]
+    folder: OutputFolder,
+    config: VisualizeConfig,
+    explore: ExploreConfig,
+    entries,
+    summary_tables: dict,
+    gallery_list,
+    sources: list[str],
 ) -> Path:
-    """Every gallery's pages, then the index: the summary tables, the sections, links to the CSVs and the card."""
+    """Every gallery's pages (their thumbnails show the face, as the exploration judged it), then the index:
+    the summary tables, the sections, links to the CSVs and the card."""
     thumbnails: dict[str, str | None] = {}
     gallery_pages = {}
     for gallery in gallery_list:
-        write_gallery(folder, gallery, config.site.gallery_page_size, config.site.thumbnail_pixels, thumbnails)
+        site = config.site
+        write_gallery(
+            folder, gallery, site.gallery_page_size, site.thumbnail_pixels, thumbnails, explore.images.face_region_scale
+        )
         gallery_pages[gallery.key] = gallery.page_name(1)
     model_card = config.model_report if config.model_report and Path(config.model_report).is_file() else None
     suspected = next((len(g.rows) for g in gallery_list if g.key == "suspected_labels"), 0)
@@ -248,6 +258,7 @@ def main(args) -> None:
         index = write_site(
             folder,
             config,
+            explore,
             entries,
             summary(exploration, explore.checks, age_groups_from(config)),
             gallery_list,

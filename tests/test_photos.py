@@ -3,6 +3,7 @@ at known places and sizes; the oracle is where they were planted, and that a sce
 no description, never a guess. Awkward photos (a crowd, a tiny face, a face cut by the border, grayscale,
 CMYK, a 6000x4000 phone photo turned by EXIF, a panorama) each get an answer or a reason."""
 
+import dataclasses
 import sys
 
 import cv2
@@ -14,23 +15,14 @@ from conftest import PROJECT
 
 sys.path.insert(0, str(PROJECT / "benchmarks"))
 from agepipe.data.image_files import read_image  # noqa: E402
+from agepipe.faces.alignment import FaceSettings  # noqa: E402
 from agepipe.faces.describer import DescriptorSettings, FaceDescriber  # noqa: E402
 from agepipe.faces.detector import DetectorSettings, FinderSettings  # noqa: E402
 from scenes import paste, scene, scene_pictures  # noqa: E402
 
+SEARCH = FinderSettings(DetectorSettings(0.7, 0.3, 0.15), tile_levels=1, retry_border_fraction=0.5)
 AUTO = DescriptorSettings(
-    "auto",
-    "whole_image",
-    0.2,
-    40,
-    0.25,
-    True,
-    True,
-    1e-6,
-    FinderSettings(DetectorSettings(0.7, 0.3, 0.15), 1),
-    0.25,
-    1.0,
-    24,
+    FaceSettings(SEARCH, 1.0, 0.2, 40, "square", 24), 0.25, ("image", "mirror"), "every_view", True, 1e-6
 )
 DESCRIBER = FaceDescriber(AUTO)
 
@@ -74,11 +66,28 @@ def test_a_scene_without_a_face_gets_no_description(pictures):
         assert result.found == 0 and result.faces == [] and result.problem == "no face found"
 
 
-def test_a_crop_is_described_whole_as_training_crops_are(faces):
-    whole = FaceDescriber(DescriptorSettings(**{**AUTO.__dict__, "face_box": "whole_image"}))
-    for face in faces[:3]:
-        rgb = np.ascontiguousarray(face[..., ::-1])
-        np.testing.assert_array_equal(FaceDescriber(AUTO).describe(rgb).first.vector, whole.describe(rgb).first.vector)
+def test_a_face_in_a_portrait_is_described_as_the_same_face_cropped_by_hand(faces, pictures):
+    """One face path: the face pasted into a portrait-sized frame (head and shoulders, background) is found,
+    aligned from its box and cut as the crop of it alone is: the same description within a tolerance."""
+    rng = np.random.default_rng(9)
+    for face in faces[:4]:
+        portrait = paste(face, scene(pictures, rng, 360, 450), 230, 0.0, 65, 60).photo  # the face covers ~30% of it
+        alone, framed = (described(image).first.vector for image in (face, portrait))
+        assert np.linalg.norm(alone[0, :128] - framed[0, :128]) < 0.2  # dlib: under 0.6 is the same person
+        ages = [np.exp(vector[0, 128:]) @ np.arange(81) for vector in (alone, framed)]
+        assert abs(ages[0] - ages[1]) < 5, (
+            ages
+        )  # the age chip reaches past the crop: black there, background in the portrait
+
+
+def test_a_face_that_fills_its_frame_is_found_and_answered(faces):
+    """A crop cut so tight that the face fills the frame is missed at first, and found by the second look
+    with a wider margin."""
+    for face in faces[:6]:
+        h, w = face.shape[:2]
+        tight = np.ascontiguousarray(face[h // 5 : h - h // 12, w // 6 : w - w // 6])
+        result = described(tight)
+        assert result.found >= 1 and result.first.vector is not None, result.problem
 
 
 def test_a_crowd_gives_its_largest_face_or_every_face(faces, pictures):
@@ -91,7 +100,7 @@ def test_a_crowd_gives_its_largest_face_or_every_face(faces, pictures):
     largest = paste(faces[5], photo, 420, 0.0, 600, 560)  # ... and one large: the row is about it
     result = described(largest.photo)
     assert result.found >= 1 and centre_inside(result.first.box, largest.box) and result.first.vector is not None
-    every = FaceDescriber(DescriptorSettings(**{**AUTO.__dict__, "all_faces": True})).describe(
+    every = FaceDescriber(dataclasses.replace(AUTO, all_faces=True)).describe(
         np.ascontiguousarray(largest.photo[..., ::-1])
     )
     assert len(every.faces) == every.found and every.faces[0].box == result.first.box

@@ -423,12 +423,15 @@ def test_resume_trusts_contents_not_sizes(explored, tmp_path):
 
 
 def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp_path):
+    from agepipe.faces.alignment import FaceSettings
     from agepipe.faces.describer import DescriptorSettings
     from agepipe.faces.descriptor_cache import describe_files
+    from agepipe.faces.detector import DetectorSettings, FinderSettings
     from agepipe.running.parallel import Engine
     from agepipe.running.resume import Journal
 
-    settings = DescriptorSettings("whole_image", "whole_image", 0.2, 40, 0.25, True, True, 1e-6)
+    faces_found = FaceSettings(FinderSettings(DetectorSettings(0.7, 0.3, 0.15), 1, 0.5), 1.0, 0.2, 40, "square", 24)
+    settings = DescriptorSettings(faces_found, 0.25, ("image", "mirror"), "every_view", True, 1e-6)
     faces = [str(p) for p in sorted(sample.glob("*.chip.jpg"))[:4]]
     cache = tmp_path / "cache.jsonl"
     clean = [

@@ -21,6 +21,7 @@ from agepipe.data.age_groups import AgeGroups
 from agepipe.data.datasets import suspected_labels
 from agepipe.data.image_files import UnreadableImage, read_image
 from agepipe.data.vocabulary import TRAINABLE_STATUSES, Check, flag_column, score_column
+from agepipe.faces.alignment import square_about
 from agepipe.report.pages import render
 from agepipe.running.output_guard import OutputFolder
 
@@ -29,6 +30,7 @@ THUMBNAIL_MAX_PIXELS = (
 )
 THUMBNAIL_MAX_BYTES = 200 * 2**20
 THUMBNAIL_QUALITY = 85
+FACE_BOX = ("face_x", "face_y", "face_width", "face_height")
 
 
 @dataclass
@@ -155,12 +157,20 @@ def galleries(exploration: pd.DataFrame, checks: dict, checked: pd.DataFrame | N
     return found
 
 
-def thumbnail(path: str, side: int) -> bytes | None:
-    """The image shrunk to fit `side` x `side` pixels as JPEG bytes, or None when it cannot be read."""
+def thumbnail(
+    path: str, side: int, face: tuple[float, float, float, float] | None = None, scale: float = 1.0
+) -> bytes | None:
+    """The image, or its face (the part inside the image of a square of `scale` times the box x, y,
+    width, height) when it has one, shrunk to fit `side` x `side` pixels as JPEG bytes; None when it
+    cannot be read."""
     try:
         image, _ = read_image(path, THUMBNAIL_MAX_PIXELS, THUMBNAIL_MAX_BYTES)
     except (UnreadableImage, OSError):
         return None
+    if face is not None:
+        x, y, square, _ = square_about(face, scale)
+        region = image[max(0, round(y)) : round(y + square), max(0, round(x)) : round(x + square)]
+        image = region if min(region.shape[:2]) > 0 else image
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     scale = min(1.0, side / max(image.shape[:2]))
@@ -176,12 +186,24 @@ def thumbnail(path: str, side: int) -> bytes | None:
     return data.tobytes() if ok else None
 
 
+def face_box(row) -> tuple[float, float, float, float] | None:
+    """The face box (x, y, width, height) an exploration row holds, or None."""
+    box = tuple(pd.to_numeric(pd.Series([row.get(c) for c in FACE_BOX]), errors="coerce"))
+    return None if any(pd.isna(v) for v in box) else box
+
+
 def write_gallery(
-    folder: OutputFolder, gallery: Gallery, page_size: int, side: int, thumbnails: dict[str, str | None]
+    folder: OutputFolder,
+    gallery: Gallery,
+    page_size: int,
+    side: int,
+    thumbnails: dict[str, str | None],
+    face_scale: float,
 ) -> int:
     """Write the gallery's pages (gallery/<key>-<n>.html) and the thumbnails they show (thumbs/, each
     image's once across galleries: `thumbnails` maps a path to its thumbnail's name, None when it
-    cannot be read); return the number of pages."""
+    cannot be read), each showing the face where one was found (`face_scale` times its box, as the
+    exploration judged it); return the number of pages."""
     pages = max(1, math.ceil(len(gallery.rows) / page_size))
     for page in range(1, pages + 1):
         chunk = slice((page - 1) * page_size, page * page_size)
@@ -189,7 +211,8 @@ def write_gallery(
         for (_, row), caption in zip(gallery.rows.iloc[chunk].iterrows(), gallery.captions[chunk]):
             path = row.get("path")
             if isinstance(path, str) and path not in thumbnails:
-                data, name = thumbnail(path, side), f"thumbs/{hashlib.sha1(path.encode()).hexdigest()[:20]}.jpg"
+                name = f"thumbs/{hashlib.sha1(path.encode()).hexdigest()[:20]}.jpg"
+                data = thumbnail(path, side, face_box(row), face_scale)
                 if data is not None:
                     folder.write_bytes(name, data)
                 thumbnails[path] = name if data is not None else None
