@@ -192,12 +192,28 @@ def answered(
     )
 
 
-def temperature_for(raw: np.ndarray | None, ages, config: TrainConfig, groups: AgeGroups) -> float:
-    """The temperature that makes the confidences honest on these held-out predictions (1 without any,
-    or when calibration is off)."""
-    return (
-        fit_temperature(raw, ages, groups, config.max_age) if config.evaluation.calibrate and raw is not None else 1.0
-    )
+def temperature_for(
+    config: TrainConfig, backbone, rows: pd.DataFrame, held_out: tuple, groups: AgeGroups, scratch: str
+) -> float:
+    """The temperature that makes the confidences honest (1 when calibration is off): fitted on faces
+    unlike those a network trained on, the training `rows` cut into clusters of look-alikes, each
+    answered by a network trained on the others (`calibration_folds`): a network sure of itself on its
+    own kind of faces is less right on others, and users bring others. Without such clusters (too few
+    faces, a pixel backbone), on the `held_out` (year probabilities, ages) of the validation split."""
+    evaluation = config.evaluation
+    if not evaluation.calibrate:
+        return 1.0
+    folds = evaluation.calibration_folds
+    fold = backbone.look_alikes(rows, folds, config.seed) if folds else None
+    if fold is not None:
+        log.info(
+            "calibrating on %d clusters of look-alike faces, each answered by a network trained on the others", folds
+        )
+        held_out = (
+            out_of_fold(config, backbone.single(), rows, groups, folds, config.seed, scratch, fold=fold),
+            rows["age"],
+        )
+    return 1.0 if held_out[0] is None else fit_temperature(*held_out, groups, config.max_age)
 
 
 def trained_model(
@@ -239,9 +255,8 @@ def held_out_run(config: TrainConfig, backbone, sets: dict, groups: AgeGroups, s
     model, history, timing, shares = trained_model(config, backbone, sets["train"], sets["validation"], groups, scratch)
     flip, batch = config.evaluation.flip_test_time_augmentation, config.training.batch_size
     validation = sets["validation"]
-    temperature = temperature_for(
-        backbone.predict(model, validation, flip, batch) if len(validation) else None, validation["age"], config, groups
-    )
+    held_out = (backbone.predict(model, validation, flip, batch) if len(validation) else None, validation["age"])
+    temperature = temperature_for(config, backbone, sets["train"], held_out, groups, scratch)
     start = time.perf_counter()
     raw = backbone.predict(model, sets["test"], flip, batch)
     timing["prediction_images_per_second"] = round(len(sets["test"]) / max(time.perf_counter() - start, 1e-9), 1)
@@ -265,7 +280,7 @@ def cross_validated_run(config: TrainConfig, backbone, sets: dict, groups: AgeGr
     )
     raw = years[(rows["copy"] == 0).to_numpy()]
     model, history, timing, shares = trained_model(config, backbone, rows, rows.iloc[:0], groups, scratch)
-    temperature = temperature_for(raw, sets["test"]["age"], config, groups)
+    temperature = temperature_for(config, backbone, rows, (raw, sets["test"]["age"]), groups, scratch)
     return Run(model, history, timing, shares, temperature, answered(raw, temperature, config, groups, shares))
 
 

@@ -78,20 +78,17 @@ def train(workspace: Path, processed: Path, settings: dict[str, list[str]]) -> P
 
 
 def answers(workspace: Path, model: Path, folder: Path, labels: Path, name: str) -> pd.DataFrame:
-    """predict_age.py's rows for the photos of `folder`, scored against `labels`: file, age, true_age,
-    age_group_confidence."""
+    """predict_age.py's rows for the photos `labels` lists, in its order, found in `folder`: name, age,
+    true_age (the label) and age_group_confidence; a photo with no row (it has no copy there) has no answer."""
     output = workspace / "csv" / f"{name}.csv"
     script(
-        "predict_age.py",
-        f"workspace={workspace}",
-        f"model_path={model}",
-        f"inputs=[{folder}]",
-        f"labels_csv={labels}",
-        f"output_csv={output}",
+        "predict_age.py", f"workspace={workspace}", f"model_path={model}", f"inputs=[{folder}]", f"output_csv={output}"
     )
     rows = pd.read_csv(output, keep_default_na=False, na_values=[""])
     rows["name"] = rows["file"].map(lambda f: Path(f).relative_to(folder).as_posix())
-    return rows
+    truth = pd.read_csv(labels)
+    rows = rows.set_index("name").reindex(truth["file"]).rename_axis("name").reset_index()
+    return rows.assign(true_age=truth["age"].to_numpy())
 
 
 def scores(ages, true_ages, confidence, groups: AgeGroups) -> dict:
@@ -171,7 +168,15 @@ def with_folds(
             (test / name).parent.mkdir(parents=True, exist_ok=True)
             (test / name).symlink_to(other / name)
         answered.append(answers(workspace, model, test, labels, "fold_answers"))
-    return pd.concat(answered).set_index("name").loc[truth["file"]].reset_index()
+    return (
+        pd.concat(answered)
+        .dropna(subset=["file"])
+        .set_index("name")
+        .reindex(truth["file"])
+        .rename_axis("name")
+        .reset_index()
+        .assign(true_age=truth["age"].to_numpy())
+    )
 
 
 def tiny_datasets(work: Path) -> tuple[Path, Path, Path]:
@@ -213,14 +218,7 @@ def main() -> None:
         table = []
         for test, folder in folders.items():
             rows = answers(work / "train", model, folder, args.other_labels, test.replace(" ", "_"))
-            halves(
-                table,
-                "agepipe, trained on TRAIN_DIR",
-                test,
-                rows.set_index("name").loc[files].reset_index(),
-                groups,
-                "age_group_confidence",
-            )
+            halves(table, "agepipe, trained on TRAIN_DIR", test, rows, groups, "age_group_confidence")
         if not args.no_peer:
             truth = pd.read_csv(args.other_labels)["age"].to_numpy()
             for test, ages in peer_answers(work, folders, files).items():

@@ -92,7 +92,7 @@ def main():
 
 def benchmark(dataset_dir: Path, non_faces: int) -> None:
     cv2.setNumThreads(1)
-    faces_config = load_explore_config(PROJECT / "configs/explore_images.yaml").metrics["faces"]
+    faces_config = load_explore_config(PROJECT / "configs/explore_images.yaml").faces.detector.model_dump()
     settings = DetectorSettings(**faces_config)
 
     files = sorted(

@@ -106,12 +106,15 @@ def metadata(explored, manifest) -> pd.DataFrame:
 
 
 def process(input_csv, out, *extra, check=True):
-    """Run the processing stage on an exploration CSV, writing into the folder `out`."""
+    """Run the processing stage on an exploration CSV, writing into the folder `out`: whole images
+    (`output: images`), so that repairs can be compared with the clean originals they came from; the
+    default, a dataset of face crops, is tested on its own (test_process.py)."""
     return run(
         "process_images.py",
         f"input_csv={input_csv}",
         f"output_dir={out}/images",
         f"output_csv={out}/processed.csv",
+        "output=images",
         *extra,
         check=check,
     )

@@ -15,7 +15,7 @@ EXPECTED_CHECK = {
     "low_resolution": "low_resolution",
     "low_contrast": "low_contrast",
 }
-FACE_CHECKS = ("no_face", "multiple_faces", "face_too_small", "face_off_centre", "face_tilted")
+FACE_CHECKS = ("no_face", "multiple_faces", "face_too_small", "face_tilted")
 
 
 def clean_faces(metadata):

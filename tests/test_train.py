@@ -170,9 +170,9 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     pd.DataFrame({"group": groups, "share": [0.01] * 7 + [0.93]}).to_csv(tmp_path / "old.csv", index=False)
     run("predict_age.py", *common, f"output_csv={tmp_path}/q.csv", f"prior_csv={tmp_path}/old.csv")
     shifted = read_csv(tmp_path / "q.csv")
-    assert (shifted["p_70+"][ok.index] >= ok["p_70+"] - 1e-4).all() and shifted["p_70+"].mean() > ok[
+    assert (shifted["p_70+"][ok.index] >= ok["p_70+"] - 1e-4).all() and shifted["p_70+"].mean() > 10 * ok[
         "p_70+"
-    ].mean() + 0.05
+    ].mean()
 
 
 @pytest.mark.slow

@@ -59,7 +59,9 @@ class Descriptor(Section):
 
 class FaceFeaturesBackbone(Section):
     descriptor: Descriptor
-    """How faces are found and described."""
+    """How faces are described."""
+    age_network_share: Bounded(float, 0, 1)
+    """This share of every answer is the pretrained age network's own (0: the head's alone; needs age_network)."""
     head_units: list[Bounded(int, 1, 8192)]
     """Dense layers of the head."""
     ensemble: Bounded(int, 1, 20)
@@ -136,7 +138,9 @@ class Evaluation(Section):
     interval: Bounded(float, 0.05, 0.99)
     """The age interval holds this share of the probability."""
     calibrate: bool
-    """Fit a temperature on the validation split so that confidences are honest."""
+    """Fit a temperature so that confidences are honest (on look-alike folds, or the validation split)."""
+    calibration_folds: Bounded(int, 0, 20)
+    """Calibrate on this many clusters of look-alike faces, each answered by a network trained on the rest (0: none)."""
 
 
 class Fairness(Section):

@@ -25,7 +25,14 @@ import pandas as pd
 
 from agepipe.data.image_files import UnreadableImage, read_image
 from agepipe.faces.alignment import FaceSettings
-from agepipe.faces.describer import MAX_FILE_BYTES, MAX_PIXELS, DescriptorSettings, ImageFaces
+from agepipe.faces.describer import (
+    AGE_CLASSES,
+    DESCRIPTOR_SIZE,
+    MAX_FILE_BYTES,
+    MAX_PIXELS,
+    DescriptorSettings,
+    ImageFaces,
+)
 from agepipe.faces.descriptor_cache import DescriptorCache, content_hash, describe_files
 from agepipe.model.saved_models import FACE_FEATURES, PIXELS, lite_head
 from agepipe.running.console import progress_bar
@@ -94,7 +101,31 @@ class FaceFeatures:
 
         views = _views(train_inputs)
         stacked = np.concatenate(views)
-        return build_descriptor_model(self.head, max_age, stacked.mean(axis=0), stacked.var(axis=0) + 1e-6)
+        settings = self.descriptor
+        age_columns = (
+            (DESCRIPTOR_SIZE * (settings.face_descriptor != "none"), AGE_CLASSES) if settings.age_network else None
+        )
+        return build_descriptor_model(self.head, max_age, stacked.mean(axis=0), stacked.var(axis=0) + 1e-6, age_columns)
+
+    def single(self) -> "FaceFeatures":
+        """The same backbone with one head instead of an ensemble: for the many networks of a calibration."""
+        return FaceFeatures(self.descriptor, self.head.model_copy(update={"ensemble": 1}), self.training_views)
+
+    def look_alikes(self, rows: pd.DataFrame, folds: int, seed: int) -> np.ndarray | None:
+        """A fold number per row: clusters of look-alike faces (k-means on each source image's first view;
+        its augmented copies follow it), for a calibration on faces unlike those a network trained on.
+        None when there are too few faces for `folds` clusters."""
+        from scipy.cluster.vq import kmeans2
+
+        sources = rows.drop_duplicates("source")
+        first = _views(sources["inputs"])[0]
+        if len(first) < 2 * folds:
+            return None
+        standardised = (first - first.mean(axis=0)) / (first.std(axis=0) + 1e-6)
+        _, cluster = kmeans2(standardised.astype(np.float64), folds, seed=seed, minit="++")
+        if len(np.unique(cluster)) < folds:
+            return None
+        return rows["source"].map(dict(zip(sources["source"], cluster))).to_numpy()
 
     def fit_data(
         self,
@@ -199,6 +230,10 @@ class Pixels:
     ) -> Iterator[pd.DataFrame]:
         """`prepare`'s rows for a stream of images, `batch_rows` at a time (nothing to describe first)."""
         return (self.prepare(pd.DataFrame(batch), engine) for batch in batched_lists(images, batch_rows))
+
+    def look_alikes(self, rows: pd.DataFrame, folds: int, seed: int) -> None:
+        """None: pixels give no cheap measure of which faces look alike (the validation split calibrates)."""
+        return None
 
     def build(self, train_inputs, max_age: int):
         from agepipe.model.keras_networks import build_pixel_model

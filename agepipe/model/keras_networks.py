@@ -121,12 +121,41 @@ def augmentation_layers(config: TrainingAugmentation, seed: int) -> keras.Sequen
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="agepipe")
+class AgeNetworkAnswer(keras.layers.Layer):
+    """The pretrained age network's own answer, read from the descriptor: its log-probabilities over
+    `classes` ages (columns `first` on) as a distribution over the years 0..max_age, its last class (the
+    age network's "classes - 1 and over") spread evenly over the years from there."""
+
+    def __init__(self, first: int, classes: int, max_age: int, **kwargs):
+        super().__init__(**kwargs)
+        self.first, self.classes, self.max_age = first, classes, max_age
+        to_years = np.zeros((classes, max_age + 1), np.float32)
+        to_years[np.arange(classes - 1), np.arange(classes - 1)] = 1
+        to_years[classes - 1, classes - 1 :] = 1 / (max_age + 2 - classes)
+        self.to_years = to_years
+
+    def call(self, descriptor):
+        logits = descriptor[:, self.first : self.first + self.classes]
+        return keras.ops.matmul(keras.ops.softmax(logits, axis=-1), self.to_years)
+
+    def get_config(self):
+        return {**super().get_config(), "first": self.first, "classes": self.classes, "max_age": self.max_age}
+
+
 def build_descriptor_model(
-    config: FaceFeaturesBackbone, max_age: int, mean: np.ndarray, variance: np.ndarray
+    config: FaceFeaturesBackbone,
+    max_age: int,
+    mean: np.ndarray,
+    variance: np.ndarray,
+    age_columns: tuple[int, int] | None = None,
 ) -> keras.Model:
     """A Keras head on face descriptors: standardise, `head_units` dense layers with dropout, softmax
     over years. `ensemble` > 1 builds that many independently initialised heads and averages their
-    outputs (one model, one file)."""
+    outputs (one model, one file). With the age network's columns (`age_columns`: first, count) and an
+    `age_network_share`, that share of every answer is the pretrained age network's own (the head,
+    trained through the mix, learns what to add to it): it has seen far more kinds of faces than any
+    training set, and keeps answers sound where the head's training faces were unlike the user's."""
     inputs = keras.Input((len(mean),), name="descriptor")
     standardised = keras.layers.Normalization(mean=mean, variance=variance, name="standardise")(inputs)
     heads = []
@@ -137,6 +166,15 @@ def build_descriptor_model(
             x = keras.layers.Dropout(config.dropout, name=f"head{member}_dropout{layer}")(x)
         heads.append(keras.layers.Dense(max_age + 1, activation="softmax", name=f"head{member}_years")(x))
     outputs = heads[0] if len(heads) == 1 else keras.layers.Average(name="years")(heads)
+    share = config.age_network_share
+    if age_columns is not None and share > 0:
+        pretrained = AgeNetworkAnswer(*age_columns, max_age, name="age_network_answer")(inputs)
+        outputs = keras.layers.Add(name="mixed_years")(
+            [
+                keras.layers.Rescaling(1 - share, name="head_share")(outputs),
+                keras.layers.Rescaling(share, name="age_network_share")(pretrained),
+            ]
+        )
     return keras.Model(inputs, outputs, name="age_from_face_descriptor")
 
 

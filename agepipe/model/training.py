@@ -150,11 +150,13 @@ def out_of_fold(
     training: Training | None = None,
     trained_on: np.ndarray | None = None,
     progress=None,
+    fold: np.ndarray | None = None,
 ) -> np.ndarray:
     """Year probabilities for every prepared row, each from a network trained on the other folds only
-    (and of those, on the rows `trained_on` marks, when given)."""
+    (and of those, on the rows `trained_on` marks, when given). The folds are stratified by age group,
+    seeded, unless `fold` gives each row's."""
     strategy = distribution_strategy(config.distribution)
-    fold = stratified_folds(rows, folds, seed)
+    fold = stratified_folds(rows, folds, seed) if fold is None else fold
     probabilities = np.zeros((len(rows), config.max_age + 1), np.float32)
     flip, batch = config.evaluation.flip_test_time_augmentation, config.training.batch_size
     trained_on = np.ones(len(rows), bool) if trained_on is None else trained_on
