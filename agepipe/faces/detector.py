@@ -299,7 +299,9 @@ def _found_in_tiles(detector: FaceDetector, bgr: np.ndarray, tile_levels: int) -
     return Faces(boxes[keep], scores[keep], points[keep])
 
 
-MIN_TILE_SIDE = 64  # tiles smaller than this hold no face the whole image would not show
+MIN_TILE_SIDE = (
+    128  # tiles smaller than this hold no face a larger tile would not show (faces under min_face_pixels aside)
+)
 
 
 def _tile_starts(length: int, side: int, step: int) -> list[int]:
