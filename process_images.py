@@ -184,7 +184,9 @@ class Processor:
         if problem:
             return None, problem
         side = self.face_path.native_side(face, self.crop.side, self.crop.padding)
-        return np.ascontiguousarray(self.face_path.cut(rgb, face, side, self.crop.padding)[..., ::-1]), None
+        return np.ascontiguousarray(
+            self.face_path.cut(rgb, face, side, self.crop.padding, extend_edges=True)[..., ::-1]
+        ), None
 
     def keep(self, row: dict, bgr: np.ndarray, target: Path) -> dict:
         if self.crop:

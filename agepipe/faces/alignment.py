@@ -154,14 +154,28 @@ class FacePath:
         """Whether the face can be cut: aligned, or its square when landmarks failed and that is allowed."""
         return face.shape is not None or self.settings.on_no_landmarks == "square"
 
-    def cut(self, rgb: np.ndarray, face: AlignedFace, side: int, padding: float) -> np.ndarray:
+    def cut(
+        self, rgb: np.ndarray, face: AlignedFace, side: int, padding: float, extend_edges: bool = False
+    ) -> np.ndarray:
         """The face, `side` pixels square with a margin of `padding` (a share of the face, dlib's
-        convention), aligned by its landmarks; or its square, unaligned, when they were implausible (what
-        lies beyond the image's edges is black, as dlib cuts it)."""
+        convention), aligned by its landmarks; or its square, unaligned, when they were implausible. What
+        lies beyond the image's edges is black, as dlib cuts it, or with `extend_edges` the edges'
+        pixels continued (a crop that is written: a black band would read as crushed shadows)."""
         if face.shape is None:
             return cv2.resize(square_region(rgb, face.square), (side, side), interpolation=cv2.INTER_AREA)
         dlib = self._load()[0]
-        return np.asarray(dlib.extract_image_chip(rgb, dlib.get_face_chip_details(face.shape, side, padding)))
+        shape = face.shape
+        if extend_edges:
+            margin = round(max(rgb.shape[:2]) * (1 + padding))
+            rgb = cv2.copyMakeBorder(rgb, margin, margin, margin, margin, cv2.BORDER_REPLICATE)
+            rect = shape.rect
+            shape = dlib.full_object_detection(
+                dlib.rectangle(
+                    rect.left() + margin, rect.top() + margin, rect.right() + margin, rect.bottom() + margin
+                ),
+                [dlib.point(point.x + margin, point.y + margin) for point in shape.parts()],
+            )
+        return np.asarray(dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape, side, padding)))
 
     def native_side(self, face: AlignedFace, side: int, padding: float) -> int:
         """The side, at most `side`, at which a cut of this face with `padding` shows it at the image's own

@@ -112,9 +112,9 @@ class FaceFeatures:
         return FaceFeatures(self.descriptor, self.head.model_copy(update={"ensemble": 1}), self.training_views)
 
     def look_alikes(self, rows: pd.DataFrame, folds: int, seed: int) -> np.ndarray | None:
-        """A fold number per row: clusters of look-alike faces (k-means on each source image's first view;
-        its augmented copies follow it), for a calibration on faces unlike those a network trained on.
-        None when there are too few faces for `folds` clusters."""
+        """A fold number per row: clusters of look-alike faces (k-means on each source image's description,
+        standardised; its augmented copies follow it), for a calibration on faces unlike those a network
+        trained on. None when there are too few faces for `folds` clusters."""
         from scipy.cluster.vq import kmeans2
 
         sources = rows.drop_duplicates("source")
