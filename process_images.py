@@ -463,10 +463,9 @@ def processed_table(
         {f"after_{m}": results[f"after_{m}"] if f"after_{m}" in results.columns else np.nan for m in metric_columns},
         index=results.index,
     ).astype(object)
+    # a byte-for-byte copy measures what the original measured
     kept_copy = ((results["status"] == ProcessStatus.KEPT) & results["operations"].isna()).to_numpy()
-    after.loc[kept_copy] = frame.loc[
-        kept_copy, metric_columns
-    ].to_numpy()  # a byte-for-byte copy measures what the original measured
+    after.loc[kept_copy] = frame.loc[kept_copy, metric_columns].to_numpy()
     output = pd.DataFrame(
         {
             "file": frame["file"],

@@ -175,11 +175,13 @@ def kill_part_way(script: str, overrides: list[str], journal: Path, lines: int, 
 
 
 def kill_processing_part_way(explored: Path, out: Path, lines: int) -> int:
-    """Kill process_images.py (one worker, chunks of 20) over an exploration into `out` once `lines` rows are done."""
+    """Kill process_images.py (whole images, as `process` writes them; one worker, chunks of 20) over an
+    exploration into `out` once `lines` rows are done."""
     overrides = [
         f"input_csv={explored / 'image_metadata.csv'}",
         f"output_dir={out}/images",
         f"output_csv={out}/processed.csv",
+        "output=images",
         "num_workers=1",
         "chunk_files=20",
     ]

@@ -8,6 +8,7 @@ worker pools have forked.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -23,18 +24,25 @@ log = logging.getLogger("agepipe.training")
 
 
 def distribution_strategy(settings: Distribution):
-    """The tf.distribute strategy of the config; must run once, before TensorFlow touches a device."""
+    """The tf.distribute strategy of the config, one per process: the devices are set up before
+    TensorFlow touches one, and every network trained in the run (the model, the calibration folds)
+    shares its collective ops, which two strategies side by side would mix up."""
+    return strategy_of(settings.strategy, settings.logical_cpus)
+
+
+@functools.cache
+def strategy_of(kind: str, logical_cpus: int):
     from agepipe.model.keras_networks import tf  # TensorFlow, loaded where its start-up log is quieted
 
-    if settings.strategy == "multi_worker":
+    if kind == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if settings.strategy == "mirrored":
+    if kind == "mirrored":
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
             return tf.distribute.MirroredStrategy()
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * settings.logical_cpus
+            cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus
         )
         return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
     return tf.distribute.get_strategy()
