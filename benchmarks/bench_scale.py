@@ -137,12 +137,12 @@ def fill_cache(folder: Path, cache: Path, model: Path, workers: int) -> None:
     templates = [str(f) for f in files[:TEMPLATES]]
     describe_files(templates, settings, cache, Engine(workers), MAX_PIXELS, MAX_FILE_BYTES)
     cached = DescriptorCache(cache, settings)
-    keys = [content_hash(f, MAX_FILE_BYTES) for f in templates]
+    keys = [cached.key(content_hash(f, MAX_FILE_BYTES)) for f in templates]
     found = cached.journal.records(keys)
     rows = [found[key] for key in keys]
     with cached.journal:
         for index, path in enumerate(files[TEMPLATES:], TEMPLATES):
-            cached.journal.record(content_hash(str(path), MAX_FILE_BYTES), rows[index % TEMPLATES])
+            cached.journal.record(cached.key(content_hash(str(path), MAX_FILE_BYTES)), rows[index % TEMPLATES])
 
 
 def process_benchmark(explored: Path, out: Path, workers: int) -> str:

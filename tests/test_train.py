@@ -175,6 +175,32 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     ].mean()
 
 
+def test_a_greyscale_copy_of_a_face_gets_an_age_within_a_few_years_of_its_colour_original(
+    trained, sample, descriptor_cache, tmp_path
+):
+    import cv2
+
+    out, _ = trained
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for face in sorted(sample.glob("*.chip.jpg"))[:24]:
+        colour = cv2.imread(str(face))
+        cv2.imwrite(str(folder / f"colour_{face.name}"), colour)
+        cv2.imwrite(str(folder / f"grey_{face.name}"), cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY))
+    run(
+        "predict_age.py",
+        f"model_path={out}/model.keras",
+        f"inputs=[{folder}]",
+        f"descriptor_cache={descriptor_cache}",
+        f"output_csv={tmp_path}/p.csv",
+    )
+    rows = read_csv(tmp_path / "p.csv").assign(name=lambda t: t["file"].map(lambda f: f.rsplit("/", 1)[-1]))
+    age = rows.set_index("name")["age"]
+    pairs = [(age[f"colour_{n}"], age[f"grey_{n}"]) for n in (f.name for f in sorted(sample.glob("*.chip.jpg"))[:24])]
+    gaps = np.abs(np.subtract(*np.array(pairs, float).T))
+    assert not np.isnan(gaps).any() and np.median(gaps) <= 3 and (gaps <= 8).mean() >= 0.9, gaps
+
+
 @pytest.mark.slow
 def test_cross_validation_answers_every_original_out_of_fold_then_trains_on_all(resampled, descriptor_cache, tmp_path):
     folder, _, _ = resampled
