@@ -6,13 +6,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 REAL_DATA := ../shared/data/utkface_sample
 
-.PHONY: pipeline test test-slow smoke-real bench
+.PHONY: pipeline test test-slow smoke-real bench lab
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m ipykernel install --sys-prefix --name agepipe --display-name "agepipe (.venv)" > /dev/null
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+# The notebooks in JupyterLab, in the workspace of `make pipeline WORKSPACE=...` (default: the project folder)
+lab: $(STAMP)
+	AGEPIPE_WORKSPACE=$(WORKSPACE) $(VENV)/bin/jupyter lab
 
 # Your own data: make pipeline DATA=~/photos LABELS=~/photos/labels.csv WORKSPACE=~/agepipe-run
 # (DATA alone reads ages from UTKFace names; without WORKSPACE everything goes into the project folder).
@@ -38,13 +43,14 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 # Optional: explore, process and train on real UTKFace faces, when ../shared/data is present
-# (the model is tested on a held-out 15% of them). Everything goes to the workspace real_data/.
+# (trained on the checked set, its natural mix: no resampling; tested on a held-out 15% of them).
+# Everything goes to the workspace real_data/.
 smoke-real: $(STAMP)
 	@if [ -d $(REAL_DATA) ]; then \
 		$(PY) explore_images.py --set workspace=real_data --set dataset_dir=$(REAL_DATA) && \
 		$(PY) process_images.py --set workspace=real_data && \
 		$(PY) check_labels.py --set workspace=real_data && \
-		$(PY) train_model.py --set workspace=real_data; \
+		$(PY) train_model.py --set workspace=real_data --set input_csv=real_data/csv/checked_metadata.csv; \
 	else echo "skipping real-data smoke run: $(REAL_DATA) not found"; fi
 
 bench: $(STAMP)

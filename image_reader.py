@@ -133,7 +133,7 @@ def load_dataset(
     >>> folder = tempfile.mkdtemp()
     >>> _ = cv2.imwrite(f"{folder}/25_1_3_face.jpg", np.full((64, 64, 3), 128, np.uint8))
     >>> parts = PartStore(f"{folder}/parts", "settings")
-    >>> labels = Labels(source="filename", csv_path=None, file_column="file", age_column="age")
+    >>> labels = Labels(source="filename", csv_path=None, file_column=["file"], age_column=["age"])
     >>> with load_dataset(folder, labels, AgeRange(min=0, max=120), AgeGroups((0, 20, 40)), parts, 1000) as dataset:
     ...     row = next(dataset.chunk_rows())[2].__next__()
     >>> dataset.files, row["file"], row["age"], row["age_group"]
@@ -278,7 +278,7 @@ def load_explore_config(path, overrides=()) -> ExploreConfig:
     try:
         return validated_exploration(load_config(ExploreConfig, path, overrides))
     except ConfigError as exc:
-        raise ConfigError(exc if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
+        raise ConfigError(exc if str(exc).startswith((str(path), "--set ")) else f"{path}: {exc}") from None
 
 
 def validated_exploration(config: ExploreConfig) -> ExploreConfig:

@@ -257,7 +257,8 @@ def load_input(config: ResamplingConfig) -> tuple[pd.DataFrame, int]:
     many the label check's suspicion left out (exclude_suspected_labels)."""
     required = ("file", "path", "age", "age_group", "status")
     if config.input == "processed":
-        frame = read_metadata_csv(config.processed_csv, "processed CSV", "run process_images.py first", required)
+        hint = "run process_images.py, then check_labels.py (which writes the checked CSV), first"
+        frame = read_metadata_csv(config.processed_csv, "processed CSV", hint, required)
         frame = frame.rename(columns=lambda c: c[len("after_") :] if c.startswith("after_") else c)
     else:
         frame = read_metadata_csv(config.exploration_csv, "exploration CSV", "run explore_images.py first", required)

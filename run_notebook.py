@@ -11,7 +11,6 @@ exit status 1.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -19,12 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from agepipe.config.data_stages import ResamplingConfig
 from agepipe.config.loading import PROJECT_DIR
 from agepipe.errors import UserError
 from agepipe.running.console import native_stderr_silenced
 from agepipe.running.manifest import file_digest
 from agepipe.running.output_guard import OutputGuard
 from agepipe.running.writes import current_umask, temporary_affixes
+from utils import WORKSPACE_VARIABLE, argument_parser
 
 
 def absolute_paths(assignment: str) -> str:
@@ -78,10 +79,17 @@ def execute(notebook: Path, folder, target: Path, parameters: dict, timeout: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Execute a notebook headlessly.")
+    parser = argument_parser(
+        "Execute a notebook headlessly; both notebooks read resampling.yaml.",
+        "resampling.yaml",
+        ResamplingConfig,
+        [
+            "python run_notebook.py resampling.ipynb --set target_size=5000",
+            "python run_notebook.py australian_population.ipynb --set workspace=/tmp/agepipe-run",
+        ],
+        sys.argv[1:],
+    )
     parser.add_argument("notebook", type=Path)
-    parser.add_argument("--config", help="config file for the notebook (default: its own)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--output-dir", type=Path, help="where the executed copy goes (default: reports/notebooks in the workspace)"
     )
@@ -92,14 +100,16 @@ def main() -> None:
 
     if args.output_dir is None:
         workspace = next(
-            (o.partition("=")[2] for o in reversed(args.overrides) if o.partition("=")[0] == "workspace"), None
+            (o.partition("=")[2] for o in reversed(args.overrides) if o.partition("=")[0] == "workspace"),
+            os.environ.get(WORKSPACE_VARIABLE),
         )
         args.output_dir = (
             (Path(workspace).expanduser().resolve() if workspace else PROJECT_DIR) / "reports" / "notebooks"
         )
-    parameters = {"overrides": [absolute_paths(o) for o in args.overrides]}
-    if args.config:
-        parameters["config_path"] = str(Path(args.config).resolve())
+    parameters = {
+        "overrides": [absolute_paths(o) for o in args.overrides],
+        "config_path": str(Path(args.config).resolve()),
+    }
     start = time.perf_counter()
     with OutputGuard(inputs=[args.notebook]) as guard:
         folder = guard.folder(args.output_dir, "--output-dir", overwrite=True)

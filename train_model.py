@@ -1,13 +1,13 @@
 """Training stage: an age classifier that is honest about how good it is.
 
-Reads a metadata CSV (default: the processing stage's) and configs/train_model.yaml, and writes into
+Reads a metadata CSV (default: the resampled set, resampling.ipynb's) and configs/train_model.yaml, and writes into
 output_dir: model.keras (with the age groups, the backbone and its settings, how answers are read, and
 the resolved config inside), metrics.json, history.csv, training_curves.png, confusion_matrix.png,
 split.csv (each image's split), test_images.csv (the test split, for predict_age.py), face_problems.csv
 (images whose face could not be described as configured) and test_predictions.csv.
 
     python train_model.py
-    python train_model.py --set input_csv=csv/resampled_metadata.csv --set training.epochs=30
+    python train_model.py --set input_csv=csv/checked_metadata.csv --set training.epochs=30
 
 The story, top to bottom:
 1. split by source image, stratified by age group: an image and its augmented copies always share a
@@ -51,6 +51,7 @@ from agepipe.model.estimates import (
     year_targets,
 )
 from agepipe.model.training import fit, out_of_fold, split_by_source
+from agepipe.report.funnel import training_funnel
 from agepipe.report.model_card import write_report_card
 from agepipe.running.console import progress_bar
 from agepipe.running.output_guard import OutputFolder, OutputGuard
@@ -70,7 +71,11 @@ def read_training_csv(path: str, groups: AgeGroups, exclude_suspected: bool = Tr
     whole, non-negative years:
     anything else is a labelling error, refused in one line. (Ages above max_age are fine: the model's
     last year stands for max_age and over.)"""
-    frame = read_metadata_csv(path, "input CSV", "run the earlier stages first", ("file", "path", "age"))
+    hint = (
+        "run the earlier stages first (the resampled set: python run_notebook.py resampling.ipynb), or train on "
+        "the checked set: --set input_csv=csv/checked_metadata.csv"
+    )
+    frame = read_metadata_csv(path, "input CSV", hint, ("file", "path", "age"))
     if "status" in frame.columns:  # exploration or processing CSV: only the usable images
         frame = frame[frame["status"].isin(TRAINABLE_STATUSES)]
     frame, suspected = without_suspected_labels(frame, exclude_suspected)
@@ -350,6 +355,7 @@ def scored(config: TrainConfig, sets: dict, run: Run, groups: AgeGroups) -> dict
         log.warning("age group %s has no test images: its recall is not measured", label)
     metrics.update(card_figures(run.probabilities, test, config, groups))
     majority = int(np.argmax(np.bincount(sets["train"]["group_index"], minlength=len(groups.labels))))
+    copies = sets["train"]["copy"]
     baseline = evaluate(
         year_targets(np.full(len(test), sum(groups.bounds(max_age)[majority]) / 2), max_age, 0),
         test["age"],
@@ -368,7 +374,9 @@ def scored(config: TrainConfig, sets: dict, run: Run, groups: AgeGroups) -> dict
         "flip_test_time_augmentation": evaluation.flip_test_time_augmentation,
         "prior_correction": evaluation.prior_csv,
         "split_images": {name: len(rows) for name, rows in sets.items()},
+        "funnel": training_funnel(config.input_csv),
         "epochs": int(len(run.history)),
+        "trained_on": f"{int((copies == 0).sum())} originals and {int((copies > 0).sum())} augmented copies",
         **run.timing,
         "age_groups": groups.labels,
         **run_record(config),
@@ -407,7 +415,7 @@ def save(
         "test_images.csv", test[[c for c in ("file", "path", "age", "gender", "race") if c in test.columns]]
     )
     folder.write_csv("test_predictions.csv", answers_table(test, run.probabilities, config, groups))
-    write_report_card(folder, report, run.history, HEADLINE, CALIBRATION_BINS)
+    write_report_card(folder, report, run.history, HEADLINE, CALIBRATION_BINS, evaluation.min_test_images)
     folder.finish()
     return report
 
@@ -417,8 +425,8 @@ def summary_lines(report: dict, config: TrainConfig, backbone, trained: int, sus
     test, baseline = report["test"], report["majority_baseline"]
     tested = f"out of fold ({config.split.folds} folds)" if cross_validating(config) else "test"
     lines = [
-        f"trained {backbone.kind} on {trained} images ({suspected} suspected label errors left out) for "
-        f"{report['epochs']} epochs "
+        f"trained {backbone.kind} on {trained} images of {config.input_csv} ({report['trained_on']}; "
+        f"{suspected} suspected label errors left out) for {report['epochs']} epochs "
         f"in {report['training_seconds']:.0f}s; {tested} on {test['images']} images:",
         f"  accuracy {test['accuracy']:.1%} (majority baseline {baseline['accuracy']:.1%}), one-off "
         f"{test['one_off_accuracy']:.1%}, "
@@ -478,7 +486,7 @@ if __name__ == "__main__":
         [
             "python train_model.py",
             "python train_model.py --set training.epochs=30 --set model.face_features.head_units=[512,128]",
-            "python train_model.py --set input_csv=csv/resampled_metadata.csv --set output_dir=models/resampled",
+            "python train_model.py --set input_csv=csv/checked_metadata.csv --set output_dir=models/natural_mix",
             "python train_model.py --set model.backbone=pixels --set model.pixels.network=cnn",
         ],
     )

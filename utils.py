@@ -21,6 +21,8 @@ from pydantic import BaseModel
 from agepipe.config.loading import CONFIG_DIR, ModelT, load_config, read_settings
 from agepipe.errors import ConfigError, UserError
 
+WORKSPACE_VARIABLE = "AGEPIPE_WORKSPACE"  # the workspace of a notebook opened in Jupyter
+
 __all__ = ["load_config", "notebook_config", "one_line", "parse_args", "run_script", "settings_help", "setup_logging"]
 
 
@@ -34,6 +36,13 @@ def parse_args(
     """--config and --set; --help also lists every setting of `model` with its value in the config files
     and its meaning, and `examples` (commands that run as written)."""
     argv = sys.argv[1:] if argv is None else argv
+    return argument_parser(description, default_config, model, examples, argv).parse_args(argv)
+
+
+def argument_parser(
+    description: str, default_config: str, model: type[BaseModel] | None, examples: Iterable[str], argv: list[str]
+) -> argparse.ArgumentParser:
+    """The parser of parse_args, for a script that adds arguments of its own."""
     epilog = (
         settings_help(model, CONFIG_DIR / default_config, examples)
         if model and ({"-h", "--help"} & set(argv))
@@ -54,7 +63,7 @@ def parse_args(
         help="change one setting (repeatable): dotted keys reach nested ones, values are YAML: "
         "--set num_workers=1 --set checks.blurry.below=10 --set inputs=[photos,more/photos]",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def settings_help(model: type[BaseModel], config_path, examples: Iterable[str]) -> str:
@@ -160,7 +169,13 @@ def setup_logging(level: str) -> None:
 
 
 def notebook_config(model: type[ModelT], path: str | os.PathLike, overrides: Iterable[str] = ()) -> ModelT:
-    """A notebook's config, from its `parameters` cell (which run_notebook.py sets through papermill)."""
+    """A notebook's config, from its `parameters` cell (which run_notebook.py sets through papermill).
+    Opened in Jupyter, where nothing sets them, it works in the workspace the environment variable
+    AGEPIPE_WORKSPACE names (`make lab WORKSPACE=W` sets it), as the scripts run with --set workspace=W."""
+    overrides = list(overrides)
+    workspace = os.environ.get(WORKSPACE_VARIABLE)
+    if workspace and not any(o.startswith("workspace=") for o in overrides):
+        overrides.insert(0, f"workspace={workspace}")
     config = load_config(model, path, overrides)
     setup_logging(config.log_level)
     return config

@@ -175,6 +175,28 @@ def test_labels_from_a_csv(small_sample, tmp_path):
     assert frame.loc[files[-1], "label_error"] == "not listed in the labels CSV"
 
 
+def test_a_labels_csv_with_common_column_names_needs_no_key_and_others_get_the_columns_and_the_key(
+    small_sample, tmp_path
+):
+    files = sorted(p.name for p in small_sample.iterdir() if p.name.endswith(".jpg"))
+    pd.DataFrame({"Filename": files, "Age": [7] * len(files)}).to_csv(tmp_path / "labels.csv", index=False)
+    explore(small_sample, tmp_path, f"labels.csv_path={tmp_path}/labels.csv")
+    assert (read_csv(tmp_path / "m.csv")["age"] == 7).all()
+    pd.DataFrame({"picture": files, "Age": [7] * len(files)}).to_csv(tmp_path / "odd.csv", index=False)
+    result = run(
+        "explore_images.py",
+        f"dataset_dir={small_sample}",
+        f"output_csv={tmp_path}/o.csv",
+        f"summary_csv={tmp_path}/os.csv",
+        f"labels.csv_path={tmp_path}/odd.csv",
+        check=False,
+    )
+    assert result.returncode == 2 and result.stderr.strip().endswith(
+        "has none of the columns file, filename, path, image, image_path (it has picture, Age): "
+        "name yours with --set labels.file_column=COLUMN"
+    ), result.stderr
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -187,7 +209,8 @@ def test_labels_from_a_csv(small_sample, tmp_path):
         (["labels.source=database"], "labels.source: expected one of 'auto', 'filename' or 'csv', got 'database'"),
         (["dataset_dir=/no/such/folder"], "dataset folder /no/such/folder does not exist"),
         (["output_csv=/etc/hostname/m.csv"], "/etc/hostname is not writable"),
-        (["treshold=3"], "treshold: unknown key"),
+        (["treshold=3"], "--set treshold: unknown key"),
+        (["workspce=/tmp"], "--set workspce: unknown key (did you mean workspace?)"),
     ],
 )
 def test_bad_config_or_paths_stop_at_start_with_one_line(overrides, message, tmp_path):

@@ -1,6 +1,8 @@
 """Target distribution and resampling: hand-worked arithmetic, augmentations, and both notebooks run
 headlessly on the generated sample with their outputs checked."""
 
+import os
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -143,6 +145,39 @@ def test_population_notebook_writes_the_target(resampled):
         if "image/png" in o.get("data", {})
     ]
     assert len(images) == 2  # the age structure and the target, drawn
+
+
+def test_both_notebooks_run_in_a_real_kernel_as_opened_in_jupyter_in_the_workspace_of_the_environment(
+    processed, tmp_path
+):
+    """What a user does after `make pipeline WORKSPACE=W`: `make lab WORKSPACE=W`, open each notebook and
+    run it top to bottom with its defaults, in the project's kernel. Everything lands in the workspace."""
+    import shutil
+    import subprocess
+    import sys
+
+    jupyter = [sys.executable, "-m", "jupyter"]
+    assert subprocess.run([*jupyter, "lab", "--version"], capture_output=True, text=True).returncode == 0
+    workspace = tmp_path / "workspace"
+    (workspace / "csv").mkdir(parents=True)
+    shutil.copy(processed / "processed.csv", workspace / "csv" / "checked_metadata.csv")
+    status = lambda: (
+        subprocess.run(  # noqa: E731
+            ["git", "status", "--porcelain", "--ignored"], cwd=PROJECT, capture_output=True, text=True
+        ).stdout
+    )
+    before = status()
+    environment = {**os.environ, "AGEPIPE_WORKSPACE": str(workspace), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    for notebook in ("australian_population.ipynb", "resampling.ipynb"):
+        result = subprocess.run(
+            [*jupyter, "execute", notebook], cwd=PROJECT, env=environment, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    target = read_csv(workspace / "csv" / "target_age_distribution.csv")
+    resampled = read_csv(workspace / "csv" / "resampled_metadata.csv")
+    assert target["share"].sum() == pytest.approx(1.0) and len(resampled) > 0
+    assert all((workspace / "resampled_dataset" / f).is_file() for f in resampled["file"])
+    assert status() == before
 
 
 def test_resampled_distribution_matches_the_target(resampled, processed):

@@ -66,6 +66,39 @@ def test_training_beats_the_majority_baseline_clearly(trained):
         assert (out / name).stat().st_size > 0
 
 
+def test_the_report_card_traces_the_files_found_to_the_faces_trained_on_and_warns_of_few_faces(
+    trained, explored, processed, resampled
+):
+    from agepipe.report.model_card import few_faces_warnings
+
+    out, result = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    explored_rows = len(read_csv(explored / "image_metadata.csv"))
+    processed_rows = read_csv(processed / "processed.csv")
+    funnel = metrics["funnel"]
+    assert [stage["rows"] for stage in funnel] == [
+        explored_rows,
+        len(processed_rows),
+        len(read_csv(resampled[0] / "resampled.csv")),
+    ]
+    reasons = dict(map(tuple, funnel[1]["reasons"]))
+    assert sum(reasons.values()) == funnel[1]["rows"] - funnel[1]["usable"] > 0
+    assert (
+        reasons
+        == processed_rows.loc[~processed_rows["status"].isin(["kept", "repaired"]), "reason"]
+        .fillna(processed_rows["status"])
+        .value_counts()
+        .to_dict()
+    )
+    page = (out / "report.html").read_text()
+    assert "From the files found to the faces trained on" in page and f">{explored_rows:,}<" in page
+    assert "originals and" in result.stdout and "resampled.csv" in result.stdout  # which set it trained on
+    labels = ["0-9", "10-19", "20+"]
+    warnings = few_faces_warnings({"images": 45, "confusion_matrix": [[30, 0, 0], [0, 5, 10], [0, 0, 0]]}, labels, 20)
+    assert len(warnings) == 2 and "10-19 (15)" in warnings[0] and "20+" in warnings[1]
+    assert len(few_faces_warnings({"images": 12, "confusion_matrix": [[12]]}, ["all"], 20)) == 2
+
+
 def test_no_source_image_in_two_splits_and_test_holds_originals_only(trained, resampled):
     out, _ = trained
     split = read_csv(out / "split.csv")

@@ -46,8 +46,9 @@ def test_valid_config_passes_through():
         ({"edges": [10]}, "edges: expected at least 2 items, got [10]"),
         ({"edges": [0, -1]}, "edges[1]: expected a value >= 0, got -1"),
         ({"checks": {"x": {"below": "low"}}}, "checks.x.below: expected a number, got 'low'"),
-        ({"checks": {"x": {"belw": 1}}}, "checks.x.belw: unknown key"),
-        ({"treshold": 1}, "treshold: unknown key"),
+        ({"checks": {"x": {"belw": 1}}}, "checks.x.belw: unknown key (did you mean below?)"),
+        ({"treshold": 1}, "treshold: unknown key (did you mean threshold?)"),
+        ({"zzz": 1}, "zzz: unknown key"),
         ({"threshold": float("nan")}, "threshold: expected a finite number, got nan"),
     ],
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from agepipe.config.schema import (
     Bounded,
@@ -28,15 +28,23 @@ from agepipe.config.schema import (
 # --------------------------------------------------------------------------------------------------
 # configs/explore_images.yaml
 # --------------------------------------------------------------------------------------------------
+# one column name, or the names a column may have
+ColumnNames = Annotated[
+    list[Annotated[str, Field(min_length=1)]],
+    Field(min_length=1),
+    BeforeValidator(lambda names: [names] if isinstance(names, str) else names),
+]
+
+
 class Labels(Section):
     source: Literal["auto", "filename", "csv"]
     """'auto' (the labels CSV when csv_path is set, else UTKFace names), 'filename' or 'csv'."""
     csv_path: WorkspacePath | None
     """A labels CSV: each image's path relative to dataset_dir, and its age."""
-    file_column: str
-    """The labels CSV's column of image paths."""
-    age_column: str
-    """The labels CSV's column of ages."""
+    file_column: ColumnNames
+    """The labels CSV's column of image paths: the first of these names it has, in any case."""
+    age_column: ColumnNames
+    """The labels CSV's column of ages: the first of these names it has, in any case."""
 
     @model_validator(mode="after")
     def csv_needs_a_path(self) -> "Labels":

@@ -8,6 +8,7 @@ line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -35,7 +36,27 @@ def validate_section(model: type[ModelT], data: Any, where: str = "") -> ModelT:
     except ValidationError as exc:
         # a misspelt key is also a missing one: naming the misspelling says more
         first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-        raise ConfigError(error_text(first, where)) from None
+        text = error_text(first, where)
+        if first["type"] == "extra_forbidden":
+            text += closest_key_hint(model, first["loc"])
+        error = ConfigError(text)
+        error.keys = [str(part) for part in first["loc"] if not isinstance(part, int)]
+        raise error from None
+
+
+def closest_key_hint(model: type[BaseModel], loc: tuple) -> str:
+    """' (did you mean X?)' for the valid key of the section at `loc` closest to its last part, or ''."""
+    section = model
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        if field is None:  # a list index or a mapping's own key: the items are of the section found
+            continue
+        sections = _sections(field.annotation)
+        if not sections:
+            return ""
+        section = sections[0]
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 # what a pydantic error type expects, in the words of a config file
@@ -258,14 +279,17 @@ def read_settings(path: str | os.PathLike) -> dict:
 def load_config(model: type[ModelT], path: str | os.PathLike, overrides: Iterable[str] = ()) -> ModelT:
     """Read the common settings, the script's YAML file and the overrides, make the paths absolute
     (resolve_paths) and validate the result as a `model` (data_stages.py, model_stages.py); any problem is one
-    ConfigError line starting with the file's path."""
+    ConfigError line starting with what set the key: the file's path, or `--set`."""
     config = read_settings(path)
     typed = {apply_override(config, assignment) for assignment in overrides}
     resolve_paths(config, path_fields(model), typed)
     try:
         return validate_section(model, config)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        # blame what set the key: the command line, or the file
+        dotted = ".".join(getattr(exc, "keys", []))
+        typed_here = any(dotted == key or dotted.startswith(key + ".") for key in typed)
+        raise ConfigError(f"--set {exc}" if typed_here else f"{path}: {exc}") from None
 
 
 def plain(value: Any) -> Any:

@@ -22,7 +22,7 @@ from agepipe.config.data_stages import Labels
 from agepipe.config.schema import AgeRange
 from agepipe.data.age_groups import AgeGroups
 from agepipe.data.image_files import CONTROL_CHARACTERS, IMAGE_EXTENSIONS
-from agepipe.errors import UserError
+from agepipe.errors import UserError, shown
 
 log = logging.getLogger("agepipe.dataset")
 
@@ -125,12 +125,14 @@ class LabelTable:
         return (None, "age in the labels CSV is not a number") if math.isnan(age) else (age, None)
 
 
-def read_labels_csv(path: Path, file_column: str, age_column: str) -> LabelTable:
-    """The ages of a labels CSV: a `file_column` of image paths relative to its folder, an `age_column`."""
-    labels = read_table(path, "labels CSV", dtype={file_column: str}, keep_default_na=False)
-    for column in (file_column, age_column):
-        if column not in labels.columns:
-            raise UserError(f"labels CSV {path} has no column {column!r} (it has {len(labels.columns)} columns)")
+def read_labels_csv(path: Path, file_columns: list[str], age_columns: list[str]) -> LabelTable:
+    """The ages of a labels CSV: image paths relative to its folder and ages, in the first column of each
+    list (`file_columns`, `age_columns`) the CSV has, in any case."""
+    labels = read_table(path, "labels CSV", dtype=str, keep_default_na=False)
+    file_column, age_column = (
+        labels_column(labels, path, names, key)
+        for names, key in ((file_columns, "labels.file_column"), (age_columns, "labels.age_column"))
+    )
     table = LabelTable(Path(path), {}, set())
     for file, age in zip(
         labels[file_column].str.replace("\\", "/"), pd.to_numeric(labels[age_column], errors="coerce")
@@ -142,6 +144,20 @@ def read_labels_csv(path: Path, file_column: str, age_column: str) -> LabelTable
         elif file not in table.conflicting:
             table.ages[file] = age
     return table
+
+
+def labels_column(labels: pd.DataFrame, path: Path, names: list[str], key: str) -> str:
+    """The labels CSV's first column among `names`, in any case; else a UserError listing the columns
+    found and the config key (`key`) that names the right one."""
+    by_name = {str(column).strip().lower(): column for column in labels.columns}
+    for name in names:
+        if name.lower() in by_name:
+            return by_name[name.lower()]
+    found = shown(", ".join(str(column) for column in labels.columns))
+    raise UserError(
+        f"labels CSV {path} has none of the columns {', '.join(names)} (it has {found}): "
+        f"name yours with --set {key}=COLUMN"
+    )
 
 
 def checked_age(age: float, age_range: AgeRange) -> tuple[int | None, str | None]:
@@ -293,7 +309,7 @@ def iter_labelled_images(inputs: list[str], labels_csv: str | None, age_range: A
     Every input is checked before the first row: a missing one is a UserError, as are inputs that
     hold no image at all.
     """
-    labels = read_labels_csv(Path(labels_csv), "file", "age") if labels_csv else None
+    labels = read_labels_csv(Path(labels_csv), ["file"], ["age"]) if labels_csv else None
     for item in inputs:
         if not (Path(item).is_dir() or Path(item).is_file()):
             raise UserError(f"input {item} does not exist")

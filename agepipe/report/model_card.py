@@ -2,9 +2,10 @@
 
 The page shows the headline figures beside the majority baseline on the same test images, the
 confusion matrix, the recall of each age group, a reliability diagram (is a stated 70% right 70% of
-the time?), the learning curves with their held-out line, and the fairness table: the figures per
-gender and race when the test rows carry them, adjusted to one common age mix
-(estimates.fairness). train_model.py calls `write_report_card` with the metrics it saves; the page
+the time?), the learning curves with their held-out line, the fairness table (the figures per
+gender and race when the test rows carry them, adjusted to one common age mix: estimates.fairness),
+the funnel from the files found to the faces trained on (funnel.py), and a warning above all of them
+where a figure rests on few test faces. train_model.py calls `write_report_card` with the metrics it saves; the page
 is rendered from `templates/model_card.html` by Jinja2.
 """
 
@@ -97,10 +98,32 @@ def plot_reliability(table: list[dict], bins: int, calibration_error: float, fol
     return "reliability.png"
 
 
+def few_faces_warnings(test: dict, labels: list[str], min_images: int) -> list[str]:
+    """What the card's figures rest on too few test faces for (fewer than `min_images`)."""
+    warnings = []
+    if test["images"] < min_images:
+        warnings.append(
+            f"Every figure below rests on {test['images']} test faces, fewer than {min_images}: "
+            "read them as rough, and the calibration error as noise."
+        )
+    counts = dict(zip(labels, np.asarray(test["confusion_matrix"]).sum(axis=1).tolist()))
+    few = [f"{label} ({count})" for label, count in counts.items() if 0 < count < min_images]
+    if few:
+        warnings.append(
+            f"The recall of {', '.join(few)} rests on fewer than {min_images} test faces each: greyed, not to be "
+            "ranked."
+        )
+    missing = [label for label, count in counts.items() if count == 0]
+    if missing:
+        warnings.append(f"No test faces at all in {', '.join(missing)}: their recall is not measured.")
+    return warnings
+
+
 def write_report_card(
-    folder: OutputFolder, report: dict, history: pd.DataFrame, headline: tuple[str, ...], bins: int
+    folder: OutputFolder, report: dict, history: pd.DataFrame, headline: tuple[str, ...], bins: int, min_images: int
 ) -> str:
-    """Draw the plots and write report.html from the metrics `report` train_model.py saves; return its name."""
+    """Draw the plots and write report.html from the metrics `report` train_model.py saves; return its name.
+    Figures resting on fewer than `min_images` test faces are greyed and warned of."""
     test = report["test"]
     labels = report["age_groups"]
     plots = {
@@ -119,6 +142,15 @@ def write_report_card(
         }
         for name in headline
     ]
-    page = render("model_card.html", report=report, test=test, headline=rows, plots=plots, labels=labels)
+    page = render(
+        "model_card.html",
+        report=report,
+        test=test,
+        headline=rows,
+        plots=plots,
+        labels=labels,
+        warnings=few_faces_warnings(test, labels, min_images),
+        min_images=min_images,
+    )
     folder.write_text("report.html", page)
     return "report.html"
