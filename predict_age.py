@@ -1,11 +1,14 @@
 """Prediction: find the faces in any photo, folder or table of images, and give each an answer that never
 contradicts itself. One CSV row per image file (its largest face), or one per face (`row_per_face`):
 
-    file, faces_found, face_x, face_y, face_width, face_height   where the face is, in image pixels
-    age_group, age_group_confidence     the likeliest age group and its (calibrated) probability
-    age, age_low, age_high              an age inside age_group, and an interval holding `interval` of the probability
+    file, faces_found                   the image (as given) and how many faces were found in it
+    face_x, face_y, face_width, face_height    its face's box: top-left corner and size, in image pixels
+    age                                 the true age, when the input tells it (a table's age column, labels_csv,
+                                        UTKFace names): `age` is a label in every CSV of the pipeline
+    predicted_age_group, predicted_age_group_confidence    the likeliest age group and its (calibrated) probability
+    predicted_age                       an age inside predicted_age_group
+    predicted_age_p10, predicted_age_p90    the interval holding `interval` (0.8) of the probability: its percentiles
     p_<group>                           each group's probability
-    true_age                            when the input tells it (a table's age column, labels_csv, UTKFace names)
     reason                              why a row has no answer (no face found, unreadable...): never a guess
 
 When true ages are known, the same metrics as train_model.py are printed, so any labelled folder or
@@ -31,7 +34,15 @@ from agepipe.config.loading import load_config
 from agepipe.config.model_stages import PredictConfig
 from agepipe.data.datasets import iter_labelled_images
 from agepipe.model.backbones import BOX_COLUMNS, saved_backbone
-from agepipe.model.estimates import Answers, answers, correct_prior, evaluate_answers, population_shares, tempered
+from agepipe.model.estimates import (
+    Answers,
+    answer_columns,
+    answers,
+    correct_prior,
+    evaluate_answers,
+    population_shares,
+    tempered,
+)
 from agepipe.model.saved_models import ModelMetadata, read_model_metadata
 from agepipe.running.output_guard import OutputGuard
 from agepipe.running.parallel import Engine
@@ -99,12 +110,12 @@ def write_predictions(
                 model = backbone.load(config.model_path, metadata)
             table, answer = predicted(rows, backbone, metadata, config, model, prior)
             table.to_csv(out, header=tally.rows == 0, index=False)
-            answered = table["age"].notna().to_numpy()
-            labelled = answered & table["true_age"].notna().to_numpy()
+            answered = table["predicted_age"].notna().to_numpy()
+            labelled = answered & table["age"].notna().to_numpy()
             tally.rows, tally.answered = tally.rows + len(table), tally.answered + int(answered.sum())
             if labelled.any():
                 tally.scored.append(answer.compact(labelled))
-                tally.true_ages.append(table.loc[labelled, "true_age"].to_numpy(np.float32))
+                tally.true_ages.append(table.loc[labelled, "age"].to_numpy(np.float32))
     record_written(output_csv)
     return tally
 
@@ -132,16 +143,10 @@ def predicted(
     )
     table = rows[["file", "faces_found", *BOX_COLUMNS]].assign(
         faces_found=rows["faces_found"].astype("Int64"),
-        age_group=np.where(finite, [groups.labels[g] for g in answer.group], None),
-        age_group_confidence=np.where(finite, np.round(answer.confidence, 4), np.nan),
-        age=np.where(finite, answer.age, np.nan),
-        age_low=np.where(finite, answer.low, np.nan),
-        age_high=np.where(finite, answer.high, np.nan),
+        age=rows["age"].astype("Int64") if "age" in rows else pd.array([pd.NA] * len(rows), "Int64"),
+        **answer_columns(answer, groups, metadata.interval, finite),
+        reason=reasons,
     )
-    for index, label in enumerate(groups.labels):
-        table[f"p_{label}"] = np.where(finite, np.round(answer.group_probabilities[:, index], 4), np.nan)
-    table["true_age"] = rows["age"].astype("Int64") if "age" in rows else pd.array([pd.NA] * len(rows), "Int64")
-    table["reason"] = reasons
     return table, answer
 
 

@@ -438,9 +438,7 @@ def main(args) -> None:
             # a finished run leaves nothing to resume: a re-run processes again, as the files are now
             parts.keep_only(set())
             if removed:
-                log.info(
-                    "removed %d files agepipe wrote in %s in earlier runs with other settings", removed, folder.path
-                )
+                log.info("removed %d files agepipe wrote in %s in runs with other settings", removed, folder.path)
 
     elapsed = time.perf_counter() - start
     print(

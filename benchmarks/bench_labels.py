@@ -216,7 +216,7 @@ def training_figures(
                         "test faces": subset,
                         "fold": fold,
                         "faces": len(rows),
-                        "accuracy": float((rows["age_group"] == rows["age"].map(groups.label_of)).mean()),
+                        "accuracy": float((rows["predicted_age_group"] == rows["age"].map(groups.label_of)).mean()),
                         "mae_years": float((rows["predicted_age"] - rows["age"]).abs().mean()),
                     }
                 )

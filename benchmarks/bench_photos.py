@@ -155,10 +155,9 @@ def main() -> None:
             seconds = time.perf_counter() - start
             rows = pd.read_csv(work / "csv" / f"{kind}.csv", keep_default_na=False, na_values=[""])
             rows["name"] = rows["file"].map(lambda p: Path(p).name)
-            answered = rows["age"].notna()
-            outside[kind] = int(
-                sum(groups.label_of(a) != g for a, g in zip(rows.loc[answered, "age"], rows.loc[answered, "age_group"]))
-            )
+            answered = rows["predicted_age"].notna()
+            predicted = rows.loc[answered, ["predicted_age", "predicted_age_group"]]
+            outside[kind] = int(sum(groups.label_of(a) != g for a, g in predicted.itertuples(index=False)))
             if kind == "scenes":
                 table.append(
                     {
@@ -169,7 +168,7 @@ def main() -> None:
                     }
                 )
                 continue
-            ages = dict(zip(rows["name"], rows["age"]))
+            ages = dict(zip(rows["name"], rows["predicted_age"]))
             table.append(
                 {
                     "tool": "agepipe",

@@ -102,7 +102,7 @@ def time_profile(profile: str, work: Path, test_dir: Path) -> float:
 
 def profile_row(profile: str, work: Path, seconds: list[float], true_ages: dict, groups: AgeGroups) -> dict:
     rows = pd.read_csv(work / f"predictions_{profile}.csv")
-    ages = [None if pd.isna(a) else float(a) for a in rows["age"]]
+    ages = [None if pd.isna(a) else float(a) for a in rows["predicted_age"]]
     return {
         "tool": f"agepipe, {' '.join(PROFILES[profile])}",
         "images_per_s": len(rows) / statistics.median(seconds),

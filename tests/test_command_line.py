@@ -177,7 +177,7 @@ def test_your_own_folder_and_labels_csv_end_to_end_with_one_flag(sample, manifes
     run("train_model.py", workspace, f"input_csv={tmp_path}/run/csv/checked_metadata.csv", "training.epochs=3")
     result = run("predict_age.py", workspace)
     predictions = read_csv(tmp_path / "run" / "csv" / "predictions.csv")
-    assert len(predictions) >= 5 and predictions["true_age"].notna().all() and "true ages known for" in result.stdout
+    assert len(predictions) >= 5 and predictions["age"].notna().all() and "true ages known for" in result.stdout
     assert (tmp_path / "run" / "reports" / "quality" / "index.html").exists() and (
         tmp_path / "run" / "csv" / "checked_metadata.csv"
     ).exists()

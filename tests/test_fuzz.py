@@ -109,7 +109,10 @@ def test_the_whole_pipeline_survives_hostile_files(sample, tmp_path):
         ),
     )
     predictions = read_csv(out / "pred.csv")
-    assert len(predictions) == FUZZ_FILES and (predictions["age_group"].notna() | predictions["reason"].notna()).all()
+    assert (
+        len(predictions) == FUZZ_FILES
+        and (predictions["predicted_age_group"].notna() | predictions["reason"].notna()).all()
+    )
 
     assert state(fuzz) == before_fuzz and state(sample) == before_sample
     assert (

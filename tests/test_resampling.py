@@ -161,12 +161,8 @@ def test_both_notebooks_run_in_a_real_kernel_as_opened_in_jupyter_in_the_workspa
     workspace = tmp_path / "workspace"
     (workspace / "csv").mkdir(parents=True)
     shutil.copy(processed / "processed.csv", workspace / "csv" / "checked_metadata.csv")
-    status = lambda: (
-        subprocess.run(  # noqa: E731
-            ["git", "status", "--porcelain", "--ignored"], cwd=PROJECT, capture_output=True, text=True
-        ).stdout
-    )
-    before = status()
+    git_status = ["git", "status", "--porcelain", "--ignored"]
+    before = subprocess.run(git_status, cwd=PROJECT, capture_output=True, text=True).stdout
     environment = {**os.environ, "AGEPIPE_WORKSPACE": str(workspace), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
     for notebook in ("australian_population.ipynb", "resampling.ipynb"):
         result = subprocess.run(
@@ -177,7 +173,7 @@ def test_both_notebooks_run_in_a_real_kernel_as_opened_in_jupyter_in_the_workspa
     resampled = read_csv(workspace / "csv" / "resampled_metadata.csv")
     assert target["share"].sum() == pytest.approx(1.0) and len(resampled) > 0
     assert all((workspace / "resampled_dataset" / f).is_file() for f in resampled["file"])
-    assert status() == before
+    assert subprocess.run(git_status, cwd=PROJECT, capture_output=True, text=True).stdout == before
 
 
 def test_resampled_distribution_matches_the_target(resampled, processed):

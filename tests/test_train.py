@@ -188,15 +188,17 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     ok = rows[rows["reason"].isna()]
     probabilities = ok[[c for c in ok.columns if c.startswith("p_")]].to_numpy()
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-3)
-    assert ok["age"].between(0, 100).all() and "true ages known for 20 answered rows" in result.stdout
+    assert ok["predicted_age"].between(0, 100).all() and "true ages known for 20 answered rows" in result.stdout
+    assert (ok["age"] == [int(f.split("_")[0]) for f in ok["file"].map(lambda f: f.rsplit("/", 1)[-1])]).all()
     # one answer that never contradicts itself: the age lies in the group, the group is the likeliest
     groups = AgeGroups((0, 10, 20, 30, 40, 50, 60, 70))
-    assert all(groups.label_of(age) == group for age, group in zip(ok["age"], ok["age_group"]))
-    assert (ok["age_low"] <= ok["age_high"]).all()
-    reported = [row[f"p_{group}"] for group, (_, row) in zip(ok["age_group"], ok.iterrows())]
-    assert np.allclose(
-        ok["age_group_confidence"], reported, atol=1e-4
-    )  # the confidence is the reported group's probability
+    assert all(groups.label_of(age) == group for age, group in zip(ok["predicted_age"], ok["predicted_age_group"]))
+    assert (ok["predicted_age_p10"] <= ok["predicted_age"]).all() and (
+        ok["predicted_age"] <= ok["predicted_age_p90"]
+    ).all()
+    reported = [row[f"p_{group}"] for group, (_, row) in zip(ok["predicted_age_group"], ok.iterrows())]
+    # the confidence is the reported group's probability
+    assert np.allclose(ok["predicted_age_group_confidence"], reported, atol=1e-4)
 
     # a prior that makes 70+ a hundred times likelier than the training mix raises every p_70+
     groups = ["0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
@@ -228,7 +230,7 @@ def test_a_greyscale_copy_of_a_face_gets_an_age_within_a_few_years_of_its_colour
         f"output_csv={tmp_path}/p.csv",
     )
     rows = read_csv(tmp_path / "p.csv").assign(name=lambda t: t["file"].map(lambda f: f.rsplit("/", 1)[-1]))
-    age = rows.set_index("name")["age"]
+    age = rows.set_index("name")["predicted_age"]
     pairs = [(age[f"colour_{n}"], age[f"grey_{n}"]) for n in (f.name for f in sorted(sample.glob("*.chip.jpg"))[:24])]
     gaps = np.abs(np.subtract(*np.array(pairs, float).T))
     assert not np.isnan(gaps).any() and np.median(gaps) <= 3 and (gaps <= 8).mean() >= 0.9, gaps
@@ -273,7 +275,7 @@ def test_the_pixel_cnn_still_trains_and_predicts(resampled, descriptor_cache, tm
         f"inputs=[{folder}/images]",
         f"output_csv={tmp_path}/p.csv",
     )
-    assert read_csv(tmp_path / "p.csv")["age_group"].notna().all()
+    assert read_csv(tmp_path / "p.csv")["predicted_age_group"].notna().all()
 
 
 def test_mirrored_strategy_on_two_logical_cpus(resampled, descriptor_cache, tmp_path):
@@ -455,12 +457,12 @@ def test_predictions_on_ordinary_photos_find_the_face_or_say_why_not(
         row = rows.loc[name]
         x, y, side, _ = (v * scale for v in planted.box)
         assert row["faces_found"] >= 1 and x <= row["face_x"] + row["face_width"] / 2 <= x + side, name
-        assert groups.label_of(row["age"]) == row["age_group"] and pd.isna(row["reason"]), name
-    assert rows.loc["panorama.jpg", "faces_found"] >= 1 and pd.notna(rows.loc["panorama.jpg", "age"])
+        assert groups.label_of(row["predicted_age"]) == row["predicted_age_group"] and pd.isna(row["reason"]), name
+    assert rows.loc["panorama.jpg", "faces_found"] >= 1 and pd.notna(rows.loc["panorama.jpg", "predicted_age"])
     for name in ("scene0.jpg", "scene1.jpg", "scene2.jpg", "tiny.jpg"):
         assert (
-            pd.isna(rows.loc[name, "age"])
-            and pd.isna(rows.loc[name, "age_group"])
+            pd.isna(rows.loc[name, "predicted_age"])
+            and pd.isna(rows.loc[name, "predicted_age_group"])
             and isinstance(rows.loc[name, "reason"], str)
         ), name
     assert rows.loc["scene0.jpg", "reason"] == "no face found"

@@ -142,7 +142,7 @@ class Evaluation(Section):
     calibration_folds: Bounded(int, 0, 20)
     """Calibrate on this many clusters of look-alike faces, each answered by a network trained on the rest (0: none)."""
     min_test_images: Bounded(int, 1)
-    """A figure resting on fewer test faces (the whole test set, an age group's recall) is shown greyed, with a warning."""
+    """A figure resting on fewer test faces (the whole test set, an age group's recall) is greyed and warned of."""
 
 
 class Fairness(Section):

@@ -184,6 +184,36 @@ class Answers:
         return Answers(*(np.concatenate([getattr(part, field.name) for part in parts]) for field in fields(Answers)))
 
 
+def interval_columns(interval: float) -> tuple[str, str]:
+    """The names of an answer's interval bounds, by the percentiles they are: 0.8 gives p10 and p90.
+
+    Examples
+    --------
+    >>> interval_columns(0.8)
+    ('predicted_age_p10', 'predicted_age_p90')
+    """
+    low = 100 * (1 - interval) / 2
+    return f"predicted_age_p{low:g}", f"predicted_age_p{100 - low:g}"
+
+
+def answer_columns(answer: Answers, groups: AgeGroups, interval: float, shown: np.ndarray | None = None) -> dict:
+    """The columns of a prediction CSV (prediction's and the test split's alike), named as the CSV
+    vocabulary says (agepipe/data/vocabulary.py): what is predicted says so (`predicted_...`), `age`
+    is always a label; rows `shown` marks False (no finite answer) are empty."""
+    shown = np.ones(len(answer.group), bool) if shown is None else shown
+    low, high = interval_columns(interval)
+    columns = {
+        "predicted_age_group": np.where(shown, [groups.labels[g] for g in answer.group], None),
+        "predicted_age_group_confidence": np.where(shown, np.round(answer.confidence, 4), np.nan),
+        "predicted_age": np.where(shown, answer.age, np.nan),
+        low: np.where(shown, answer.low, np.nan),
+        high: np.where(shown, answer.high, np.nan),
+    }
+    for index, label in enumerate(groups.labels):
+        columns[f"p_{label}"] = np.where(shown, np.round(answer.group_probabilities[:, index], 4), np.nan)
+    return columns
+
+
 def answers(
     year_probabilities: np.ndarray, groups: AgeGroups, max_age: int, rule: str = "group_first", interval: float = 0.8
 ) -> Answers:
