@@ -35,6 +35,7 @@ import pandas as pd
 
 from agepipe.config.loading import load_config
 from agepipe.config.model_stages import LabelCheckConfig, TrainConfig
+from agepipe.config.schema import AgeRange
 from agepipe.data.age_groups import AgeGroups, age_groups_from
 from agepipe.data.datasets import read_metadata_csv, unusable_ages
 from agepipe.data.vocabulary import TRAINABLE_STATUSES
@@ -82,12 +83,12 @@ def label_quality(
     return get_label_quality_scores(labels, group_probabilities / group_probabilities.sum(axis=1, keepdims=True))
 
 
-def checked_rows(frame: pd.DataFrame, groups: AgeGroups) -> pd.Series:
+def checked_rows(frame: pd.DataFrame, age_range: AgeRange) -> pd.Series:
     """Why each row is not checked (None where it is): only usable, labelled images are."""
     reasons = pd.Series([None] * len(frame), index=frame.index, dtype=object)
     if "status" in frame.columns:
         reasons[~frame["status"].isin(TRAINABLE_STATUSES)] = "not checked: " + frame["status"].astype(str)
-    unlabelled = unusable_ages(frame["age"]) | frame["path"].isna()
+    unlabelled = unusable_ages(frame["age"], age_range) | frame["path"].isna()
     reasons[reasons.isna() & unlabelled] = "not checked: no usable age label"
     return reasons
 
@@ -95,7 +96,7 @@ def checked_rows(frame: pd.DataFrame, groups: AgeGroups) -> pd.Series:
 def check(config: LabelCheckConfig, train: TrainConfig, frame: pd.DataFrame, cache, scratch: str) -> pd.DataFrame:
     """The output table: `frame` with predicted_age, label_quality, suspected_label_error and label_check."""
     groups = age_groups_from(train)
-    reasons = checked_rows(frame, groups)
+    reasons = checked_rows(frame, config.age_range)
     candidates = frame[reasons.isna()].assign(
         age=lambda t: pd.to_numeric(t["age"]).astype(int), source=lambda t: t["file"]
     )

@@ -49,6 +49,7 @@ from agepipe.quality.image_metrics import (
 from agepipe.running.console import progress_bar
 from agepipe.running.parallel import Engine
 from agepipe.running.resume import PartStore, fill_parts, json_line, json_table
+from agepipe.running.writes import read_run_record
 
 log = logging.getLogger("agepipe.reader")
 
@@ -316,8 +317,7 @@ def exploration_settings(exploration_csv: str | os.PathLike, overrides: Iterable
     and the log says so."""
     record = Path(f"{exploration_csv}.run.json")
     try:
-        with open(record, encoding="utf-8") as f:
-            recorded = json.loads(f.read(MAX_RECORD_CHARACTERS))["config"]
+        recorded = read_run_record(record)["config"]
         base = validated_exploration(validate_section(ExploreConfig, recorded))
     except FileNotFoundError:
         log.warning(
@@ -346,5 +346,4 @@ def exploration_settings(exploration_csv: str | os.PathLike, overrides: Iterable
     return base
 
 
-MAX_RECORD_CHARACTERS = 10_000_000
 EXPLORE_CONFIG = CONFIG_DIR / "explore_images.yaml"  # for an exploration CSV without its run record (copied, edited)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 from pathlib import Path
 
 import cv2
@@ -245,11 +246,7 @@ def before_after_grid(frame: pd.DataFrame, operation: str, pairs: int, columns: 
     cells = []
     for _, row in repaired.iterrows():
         cells.append(
-            (
-                row["source_path"],
-                [_short(row["file"]), "before: " + row["failed_checks_before"].replace(";", ", ")],
-                None,
-            )
+            (row["source_path"], [row["file"], "before: " + row["failed_checks_before"].replace(";", ", ")], None)
         )
         operations = [step.split("(")[0].strip() for step in row["operations"].split(";")]
         cells.append((row["path"], ["after"] + operations, None))
@@ -302,9 +299,9 @@ def plot_suspected_labels_by_age_group(frame: pd.DataFrame, groups: AgeGroups, s
     return figure
 
 
-def _short(text: str, length: int = 20) -> str:
-    text = str(text)
-    return text if len(text) <= length else text[: length - 1] + "…"
+def _wrapped(caption: list[str], width: int = 22) -> str:
+    """A thumbnail's caption in full, wrapped to lines of `width` characters (file names break anywhere)."""
+    return "\n".join(line for text in caption for line in textwrap.wrap(str(text), width) or [""])
 
 
 def _grid(cells: list[tuple[str, list[str], dict | None]], title: str, columns: int, thumb: int, dpi: int):
@@ -327,7 +324,8 @@ def _grid(cells: list[tuple[str, list[str], dict | None]], title: str, columns: 
             axes.scatter(face["points"][:, 0] * sx, face["points"][:, 1] * sy, s=4, color=FLAG_COLOUR, zorder=3)
             axes.set(xlim=(0, thumb), ylim=(thumb, 0))  # a box beyond a tight crop must not rescale the thumbnail
         axes.set_axis_off()
-        axes.set_title("\n".join(_short(c) for c in caption), fontsize=6.5, fontweight="normal")
+        # plain text: a file named like mathtext ($\\nope$.jpg) is a name, not TeX
+        axes.set_title(_wrapped(caption), fontsize=6.5, fontweight="normal", parse_math=False)
     return figure
 
 

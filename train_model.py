@@ -32,10 +32,11 @@ import pandas as pd
 
 from agepipe.config.loading import load_config
 from agepipe.config.model_stages import TrainConfig
+from agepipe.config.schema import AgeRange
 from agepipe.data.age_groups import AgeGroups, age_groups_from
 from agepipe.data.datasets import labelled_images, read_metadata_csv, unusable_ages, without_suspected_labels
 from agepipe.data.vocabulary import TRAINABLE_STATUSES
-from agepipe.errors import UserError
+from agepipe.errors import UserError, shown
 from agepipe.model.backbones import backbone_for
 from agepipe.model.estimates import (
     CALIBRATION_BINS,
@@ -66,12 +67,13 @@ log = logging.getLogger("agepipe.train")
 # --------------------------------------------------------------------------------------------------
 # 1. Data and split
 # --------------------------------------------------------------------------------------------------
-def read_training_csv(path: str, groups: AgeGroups, exclude_suspected: bool = True) -> tuple[pd.DataFrame, int]:
+def read_training_csv(
+    path: str, groups: AgeGroups, age_range: AgeRange, exclude_suspected: bool = True
+) -> tuple[pd.DataFrame, int]:
     """Usable, labelled rows of any stage's CSV, with `source` (the original image) and `copy`, and how
     many rows were left out because the label check suspects them (when `exclude_suspected`). Ages must be
-    whole, non-negative years:
-    anything else is a labelling error, refused in one line. (Ages above max_age are fine: the model's
-    last year stands for max_age and over.)"""
+    whole years within `age_range`: anything else is a labelling error, refused in one line. (Ages above
+    max_age are fine: the model's last year stands for max_age and over.)"""
     hint = (
         "run the earlier stages first (the resampled set: python run_notebook.py resampling.ipynb), or train on "
         "the checked set: --set input_csv=csv/checked_metadata.csv"
@@ -81,12 +83,12 @@ def read_training_csv(path: str, groups: AgeGroups, exclude_suspected: bool = Tr
         frame = frame[frame["status"].isin(TRAINABLE_STATUSES)]
     frame, suspected = without_suspected_labels(frame, exclude_suspected)
     frame = frame[frame["age"].notna() & frame["path"].notna()].copy()
-    bad = unusable_ages(frame["age"])
+    bad = unusable_ages(frame["age"], age_range)
     if bad.any():
         first = frame[bad].iloc[0]
         raise UserError(
-            f"input CSV {path}: {int(bad.sum())} rows have an age that is not a whole number of years "
-            f"(first: {first['file']!r} with age {first['age']!r})"
+            f"input CSV {path}: {int(bad.sum())} rows have an age that is not a whole number of years within "
+            f"age_range {age_range.min}-{age_range.max} (first: {first['file']!r} with age {shown(first['age'])})"
         )
     if "source" not in frame.columns:
         frame["source"] = frame["file"]
@@ -438,7 +440,7 @@ def main(args) -> None:
     config = load_config(TrainConfig, args.config, args.overrides)
     setup_logging(config.log_level)
     groups = age_groups_from(config)
-    frame, suspected = read_training_csv(config.input_csv, groups, config.exclude_suspected_labels)
+    frame, suspected = read_training_csv(config.input_csv, groups, config.age_range, config.exclude_suspected_labels)
     backbone = backbone_for(config)
     inputs = [
         config.input_csv,

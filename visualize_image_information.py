@@ -24,7 +24,7 @@ from agepipe.config.data_stages import ExploreConfig, VisualizeConfig
 from agepipe.config.loading import load_config
 from agepipe.data.age_groups import age_groups_from
 from agepipe.data.datasets import MissingColumn, read_metadata_csv
-from agepipe.data.vocabulary import flag_column
+from agepipe.data.vocabulary import ProcessStatus, flag_column
 from agepipe.errors import UserError
 from agepipe.report.figures import save_figure
 from agepipe.report.pages import render
@@ -145,8 +145,9 @@ def image_figures(
         )
     if processed is not None:
         pairs = config.before_after
-        for operation in repair_order():
-            if processed["operations"].fillna("").str.contains(operation + "(", regex=False).any():
+        repaired = processed[processed["status"] == ProcessStatus.REPAIRED]
+        for operation in repair_order():  # a panel per operation that repaired an image: none is drawn empty
+            if repaired["operations"].fillna("").str.contains(operation + "(", regex=False).any():
                 yield (
                     f"before_after_{operation}",
                     f"Images repaired with {operation}: original left, result right.",
@@ -154,7 +155,7 @@ def image_figures(
                         processed, operation, pairs.pairs, pairs.columns, grids.thumbnail_pixels, fig.dpi
                     ),
                 )
-    if checked is not None:
+    if checked is not None and checked["label_quality"].notna().any():  # some faces were checked
         yield (
             "suspected_labels",
             "Faces whose age label the label check suspects, least likely first, with given and predicted age.",

@@ -55,14 +55,17 @@ def claimed_tmp_path(tmp_path):
     return tmp_path
 
 
-def run(script: str, *overrides: str, config: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a top-level script with --set overrides; fail the test with its output if it fails."""
+def run(
+    script: str, *overrides: str, config: str | None = None, check: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    """Run a top-level script with --set overrides; fail the test with its output if it fails (or, with
+    a `timeout`, if it hangs)."""
     command = [sys.executable, str(PROJECT / script)]
     if config:
         command += ["--config", config]
     for override in overrides:
         command += ["--set", override]
-    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"{script} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result

@@ -98,10 +98,10 @@ def test_training_leaves_the_suspects_out_and_says_how_many(planted, descriptor_
         "training.epochs=2",
     ]
     result = run("train_model.py", *common, f"output_dir={tmp_path}/without")
-    assert f"({suspected} suspected label errors left out)" in result.stdout
+    assert f"; {suspected} suspected label errors left out)" in result.stdout
     split = read_csv(tmp_path / "without" / "split.csv")
     result = run("train_model.py", *common, f"output_dir={tmp_path}/all", "exclude_suspected_labels=false")
-    assert "(0 suspected label errors left out)" in result.stdout
+    assert "; 0 suspected label errors left out)" in result.stdout
     assert len(read_csv(tmp_path / "all" / "split.csv")) == len(split) + suspected
 
 

@@ -14,7 +14,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Iterable, TypeVar, get_args
+from typing import Any, Container, Iterable, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -183,13 +183,16 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def apply_override(config: dict, assignment: str) -> str:
-    """Apply one `dotted.key=value` override in place (the value is parsed as YAML); return the key."""
+def apply_override(config: dict, assignment: str, paths: Container[str] = ()) -> str:
+    """Apply one `dotted.key=value` override in place and return the key. The value is parsed as YAML,
+    but for a key among `paths` (a file or folder setting), whose value is taken as typed unless it
+    is `null` or a [list]: `#`, `~` and line breaks are parts of file names, not YAML."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {shown(assignment)}: expected dotted.key=value")
     try:
-        value = _bounded_yaml(raw, f"--set {shown(key)}")
+        verbatim = key in paths and raw != "null" and not raw.lstrip().startswith("[")
+        value = raw if verbatim else _bounded_yaml(raw, f"--set {shown(key)}")
     except yaml.YAMLError:
         raise ConfigError(f"--set {shown(key)}: value {shown(raw)} is not valid YAML") from None
     node = config
@@ -281,8 +284,9 @@ def load_config(model: type[ModelT], path: str | os.PathLike, overrides: Iterabl
     (resolve_paths) and validate the result as a `model` (data_stages.py, model_stages.py); any problem is one
     ConfigError line starting with what set the key: the file's path, or `--set`."""
     config = read_settings(path)
-    typed = {apply_override(config, assignment) for assignment in overrides}
-    resolve_paths(config, path_fields(model), typed)
+    kinds = path_fields(model)
+    typed = {apply_override(config, assignment, kinds) for assignment in overrides}
+    resolve_paths(config, kinds, typed)
     try:
         return validate_section(model, config)
     except ConfigError as exc:

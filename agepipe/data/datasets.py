@@ -22,7 +22,7 @@ from agepipe.config.data_stages import Labels
 from agepipe.config.schema import AgeRange
 from agepipe.data.age_groups import AgeGroups
 from agepipe.data.image_files import CONTROL_CHARACTERS, IMAGE_EXTENSIONS
-from agepipe.errors import UserError, shown
+from agepipe.errors import UserError
 
 log = logging.getLogger("agepipe.dataset")
 
@@ -146,6 +146,9 @@ def read_labels_csv(path: Path, file_columns: list[str], age_columns: list[str])
     return table
 
 
+HEADER_NAME = re.compile(r"^[A-Za-z_][\w .-]{0,39}$")
+
+
 def labels_column(labels: pd.DataFrame, path: Path, names: list[str], key: str) -> str:
     """The labels CSV's first column among `names`, in any case; else a UserError listing the columns
     found and the config key (`key`) that names the right one."""
@@ -153,7 +156,9 @@ def labels_column(labels: pd.DataFrame, path: Path, names: list[str], key: str) 
     for name in names:
         if name.lower() in by_name:
             return by_name[name.lower()]
-    found = shown(", ".join(str(column) for column in labels.columns))
+    # a header names columns; anything else is the file's first line, never quoted
+    plain = all(HEADER_NAME.match(str(column)) for column in labels.columns)
+    found = ", ".join(map(str, labels.columns)) if plain else f"{len(labels.columns)} columns, no header line"
     raise UserError(
         f"labels CSV {path} has none of the columns {', '.join(names)} (it has {found}): "
         f"name yours with --set {key}=COLUMN"
@@ -383,16 +388,18 @@ def _table_rows(path: Path) -> Iterator[dict]:
 TABLE_COLUMNS = {"path", "file", "age", "gender", "race"}
 
 
-def unusable_ages(ages: pd.Series) -> pd.Series:
-    """True where an age label cannot be used: missing, not a whole number of years, or negative.
+def unusable_ages(ages: pd.Series, age_range: AgeRange) -> pd.Series:
+    """True where an age label cannot be used: missing, not a whole number of years, or outside the
+    plausible `age_range` (1e30 is a typo, not an age).
 
     Examples
     --------
-    >>> unusable_ages(pd.Series([25, 25.5, -1, None, "x"])).tolist()
-    [False, True, True, True, True]
+    >>> ages = pd.Series([25, 25.5, -1, None, "x", 250, 1e30])
+    >>> unusable_ages(ages, AgeRange(min=0, max=120)).tolist()
+    [False, True, True, True, True, True, True]
     """
     ages = pd.to_numeric(ages, errors="coerce")
-    return ages.isna() | (ages % 1 != 0) | (ages < 0)
+    return ages.isna() | (ages % 1 != 0) | (ages < age_range.min) | (ages > age_range.max)
 
 
 def suspected_labels_mask(frame: pd.DataFrame) -> pd.Series:

@@ -18,7 +18,7 @@ import stat
 import cv2
 import numpy as np
 import simplejpeg
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}  # what counts as an image file, any case
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
@@ -67,17 +67,20 @@ def read_image(
     that a decompression bomb or an extreme aspect ratio (30000x1 pixels would be scaled to 6 million
     pixels a side for analysis) is refused before any pixel memory is allocated. Decoding itself uses
     OpenCV (libjpeg-turbo), the fastest decoder here. Grayscale, alpha, palette, 16-bit and CMYK images
-    are all converted to 8-bit BGR; the original mode, channel count and bit depth are reported.
+    are all converted to 8-bit BGR; the original mode, channel count and bit depth are reported. An
+    image with transparency is judged as a viewer shows it, over white: what its alpha hides is not seen.
     """
     check_name(path)
     data = file_bytes(path, max_file_bytes)
     info = {"file_size": len(data), "content_hash": content_digest(data)}
     if not data:
         raise UnreadableImage("empty file (0 bytes)", info)
-    orientation = read_header(data, info)
+    orientation, transparent = read_header(data, info)
     check_dimensions(info, max_pixels, max_aspect_ratio)
     if info["format"] == "JPEG":
         bgr = decode_jpeg(data, orientation, info)
+    elif transparent:
+        bgr = composited_on_white(data)
     else:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # applies an EXIF orientation itself
     if bgr is None or bgr.size == 0:
@@ -117,15 +120,16 @@ def file_bytes(path: str, max_file_bytes: int) -> bytes:
     return data
 
 
-def read_header(data: bytes, info: dict) -> int:
+def read_header(data: bytes, info: dict) -> tuple[int, bool]:
     """Fill `info` with what the header says (format, mode, size as shown, channels, bit depth), decoding
-    no pixel; return the EXIF orientation (1: as stored)."""
+    no pixel; return the EXIF orientation (1: as stored) and whether the image has transparency."""
     try:
         with pillow_size_check_off(), Image.open(io.BytesIO(data)) as header:
             mode = header.mode
             info.update(format=header.format, color_mode=mode, width=header.size[0], height=header.size[1])
             info["channels"] = len(header.getbands())
             orientation = header.getexif().get(EXIF_ORIENTATION, 1) if header.format == "JPEG" else 1
+            transparent = header.has_transparency_data
     except UnidentifiedImageError:
         raise UnreadableImage("not an image: content is not a known image format", info) from None
     except Exception as exc:  # Pillow raises many types on corrupt headers; their text may quote the file's bytes
@@ -134,7 +138,16 @@ def read_header(data: bytes, info: dict) -> int:
     if orientation in TRANSPOSED:  # the size as the image is shown: turned a quarter by its EXIF orientation
         info["width"], info["height"] = info["height"], info["width"]
     info["min_side"] = min(info["width"], info["height"])
-    return orientation
+    return orientation, transparent
+
+
+def composited_on_white(data: bytes) -> np.ndarray:
+    """An image with an alpha channel or a transparent colour, as shown over white, in 8-bit BGR."""
+    with pillow_size_check_off(), Image.open(io.BytesIO(data)) as image:
+        rgba = np.asarray(ImageOps.exif_transpose(image).convert("RGBA"), np.float32)
+    alpha = rgba[..., 3:] / 255
+    shown = rgba[..., :3] * alpha + 255 * (1 - alpha)
+    return np.ascontiguousarray(np.rint(shown[..., ::-1]).astype(np.uint8))
 
 
 def check_dimensions(info: dict, max_pixels: int, max_aspect_ratio: float) -> None:

@@ -5,14 +5,13 @@ does not grow with the dataset."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
 from agepipe.data.vocabulary import TRAINABLE_STATUSES
-from agepipe.running.writes import MAX_RUN_RECORD_BYTES, run_record_path
+from agepipe.running.writes import read_run_record, run_record_path
 
 UPSTREAM_KEYS = ("processed_csv", "exploration_csv", "input_csv")  # what each stage's config calls its input
 ROWS_PER_CHUNK = 50_000
@@ -22,12 +21,13 @@ MAX_STAGES = 8  # more than the pipeline has: a loop of run records ends here
 def upstream_csv(csv: Path) -> Path | None:
     """The CSV the stage that wrote `csv` read, from its run record; None without one."""
     try:
-        with open(run_record_path(csv), "rb") as f:
-            config = json.loads(f.read(MAX_RUN_RECORD_BYTES)).get("config", {})
+        config = read_run_record(run_record_path(csv)).get("config", {})
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(config, dict):
         return None
+    if isinstance(config.get("process"), dict):  # processing records its own config beside the exploration's
+        config = config["process"]
     chosen = f"{config['input']}_csv" if isinstance(config.get("input"), str) else None  # resampling's `input:`
     for key in (chosen, *UPSTREAM_KEYS) if chosen else UPSTREAM_KEYS:
         value = config.get(key)

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -211,11 +212,23 @@ def check_run_record(output: Path) -> None:
 
 def _is_run_record(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(MAX_RUN_RECORD_BYTES))
+        data = read_run_record(path)
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and {"config", "packages"} <= data.keys()
+
+
+def read_run_record(path: str | os.PathLike) -> Any:
+    """The JSON of a run record file: FileNotFoundError when there is none, OSError when it is not a
+    regular file (a FIFO would never answer), ValueError when it is not JSON or over MAX_RUN_RECORD_BYTES."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        text = f.read(MAX_RUN_RECORD_BYTES + 1)
+    if len(text) > MAX_RUN_RECORD_BYTES:
+        raise ValueError(f"{path} is over {MAX_RUN_RECORD_BYTES:,} bytes")
+    return json.loads(text)
 
 
 MAX_RUN_RECORD_BYTES = 10_000_000

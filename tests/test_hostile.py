@@ -1,0 +1,106 @@
+"""Hostile input, third round (issue 35): each case planted, and what a trustworthy tool does asserted:
+one line naming the cause, or the right result."""
+
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from agepipe.config.data_stages import ExploreConfig
+from agepipe.config.loading import CONFIG_DIR, load_config
+from agepipe.data.image_files import read_image
+from conftest import read_csv, run
+
+
+@pytest.fixture
+def explored_copy(explored, tmp_path):
+    """A copy of the session's exploration CSV, whose run record the test may replace."""
+    shutil.copy(explored / "image_metadata.csv", tmp_path / "m.csv")
+    return tmp_path / "m.csv"
+
+
+def test_a_run_record_that_is_a_fifo_is_one_line_not_a_hang(explored_copy, tmp_path):
+    os.mkfifo(f"{explored_copy}.run.json")
+    for script, overrides in (
+        ("process_images.py", [f"output_dir={tmp_path}/p", f"output_csv={tmp_path}/p.csv"]),
+        ("visualize_image_information.py", [f"output_dir={tmp_path}/report"]),
+    ):
+        key = "input_csv" if script == "process_images.py" else "exploration_csv"
+        result = run(script, f"{key}={explored_copy}", *overrides, check=False, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+        assert "is not the run record of an exploration" in lines[0]
+
+
+def test_paths_typed_with_set_are_file_names_not_yaml():
+    def loaded(*overrides):
+        return load_config(ExploreConfig, CONFIG_DIR / "explore_images.yaml", overrides)
+
+    assert loaded("dataset_dir=/data/photos #2").dataset_dir == "/data/photos #2"  # not a YAML comment
+    assert loaded("workspace=~").workspace == os.path.expanduser("~")  # not YAML's null
+    assert loaded("dataset_dir=/data/a\nb").dataset_dir == "/data/a\nb"  # not folded into a space
+    assert loaded("workspace=null").workspace is None and loaded("labels.csv_path=null").labels.csv_path is None
+
+
+def test_what_transparency_hides_is_not_judged(sample, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    face = cv2.imread(str(sorted(sample.glob("*.chip.jpg"))[0]))
+    hidden = np.dstack([face, np.zeros(face.shape[:2], np.uint8)])  # the face under alpha 0
+    cv2.imwrite(str(folder / "hidden.png"), hidden)
+    half = np.dstack([face, np.full(face.shape[:2], 128, np.uint8)])
+    cv2.imwrite(str(folder / "half.png"), half)
+    shown, _ = read_image(str(folder / "hidden.png"), 10**8, 10**8)
+    assert (shown == 255).all()  # as a viewer shows it: white
+    blended, _ = read_image(str(folder / "half.png"), 10**8, 10**8)
+    expected = face.astype(float) * 128 / 255 + 255 * 127 / 255
+    assert np.abs(blended - expected).max() <= 1
+    opaque = folder / "opaque.png"
+    cv2.imwrite(str(opaque), face)
+    assert (read_image(str(opaque), 10**8, 10**8)[0] == face).all()  # no alpha: decoded as it is
+    run(
+        "explore_images.py",
+        f"dataset_dir={folder}",
+        f"output_csv={tmp_path}/out/m.csv",
+        f"summary_csv={tmp_path}/out/s.csv",
+        "labels.source=filename",
+    )
+    rows = read_csv(tmp_path / "out" / "m.csv").set_index("file")
+    assert rows.loc["hidden.png", "faces"] == 0 and rows.loc["opaque.png", "faces"] >= 1
+
+
+@pytest.mark.parametrize("age", ["1e30", "1e19", "250", "-3"])
+def test_an_impossible_age_in_a_training_csv_is_one_line(sample, tmp_path, age):
+    faces = sorted(sample.glob("*.chip.jpg"))[:6]
+    table = pd.DataFrame({"file": [f.name for f in faces], "path": [str(f) for f in faces], "age": ["30"] * 6})
+    table.loc[3, "age"] = age
+    table.to_csv(tmp_path / "t.csv", index=False)
+    result = run("train_model.py", f"input_csv={tmp_path}/t.csv", f"output_dir={tmp_path}/model", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "within age_range 0-120" in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_file_named_like_mathtext_is_a_caption_in_full_not_tex(sample, tmp_path):
+    import io
+
+    import image_visualizer
+
+    names = ["$\\nope$.jpg", "a_very_long_file_name_that_once_lost_its_end_to_an_ellipsis.jpg"]
+    for name, face in zip(names, sorted(sample.glob("*.chip.jpg"))):
+        shutil.copy(face, tmp_path / name)
+    frame = pd.DataFrame(
+        {
+            "file": names,
+            "path": [str(tmp_path / n) for n in names],
+            "flag_blurry": [True, True],
+            "blurriness": [1.0, 2.0],
+        }
+    )
+    figure = image_visualizer.image_grid(frame, "blurry", "blurriness", 2, 1, 96, 72)
+    figure.savefig(io.BytesIO(), format="png")  # drawing is where TeX would fail
+    titles = [axes.get_title() for axes in figure.axes]
+    assert titles[0].startswith("$\\nope$.jpg") and "ellipsis.jpg" in titles[1].replace("\n", "")
