@@ -10,7 +10,12 @@ SHOWN_CHARACTERS = 200
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message names the key path and what was expected."""
+    """A configuration problem; the message names the key path and what was expected (`keys`, when
+    the problem is one key's: its path, section by section)."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = keys
 
 
 class UserError(RuntimeError):

@@ -36,6 +36,19 @@ def train(input_csv, out, cache, *extra, check=True):
     )
 
 
+def predicted_by_name(model_folder, folder, cache, output_csv) -> pd.DataFrame:
+    """predict_age.py's rows for the images of `folder`, indexed by file name."""
+    run(
+        "predict_age.py",
+        f"model_path={model_folder}/model.keras",
+        f"inputs=[{folder}]",
+        f"descriptor_cache={cache}",
+        f"output_csv={output_csv}",
+    )
+    rows = read_csv(output_csv)
+    return rows.set_index(rows["file"].map(lambda f: f.rsplit("/", 1)[-1]).rename("name"))
+
+
 @pytest.fixture(scope="module")
 def trained(resampled, descriptor_cache, tmp_path_factory):
     folder, _, _ = resampled
@@ -224,15 +237,7 @@ def test_a_greyscale_copy_of_a_face_gets_an_age_within_a_few_years_of_its_colour
         colour = cv2.imread(str(face))
         cv2.imwrite(str(folder / f"colour_{face.name}"), colour)
         cv2.imwrite(str(folder / f"grey_{face.name}"), cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY))
-    run(
-        "predict_age.py",
-        f"model_path={out}/model.keras",
-        f"inputs=[{folder}]",
-        f"descriptor_cache={descriptor_cache}",
-        f"output_csv={tmp_path}/p.csv",
-    )
-    rows = read_csv(tmp_path / "p.csv").assign(name=lambda t: t["file"].map(lambda f: f.rsplit("/", 1)[-1]))
-    age = rows.set_index("name")["predicted_age"]
+    age = predicted_by_name(out, folder, descriptor_cache, tmp_path / "p.csv")["predicted_age"]
     pairs = [(age[f"colour_{n}"], age[f"grey_{n}"]) for n in (f.name for f in sorted(sample.glob("*.chip.jpg"))[:24])]
     gaps = np.abs(np.subtract(*np.array(pairs, float).T))
     assert not np.isnan(gaps).any() and np.median(gaps) <= 3 and (gaps <= 8).mean() >= 0.9, gaps
@@ -442,18 +447,7 @@ def test_predictions_on_ordinary_photos_find_the_face_or_say_why_not(
     exif = phone.getexif()
     exif[0x0112] = 6
     phone.save(folder / "phone.jpg", exif=exif.tobytes(), quality=80)
-    run(
-        "predict_age.py",
-        f"model_path={out}/model.keras",
-        f"inputs=[{folder}]",
-        f"descriptor_cache={descriptor_cache}",
-        f"output_csv={tmp_path}/p.csv",
-    )
-    rows = (
-        read_csv(tmp_path / "p.csv")
-        .assign(name=lambda t: t["file"].map(lambda f: f.rsplit("/", 1)[-1]))
-        .set_index("name")
-    )
+    rows = predicted_by_name(out, folder, descriptor_cache, tmp_path / "p.csv")
     groups = AgeGroups((0, 10, 20, 30, 40, 50, 60, 70))
     for name, scale in (("photo.jpg", 1.0), ("phone.jpg", 6000 / 640)):
         row = rows.loc[name]

@@ -39,9 +39,7 @@ def validate_section(model: type[ModelT], data: Any, where: str = "") -> ModelT:
         text = error_text(first, where)
         if first["type"] == "extra_forbidden":
             text += closest_key_hint(model, first["loc"])
-        error = ConfigError(text)
-        error.keys = [str(part) for part in first["loc"] if not isinstance(part, int)]
-        raise error from None
+        raise ConfigError(text, tuple(str(part) for part in first["loc"] if not isinstance(part, int))) from None
 
 
 def closest_key_hint(model: type[BaseModel], loc: tuple) -> str:
@@ -246,6 +244,11 @@ def _sections(annotation: Any) -> list[type[BaseModel]]:
     return [section for argument in get_args(annotation) for section in _sections(argument)]
 
 
+def typed_on_command_line(key: str, typed: set[str]) -> bool:
+    """Whether the dotted `key` was set by a --set of it, or of a section holding it (`typed`)."""
+    return any(key == k or key.startswith(k + ".") for k in typed)
+
+
 def resolve_paths(config: dict, kinds: dict[str, PathKind], typed: set[str]) -> None:
     """Make every relative path of `config` absolute, in place, by one rule: a path typed on the command
     line (its key, or a section holding it, in `typed`) is relative to the current folder; a path from
@@ -263,8 +266,7 @@ def resolve_paths(config: dict, kinds: dict[str, PathKind], typed: set[str]) -> 
             node = node.get(section) if isinstance(node, dict) else None
         if not isinstance(node, dict) or name not in node or key == "workspace":
             continue
-        from_command_line = any(key == k or key.startswith(k + ".") for k in typed)
-        base = Path.cwd() if from_command_line else PROJECT_DIR if kind == PROJECT else root
+        base = Path.cwd() if typed_on_command_line(key, typed) else PROJECT_DIR if kind == PROJECT else root
         value = node[name]
         if isinstance(value, str):
             node[name] = str(base / Path(value).expanduser())
@@ -291,8 +293,7 @@ def load_config(model: type[ModelT], path: str | os.PathLike, overrides: Iterabl
         return validate_section(model, config)
     except ConfigError as exc:
         # blame what set the key: the command line, or the file
-        dotted = ".".join(getattr(exc, "keys", []))
-        typed_here = any(dotted == key or dotted.startswith(key + ".") for key in typed)
+        typed_here = typed_on_command_line(".".join(exc.keys), typed)
         raise ConfigError(f"--set {exc}" if typed_here else f"{path}: {exc}") from None
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from agepipe.data.datasets import read_metadata_chunks
 from agepipe.data.vocabulary import TRAINABLE_STATUSES
+from agepipe.errors import UserError
 from agepipe.running.writes import read_run_record, run_record_path
 
 UPSTREAM_KEYS = ("processed_csv", "exploration_csv", "input_csv")  # what each stage's config calls its input
@@ -39,18 +41,20 @@ def upstream_csv(csv: Path) -> Path | None:
 def stage_counts(csv: Path) -> dict:
     """One CSV's rows, those fit to train on, and the other rows' reasons (their status where none)."""
     rows, usable, reasons = 0, 0, Counter()
+    chunks = read_metadata_chunks(
+        csv, "stage CSV", "", ("file",), ROWS_PER_CHUNK, usecols=lambda c: c in ("file", "status", "reason")
+    )
     try:
-        header = pd.read_csv(csv, nrows=0).columns
-        columns = [c for c in ("status", "reason") if c in header]
-        for chunk in pd.read_csv(csv, usecols=columns or [0], chunksize=ROWS_PER_CHUNK, keep_default_na=False):
+        for chunk in chunks:
             rows += len(chunk)
             fit = chunk["status"].isin(TRAINABLE_STATUSES) if "status" in chunk else pd.Series(True, chunk.index)
             usable += int(fit.sum())
             if "status" in chunk:
                 left = chunk[~fit]
-                why = left["reason"].where(left["reason"] != "", left["status"]) if "reason" in left else left["status"]
-                reasons.update(why.astype(str))
-    except (OSError, ValueError):
+                reasons.update(
+                    (left["reason"].fillna(left["status"]) if "reason" in left else left["status"]).astype(str)
+                )
+    except UserError:  # a stage's CSV gone, or not one: the funnel says it cannot count it
         return {"csv": str(csv), "rows": None, "usable": None, "reasons": []}
     return {"csv": str(csv), "rows": rows, "usable": usable, "reasons": reasons.most_common()}
 
