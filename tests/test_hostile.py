@@ -104,3 +104,24 @@ def test_a_file_named_like_mathtext_is_a_caption_in_full_not_tex(sample, tmp_pat
     figure.savefig(io.BytesIO(), format="png")  # drawing is where TeX would fail
     titles = [axes.get_title() for axes in figure.axes]
     assert titles[0].startswith("$\\nope$.jpg") and "ellipsis.jpg" in titles[1].replace("\n", "")
+
+
+def test_the_funnel_follows_run_records_whichever_way_a_stage_records_its_config(tmp_path):
+    import json
+
+    from agepipe.report.funnel import training_funnel
+
+    def stage(name, statuses, config):
+        csv = tmp_path / name
+        pd.DataFrame({"file": [f"{i}.jpg" for i in range(len(statuses))], "status": statuses}).to_csv(csv, index=False)
+        (tmp_path / f"{name}.run.json").write_text(json.dumps({"config": config, "packages": {}}))
+        return str(csv)
+
+    explored = stage("explored.csv", ["ok", "ok", "unreadable"], {"dataset_dir": "/data"})
+    processed = stage("processed.csv", ["kept", "rejected"], {"process": {"input_csv": explored}, "explore": {}})
+    checked = stage("checked.csv", ["kept"], {"check_labels": {"input_csv": processed}, "train": {}})
+    resampled = stage(
+        "resampled.csv", ["kept"], {"input": "processed", "processed_csv": checked, "exploration_csv": explored}
+    )
+    assert [s["rows"] for s in training_funnel(resampled)] == [3, 2, 1, 1]
+    assert training_funnel(resampled)[0]["reasons"] == [("unreadable", 1)]

@@ -28,8 +28,9 @@ def upstream_csv(csv: Path) -> Path | None:
         return None
     if not isinstance(config, dict):
         return None
-    if isinstance(config.get("process"), dict):  # processing records its own config beside the exploration's
-        config = config["process"]
+    if not {"input", *UPSTREAM_KEYS} & config.keys():
+        # a stage that records several configs ({"process": ..., "explore": ...}) lists its own first
+        config = next((value for value in config.values() if isinstance(value, dict)), {})
     chosen = f"{config['input']}_csv" if isinstance(config.get("input"), str) else None  # resampling's `input:`
     for key in (chosen, *UPSTREAM_KEYS) if chosen else UPSTREAM_KEYS:
         value = config.get(key)
