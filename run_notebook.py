@@ -22,9 +22,8 @@ from agepipe.config.data_stages import ResamplingConfig
 from agepipe.config.loading import PROJECT_DIR
 from agepipe.errors import UserError
 from agepipe.running.console import native_stderr_silenced
-from agepipe.running.manifest import file_digest
 from agepipe.running.output_guard import OutputGuard
-from agepipe.running.writes import current_umask, temporary_affixes
+from agepipe.running.writes import rename_into_place, temporary_affixes
 from utils import WORKSPACE_VARIABLE, argument_parser
 
 
@@ -47,10 +46,11 @@ def execute(notebook: Path, folder, target: Path, parameters: dict, timeout: int
     from papermill.exceptions import PapermillExecutionError
 
     with (
-        tempfile.TemporaryDirectory(prefix="agepipe-kernel-") as runtime,
+        folder.scratch() as runtime,
         tempfile.NamedTemporaryFile(dir=folder.path, **temporary_affixes(target.name), delete=False) as partial,
     ):
-        # the kernel's connection file goes to a temporary folder, never the repository
+        # the kernel's connection file (its ports and key) goes to the run's private scratch folder, never
+        # the repository nor the shared temporary folder: what a killed run leaves, the next run removes
         os.environ["JUPYTER_RUNTIME_DIR"] = runtime
         try:
             # the kernel's own stderr ("Parent appears to have exited" at shutdown) is not the user's
@@ -72,8 +72,8 @@ def execute(notebook: Path, folder, target: Path, parameters: dict, timeout: int
             sys.exit(1)
         finally:
             if os.path.getsize(partial.name):
-                os.chmod(partial.name, 0o666 & ~current_umask())  # a temporary file is private; outputs are not
-                os.replace(partial.name, target)
+                rename_into_place(partial.name, target)
+                folder.wrote(target.name)
             else:
                 os.unlink(partial.name)
 
@@ -116,7 +116,6 @@ def main() -> None:
         target = folder.target(args.notebook.name)
         folder.begin([target.name])  # an executed notebook never replaces a file of the user's of that name
         execute(args.notebook, folder, target, parameters, args.timeout)
-        folder.record([(target.name, file_digest(target))])
     print(f"executed {args.notebook} in {time.perf_counter() - start:.0f}s; with outputs: {target}")
 
 

@@ -12,6 +12,7 @@ import pytest
 from agepipe.config.data_stages import ExploreConfig
 from agepipe.config.loading import CONFIG_DIR, load_config
 from agepipe.data.image_files import read_image
+from agepipe.errors import UserError
 from conftest import read_csv, run
 
 
@@ -125,3 +126,96 @@ def test_the_funnel_follows_run_records_whichever_way_a_stage_records_its_config
     )
     assert [s["rows"] for s in training_funnel(resampled)] == [3, 2, 1, 1]
     assert training_funnel(resampled)[0]["reasons"] == [("unreadable", 1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Ownership: what proves a file is agepipe's is its content, and the manifest's names are checked first
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_exploration(explored, tmp_path):
+    """The first rows of the session's exploration, with its run record: a processing run of seconds."""
+    rows = read_csv(explored / "image_metadata.csv").head(12)
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    shutil.copy(explored / "image_metadata.csv.run.json", tmp_path / "m.csv.run.json")
+    return tmp_path / "m.csv"
+
+
+def process_small(exploration, out, check=True):
+    return run(
+        "process_images.py", f"input_csv={exploration}", f"output_dir={out}/images", f"output_csv={out}/p.csv",
+        check=check,
+    )
+
+
+def one_line_refusal(result, *words):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+@pytest.mark.parametrize(
+    "tampering",
+    [
+        "INSERT INTO files (name) VALUES ('../../victim/report')",
+        "INSERT INTO files (name) VALUES ('/etc/passwd')",
+        "INSERT INTO files (name) VALUES (NULL)",
+        "ALTER TABLE files DROP COLUMN run",
+    ],
+)
+def test_a_tampered_manifest_is_refused_in_one_line_and_touches_nothing_outside(
+    small_exploration, tmp_path, tampering
+):
+    import sqlite3
+
+    out = tmp_path / "p"
+    process_small(small_exploration, out)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / ".report.abcdefgh.tmp").write_text("the user's")  # named like one of agepipe's temporaries
+    db = sqlite3.connect(out / "images" / ".agepipe-outputs.sqlite")
+    db.execute(tampering)
+    db.commit()
+    db.close()
+    one_line_refusal(process_small(small_exploration, out, check=False), ".agepipe-outputs.sqlite", "move it away")
+    assert (victim / ".report.abcdefgh.tmp").read_text() == "the user's"
+
+
+def test_a_planned_name_is_agepipes_only_while_no_file_has_it(tmp_path):
+    """A killed run leaves its planned names listed without digests: a file the user puts under such a
+    name afterwards is theirs. What the run renamed into place before it was killed stays its own."""
+    from agepipe.running.output_guard import OutputGuard
+    from agepipe.running.writes import write_bytes
+
+    out = tmp_path / "out"
+    with OutputGuard() as guard:  # a run killed after planning, and after writing one file it never listed
+        folder = guard.folder(out, "output_dir")
+        folder.begin(["planned.jpg", "written.jpg"])
+        write_bytes(b"agepipe's", out / "written.jpg")
+    (out / "planned.jpg").write_bytes(b"the user's")
+    with OutputGuard() as guard:
+        folder = guard.folder(out, "output_dir")
+        assert folder.owns("written.jpg") and not folder.owns("planned.jpg")
+        with pytest.raises(UserError, match="planned.jpg"):
+            folder.begin(["planned.jpg"])
+        folder.begin(["written.jpg"])
+        assert folder.finish() == 1  # the killed run's file, not the user's
+    assert (out / "planned.jpg").read_bytes() == b"the user's" and not (out / "written.jpg").exists()
+
+
+def test_an_output_csv_edited_by_hand_is_the_users_and_never_replaced(small_exploration, tmp_path):
+    out = tmp_path / "p"
+    process_small(small_exploration, out)
+    corrected = (out / "p.csv").read_text() + "hand-corrected,row\n"
+    (out / "p.csv").write_text(corrected)
+    one_line_refusal(process_small(small_exploration, out, check=False), "output_csv", "changed since")
+    assert (out / "p.csv").read_text() == corrected
+
+
+def test_a_json_lines_file_of_the_users_is_never_taken_for_a_cache(tmp_path):
+    from agepipe.running.output_guard import OutputGuard
+
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"fingerprint": "mine", "note": "my notes"}\n{"row": 1}\n')
+    with OutputGuard() as guard, pytest.raises(UserError, match="not one of agepipe's journals"):
+        guard.journal(notes, "descriptor_cache")
+    assert notes.read_text().startswith('{"fingerprint": "mine"')

@@ -2,23 +2,37 @@
 
 Each folder agepipe writes into holds `.agepipe-outputs.sqlite`, listing the files it wrote there with a
 digest of each as written (output_guard.py's guard reads it; nothing else decides what is agepipe's).
+Ownership is by content only: a listed file is agepipe's while its bytes have the digest listed, or the
+digest a write noted as `pending` just before renaming it into place (so a run killed between the two
+still owns what it wrote). A name listed without a digest (planned, not yet written) is owned only while
+no file has it. Every listed name is checked before any is used: a manifest naming a path outside its
+folder, or not shaped as agepipe writes it, is refused in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import sqlite3
 import stat
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from agepipe.errors import UserError
+from agepipe.errors import UserError, shown
 
 MANIFEST = ".agepipe-outputs.sqlite"
-LEGACY_MANIFEST = ".agepipe-outputs.json"  # what agepipe wrote before the manifest held digests
+COLUMNS = ("name", "digest", "run", "pending")
+
+
+def is_listable(name: object) -> bool:
+    """Whether a manifest may list `name`: a relative path of plain parts inside its folder (no "..", no
+    absolute path, no empty part, no control characters)."""
+    if not isinstance(name, str) or not name or name.startswith("/"):
+        return False
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
 def file_digest(path: str | os.PathLike) -> str | None:
@@ -38,8 +52,8 @@ def file_digest(path: str | os.PathLike) -> str | None:
 
 
 class Manifest:
-    """The files agepipe wrote in one folder, with the digest of each as written (NULL while a run that
-    planned it has not finished: a file a killed run wrote there is still provably ours).
+    """The files agepipe wrote in one folder, with the digest of each as written (see the module's
+    first lines for what proves a file is agepipe's).
 
     SQLite keeps it on disk, so a folder of a million outputs costs no memory, and its transactions
     keep it whole when a run is killed mid-write.
@@ -50,29 +64,42 @@ class Manifest:
         self.path = folder / MANIFEST
         self._db: sqlite3.Connection | None = None
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, check_names: bool = True) -> sqlite3.Connection:
         if self._db is None:
             if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
                 raise UserError(f"{self.path} is not agepipe's manifest (a link or not a file): move it away")
             try:
                 self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-                self._db.execute("CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, digest TEXT, run TEXT)")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, digest TEXT, run TEXT, pending TEXT)"
+                )
+                self._check_shape(check_names)
             except sqlite3.DatabaseError:
+                self.close()
                 raise UserError(
                     f"{self.path} is not agepipe's manifest (damaged, or another file): move it away"
                 ) from None
-            self._adopt_legacy()
+            except UserError:
+                self.close()
+                raise
         return self._db
 
-    def _adopt_legacy(self) -> None:
-        legacy = self.folder / LEGACY_MANIFEST
-        try:
-            names = json.loads(legacy.read_text(encoding="utf-8"))["files"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return
-        with self.transaction() as db:
-            db.executemany("INSERT OR IGNORE INTO files (name) VALUES (?)", ((str(n),) for n in names))
-        legacy.unlink()
+    def _check_shape(self, check_names: bool) -> None:
+        """Refuse a manifest agepipe did not write as it is (other columns, a name leading outside the
+        folder); one from before `pending` existed gains the column."""
+        columns = tuple(row[1] for row in self._db.execute("PRAGMA table_info(files)"))
+        if columns == COLUMNS[:3]:
+            self._db.execute("ALTER TABLE files ADD COLUMN pending TEXT")
+        elif columns != COLUMNS:
+            raise UserError(f"{self.path} is not agepipe's manifest (its columns are {list(columns)}): move it away")
+        if check_names:
+            self._db.create_function("is_listable", 1, is_listable, deterministic=True)
+            row = self._db.execute("SELECT name FROM files WHERE NOT is_listable(name) LIMIT 1").fetchone()
+            if row is not None:
+                raise UserError(
+                    f"{self.path} lists {shown(row[0])}, a name agepipe never writes (outside its folder, or "
+                    "not a file name): it was changed by hand; move it away"
+                )
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -86,14 +113,32 @@ class Manifest:
         db.execute("COMMIT")
 
     def exists(self) -> bool:
-        return self.path.is_file() or (self.folder / LEGACY_MANIFEST).is_file()
+        return self.path.is_file()
 
     def owns(self, name: str) -> bool:
-        """True when agepipe wrote the file `name` here and it is as agepipe left it."""
+        """True when agepipe wrote the file `name` here and it is as agepipe left it, or when agepipe
+        planned it and no file has the name yet."""
         if not self.exists():
             return False
-        row = self._open().execute("SELECT digest FROM files WHERE name = ?", (name,)).fetchone()
-        return row is not None and (row[0] is None or row[0] == file_digest(self.folder / name))
+        row = self._open().execute("SELECT digest, pending FROM files WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return False
+        path = self.folder / name
+        if not (path.exists() or path.is_symlink()):
+            return True
+        return file_digest(path) in {digest for digest in row if digest is not None}
+
+    def note_pending(self, name: str, digest: str) -> None:
+        """Note the digest of a file about to be renamed into place as `name` (writes.atomic_write): a run
+        killed before it lists the file as written still owns it."""
+        db = self._open(check_names=False)  # a worker notes its own name: no scan of every other name
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "INSERT INTO files (name, pending) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET pending = excluded.pending",
+            (name, digest),
+        )
+        db.execute("COMMIT")
 
     def plan(self, names: Iterable[str]) -> None:
         """List files a run is about to write, before it writes them."""
@@ -105,13 +150,15 @@ class Manifest:
         with self.transaction() as db:
             db.executemany(
                 "INSERT INTO files (name, digest, run) VALUES (?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET digest = excluded.digest, run = excluded.run",
+                "ON CONFLICT(name) DO UPDATE SET digest = excluded.digest, run = excluded.run, pending = NULL",
                 ((name, digest, run) for name, digest in entries),
             )
 
-    def others(self, run: str) -> Iterator[tuple[str, str | None]]:
-        """(name, digest) of the listed files another run wrote."""
-        yield from self._open().execute("SELECT name, digest FROM files WHERE run IS NOT ? ORDER BY name", (run,))
+    def others(self, run: str) -> Iterator[tuple[str, str | None, str | None]]:
+        """(name, digest, pending digest) of the listed files another run wrote."""
+        yield from self._open().execute(
+            "SELECT name, digest, pending FROM files WHERE run IS NOT ? ORDER BY name", (run,)
+        )
 
     def names(self) -> Iterator[str]:
         """Every listed name, one at a time."""
@@ -137,7 +184,3 @@ class Manifest:
             self._db.close()
             self._db = None
 
-
-def legacy_proof(path: Path) -> bool:
-    """Outputs of agepipe versions before manifests: a CSV with its run record beside it."""
-    return Path(f"{path}.run.json").is_file()

@@ -28,7 +28,7 @@ from typing import IO, Any, Iterable
 from agepipe.config.loading import PROJECT_DIR, plain
 from agepipe.data.image_files import IMAGE_EXTENSIONS
 from agepipe.errors import UserError, shown
-from agepipe.running.manifest import Manifest, legacy_proof
+from agepipe.running.manifest import Manifest
 from agepipe.running.writes import (
     _claim,
     check_run_record,
@@ -145,15 +145,18 @@ class OutputGuard:
             raise UserError(f"{what} {path} has an image file's name; refusing to write a table there")
         if path.name.startswith(RESERVED_PREFIX):
             raise UserError(f"{what} {path} is a name agepipe keeps for its own bookkeeping")
-        if path.is_symlink() or (
-            path.exists() and not Manifest(path.parent).owns(path.name) and not legacy_proof(path)
-        ):
-            raise UserError(
-                f"{what} {path} exists and agepipe cannot prove it wrote it (or it was changed since): "
-                "move it away or choose another name"
-            )
-        check_run_record(path)
-        ensure_writable_dir(path.parent, f"the folder of {what}")
+        manifest = Manifest(path.parent)
+        try:
+            if path.is_symlink() or (path.exists() and not manifest.owns(path.name)):
+                raise UserError(
+                    f"{what} {path} exists and agepipe cannot prove it wrote it (or it was changed since): "
+                    "move it away or choose another name"
+                )
+            check_run_record(path)
+            ensure_writable_dir(path.parent, f"the folder of {what}")
+            manifest.plan([path.name])  # so that the write notes its digest before renaming (writes.atomic_write)
+        finally:
+            manifest.close()
         remove_temporaries(path.parent, temporary_starts([path.name, run_record_path(path).name]))
         self.files[path.resolve()] = what
         _claim(path, folder=False)
@@ -235,9 +238,10 @@ class OutputFolder:
     """A folder a stage writes, locked for the run, and the proof of which files in it agepipe wrote.
 
     A run may replace or delete only the files its manifest lists as agepipe's, unchanged since:
-    `begin` refuses when a file the run plans to write is someone else's, then lists the planned files
-    (so a killed run's files stay provably ours); `finish` lists what the run wrote, with digests, and
-    deletes the listed files of earlier runs that this one did not write. A non-empty folder without a
+    `begin` refuses when a file the run plans to write is someone else's, then lists the planned names
+    (each write notes its digest before renaming into place, so a killed run's files stay provably ours;
+    a planned name nothing was written to is agepipe's only while no file has it); `finish` lists what the
+    run wrote, with digests, and deletes the listed files of earlier runs that this one did not write. A non-empty folder without a
     manifest is refused unless `overwrite` (the user's explicit word that agepipe may write into it;
     nothing of theirs is touched even then).
     """
@@ -329,7 +333,7 @@ class OutputFolder:
         deleted. Nothing here holds a name per file in memory: the manifest is read as a stream."""
         self.manifest.record(self.written.items() if written is None else written, self.run)
         removed, kept = 0, []
-        for name, digest in self.manifest.others(self.run):
+        for name, digest, pending in self.manifest.others(self.run):
             target = self.path / name
             if not target.exists():
                 continue
@@ -337,7 +341,7 @@ class OutputFolder:
                 is_inside(target, self.path)
                 and not target.is_symlink()
                 and target.is_file()
-                and digest in (None, file_digest(target))
+                and file_digest(target) in {digest, pending} - {None}
             ):
                 target.unlink()
                 removed += 1

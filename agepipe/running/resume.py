@@ -28,6 +28,9 @@ FLUSH_SECONDS = 1.0
 HEADER_BYTES = 4096  # a journal's first line is short; reading more of a stranger's file would be pointless
 
 
+JOURNAL_MARK = "agepipe"  # the first line's `written_by`: a JSON-lines file of the user's is never taken for a journal
+
+
 class Journal:
     """An append-only JSON-lines file of finished items, so an interrupted stage can continue.
 
@@ -61,7 +64,8 @@ class Journal:
                 header = json.loads(f.readline(HEADER_BYTES).decode("utf-8"))
         except (OSError, ValueError):
             return None
-        return header if isinstance(header, dict) and isinstance(header.get("fingerprint"), str) else None
+        marked = isinstance(header, dict) and header.get("written_by") == JOURNAL_MARK
+        return header if marked and isinstance(header.get("fingerprint"), str) else None
 
     @classmethod
     def is_journal(cls, path: str | os.PathLike) -> bool:
@@ -101,7 +105,7 @@ class Journal:
         return self
 
     def _header_line(self) -> str:
-        return json.dumps({"written_by": "agepipe", "fingerprint": self.fingerprint}) + "\n"
+        return json.dumps({"written_by": JOURNAL_MARK, "fingerprint": self.fingerprint}) + "\n"
 
     def record(self, key: str, row: dict) -> None:
         self.done[key] = self._file.tell()

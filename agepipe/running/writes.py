@@ -51,9 +51,26 @@ def _claim(path: Path, folder: bool) -> None:
     (_claimed_folders if folder else _claimed_files).add(str(path.resolve()))
 
 
-def is_claimed(path: str | os.PathLike) -> bool:
+def claimed_root(path: str | os.PathLike) -> Path | None:
+    """The folder whose manifest lists `path` (its own folder for a claimed file, else the innermost
+    claimed folder holding it), or None when `path` was not claimed."""
     resolved = Path(path).resolve()
-    return str(resolved) in _claimed_files or any(str(parent) in _claimed_folders for parent in resolved.parents)
+    if str(resolved) in _claimed_files:
+        return resolved.parent
+    return next((parent for parent in resolved.parents if str(parent) in _claimed_folders), None)
+
+
+def note_pending(path: Path, temporary: str) -> None:
+    """Note in the manifest of `path`'s claimed folder, when it has one, the digest of the temporary about
+    to be renamed over `path`."""
+    root = claimed_root(path)
+    manifest = Manifest(root)
+    if not manifest.exists():
+        return  # a folder whose files identify themselves (journals, part files)
+    try:
+        manifest.note_pending(path.resolve().relative_to(root).as_posix(), file_digest(temporary))
+    finally:
+        manifest.close()
 
 
 def remove_temporaries(folder: Path, starts: Container[str]) -> int:
@@ -94,6 +111,14 @@ def current_umask() -> int:
     return mask
 
 
+def rename_into_place(temporary: str | os.PathLike, path: Path) -> None:
+    """Rename a finished temporary over `path` (a claimed output), with the usual permissions, after
+    noting its digest in the manifest (a run killed before listing it still owns it)."""
+    os.chmod(temporary, 0o666 & ~current_umask())  # tempfile makes files private; outputs are not
+    note_pending(path, temporary)
+    os.replace(temporary, path)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     """Open a temporary file beside `path`; on success rename it over `path`, else remove it.
@@ -102,17 +127,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
     must have been claimed through an OutputGuard (in this process or the parent that started it).
     """
     path = Path(path)
-    if not is_claimed(path):
+    if claimed_root(path) is None:
         raise RuntimeError(f"{path}: written without going through the output guard (output_guard.OutputGuard)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, **temporary_affixes(path.name))
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; outputs get the usual permissions
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        rename_into_place(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
