@@ -142,7 +142,10 @@ def small_exploration(explored, tmp_path):
 
 def process_small(exploration, out, check=True):
     return run(
-        "process_images.py", f"input_csv={exploration}", f"output_dir={out}/images", f"output_csv={out}/p.csv",
+        "process_images.py",
+        f"input_csv={exploration}",
+        f"output_dir={out}/images",
+        f"output_csv={out}/p.csv",
         check=check,
     )
 
@@ -162,9 +165,7 @@ def one_line_refusal(result, *words):
         "ALTER TABLE files DROP COLUMN run",
     ],
 )
-def test_a_tampered_manifest_is_refused_in_one_line_and_touches_nothing_outside(
-    small_exploration, tmp_path, tampering
-):
+def test_a_tampered_manifest_is_refused_in_one_line_and_touches_nothing_outside(small_exploration, tmp_path, tampering):
     import sqlite3
 
     out = tmp_path / "p"

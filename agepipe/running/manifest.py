@@ -183,4 +183,3 @@ class Manifest:
         if self._db is not None:
             self._db.close()
             self._db = None
-

@@ -241,9 +241,9 @@ class OutputFolder:
     `begin` refuses when a file the run plans to write is someone else's, then lists the planned names
     (each write notes its digest before renaming into place, so a killed run's files stay provably ours;
     a planned name nothing was written to is agepipe's only while no file has it); `finish` lists what the
-    run wrote, with digests, and deletes the listed files of earlier runs that this one did not write. A non-empty folder without a
-    manifest is refused unless `overwrite` (the user's explicit word that agepipe may write into it;
-    nothing of theirs is touched even then).
+    run wrote, with digests, and deletes the listed files of earlier runs that this one did not write. A
+    non-empty folder without a manifest is refused unless `overwrite` (the user's explicit word that agepipe
+    may write into it; nothing of theirs is touched even then).
     """
 
     def __init__(self, path: Path, what: str, overwrite: bool = False, self_identifying: bool = False):
