@@ -28,7 +28,7 @@ from agepipe.data.datasets import LABEL_COLUMNS
 from agepipe.data.vocabulary import Check, Status, flag_column, score_column
 from agepipe.quality.duplicates import duplicate_groups
 from agepipe.quality.image_metrics import ReaderSettings
-from agepipe.running.output_guard import OutputGuard, run_lock
+from agepipe.running.output_guard import OutputGuard
 from agepipe.running.parallel import Engine
 from agepipe.running.resume import PartStore
 from agepipe.running.writes import atomic_write, record_written, write_csv, write_run_record
@@ -105,14 +105,8 @@ def main(args) -> None:
         output = guard.file(config.output_csv, "output_csv")
         summary_csv = guard.file(config.summary_csv, "summary_csv")
         parts = guard.folder(f"{output}.parts", "the measurements beside output_csv", self_identifying=True)
-        with run_lock(output):
-            summary = explore(
-                config,
-                groups,
-                output,
-                summary_csv,
-                PartStore(parts.path, config_fingerprint(config.metrics, config.images)),
-            )
+        store = PartStore(parts.path, config_fingerprint(config.metrics, config.images))
+        summary = explore(config, groups, output, summary_csv, store)
 
     elapsed = time.perf_counter() - start
     counts = dict(

@@ -43,7 +43,7 @@ from agepipe.faces.alignment import FacePath, FaceSettings
 from agepipe.quality.image_metrics import SIZE_COLUMNS, ReaderSettings, measure_array, measured_columns
 from agepipe.running.console import progress_bar
 from agepipe.running.manifest import file_digest
-from agepipe.running.output_guard import OutputFolder, OutputGuard, confined, run_lock
+from agepipe.running.output_guard import OutputFolder, OutputGuard, confined
 from agepipe.running.parallel import Engine
 from agepipe.running.resume import PartStore, fill_parts, json_table
 from agepipe.running.writes import atomic_write, copy_file, record_written, write_bytes, write_run_record
@@ -429,16 +429,15 @@ def main(args) -> None:
             str(folder.path.resolve()),
         )
         parts = PartStore(parts_folder.path, fingerprint)
-        with run_lock(output_csv):
-            plan = plan_chunks(chunks(), folder, parts)
-            process_chunks(chunks(), plan, parts, Processor(config, explore), folder, Engine.of(config))
-            counts = write_processed(chunks(), plan, parts, explore, folder, output_csv)
-            write_run_record({"process": config, "explore": explore}, output_csv)
-            removed = folder.finish(())
-            # a finished run leaves nothing to resume: a re-run processes again, as the files are now
-            parts.keep_only(set())
-            if removed:
-                log.info("removed %d files agepipe wrote in %s in runs with other settings", removed, folder.path)
+        plan = plan_chunks(chunks(), folder, parts)
+        process_chunks(chunks(), plan, parts, Processor(config, explore), folder, Engine.of(config))
+        counts = write_processed(chunks(), plan, parts, explore, folder, output_csv)
+        write_run_record({"process": config, "explore": explore}, output_csv)
+        removed = folder.finish(())
+        # a finished run leaves nothing to resume: a re-run processes again, as the files are now
+        parts.keep_only(set())
+        if removed:
+            log.info("removed %d files agepipe wrote in %s in runs with other settings", removed, folder.path)
 
     elapsed = time.perf_counter() - start
     print(

@@ -25,7 +25,7 @@ from agepipe.data.age_groups import AgeGroups
 from agepipe.data.datasets import read_metadata_csv, read_table, without_suspected_labels
 from agepipe.data.vocabulary import TRAINABLE_STATUSES
 from agepipe.errors import UserError
-from agepipe.running.output_guard import OutputGuard, confined, run_lock
+from agepipe.running.output_guard import OutputGuard, confined
 from agepipe.running.parallel import Engine
 from agepipe.running.resume import ResumableStage
 from agepipe.running.writes import copy_file, write_bytes, write_csv, write_run_record
@@ -218,37 +218,36 @@ def execute_plan(selected: pd.DataFrame, config: ResamplingConfig, guard: Output
     fingerprint = config_fingerprint(
         config.model_dump(include={"seed", "augmentation", "jpeg_quality"}), str(folder.path.resolve())
     )
-    with run_lock(output_csv):
-        folder.begin(selected["output_file"])
-        stage = ResumableStage(folder, journal, fingerprint)
-        rows = selected[["file", "path", "copy", "output_file"]].to_dict("records")
-        tasks = [(f"{r['output_file']}|{r['path']}", r) for r in rows]
-        augmenter = Augmenter(folder.path, config.seed, config.augmentation, config.jpeg_quality)
-        done = stage.run(
-            tasks, _augment_task, Engine.of(config), state=augmenter, label="resampling", chunksize=8, on_failure=None
+    folder.begin(selected["output_file"])
+    stage = ResumableStage(folder, journal, fingerprint)
+    rows = selected[["file", "path", "copy", "output_file"]].to_dict("records")
+    tasks = [(f"{r['output_file']}|{r['path']}", r) for r in rows]
+    augmenter = Augmenter(folder.path, config.seed, config.augmentation, config.jpeg_quality)
+    done = stage.run(
+        tasks, _augment_task, Engine.of(config), state=augmenter, label="resampling", chunksize=8, on_failure=None
+    )
+    resampled = (
+        pd.DataFrame(
+            {
+                "file": selected["output_file"].to_numpy(),
+                "path": [os.path.abspath(folder.path / f) for f in selected["output_file"]],
+                "age": selected["age"].to_numpy(),
+                "age_group": selected["age_group"].to_numpy(),
+                **{
+                    c: selected[c].to_numpy() for c in ("gender", "race") if c in selected.columns
+                },  # for the report card's fairness table
+                "source": selected["file"].to_numpy(),
+                "source_path": selected["path"].to_numpy(),
+                "copy": selected["copy"].to_numpy(),
+                "augmentation": done["augmentation"].to_numpy() if len(done) else [],
+            }
         )
-        resampled = (
-            pd.DataFrame(
-                {
-                    "file": selected["output_file"].to_numpy(),
-                    "path": [os.path.abspath(folder.path / f) for f in selected["output_file"]],
-                    "age": selected["age"].to_numpy(),
-                    "age_group": selected["age_group"].to_numpy(),
-                    **{
-                        c: selected[c].to_numpy() for c in ("gender", "race") if c in selected.columns
-                    },  # for the report card's fairness table
-                    "source": selected["file"].to_numpy(),
-                    "source_path": selected["path"].to_numpy(),
-                    "copy": selected["copy"].to_numpy(),
-                    "augmentation": done["augmentation"].to_numpy() if len(done) else [],
-                }
-            )
-            .sort_values(["age_group", "file"], kind="stable")
-            .reset_index(drop=True)
-        )
-        write_csv(resampled, output_csv)
-        write_run_record(config, output_csv)
-        stage.finish(done if len(done) else pd.DataFrame({"output_file": [], "output_digest": []}))
+        .sort_values(["age_group", "file"], kind="stable")
+        .reset_index(drop=True)
+    )
+    write_csv(resampled, output_csv)
+    write_run_record(config, output_csv)
+    stage.finish(done if len(done) else pd.DataFrame({"output_file": [], "output_digest": []}))
     return resampled
 
 

@@ -220,3 +220,31 @@ def test_a_json_lines_file_of_the_users_is_never_taken_for_a_cache(tmp_path):
     with OutputGuard() as guard, pytest.raises(UserError, match="not one of agepipe's journals"):
         guard.journal(notes, "descriptor_cache")
     assert notes.read_text().startswith('{"fingerprint": "mine"')
+
+
+def test_a_second_run_on_a_shared_cache_or_output_is_refused_before_touching_the_first_runs_files(sample, tmp_path):
+    from agepipe.running.output_guard import run_lock
+
+    in_flight = tmp_path / ".m.csv.abcdefgh.tmp"  # the first run's CSV, being written
+    in_flight.write_text("half a CSV")
+    with run_lock(tmp_path / "m.csv"):
+        result = run(
+            "explore_images.py",
+            f"dataset_dir={sample}",
+            f"output_csv={tmp_path}/m.csv",
+            f"summary_csv={tmp_path}/s.csv",
+            check=False,
+        )
+    one_line_refusal(result, "another run is writing", "m.csv")
+    assert in_flight.read_text() == "half a CSV"
+    for locked in ("cache.jsonl", "p.csv"):  # a prediction running: its cache, its output
+        with run_lock(tmp_path / locked):
+            result = run(
+                "predict_age.py",
+                f"model_path={tmp_path}/none.keras",
+                f"inputs=[{sample}]",
+                f"output_csv={tmp_path}/p.csv",
+                f"descriptor_cache={tmp_path}/cache.jsonl",
+                check=False,
+            )
+        one_line_refusal(result, "another run is writing", locked)

@@ -113,6 +113,7 @@ class OutputGuard:
         self.inputs = [Path(p).expanduser() for p in inputs if p]
         self.folders: list[OutputFolder] = []
         self.files: dict[Path, str] = {}  # claimed file -> what it is
+        self._locks = contextlib.ExitStack()  # one per claimed file, held until the run ends
 
     def add_inputs(self, inputs: Iterable[str | os.PathLike]) -> None:
         self.inputs += [Path(p) for p in inputs]
@@ -154,6 +155,7 @@ class OutputGuard:
                 )
             check_run_record(path)
             ensure_writable_dir(path.parent, f"the folder of {what}")
+            self._locks.enter_context(run_lock(path))  # before its temporaries go: they may be a live run's
             manifest.plan([path.name])  # so that the write notes its digest before renaming (writes.atomic_write)
         finally:
             manifest.close()
@@ -191,6 +193,7 @@ class OutputGuard:
                 f"{what} {path} exists and is not one of agepipe's journals: move it away or choose another name"
             )
         ensure_writable_dir(path.parent, f"the folder of {what}")
+        self._locks.enter_context(run_lock(path))  # a shared cache: one run appends to it at a time
         remove_temporaries(path.parent, temporary_starts([path.name]))
         self.files[path.resolve()] = what
         _claim(path, folder=False)
@@ -213,6 +216,7 @@ class OutputGuard:
     def close(self) -> None:
         for folder in self.folders:
             folder.close()
+        self._locks.close()
 
     def __enter__(self):
         return self
@@ -373,8 +377,9 @@ class OutputFolder:
 
 @contextlib.contextmanager
 def run_lock(path: str | os.PathLike):
-    """Hold an exclusive lock on `path` + ".lock" for the block: a second run on the same outputs stops
-    at once with one line instead of both corrupting each other's journal and files."""
+    """Hold an exclusive lock on `path` + ".lock" for the block (OutputGuard holds one per claimed file
+    for the run): a second run on the same output stops at once with one line instead of both corrupting
+    each other's journal and files."""
     lock = Path(f"{path}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as handle:
