@@ -248,3 +248,39 @@ def test_a_second_run_on_a_shared_cache_or_output_is_refused_before_touching_the
                 check=False,
             )
         one_line_refusal(result, "another run is writing", locked)
+
+
+def test_cached_descriptors_no_network_could_produce_are_described_again(sample, tmp_path):
+    import json
+
+    from agepipe.faces.alignment import FaceSettings
+    from agepipe.faces.describer import DESCRIPTOR_SIZE, DescriptorSettings
+    from agepipe.faces.descriptor_cache import describe_files
+    from agepipe.faces.detector import DetectorSettings, FinderSettings
+    from agepipe.running.parallel import Engine
+
+    faces_found = FaceSettings(FinderSettings(DetectorSettings(0.7, 0.3, 0.15), 1, 0.5), 1.0, 0.2, 40, "square", 24)
+    settings = DescriptorSettings(faces_found, 0.25, ("image", "mirror"), "every_view", True, 1e-6)
+    faces = [str(p) for p in sorted(sample.glob("*.chip.jpg"))[:3]]
+    cache = tmp_path / "cache.jsonl"
+
+    def described():
+        return [
+            image.first.vector for image in describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)
+        ]
+
+    clean = described()
+    lines = cache.read_text().splitlines()
+    edits = (
+        lambda v: np.concatenate([v[:, :DESCRIPTOR_SIZE], -v[:, DESCRIPTOR_SIZE:]], axis=1),  # log-probabilities > 0
+        lambda v: np.concatenate([v[:, :DESCRIPTOR_SIZE] * 50, v[:, DESCRIPTOR_SIZE:]], axis=1),  # a scaled descriptor
+        lambda v: np.concatenate([v[:, :DESCRIPTOR_SIZE], v[:, DESCRIPTOR_SIZE:] - 1], axis=1),  # sums to e^-1
+    )
+    with open(cache, "a", encoding="utf-8") as f:
+        for line, edit in zip(lines[1:], edits):
+            row = json.loads(line)
+            for face in row["faces"]:
+                face["descriptor"] = edit(np.asarray(face["descriptor"])).round(6).tolist()
+            f.write(json.dumps(row) + "\n")
+    for before, after in zip(clean, described()):
+        np.testing.assert_allclose(before, after, atol=1e-5)

@@ -39,9 +39,14 @@ log = logging.getLogger("agepipe.faces")
 # chips dlib's descriptor costs about 6 ms a face on a core here, against 7 one at a time, and the age
 # network 1.5 against 2.7; more gains little).
 IMAGES_PER_BATCH = 8
-# No number a descriptor holds comes near this (dlib's are about unit length, the age network's floored
-# log-probabilities above -70): a cached row beyond it was damaged or edited.
-MAX_DESCRIPTOR_MAGNITUDE = 1000.0
+# What dlib's descriptor network can produce: each view's 128 numbers within +-1, of length 1.29-1.54 on
+# 60 faces of UTKFace and All-Age-Faces in three views; these bounds leave a wide margin. A cached
+# descriptor outside them (scaled, edited) was not written by the network.
+DLIB_MAX_ELEMENT = 1.0
+DLIB_LENGTH_RANGE = (0.8, 2.2)
+# The age network's log-probabilities: each at most 0 and at least log(floor); their probabilities sum to
+# 1 (up to the floor's share and six decimals of rounding).
+PROBABILITY_SUM_TOLERANCE = 1e-3
 CACHE_FORMAT = 3  # the layout: a row per image and settings, holding its faces
 
 
@@ -131,11 +136,37 @@ def descriptor_shape(settings: DescriptorSettings) -> tuple[int, int]:
     ) + AGE_CLASSES * settings.age_network
 
 
-def valid_cache_row(row: dict, shape: tuple[int, int]) -> bool:
+def network_could_produce(descriptor: np.ndarray, settings: DescriptorSettings) -> bool:
+    """Whether each view of a descriptor (views x numbers) lies within what the networks can produce:
+    dlib's part within its element and length bounds, the age network's a floored log-probability
+    distribution."""
+    if not np.isfinite(descriptor).all():
+        return False
+    dlib = descriptor[:, :DESCRIPTOR_SIZE] if settings.face_descriptor != "none" else descriptor[:, :0]
+    if dlib.size:
+        length = np.linalg.norm(dlib, axis=1)
+        if np.abs(dlib).max() > DLIB_MAX_ELEMENT or not (
+            (DLIB_LENGTH_RANGE[0] <= length) & (length <= DLIB_LENGTH_RANGE[1])
+        ).all():
+            return False
+    if settings.age_network:
+        log_probabilities = descriptor[:, dlib.shape[1] :]
+        floor = np.log(settings.age_probability_floor) - PROBABILITY_SUM_TOLERANCE
+        total = np.exp(log_probabilities).sum(axis=1)
+        most = 1 + AGE_CLASSES * settings.age_probability_floor + PROBABILITY_SUM_TOLERANCE
+        if (log_probabilities > PROBABILITY_SUM_TOLERANCE).any() or (log_probabilities < floor).any():
+            return False
+        if ((total < 1 - PROBABILITY_SUM_TOLERANCE) | (total > most)).any():
+            return False
+    return True
+
+
+def valid_cache_row(row: dict, settings: DescriptorSettings) -> bool:
     """Whether a cached row is one describe_files could have written with these settings: faces each
-    with a box and either a problem or a descriptor of the right views and size whose numbers are all
-    plausible, and a problem when no face has a descriptor. A cache edited, truncated or damaged on
-    disk fails, and its rows are described again."""
+    with a box and either a problem or a descriptor of the right views and size whose numbers the
+    networks could produce (network_could_produce), and a problem when no face has a descriptor. A
+    cache edited, truncated or damaged on disk fails, and its rows are described again."""
+    shape = descriptor_shape(settings)
     try:
         found, faces, problem = row["found"], row["faces"], row["problem"]
         if not (found is None or (isinstance(found, int) and found >= 0)) or not isinstance(faces, list):
@@ -156,7 +187,7 @@ def valid_cache_row(row: dict, shape: tuple[int, int]) -> bool:
                     return False
                 continue
             array = np.asarray(vector, np.float64)
-            if array.shape != shape or not (np.abs(array) <= MAX_DESCRIPTOR_MAGNITUDE).all():
+            if array.shape != shape or not network_could_produce(array, settings):
                 return False
             described += 1
     except (KeyError, TypeError, ValueError):
@@ -177,11 +208,10 @@ class DescriptorCache:
         age_model = age_network_files().model.name if settings.age_network else None
         self.settings, self.path = settings, cache_path
         self.suffix = "|" + config_fingerprint(asdict(settings), LANDMARK_MODEL, DESCRIPTOR_MODEL, age_model)
-        shape = descriptor_shape(settings)
         self.journal = Journal(
             cache_path,
             f"descriptor-cache-{CACHE_FORMAT}",
-            accept=lambda key, row: not key.endswith(self.suffix) or valid_cache_row(row, shape),
+            accept=lambda key, row: not key.endswith(self.suffix) or valid_cache_row(row, settings),
         )
 
     def key(self, digest: str) -> str:
