@@ -59,9 +59,10 @@ def main(args) -> None:
         output_csv = guard.file(config.output_csv, "output_csv")
         cache = guard.journal(config.descriptor_cache, "descriptor_cache")
         metadata = read_model_metadata(config.model_path)
-        prior = population_shares(
-            config.prior_csv, metadata.groups, "prior_csv"
-        )  # before any work: a bad prior is one line
+        prior = population_shares(config.prior_csv, metadata.groups, "prior_csv")  # a bad prior: one line, at once
+        unseen = [g for g, share in zip(metadata.groups.labels, metadata.training_group_shares) if share <= 0]
+        if prior is not None and unseen:
+            log.warning("the model was trained on no face aged %s: prior_csv moves no answer there", ", ".join(unseen))
         images = iter_labelled_images(config.inputs, config.labels_csv, config.age_range)
         backbone = saved_backbone(metadata)
         with guard.spool_beside(output_csv) as spool:

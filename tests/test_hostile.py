@@ -284,3 +284,21 @@ def test_cached_descriptors_no_network_could_produce_are_described_again(sample,
             f.write(json.dumps(row) + "\n")
     for before, after in zip(clean, described()):
         np.testing.assert_allclose(before, after, atol=1e-5)
+
+
+def test_a_prior_never_moves_answers_into_groups_the_model_never_saw(tmp_path):
+    from agepipe.data.age_groups import AgeGroups
+    from agepipe.model.estimates import correct_prior, group_matrix, population_shares
+
+    groups = AgeGroups((0, 18, 65))
+    years = np.full((4, 101), 1e-6)
+    years[:, 30:40] = 0.1  # a model that saw only adults
+    years /= years.sum(axis=1, keepdims=True)
+    corrected = correct_prior(years, groups, 100, [0.0, 1.0, 0.0], [0.3, 0.4, 0.3]) @ group_matrix(groups, 100)
+    np.testing.assert_allclose(corrected, [[0.0, 1.0, 0.0]] * 4, atol=1e-6)
+    table = tmp_path / "prior.csv"
+    table.write_text("group,share\n0-17,1e308\n18-64,1e308\n65+,1e308\n")
+    assert population_shares(str(table), groups) == pytest.approx([1 / 3] * 3)  # huge, yet finite shares
+    table.write_text("group,share\n0-17,inf\n18-64,1\n65+,1\n")
+    with pytest.raises(UserError, match="share for each configured group"):
+        population_shares(str(table), groups)

@@ -145,9 +145,10 @@ def network_could_produce(descriptor: np.ndarray, settings: DescriptorSettings) 
     dlib = descriptor[:, :DESCRIPTOR_SIZE] if settings.face_descriptor != "none" else descriptor[:, :0]
     if dlib.size:
         length = np.linalg.norm(dlib, axis=1)
-        if np.abs(dlib).max() > DLIB_MAX_ELEMENT or not (
-            (DLIB_LENGTH_RANGE[0] <= length) & (length <= DLIB_LENGTH_RANGE[1])
-        ).all():
+        if (
+            np.abs(dlib).max() > DLIB_MAX_ELEMENT
+            or not ((DLIB_LENGTH_RANGE[0] <= length) & (length <= DLIB_LENGTH_RANGE[1])).all()
+        ):
             return False
     if settings.age_network:
         log_probabilities = descriptor[:, dlib.shape[1] :]

@@ -78,8 +78,17 @@ def correct_prior(
 ) -> np.ndarray:
     """Re-weight predictions learnt under the training set's age mix to another population's mix:
     p'(year) is proportional to p(year) x target share / training share of the year's group (Bayes' rule
-    with a changed prior; Saerens et al. 2002)."""
-    ratio = np.asarray(target_shares, float) / np.maximum(np.asarray(training_shares, float), 1e-9)
+    with a changed prior; Saerens et al. 2002). A group the training set had no face of gets no weight:
+    the model knows nothing of it, and dividing by its empty share would move answers there.
+
+    Examples
+    --------
+    >>> groups = AgeGroups((0, 50))
+    >>> correct_prior(np.full((1, 101), 1 / 101), groups, 100, [1.0, 0.0], [0.5, 0.5]) @ group_matrix(groups, 100)
+    array([[1., 0.]])
+    """
+    training = np.asarray(training_shares, float)
+    ratio = np.divide(np.asarray(target_shares, float), training, out=np.zeros_like(training), where=training > 0)
     adjusted = year_probabilities * (group_matrix(groups, max_age) @ ratio)[None, :]
     return adjusted / np.maximum(adjusted.sum(axis=1, keepdims=True), 1e-12)
 
@@ -388,7 +397,11 @@ def population_shares(target_csv: str | None, groups: AgeGroups, what: str = "ta
         )
         return None
     table = read_metadata_csv(target_csv, what, required=("group", "share"))
-    shares = pd.to_numeric(table["share"], errors="coerce")
-    if list(table["group"]) != groups.labels or shares.isna().any() or (shares < 0).any() or shares.sum() <= 0:
+    shares = pd.to_numeric(table["share"], errors="coerce").to_numpy(float)
+    if list(table["group"]) != groups.labels or not np.isfinite(shares).all() or (shares < 0).any():
         raise UserError(f"{what} {target_csv} does not hold a share for each configured group {groups.labels}")
-    return shares.astype(float).tolist()
+    scale = shares.max(initial=0.0)
+    if scale <= 0:
+        raise UserError(f"{what} {target_csv} gives every group a share of 0")
+    shares = shares / scale  # first: shares near the float limit would overflow their sum
+    return (shares / shares.sum()).tolist()
