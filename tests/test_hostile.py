@@ -302,3 +302,23 @@ def test_a_prior_never_moves_answers_into_groups_the_model_never_saw(tmp_path):
     table.write_text("group,share\n0-17,inf\n18-64,1\n65+,1\n")
     with pytest.raises(UserError, match="share for each configured group"):
         population_shares(str(table), groups)
+
+
+def test_an_output_csv_naming_another_stages_output_is_refused_whatever_the_manifest_says(sample, tmp_path):
+    from agepipe.running.output_guard import OutputGuard
+
+    with OutputGuard() as guard:  # the report and a model, agepipe's own outputs
+        folder = guard.folder(tmp_path / "out", "output_dir")
+        for name in ("index.html", "model.keras"):
+            folder.write_text(name, f"agepipe's {name}")
+        folder.finish()
+    for name in ("index.html", "model.keras"):
+        result = run(
+            "explore_images.py",
+            f"dataset_dir={sample}",
+            f"output_csv={tmp_path}/out/{name}",
+            f"summary_csv={tmp_path}/s.csv",
+            check=False,
+        )
+        one_line_refusal(result, "not a .csv file name")
+        assert (tmp_path / "out" / name).read_text() == f"agepipe's {name}"

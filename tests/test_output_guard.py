@@ -272,15 +272,15 @@ def test_names_from_a_csv_that_name_no_file_of_their_own_are_refused(faces, tmp_
 
 
 def test_two_explorations_beside_each_other_keep_their_own_measurements(faces, tmp_path):
-    for suffix in ("csv", "tsv"):
+    for suffix in ("csv", "CSV"):  # the same stem
         run(
             "explore_images.py",
             f"dataset_dir={faces}",
             f"output_csv={tmp_path}/two.{suffix}",
             f"summary_csv={tmp_path}/two-{suffix}-s.csv",
         )
-    assert (tmp_path / "two.csv.parts").is_dir() and (tmp_path / "two.tsv.parts").is_dir()
-    assert read_csv(tmp_path / "two.csv").equals(read_csv(tmp_path / "two.tsv"))
+    assert (tmp_path / "two.csv.parts").is_dir() and (tmp_path / "two.CSV.parts").is_dir()
+    assert read_csv(tmp_path / "two.csv").equals(read_csv(tmp_path / "two.CSV"))
 
 
 def test_what_a_killed_run_leaves_is_cleared_by_the_next(faces, tmp_path):

@@ -97,7 +97,7 @@ def test_output_csvs_that_would_destroy_an_input_are_refused(faces, tmp_path):
     before = image.read_bytes()
     for output_csv, message in (
         (image, "overlaps the input folder"),
-        (tmp_path / "photo.jpg", "image file's name"),
+        (tmp_path / "photo.jpg", "not a .csv file name"),
         (faces / "m.csv", "overlaps the input folder"),
         (tmp_path, "is a folder"),
     ):

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import IO, Any, Iterable
 
 from agepipe.config.loading import PROJECT_DIR, plain
-from agepipe.data.image_files import IMAGE_EXTENSIONS
 from agepipe.errors import UserError, shown
 from agepipe.running.manifest import Manifest
 from agepipe.running.writes import (
@@ -136,14 +135,15 @@ class OutputGuard:
             if is_inside(claimed, path):
                 raise UserError(f"{what} {path} is, or holds, the {other} {claimed}: give each output its own place")
 
-    def file(self, path: str | os.PathLike, what: str, table: bool = True) -> Path:
-        """Claim a file agepipe writes whole. An existing file there must be provably agepipe's."""
+    def file(self, path: str | os.PathLike, what: str) -> Path:
+        """Claim a table (a CSV) agepipe writes whole. An existing file there must be provably agepipe's,
+        and its name a CSV's: never another stage's model, report or image, whatever the manifest says."""
         path = Path(path).expanduser()
         if path.is_dir():
             raise UserError(f"{what} {path} is a folder; give a file name")
         self._check_place(path, what)
-        if table and path.suffix.lower() in IMAGE_EXTENSIONS:
-            raise UserError(f"{what} {path} has an image file's name; refusing to write a table there")
+        if path.suffix.lower() != ".csv":
+            raise UserError(f"{what} {path} is not a .csv file name; refusing to write a table there")
         if path.name.startswith(RESERVED_PREFIX):
             raise UserError(f"{what} {path} is a name agepipe keeps for its own bookkeeping")
         manifest = Manifest(path.parent)
