@@ -98,8 +98,75 @@ def test_an_unreachable_scheduler_is_one_line(sample, tmp_path):
     )
     assert result.returncode != 0 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run("explore_images.py", f"dataset_dir={sample}", "scheduler=my-cluster", check=False)
-    assert result.returncode == 2 and "scheduler: expected 'local' or a Dask scheduler address" in result.stderr
+
+
+@pytest.mark.parametrize("address", ["my-cluster", "foo://host:1", "tcp://", "tcp://host", "inproc://x", "tls://h:1"])
+def test_a_scheduler_address_agepipe_cannot_use_is_a_config_error(address):
+    from agepipe.config.data_stages import ExploreConfig
+    from agepipe.config.loading import CONFIG_DIR, load_config
+    from agepipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scheduler: expected 'local' or a Dask scheduler address"):
+        load_config(ExploreConfig, CONFIG_DIR / "explore_images.yaml", [f"scheduler={address}"])
+
+
+def explore_on(address: str, sample, tmp_path) -> str:
+    """Explore on the scheduler at `address` (2 s to answer, 2 s for a worker); its line of error."""
+    result = run(
+        "explore_images.py",
+        f"dataset_dir={sample}",
+        f"output_csv={tmp_path}/m.csv",
+        f"summary_csv={tmp_path}/s.csv",
+        f"scheduler={address}",
+        "scheduler_timeout_seconds=2",
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("answer", [None, b"\xff" * 64], ids=["silent", "garbage"])
+def test_a_server_that_never_answers_or_answers_garbage_is_one_line_within_the_deadline(sample, tmp_path, answer):
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve():
+        while True:
+            connection, _ = server.accept()
+            accepted.append(connection)
+            if answer:
+                connection.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    start = time.time()
+    line = explore_on(f"tcp://127.0.0.1:{server.getsockname()[1]}", sample, tmp_path)
+    assert "cannot reach the Dask scheduler" in line and time.time() - start < 60
+    server.close()
+
+
+def test_a_scheduler_without_workers_or_with_workers_that_cannot_import_agepipe_is_one_line(sample, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=0, dashboard_address=None) as empty:
+        assert "has no worker" in explore_on(empty.scheduler_address, sample, tmp_path)
+        # a worker started outside the project: it cannot unpickle agepipe's tasks
+        worker = subprocess.Popen(
+            [str(PROJECT / ".venv" / "bin" / "dask"), "worker", empty.scheduler_address, "--nworkers", "1"],
+            cwd=tmp_path,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with distributed.Client(empty.scheduler_address) as client:
+                client.wait_for_workers(1, timeout=60)
+            assert "cannot run agepipe's tasks" in explore_on(empty.scheduler_address, sample, tmp_path)
+        finally:
+            worker.kill()
+            worker.wait()
 
 
 def descriptor_rows(cache) -> dict[str, dict]:

@@ -9,11 +9,15 @@ model, and turns the first problem into one line naming the key path and what wa
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agepipe.config.loading import PROJECT, WORKSPACE
+
+# A Dask scheduler's address: tcp://, a host name or address (IPv6 in brackets) and a port.
+SCHEDULER_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
 
 
 class Section(BaseModel):
@@ -149,6 +153,9 @@ class Common(Section):
     @field_validator("scheduler")
     @classmethod
     def local_or_address(cls, scheduler: str) -> str:
-        if scheduler != "local" and "://" not in scheduler:
-            raise ValueError("expected 'local' or a Dask scheduler address such as tcp://host:8786")
+        if scheduler != "local" and not SCHEDULER_ADDRESS.fullmatch(scheduler):
+            raise ValueError(
+                "expected 'local' or a Dask scheduler address such as tcp://host:8786 (a host and a port; "
+                "agepipe connects over tcp:// only)"
+            )
         return scheduler

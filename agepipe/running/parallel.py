@@ -16,12 +16,13 @@ import itertools
 import multiprocessing
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import BaseModel
 
-from agepipe.errors import UserError
+from agepipe.errors import UserError, shown
 from agepipe.running import writes
 
 TaskFunction = Callable[[Any, Any], Any]
@@ -214,6 +215,56 @@ def _outcomes(chunk: list, results: list[tuple[bool, Any]], on_failure) -> Itera
         yield value if ok else _failed(item, value, on_failure)
 
 
+@contextlib.contextmanager
+def connected_client(address: str, timeout: float) -> Iterator:
+    """A Dask client of the scheduler at `address` once it has a worker, or one line when it does not
+    answer within `timeout` seconds (distributed's own timeout does not cover a server that accepts the
+    connection and never answers: the connection is made in a thread, waited for with a deadline) or has
+    no worker within `timeout` more."""
+    from distributed import Client
+
+    outcome: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            outcome["client"] = Client(address, timeout=timeout)
+        except BaseException as exc:  # whatever a wrong server makes the handshake raise, said in one line
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=connect, name="dask-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "client" not in outcome:
+        error = outcome.get("error")
+        why = f"{type(error).__name__}: {shown(str(error))}" if error else f"no answer within {timeout:g} s"
+        raise UserError(f"cannot reach the Dask scheduler at {address} ({why})")
+    client = outcome["client"]
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            raise UserError(
+                f"the Dask scheduler at {address} has no worker (none joined within {timeout:g} s): "
+                f"start one with `dask worker {address}` in the project folder"
+            ) from None
+        # a worker that cannot import agepipe drops the task's message and the task waits forever: a first
+        # task of agepipe's, with the same deadline, finds out
+        try:
+            client.submit(_worker_answers, pure=False).result(timeout=timeout)
+        except Exception as exc:
+            why = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__
+            raise UserError(
+                f"the Dask workers of {address} cannot run agepipe's tasks ({why}): start them in the project "
+                "folder, with its .venv"
+            ) from None
+        yield client
+
+
+def _worker_answers() -> bool:
+    """A Dask worker's first task: it answers only when it can import agepipe."""
+    return True
+
+
 def _dask_map(func, chunks, batch: int, address: str, connect_timeout: float, setup: tuple, on_failure) -> Iterator:
     """Chunks of items over the workers of the Dask cluster at `address`, one task per chunk, two
     tasks per worker thread in flight.
@@ -222,14 +273,10 @@ def _dask_map(func, chunks, batch: int, address: str, connect_timeout: float, se
     three workers yields on_failure for each of its items. Workers must see the files at the same
     paths (a shared file system) and import agepipe's modules (start them in the project folder).
     """
-    from distributed import Client, as_completed
+    from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
-    try:
-        client = Client(address, timeout=connect_timeout)
-    except (OSError, TimeoutError) as exc:
-        raise UserError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
-    with client:
+    with connected_client(address, connect_timeout) as client:
         running: dict = {}
         finished = as_completed()
 
@@ -248,6 +295,11 @@ def _dask_map(func, chunks, batch: int, address: str, connect_timeout: float, se
                 results = future.result()
             except KilledWorker:
                 results = [(False, "its Dask worker died three times")] * len(chunk)
+            except Exception as exc:  # items fail inside _run_chunk: this is the worker failing the task itself
+                raise UserError(
+                    f"the Dask workers of {address} cannot run agepipe's tasks ({type(exc).__name__}: "
+                    f"{shown(str(exc))}): start them in the project folder, with its .venv"
+                ) from None
             future.release()
             submit_next()
             yield from _outcomes(chunk, results, on_failure)
