@@ -322,3 +322,23 @@ def test_an_output_csv_naming_another_stages_output_is_refused_whatever_the_mani
         )
         one_line_refusal(result, "not a .csv file name")
         assert (tmp_path / "out" / name).read_text() == f"agepipe's {name}"
+
+
+def test_phone_formats_get_a_row_with_the_reason_and_other_files_are_counted(sample, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    face = sorted(sample.glob("*.chip.jpg"))[0]
+    shutil.copy(face, folder / "30_1_0_a.jpg")
+    Image.open(face).save(folder / "30_1_0_b.gif")
+    (folder / "30_1_0_c.heic").write_bytes(b"\0\0\0\x18ftypheic" + bytes(200))  # an iPhone photo's container
+    (folder / "notes.txt").write_text("not an image")
+    result = run(
+        "explore_images.py", f"dataset_dir={folder}", f"output_csv={tmp_path}/m.csv", f"summary_csv={tmp_path}/s.csv"
+    )
+    rows = read_csv(tmp_path / "m.csv").set_index("file")
+    assert sorted(rows.index) == ["30_1_0_a.jpg", "30_1_0_b.gif", "30_1_0_c.heic"]
+    assert rows.loc["30_1_0_b.gif", "status"] != "unreadable" and rows.loc["30_1_0_b.gif", "faces"] >= 1
+    assert rows.loc["30_1_0_c.heic", "status"] == "unreadable" and "HEIF" in rows.loc["30_1_0_c.heic", "reason"]
+    assert "left out 1 file of" in result.stderr and "(1 .txt)" in result.stderr

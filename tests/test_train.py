@@ -156,6 +156,40 @@ def test_saved_model_reloads_with_its_metadata_and_predicts_the_same(trained, de
     )
 
 
+def test_a_crafted_lite_head_is_one_line_and_never_allocates_what_its_shapes_claim(trained):
+    """Words of the LiteRT head rewritten at random (shapes, indices, sizes): each copy either runs as a
+    head of the model's shape or is refused in one line, and memory never grows by what a shape claims."""
+    import resource
+    import zipfile
+
+    from agepipe.errors import UserError
+    from agepipe.model.saved_models import LITE_HEAD_ENTRY, LiteHead, read_model_metadata
+
+    out, _ = trained
+    metadata = read_model_metadata(out / "model.keras")
+    with zipfile.ZipFile(out / "model.keras") as archive:
+        content = archive.read(LITE_HEAD_ENTRY)
+    head = LiteHead(content, metadata.max_age + 1, out / "model.keras")
+    width = int(head._input["shape"][1])
+    random = np.random.default_rng(35)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    outcomes = {"ran": 0, "refused": 0}
+    for _ in range(400):
+        crafted = bytearray(content)
+        offset = 4 * int(random.integers(0, len(content) // 4))
+        value = int(random.choice([0x7FFFFFFF, 1 << 20, 1 << 31, 0xFFFFFFFF, 3]))
+        crafted[offset : offset + 4] = value.to_bytes(4, "little")
+        try:
+            rows = LiteHead(bytes(crafted), metadata.max_age + 1, out / "model.keras").predict(np.zeros((2, width)))
+            assert rows.shape[0] == 2 and rows.shape[-1] == metadata.max_age + 1
+            outcomes["ran"] += 1
+        except UserError as exc:
+            assert "\n" not in str(exc) and LITE_HEAD_ENTRY in str(exc)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0 and outcomes["ran"] > 0, outcomes
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 1_000_000  # kilobytes: under 1 GB
+
+
 def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample, descriptor_cache, tmp_path):
     out, _ = trained
     folder = tmp_path / "faces"

@@ -12,6 +12,7 @@ import numbers
 import os
 import re
 import stat
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,8 +32,9 @@ UTKFACE_NAME = re.compile(r"^(?P<age>\d+)_(?:(?P<gender>\d)_)?(?:(?P<race>\d)_)?
 LABEL_COLUMNS = ["file", "age", "age_group", "gender", "race"]
 
 
-def find_image_files(dataset_dir: Path) -> Iterator[tuple[str, str]]:
-    """(relative posix path, real path) of every image file below `dataset_dir`, in sorted order.
+def find_image_files(dataset_dir: Path, skipped: Counter | None = None) -> Iterator[tuple[str, str]]:
+    """(relative posix path, real path) of every image file below `dataset_dir`, in sorted order; the
+    other files are counted by extension in `skipped`, when given (say_skipped).
 
     One folder is listed at a time, so memory grows with the largest folder, not with the dataset.
     Extensions are matched case-insensitively, and `x.jpg.chip.jpg` counts by its last suffix. Hidden
@@ -50,10 +52,25 @@ def find_image_files(dataset_dir: Path) -> Iterator[tuple[str, str]]:
                 stack.append(iter(_sorted_entries(entry[1], entry[0])))
             except OSError:
                 yield entry[0], entry[1]
-        elif (
-            os.path.splitext(entry[0])[1].lower() in IMAGE_EXTENSIONS
-        ):  # not pathlib: Python 3.11's interns every name for good
-            yield entry[0], entry[1]
+        elif (extension := os.path.splitext(entry[0])[1].lower()) in IMAGE_EXTENSIONS:  # not pathlib: it
+            yield entry[0], entry[1]  # interns every name for good (Python 3.11)
+        elif skipped is not None:
+            skipped[extension or "no extension"] += 1
+
+
+def say_skipped(skipped: Counter, where) -> None:
+    """Log how many files a listing left out as not images, by extension."""
+    if skipped:
+        kinds = ", ".join(f"{count} {extension}" for extension, count in skipped.most_common())
+        count = sum(skipped.values())
+        log.info(
+            "left out %d file%s of %s that %s not images (%s)",
+            count,
+            "s" * (count != 1),
+            where,
+            "are" if count != 1 else "is",
+            kinds,
+        )
 
 
 def _sorted_entries(folder: str, prefix: str) -> list[tuple[str, str, bool]]:
@@ -197,7 +214,8 @@ def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: A
         csv_path = Path(labels.csv_path)
         table = read_labels_csv(csv_path, labels.file_column, labels.age_column)
     files = matched = 0
-    for file, real in find_image_files(dataset_dir):
+    skipped: Counter = Counter()
+    for file, real in find_image_files(dataset_dir, skipped):
         files += 1
         parsed = parse_utkface_name(file)
         age, error = parsed["age"], None
@@ -217,6 +235,7 @@ def iter_dataset(dataset_dir, labels: Labels, age_range: AgeRange, age_groups: A
             "label_error": error,
             "_real_path": real,
         }
+    say_skipped(skipped, dataset_dir)
     if not files:
         raise UserError(f"dataset folder {dataset_dir} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     if from_csv and matched < len(table):
@@ -348,10 +367,12 @@ def _input_rows(inputs: list[str]) -> Iterator[dict]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
+            skipped: Counter = Counter()
             yield from (
                 {"file": display_name(str(path / name)), "path": real, "relative": name}
-                for name, real in find_image_files(path)
+                for name, real in find_image_files(path, skipped)
             )
+            say_skipped(skipped, path)
         elif path.suffix.lower() == ".csv":
             yield from _table_rows(path)
         else:

@@ -20,7 +20,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}  # what counts as an image file, any case
+# What counts as an image file, any case: each gets a row, those no decoder here reads (HEIF/AVIF: a
+# phone's photos) with the reason
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif", ".avif"}
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -131,6 +133,8 @@ def read_header(data: bytes, info: dict) -> tuple[int, bool]:
             orientation = header.getexif().get(EXIF_ORIENTATION, 1) if header.format == "JPEG" else 1
             transparent = header.has_transparency_data
     except UnidentifiedImageError:
+        if data[4:8] == b"ftyp":  # the ISO media container HEIC and AVIF photos come in
+            raise UnreadableImage("a HEIF/AVIF photo, which cannot be decoded here: convert it to JPEG", info) from None
         raise UnreadableImage("not an image: content is not a known image format", info) from None
     except Exception as exc:  # Pillow raises many types on corrupt headers; their text may quote the file's bytes
         raise UnreadableImage(f"corrupt image header ({type(exc).__name__})", info) from None

@@ -26,6 +26,9 @@ METADATA_ENTRY = "agepipe.json"  # stored inside the .keras zip, beside Keras' o
 MAX_METADATA_BYTES = 10_000_000
 LITE_HEAD_ENTRY = "agepipe_head.tflite"  # the same network as LiteRT runs it, beside it
 MAX_LITE_HEAD_BYTES = 500_000_000
+# The most numbers any one tensor of the head may hold for one input row (train_model.py's heads hold a
+# few thousand): a shape edited in the file is refused before LiteRT allocates for it.
+MAX_HEAD_TENSOR_ELEMENTS = 1_000_000
 
 
 class SavedDescriptor(Descriptor):
@@ -129,24 +132,44 @@ class LiteHead:
             raise UserError(
                 f"model file {origin} holds a damaged {LITE_HEAD_ENTRY}: it was edited or damaged"
             ) from None
+        self._origin = origin
         self._input, self._output = self._interpreter.get_input_details()[0], self._interpreter.get_output_details()[0]
         if tuple(self._output["shape"])[-1:] != (outputs,) or len(self._input["shape"]) != 2:
             raise UserError(
                 f"model file {origin}: its {LITE_HEAD_ENTRY} does not give the {outputs} outputs its metadata describes"
             )
+        for tensor in self._interpreter.get_tensor_details():
+            sizes = [int(d) for d in tensor.get("shape_signature", tensor["shape"])]
+            if (
+                any(d < -1 for d in sizes)
+                or np.prod([max(d, 1) for d in sizes], dtype=float) > MAX_HEAD_TENSOR_ELEMENTS
+            ):
+                raise UserError(
+                    f"model file {origin}: its {LITE_HEAD_ENTRY} declares a tensor of shape {sizes}, beyond what "
+                    "train_model.py writes: it was edited or damaged"
+                )
+        self._run(np.zeros((1, int(self._input["shape"][1])), np.float32))  # fails here, before any work
 
-    def predict(self, inputs: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         from agepipe.running.console import native_stderr_silenced
 
-        outputs = []
-        for start in range(0, len(inputs), batch_size):
-            batch = np.ascontiguousarray(inputs[start : start + batch_size], np.float32)
+        try:
             with native_stderr_silenced():  # LiteRT announces its XNNPACK delegate when it first runs
                 self._interpreter.resize_tensor_input(self._input["index"], batch.shape)
                 self._interpreter.allocate_tensors()
                 self._interpreter.set_tensor(self._input["index"], batch)
                 self._interpreter.invoke()
-            outputs.append(self._interpreter.get_tensor(self._output["index"]).copy())
+        except (ValueError, RuntimeError, IndexError):
+            raise UserError(
+                f"model file {self._origin} holds a {LITE_HEAD_ENTRY} LiteRT cannot run: it was edited or damaged"
+            ) from None
+        return self._interpreter.get_tensor(self._output["index"]).copy()
+
+    def predict(self, inputs: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
+        outputs = [
+            self._run(np.ascontiguousarray(inputs[start : start + batch_size], np.float32))
+            for start in range(0, len(inputs), batch_size)
+        ]
         return np.concatenate(outputs) if outputs else np.zeros((0, self._output["shape"][-1]), np.float32)
 
 
