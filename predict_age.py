@@ -33,6 +33,7 @@ import pandas as pd
 from agepipe.config.loading import load_config
 from agepipe.config.model_stages import PredictConfig
 from agepipe.data.datasets import iter_labelled_images
+from agepipe.data.image_files import FileLimits
 from agepipe.model.backbones import BOX_COLUMNS, saved_backbone
 from agepipe.model.estimates import (
     Answers,
@@ -64,7 +65,7 @@ def main(args) -> None:
         if prior is not None and unseen:
             log.warning("the model was trained on no face aged %s: prior_csv moves no answer there", ", ".join(unseen))
         images = iter_labelled_images(config.inputs, config.labels_csv, config.age_range)
-        backbone = saved_backbone(metadata)
+        backbone = saved_backbone(metadata, FileLimits.from_config(config.file_limits))
         with guard.spool_beside(output_csv) as spool:
             chunks = backbone.prepare_batches(
                 images, Engine.of(config), cache, spool, config.images_per_chunk, all_faces=config.row_per_face

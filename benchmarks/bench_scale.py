@@ -40,7 +40,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from agepipe.config.data_stages import Duplicates  # noqa: E402
-from agepipe.faces.describer import MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
+from agepipe.config.loading import CONFIG_DIR, load_config  # noqa: E402
+from agepipe.config.model_stages import PredictConfig  # noqa: E402
+from agepipe.data.image_files import FileLimits  # noqa: E402
 from agepipe.faces.descriptor_cache import DescriptorCache, content_hash, describe_files  # noqa: E402
 from agepipe.model.backbones import saved_backbone  # noqa: E402
 from agepipe.model.saved_models import read_model_metadata  # noqa: E402
@@ -132,17 +134,18 @@ def dataset_files(folder: Path) -> list[Path]:
 def fill_cache(folder: Path, cache: Path, model: Path, workers: int) -> None:
     """Describe the first TEMPLATES files for real with `model`'s settings, and give every other file
     its template's description under its own content hash."""
-    settings = saved_backbone(read_model_metadata(model)).descriptor
+    limits = FileLimits.from_config(load_config(PredictConfig, CONFIG_DIR / "predict_age.yaml").file_limits)
+    settings = saved_backbone(read_model_metadata(model), limits).descriptor
     files = dataset_files(folder)
     templates = [str(f) for f in files[:TEMPLATES]]
-    describe_files(templates, settings, cache, Engine(workers), MAX_PIXELS, MAX_FILE_BYTES)
+    describe_files(templates, settings, cache, Engine(workers), limits.max_pixels, limits.max_file_bytes)
     cached = DescriptorCache(cache, settings)
-    keys = [cached.key(content_hash(f, MAX_FILE_BYTES)) for f in templates]
+    keys = [cached.key(content_hash(f, limits.max_file_bytes)) for f in templates]
     found = cached.journal.records(keys)
     rows = [found[key] for key in keys]
     with cached.journal:
         for index, path in enumerate(files[TEMPLATES:], TEMPLATES):
-            cached.journal.record(cached.key(content_hash(str(path), MAX_FILE_BYTES)), rows[index % TEMPLATES])
+            cached.journal.record(cached.key(content_hash(str(path), limits.max_file_bytes)), rows[index % TEMPLATES])
 
 
 def process_benchmark(explored: Path, out: Path, workers: int) -> str:

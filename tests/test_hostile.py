@@ -342,3 +342,14 @@ def test_phone_formats_get_a_row_with_the_reason_and_other_files_are_counted(sam
     assert rows.loc["30_1_0_b.gif", "status"] != "unreadable" and rows.loc["30_1_0_b.gif", "faces"] >= 1
     assert rows.loc["30_1_0_c.heic", "status"] == "unreadable" and "HEIF" in rows.loc["30_1_0_c.heic", "reason"]
     assert "left out 1 file of" in result.stderr and "(1 .txt)" in result.stderr
+
+
+def test_a_photo_over_the_pixel_limit_names_a_setting_every_stage_has(tmp_path):
+    from agepipe.config.model_stages import PredictConfig, TrainConfig
+    from agepipe.data.image_files import UnreadableImage
+
+    cv2.imwrite(str(tmp_path / "phone.jpg"), np.full((120, 90, 3), 128, np.uint8))  # 10,800 pixels
+    for model, name in ((PredictConfig, "predict_age.yaml"), (TrainConfig, "train_model.yaml")):
+        config = load_config(model, CONFIG_DIR / name, ["file_limits.max_pixels=10000"])
+        with pytest.raises(UnreadableImage, match=r"over file_limits\.max_pixels"):
+            read_image(str(tmp_path / "phone.jpg"), config.file_limits.max_pixels, 10**8)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from agepipe.data.age_groups import AgeGroups
+from agepipe.data.image_files import FileLimits
 from conftest import PROJECT, read_csv, run
 
 REAL_DATA = PROJECT.parent / "shared" / "data" / "utkface_sample"
@@ -140,7 +141,7 @@ def test_saved_model_reloads_with_its_metadata_and_predicts_the_same(trained, de
     assert metadata.labels == ["0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
     assert metadata.backbone == "face_features" and metadata.config["seed"] == 7 and 0.1 < metadata.temperature < 10
     saved = read_csv(out / "test_predictions.csv")
-    backbone = saved_backbone(metadata)
+    backbone = saved_backbone(metadata, FileLimits(10**8, 10**9))
     rows = backbone.prepare(saved, Engine(num_workers=1), descriptor_cache)
     years = tempered(backbone.predict(model, rows, True, 64), metadata.temperature)
     answer = answers(years, metadata.groups, metadata.max_age, metadata.answer_rule, metadata.interval)

@@ -58,10 +58,6 @@ class Labels(Section):
 
 
 class ImageLimits(Section):
-    max_pixels: Bounded(int, 1)
-    """Images whose header claims more pixels are refused before decoding (decompression bombs)."""
-    max_file_mb: Bounded(float, 0.001)
-    """Larger files are refused, not read."""
     max_aspect_ratio: Bounded(float, 1)
     """More elongated images are refused."""
     analysis_side: Bounded(int, 16, 4096)

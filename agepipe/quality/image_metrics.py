@@ -17,7 +17,7 @@ from pydantic import create_model
 
 from agepipe.config.data_stages import ExploreConfig
 from agepipe.config.schema import Bounded, Section
-from agepipe.data.image_files import UnreadableImage, read_image
+from agepipe.data.image_files import FileLimits, UnreadableImage, read_image
 from agepipe.faces.alignment import FacePath, FaceSettings, square_about
 from agepipe.faces.detector import FACE_COLUMNS, Faces, face_geometry
 
@@ -258,11 +258,11 @@ class ReaderSettings:
     @classmethod
     def from_config(cls, explore: ExploreConfig, metrics: dict | None = None) -> "ReaderSettings":
         """The reader settings of a validated explore config (`metrics` replaces its metric list)."""
-        images = explore.images
+        images, limits = explore.images, FileLimits.from_config(explore.file_limits)
         return cls(
             explore.metrics if metrics is None else metrics,
-            images.max_pixels,
-            int(images.max_file_mb * 1e6),
+            limits.max_pixels,
+            limits.max_file_bytes,
             images.max_aspect_ratio,
             images.analysis_side,
             FaceSettings.from_config(explore.faces),
