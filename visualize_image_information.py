@@ -219,6 +219,7 @@ def write_site(
         sections=sections(entries, gallery_pages),
         gallery_pages=gallery_pages,
         suspected=suspected,
+        figure_format=config.formats[0],  # the plots are written in each format; the page shows the first
         sources=[{"name": s, "href": os.path.relpath(s, folder.path)} for s in sources],
         model_card=os.path.relpath(model_card, folder.path) if model_card else None,
     )

@@ -102,6 +102,24 @@ def test_every_flagged_image_is_two_clicks_from_the_index_and_every_link_resolve
     assert len(shown["blurry"]) > 10 and (report / "gallery" / "blurry-2.html").exists()  # paged: 10 a page
 
 
+def test_svg_only_and_names_that_mean_something_in_a_link_still_resolve(sample, tmp_path):
+    import cv2
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = ["30_1_0_a #2.jpg", "30_1_0_b?.jpg", "30_1_0_%2e.jpg", "30_1_0_c\\d.jpg"]
+    for name, face in zip(names, sorted(sample.glob("*.chip.jpg"))):
+        cv2.imwrite(str(folder / name), cv2.GaussianBlur(cv2.imread(str(face)), (0, 0), 6))  # flagged blurry
+    run("explore_images.py", f"dataset_dir={folder}", f"output_csv={tmp_path}/m.csv", f"summary_csv={tmp_path}/s.csv")
+    out = tmp_path / "report"
+    run("visualize_image_information.py", f"exploration_csv={tmp_path}/m.csv", f"output_dir={out}", "formats=[svg]")
+    assert not list(out.glob("*.png")) and list(out.glob("*.svg"))
+    pages = [out / "index.html", *sorted((out / "gallery").glob("*.html"))]
+    targets = {link for page in pages for link in local_links(page)}
+    assert not [link for link in targets if not link.exists()]
+    assert {p.name for p in targets if p.parent == folder} == set(names)  # each photo linked, by its own name
+
+
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Chromium is not installed (apt install chromium)")
 def test_the_index_opens_in_headless_chromium(report):
     command = [

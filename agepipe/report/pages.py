@@ -48,6 +48,20 @@ def years(value) -> str:
     return MISSING if _missing(value) else f"{float(value):.1f}"
 
 
+def link(path: str) -> str:
+    """A relative file path as a link's address: every character a browser would read otherwise
+    (#, ?, %, \\, spaces) percent-encoded.
+
+    Examples
+    --------
+    >>> link("../data/a #2?.jpg")
+    '../data/a%20%232%3F.jpg'
+    """
+    from urllib.parse import quote
+
+    return quote(path, safe="/")
+
+
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -63,7 +77,7 @@ def environment():
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(percent=percent, number=number, years=years)
+    env.filters.update(percent=percent, number=number, years=years, link=link)
     return env
 
 
