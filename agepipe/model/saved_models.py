@@ -139,11 +139,11 @@ class LiteHead:
                 f"model file {origin}: its {LITE_HEAD_ENTRY} does not give the {outputs} outputs its metadata describes"
             )
         for tensor in self._interpreter.get_tensor_details():
-            sizes = [int(d) for d in tensor.get("shape_signature", tensor["shape"])]
-            if (
-                any(d < -1 for d in sizes)
-                or np.prod([max(d, 1) for d in sizes], dtype=float) > MAX_HEAD_TENSOR_ELEMENTS
-            ):
+            # the shape as stored and its signature (-1: the batch) are separate fields: both are checked
+            sizes = [int(d) for d in tensor["shape"]]
+            signature = [int(d) for d in tensor.get("shape_signature", sizes)]
+            elements = max(np.prod([max(d, 1) for d in dims], dtype=float) for dims in (sizes, signature))
+            if any(d < -1 for d in sizes + signature) or elements > MAX_HEAD_TENSOR_ELEMENTS:
                 raise UserError(
                     f"model file {origin}: its {LITE_HEAD_ENTRY} declares a tensor of shape {sizes}, beyond what "
                     "train_model.py writes: it was edited or damaged"
