@@ -47,7 +47,7 @@ from agepipe.running.console import progress_bar
 from agepipe.running.output_guard import OutputGuard
 from agepipe.running.parallel import Engine
 from agepipe.running.writes import write_csv, write_run_record
-from utils import run_script, setup_logging
+from utils import require_workspace, run_script, setup_logging
 
 log = logging.getLogger("agepipe.labels")
 
@@ -164,6 +164,7 @@ def with_check_training(train: TrainConfig, config: LabelCheckConfig) -> TrainCo
 
 def main(args) -> None:
     config = load_config(LabelCheckConfig, args.config, args.overrides)
+    require_workspace(config.workspace)
     setup_logging(config.log_level)
     common = [
         f"{key}={value}"

@@ -320,12 +320,13 @@ def exploration_settings(exploration_csv: str | os.PathLike, overrides: Iterable
         recorded = read_run_record(record)["config"]
         base = validated_exploration(validate_section(ExploreConfig, recorded))
     except FileNotFoundError:
-        log.warning(
-            "%s has no run record (%s): judging it by the thresholds of %s as they are now",
-            exploration_csv,
-            record.name,
-            EXPLORE_CONFIG,
-        )
+        if Path(exploration_csv).exists():  # else the stage says, in one line, that the CSV is missing
+            log.warning(
+                "%s has no run record (%s): judging it by the thresholds of %s as they are now",
+                exploration_csv,
+                record.name,
+                EXPLORE_CONFIG,
+            )
         return load_explore_config(EXPLORE_CONFIG, overrides)
     except (OSError, ValueError, KeyError, TypeError, ConfigError):
         raise ConfigError(f"{record} is not the run record of an exploration: re-run explore_images.py") from None

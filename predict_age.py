@@ -48,13 +48,14 @@ from agepipe.model.saved_models import ModelMetadata, read_model_metadata
 from agepipe.running.output_guard import OutputGuard
 from agepipe.running.parallel import Engine
 from agepipe.running.writes import atomic_write, record_written, write_run_record
-from utils import run_script, setup_logging
+from utils import require_workspace, run_script, setup_logging
 
 log = logging.getLogger("agepipe.predict")
 
 
 def main(args) -> None:
     config = load_config(PredictConfig, args.config, args.overrides)
+    require_workspace(config.workspace)
     setup_logging(config.log_level)
     with OutputGuard(inputs=[*config.inputs, config.model_path, config.prior_csv, config.labels_csv]) as guard:
         output_csv = guard.file(config.output_csv, "output_csv")

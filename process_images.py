@@ -49,7 +49,7 @@ from agepipe.running.resume import PartStore, fill_parts, json_table
 from agepipe.running.writes import atomic_write, copy_file, record_written, write_bytes, write_run_record
 from image_processor import REPAIRS, encode_image, repair_order, resize_square
 from image_reader import exploration_keys, exploration_settings, failing_checks
-from utils import run_script, setup_logging
+from utils import require_workspace, run_script, setup_logging
 
 log = logging.getLogger("agepipe.process")
 
@@ -64,6 +64,7 @@ def load_process_config(
     library caller may give the exploration's settings itself."""
     own, theirs = exploration_keys(overrides, ProcessConfig)
     config = load_config(ProcessConfig, path, own)
+    require_workspace(config.workspace)
     explore = explore or exploration_settings(config.input_csv, theirs)
     unused = [check for check in config.repairs if check not in explore.checks]
     if unused:

@@ -24,7 +24,7 @@ from agepipe.errors import UserError
 from agepipe.running.console import native_stderr_silenced
 from agepipe.running.output_guard import OutputGuard
 from agepipe.running.writes import rename_into_place, temporary_affixes
-from utils import WORKSPACE_VARIABLE, argument_parser
+from utils import WORKSPACE_VARIABLE, argument_parser, require_workspace
 
 
 def absolute_paths(assignment: str) -> str:
@@ -95,14 +95,16 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one cell may take")
     args = parser.parse_args()
+    if not args.notebook.is_file() and (PROJECT_DIR / args.notebook).is_file():
+        args.notebook = PROJECT_DIR / args.notebook  # the project's notebooks, from any folder
     if not args.notebook.is_file():
-        sys.exit(f"error: notebook {args.notebook} not found")
-
+        raise UserError(f"notebook {args.notebook} not found")
+    workspace = next(
+        (o.partition("=")[2] for o in reversed(args.overrides) if o.partition("=")[0] == "workspace"),
+        os.environ.get(WORKSPACE_VARIABLE),
+    )
+    require_workspace(workspace)
     if args.output_dir is None:
-        workspace = next(
-            (o.partition("=")[2] for o in reversed(args.overrides) if o.partition("=")[0] == "workspace"),
-            os.environ.get(WORKSPACE_VARIABLE),
-        )
         args.output_dir = (
             (Path(workspace).expanduser().resolve() if workspace else PROJECT_DIR) / "reports" / "notebooks"
         )

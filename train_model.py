@@ -59,7 +59,7 @@ from agepipe.running.console import progress_bar
 from agepipe.running.output_guard import OutputFolder, OutputGuard
 from agepipe.running.parallel import Engine
 from agepipe.running.writes import run_record
-from utils import run_script, setup_logging
+from utils import require_workspace, run_script, setup_logging
 
 log = logging.getLogger("agepipe.train")
 
@@ -438,6 +438,7 @@ def summary_lines(report: dict, config: TrainConfig, backbone, trained: int, sus
 
 def main(args) -> None:
     config = load_config(TrainConfig, args.config, args.overrides)
+    require_workspace(config.workspace)
     setup_logging(config.log_level)
     groups = age_groups_from(config)
     frame, suspected = read_training_csv(config.input_csv, groups, config.age_range, config.exclude_suspected_labels)

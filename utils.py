@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterable, get_args, get_origin
 
 import yaml
@@ -168,6 +169,16 @@ def setup_logging(level: str) -> None:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # its retracing advice is for its developers, not the user
 
 
+def require_workspace(workspace: str | None) -> None:
+    """One line, before any work, when the workspace a stage reads from does not exist: only making the
+    sample and exploring start a workspace (a typo would otherwise cost a run and leave a stray folder)."""
+    if workspace and not Path(workspace).expanduser().is_dir():
+        raise UserError(
+            f"workspace {workspace} does not exist: start it with `python explore_images.py --set "
+            f"workspace={workspace} --set dataset_dir=...` (or make pipeline WORKSPACE={workspace})"
+        )
+
+
 def notebook_config(model: type[ModelT], path: str | os.PathLike, overrides: Iterable[str] = ()) -> ModelT:
     """A notebook's config, from its `parameters` cell (which run_notebook.py sets through papermill).
     Opened in Jupyter, where nothing sets them, it works in the workspace the environment variable
@@ -178,4 +189,5 @@ def notebook_config(model: type[ModelT], path: str | os.PathLike, overrides: Ite
         overrides.insert(0, f"workspace={workspace}")
     config = load_config(model, path, overrides)
     setup_logging(config.log_level)
+    require_workspace(config.workspace)
     return config

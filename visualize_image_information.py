@@ -42,7 +42,7 @@ from image_visualizer import (
     suspected_labels_grid,
     visualize_distribution,
 )
-from utils import run_script, setup_logging
+from utils import require_workspace, run_script, setup_logging
 
 log = logging.getLogger("agepipe.visualize")
 
@@ -232,6 +232,7 @@ def main(args) -> None:
     matplotlib.use("Agg")  # files only, no display needed
     own, theirs = exploration_keys(args.overrides, VisualizeConfig)
     config = load_config(VisualizeConfig, args.config, own)
+    require_workspace(config.workspace)
     setup_logging(config.log_level)
     explore = exploration_settings(config.exploration_csv, theirs)  # the thresholds the exploration ran with
     exploration = read_metadata(config.exploration_csv, "exploration CSV")

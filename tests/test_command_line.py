@@ -187,3 +187,26 @@ def test_your_own_folder_and_labels_csv_end_to_end_with_one_flag(sample, manifes
         ).stdout
         == git
     )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["process_images.py"],
+        ["visualize_image_information.py"],
+        ["check_labels.py"],
+        ["train_model.py"],
+        ["predict_age.py"],
+        ["run_notebook.py", "resampling.ipynb"],
+    ],
+)
+def test_a_workspace_that_does_not_exist_is_one_line_before_any_work_and_leaves_nothing(command, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(PROJECT / command[0]), *command[1:], "--set", f"workspace={tmp_path}/typo"],
+        cwd=tmp_path,  # from another folder: the notebook is found in the project
+        capture_output=True,
+        text=True,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "does not exist: start it with" in lines[0], result.stderr
+    assert not (tmp_path / "typo").exists()
