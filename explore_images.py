@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from agepipe.config.data_stages import ExploreConfig
+from agepipe.config.data_stages import ExploreConfig, Labels
 from agepipe.config.loading import config_fingerprint
 from agepipe.data.age_groups import AgeGroups, age_groups_from
 from agepipe.data.datasets import LABEL_COLUMNS
@@ -31,7 +31,14 @@ from agepipe.quality.image_metrics import ReaderSettings
 from agepipe.running.output_guard import OutputGuard
 from agepipe.running.parallel import Engine
 from agepipe.running.resume import PartStore
-from agepipe.running.writes import atomic_write, record_written, write_csv, write_run_record
+from agepipe.running.writes import (
+    atomic_write,
+    read_run_record,
+    record_written,
+    run_record_path,
+    write_csv,
+    write_run_record,
+)
 from image_reader import check_images_quality, compute_images_quality_metrics, load_dataset, load_explore_config
 from utils import run_script, setup_logging
 
@@ -96,9 +103,28 @@ def explore(
     return summary
 
 
+def with_recorded_dataset(config: ExploreConfig, overrides: list[str]) -> ExploreConfig:
+    """The dataset a run explores: the one typed with --set; else the one this workspace's last exploration
+    explored (the run record beside output_csv), so that a re-run does not fall back to the YAML's; else
+    the YAML's."""
+    typed = {assignment.partition("=")[0].strip() for assignment in overrides}
+    if "dataset_dir" in typed or any(key == "labels" or key.startswith("labels.") for key in typed):
+        return config
+    try:
+        recorded = read_run_record(run_record_path(Path(config.output_csv)))["config"]
+        dataset_dir, labels = recorded["dataset_dir"], Labels.model_validate(recorded["labels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return config  # no exploration here yet (or not one to follow): the YAML's dataset
+    if dataset_dir == config.dataset_dir and labels == config.labels:
+        return config
+    log.info("exploring %s again, as the last exploration of this workspace did", dataset_dir)
+    return config.model_copy(update={"dataset_dir": dataset_dir, "labels": labels})
+
+
 def main(args) -> None:
     config = load_explore_config(args.config, args.overrides)
     setup_logging(config.log_level)
+    config = with_recorded_dataset(config, args.overrides)
     groups = age_groups_from(config)
     start = time.perf_counter()
     with OutputGuard(inputs=[config.dataset_dir, config.labels.csv_path if config.labels.from_csv else None]) as guard:

@@ -210,3 +210,16 @@ def test_a_workspace_that_does_not_exist_is_one_line_before_any_work_and_leaves_
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "does not exist: start it with" in lines[0], result.stderr
     assert not (tmp_path / "typo").exists()
+
+
+def test_exploring_a_workspace_again_explores_the_dataset_it_explored(sample, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for face in sorted(sample.glob("*.chip.jpg"))[:5]:
+        (photos / face.name).write_bytes(face.read_bytes())
+    workspace = tmp_path / "ws"
+    run("explore_images.py", f"workspace={workspace}", f"dataset_dir={photos}")
+    first = read_csv(workspace / "csv" / "image_metadata.csv")
+    again = run("explore_images.py", f"workspace={workspace}")  # no dataset_dir: the one explored before
+    assert f"exploring {photos} again" in again.stderr
+    assert read_csv(workspace / "csv" / "image_metadata.csv").equals(first) and len(first) == 5
