@@ -283,6 +283,9 @@ def made_worse(before: dict, after: dict, limits: NeverWorse) -> list[str]:
     noise = values("noise")
     if noise and noise[1] - noise[0] > limits.max_noise_increase:
         problems.append(f"noise {noise[0]:.2f} -> {noise[1]:.2f}")
+    contrast = values("contrast")
+    if contrast and contrast[1] < (1 - limits.max_contrast_loss) * contrast[0]:
+        problems.append(f"contrast {contrast[0]:.1f} -> {contrast[1]:.1f} (washed out)")
     return problems
 
 

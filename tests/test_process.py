@@ -52,32 +52,36 @@ def test_repaired_images_pass_every_check_when_measured_again(processed_rows):
         assert failing_checks(measure_array(cv2.imread(path), processor.settings), processor.checks) == [], path
 
 
-def test_no_repair_changes_colour_or_raises_noise_beyond_the_limits(processed_rows, metadata, explored, tmp_path):
-    """Passing every check is not enough: a repair that casts a colour or multiplies noise (JPEG
-    artefacts brightened) is rejected with the reason. With no tolerance at all, every repair that
-    moves either is; with the default limits, every repaired image stays within them."""
-    before = metadata.set_index("file")[["colourfulness", "noise"]]
+def test_no_repair_changes_colour_raises_noise_or_washes_out_beyond_the_limits(
+    processed_rows, metadata, explored, tmp_path
+):
+    """Passing every check is not enough: a repair that casts a colour, multiplies noise (JPEG
+    artefacts brightened) or lifts a dark scene into a washed-out grey is rejected with the reason. With
+    no tolerance at all, every repair that moves any of them is; with the default limits, every repaired
+    image stays within them."""
+    before = metadata.set_index("file")[["colourfulness", "noise", "contrast"]]
     repaired = processed_rows[processed_rows["status"] == "repaired"].join(before, on="file")
     assert (
         (repaired["after_colourfulness"] - repaired["colourfulness"]).abs()
         <= 0.25 * repaired["colourfulness"].clip(lower=1)
     ).all()
     assert (repaired["after_noise"] - repaired["noise"] <= 1.0).all()
+    assert (repaired["after_contrast"] >= 0.7 * repaired["contrast"]).all()
 
     process(
         explored / "image_metadata.csv",
         tmp_path,
         "never_worse.max_colourfulness_change=0",
         "never_worse.max_noise_increase=0",
+        "never_worse.max_contrast_loss=0",
     )
     strict = read_csv(tmp_path / "processed.csv").join(before, on="file")
     worse = strict[strict["reason"].fillna("").str.startswith("every repair made it worse: ")]
     assert len(worse) >= len(repaired) / 2
-    assert worse["reason"].str.contains(r"(?:colourfulness|noise) [\d.]+ -> [\d.]+").all()
+    assert worse["reason"].str.contains(r"(?:colourfulness|noise|contrast) [\d.]+ -> [\d.]+").all()
     still = strict[strict["status"] == "repaired"]
-    assert (still["after_noise"] <= still["noise"]).all() and (
-        still["after_colourfulness"] == still["colourfulness"]
-    ).all()
+    assert (still["after_noise"] <= still["noise"]).all() and (still["after_contrast"] >= still["contrast"]).all()
+    assert (still["after_colourfulness"] == still["colourfulness"]).all()
 
 
 def test_images_that_passed_are_copied_unchanged_and_originals_untouched(processed_rows, sample, manifest):

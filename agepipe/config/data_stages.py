@@ -139,6 +139,9 @@ class NeverWorse(Section):
     """A repair may change colourfulness by at most this share of the original's (no repair targets colour)."""
     max_noise_increase: Bounded(float, 0, 100)
     """A repair may raise the noise level (grey levels) by at most this much."""
+    max_contrast_loss: Bounded(float, 0, 1)
+    """A repair may lower the contrast by at most this share of the original's (a dark scene brightened
+    into a washed-out grey is worse, whatever its brightness)."""
 
 
 class FaceCrop(Section):
