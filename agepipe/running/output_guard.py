@@ -377,10 +377,11 @@ class OutputFolder:
 
 @contextlib.contextmanager
 def run_lock(path: str | os.PathLike):
-    """Hold an exclusive lock on `path` + ".lock" for the block (OutputGuard holds one per claimed file
-    for the run): a second run on the same output stops at once with one line instead of both corrupting
-    each other's journal and files."""
-    lock = Path(f"{path}.lock")
+    """Hold an exclusive lock on `path`'s lock file (beside it, named as agepipe's bookkeeping:
+    ".agepipe.<name>.lock") for the block; OutputGuard holds one per claimed file for the run. A second
+    run on the same output stops at once with one line instead of both corrupting each other's files."""
+    path = Path(path)
+    lock = path.parent / f"{RESERVED_PREFIX}.{path.name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as handle:
         try:
