@@ -47,7 +47,7 @@ from agepipe.model.estimates import (
 from agepipe.model.saved_models import ModelMetadata, read_model_metadata
 from agepipe.running.output_guard import OutputGuard
 from agepipe.running.parallel import Engine
-from agepipe.running.writes import atomic_write, record_written, write_run_record
+from agepipe.running.writes import atomic_write, read_run_record, record_written, run_record_path, write_run_record
 from utils import require_workspace, run_script, setup_logging
 
 log = logging.getLogger("agepipe.predict")
@@ -59,6 +59,7 @@ def main(args) -> None:
     setup_logging(config.log_level)
     with OutputGuard(inputs=[*config.inputs, config.model_path, config.prior_csv, config.labels_csv]) as guard:
         output_csv = guard.file(config.output_csv, "output_csv")
+        replaced = earlier_inputs(output_csv, config.inputs)
         cache = guard.journal(config.descriptor_cache, "descriptor_cache")
         metadata = read_model_metadata(config.model_path)
         prior = population_shares(config.prior_csv, metadata.groups, "prior_csv")  # a bad prior: one line, at once
@@ -76,6 +77,7 @@ def main(args) -> None:
     print(
         f"predicted {tally.answered} of {tally.rows} {'faces' if config.row_per_face else 'images'} "
         f"({tally.rows - tally.answered} without an answer, each with its reason); wrote {output_csv}"
+        + (f", replacing the predictions for {replaced}" if replaced else "")
     )
     if tally.scored:
         true_ages = np.concatenate(tally.true_ages)
@@ -87,6 +89,16 @@ def main(args) -> None:
             f"calibration error {scores['calibration_error']:.3f}, {metadata.interval:.0%} interval coverage "
             f"{scores['interval_coverage']:.1%}"
         )
+
+
+def earlier_inputs(output_csv, inputs: list[str]) -> str | None:
+    """What an earlier prediction into `output_csv` predicted, when it was other inputs than these (its
+    run record says): a summary line that replaces it says so."""
+    try:
+        earlier = read_run_record(run_record_path(output_csv))["config"]["predict"]["inputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None if earlier == list(inputs) else ", ".join(map(str, earlier))
 
 
 @dataclass

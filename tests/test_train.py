@@ -270,6 +270,17 @@ def test_predict_age_on_a_folder_with_a_broken_file_and_a_prior(trained, sample,
     ].mean()
 
 
+def test_a_prediction_that_replaces_one_of_other_images_says_so(trained, sample, descriptor_cache, tmp_path):
+    out, _ = trained
+    faces = sorted(sample.glob("*.chip.jpg"))
+    common = [f"model_path={out}/model.keras", f"descriptor_cache={descriptor_cache}", f"output_csv={tmp_path}/p.csv"]
+    first = run("predict_age.py", *common, f"inputs=[{faces[0]}]")
+    again = run("predict_age.py", *common, f"inputs=[{faces[0]}]")
+    other = run("predict_age.py", *common, f"inputs=[{faces[1]}]")
+    assert "replacing" not in first.stdout and "replacing" not in again.stdout  # the same images: a re-run
+    assert f"replacing the predictions for {faces[0]}" in other.stdout
+
+
 def test_a_greyscale_copy_of_a_face_gets_an_age_within_a_few_years_of_its_colour_original(
     trained, sample, descriptor_cache, tmp_path
 ):
