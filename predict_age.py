@@ -25,6 +25,7 @@ Faces are described once and cached by content (`descriptor_cache`, shared with 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +58,7 @@ def main(args) -> None:
     config = load_config(PredictConfig, args.config, args.overrides)
     require_workspace(config.workspace)
     setup_logging(config.log_level)
+    start = time.perf_counter()
     with OutputGuard(inputs=[*config.inputs, config.model_path, config.prior_csv, config.labels_csv]) as guard:
         output_csv = guard.file(config.output_csv, "output_csv")
         replaced = earlier_inputs(output_csv, config.inputs)
@@ -76,7 +78,8 @@ def main(args) -> None:
         write_run_record({"predict": config, "model": metadata.config}, output_csv)
     print(
         f"predicted {tally.answered} of {tally.rows} {'faces' if config.row_per_face else 'images'} "
-        f"({tally.rows - tally.answered} without an answer, each with its reason); wrote {output_csv}"
+        f"({tally.rows - tally.answered} without an answer, each with its reason) in "
+        f"{time.perf_counter() - start:.0f}s; wrote {output_csv}"
         + (f", replacing the predictions for {replaced}" if replaced else "")
     )
     if tally.scored:

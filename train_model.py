@@ -440,6 +440,7 @@ def main(args) -> None:
     config = load_config(TrainConfig, args.config, args.overrides)
     require_workspace(config.workspace)
     setup_logging(config.log_level)
+    start = time.perf_counter()
     groups = age_groups_from(config)
     frame, suspected = read_training_csv(config.input_csv, groups, config.age_range, config.exclude_suspected_labels)
     backbone = backbone_for(config)
@@ -467,7 +468,10 @@ def main(args) -> None:
             run = train_and_answer(config, backbone, sets, groups, scratch)
         report = save(config, folder, backbone, frame, sets, run, groups)
     print("\n".join(summary_lines(report, config, backbone, len(sets["train"]), suspected)))
-    print(f"wrote {folder.path}/model.keras, metrics.json and the report card {folder.path}/report.html")
+    print(
+        f"wrote {folder.path}/model.keras, metrics.json and the report card {folder.path}/report.html "
+        f"in {time.perf_counter() - start:.0f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -234,6 +235,7 @@ def main(args) -> None:
     config = load_config(VisualizeConfig, args.config, own)
     require_workspace(config.workspace)
     setup_logging(config.log_level)
+    start = time.perf_counter()
     explore = exploration_settings(config.exploration_csv, theirs)  # the thresholds the exploration ran with
     exploration = read_metadata(config.exploration_csv, "exploration CSV")
     sources = [config.exploration_csv]
@@ -272,7 +274,7 @@ def main(args) -> None:
     print(
         f"wrote {len(entries)} plots ({', '.join(config.formats)}) and {len(gallery_list)} galleries ({shown:,} "
         "flagged images) "
-        f"to {folder.path}/; open {index}"
+        f"to {folder.path}/ in {time.perf_counter() - start:.0f}s; open {index}"
     )
 
 
