@@ -50,8 +50,10 @@ def execute(notebook: Path, folder, target: Path, parameters: dict, timeout: int
         tempfile.NamedTemporaryFile(dir=folder.path, **temporary_affixes(target.name), delete=False) as partial,
     ):
         # the kernel's connection file (its ports and key) goes to the run's private scratch folder, never
-        # the repository nor the shared temporary folder: what a killed run leaves, the next run removes
+        # the repository nor the shared temporary folder: what a killed run leaves, the next run removes.
+        # jupyter_client makes it with tempfile.mkstemp, its runtime files in JUPYTER_RUNTIME_DIR
         os.environ["JUPYTER_RUNTIME_DIR"] = runtime
+        shared_temporary, tempfile.tempdir = tempfile.tempdir, runtime
         try:
             # the kernel's own stderr ("Parent appears to have exited" at shutdown) is not the user's
             # business: a cell's error is in the exception and in the saved notebook
@@ -71,6 +73,7 @@ def execute(notebook: Path, folder, target: Path, parameters: dict, timeout: int
             print(f"error: {notebook} failed: {error}", file=sys.stderr)
             sys.exit(1)
         finally:
+            tempfile.tempdir = shared_temporary
             if os.path.getsize(partial.name):
                 rename_into_place(partial.name, target)
                 folder.wrote(target.name)

@@ -456,3 +456,24 @@ def test_a_detector_that_fails_on_an_image_costs_that_row_only(sample, monkeypat
     assert (
         row["error"] == "metric faces failed: RuntimeError: interpreter error" and row["content_hash"] and row["width"]
     )
+
+
+@pytest.mark.parametrize("count, side", [(12, 160), (40, 110)])
+def test_a_group_photo_of_small_faces_has_each_face_found_with_the_configured_search(sample, manifest, count, side):
+    """Faces of 110-160 px in a 1600x1030 group photo (under a sixth of its shorter side): the configured
+    tiles see each at a size the detector knows."""
+    import cv2
+
+    from agepipe.config.loading import CONFIG_DIR, load_config
+    from agepipe.config.model_stages import PredictConfig
+
+    faces = clean_faces(sample, manifest, count)
+    photo = np.full((1030, 1600, 3), 150, np.uint8)
+    columns = 8
+    for index, face in enumerate(faces):
+        row, column = divmod(index, columns)
+        y, x = 40 + row * (side + 60), 40 + column * (side + 35)
+        photo[y : y + side, x : x + side] = cv2.resize(face, (side, side), interpolation=cv2.INTER_AREA)
+    search = FaceSettings.from_config(load_config(PredictConfig, CONFIG_DIR / "predict_age.yaml").faces).search
+    found = find_faces(FaceDetector(search.detector), photo, search)
+    assert count * 0.9 <= found.scores.size <= count
