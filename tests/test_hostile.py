@@ -382,3 +382,29 @@ def test_a_killed_notebook_run_leaves_its_kernels_key_only_in_its_own_folder_and
     assert set(glob.glob(f"{tempfile.gettempdir()}/*.json")) <= shared_before
     assert subprocess.run(command, cwd=PROJECT, capture_output=True).returncode == 0
     assert not list(out.glob(".scratch*"))  # the killed run's key is gone
+
+
+# --------------------------------------------------------------------------------------------------
+# Fourth round, against what the third added: lock files that are not files
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["fifo", "dangling link", "link to a file of the user's"])
+def test_a_lock_file_that_is_a_fifo_or_a_link_is_one_line_never_a_hang_nor_followed(sample, tmp_path, kind):
+    lock = tmp_path / ".agepipe.m.csv.lock"
+    victim = tmp_path / "victim.txt"
+    if kind == "fifo":
+        os.mkfifo(lock)
+    elif kind == "dangling link":
+        lock.symlink_to(victim)
+    else:
+        victim.write_text("the user's")
+        lock.symlink_to(victim)
+    result = run(
+        "explore_images.py",
+        f"dataset_dir={sample}",
+        f"output_csv={tmp_path}/m.csv",
+        f"summary_csv={tmp_path}/s.csv",
+        check=False,
+        timeout=60,
+    )
+    one_line_refusal(result, "cannot be agepipe's lock file")
+    assert (not victim.exists()) if kind == "dangling link" else (kind == "fifo" or victim.read_text() == "the user's")

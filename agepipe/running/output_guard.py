@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterable
@@ -263,14 +264,9 @@ class OutputFolder:
                 )
         ensure_writable_dir(path, what)
         self.written: dict[str, str | None] = {}
-        self._lock = open(path / FOLDER_LOCK, "a")
-        try:
-            # a POSIX record lock: worker processes do not inherit it, so a killed run's orphans cannot keep the
-            # next run out
-            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            raise UserError(f"another run is writing into {what} {path} right now; wait for it to finish") from None
+        self._lock = locked(
+            path / FOLDER_LOCK, f"another run is writing into {what} {path} right now; wait for it to finish"
+        )
         remove_temporaries(path, self._listed_starts(path, {SCRATCH}))
 
     def scratch(self) -> tempfile.TemporaryDirectory:
@@ -383,14 +379,29 @@ def run_lock(path: str | os.PathLike):
     path = Path(path)
     lock = path.parent / f"{RESERVED_PREFIX}.{path.name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        try:
-            # a POSIX record lock, not flock: worker processes forked from this one do not inherit it,
-            # so a killed run's orphaned workers cannot keep the next run out
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"another run is writing {path} right now; wait for it to finish") from None
+    with locked(lock, f"another run is writing {path} right now; wait for it to finish") as handle:
         try:
             yield
         finally:
             fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+def locked(lock: Path, busy: str) -> IO[str]:
+    """The lock file `lock`, opened (created if need be) and locked exclusively, or one line: `busy` when
+    another run holds it; a refusal when `lock` is not a regular file of its own (a link is never followed,
+    a FIFO never waited on). A POSIX record lock, not flock: worker processes forked from this one do not
+    inherit it, so a killed run's orphaned workers cannot keep the next run out."""
+    try:
+        descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        raise UserError(f"{lock} cannot be agepipe's lock file ({exc.strerror}): move it away") from None
+    handle = os.fdopen(descriptor, "w")
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        handle.close()
+        raise UserError(f"{lock} cannot be agepipe's lock file (not a regular file): move it away")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError(busy) from None
+    return handle
