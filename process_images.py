@@ -277,13 +277,11 @@ def made_worse(before: dict, after: dict, limits: NeverWorse) -> list[str]:
         return None if pd.isna(pair[0]) or pd.isna(pair[1]) else tuple(map(float, pair))
 
     problems = []
-    colour = values("colourfulness")
+    colour, noise, contrast = values("colourfulness"), values("noise"), values("contrast")
     if colour and abs(colour[1] - colour[0]) > limits.max_colourfulness_change * max(colour[0], 1.0):
         problems.append(f"colourfulness {colour[0]:.1f} -> {colour[1]:.1f}")
-    noise = values("noise")
     if noise and noise[1] - noise[0] > limits.max_noise_increase:
         problems.append(f"noise {noise[0]:.2f} -> {noise[1]:.2f}")
-    contrast = values("contrast")
     if contrast and contrast[1] < (1 - limits.max_contrast_loss) * contrast[0]:
         problems.append(f"contrast {contrast[0]:.1f} -> {contrast[1]:.1f} (washed out)")
     return problems
