@@ -408,3 +408,12 @@ def test_a_lock_file_that_is_a_fifo_or_a_link_is_one_line_never_a_hang_nor_follo
     )
     one_line_refusal(result, "cannot be agepipe's lock file")
     assert (not victim.exists()) if kind == "dangling link" else (kind == "fifo" or victim.read_text() == "the user's")
+
+
+def test_the_label_check_keeps_an_impossible_age_as_a_row_saying_so():
+    from agepipe.config.schema import AgeRange
+    from check_labels import checked_rows
+
+    frame = pd.DataFrame({"age": [30.0, 1e30, 1e19, 250.0, -3.0], "path": ["a.jpg"] * 5, "status": ["ok"] * 5})
+    reasons = checked_rows(frame, AgeRange(min=0, max=120))
+    assert reasons.iloc[0] is None and (reasons.iloc[1:] == "not checked: no usable age label").all()
