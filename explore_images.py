@@ -26,6 +26,7 @@ from agepipe.config.loading import config_fingerprint
 from agepipe.data.age_groups import AgeGroups, age_groups_from
 from agepipe.data.datasets import LABEL_COLUMNS
 from agepipe.data.vocabulary import Check, Status, flag_column, score_column
+from agepipe.errors import UserError
 from agepipe.quality.duplicates import duplicate_groups
 from agepipe.quality.image_metrics import ReaderSettings
 from agepipe.running.output_guard import OutputGuard
@@ -117,6 +118,11 @@ def with_recorded_dataset(config: ExploreConfig, overrides: list[str]) -> Explor
         return config  # no exploration here yet (or not one to follow): the YAML's dataset
     if dataset_dir == config.dataset_dir and labels == config.labels:
         return config
+    if not Path(dataset_dir).is_dir():
+        raise UserError(
+            f"this workspace last explored {dataset_dir}, which no longer exists: name the dataset with "
+            "--set dataset_dir=..."
+        )
     log.info("exploring %s again, as the last exploration of this workspace did", dataset_dir)
     return config.model_copy(update={"dataset_dir": dataset_dir, "labels": labels})
 

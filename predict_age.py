@@ -52,6 +52,7 @@ from agepipe.running.writes import atomic_write, read_run_record, record_written
 from utils import require_workspace, run_script, setup_logging
 
 log = logging.getLogger("agepipe.predict")
+SHOWN_INPUTS = 3  # the earlier inputs a summary line names (a list of 10,000 files would flood it)
 
 
 def main(args) -> None:
@@ -101,7 +102,10 @@ def earlier_inputs(output_csv, inputs: list[str]) -> str | None:
         earlier = read_run_record(run_record_path(output_csv))["config"]["predict"]["inputs"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return None if earlier == list(inputs) else ", ".join(map(str, earlier))
+    if earlier == list(inputs) or not isinstance(earlier, list):
+        return None
+    named = ", ".join(map(str, earlier[:SHOWN_INPUTS]))
+    return named + (f" and {len(earlier) - SHOWN_INPUTS} more" if len(earlier) > SHOWN_INPUTS else "")
 
 
 @dataclass

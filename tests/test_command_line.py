@@ -223,3 +223,6 @@ def test_exploring_a_workspace_again_explores_the_dataset_it_explored(sample, tm
     again = run("explore_images.py", f"workspace={workspace}")  # no dataset_dir: the one explored before
     assert f"exploring {photos} again" in again.stderr
     assert read_csv(workspace / "csv" / "image_metadata.csv").equals(first) and len(first) == 5
+    photos.rename(tmp_path / "moved")
+    gone = run("explore_images.py", f"workspace={workspace}", check=False)
+    assert gone.returncode == 2 and "no longer exists: name the dataset with --set dataset_dir" in gone.stderr

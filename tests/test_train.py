@@ -276,9 +276,11 @@ def test_a_prediction_that_replaces_one_of_other_images_says_so(trained, sample,
     common = [f"model_path={out}/model.keras", f"descriptor_cache={descriptor_cache}", f"output_csv={tmp_path}/p.csv"]
     first = run("predict_age.py", *common, f"inputs=[{faces[0]}]")
     again = run("predict_age.py", *common, f"inputs=[{faces[0]}]")
-    other = run("predict_age.py", *common, f"inputs=[{faces[1]}]")
+    other = run("predict_age.py", *common, f"inputs=[{','.join(map(str, faces[1:6]))}]")
     assert "replacing" not in first.stdout and "replacing" not in again.stdout  # the same images: a re-run
     assert f"replacing the predictions for {faces[0]}" in other.stdout
+    last = run("predict_age.py", *common, f"inputs=[{faces[0]}]")
+    assert f"replacing the predictions for {faces[1]}, {faces[2]}, {faces[3]} and 2 more" in last.stdout
 
 
 def test_a_greyscale_copy_of_a_face_gets_an_age_within_a_few_years_of_its_colour_original(
