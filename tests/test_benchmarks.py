@@ -9,14 +9,12 @@ import pytest
 from conftest import PROJECT
 
 BENCHMARKS = sorted(path.name for path in (PROJECT / "benchmarks").glob("bench_*.py"))
-# Those that train several models even when tiny (a minute or more each) run with the slow tests, which CI
-# runs too: none rots, and `make test` stays short.
-TRAINING_SEVERAL_MODELS = {"bench_datasets.py", "bench_labels.py", "bench_model.py"}
+# The longest even when tiny (they train models and run whole stages: half a minute to two minutes each) run
+# with the slow tests, which CI runs too: none rots, and `make test` stays under fifteen minutes.
+LONGEST = {"bench_datasets.py", "bench_labels.py", "bench_model.py", "bench_photos.py"}
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in TRAINING_SEVERAL_MODELS else n for n in BENCHMARKS]
-)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LONGEST else n for n in BENCHMARKS])
 def test_each_benchmark_runs_in_its_tiny_mode(name):
     result = subprocess.run(
         [sys.executable, f"benchmarks/{name}", "--tiny"], cwd=PROJECT, capture_output=True, text=True, timeout=600
