@@ -51,6 +51,11 @@ def file_digest(path: str | os.PathLike) -> str | None:
     return digest.hexdigest()
 
 
+def written_as(path: str | os.PathLike, *digests: str | None) -> bool:
+    """Whether the regular file at `path` holds bytes with one of `digests` (a None digest matches nothing)."""
+    return file_digest(path) in set(digests) - {None}
+
+
 class Manifest:
     """The files agepipe wrote in one folder, with the digest of each as written (see the module's
     first lines for what proves a file is agepipe's).
@@ -126,7 +131,7 @@ class Manifest:
         path = self.folder / name
         if not (path.exists() or path.is_symlink()):
             return True
-        return file_digest(path) in {digest for digest in row if digest is not None}
+        return written_as(path, *row)
 
     def note_pending(self, name: str, digest: str) -> None:
         """Note the digest of a file about to be renamed into place as `name` (writes.atomic_write): a run

@@ -28,7 +28,7 @@ from typing import IO, Any, Iterable
 
 from agepipe.config.loading import PROJECT_DIR, plain
 from agepipe.errors import UserError, shown
-from agepipe.running.manifest import Manifest
+from agepipe.running.manifest import Manifest, written_as
 from agepipe.running.writes import (
     _claim,
     check_run_record,
@@ -341,7 +341,7 @@ class OutputFolder:
                 is_inside(target, self.path)
                 and not target.is_symlink()
                 and target.is_file()
-                and file_digest(target) in {digest, pending} - {None}
+                and written_as(target, digest, pending)
             ):
                 target.unlink()
                 removed += 1
