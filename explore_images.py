@@ -32,14 +32,7 @@ from agepipe.quality.image_metrics import ReaderSettings
 from agepipe.running.output_guard import OutputGuard
 from agepipe.running.parallel import Engine
 from agepipe.running.resume import PartStore
-from agepipe.running.writes import (
-    atomic_write,
-    read_run_record,
-    record_written,
-    run_record_path,
-    write_csv,
-    write_run_record,
-)
+from agepipe.running.writes import atomic_write, record_written, recorded_config, write_csv, write_run_record
 from image_reader import check_images_quality, compute_images_quality_metrics, load_dataset, load_explore_config
 from utils import run_script, setup_logging
 
@@ -111,10 +104,10 @@ def with_recorded_dataset(config: ExploreConfig, overrides: list[str]) -> Explor
     typed = {assignment.partition("=")[0].strip() for assignment in overrides}
     if "dataset_dir" in typed or any(key == "labels" or key.startswith("labels.") for key in typed):
         return config
+    recorded = recorded_config(config.output_csv)
     try:
-        recorded = read_run_record(run_record_path(Path(config.output_csv)))["config"]
         dataset_dir, labels = recorded["dataset_dir"], Labels.model_validate(recorded["labels"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return config  # no exploration here yet (or not one to follow): the YAML's dataset
     if dataset_dir == config.dataset_dir and labels == config.labels:
         return config

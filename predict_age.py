@@ -48,7 +48,7 @@ from agepipe.model.estimates import (
 from agepipe.model.saved_models import ModelMetadata, read_model_metadata
 from agepipe.running.output_guard import OutputGuard
 from agepipe.running.parallel import Engine
-from agepipe.running.writes import atomic_write, read_run_record, record_written, run_record_path, write_run_record
+from agepipe.running.writes import atomic_write, record_written, recorded_config, write_run_record
 from utils import require_workspace, run_script, setup_logging
 
 log = logging.getLogger("agepipe.predict")
@@ -98,11 +98,9 @@ def main(args) -> None:
 def earlier_inputs(output_csv, inputs: list[str]) -> str | None:
     """What an earlier prediction into `output_csv` predicted, when it was other inputs than these (its
     run record says): a summary line that replaces it says so."""
-    try:
-        earlier = read_run_record(run_record_path(output_csv))["config"]["predict"]["inputs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if earlier == list(inputs) or not isinstance(earlier, list):
+    predicted = (recorded_config(output_csv) or {}).get("predict")
+    earlier = predicted.get("inputs") if isinstance(predicted, dict) else None
+    if not isinstance(earlier, list) or earlier == list(inputs):
         return None
     named = ", ".join(map(str, earlier[:SHOWN_INPUTS]))
     return named + (f" and {len(earlier) - SHOWN_INPUTS} more" if len(earlier) > SHOWN_INPUTS else "")

@@ -13,7 +13,7 @@ import pandas as pd
 from agepipe.data.datasets import read_metadata_chunks
 from agepipe.data.vocabulary import TRAINABLE_STATUSES
 from agepipe.errors import UserError
-from agepipe.running.writes import read_run_record, run_record_path
+from agepipe.running.writes import recorded_config
 
 UPSTREAM_KEYS = ("processed_csv", "exploration_csv", "input_csv")  # what each stage's config calls its input
 ROWS_PER_CHUNK = 50_000
@@ -22,11 +22,8 @@ MAX_STAGES = 8  # more than the pipeline has: a loop of run records ends here
 
 def upstream_csv(csv: Path) -> Path | None:
     """The CSV the stage that wrote `csv` read, from its run record; None without one."""
-    try:
-        config = read_run_record(run_record_path(csv)).get("config", {})
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(config, dict):
+    config = recorded_config(csv)
+    if config is None:
         return None
     if not {"input", *UPSTREAM_KEYS} & config.keys():
         # a stage that records several configs ({"process": ..., "explore": ...}) lists its own first

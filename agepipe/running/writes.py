@@ -258,6 +258,16 @@ def read_run_record(path: str | os.PathLike) -> Any:
 MAX_RUN_RECORD_BYTES = 10_000_000
 
 
+def recorded_config(output: str | os.PathLike) -> dict | None:
+    """The config the stage that wrote `output` recorded beside it, or None when there is no run record
+    there, or not one agepipe could have written (unreadable, a FIFO, not JSON, no config mapping)."""
+    try:
+        config = read_run_record(run_record_path(Path(output))).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def write_run_record(config: Any, output: str | os.PathLike) -> Path:
     """Save run_record(config) as <output>.run.json beside a stage's output (claimed with it)."""
     target = run_record_path(output)
