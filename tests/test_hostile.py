@@ -253,6 +253,7 @@ def test_a_second_run_on_a_shared_cache_or_output_is_refused_before_touching_the
 def test_cached_descriptors_no_network_could_produce_are_described_again(sample, tmp_path):
     import json
 
+    from agepipe.data.image_files import FileLimits
     from agepipe.faces.alignment import FaceSettings
     from agepipe.faces.describer import DESCRIPTOR_SIZE, DescriptorSettings
     from agepipe.faces.descriptor_cache import describe_files
@@ -266,7 +267,8 @@ def test_cached_descriptors_no_network_could_produce_are_described_again(sample,
 
     def described():
         return [
-            image.first.vector for image in describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)
+            image.first.vector
+            for image in describe_files(faces, settings, cache, Engine(num_workers=1), FileLimits(10**8, 10**9))
         ]
 
     clean = described()

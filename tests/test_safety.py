@@ -415,6 +415,7 @@ def test_a_phone_photo_is_measured_the_way_it_is_shown(tmp_path):
 
 
 def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp_path):
+    from agepipe.data.image_files import FileLimits
     from agepipe.faces.alignment import FaceSettings
     from agepipe.faces.describer import DescriptorSettings
     from agepipe.faces.descriptor_cache import describe_files
@@ -427,7 +428,8 @@ def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp
     faces = [str(p) for p in sorted(sample.glob("*.chip.jpg"))[:4]]
     cache = tmp_path / "cache.jsonl"
     clean = [
-        image.first.vector for image in describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)
+        image.first.vector
+        for image in describe_files(faces, settings, cache, Engine(num_workers=1), FileLimits(10**8, 10**9))
     ]
     header = Journal.header(cache)
     keys = list(Journal(cache, header["fingerprint"]).keys())
@@ -437,7 +439,8 @@ def test_a_damaged_descriptor_cache_is_described_again_never_trusted(sample, tmp
     with open(cache, "ab") as f:
         f.write(b"\xff\xfe not UTF-8\n")
     again = [
-        image.first.vector for image in describe_files(faces, settings, cache, Engine(num_workers=1), 10**8, 10**9)
+        image.first.vector
+        for image in describe_files(faces, settings, cache, Engine(num_workers=1), FileLimits(10**8, 10**9))
     ]
     for before, after in zip(clean, again):
         np.testing.assert_allclose(before, after, atol=1e-5)

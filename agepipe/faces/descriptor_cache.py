@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 
 from agepipe.config.loading import config_fingerprint
-from agepipe.data.image_files import UnreadableImage, content_digest, read_image
+from agepipe.data.image_files import FileLimits, UnreadableImage, content_digest, read_image
 from agepipe.faces.alignment import DESCRIPTOR_MODEL, LANDMARK_MODEL
 from agepipe.faces.describer import (
     AGE_CLASSES,
@@ -63,16 +63,14 @@ def content_hash(path: str, max_bytes: int) -> str | None:
         return None
 
 
-def _describe_batch(
-    state: tuple[FaceDescriber, tuple[int, int]], tasks: list[tuple[str, str]]
-) -> list[tuple[str, dict]]:
+def _describe_batch(state: tuple[FaceDescriber, FileLimits], tasks: list[tuple[str, str]]) -> list[tuple[str, dict]]:
     """Each task's (content hash, path) image as its cache row, the faces of all of them through the
     networks together."""
     describer, limits = state
     located = []
     for key, path in tasks:
         try:
-            bgr, _ = read_image(path, *limits)
+            bgr, _ = read_image(path, limits.max_pixels, limits.max_file_bytes)
             located.append(describer.locate(np.ascontiguousarray(bgr[..., ::-1]), bgr, seed=view_seed(key)))
         except UnreadableImage as exc:
             located.append(ImageFaces(None, [], f"unreadable: {exc}"))
@@ -222,10 +220,9 @@ class DescriptorCache:
     def has(self, digest: str) -> bool:
         return self.key(digest) in self.journal.done
 
-    def describe(
-        self, todo: Iterable[tuple[str, str]], count: int, engine: Engine, max_pixels: int, max_file_bytes: int
-    ) -> None:
-        """Describe the files of `todo` ((content hash, path) pairs, `count` of them) into the cache."""
+    def describe(self, todo: Iterable[tuple[str, str]], count: int, engine: Engine, limits: FileLimits) -> None:
+        """Describe the files of `todo` ((content hash, path) pairs, `count` of them, read within
+        `limits`) into the cache."""
         if not count:
             return
         build_networks(self.settings)
@@ -236,7 +233,7 @@ class DescriptorCache:
                 _describe_batch,
                 todo,
                 engine,
-                state=(describer, (max_pixels, max_file_bytes)),
+                state=(describer, limits),
                 batched=True,
                 chunksize=IMAGES_PER_BATCH,
                 progress=progress_bar(count, "describing faces"),
@@ -261,20 +258,15 @@ def view_seed(digest: str) -> int:
 
 
 def describe_files(
-    paths: list[str],
-    settings: DescriptorSettings,
-    cache_path: str | os.PathLike,
-    engine: Engine,
-    max_pixels: int,
-    max_file_bytes: int,
+    paths: list[str], settings: DescriptorSettings, cache_path: str | os.PathLike, engine: Engine, limits: FileLimits
 ) -> list[ImageFaces]:
-    """The faces of each of `paths`, described, in order (describer.ImageFaces), through the
-    DescriptorCache at `cache_path`."""
+    """The faces of each of `paths`, read within `limits`, described, in order (describer.ImageFaces),
+    through the DescriptorCache at `cache_path`."""
     cache = DescriptorCache(cache_path, settings)
-    hashes = [content_hash(p, max_file_bytes) for p in paths]
+    hashes = [content_hash(p, limits.max_file_bytes) for p in paths]
     todo = {}
     for digest, path in zip(hashes, paths):
         if digest and not cache.has(digest):
             todo.setdefault(digest, path)
-    cache.describe(todo.items(), len(todo), engine, max_pixels, max_file_bytes)
+    cache.describe(todo.items(), len(todo), engine, limits)
     return cache.images(hashes)

@@ -56,9 +56,7 @@ class FaceFeatures:
         described in the training views, after the views prediction uses."""
         views = self.descriptor.views + (self.training_views if training else ())
         settings = dataclasses.replace(self.descriptor, all_faces=all_faces, views=views)
-        paths, limits = list(rows["path"]), self.limits
-        described = describe_files(paths, settings, cache, engine, limits.max_pixels, limits.max_file_bytes)
-        return _face_rows(rows, described, all_faces)
+        return _face_rows(rows, describe_files(list(rows["path"]), settings, cache, engine, self.limits), all_faces)
 
     def prepare_batches(
         self,
@@ -82,7 +80,7 @@ class FaceFeatures:
                 todo.setdefault(digest, image["path"])
             spool.write(json_line({**image, DIGEST: digest}))
             count += 1
-        cached.describe(todo.items(), len(todo), engine, self.limits.max_pixels, self.limits.max_file_bytes)
+        cached.describe(todo.items(), len(todo), engine, self.limits)
         del todo
         spool.seek(0)
         chunks = (json_table([json.loads(line) for line in lines]) for lines in batched_lists(spool, batch_rows))
