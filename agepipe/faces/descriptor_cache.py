@@ -140,8 +140,9 @@ def network_could_produce(descriptor: np.ndarray, settings: DescriptorSettings) 
     distribution."""
     if not np.isfinite(descriptor).all():
         return False
-    dlib = descriptor[:, :DESCRIPTOR_SIZE] if settings.face_descriptor != "none" else descriptor[:, :0]
-    if dlib.size:
+    width = DESCRIPTOR_SIZE if settings.face_descriptor != "none" else 0  # dlib's part comes first
+    dlib = descriptor[:, :width]
+    if width:
         length = np.linalg.norm(dlib, axis=1)
         if (
             np.abs(dlib).max() > DLIB_MAX_ELEMENT
@@ -149,7 +150,7 @@ def network_could_produce(descriptor: np.ndarray, settings: DescriptorSettings) 
         ):
             return False
     if settings.age_network:
-        log_probabilities = descriptor[:, dlib.shape[1] :]
+        log_probabilities = descriptor[:, width:]
         floor = np.log(settings.age_probability_floor) - PROBABILITY_SUM_TOLERANCE
         total = np.exp(log_probabilities).sum(axis=1)
         most = 1 + AGE_CLASSES * settings.age_probability_floor + PROBABILITY_SUM_TOLERANCE

@@ -253,11 +253,16 @@ def connected_client(address: str, timeout: float) -> Iterator:
             client.submit(_worker_answers, pure=False).result(timeout=timeout)
         except Exception as exc:
             why = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__
-            raise UserError(
-                f"the Dask workers of {address} cannot run agepipe's tasks ({why}): start them in the project "
-                "folder, with its .venv"
-            ) from None
+            raise workers_cannot_run(address, why) from None
         yield client
+
+
+def workers_cannot_run(address: str, why: str) -> UserError:
+    """The one line for Dask workers that fail agepipe's tasks themselves (not an item inside them)."""
+    return UserError(
+        f"the Dask workers of {address} cannot run agepipe's tasks ({why}): start them in the project folder, "
+        "with its .venv"
+    )
 
 
 def _worker_answers() -> bool:
@@ -296,10 +301,7 @@ def _dask_map(func, chunks, batch: int, address: str, connect_timeout: float, se
             except KilledWorker:
                 results = [(False, "its Dask worker died three times")] * len(chunk)
             except Exception as exc:  # items fail inside _run_chunk: this is the worker failing the task itself
-                raise UserError(
-                    f"the Dask workers of {address} cannot run agepipe's tasks ({type(exc).__name__}: "
-                    f"{shown(str(exc))}): start them in the project folder, with its .venv"
-                ) from None
+                raise workers_cannot_run(address, f"{type(exc).__name__}: {shown(str(exc))}") from None
             future.release()
             submit_next()
             yield from _outcomes(chunk, results, on_failure)
