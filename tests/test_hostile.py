@@ -150,6 +150,18 @@ def process_small(exploration, out, check=True):
     )
 
 
+def explore_refused(dataset, output_csv, tmp_path):
+    """Explore `dataset` into `output_csv` (a minute at most), expecting a refusal: the completed run."""
+    return run(
+        "explore_images.py",
+        f"dataset_dir={dataset}",
+        f"output_csv={output_csv}",
+        f"summary_csv={tmp_path}/s.csv",
+        check=False,
+        timeout=60,
+    )
+
+
 def one_line_refusal(result, *words):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
@@ -228,13 +240,7 @@ def test_a_second_run_on_a_shared_cache_or_output_is_refused_before_touching_the
     in_flight = tmp_path / ".m.csv.abcdefgh.tmp"  # the first run's CSV, being written
     in_flight.write_text("half a CSV")
     with run_lock(tmp_path / "m.csv"):
-        result = run(
-            "explore_images.py",
-            f"dataset_dir={sample}",
-            f"output_csv={tmp_path}/m.csv",
-            f"summary_csv={tmp_path}/s.csv",
-            check=False,
-        )
+        result = explore_refused(sample, tmp_path / "m.csv", tmp_path)
     one_line_refusal(result, "another run is writing", "m.csv")
     assert in_flight.read_text() == "half a CSV"
     for locked in ("cache.jsonl", "p.csv"):  # a prediction running: its cache, its output
@@ -315,14 +321,7 @@ def test_an_output_csv_naming_another_stages_output_is_refused_whatever_the_mani
             folder.write_text(name, f"agepipe's {name}")
         folder.finish()
     for name in ("index.html", "model.keras"):
-        result = run(
-            "explore_images.py",
-            f"dataset_dir={sample}",
-            f"output_csv={tmp_path}/out/{name}",
-            f"summary_csv={tmp_path}/s.csv",
-            check=False,
-        )
-        one_line_refusal(result, "not a .csv file name")
+        one_line_refusal(explore_refused(sample, tmp_path / "out" / name, tmp_path), "not a .csv file name")
         assert (tmp_path / "out" / name).read_text() == f"agepipe's {name}"
 
 
@@ -400,15 +399,7 @@ def test_a_lock_file_that_is_a_fifo_or_a_link_is_one_line_never_a_hang_nor_follo
     else:
         victim.write_text("the user's")
         lock.symlink_to(victim)
-    result = run(
-        "explore_images.py",
-        f"dataset_dir={sample}",
-        f"output_csv={tmp_path}/m.csv",
-        f"summary_csv={tmp_path}/s.csv",
-        check=False,
-        timeout=60,
-    )
-    one_line_refusal(result, "cannot be agepipe's lock file")
+    one_line_refusal(explore_refused(sample, tmp_path / "m.csv", tmp_path), "cannot be agepipe's lock file")
     assert (not victim.exists()) if kind == "dangling link" else (kind == "fifo" or victim.read_text() == "the user's")
 
 
