@@ -121,6 +121,22 @@ class LiteHead:
     output rows out), so that prediction can use either."""
 
     def __init__(self, content: bytes, outputs: int, origin: Path):
+        # a crafted head can crash LiteRT itself (a segmentation fault at allocation, past every check
+        # below): it is loaded and run once in a forked child first, so such a file is one line, not a crash
+        child = os.fork()
+        if child == 0:
+            try:
+                self._load(content, outputs, origin)
+            finally:
+                os._exit(0)  # errors are the parent's to report, by the same checks
+        _, status = os.waitpid(child, 0)
+        if os.WIFSIGNALED(status):
+            raise UserError(
+                f"model file {origin} holds a {LITE_HEAD_ENTRY} that crashes LiteRT: it was edited or damaged"
+            )
+        self._load(content, outputs, origin)
+
+    def _load(self, content: bytes, outputs: int, origin: Path) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
         from agepipe.running.console import native_stderr_silenced
