@@ -10,6 +10,7 @@ worker pools have forked (TensorFlow is not fork-safe), and its start-up chatter
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -227,10 +228,13 @@ def model_bytes(model: keras.Model, metadata: dict, folder, lite: bool = False) 
     with folder.scratch() as scratch:
         path = Path(scratch) / "model.keras"
         model.save(path)
+        head = lite_bytes(model) if lite else None
+        if head is not None:
+            metadata = {**metadata, "lite_head_sha256": hashlib.sha256(head).hexdigest()}
         with zipfile.ZipFile(path, "a") as archive:
             archive.writestr(METADATA_ENTRY, json.dumps(metadata, indent=2, default=str))
-            if lite:
-                archive.writestr(LITE_HEAD_ENTRY, lite_bytes(model))
+            if head is not None:
+                archive.writestr(LITE_HEAD_ENTRY, head)
         return path.read_bytes()
 
 

@@ -6,6 +6,7 @@ LiteRT (`LiteHead`): prediction then never imports TensorFlow, whose start-up co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
@@ -56,6 +57,7 @@ class ModelMetadata(Section):
     descriptor: SavedDescriptor | None
     input_size: Bounded(int, 16, 512) | None
     network: str | None = None
+    lite_head_sha256: str | None = None  # the LiteRT head's digest: a head edited or damaged is never parsed
     training_group_shares: list[Bounded(float, 0, 1)]
     answer_rule: AnswerRule = "group_first"
     interval: Bounded(float, 0.05, 0.99) = 0.8
@@ -121,8 +123,9 @@ class LiteHead:
     output rows out), so that prediction can use either."""
 
     def __init__(self, content: bytes, outputs: int, origin: Path):
-        # a crafted head can crash LiteRT itself (a segmentation fault at allocation, past every check
-        # below): it is loaded and run once in a forked child first, so such a file is one line, not a crash
+        # lite_head refuses a head whose digest is not the one saved; one crafted with its digest can still
+        # crash LiteRT itself (a segmentation fault at allocation, past every check below): it is loaded and
+        # run once in a forked child first, so most such files are one line, not a crash
         child = os.fork()
         if child == 0:
             try:
@@ -190,8 +193,11 @@ class LiteHead:
 
 
 def lite_head(path: str | os.PathLike, metadata: ModelMetadata) -> LiteHead | None:
-    """The LiteRT copy of the network a .keras file holds, or None when it holds none (models saved
-    before it existed, and pixel models, are run by Keras)."""
+    """The LiteRT copy of the network a .keras file holds, or None when it holds none or its metadata
+    records no digest of it (models saved before either existed, and pixel models, are run by Keras).
+    A head whose bytes are not those its metadata records is one line before LiteRT reads any of it."""
+    if metadata.lite_head_sha256 is None:
+        return None
     try:
         with zipfile.ZipFile(path) as archive:
             if LITE_HEAD_ENTRY not in archive.namelist():
@@ -201,4 +207,8 @@ def lite_head(path: str | os.PathLike, metadata: ModelMetadata) -> LiteHead | No
             content = archive.read(LITE_HEAD_ENTRY)
     except (zipfile.BadZipFile, OSError):
         raise UserError(f"model file {path} cannot be read as a .keras archive") from None
+    if hashlib.sha256(content).hexdigest() != metadata.lite_head_sha256:
+        raise UserError(
+            f"model file {path} holds a {LITE_HEAD_ENTRY} other than the one saved: it was edited or damaged"
+        )
     return LiteHead(content, metadata.max_age + 1, Path(path))
