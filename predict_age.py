@@ -152,6 +152,8 @@ def predicted(
         years[usable] = tempered(
             backbone.predict(model, rows[usable], config.flip_test_time_augmentation, config.batch_size),
             metadata.temperature,
+            groups,
+            max_age,
         )
     finite = np.isfinite(years).all(axis=1)
     reasons = np.array(rows["problem"].where(~usable, None), dtype=object)

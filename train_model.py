@@ -194,7 +194,7 @@ def answered(
 ) -> np.ndarray:
     """Year probabilities as the model will answer them: tempered, and re-weighted to
     `evaluation.prior_csv`'s age mix when given."""
-    probabilities = tempered(raw, temperature)
+    probabilities = tempered(raw, temperature, groups, config.max_age)
     prior = population_shares(config.evaluation.prior_csv, groups, "evaluation.prior_csv")
     return (
         probabilities if prior is None else correct_prior(probabilities, groups, config.max_age, training_shares, prior)

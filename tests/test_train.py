@@ -148,7 +148,7 @@ def test_saved_model_reloads_with_its_metadata_and_predicts_the_same(trained, de
     saved = read_csv(out / "test_predictions.csv")
     backbone = saved_backbone(metadata, FileLimits(10**8, 10**9))
     rows = backbone.prepare(saved, Engine(num_workers=1), descriptor_cache)
-    years = tempered(backbone.predict(model, rows, True, 64), metadata.temperature)
+    years = tempered(backbone.predict(model, rows, True, 64), metadata.temperature, metadata.groups, metadata.max_age)
     answer = answers(years, metadata.groups, metadata.max_age, metadata.answer_rule, metadata.interval)
     np.testing.assert_allclose(
         answer.group_probabilities, saved[[f"p_{g}" for g in metadata.labels]].to_numpy(), atol=2e-4

@@ -96,18 +96,27 @@ def correct_prior(
 # --------------------------------------------------------------------------------------------------
 # Calibration
 # --------------------------------------------------------------------------------------------------
-def tempered(year_probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """The distributions sharpened (temperature < 1) or softened (> 1): p ** (1 / T), renormalised.
+def tempered(year_probabilities: np.ndarray, temperature: float, groups: AgeGroups, max_age: int) -> np.ndarray:
+    """The age-group distributions sharpened (temperature < 1) or softened (> 1): each group's probability
+    g becomes g ** (1 / T), renormalised, and the years of a group keep their shares of it.
+
+    Tempering groups, not years, never changes which group is likeliest nor where inside it the age lies:
+    the model's years mix networks of different widths, and sharpening years moved answers.
 
     Examples
     --------
-    >>> tempered(np.array([[0.2, 0.8]]), 0.5).round(3).tolist()
-    [[0.059, 0.941]]
+    >>> years = np.array([[0.1, 0.1, 0.8]])  # groups 0-1 and 2+: 0.2 and 0.8
+    >>> tempered(years, 0.5, AgeGroups((0, 2)), max_age=2).round(3).tolist()
+    [[0.029, 0.029, 0.941]]
     """
-    logs = np.log(np.maximum(year_probabilities, 1e-12)) / temperature
+    matrix = group_matrix(groups, max_age)
+    group = year_probabilities @ matrix
+    logs = np.log(np.maximum(group, 1e-12)) / temperature
     logs -= logs.max(axis=1, keepdims=True)
-    weights = np.exp(logs)
-    return weights / weights.sum(axis=1, keepdims=True)
+    target = np.exp(logs) / np.exp(logs).sum(axis=1, keepdims=True)
+    scale = np.divide(target, group, out=np.zeros_like(target), where=group > 1e-12)
+    adjusted = year_probabilities * (scale @ matrix.T)
+    return adjusted / np.maximum(adjusted.sum(axis=1, keepdims=True), 1e-12)
 
 
 def fit_temperature(year_probabilities: np.ndarray, true_ages, groups: AgeGroups, max_age: int) -> float:
@@ -119,7 +128,7 @@ def fit_temperature(year_probabilities: np.ndarray, true_ages, groups: AgeGroups
     true_groups = np.array([groups.index_of(a) for a in true_ages])
 
     def loss(log_temperature: float) -> float:
-        probabilities = tempered(year_probabilities, float(np.exp(log_temperature))) @ matrix
+        probabilities = tempered(year_probabilities, float(np.exp(log_temperature)), groups, max_age) @ matrix
         return float(-np.log(np.maximum(probabilities[np.arange(len(true_groups)), true_groups], 1e-12)).mean())
 
     return float(np.exp(minimize_scalar(loss, bounds=(np.log(0.1), np.log(10.0)), method="bounded").x))
