@@ -35,12 +35,13 @@ pipeline: $(STAMP)
 	$(PY) train_model.py $(WORKSPACE_SET)
 	$(PY) predict_age.py $(WORKSPACE_SET)
 
+# Each test file runs in one worker process, so its fixtures are built once; a worker per core.
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n auto --dist loadfile
 
 # The long end-to-end and real-data tests (marked slow); CI runs them after `make test`.
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow -n auto --dist loadfile
 
 # Optional: explore, process and train on real UTKFace faces, when ../shared/data is present
 # (trained on the checked set, its natural mix: no resampling; tested on a held-out 15% of them).

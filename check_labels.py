@@ -195,7 +195,8 @@ def main(args) -> None:
     checked = result["label_quality"].notna()
     suspected = int(result["suspected_label_error"].fillna(False).astype(bool).sum())
     print(
-        f"checked {int(checked.sum())} labelled faces with {config.folds} folds in {time.perf_counter() - start:.0f}s: "
+        f"checked {int(checked.sum())} labelled faces with {config.folds} folds"
+        f"{', in two rounds' if config.second_pass_leave_out else ''} in {time.perf_counter() - start:.0f}s: "
         f"{suspected} suspected label errors ({suspected / max(1, checked.sum()):.1%}), {int((~checked).sum())} rows "
         f"not checked; wrote {output}"
     )

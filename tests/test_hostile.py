@@ -357,21 +357,25 @@ def test_a_photo_over_the_pixel_limit_names_a_setting_every_stage_has(tmp_path):
 
 
 def test_a_killed_notebook_run_leaves_its_kernels_key_only_in_its_own_folder_and_the_next_run_clears_it(tmp_path):
-    import glob
     import signal
     import subprocess
     import sys
-    import tempfile
     import time
 
     from conftest import PROJECT
 
-    out = tmp_path / "nb"
-    shared_before = set(glob.glob(f"{tempfile.gettempdir()}/*.json"))
+    out, shared_temporary = tmp_path / "nb", tmp_path / "shared-tmp"  # the system's temporary folder, for it alone
+    shared_temporary.mkdir()
     command = [sys.executable, "run_notebook.py", "australian_population.ipynb", "--output-dir", str(out)]
     command += ["--set", f"target_csv={tmp_path}/t.csv"]
+    environment = {**os.environ, "TMPDIR": str(shared_temporary)}
     child = subprocess.Popen(
-        command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command,
+        cwd=PROJECT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob(".scratch*/*.json")):
@@ -380,8 +384,8 @@ def test_a_killed_notebook_run_leaves_its_kernels_key_only_in_its_own_folder_and
     os.killpg(child.pid, signal.SIGKILL)  # kill -9, the kernel with it
     child.wait()
     assert connection, "the kernel's connection file was not written in the run's scratch folder"
-    assert set(glob.glob(f"{tempfile.gettempdir()}/*.json")) <= shared_before
-    assert subprocess.run(command, cwd=PROJECT, capture_output=True).returncode == 0
+    assert not list(shared_temporary.rglob("*.json"))
+    assert subprocess.run(command, cwd=PROJECT, env=environment, capture_output=True).returncode == 0
     assert not list(out.glob(".scratch*"))  # the killed run's key is gone
 
 
