@@ -11,7 +11,14 @@ from conftest import PROJECT
 BENCHMARKS = sorted(path.name for path in (PROJECT / "benchmarks").glob("bench_*.py"))
 # The longest even when tiny (they train models and run whole stages: half a minute to two minutes each) run
 # with the slow tests, which CI runs too: none rots, and `make test` stays under fifteen minutes.
-LONGEST = {"bench_datasets.py", "bench_labels.py", "bench_model.py", "bench_photos.py"}
+LONGEST = {
+    "bench_datasets.py",
+    "bench_labels.py",
+    "bench_model.py",
+    "bench_photos.py",
+    "bench_predict.py",
+    "bench_scale.py",
+}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LONGEST else n for n in BENCHMARKS])

@@ -62,6 +62,7 @@ def test_help_lists_every_setting_with_its_meaning_and_valid_examples(script, mo
         load_config(model, PROJECT / "configs" / CONFIGS.get(script, script.replace(".py", ".yaml")), overrides)
 
 
+@pytest.mark.slow
 def test_later_stages_use_the_thresholds_the_exploration_ran_with(sample, tmp_path):
     """Explore with a changed threshold, then process and visualize with no other flag: the same images
     are flagged in all three; a different value for it on their command line is one line naming both."""

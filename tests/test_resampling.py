@@ -206,6 +206,7 @@ def test_every_output_image_exists_decodes_and_traces_to_a_real_source(resampled
     assert on_disk == sorted(rows["file"])
 
 
+@pytest.mark.slow
 def test_a_target_beyond_the_cap_reports_the_shortfall(processed, tmp_path):
     common = [
         f"target_csv={tmp_path}/target.csv",

@@ -73,8 +73,8 @@ def test_training_beats_the_majority_baseline_clearly(trained):
     assert 0 < test["population_weighted_accuracy"] <= 1 and 0 < test["balanced_accuracy"] <= 1
     assert np.array(test["confusion_matrix"]).sum() == test["images"] == metrics["split_images"]["test"]
     # calibrated on look-alike clusters, built for faces unlike the training set's: on the synthetic
-    # sample's own test split it measured 0.36 (issue 33's note), on the real AAF photos 0.05-0.07
-    assert metrics["config"]["model"]["backbone"] == "face_features" and 0 <= test["calibration_error"] < 0.4
+    # sample's own test split it measured 0.25 (0.36 when single years were tempered), on AAF 0.06-0.10
+    assert metrics["config"]["model"]["backbone"] == "face_features" and 0 <= test["calibration_error"] < 0.35
     assert 0.5 <= test["interval_coverage"] <= 1 and metrics["split_images"]["validation"] > 0
     for name in (
         "model.keras",
@@ -347,6 +347,7 @@ def test_cross_validation_answers_every_original_out_of_fold_then_trains_on_all(
     assert (tmp_path / "model.keras").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_the_pixel_cnn_still_trains_and_predicts(resampled, descriptor_cache, tmp_path):
     folder, _, _ = resampled
     train(folder / "resampled.csv", tmp_path, descriptor_cache, *PIXELS)
@@ -485,6 +486,7 @@ def test_year_distribution_targets_and_prior_correction():
     )
 
 
+@pytest.mark.slow
 def test_images_that_no_longer_decode_are_left_out_before_training(resampled, descriptor_cache, tmp_path):
     folder, _, _ = resampled
     rows = read_csv(folder / "resampled.csv")
