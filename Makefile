@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+# A worker per core; each test file runs in one worker, so its fixtures are built once.
+PYTEST := $(PY) -m pytest -n auto --dist loadfile
 REAL_DATA := ../shared/data/utkface_sample
 
 .PHONY: pipeline test test-slow smoke-real bench lab
@@ -35,13 +37,12 @@ pipeline: $(STAMP)
 	$(PY) train_model.py $(WORKSPACE_SET)
 	$(PY) predict_age.py $(WORKSPACE_SET)
 
-# Each test file runs in one worker process, so its fixtures are built once; a worker per core.
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -n auto --dist loadfile
+	$(PYTEST) -m "not slow"
 
 # The long end-to-end and real-data tests (marked slow); CI runs them after `make test`.
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow -n auto --dist loadfile
+	$(PYTEST) -m slow
 
 # Optional: explore, process and train on real UTKFace faces, when ../shared/data is present
 # (trained on the checked set, its natural mix: no resampling; tested on a held-out 15% of them).

@@ -89,16 +89,35 @@ def correct_prior(
     """
     training = np.asarray(training_shares, float)
     ratio = np.divide(np.asarray(target_shares, float), training, out=np.zeros_like(training), where=training > 0)
-    adjusted = year_probabilities * (group_matrix(groups, max_age) @ ratio)[None, :]
+    return reweighted_by_group(year_probabilities, ratio, group_matrix(groups, max_age))
+
+
+def reweighted_by_group(year_probabilities: np.ndarray, factors: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Each year's probability times its group's factor (one per group, or a row of them per face), renormalised."""
+    adjusted = year_probabilities * (np.atleast_2d(factors) @ matrix.T)
     return adjusted / np.maximum(adjusted.sum(axis=1, keepdims=True), 1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
 # Calibration
 # --------------------------------------------------------------------------------------------------
+def tempered_groups(group_probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Age-group distributions sharpened (temperature < 1) or softened (> 1): g ** (1 / T), renormalised
+    over the groups that hold any probability (a group without any stays without).
+
+    Examples
+    --------
+    >>> tempered_groups(np.array([[0.2, 0.8, 0.0]]), 0.5).round(3).tolist()
+    [[0.059, 0.941, 0.0]]
+    """
+    logs = np.log(np.maximum(group_probabilities, 1e-12)) / temperature
+    weights = np.exp(logs - logs.max(axis=1, keepdims=True)) * (group_probabilities > 1e-12)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
 def tempered(year_probabilities: np.ndarray, temperature: float, groups: AgeGroups, max_age: int) -> np.ndarray:
-    """The age-group distributions sharpened (temperature < 1) or softened (> 1): each group's probability
-    g becomes g ** (1 / T), renormalised, and the years of a group keep their shares of it.
+    """The year distributions whose age groups are tempered (`tempered_groups`), the years of a group
+    keeping their shares of it.
 
     Tempering groups, not years, never changes which group is likeliest nor where inside it the age lies:
     the model's years mix networks of different widths, and sharpening years moved answers.
@@ -111,12 +130,8 @@ def tempered(year_probabilities: np.ndarray, temperature: float, groups: AgeGrou
     """
     matrix = group_matrix(groups, max_age)
     group = year_probabilities @ matrix
-    logs = np.log(np.maximum(group, 1e-12)) / temperature
-    logs -= logs.max(axis=1, keepdims=True)
-    target = np.exp(logs) / np.exp(logs).sum(axis=1, keepdims=True)
-    scale = np.divide(target, group, out=np.zeros_like(target), where=group > 1e-12)
-    adjusted = year_probabilities * (scale @ matrix.T)
-    return adjusted / np.maximum(adjusted.sum(axis=1, keepdims=True), 1e-12)
+    scale = np.divide(tempered_groups(group, temperature), group, out=np.zeros_like(group), where=group > 1e-12)
+    return reweighted_by_group(year_probabilities, scale, matrix)
 
 
 def fit_temperature(year_probabilities: np.ndarray, true_ages, groups: AgeGroups, max_age: int) -> float:
@@ -124,12 +139,12 @@ def fit_temperature(year_probabilities: np.ndarray, true_ages, groups: AgeGroups
     minimises the negative log-likelihood of the true groups (a bounded one-dimensional search)."""
     from scipy.optimize import minimize_scalar
 
-    matrix = group_matrix(groups, max_age)
-    true_groups = np.array([groups.index_of(a) for a in true_ages])
+    group = year_probabilities @ group_matrix(groups, max_age)
+    true = (np.arange(len(group)), np.array([groups.index_of(a) for a in true_ages]))
 
     def loss(log_temperature: float) -> float:
-        probabilities = tempered(year_probabilities, float(np.exp(log_temperature)), groups, max_age) @ matrix
-        return float(-np.log(np.maximum(probabilities[np.arange(len(true_groups)), true_groups], 1e-12)).mean())
+        probabilities = tempered_groups(group, float(np.exp(log_temperature)))
+        return float(-np.log(np.maximum(probabilities[true], 1e-12)).mean())
 
     return float(np.exp(minimize_scalar(loss, bounds=(np.log(0.1), np.log(10.0)), method="bounded").x))
 
