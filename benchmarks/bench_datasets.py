@@ -37,6 +37,8 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
+from agepipe.config.loading import load_config  # noqa: E402
+from agepipe.config.model_stages import TrainConfig  # noqa: E402
 from agepipe.data.age_groups import AgeGroups  # noqa: E402
 from agepipe.model.estimates import calibration_error  # noqa: E402
 from agepipe.model.training import stratified_folds  # noqa: E402
@@ -45,6 +47,7 @@ from peers import peer_python  # noqa: E402
 from runs import TINY_LABEL_CHECK, TINY_TRAINING, run, script, tiny_faces  # noqa: E402
 
 SHARED = PROJECT.parent / "shared" / "data"
+CONFIDENCE = "predicted_age_group_confidence"  # predict_age.py's column the calibration error is scored on
 PEER_SCRIPT = """
 import json, sys
 from PIL import Image
@@ -67,11 +70,14 @@ def pipeline(workspace: Path, dataset: Path, labels: Path | None) -> Path:
     return workspace / "csv" / "processed_metadata.csv"
 
 
-def train(
-    workspace: Path, processed: Path, settings: dict[str, list[str]], seeds: tuple[int | None, ...] = (None,)
-) -> list[Path]:
+def configured_seed() -> int:
+    """The seed of configs/train_model.yaml."""
+    return load_config(TrainConfig, PROJECT / "configs" / "train_model.yaml").seed
+
+
+def train(workspace: Path, processed: Path, settings: dict[str, list[str]], seeds: list[int]) -> list[Path]:
     """The label check, the target mix and resampling over `processed`, then a model trained on the resampled
-    set with each of `seeds` (each its own split and initialisation; None: the config's): their paths."""
+    set with each of `seeds` (each its own split and initialisation): their paths."""
     ws = f"workspace={workspace}"
     checked = workspace / "csv" / "checked_metadata.csv"
     script("check_labels.py", ws, f"input_csv={processed}", f"output_csv={checked}", *settings["check"])
@@ -79,14 +85,13 @@ def train(
         run(sys.executable, "run_notebook.py", notebook, "--set", ws, "--set", f"processed_csv={checked}")
     models = []
     for seed in seeds:
-        output = workspace / "models" / ("age_group_classifier" if seed is None else f"seed{seed}")
-        seeded = [] if seed is None else [f"seed={seed}"]
+        output = workspace / "models" / f"seed{seed}"
         script(
             "train_model.py",
             ws,
             f"input_csv={workspace}/csv/resampled_metadata.csv",
             f"output_dir={output}",
-            *seeded,
+            f"seed={seed}",
             *settings["train"],
         )
         models.append(output / "model.keras")
@@ -142,10 +147,9 @@ def halves(
         )
 
 
-def seed_means(table: list[dict], tool: str) -> list[dict]:
-    """The mean of every seed's figures, per test and half, with the spread of the accuracy (max - min)."""
-    seeded = pd.DataFrame(table)
-    seeded = seeded[seeded["tool"].str.contains("(seed ", regex=False)]
+def seed_means(seeded_rows: list[dict], tool: str) -> list[dict]:
+    """The mean of the seeds' figures, per test and half, with the spread of the accuracy (max - min)."""
+    seeded = pd.DataFrame(seeded_rows)
     means = seeded.groupby(["test", "half"], sort=False).mean(numeric_only=True).reset_index()
     spread = seeded.groupby(["test", "half"], sort=False)["accuracy"].agg(lambda a: a.max() - a.min()).to_numpy()
     return means.assign(tool=tool, accuracy_spread=spread).to_dict("records")
@@ -180,10 +184,11 @@ def with_folds(
     folds: int,
     settings: dict,
     groups: AgeGroups,
+    seed: int,
     folds_run: int | None = None,
 ) -> pd.DataFrame:
-    """Each fold of the other dataset answered by a model trained on the training crops and the other folds
-    (the first `folds_run` folds only, when given: the rows of the others stay unanswered)."""
+    """Each fold of the other dataset answered by a model trained with `seed` on the training crops and the
+    other folds (the first `folds_run` folds only, when given: the rows of the others stay unanswered)."""
     processed = pipeline(work / "other", other, labels)
     table = pd.read_csv(processed, keep_default_na=False, na_values=[""])
     truth = pd.read_csv(labels)
@@ -196,7 +201,7 @@ def with_folds(
         (workspace / "csv").mkdir(parents=True, exist_ok=True)
         union = pd.concat([utk, table[table["file"].map(fold_of) != fold]], ignore_index=True)
         union.to_csv(workspace / "csv" / "union.csv", index=False)
-        (model,) = train(workspace, workspace / "csv" / "union.csv", settings)
+        (model,) = train(workspace, workspace / "csv" / "union.csv", settings, [seed])
         test = workspace / "test"
         for name in truth.loc[truth["file"].map(fold_of) == fold, "file"]:
             (test / name).parent.mkdir(parents=True, exist_ok=True)
@@ -237,10 +242,12 @@ def main() -> None:
         "--seeds",
         type=lambda text: [int(seed) for seed in text.split(",")],
         help="train the model on TRAIN_DIR with each of these seeds (e.g. 7,11,23: each its own split and "
-        "initialisation) and report their mean; default: the config's one seed",
+        "initialisation) and report their mean; the first also trains the folds; default: the config's seed",
     )
     parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="a check that it runs: generated faces, 2 folds, no peer")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a check that it runs: generated faces, 2 seeds, 1 of 2 folds, no peer"
+    )
     args = parser.parse_args()
     groups = configured_groups()
     settings = {"check": TINY_LABEL_CHECK, "train": TINY_TRAINING} if args.tiny else {"check": [], "train": []}
@@ -252,19 +259,17 @@ def main() -> None:
             args.folds, args.no_peer, args.seeds = 2, True, [1, 2]
         files = list(pd.read_csv(args.other_labels)["file"])
         utk_processed = pipeline(work / "train", args.train_dir.resolve(), None)
-        seeds = tuple(args.seeds or [None])
+        seeds = args.seeds or [configured_seed()]
         models = train(work / "train", utk_processed, settings, seeds)
         grey = greyscale_copies(args.other, files, work / "grey")
         folders = {"photos": args.other.resolve(), "greyscale copies": grey}
-        table = []
+        seeded = []
         for seed, model in zip(seeds, models):
-            tool = "agepipe, trained on TRAIN_DIR" + ("" if seed is None else f" (seed {seed})")
             for test, folder in folders.items():
-                name = test.replace(" ", "_") + ("" if seed is None else f"_seed{seed}")
-                rows = answers(work / "train", model, folder, args.other_labels, name)
-                halves(table, tool, test, rows, groups, "predicted_age_group_confidence")
-        if len(seeds) > 1:
-            table += seed_means(table, f"agepipe, trained on TRAIN_DIR (mean of {len(seeds)} seeds)")
+                rows = answers(work / "train", model, folder, args.other_labels, f"{test.replace(' ', '_')}_seed{seed}")
+                halves(seeded, f"agepipe, trained on TRAIN_DIR (seed {seed})", test, rows, groups, CONFIDENCE)
+        mean = f"agepipe, trained on TRAIN_DIR (mean of {len(seeds)} seeds)"
+        table = seeded + (seed_means(seeded, mean) if len(seeds) > 1 else [])
         if not args.no_peer:
             truth = pd.read_csv(args.other_labels)["age"].to_numpy()
             for test, ages in peer_answers(work, folders, files).items():
@@ -279,6 +284,7 @@ def main() -> None:
                 args.folds,
                 settings,
                 groups,
+                seeds[0],
                 folds_run=1 if args.tiny else None,  # tiny: that it runs, one fold's training
             )
             halves(
@@ -287,7 +293,7 @@ def main() -> None:
                 "photos",
                 rows,
                 groups,
-                "predicted_age_group_confidence",
+                CONFIDENCE,
             )
     pd.set_option("display.width", 250)
     print(f"trained on {args.train_dir}; tested on {len(files)} photos of {args.other} never trained on")
