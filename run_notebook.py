@@ -22,6 +22,7 @@ from agepipe.config.data_stages import ResamplingConfig
 from agepipe.config.loading import PROJECT_DIR
 from agepipe.errors import UserError
 from agepipe.running.console import native_stderr_silenced
+from agepipe.running.kernels import ParentBoundKernelManager
 from agepipe.running.output_guard import OutputGuard
 from agepipe.running.writes import rename_into_place, temporary_affixes
 from utils import WORKSPACE_VARIABLE, argument_parser, require_workspace
@@ -67,6 +68,7 @@ def execute(notebook: Path, folder, target: Path, parameters: dict, timeout: int
                     progress_bar=False,
                     log_output=False,
                     execution_timeout=timeout,
+                    kernel_manager_class=ParentBoundKernelManager,
                 )
         except PapermillExecutionError as exc:
             error = re.sub(r"\x1b\[[0-9;]*m", "", f"{exc.ename}: {exc.evalue}")  # no terminal colours

@@ -362,6 +362,8 @@ def test_a_killed_notebook_run_leaves_its_kernels_key_only_in_its_own_folder_and
     import sys
     import time
 
+    import psutil
+
     from conftest import PROJECT
 
     out, shared_temporary = tmp_path / "nb", tmp_path / "shared-tmp"  # the system's temporary folder, for it alone
@@ -381,9 +383,13 @@ def test_a_killed_notebook_run_leaves_its_kernels_key_only_in_its_own_folder_and
     while time.time() < deadline and not list(out.glob(".scratch*/*.json")):
         time.sleep(0.05)
     connection = list(out.glob(".scratch*/*.json"))
-    os.killpg(child.pid, signal.SIGKILL)  # kill -9, the kernel with it
+    os.killpg(child.pid, signal.SIGKILL)  # kill -9; the kernel, in a session of its own, must die with it
     child.wait()
     assert connection, "the kernel's connection file was not written in the run's scratch folder"
+    # a surviving kernel would recreate the scratch folder after the next run cleared it
+    time.sleep(0.2)
+    survivors = [p.pid for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    assert not survivors, "the killed run's kernel outlived it"
     assert not list(shared_temporary.rglob("*.json"))
     assert subprocess.run(command, cwd=PROJECT, env=environment, capture_output=True).returncode == 0
     assert not list(out.glob(".scratch*"))  # the killed run's key is gone
