@@ -37,7 +37,7 @@ import pandas as pd
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from agepipe.config.loading import load_config  # noqa: E402
+from agepipe.config.loading import CONFIG_DIR, load_config  # noqa: E402
 from agepipe.config.model_stages import TrainConfig  # noqa: E402
 from agepipe.data.age_groups import AgeGroups  # noqa: E402
 from agepipe.model.estimates import calibration_error  # noqa: E402
@@ -72,7 +72,7 @@ def pipeline(workspace: Path, dataset: Path, labels: Path | None) -> Path:
 
 def configured_seed() -> int:
     """The seed of configs/train_model.yaml."""
-    return load_config(TrainConfig, PROJECT / "configs" / "train_model.yaml").seed
+    return load_config(TrainConfig, CONFIG_DIR / "train_model.yaml").seed
 
 
 def train(workspace: Path, processed: Path, settings: dict[str, list[str]], seeds: list[int]) -> list[Path]:
